@@ -91,4 +91,11 @@ d = { 'settings': { 'branch': 'main',
                             'mmlit.core.derive_seed': ('core.html#derive_seed', 'mmlit/core.py'),
                             'mmlit.core.np_rng': ('core.html#np_rng', 'mmlit/core.py'),
                             'mmlit.core.torch_rng': ('core.html#torch_rng', 'mmlit/core.py'),
-                            'mmlit.core.torch_rng_from': ('core.html#torch_rng_from', 'mmlit/core.py')}}}
+                            'mmlit.core.torch_rng_from': ('core.html#torch_rng_from', 'mmlit/core.py')},
+            'mmlit.packing': { 'mmlit.packing.PackingCollator': ('packing.html#packingcollator', 'mmlit/packing.py'),
+                               'mmlit.packing.PackingCollator.__init__': ('packing.html#packingcollator.__init__', 'mmlit/packing.py'),
+                               'mmlit.packing.PackingCollator.block_mask': ('packing.html#packingcollator.block_mask', 'mmlit/packing.py'),
+                               'mmlit.packing.PackingCollator.collate': ('packing.html#packingcollator.collate', 'mmlit/packing.py'),
+                               'mmlit.packing.PackingCollator.positions': ('packing.html#packingcollator.positions', 'mmlit/packing.py'),
+                               'mmlit.packing.mrope_positions': ('packing.html#mrope_positions', 'mmlit/packing.py'),
+                               'mmlit.packing.pack_rows': ('packing.html#pack_rows', 'mmlit/packing.py')}}}
