@@ -252,3 +252,14 @@ def test_fuzz_collators(name, specs, side, mode):
         assert int(batch["mm_token_type_ids"].sum()) == int(batch["image_grid_thw"].prod(-1).sum()) // 4
     if name == "contrastive":
         assert batch["negative_input_ids"].shape[:2] == batch["negative_mask"].shape
+
+
+def test_masked_lm_in_loader_workers_uses_global_batch_index():
+    tok = TOK["right"]
+    samples = [text_sample(tok, t) for t in TEXTS[:4]] * 4
+    ds = [samples[i] for i in range(16)]
+    ref = MaskedLMCollator(tok, seed=5)
+    want = [ref(ds[i:i + 4])["input_ids"] for i in range(0, 16, 4)]
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=MaskedLMCollator(tok, seed=5))
+    got = [b["input_ids"] for b in loader]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
