@@ -17,10 +17,10 @@ from .core import ConfigError, MmlitError, Registry, torch_rng
 
 # %% auto #0
 __all__ = ['collators', 'SEQ_PAD_VALUES', 'NORMALIZATION', 'CollateError', 'EmptyBatchError', 'KeyMismatchError',
-           'RaggedBatchError', 'SequenceTooLongError', 'is_bad', 'split_bad', 'where', 'check_same_keys', 'Collator',
-           'stack_rest', 'Padding', 'pad_stack', 'shift_positions', 'TextCollator', 'CausalLMCollator',
-           'MaskedLMCollator', 'normalize_images', 'VisionCollator', 'MultimodalCollator', 'Qwen2VLCollator',
-           'ContrastiveCollator', 'DefaultCollator', 'collator_name_for', 'collator_for']
+           'RaggedBatchError', 'SequenceTooLongError', 'where', 'check_same_keys', 'Collator', 'stack_rest', 'Padding',
+           'pad_stack', 'shift_positions', 'TextCollator', 'CausalLMCollator', 'MaskedLMCollator', 'normalize_images',
+           'VisionCollator', 'MultimodalCollator', 'Qwen2VLCollator', 'ContrastiveCollator', 'DefaultCollator',
+           'collator_name_for', 'collator_for']
 
 # %% ../nbs/03_collate.ipynb #62d52803
 class CollateError(MmlitError, ValueError):
@@ -39,14 +39,7 @@ class SequenceTooLongError(CollateError):
     "A sequence is longer than `max_len` and `overflow='raise'`."
 
 # %% ../nbs/03_collate.ipynb #2426fc75
-def is_bad(sample: Any) -> bool:
-    "True for a skipped-record marker (anything with a non-None `.bad`)."
-    return getattr(sample, "bad", None) is not None
-
-def split_bad(samples: Sequence) -> tuple[list, list]:
-    "Split `samples` into good samples and the `.bad` records of the skipped ones."
-    good = [s for s in samples if not is_bad(s)]
-    return good, [s.bad for s in samples if is_bad(s)]
+from .dataset import BadRecord, Skipped, split_skipped
 
 # %% ../nbs/03_collate.ipynb #ed218564
 def where(sample: dict, i: int) -> str:
@@ -77,7 +70,7 @@ class Collator:
     def collate_with_bad(self, samples: Sequence) -> tuple[dict | None, list]:
         "`(batch, bad_records)`; batch is None when every sample was bad."
         if len(samples) == 0: raise EmptyBatchError(f"{type(self).__name__} got an empty batch")
-        good, self.last_bad = split_bad(samples)
+        good, self.last_bad = split_skipped(samples)
         if not good: return None, self.last_bad
         if not isinstance(good[0], dict) and not isinstance(self, DefaultCollator):
             raise CollateError(f"{type(self).__name__} needs dict samples, sample 0 is a {type(good[0]).__name__}")

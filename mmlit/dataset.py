@@ -71,10 +71,11 @@ class Skipped:
     def __setstate__(self, bad): self.bad = bad
 
 def split_skipped(samples: Iterable) -> tuple[list, list[BadRecord]]:
-    "Separate good samples from `Skipped` markers: `(good, bad_records)`."
+    "Separate good samples from skip markers (`Skipped`, or anything with a `.bad`): `(good, bad_records)`."
     good, bad = [], []
     for s in samples:
-        if isinstance(s, Skipped): bad.append(s.bad)
+        marker = getattr(s, "bad", None)
+        if marker is not None: bad.append(marker)
         else: good.append(s)
     return good, bad
 
