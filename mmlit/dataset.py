@@ -185,7 +185,9 @@ def open_image(src: bytes | str | Path, *, decode: bool = True, max_pixels: int 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
-    except (UnidentifiedImageError, *_DECODE_ERRORS) as e:
+    except UnidentifiedImageError:  # its message holds the repr of a BytesIO: an address, different in each process
+        raise BadRecordError("not a readable image (UnidentifiedImageError: unknown or corrupt format)", **where) from None
+    except _DECODE_ERRORS as e:
         raise BadRecordError(f"not a readable image ({type(e).__name__}: {e})", **where) from None
     limit = Image.MAX_IMAGE_PIXELS if max_pixels == -1 else max_pixels
     w, h = img.size
@@ -454,7 +456,9 @@ class HFDataset(MMDataset):
     def load(self, idx: int) -> dict:
         where = dict(source=self.source, file=self.name, index=idx, unit="row")
         try: row = self.ds[idx]  # HF decodes an `Image` feature here
-        except (UnidentifiedImageError, *_DECODE_ERRORS) as e:
+        except UnidentifiedImageError:  # no BytesIO repr (an address) in the reason: same in every process
+            raise BadRecordError("cannot read row (UnidentifiedImageError: unknown or corrupt image format)", **where) from None
+        except _DECODE_ERRORS as e:
             raise BadRecordError(f"cannot read row ({type(e).__name__}: {e})", **where) from None
         text = _pick(row, (self.text_column,), str, where, required=True)
         image = None
