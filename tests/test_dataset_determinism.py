@@ -1,4 +1,5 @@
 """Determinism: DataLoader workers and access order, text dropout, and weighted mixtures."""
+import tempfile
 from collections import Counter
 
 import numpy as np
@@ -6,12 +7,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 from torch.utils.data import DataLoader
 
 from ds_files import SPECS, corrupt_bytes, make_image, png_bytes, write_jsonl, write_parquet
 from mmlit.core import ConfigError, np_rng
 from mmlit.dataset import (DeterministicDataset, JsonlImageText, Mixture, ParquetImageText, Skipped, TensorList,
                            TextCorpus, split_skipped)
+
+set_hypothesis_home_dir(tempfile.mkdtemp(prefix="mmlit-hypothesis-"))  # nothing written into the repo
 
 
 # ---------------------------------------------------------------- DataLoader workers
