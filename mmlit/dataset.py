@@ -186,7 +186,9 @@ def open_image(src: bytes | str | Path, *, decode: bool = True, max_pixels: int 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
-    except (UnidentifiedImageError, *_DECODE_ERRORS) as e:
+    except UnidentifiedImageError:  # its message holds the repr of a BytesIO: an address, different in each process
+        raise BadRecordError("not a readable image (UnidentifiedImageError: unknown or corrupt format)", **where) from None
+    except _DECODE_ERRORS as e:
         raise BadRecordError(f"not a readable image ({type(e).__name__}: {e})", **where) from None
     limit = Image.MAX_IMAGE_PIXELS if max_pixels == -1 else max_pixels
     w, h = img.size
@@ -363,6 +365,7 @@ class ParquetImageText(MMDataset):
         super().__init__(**kwargs)
         self.files = expand_paths(paths, (".parquet",))
         self.image_column, self.text_column, self.decode, self.max_pixels = image_column, text_column, decode, max_pixels
+        self.negatives_column, self.task_column = negatives_column, task_column
         self.cache_row_groups = max(1, int(cache_row_groups))
         starts, rg_file, rg_index, file_start, n = [], [], [], [], 0
         self.columns: list[str] = []
@@ -415,8 +418,8 @@ class ParquetImageText(MMDataset):
         text = _pick(row, (self.text_column,), str, where, required=True)
         image = None
         if self.image_column is not None: image = self._image(row.get(self.image_column), where, self.files[k].parent)
-        negatives = _str_list(row.get("negatives"), "negatives", where) if "negatives" in row else []
-        task = _pick(row, ("task",), str, where) if "task" in row else None
+        negatives = _str_list(row.get(self.negatives_column), "negatives", where) if self.negatives_column in row else []
+        task = _pick(row, (self.task_column,), str, where) if self.task_column in row else None
         return make_record(text, image, negatives, task, None, where)
 
     def _image(self, v, where: dict, root: Path) -> Image.Image:
@@ -454,7 +457,9 @@ class HFDataset(MMDataset):
     def load(self, idx: int) -> dict:
         where = dict(source=self.source, file=self.name, index=idx, unit="row")
         try: row = self.ds[idx]  # HF decodes an `Image` feature here
-        except (UnidentifiedImageError, *_DECODE_ERRORS) as e:
+        except UnidentifiedImageError:  # no BytesIO repr (an address) in the reason: same in every process
+            raise BadRecordError("cannot read row (UnidentifiedImageError: unknown or corrupt image format)", **where) from None
+        except _DECODE_ERRORS as e:
             raise BadRecordError(f"cannot read row ({type(e).__name__}: {e})", **where) from None
         text = _pick(row, (self.text_column,), str, where, required=True)
         image = None
@@ -563,18 +568,23 @@ class DeterministicDataset(torch.utils.data.Dataset):
         rec = self.dataset.get(idx, rng)
         if isinstance(rec, Skipped) or self.transform is None: return rec
         try: return self.transform(rec, rng)
-        except BadRecordError as e:
+        except BadRecordError as e:  # a new error, so that its message names the record's file and row/line
             m = rec.get("meta") or {}
-            e.source, e.file = e.source or m.get("source"), e.file or m.get("file")
-            e.index, e.unit = (m.get("index", idx), m.get("unit", "row")) if e.index is None else (e.index, e.unit)
-            return self.dataset.handle_bad(e, idx)
+            index, unit = (m.get("index", idx), m.get("unit", "row")) if e.index is None else (e.index, e.unit)
+            located = BadRecordError(e.reason, source=e.source or m.get("source"), file=e.file or m.get("file"),
+                                     index=index, unit=unit)
+            return self.dataset.handle_bad(located, idx)
 
 # %% ../nbs/01_dataset.ipynb #c006d202
-def _largest_remainder(n: int, weights: np.ndarray) -> np.ndarray:
-    "Integer counts summing to `n`, proportional to `weights`."
+def _unbiased_counts(n: int, weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    "Counts summing to `n`: each `n * weight` rounded down or up, up with probability equal to its fraction."
     exact = n * weights / weights.sum()
     counts = np.floor(exact).astype(np.int64)
-    counts[np.argsort(-(exact - counts), kind="stable")[: n - counts.sum()]] += 1
+    frac, r = exact - counts, int(n - counts.sum())
+    if r > 0:  # systematic sampling: r points spaced by 1 over the fractions' cumulative sum
+        edges = np.cumsum(frac) * (r / frac.sum())
+        hits = np.searchsorted(edges, rng.random() + np.arange(r), side="right")
+        np.add.at(counts, np.minimum(hits, np.flatnonzero(frac > 0)[-1]), 1)
     return counts
 
 class Mixture(MMDataset):
@@ -593,7 +603,7 @@ class Mixture(MMDataset):
         self.weights, self.names = w / w.sum(), list(names) if names else [f"d{i}" for i in range(len(w))]
         self.epoch_length = int(epoch_length) if epoch_length is not None else sum(len(d) for d in self.datasets)
         if self.epoch_length <= 0: raise ConfigError("epoch_length must be positive")
-        self.epoch, self._plan_cache = 0, None
+        self.epoch, self._plan_cache, self._drawn = 0, None, {0: np.zeros(len(w), dtype=np.int64)}
 
     def __len__(self) -> int: return self.epoch_length
     def set_epoch(self, epoch: int): self.epoch = int(epoch)
@@ -604,17 +614,30 @@ class Mixture(MMDataset):
     @report.setter
     def report(self, value): pass  # the children keep the records; the mixture's report is their union
 
+    def counts(self, epoch: int) -> np.ndarray:
+        "How many records each dataset gives to `epoch`."
+        rng = np.random.default_rng(derive_seed(self.seed, epoch, 0, stream=4))
+        return _unbiased_counts(self.epoch_length, self.weights, rng)
+
+    def drawn_before(self, epoch: int) -> np.ndarray:
+        "How many records each dataset gave to the epochs before `epoch` (where its walk resumes)."
+        start = max(e for e in self._drawn if e <= epoch)
+        total = self._drawn[start].copy()
+        for e in range(start, epoch): total += self.counts(e)
+        self._drawn[epoch] = total
+        return total
+
     def plan(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         "(dataset number, index in that dataset) for every position of `epoch`."
         epoch = self.epoch if epoch is None else int(epoch)
         if self._plan_cache is not None and self._plan_cache[0] == epoch: return self._plan_cache[1]
-        counts = _largest_remainder(self.epoch_length, self.weights)
+        counts, before = self.counts(epoch), self.drawn_before(epoch)
         which = np.random.default_rng(derive_seed(self.seed, epoch, 0, stream=2)).permutation(np.repeat(np.arange(len(counts)), counts))
         local = np.empty_like(which)
         for k, c in enumerate(counts):
             if c == 0: continue
             n = len(self.datasets[k])
-            g = epoch * c + np.arange(c)                  # k's draws so far, across epochs
+            g = before[k] + np.arange(c)                  # k's draws so far, across epochs
             passes = g // n
             perms = {p: np.random.default_rng(derive_seed(self.seed, int(p), k, stream=3)).permutation(n) for p in np.unique(passes)}
             local[which == k] = [perms[p][i] for p, i in zip(passes, g % n)]
