@@ -1,0 +1,254 @@
+"""Collators: equivalence with HF collators, real-model proofs (Qwen2-VL, packed Llama), fuzzing."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from transformers import DataCollatorForLanguageModeling, DataCollatorForTokenClassification, DataCollatorWithPadding
+
+from collate_helpers import corpus, qwen_sample, text_sample, tiny_llama, tiny_qwen2_vl, tiny_tokenizer
+from mmlit.collate import (CausalLMCollator, CollateError, ContrastiveCollator, MaskedLMCollator, MultimodalCollator,
+                           Qwen2VLCollator, TextCollator, collator_for)
+from mmlit.packing import PackingCollator, mrope_positions
+
+TOK = {side: tiny_tokenizer(side) for side in ("right", "left")}
+TEXTS = [" ".join(d.split()[:n]) for d, n in zip(corpus(12), [3, 17, 9, 30, 1, 12, 25, 5, 8, 40, 2, 14])]
+
+
+class Skip:
+    "Stage 1's skipped-record marker: falsy, with `.bad`."
+    def __init__(self, bad): self.bad = bad
+    def __bool__(self): return False
+
+
+# --- equivalence with transformers' collators ---------------------------------------------------
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("hf_kw, ours_kw", [
+    (dict(padding="longest"), dict()),
+    (dict(padding="longest", pad_to_multiple_of=8), dict(pad_mode="to_8")),
+    (dict(padding="longest", pad_to_multiple_of=16), dict(pad_to_multiple_of=16)),
+    (dict(padding="max_length", max_length=64), dict(pad_mode="max_len", max_len=64)),
+    (dict(padding="max_length", max_length=60, pad_to_multiple_of=16), dict(pad_mode="max_len", max_len=60, pad_to_multiple_of=16)),
+])
+def test_equals_hf_data_collator_with_padding(side, hf_kw, ours_kw):
+    tok = TOK[side]
+    feats = [tok(t) for t in TEXTS]
+    hf = DataCollatorWithPadding(tok, return_tensors="pt", **hf_kw)(feats)
+    ours = TextCollator(tok, **ours_kw)([text_sample(tok, t) for t in TEXTS])
+    for k in ("input_ids", "attention_mask"):
+        assert torch.equal(ours[k], hf[k]), k
+    # labels: -100 on padding, as DataCollatorForTokenClassification pads them
+    hf_lab = DataCollatorForTokenClassification(tok, return_tensors="pt", **hf_kw)(
+        [dict(f, labels=f["input_ids"]) for f in feats])
+    assert torch.equal(ours["labels"], hf_lab["labels"])
+
+
+def test_bad_records_are_returned_not_collated():
+    tok = TOK["right"]
+    samples = [text_sample(tok, TEXTS[0]), Skip("a.parquet row 3: truncated"), text_sample(tok, TEXTS[1])]
+    for name in ("text", "causal_lm", "masked_lm"):
+        batch, bad = collator_for(name=name, tokenizer=tok).collate_with_bad(samples)
+        assert batch["input_ids"].shape[0] == 2 and bad == ["a.parquet row 3: truncated"]
+
+
+# --- language modelling ---------------------------------------------------------------------------
+
+def test_masked_lm_rates_match_hf():
+    tok = TOK["right"]
+    samples = [text_sample(tok, t) for t in TEXTS] * 40
+    ours = MaskedLMCollator(tok, seed=3)(samples)
+    hf_coll = DataCollatorForLanguageModeling(tok, mlm=True, mlm_probability=0.15, seed=3, return_tensors="pt")
+    hf = hf_coll([{"input_ids": s["input_ids"].tolist()} for s in samples])
+    orig = TextCollator(tok)(samples)["input_ids"]
+    special = torch.isin(orig, torch.tensor(tok.all_special_ids))
+    n_real = (~special).sum().item()
+
+    def rates(b):
+        picked = b["labels"] != -100
+        assert not (picked & special).any() and torch.equal(b["input_ids"][special], orig[special])
+        assert torch.equal(b["labels"][picked], orig[picked])
+        ids = b["input_ids"][picked]
+        masked = (ids == tok.mask_token_id).float().mean().item()
+        kept = (ids == orig[picked]).float().mean().item()
+        return picked.sum().item() / n_real, masked, kept
+
+    (p_o, m_o, k_o), (p_h, m_h, k_h) = rates(ours), rates(hf)
+    n = (ours["labels"] != -100).sum().item()
+    assert abs(p_o - 0.15) < 4 * math.sqrt(0.15 * 0.85 / n_real) and abs(p_o - p_h) < 0.02
+    assert abs(m_o - 0.8) < 4 * math.sqrt(0.16 / n) and abs(m_o - m_h) < 0.05
+    # kept = 10% unchanged + the random draws that hit the same token (~1/vocab)
+    assert abs(k_o - k_h) < 0.05 and 0.06 < k_o < 0.16
+
+
+def test_masked_lm_is_seeded_by_seed_epoch_step():
+    tok = TOK["right"]
+    samples = [text_sample(tok, t) for t in TEXTS]
+    a, b = MaskedLMCollator(tok, seed=1), MaskedLMCollator(tok, seed=1)
+    a1, a2 = a(samples), a(samples)
+    b.set_step(0, 1)
+    assert torch.equal(b(samples)["input_ids"], a2["input_ids"])
+    assert not torch.equal(a1["labels"], a2["labels"])
+
+
+def test_causal_lm_keeps_eos_when_pad_is_eos():
+    tok = tiny_tokenizer()
+    tok.pad_token = tok.eos_token
+    eos = tok.eos_token_id
+    samples = [dict(input_ids=torch.tensor(tok(t)["input_ids"] + [eos])) for t in TEXTS[:4]]
+    ours = CausalLMCollator(tok)(samples)
+    hf = DataCollatorForLanguageModeling(tok, mlm=False, return_tensors="pt")([{"input_ids": s["input_ids"].tolist()} for s in samples])
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        assert ours["labels"][i, n - 1] == eos and (ours["labels"][i, n:] == -100).all()
+        assert hf["labels"][i, n - 1] == -100  # the HF collator loses the EOS target here
+    assert torch.equal(ours["input_ids"], hf["input_ids"])
+
+
+# --- Qwen2-VL: the batch is exactly what the model takes ------------------------------------------
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_qwen2_vl_model_takes_the_batch(side):
+    tok = TOK[side]
+    model = tiny_qwen2_vl(tok)
+    samples = [qwen_sample(tok, [[1, 4, 4]], TEXTS[1], seed=1), qwen_sample(tok, [[1, 2, 4], [1, 4, 6]], TEXTS[0], seed=2),
+               qwen_sample(tok, [], TEXTS[3]), Skip("x.jsonl line 9: bad image")]
+    batch, bad = Qwen2VLCollator(tok, pad_to_multiple_of=8).collate_with_bad(samples)
+    assert bad == ["x.jsonl line 9: bad image"]
+    assert batch["pixel_values"].shape == (16 + 8 + 24, 1176) and batch["image_grid_thw"].shape == (3, 3)
+    assert batch["input_ids"].shape[1] % 8 == 0
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    # padding changes nothing: sample 0's logits alone equal its logits in the batch
+    alone = Qwen2VLCollator(tok)([samples[0]])
+    with torch.no_grad():
+        la = model(**alone).logits[0]
+        lb = model(**batch).logits[0]
+    n = len(samples[0]["input_ids"])
+    lb = lb[:n] if side == "right" else lb[-n:]
+    assert torch.allclose(la, lb, atol=1e-5)
+
+
+def test_mrope_positions_match_the_model():
+    tok = TOK["right"]
+    model = tiny_qwen2_vl(tok)
+    for grids in ([[1, 4, 4]], [[1, 2, 4], [1, 6, 4]], [], [[2, 4, 4]]):
+        s = qwen_sample(tok, grids, TEXTS[2])
+        ref, _ = model.model.get_rope_index(s["input_ids"][None], s["mm_token_type_ids"][None],
+                                            image_grid_thw=s["image_grid_thw"] if grids else None)
+        assert torch.equal(mrope_positions(s["mm_token_type_ids"], s["image_grid_thw"]), ref[:, 0])
+
+
+# --- packing: zero leakage ----------------------------------------------------------------------
+
+def _alone_logits(model, s):
+    with torch.no_grad():
+        return model(input_ids=s["input_ids"][None]).logits[0]
+
+
+@pytest.mark.parametrize("attn, mask", [("eager", "block"), ("eager", "positions"), ("sdpa", "positions"), ("sdpa", "block")])
+def test_packed_llama_equals_each_sequence_alone(attn, mask):
+    tok = TOK["right"]
+    model = tiny_llama(len(tok), attn)
+    samples = [text_sample(tok, t) for t in TEXTS]
+    coll = PackingCollator(tok, max_tokens=48, mask=mask, pad_to_multiple_of=16)
+    batch = coll(samples)
+    assert batch["input_ids"].shape[1] % 16 == 0 and len(batch["packed_samples"]) < len(samples)
+    kw = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask", "use_cache") if k in batch}
+    with torch.no_grad():
+        packed = model(**kw).logits
+    for r, row in enumerate(batch["packed_samples"]):
+        start = 0
+        for i in row:
+            n = len(samples[i]["input_ids"])
+            ref = _alone_logits(model, samples[i])
+            assert (packed[r, start:start + n] - ref).abs().max() < 1e-5, (r, i)
+            start += n
+    loss = model(**kw, labels=batch["labels"]).loss
+    assert torch.isfinite(loss)
+
+
+def test_packed_qwen2_vl_equals_each_sequence_alone():
+    tok = TOK["right"]
+    model = tiny_qwen2_vl(tok, "sdpa")
+    samples = [qwen_sample(tok, [[1, 4, 4]], TEXTS[1], seed=1), qwen_sample(tok, [[1, 2, 4], [1, 4, 6]], TEXTS[0], seed=2),
+               qwen_sample(tok, [], TEXTS[3]), qwen_sample(tok, [[1, 6, 2]], TEXTS[7], seed=3)]
+    batch = PackingCollator(tok, max_tokens=64, pad_to_multiple_of=8)(samples)
+    assert batch["position_ids"].shape[0] == 4 and "attention_mask" not in batch
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "packed_samples"}).logits
+        for r, row in enumerate(batch["packed_samples"]):
+            start = 0
+            for i in row:
+                s = samples[i]
+                kw = dict(input_ids=s["input_ids"][None], mm_token_type_ids=s["mm_token_type_ids"][None])
+                if len(s["image_grid_thw"]): kw.update(pixel_values=s["pixel_values"], image_grid_thw=s["image_grid_thw"])
+                ref = model(**kw).logits[0]
+                n = len(s["input_ids"])
+                assert (packed[r, start:start + n] - ref).abs().max() < 1e-5, (r, i)
+                start += n
+
+
+# --- fuzzing: any batch either collates with consistent shapes or raises a documented error ------
+
+sample_spec = st.tuples(st.integers(0, 40), st.integers(0, 3), st.integers(0, 3), st.booleans())
+
+
+@pytest.mark.parametrize("name", ["text", "causal_lm", "masked_lm", "multimodal", "qwen2_vl", "contrastive", "packing"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs=st.lists(sample_spec, min_size=0, max_size=6), side=st.sampled_from(["right", "left"]),
+       mode=st.sampled_from([{}, {"pad_mode": "to_8"}, {"pad_mode": "max_len", "max_len": 32},
+                             {"max_len": 24, "overflow": "truncate"}, {"max_len": 24}]))
+def test_fuzz_collators(name, specs, side, mode):
+    tok = TOK[side]
+    vocab = torch.arange(20, 60)
+    samples = []
+    for j, (n, n_img, n_neg, bad) in enumerate(specs):
+        if bad: samples.append(Skip(f"row {j}")); continue
+        ids = vocab[torch.arange(n) % len(vocab)]
+        s = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone(), task="t")
+        if name == "multimodal":
+            T = 2
+            ids = torch.cat([torch.full((n_img * T,), 6), ids])
+            s = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone(), task="t",
+                     images=torch.zeros(n_img, 3, 4, 4), image_input_idx=torch.arange(n_img * T).view(n_img, T))
+        if name in ("qwen2_vl", "packing"):
+            s = qwen_sample(tok, [[1, 2, 2 * (k + 1)] for k in range(n_img)], " ".join(["the"] * n))
+        if name == "contrastive":
+            s["negative_input_ids"] = [vocab[: (n + k) % 7 + 1] for k in range(n_neg)]
+        samples.append(s)
+    kw = dict(mode)
+    if name == "packing":
+        kw = dict(max_tokens=kw.get("max_len", 64), overflow=kw.get("overflow", "raise"))
+    try:
+        batch, bad = collator_for(name=name, tokenizer=tok, **kw).collate_with_bad(samples)
+    except CollateError:
+        return
+    good = [s for s in samples if not isinstance(s, Skip)]
+    assert len(bad) == len(samples) - len(good)
+    if batch is None:
+        assert not good
+        return
+    ids = batch["input_ids"]
+    if name == "packing":
+        assert sorted(i for r in batch["packed_samples"] for i in r) == list(range(len(good)))
+        assert int(batch["cu_seq_lens"][-1]) == ids.numel()
+        return
+    assert ids.shape[0] == len(good)
+    lens = batch["attention_mask"].sum(-1)
+    want = torch.tensor([min(len(s["input_ids"]), kw.get("max_len") or 10**9) for s in good])
+    assert torch.equal(lens, want)
+    if kw.get("pad_mode") == "max_len": assert ids.shape[1] == 32
+    if kw.get("pad_mode") == "to_8": assert ids.shape[1] % 8 == 0
+    for k in ("labels", "attention_mask"):
+        assert batch[k].shape == ids.shape
+    if name == "multimodal":
+        assert batch["images"].shape[:2] == batch["image_masks"].shape == batch["image_input_idx"].shape[:2]
+        pos = batch["image_input_idx"]
+        assert (torch.gather(ids, 1, pos.clamp(min=0).flatten(1))[pos.flatten(1) >= 0] == 6).all()
+    if name == "qwen2_vl" and "image_grid_thw" in batch:
+        assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(-1).sum())
+        assert int(batch["mm_token_type_ids"].sum()) == int(batch["image_grid_thw"].prod(-1).sum()) // 4
+    if name == "contrastive":
+        assert batch["negative_input_ids"].shape[:2] == batch["negative_mask"].shape
