@@ -204,3 +204,34 @@ def test_deterministic_dataset_and_set_epoch(files):
     assert [as_bytes(b) for b in a] == run(loader(files["clean"]), 2)[8:]
     with pytest.raises(ConfigError, match="already a DeterministicDataset"):
         make_loader(dd, LoaderConfig(batch_size=4), transform=augment)
+
+
+def test_build_loader_from_yaml_with_local_tokenizer(files, tmp_path):
+    import yaml
+    from mmlit.loader import build_data_module, build_loader
+    from mmlit.text import train_tokenizer
+    tok_dir = tmp_path / "tok"
+    train_tokenizer([f"photo {i} of a thing" for i in range(50)], vocab_size=300, min_frequency=1, save_dir=tok_dir)
+    cfg = dict(data=str(files["bad"]), tokenizer=str(tok_dir), preprocessor="clip", preprocessor_options=dict(size=16),
+               max_length=8, task="retrieval", loader=dict(batch_size=4, num_workers=2, seed=1, drop_last=False))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    ld = build_loader(tmp_path / "cfg.yaml")
+    batches = list(ld)
+    assert sum(len(b["input_ids"]) for b in batches) == N - 2    # rows 4 and 17 cannot be read (23's caption is fine here)
+    assert batches[0]["pixel_values"].shape[1:] == (3, 16, 16) and batches[0]["input_ids"].shape[1] <= 8
+    assert sorted(ld.report.indices()) == [4, 17]
+    again = build_loader(cfg)                                      # dict form, same batches
+    assert [b["input_ids"].tolist() for b in again] == [b["input_ids"].tolist() for b in batches]
+    dm = build_data_module(dict(cfg, val_split=0.2))
+    assert len(dm.val_data) == 6 and len(dm.train_data) == 24
+
+
+def test_build_loader_lm_windows(tmp_path):
+    from mmlit.loader import build_loader
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"paragraph {i} says something about loaders and order" for i in range(40)))
+    ld = build_loader(dict(data=str(corpus), task="lm", max_length=16, batch_size=4,
+                           tokenizer=dict(train=dict(vocab_size=300, min_frequency=1))))
+    b = next(iter(ld))
+    assert b["input_ids"].shape == b["labels"].shape == (4, 16)
+    assert torch.equal(b["input_ids"][:, 1:], b["labels"][:, :-1])  # labels are the next tokens
