@@ -230,3 +230,15 @@ def test_inspect_demo(tmp_path):
     again = subprocess.run([sys.executable, "-m", "mmlit.cli", "inspect", "--demo", "--json"],
                            capture_output=True, text=True, env=_env(tmp_path), timeout=300)
     assert json.loads(again.stdout) == r                            # cached and deterministic
+
+
+def test_damaged_parquet_pages_stop_the_scan_cleanly(tmp_path):
+    "A row group whose pages are overwritten cannot be skipped record by record: one-line error, status 2."
+    f = build_demo_parquet(tmp_path / "d.parquet", n=600, row_group_size=256)[0]
+    b = bytearray(f.read_bytes())
+    off = pq.ParquetFile(f).metadata.row_group(1).column(0).data_page_offset
+    b[off + 10: off + 4000] = b"\x55" * 3990
+    f.write_bytes(bytes(b))
+    rc, out, err = run("inspect", f)
+    assert rc == 2 and out == "" and "Traceback" not in err and err.count("\n") == 1
+    assert str(f) in err and "record 256 could not be read" in err
