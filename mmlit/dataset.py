@@ -27,10 +27,11 @@ from .core import (BadRecordError, ConfigError, Registry, TooManyBadRecords,
                         derive_seed, np_rng)
 
 # %% auto #0
-__all__ = ['logger', 'RECORD_KEYS', 'ON_ERROR', 'task_formats', 'make_record', 'BadRecord', 'Skipped', 'split_skipped',
-           'SkipReport', 'MMDataset', 'open_image', 'JsonlImageText', 'expand_paths', 'TextCorpus', 'ParquetImageText',
-           'HFDataset', 'TorchDataset', 'TensorList', 'as_mm_dataset', 'open_source', 'DeterministicDataset', 'Mixture',
-           'format_caption', 'format_qa', 'format_pointing', 'format_counting', 'format_messages']
+__all__ = ['logger', 'RECORD_KEYS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'task_formats', 'make_record',
+           'BadRecord', 'Skipped', 'split_skipped', 'SkipReport', 'MMDataset', 'check_image_size', 'open_image',
+           'JsonlImageText', 'expand_paths', 'TextCorpus', 'ParquetImageText', 'HFDataset', 'TorchDataset',
+           'TensorList', 'as_mm_dataset', 'open_source', 'DeterministicDataset', 'Mixture', 'format_caption',
+           'format_qa', 'format_pointing', 'format_counting', 'format_messages']
 
 # %% ../nbs/01_dataset.ipynb #04f85c80
 logger = logging.getLogger("mmlit.dataset")
@@ -131,7 +132,7 @@ class MMDataset(torch.utils.data.Dataset):
             raise ConfigError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
         if not 0 <= text_dropout <= 1: raise ConfigError(f"text_dropout must be in [0, 1], got {text_dropout!r}")
         self.on_error, self.max_bad_fraction, self.text_dropout, self.seed = on_error, max_bad_fraction, text_dropout, seed
-        self.report = SkipReport()
+        self._report = SkipReport()
 
     def __len__(self) -> int: raise NotImplementedError(f"{type(self).__name__} must define __len__")
     def load(self, idx: int) -> dict: raise NotImplementedError(f"{type(self).__name__} must define load(idx)")
@@ -148,6 +149,11 @@ class MMDataset(torch.utils.data.Dataset):
         return rec
 
     def __getitem__(self, idx: int) -> dict | Skipped: return self.get(idx)
+
+    @property
+    def report(self) -> SkipReport:
+        "The bad records this dataset skipped in this process."
+        return self._report
 
     def handle_bad(self, err: BadRecordError, idx: int) -> Skipped:
         "Apply the error policy to `err`: raise it, or count, log and return `Skipped`."
@@ -168,10 +174,21 @@ class MMDataset(torch.utils.data.Dataset):
         return int(idx) % n
 
 # %% ../nbs/01_dataset.ipynb #ab2ef134
-# what Pillow raises for corrupt or truncated data (struct.error: some truncated headers)
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, struct.error)
+DEFAULT_MAX_IMAGE_PIXELS = 2**27  # ≈134 megapixels (11585²): far beyond any training image
+# what Pillow raises for corrupt or truncated data (struct.error, IndexError: some truncated headers)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, struct.error,
+                 Image.DecompressionBombError)
 
-def open_image(src: bytes | str | Path, *, decode: bool = True, max_pixels: int | None = -1,
+def check_image_size(img: Image.Image, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                     where: dict | None = None) -> tuple[int, int]:
+    "The header's `(width, height)`; `BadRecordError` for an empty or bomb-sized image, before decoding."
+    w, h = img.size
+    if w <= 0 or h <= 0 or (max_pixels is not None and w * h > max_pixels):
+        raise BadRecordError(f"image header declares {w}x{h} pixels, over the limit of {max_pixels} "
+                             "(decompression bomb?)", **(where or {}))
+    return w, h
+
+def open_image(src: bytes | str | Path, *, decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                where: dict | None = None) -> Image.Image:
     "Open an image from bytes or a path; bad input raises `BadRecordError` naming `where`."
     where = where or {}
@@ -188,17 +205,15 @@ def open_image(src: bytes | str | Path, *, decode: bool = True, max_pixels: int 
             img = Image.open(fp)
     except UnidentifiedImageError:  # its message holds the repr of a BytesIO: an address, different in each process
         raise BadRecordError("not a readable image (UnidentifiedImageError: unknown or corrupt format)", **where) from None
-    except _DECODE_ERRORS as e:
+    except DECODE_ERRORS as e:
         raise BadRecordError(f"not a readable image ({type(e).__name__}: {e})", **where) from None
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels == -1 else max_pixels
-    w, h = img.size
-    if w <= 0 or h <= 0 or (limit is not None and w * h > limit):
+    try: check_image_size(img, max_pixels, where)
+    except BadRecordError:
         img.close()
-        raise BadRecordError(f"image header declares {w}x{h} pixels, over the limit of {limit} "
-                             "(decompression bomb?)", **where)
+        raise
     if decode:
         try: img.load()
-        except _DECODE_ERRORS as e:
+        except DECODE_ERRORS as e:
             raise BadRecordError(f"cannot decode image, truncated or corrupt ({type(e).__name__}: {e})", **where) from None
     return img
 
@@ -263,7 +278,7 @@ class JsonlImageText(MMDataset):
     source = "jsonl"
 
     def __init__(self, path: str | Path, *, image_root: str | Path | None = None, decode: bool = True,
-                 max_pixels: int | None = -1, **kwargs):
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
         super().__init__(**kwargs)
         self.path = _check_path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
@@ -347,12 +362,14 @@ class TextCorpus(MMDataset):
             with open(f, "rb") as fh:
                 fh.seek(start)
                 raw = fh.read(end - start)
-            try: text = raw.decode("utf-8").strip()
+            try: text = raw.decode("utf-8")
             except UnicodeDecodeError as e: raise BadRecordError(f"not valid UTF-8 ({e})", **where) from None
-            if self.split == "paragraph": text = "\n".join(l.strip() for l in text.splitlines())
+            # keep leading spaces (code in documentation corpora), drop trailing ones and the newline
+            text = "\n".join(l.rstrip() for l in text.splitlines()).strip("\n")
         return make_record(text=text, task="lm", meta=where)
 
 # %% ../nbs/01_dataset.ipynb #7a9d3c1f
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 class ParquetImageText(MMDataset):
@@ -361,7 +378,8 @@ class ParquetImageText(MMDataset):
 
     def __init__(self, paths, *, image_column: str | None = "image", text_column: str = "caption",
                  negatives_column: str | None = "negatives", task_column: str | None = "task",
-                 decode: bool = True, max_pixels: int | None = -1, cache_row_groups: int = 2, **kwargs):
+                 decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                 cache_row_groups: int = 2, **kwargs):
         super().__init__(**kwargs)
         self.files = expand_paths(paths, (".parquet",))
         self.image_column, self.text_column, self.decode, self.max_pixels = image_column, text_column, decode, max_pixels
@@ -413,7 +431,9 @@ class ParquetImageText(MMDataset):
         g = int(np.searchsorted(self._starts, idx, side="right") - 1)
         k = int(self._rg_file[g])
         where = dict(source=self.source, file=str(self.files[k]), index=int(idx - self._file_start[k]), unit="row")
-        table = self._row_group(g)
+        try: table = self._row_group(g)
+        except (OSError, pa.ArrowException) as e:  # a damaged page: every row of that group is unreadable
+            raise BadRecordError(f"row group {int(self._rg_index[g])} is unreadable ({type(e).__name__}: {e})", **where) from None
         row = {c: table.column(c)[idx - int(self._starts[g])].as_py() for c in table.column_names}
         text = _pick(row, (self.text_column,), str, where, required=True)
         image = None
@@ -434,15 +454,13 @@ class ParquetImageText(MMDataset):
         return open_image(v, decode=self.decode, max_pixels=self.max_pixels, where=where)
 
 # %% ../nbs/01_dataset.ipynb #82118f58
-def _looks_like_image(v) -> bool: return isinstance(v, (Image.Image, bytes, dict))
-
 class HFDataset(MMDataset):
     "An HF `datasets.Dataset` (its `Image` feature included) as mmlit records."
     source = "hf"
 
     def __init__(self, ds, *, text_column: str = "text", image_column: str | None = "image",
                  negatives_column: str | None = "negatives", task_column: str | None = "task",
-                 decode: bool = True, max_pixels: int | None = -1, **kwargs):
+                 decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
         super().__init__(**kwargs)
         cols = list(getattr(ds, "column_names", []))
         if text_column not in cols: raise ConfigError(f"HF dataset has no column {text_column!r}; columns are {cols}")
@@ -459,7 +477,7 @@ class HFDataset(MMDataset):
         try: row = self.ds[idx]  # HF decodes an `Image` feature here
         except UnidentifiedImageError:  # no BytesIO repr (an address) in the reason: same in every process
             raise BadRecordError("cannot read row (UnidentifiedImageError: unknown or corrupt image format)", **where) from None
-        except _DECODE_ERRORS as e:
+        except DECODE_ERRORS as e:
             raise BadRecordError(f"cannot read row ({type(e).__name__}: {e})", **where) from None
         text = _pick(row, (self.text_column,), str, where, required=True)
         image = None
@@ -474,7 +492,7 @@ class HFDataset(MMDataset):
         if isinstance(v, Image.Image):
             if self.decode:
                 try: v.load()
-                except _DECODE_ERRORS as e: raise BadRecordError(f"cannot decode image ({e})", **where) from None
+                except DECODE_ERRORS as e: raise BadRecordError(f"cannot decode image ({e})", **where) from None
             return v
         if isinstance(v, dict): v = v.get("bytes") if v.get("bytes") is not None else v.get("path")
         if not isinstance(v, (bytes, str)): raise BadRecordError(f"image column holds {type(v).__name__}", **where)
@@ -611,8 +629,6 @@ class Mixture(MMDataset):
     @property
     def report(self) -> SkipReport:
         return SkipReport(b for d in self.datasets for b in d.report)
-    @report.setter
-    def report(self, value): pass  # the children keep the records; the mixture's report is their union
 
     def counts(self, epoch: int) -> np.ndarray:
         "How many records each dataset gives to `epoch`."

@@ -23,11 +23,11 @@ from PIL import Image, ImageEnhance
 from .core import BadRecordError, ConfigError, MissingExtraError, Registry
 
 # %% auto #0
-__all__ = ['NORMALISATIONS', 'DEFAULT_MAX_IMAGE_PIXELS', 'IMAGE_PRESETS', 'IMAGE_SUFFIXES', 'Normalisation', 'get_normalisation',
-           'normalize', 'open_image', 'check_image_size', 'to_rgb', 'open_checked', 'pil_to_tensor', 'decode_rgb',
-           'shortest_side_size', 'resize_shortest', 'resize', 'center_crop', 'random_crop', 'random_resized_crop',
-           'pad_to_square', 'hflip', 'color_jitter', 'ImagePreprocessor', 'image_preset', 'smart_resize', 'patchify',
-           'Qwen2VLPatcher', 'sample_frame_indices', 'load_frames', 'VideoPreprocessor']
+__all__ = ['NORMALISATIONS', 'IMAGE_PRESETS', 'IMAGE_SUFFIXES', 'Normalisation', 'get_normalisation', 'normalize', 'to_rgb',
+           'open_checked', 'pil_to_tensor', 'decode_rgb', 'shortest_side_size', 'resize_shortest', 'resize',
+           'center_crop', 'random_crop', 'random_resized_crop', 'pad_to_square', 'hflip', 'color_jitter',
+           'ImagePreprocessor', 'image_preset', 'smart_resize', 'patchify', 'Qwen2VLPatcher', 'sample_frame_indices',
+           'load_frames', 'VideoPreprocessor']
 
 # %% ../nbs/02_preprocess.ipynb #61150b4e
 @dataclass(frozen=True)
@@ -68,27 +68,8 @@ def normalize(x: torch.Tensor, norm: str | Normalisation = "clip") -> torch.Tens
     return torch.addcmul(offset, x.to(torch.float32), scale)
 
 # %% ../nbs/02_preprocess.ipynb #aaf5c331
-DEFAULT_MAX_IMAGE_PIXELS = 2**27  # ≈134 megapixels (11585²): far beyond any training image
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, MemoryError,
-                  Image.DecompressionBombError)
-
-def open_image(src: Image.Image | bytes | str | os.PathLike | np.ndarray) -> Image.Image:
-    "A PIL image (not yet decoded when it comes from bytes or a path) for any supported input."
-    if isinstance(src, Image.Image): return src
-    if isinstance(src, (bytes, bytearray, memoryview)): return Image.open(io.BytesIO(src))
-    if isinstance(src, (str, os.PathLike)): return Image.open(src)
-    if isinstance(src, np.ndarray):
-        if src.dtype != np.uint8 or src.ndim not in (2, 3): raise BadRecordError(f"image array must be uint8 [H, W(, C)], got {src.dtype} {src.shape}")
-        return Image.fromarray(src)
-    raise BadRecordError(f"image must be a PIL image, bytes, a path or a uint8 array, got {type(src).__name__}")
-
-def check_image_size(img: Image.Image, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
-    "The header's `(width, height)`; raises `BadRecordError` for empty or bomb-sized images without decoding."
-    w, h = img.size
-    if w <= 0 or h <= 0: raise BadRecordError(f"image header declares an empty size {w}x{h}")
-    if w * h > max_pixels:
-        raise BadRecordError(f"image header declares {w}x{h} = {w * h:,} pixels, over max_pixels={max_pixels:,} (decompression bomb?)")
-    return w, h
+# Stage 1 owns opening and header checks (`open_image`, `check_image_size`, the bomb limit); stage 2 reuses them.
+from .dataset import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, check_image_size, open_image
 
 def to_rgb(img: Image.Image) -> Image.Image:
     "`img` as RGB: grayscale and palette converted, transparency composited on white."
@@ -98,15 +79,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return img.convert("RGB")
 
-def open_checked(src, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    "`open_image` + `check_image_size`: a lazily opened image whose header size is sane, else `BadRecordError`."
-    try:
-        img = open_image(src)
-        check_image_size(img, max_pixels)
-        return img
-    except BadRecordError: raise
-    except _DECODE_ERRORS as e:
-        raise BadRecordError(f"cannot decode image: {type(e).__name__}: {e}") from e
+def open_checked(src, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    "A lazily opened image (PIL, bytes, path or uint8 array) whose header size is sane, else `BadRecordError`."
+    if isinstance(src, Image.Image):
+        check_image_size(src, max_pixels)
+        return src
+    if isinstance(src, np.ndarray):
+        if src.dtype != np.uint8 or src.ndim not in (2, 3):
+            raise BadRecordError(f"image array must be uint8 [H, W(, C)], got {src.dtype} {src.shape}")
+        return Image.fromarray(src)
+    if isinstance(src, (bytes, bytearray, memoryview, str, os.PathLike)):
+        return open_image(src, decode=False, max_pixels=max_pixels)
+    raise BadRecordError(f"image must be a PIL image, bytes, a path or a uint8 array, got {type(src).__name__}")
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     "uint8 `[H, W, C]` tensor sharing the array Pillow exports (read-only: callers copy before writing)."
@@ -125,9 +109,8 @@ def decode_rgb(src, *, min_size: tuple[int, int] | None = None, draft: bool = Tr
             img.draft("RGB" if img.mode != "L" else "L", (max(1, min_size[0]), max(1, min_size[1])))
         img.load()
         return to_rgb(img)
-    except BadRecordError: raise
-    except _DECODE_ERRORS as e:
-        raise BadRecordError(f"cannot decode image: {type(e).__name__}: {e}") from e
+    except DECODE_ERRORS as e:
+        raise BadRecordError(f"cannot decode image: {type(e).__name__}: {e}") from None
 
 # %% ../nbs/02_preprocess.ipynb #271d6362
 def _bomb_png(width: int, height: int) -> bytes:

@@ -232,13 +232,16 @@ def test_inspect_demo(tmp_path):
     assert json.loads(again.stdout) == r                            # cached and deterministic
 
 
-def test_damaged_parquet_pages_stop_the_scan_cleanly(tmp_path):
-    "A row group whose pages are overwritten cannot be skipped record by record: one-line error, status 2."
+def test_damaged_parquet_pages_are_reported_row_by_row(tmp_path):
+    "A row group whose pages are overwritten: each of its rows is a bad record, the other groups read fine."
     f = build_demo_parquet(tmp_path / "d.parquet", n=600, row_group_size=256)[0]
     b = bytearray(f.read_bytes())
     off = pq.ParquetFile(f).metadata.row_group(1).column(0).data_page_offset
     b[off + 10: off + 4000] = b"\x55" * 3990
     f.write_bytes(bytes(b))
-    rc, out, err = run("inspect", f)
-    assert rc == 2 and out == "" and "Traceback" not in err and err.count("\n") == 1
-    assert str(f) in err and "record 256 could not be read" in err
+    rc, out, err = run("inspect", f, "--json")
+    rep = json.loads(out)
+    assert rc == 0 and "Traceback" not in err
+    assert (rep["rows"], rep["good"]) == (600, 600 - 256)
+    assert [x["index"] for x in rep["bad"]] == list(range(256, 512))
+    assert all(x["reason"].startswith("row group 1 is unreadable") for x in rep["bad"])

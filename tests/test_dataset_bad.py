@@ -43,7 +43,7 @@ def image_dir(tmp_path):
     (tmp_path / "trunc.jpg").write_bytes(truncated_jpeg())
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "bomb.png").write_bytes(bomb_png(30000, 30000))        # over 2x Pillow's limit: Pillow refuses
-    (tmp_path / "bomb_small.png").write_bytes(bomb_png(10000, 10000))  # between 1x and 2x: mmlit refuses
+    (tmp_path / "bomb_small.png").write_bytes(bomb_png(12000, 12000))  # 144 MP: over mmlit's 2**27, under Pillow's refusal
     return tmp_path
 
 

@@ -121,7 +121,7 @@ def test_text_paragraph_split(tmp_path):
     assert len(ds) == 3
     recs = [ds[i] for i in range(3)]
     for r in recs: check_schema(r)
-    assert [r["text"] for r in recs] == ["First paragraph\nspans two lines.", "Second one.", "Third\nand last"]
+    assert [r["text"] for r in recs] == ["First paragraph\n  spans two lines.", "Second one.", "Third\nand last"]  # indentation kept
     assert [r["meta"]["index"] for r in recs] == [0, 5, 7]
     assert {(r["task"], r["meta"]["unit"], r["meta"]["file"], r["image"]) for r in recs} == {("lm", "line", str(f), None)}
 
@@ -132,7 +132,7 @@ def test_text_line_split_and_several_files(tmp_path):
     b.write_text("no trailing newline")
     ds = TextCorpus([a, b], split="line")
     texts = [ds[i]["text"] for i in range(len(ds))]
-    assert texts == ["First paragraph", "spans two lines.", "Second one.", "Third", "and last", "no trailing newline"]
+    assert texts == ["First paragraph", "  spans two lines.", "Second one.", "Third", "and last", "no trailing newline"]
     assert [ds[i]["meta"]["index"] for i in range(len(ds))] == [0, 1, 5, 7, 8, 0]
     assert ds[5]["meta"]["file"] == str(b)
     # a directory (and a glob) picks the same files
