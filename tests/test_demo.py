@@ -37,10 +37,9 @@ def test_demo_sources_read_by_mmlit_dataset(tmp_path):
         assert str(labels[i]) in rec["text"] or DIGIT_WORDS[labels[i]] in rec["text"]
     assert len(JsonlImageText(d["jsonl"])) == 16
     assert len(TextCorpus(d["corpus"])) == len(TextCorpus(d["corpus_jsonl"])) > 50
-    # the same documents (TextCorpus's paragraph mode strips each line's indentation; JSONL keeps it)
-    flat = lambda t: "\n".join(l.strip() for l in t.splitlines())
+    # the same documents, indentation included, from the .txt and the JSONL variant
     assert [r["text"] for r in map(TextCorpus(d["corpus"]).get, range(3))] == \
-           [flat(r["text"]) for r in map(TextCorpus(d["corpus_jsonl"]).get, range(3))]
+           [r["text"] for r in map(TextCorpus(d["corpus_jsonl"]).get, range(3))]
 
 
 def test_hf_datasets_reads_image_feature(tmp_path):
