@@ -1,34 +1,113 @@
-"""Loader throughput on one Parquet of real JPEG photos (~500x375, from skimage.data), as ratios.
+"""Loader throughput and peak memory on one Parquet of real JPEG photos (~500x375, from skimage.data), as ratios.
 
 Prints, measured in this run: decode-only images/s (the per-core ceiling), mmlit's loader to
 224x224 uint8 batches with 0 and 2 workers, and two HF `datasets` baselines
 (`load_dataset("parquet")` + `with_transform` + DataLoader, 0 workers): plain (PIL decode,
 bicubic resize, crop, float normalise per sample, default collate) and hand-tuned (draft()
-reduced-size JPEG decode, box resize, uint8 batches).
+reduced-size JPEG decode, box resize, uint8 batches); and the peak PSS of each.
+
+Each configuration runs in a fresh interpreter (`--only NAME`, which prints one JSON line), so one
+configuration's allocations never inflate the next one's peak; all of them import the same modules
+(torch, datasets, mmlit), so the peaks differ only by what the loading itself costs. Peak memory:
+while a configuration opens its dataset and drains its loader, a background thread sums, every
+~20 ms, the proportional set size (PSS, from /proc/<pid>/smaps_rollup, else smaps) of that process
+and all its descendants (its DataLoader workers), keeping the peak. PSS splits each shared page
+among the processes mapping it, so pages the workers share with their parent after fork count
+once; for the same reason the parent of this script stays light (stdlib only; the Parquet file and
+HF cache are made in a `--prepare` subprocess) and the machine should be quiet: another process
+mapping the same libraries (another torch process) lowers the figures. Reading smaps costs about
+1 ms per process per sample, which would slow the 2-worker run on a 2-core machine by ~15%, so each
+configuration runs twice: images/s from a run without the sampler, peak PSS from a run with it.
+Linux only (reads /proc).
 
     python bench/loader.py            # quick: 384 images
     python bench/loader.py --n 2000   # steadier figures
 """
 import argparse
+import contextlib
 import io
+import json
+import os
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, default_collate
+# Only the stdlib at module level: numpy, pyarrow, PIL, torch, datasets and mmlit are imported where
+# used, in the --prepare and --only subprocesses, so the parent maps none of their pages (see above).
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "cat")
-MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+CONFIGS = {"decode": "decode only (1 core)", "hf-plain": "HF plain, 0 workers", "hf-tuned": "HF hand-tuned, 0 workers",
+           "mmlit-0": "mmlit, 0 workers", "mmlit-2": "mmlit, 2 workers"}   # --only NAME -> printed label
 
+
+# --- memory: peak PSS of a process tree, from /proc ---
+
+def pss_kb(pid: int) -> int:
+    "Proportional set size of one process in kB (smaps_rollup, else the sum over smaps); 0 once it is gone."
+    for name in ("smaps_rollup", "smaps"):
+        try:
+            with open(f"/proc/{pid}/{name}") as f: return sum(int(l.split()[1]) for l in f if l.startswith("Pss:"))
+        except OSError: continue
+    return 0
+
+
+def child_pids(pid: int) -> list:
+    "Direct children of `pid`: /proc/<pid>/task/*/children, else (kernels without it) a scan of /proc/*/stat."
+    try: tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError: return []
+    kids, found = [], False
+    for tid in tasks:
+        try: kids += map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split()); found = True
+        except OSError: pass
+    if found: return kids
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit(): continue
+        try: stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError: continue
+        if int(stat.rpartition(")")[2].split()[1]) == pid: kids.append(int(entry))   # field 4: ppid
+    return kids
+
+
+def tree_pss_kb(pid: int) -> int:
+    "PSS in kB of `pid` and all its descendants."
+    todo, total = [pid], 0
+    while todo:
+        p = todo.pop(); total += pss_kb(p); todo += child_pids(p)
+    return total
+
+
+class PeakPSS:
+    "Context manager: a background thread samples this process tree's PSS every `interval` s; `.peak_kb` is the max."
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak_kb, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def peak_mib(self) -> float: return self.peak_kb / 1024
+
+    def sample(self): self.peak_kb = max(self.peak_kb, tree_pss_kb(os.getpid()))
+
+    def _run(self):
+        while not self._stop.wait(self.interval): self.sample()
+
+    def __enter__(self):
+        self.sample(); self._thread.start(); return self
+
+    def __exit__(self, *exc):
+        self._stop.set(); self._thread.join(); self.sample()
+
+
+# --- the data and the loaders under test ---
 
 def make_parquet(path: Path, n: int, seed: int = 0) -> Path:
     "n JPEGs of about 500x375: random crops of skimage photos, resized, quality 90."
+    import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+    from PIL import Image
     from skimage import data
     rng = np.random.default_rng(seed)
     photos = [getattr(data, name)() for name in PHOTOS if hasattr(data, name)]
@@ -47,11 +126,14 @@ def make_parquet(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def timed(fn) -> float:
-    t = time.perf_counter(); fn(); return time.perf_counter() - t
+def timed(fn) -> tuple:
+    "fn()'s result and the seconds it took."
+    t = time.perf_counter(); out = fn(); return out, time.perf_counter() - t
 
 
 def decode_only(path: Path) -> int:
+    import pyarrow.parquet as pq
+    from PIL import Image
     blobs = pq.read_table(path, columns=["image"]).column("image").to_pylist()
     for b in blobs: Image.open(io.BytesIO(b)).convert("RGB")
     return len(blobs)
@@ -62,6 +144,9 @@ def drain(loader) -> int:
 
 
 def hf_plain(rows: dict) -> dict:
+    import numpy as np, torch
+    from PIL import Image
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
     out = []
     for b in rows["image"]:
         img = Image.open(io.BytesIO(b)).convert("RGB")
@@ -69,11 +154,13 @@ def hf_plain(rows: dict) -> dict:
         img = img.resize((max(224, round(w * s)), max(224, round(h * s))), Image.BICUBIC)
         l, t = (img.width - 224) // 2, (img.height - 224) // 2
         x = torch.from_numpy(np.asarray(img.crop((l, t, l + 224, t + 224)), dtype=np.float32) / 255).permute(2, 0, 1)
-        out.append((x - MEAN) / STD)
+        out.append((x - mean) / std)
     return {"pixel_values": out}
 
 
 def hf_tuned(rows: dict) -> dict:
+    import numpy as np, torch
+    from PIL import Image
     out = []
     for b in rows["image"]:
         img = Image.open(io.BytesIO(b))
@@ -86,22 +173,26 @@ def hf_tuned(rows: dict) -> dict:
     return {"pixel_values": out}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=384, help="images in the Parquet file")
-    ap.add_argument("--batch-size", type=int, default=32)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    tmp = Path(tempfile.mkdtemp())
-    path = make_parquet(tmp / "photos.parquet", args.n)
+# --- one configuration per process ---
 
+def prepare(tmp: Path, n: int) -> None:
+    "Write tmp/photos.parquet and fill the HF cache tmp/hf once, outside any measurement."
     from datasets import load_dataset
+    path = make_parquet(tmp / "photos.parquet", n)
+    load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(tmp / "hf"))
+
+
+def measure_one(name: str, path: Path, bs: int, cache_dir: Path, interval: float) -> dict:
+    "Run configuration `name` here: images, images/s and peak PSS (MiB; None when `interval` <= 0: no sampling)."
+    import torch
+    from datasets import load_dataset
+    from PIL import Image
+    from torch.utils.data import DataLoader, default_collate
     from mmlit.dataset import ParquetImageText
     from mmlit.loader import LoaderConfig, make_loader
     from mmlit.preprocess import ImagePreprocessor
 
-    hf = load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(tmp / "hf"))
-    bs = args.batch_size
+    torch.set_num_threads(1)
     ip = ImagePreprocessor(size=224, fit="crop", uint8=True, resample=Image.BOX)  # the fast preset: box filter, one resize
 
     def mmlit_loader(workers: int):
@@ -109,25 +200,70 @@ def main():
         return make_loader(ds, LoaderConfig(batch_size=bs, num_workers=workers, train=False, seed=0),
                            transform=lambda rec, rng: {"pixel_values": ip(rec["image"], rng)})
 
-    figures = {}
-    figures["decode only (1 core)"] = args.n / timed(lambda: decode_only(path))
-    figures["HF plain, 0 workers"] = args.n / timed(lambda: drain(DataLoader(hf.with_transform(hf_plain), batch_size=bs, collate_fn=default_collate)))
-    figures["HF hand-tuned, 0 workers"] = args.n / timed(lambda: drain(DataLoader(hf.with_transform(hf_tuned), batch_size=bs, collate_fn=default_collate)))
-    for w in (0, 2):
-        ld = mmlit_loader(w)
-        n = [0]
-        figures[f"mmlit, {w} workers"] = args.n / timed(lambda: n.__setitem__(0, drain(ld)))
-        assert n[0] == args.n
-    check = next(iter(mmlit_loader(0)))["pixel_values"]
-    assert check.shape == (bs, 3, 224, 224) and check.dtype == torch.uint8
+    pss = PeakPSS(interval) if interval > 0 else None
+    with pss or contextlib.nullcontext():                 # opening the dataset and draining the loader
+        if name == "decode":
+            n, secs = timed(lambda: decode_only(path))
+        elif name.startswith("hf-"):
+            hf = load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(cache_dir))
+            fn = hf_plain if name == "hf-plain" else hf_tuned
+            n, secs = timed(lambda: drain(DataLoader(hf.with_transform(fn), batch_size=bs, collate_fn=default_collate)))
+        else:
+            ld = mmlit_loader(int(name.removeprefix("mmlit-")))
+            n, secs = timed(lambda: drain(ld))
+    if name.startswith("mmlit-"):
+        check = next(iter(mmlit_loader(0)))["pixel_values"]
+        assert check.shape == (bs, 3, 224, 224) and check.dtype == torch.uint8
+    return {"config": name, "images": n, "images_per_s": n / secs, "peak_pss_mib": pss and pss.peak_mib}
+
+
+def run_fresh(name: str, tmp: Path, bs: int, interval: float) -> dict:
+    "measure_one in a fresh interpreter running this script; its JSON line."
+    cmd = [sys.executable, __file__, "--only", name, "--parquet", str(tmp / "photos.parquet"),
+           "--cache-dir", str(tmp / "hf"), "--batch-size", str(bs), "--interval", str(interval)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0: raise SystemExit(f"{name} failed:\n{p.stderr}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=384, help="images in the Parquet file")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--interval", type=float, default=0.02, help="seconds between PSS samples (with --only: 0, none)")
+    ap.add_argument("--only", choices=list(CONFIGS), help="measure one configuration here; print a JSON line")
+    ap.add_argument("--parquet", type=Path, help="with --only: the Parquet file to read")
+    ap.add_argument("--cache-dir", type=Path, help="with --only: HF datasets cache directory (default: a temp dir)")
+    ap.add_argument("--prepare", type=Path, metavar="DIR", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    bs = args.batch_size
+    if args.prepare: prepare(args.prepare, args.n); return
+    if args.only:
+        if args.parquet is None: ap.error("--only needs --parquet")
+        with tempfile.TemporaryDirectory(prefix="mmlit-bench-hf-") as tmp:
+            print(json.dumps(measure_one(args.only, args.parquet, bs, args.cache_dir or Path(tmp), args.interval)))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="mmlit-bench-") as tmp:
+        tmp = Path(tmp)
+        subprocess.run([sys.executable, __file__, "--prepare", str(tmp), "--n", str(args.n)], check=True)
+        timing = {CONFIGS[name]: run_fresh(name, tmp, bs, 0) for name in CONFIGS}
+        memory = {CONFIGS[name]: run_fresh(name, tmp, bs, args.interval) for name in CONFIGS}
+    for label, r in [*timing.items(), *memory.items()]: assert r["images"] == args.n, (label, r["images"])
+    figures = {label: r["images_per_s"] for label, r in timing.items()}
+    peaks = {label: r["peak_pss_mib"] for label, r in memory.items()}
 
     base = figures["HF plain, 0 workers"]
-    print(f"{args.n} JPEG photos ~500x375 -> 224x224 batches of {bs} (torch threads 1)")
-    for k, v in figures.items(): print(f"  {k:28} {v:8.0f} images/s   {v / base:5.2f}x HF plain")
+    print(f"{args.n} JPEG photos ~500x375 -> 224x224 batches of {bs} (torch threads 1; each configuration in "
+          f"fresh processes; peak PSS of it and its workers, sampled every {args.interval * 1000:.0f} ms)")
+    for k, v in figures.items():
+        print(f"  {k:28} {v:8.0f} images/s   {v / base:5.2f}x HF plain   peak PSS {peaks[k]:6.0f} MiB")
     m0, m2, tuned = figures["mmlit, 0 workers"], figures["mmlit, 2 workers"], figures["HF hand-tuned, 0 workers"]
     print(f"  mmlit 0 workers / HF plain      {m0 / base:5.2f}x   (goal >= 2.2)")
     print(f"  mmlit 0 workers / HF hand-tuned {m0 / tuned:5.2f}x   (goal >= 1.0)")
     print(f"  mmlit 2 workers / 0 workers     {m2 / m0:5.2f}x   (goal >= 1.7; 2 cores shared here)")
+    pss_ratio = peaks["mmlit, 2 workers"] / peaks["HF hand-tuned, 0 workers"]
+    print(f"  mmlit 2 workers peak PSS / HF hand-tuned peak PSS  {pss_ratio:.2f}x (goal <= 1.0)")
 
 
 if __name__ == "__main__":
