@@ -149,7 +149,7 @@ def pad_stack(seqs: Sequence[torch.Tensor], length: int, value: float, side: str
     return out
 
 # %% ../nbs/03_collate.ipynb #e7f9420b
-SEQ_PAD_VALUES = {"input_ids": None, "attention_mask": 0, "labels": -100, "token_type_ids": 0,
+SEQ_PAD_VALUES = {"input_ids": None, "attention_mask": 0, "labels": -100, "shift_labels": -100, "token_type_ids": 0,
                   "mm_token_type_ids": 0, "special_tokens_mask": 1, "position_ids": 0}
 "Length-bearing keys and their pad value (`None`: the tokenizer's pad id)."
 

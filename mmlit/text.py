@@ -213,7 +213,7 @@ def token_stream(docs: Iterable[str], tokenizer, eos_id: int | None = None) -> t
     return torch.tensor(out, dtype=torch.int64)
 
 class LMWindows:
-    "Windows of a token stream: item i is `{input_ids, attention_mask, labels}` with labels shifted by one."
+    "Windows of a token stream: item i is `{input_ids, attention_mask, labels, shift_labels}`, labels shifted by one."
     def __init__(self, stream: torch.Tensor | Sequence[int], seq_len: int, stride: int | None = None, drop_last: bool = True):
         self.stream = torch.as_tensor(stream, dtype=torch.int64)
         self.seq_len, self.stride = seq_len, stride or seq_len
@@ -228,7 +228,8 @@ class LMWindows:
         if not -self._len <= i < self._len: raise IndexError(f"window {i} out of range for {self._len} windows")
         s = (i % self._len) * self.stride
         x = self.stream[s: s + self.seq_len + 1]
-        return {"input_ids": x[:-1], "attention_mask": torch.ones(len(x) - 1, dtype=torch.int64), "labels": x[1:]}
+        return {"input_ids": x[:-1], "attention_mask": torch.ones(len(x) - 1, dtype=torch.int64), "labels": x[1:],
+                "shift_labels": x[1:].clone()}   # the same targets, for HF models that shift `labels` again
 
 def lm_windows(docs: Iterable[str], tokenizer, seq_len: int, stride: int | None = None, drop_last: bool = True,
                eos_id: int | None = None) -> LMWindows:
