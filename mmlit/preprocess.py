@@ -103,7 +103,8 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
         return torch.from_numpy(np.asarray(img))
 
 def pil_to_chw(img: Image.Image) -> torch.Tensor:
-    "uint8 `[3, H, W]` tensor of an RGB image; Pillow writes each band out as a plane, so nothing is permuted."
+    "uint8 `[3, H, W]` tensor of an image as RGB; Pillow writes each band out as a plane, so nothing is permuted."
+    img = img if img.mode == "RGB" else to_rgb(img)
     x = np.empty((3, img.height, img.width), np.uint8)
     for c, band in enumerate("RGB"): x[c] = np.frombuffer(img.tobytes("raw", band), np.uint8).reshape(img.height, img.width)
     return torch.from_numpy(x)
@@ -478,12 +479,11 @@ class Qwen2VLPatcher:
         "`pixel_values [Σ patches, 1176]` and `image_grid_thw [n, 3]` for one image or a list."
         images = images if isinstance(images, (list, tuple)) else [images]
         resized = [self._resized(im) for im in images]
-        grid = torch.tensor([(1, im.height // self.patch_size, im.width // self.patch_size) for im in resized],
-                            dtype=torch.int64).view(-1, 3)
-        counts = grid.prod(1).tolist()
+        grids = [(1, im.height // self.patch_size, im.width // self.patch_size) for im in resized]
+        counts = [h * w for _, h, w in grids]
         out = torch.empty(sum(counts), self.patch_dim, dtype=torch.uint8 if self.uint8 else torch.float32)
         for im, part in zip(resized, out.split(counts)): self._write_patches(im, part)   # no concatenation
-        return {"pixel_values": out, "image_grid_thw": grid}
+        return {"pixel_values": out, "image_grid_thw": torch.tensor(grids, dtype=torch.int64).view(-1, 3)}
 
     def image(self, image) -> tuple[torch.Tensor, torch.Tensor]:
         "Patches `[h·w, 1176]` and grid `[3]` for one image."
