@@ -7,6 +7,7 @@ Docs: https://mmlit.github.io/mmlit/preprocess.html.md"""
 # %% ../nbs/02_preprocess.ipynb #3c6ddd43
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import PIL
 import simplejpeg
 import torch
 from PIL import Image, ImageEnhance
@@ -25,10 +27,10 @@ from .core import BadRecordError, ConfigError, MissingExtraError, Registry
 
 # %% auto #0
 __all__ = ['NORMALISATIONS', 'IMAGE_PRESETS', 'IMAGE_SUFFIXES', 'Normalisation', 'get_normalisation', 'normalize', 'to_rgb',
-           'open_checked', 'pil_to_tensor', 'decode_rgb', 'shortest_side_size', 'resize_shortest', 'resize',
-           'center_crop', 'resize_center_crop', 'random_crop', 'random_resized_crop', 'pad_to_square', 'hflip',
-           'color_jitter', 'ImagePreprocessor', 'image_preset', 'smart_resize', 'patchify', 'Qwen2VLPatcher',
-           'sample_frame_indices', 'load_frames', 'VideoPreprocessor']
+           'open_checked', 'pil_to_tensor', 'pil_to_chw', 'decode_rgb', 'shortest_side_size', 'cover_size',
+           'resize_shortest', 'resize', 'center_crop', 'resize_center_crop', 'random_crop', 'resize_crop',
+           'random_resized_crop', 'pad_to_square', 'hflip', 'color_jitter', 'ImagePreprocessor', 'image_preset',
+           'smart_resize', 'patchify', 'Qwen2VLPatcher', 'sample_frame_indices', 'load_frames', 'VideoPreprocessor']
 
 # %% ../nbs/02_preprocess.ipynb #61150b4e
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ def normalize(x: torch.Tensor, norm: str | Normalisation = "clip") -> torch.Tens
     std = torch.tensor(n.std, dtype=torch.float32, device=x.device)
     mean = torch.tensor(n.mean, dtype=torch.float32, device=x.device)
     scale, offset = (1 / (255 * std)).view(3, 1, 1), (-mean / std).view(3, 1, 1)
-    return torch.addcmul(offset, x.to(torch.float32), scale)
+    y = x.to(torch.float32, copy=True)   # a new buffer, normalised in place
+    return torch.addcmul(offset, y, scale, out=y)
 
 # %% ../nbs/02_preprocess.ipynb #aaf5c331
 # Stage 1 owns opening and header checks (`open_image`, `check_image_size`, the bomb limit); stage 2 reuses them.
@@ -98,6 +101,13 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)   # "non-writable array": we never write into it
         return torch.from_numpy(np.asarray(img))
+
+def pil_to_chw(img: Image.Image) -> torch.Tensor:
+    "uint8 `[3, H, W]` tensor of an image as RGB; Pillow writes each band out as a plane, so nothing is permuted."
+    img = img if img.mode == "RGB" else to_rgb(img)
+    x = np.empty((3, img.height, img.width), np.uint8)
+    for c, band in enumerate("RGB"): x[c] = np.frombuffer(img.tobytes("raw", band), np.uint8).reshape(img.height, img.width)
+    return torch.from_numpy(x)
 
 def _encoded_jpeg(img: Image.Image) -> bytes | None:
     "The encoded bytes of an RGB or grey JPEG that is opened but not decoded yet; `None` otherwise."
@@ -148,6 +158,13 @@ def shortest_side_size(height: int, width: int, size: int) -> tuple[int, int]:
     if width <= height: return int(size * height / width), size
     return size, int(size * width / height)
 
+def cover_size(height: int, width: int, size: int | Sequence[int]) -> tuple[int, int]:
+    "`(h, w)` of an image scaled to cover `size` with its aspect ratio kept (for a square: `shortest_side_size`)."
+    h, w = _hw(size)
+    if h == w: return shortest_side_size(height, width, h)
+    s = max(h / height, w / width)
+    return max(h, round(height * s)), max(w, round(width * s))
+
 def resize_shortest(img: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
     "Resize so the shortest side is `size`, keeping the aspect ratio."
     h, w = shortest_side_size(img.height, img.width, size)
@@ -165,12 +182,9 @@ def center_crop(img: Image.Image, size: int | Sequence[int]) -> Image.Image:
     return img.crop((left, top, left + w, top + h))
 
 def resize_center_crop(img: Image.Image, size: int | Sequence[int], resample: int = Image.BICUBIC) -> Image.Image:
-    "`center_crop` of the image resized to cover `size`, as ONE resize of the source region (faster)."
+    "`center_crop` of the image resized to cover `size`, as ONE resize of the source region (faster, not bit-exact)."
     h, w = _hw(size)
-    if h == w: rh, rw = shortest_side_size(img.height, img.width, h)
-    else:
-        s = max(h / img.height, w / img.width)
-        rw, rh = max(w, round(img.width * s)), max(h, round(img.height * s))
+    rh, rw = cover_size(img.height, img.width, size)
     top, left = (rh - h) // 2, (rw - w) // 2
     sx, sy = img.width / rw, img.height / rh
     return img.resize((w, h), resample, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
@@ -181,6 +195,72 @@ def random_crop(img: Image.Image, size: int | Sequence[int], rng: np.random.Gene
     if h > img.height or w > img.width: raise ConfigError(f"crop {h}x{w} is larger than the image {img.height}x{img.width}")
     top, left = int(rng.integers(0, img.height - h + 1)), int(rng.integers(0, img.width - w + 1))
     return img.crop((left, top, left + w, top + h))
+
+# %% ../nbs/02_preprocess.ipynb #51534b0d
+# Support (source pixels at scale 1) of Pillow's two-pass filters; NEAREST is not resampled in passes.
+_FILTER_SUPPORT = {Image.BOX: 0.5, Image.BILINEAR: 1.0, Image.HAMMING: 1.0, Image.BICUBIC: 2.0, Image.LANCZOS: 3.0}
+_PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
+
+def _columns_first(W: int, H: int, rw: int, rh: int) -> bool:
+    "Whether Pillow resamples columns (vertical pass) before rows when resizing W×H to rw×rh."
+    return _PILLOW_MAJOR >= 13 and H - rh > 0 and H - rh > (W - rw) * 2
+
+def _source_span(in_size: int, out_size: int, first: int, last: int, support: float) -> tuple[int, int]:
+    "Source lines `[lo, hi)` one Pillow pass reads for output lines `[first, last)`, plus one line each side."
+    scale = in_size / out_size
+    reach = support * max(scale, 1.0)
+    lo = int((first + 0.5) * scale - reach + 0.5) - 1
+    hi = int((last - 0.5) * scale + reach + 0.5) + 1
+    return max(lo, 0), min(hi, in_size)
+
+def _crop(img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    "`img.crop(box)`, without a copy when the box is the whole image."
+    return img if box == (0, 0) + img.size else img.crop(box)
+
+def _placed(part: Image.Image, size: tuple[int, int], at: tuple[int, int]) -> Image.Image:
+    "`part` at its original position `at` in an image of `size` (the second pass places its filters by position)."
+    if part.size == size: return part
+    canvas = Image.new(part.mode, size); canvas.paste(part, at)
+    return canvas
+
+def _resize_crop(img: Image.Image, resized: tuple[int, int], box: tuple[int, int, int, int], resample: int) -> Image.Image:
+    "`resize_crop` without the checks."
+    (W, H), (rw, rh) = img.size, resized
+    left, top, right, bottom = box
+    support = _FILTER_SUPPORT[resample]
+    if rw == W or _columns_first(W, H, rw, rh):   # vertical pass on the needed columns, then horizontal on the kept rows
+        lo, hi = (left, right) if rw == W else _source_span(W, rw, left, right, support)
+        part = _crop(_crop(img, (lo, 0, hi, H)).resize((hi - lo, rh), resample), (0, top, hi - lo, bottom))
+        if rw == W: return part
+        part = _placed(part, (W, bottom - top), (lo, 0)).resize((rw, bottom - top), resample)
+        return _crop(part, (left, 0, right, bottom - top))
+    lo, hi = (top, bottom) if rh == H else _source_span(H, rh, top, bottom, support)   # horizontal pass first
+    part = _crop(_crop(img, (0, lo, W, hi)).resize((rw, hi - lo), resample), (left, 0, right, hi - lo))
+    if rh == H: return part
+    part = _placed(part, (right - left, H), (0, lo)).resize((right - left, rh), resample)
+    return _crop(part, (0, top, right - left, bottom))
+
+@functools.cache
+def _resize_crop_is_exact() -> bool:
+    "Self-check, once: does `_resize_crop` give the installed Pillow's pixels, for both pass orders?"
+    x = (np.arange(50 * 60 * 3, dtype=np.int64) * 7919 % 251).astype(np.uint8).reshape(50, 60, 3)
+    for (w, h), (rw, rh) in [((60, 50), (34, 40)), ((50, 60), (40, 30)), ((60, 50), (61, 47)), ((41, 50), (66, 77))]:
+        src, box = Image.fromarray(x[:h, :w]), ((rw - 20) // 2, (rh - 20) // 2, (rw - 20) // 2 + 20, (rh - 20) // 2 + 20)
+        if not np.array_equal(np.asarray(_resize_crop(src, (rw, rh), box, Image.BICUBIC)),
+                              np.asarray(src.resize((rw, rh), Image.BICUBIC).crop(box))):
+            warnings.warn(f"Pillow {PIL.__version__} resamples differently from what resize_crop expects: "
+                          "using resize then crop (exact, slower)")
+            return False
+    return True
+
+def resize_crop(img: Image.Image, resized: tuple[int, int], box: tuple[int, int, int, int],
+                resample: int = Image.BICUBIC) -> Image.Image:
+    "`img.resize(resized, resample).crop(box)` bit for bit, resampling only what the crop keeps."
+    left, top, right, bottom = box
+    if resample in _FILTER_SUPPORT and 0 <= left < right <= resized[0] and 0 <= top < bottom <= resized[1] \
+            and img.mode in ("RGB", "L") and _resize_crop_is_exact():
+        return _resize_crop(img, resized, box, resample)
+    return img.resize(resized, resample).crop(box)
 
 # %% ../nbs/02_preprocess.ipynb #62aa1759
 def random_resized_crop(img: Image.Image, size: int | Sequence[int], rng: np.random.Generator,
@@ -255,6 +335,8 @@ class ImagePreprocessor:
         self.size = _hw(self.size)
         if self.fit not in ("crop", "pad", "stretch"): raise ConfigError(f"fit must be 'crop', 'pad' or 'stretch', got {self.fit!r}")
         if not 0 <= self.flip <= 1: raise ConfigError(f"flip is a probability, got {self.flip}")
+        std, mean = torch.tensor(self.norm.std), torch.tensor(self.norm.mean)
+        self._scale, self._offset = (1 / (255 * std)).view(3, 1, 1), (-mean / std).view(3, 1, 1)   # as `normalize`
 
     def draft_size(self, width: int, height: int) -> tuple[int, int]:
         "The smallest decoded (w, h) that still gives full-resolution output for a `width`×`height` source."
@@ -269,27 +351,26 @@ class ImagePreprocessor:
         h, w = self.size
         if self.fit == "crop":
             if self.train: out = random_resized_crop(img, self.size, rng, self.crop_scale, self.crop_ratio, self.resample)
-            elif self.draft: out = resize_center_crop(img, self.size, self.resample)   # fast: one resize
-            else: out = center_crop(resize_shortest(img, min(h, w), self.resample) if h == w else
-                                    img.resize(self._cover(img), self.resample), self.size)   # exact: as HF
+            elif self.draft: out = resize_center_crop(img, self.size, self.resample)   # fastest: one resize of the region
+            else:                                                                      # exact: HF's resize, then crop
+                rh, rw = cover_size(img.height, img.width, self.size)
+                top, left = (rh - h) // 2, (rw - w) // 2
+                out = resize_crop(img, (rw, rh), (left, top, left + w, top + h), self.resample)
         elif self.fit == "pad": out = resize(pad_to_square(img, self.norm.fill), self.size, self.resample)
         else: out = resize(img, self.size, self.resample)
         if self.train and self.flip and rng.random() < self.flip: out = hflip(out)
         if self.train and (self.jitter or self.hue): out = color_jitter(out, rng, self.jitter, self.jitter, self.jitter, self.hue)
         return out
 
-    def _cover(self, img: Image.Image) -> tuple[int, int]:
-        "(w, h) of `img` scaled to cover a non-square `size`."
-        s = max(self.size[0] / img.height, self.size[1] / img.width)
-        return max(self.size[1], round(img.width * s)), max(self.size[0], round(img.height * s))
-
     def __call__(self, image, rng: np.random.Generator | None = None) -> torch.Tensor:
         "`[3, H, W]` tensor for one image (PIL, bytes, path or array)."
         if self.train and rng is None: raise ConfigError("a training ImagePreprocessor needs an rng")
         src = open_checked(image, self.max_image_pixels)
         img = decode_rgb(src, min_size=self.draft_size(*src.size), draft=self.draft, max_pixels=self.max_image_pixels)
-        x = pil_to_tensor(self.fit_image(img, rng)).permute(2, 0, 1).contiguous()
-        return x if self.uint8 else normalize(x, self.norm)
+        x = pil_to_chw(self.fit_image(img, rng))
+        if self.uint8: return x
+        y = x.to(torch.float32)
+        return torch.addcmul(self._offset, y, self._scale, out=y)
 
 # %% ../nbs/02_preprocess.ipynb #6d1a36fc
 IMAGE_PRESETS = Registry("image preset")
@@ -355,8 +436,11 @@ class Qwen2VLPatcher:
             self.max_pixels = min(self.max_pixels, self.image_max_patches * self.patch_size ** 2)
         if self.max_pixels < self.min_pixels:
             raise ConfigError(f"max_pixels {self.max_pixels} (image_max_patches={self.image_max_patches}) is below min_pixels {self.min_pixels}")
+        # one scale and offset per column of a patch row (laid out band, temporal slot, pixel)
         std, mean = torch.tensor(self.norm.std), torch.tensor(self.norm.mean)
-        self._scale, self._offset = (1 / (255 * std)).view(3, 1), (-mean / std).view(3, 1)
+        per_band = self.patch_dim // 3
+        self._scale = (1 / (255 * std)).repeat_interleave(per_band)
+        self._offset = (-mean / std).repeat_interleave(per_band)
 
     @property
     def factor(self) -> int: return self.patch_size * self.merge_size
@@ -371,27 +455,6 @@ class Qwen2VLPatcher:
         "Language-model tokens for one image or video grid: `t·h·w / merge²`."
         return int(np.prod([int(v) for v in grid_thw])) // self.merge_size ** 2
 
-    def _normalised(self, patches: torch.Tensor) -> torch.Tensor:
-        "uint8 `[N, 3, k]` patch values → float32 normalised (or left uint8 when `uint8`)."
-        return patches if self.uint8 else torch.addcmul(self._offset, patches.to(torch.float32), self._scale)
-
-    def _finish(self, u8_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "uint8 `[T, 3, H, W]` → (patches, grid) in the configured dtype."
-        patches, grid = patchify(u8_frames, self.patch_size, self.merge_size, self.temporal_patch_size)
-        patches = self._normalised(patches.view(len(patches), 3, -1)).view(len(patches), -1)
-        return patches, torch.tensor(grid, dtype=torch.int64)
-
-    def _image_patches(self, hwc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Fast path for one uint8 `[H, W, 3]` image: permute once in uint8, normalise once, fill both temporal slots."
-        p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
-        H, W, C = hwc.shape
-        gh, gw = H // p, W // p
-        x = hwc.view(gh // m, m, p, gw // m, m, p, C).permute(0, 3, 1, 4, 6, 2, 5).reshape(gh * gw, C, p * p)
-        v = self._normalised(x)
-        out = torch.empty(gh * gw, C, tp, p * p, dtype=v.dtype)
-        for t in range(tp): out[:, :, t] = v
-        return out.view(gh * gw, C * tp * p * p), torch.tensor([1, gh, gw], dtype=torch.int64)
-
     def _resized(self, image) -> Image.Image:
         "Decode and smart-resize one image."
         src = open_checked(image, self.max_image_pixels)
@@ -400,16 +463,32 @@ class Qwen2VLPatcher:
         img = decode_rgb(src, min_size=(tw, th), draft=self.draft, max_pixels=self.max_image_pixels)
         return img if img.size == (tw, th) else img.resize((tw, th), self.resample)
 
-    def image(self, image) -> tuple[torch.Tensor, torch.Tensor]:
-        "Patches `[h·w, 1176]` and grid `[3]` for one image."
-        return self._image_patches(pil_to_tensor(self._resized(image)))
+    def _write_patches(self, img: Image.Image, out: torch.Tensor) -> None:
+        "Write the patches of one smart-resized RGB image into `out` `[h·w, 1176]` (float32 or uint8)."
+        p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
+        gh, gw = img.height // p, img.width // p
+        row = np.dtype((np.void, p))          # one patch row of one band: p bytes, moved as one item
+        u8 = np.empty((gh // m, gw // m, m, m, 3, tp, p), row)   # merge group, 2×2 patch, band, temporal slot, row
+        for c, band in enumerate("RGB"):
+            plane = np.frombuffer(img.tobytes("raw", band), row).reshape(gh // m, m, p, gw // m, m)
+            u8[:, :, :, :, c] = plane.transpose(0, 3, 1, 4, 2)[:, :, :, :, None]   # both temporal slots at once
+        out.copy_(torch.from_numpy(u8.view(np.uint8).reshape(gh * gw, self.patch_dim)))
+        if not self.uint8: torch.addcmul(self._offset, out, self._scale, out=out)
 
     def __call__(self, images, rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
         "`pixel_values [Σ patches, 1176]` and `image_grid_thw [n, 3]` for one image or a list."
         images = images if isinstance(images, (list, tuple)) else [images]
-        parts = [self.image(im) for im in images]
-        if not parts: return {"pixel_values": torch.zeros(0, self.patch_dim), "image_grid_thw": torch.zeros(0, 3, dtype=torch.int64)}
-        return {"pixel_values": torch.cat([p for p, _ in parts]), "image_grid_thw": torch.stack([g for _, g in parts])}
+        resized = [self._resized(im) for im in images]
+        grids = [(1, im.height // self.patch_size, im.width // self.patch_size) for im in resized]
+        counts = [h * w for _, h, w in grids]
+        out = torch.empty(sum(counts), self.patch_dim, dtype=torch.uint8 if self.uint8 else torch.float32)
+        for im, part in zip(resized, out.split(counts)): self._write_patches(im, part)   # no concatenation
+        return {"pixel_values": out, "image_grid_thw": torch.tensor(grids, dtype=torch.int64).view(-1, 3)}
+
+    def image(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        "Patches `[h·w, 1176]` and grid `[3]` for one image."
+        out = self([image])
+        return out["pixel_values"], out["image_grid_thw"][0]
 
     def video(self, frames) -> dict[str, torch.Tensor]:
         "`pixel_values_videos [t·h·w, 1176]` and `video_grid_thw [1, 3]` for frames `[T, H, W, 3]` uint8."
@@ -419,8 +498,9 @@ class Qwen2VLPatcher:
         T, H, W, _ = frames.shape
         th, tw = self.target_size(H, W)
         resized = np.stack([np.asarray(Image.fromarray(f).resize((tw, th), self.resample)) for f in frames])
-        patches, grid = self._finish(torch.from_numpy(resized).permute(0, 3, 1, 2))
-        return {"pixel_values_videos": patches, "video_grid_thw": grid[None]}
+        patches, grid = patchify(torch.from_numpy(resized).permute(0, 3, 1, 2), self.patch_size, self.merge_size, self.temporal_patch_size)
+        if not self.uint8: patches = torch.addcmul(self._offset, patches.to(torch.float32), self._scale)
+        return {"pixel_values_videos": patches, "video_grid_thw": torch.tensor([grid], dtype=torch.int64)}
 
 # %% ../nbs/02_preprocess.ipynb #7084e756
 def sample_frame_indices(num_frames: int, max_frames: int = 16, mode: str = "uniform",
@@ -445,15 +525,14 @@ def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 def _read_video_file(path: Path, max_frames: int, mode: str, rng) -> np.ndarray:
-    "Sampled frames of a video file, decoded with PyAV (optional `video` extra)."
+    "Sampled frames of a video file, decoded with PyAV (optional `video` extra); only those become RGB."
     try: import av
     except ImportError: raise MissingExtraError("av", "video", "Reading video files") from None
     try:
-        with av.open(str(path)) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        with av.open(str(path)) as container: frames = list(container.decode(video=0))   # still in the codec's format
     except Exception as e: raise BadRecordError(f"cannot decode video: {type(e).__name__}: {e}", file=str(path)) from e
     idx = sample_frame_indices(len(frames), max_frames, mode, rng)
-    return np.stack([frames[i] for i in idx])
+    return np.stack([frames[i].to_ndarray(format="rgb24") for i in idx])
 
 def load_frames(video, max_frames: int = 16, mode: str = "uniform", rng: np.random.Generator | None = None,
                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:

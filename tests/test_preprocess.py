@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from mmlit.core import BadRecordError, np_rng
-from mmlit.preprocess import Qwen2VLPatcher, VideoPreprocessor, _bomb_png, image_preset
+from hypothesis import given, settings, strategies as st
+
+from mmlit.preprocess import Qwen2VLPatcher, VideoPreprocessor, _bomb_png, image_preset, resize_crop
 
 
 def _jpeg(arr, quality=92):
@@ -49,7 +51,33 @@ def test_clip_eval_matches_hf(name, hf_clip):
     ref = hf_clip(images=Image.open(io.BytesIO(jpg)), return_tensors="pt")["pixel_values"][0]
     ours = image_preset("clip", draft=False)(jpg)
     assert ours.shape == ref.shape == (3, 224, 224)
-    assert (ours - ref).abs().max().item() <= 1e-2
+    assert (ours - ref).abs().max().item() <= 1e-2                    # the tolerance ...
+    assert (ours - ref).abs().max().item() <= 1e-5                    # ... and in fact the same pixels
+
+
+@pytest.mark.parametrize("size", [224, 336, 100])
+def test_clip_eval_pixels_are_hfs_bit_for_bit(size):
+    import transformers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_u8 = transformers.CLIPImageProcessor(do_rescale=False, do_normalize=False, size={"shortest_edge": size},
+                                                crop_size={"height": size, "width": size})
+    ours = image_preset("clip", draft=False, uint8=True, size=size)
+    for name, arr in PHOTOS.items():
+        jpg = _jpeg(arr)
+        ref = hf_u8(images=Image.open(io.BytesIO(jpg)), return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(ours(jpg), ref.to(torch.uint8)), name
+
+
+@settings(max_examples=150, deadline=None)
+@given(w=st.integers(4, 260), h=st.integers(4, 260), rw=st.integers(4, 260), rh=st.integers(4, 260),
+       resample=st.sampled_from([Image.BICUBIC, Image.BILINEAR, Image.LANCZOS, Image.BOX, Image.HAMMING]), data=st.data())
+def test_resize_crop_is_resize_then_crop(w, h, rw, rh, resample, data):
+    left, top = data.draw(st.integers(0, rw - 1)), data.draw(st.integers(0, rh - 1))
+    box = (left, top, data.draw(st.integers(left + 1, rw)), data.draw(st.integers(top + 1, rh)))
+    src = Image.fromarray(PHOTOS["coffee"]).resize((w, h), Image.BILINEAR)
+    assert np.array_equal(np.asarray(resize_crop(src, (rw, rh), box, resample)),
+                          np.asarray(src.resize((rw, rh), resample).crop(box)))
 
 
 @pytest.mark.parametrize("kw", [{}, {"image_max_patches": 256}, {"min_pixels": 200_000}])
@@ -111,8 +139,6 @@ def test_bomb_is_rejected_before_decoding(monkeypatch):
 
 
 # ---- text and the multimodal preprocessor -------------------------------------------------------
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
 from mmlit.multimodal import build_preprocessor  # noqa: E402
 from mmlit.text import IMAGE_PAD, encode_chat, train_tokenizer  # noqa: E402
 
