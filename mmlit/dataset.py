@@ -585,8 +585,15 @@ class DeterministicDataset(torch.utils.data.Dataset):
     @property
     def report(self) -> SkipReport: return self.dataset.report
 
-    def __getitem__(self, idx: int):
-        rng = self.rng(idx)
+    def __getitem__(self, idx: int): return self._sample(idx, self.rng(idx))
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        "`[self[i] for i in indices]`, with every generator derived before the first record is read."
+        rngs = [self.rng(i) for i in indices]
+        return [self._sample(i, rng) for i, rng in zip(indices, rngs)]
+
+    def _sample(self, idx: int, rng: np.random.Generator):
+        "`transform(dataset.get(idx, rng), rng)`; a `BadRecordError` from the transform goes to the dataset's policy."
         rec = self.dataset.get(idx, rng)
         if isinstance(rec, Skipped) or self.transform is None: return rec
         try: return self.transform(rec, rng)

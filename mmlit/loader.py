@@ -168,8 +168,9 @@ class StepFetcher(Dataset):
         pre0, t0 = self.timer.seconds if self.timer else 0.0, time.perf_counter()
         idx = step.indices
         if self.in_index_order:
+            order = sorted(range(len(idx)), key=idx.__getitem__)
             out = Samples([None] * len(idx))
-            for k in sorted(range(len(idx)), key=idx.__getitem__): out[k] = self.dataset[idx[k]]
+            for k, sample in zip(order, self.dataset.__getitems__([idx[k] for k in order])): out[k] = sample
         else: out = Samples(self.dataset[i] for i in idx)
         pre = (self.timer.seconds if self.timer else 0.0) - pre0
         out.step, out.preprocess_s, out.fetch_s, out.began = step, pre, time.perf_counter() - t0 - pre, t0
