@@ -20,6 +20,13 @@ mapping the same libraries (another torch process) lowers the figures. Reading s
 configuration runs twice: images/s from a run without the sampler, peak PSS from a run with it.
 Linux only (reads /proc).
 
+Below the table, lines that explain the ratios: the CPU seconds each configuration spent per image
+(the process and its workers, from /proc/<pid>/stat, so other load on the machine does not enter),
+the mmlit loader's own time split (fetch / preprocess / collate, measured inside the workers), and
+this machine's 2-process ceiling at the time of the run: the decode-only loop in one process, then
+in two processes at once, with no loader at all. On a 2-core machine shared with other jobs that
+ceiling is what bounds "2 workers / 0 workers".
+
     python bench/loader.py            # quick: 384 images
     python bench/loader.py --n 2000   # steadier figures
 """
@@ -71,6 +78,17 @@ def child_pids(pid: int) -> list:
         except OSError: continue
         if int(stat.rpartition(")")[2].split()[1]) == pid: kids.append(int(entry))   # field 4: ppid
     return kids
+
+
+def tree_cpu_s(pid: int) -> float:
+    "CPU seconds (user + system) used so far by `pid` and its live descendants."
+    todo, ticks = [pid], 0
+    while todo:
+        p = todo.pop()
+        try: fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError: continue
+        ticks += int(fields[11]) + int(fields[12]); todo += child_pids(p)   # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def tree_pss_kb(pid: int) -> int:
@@ -129,6 +147,30 @@ def make_parquet(path: Path, n: int, seed: int = 0) -> Path:
 def timed(fn) -> tuple:
     "fn()'s result and the seconds it took."
     t = time.perf_counter(); out = fn(); return out, time.perf_counter() - t
+
+
+def timed_cpu(fn) -> tuple:
+    "fn()'s result, the seconds it took, and the CPU seconds of this process and its (live) workers meanwhile."
+    cpu0 = tree_cpu_s(os.getpid())
+    out, secs = timed(fn)
+    return out, secs, tree_cpu_s(os.getpid()) - cpu0
+
+
+def decode_twice_at_once(path: Path) -> int:
+    "decode_only in two forked processes at the same time (the machine's 2-process ceiling)."
+    pids = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:
+            try: decode_only(path)
+            finally: os._exit(0)
+        pids.append(pid)
+    return sum(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) == 0 for p in pids) * decode_only_count(path)
+
+
+def decode_only_count(path: Path) -> int:
+    import pyarrow.parquet as pq
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 def decode_only(path: Path) -> int:
@@ -200,21 +242,29 @@ def measure_one(name: str, path: Path, bs: int, cache_dir: Path, interval: float
         return make_loader(ds, LoaderConfig(batch_size=bs, num_workers=workers, train=False, seed=0),
                            transform=lambda rec, rng: {"pixel_values": ip(rec["image"], rng)})
 
-    pss = PeakPSS(interval) if interval > 0 else None
+    pss, extra = PeakPSS(interval) if interval > 0 else None, {}
+    if name == "decode-2":                                # the ceiling: one process, then two at once
+        n, one = timed(lambda: decode_only(path))
+        n2, two = timed(lambda: decode_twice_at_once(path))
+        assert n2 == 2 * n
+        return {"config": name, "images": n, "images_per_s": n2 / two, "one_process_per_s": n / one, "peak_pss_mib": None}
     with pss or contextlib.nullcontext():                 # opening the dataset and draining the loader
         if name == "decode":
-            n, secs = timed(lambda: decode_only(path))
+            n, secs, cpu = timed_cpu(lambda: decode_only(path))
         elif name.startswith("hf-"):
             hf = load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(cache_dir))
             fn = hf_plain if name == "hf-plain" else hf_tuned
-            n, secs = timed(lambda: drain(DataLoader(hf.with_transform(fn), batch_size=bs, collate_fn=default_collate)))
+            n, secs, cpu = timed_cpu(lambda: drain(DataLoader(hf.with_transform(fn), batch_size=bs, collate_fn=default_collate)))
         else:
             ld = mmlit_loader(int(name.removeprefix("mmlit-")))
-            n, secs = timed(lambda: drain(ld))
+            n, secs, cpu = timed_cpu(lambda: drain(ld))   # persistent workers: still alive when it returns
+            t = ld.timings                                # measured inside the workers, shipped with each batch
+            extra = {"fetch_s": t.fetch, "preprocess_s": t.preprocess, "collate_s": t.collate}
+    extra["cpu_s"] = cpu
     if name.startswith("mmlit-"):
         check = next(iter(mmlit_loader(0)))["pixel_values"]
         assert check.shape == (bs, 3, 224, 224) and check.dtype == torch.uint8
-    return {"config": name, "images": n, "images_per_s": n / secs, "peak_pss_mib": pss and pss.peak_mib}
+    return {"config": name, "images": n, "images_per_s": n / secs, "peak_pss_mib": pss and pss.peak_mib, **extra}
 
 
 def run_fresh(name: str, tmp: Path, bs: int, interval: float) -> dict:
@@ -231,7 +281,7 @@ def main():
     ap.add_argument("--n", type=int, default=384, help="images in the Parquet file")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--interval", type=float, default=0.02, help="seconds between PSS samples (with --only: 0, none)")
-    ap.add_argument("--only", choices=list(CONFIGS), help="measure one configuration here; print a JSON line")
+    ap.add_argument("--only", choices=[*CONFIGS, "decode-2"], help="measure one configuration here; print a JSON line")
     ap.add_argument("--parquet", type=Path, help="with --only: the Parquet file to read")
     ap.add_argument("--cache-dir", type=Path, help="with --only: HF datasets cache directory (default: a temp dir)")
     ap.add_argument("--prepare", type=Path, metavar="DIR", help=argparse.SUPPRESS)
@@ -249,6 +299,7 @@ def main():
         subprocess.run([sys.executable, __file__, "--prepare", str(tmp), "--n", str(args.n)], check=True)
         timing = {CONFIGS[name]: run_fresh(name, tmp, bs, 0) for name in CONFIGS}
         memory = {CONFIGS[name]: run_fresh(name, tmp, bs, args.interval) for name in CONFIGS}
+        ceiling = run_fresh("decode-2", tmp, bs, 0)
     for label, r in [*timing.items(), *memory.items()]: assert r["images"] == args.n, (label, r["images"])
     figures = {label: r["images_per_s"] for label, r in timing.items()}
     peaks = {label: r["peak_pss_mib"] for label, r in memory.items()}
@@ -264,6 +315,16 @@ def main():
     print(f"  mmlit 2 workers / 0 workers     {m2 / m0:5.2f}x   (goal >= 1.7; 2 cores shared here)")
     pss_ratio = peaks["mmlit, 2 workers"] / peaks["HF hand-tuned, 0 workers"]
     print(f"  mmlit 2 workers peak PSS / HF hand-tuned peak PSS  {pss_ratio:.2f}x (goal <= 1.0)")
+    short = {"decode": "decode", "hf-plain": "HF plain", "hf-tuned": "HF hand-tuned", "mmlit-0": "mmlit 0 w", "mmlit-2": "mmlit 2 w"}
+    cpu = {short[r["config"]]: 1e6 * r["cpu_s"] / r["images"] for r in timing.values()}
+    print("  CPU us per image (process + workers): " + " | ".join(f"{k} {v:.0f}" for k, v in cpu.items()))
+    for label in ("mmlit, 0 workers", "mmlit, 2 workers"):
+        r = timing[label]
+        split = {k: 1e6 * r[f"{k}_s"] / r["images"] for k in ("fetch", "preprocess", "collate")}
+        print(f"  {label}: loader time split, us/image of wall time inside the workers: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in split.items()))
+    print(f"  2-process ceiling now: decode-only in 2 processes at once = "
+          f"{ceiling['images_per_s'] / ceiling['one_process_per_s']:.2f}x one process (bounds mmlit 2 workers / 0 workers)")
 
 
 if __name__ == "__main__":

@@ -140,10 +140,9 @@ class MMDataset(torch.utils.data.Dataset):
     def get(self, idx: int, rng: np.random.Generator | None = None) -> dict | Skipped:
         "Record `idx` (or `Skipped`); random choices come from `rng` (default: derived from `idx`)."
         idx = self._check_index(idx)
-        if rng is None: rng = np_rng(self.seed, 0, idx)
         try: rec = self.load(idx)
         except BadRecordError as e: return self.handle_bad(e, idx)
-        if self.text_dropout and rng.random() < self.text_dropout:
+        if self.text_dropout and (rng if rng is not None else np_rng(self.seed, 0, idx)).random() < self.text_dropout:
             rec["text"] = ""
             rec["meta"]["text_dropped"] = True
         return rec
@@ -369,6 +368,8 @@ class TextCorpus(MMDataset):
         return make_record(text=text, task="lm", meta=where)
 
 # %% ../nbs/01_dataset.ipynb #7a9d3c1f
+import bisect
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -379,7 +380,7 @@ class ParquetImageText(MMDataset):
     def __init__(self, paths, *, image_column: str | None = "image", text_column: str = "caption",
                  negatives_column: str | None = "negatives", task_column: str | None = "task",
                  decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                 cache_row_groups: int = 2, **kwargs):
+                 cache_row_groups: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.files = expand_paths(paths, (".parquet",))
         self.image_column, self.text_column, self.decode, self.max_pixels = image_column, text_column, decode, max_pixels
@@ -400,9 +401,8 @@ class ParquetImageText(MMDataset):
             for r in range(pf.metadata.num_row_groups):
                 starts.append(n); rg_file.append(k); rg_index.append(r)
                 n += pf.metadata.row_group(r).num_rows
-        self._starts = np.asarray(starts + [n], dtype=np.int64)
-        self._rg_file, self._rg_index = np.asarray(rg_file), np.asarray(rg_index)
-        self._file_start = np.asarray(file_start, dtype=np.int64)
+        self._starts = starts + [n]                       # first row of each row group (plain ints: bisect)
+        self._rg_file, self._rg_index, self._file_start = rg_file, rg_index, file_start
         self._n = n
         self._handles: dict[int, pq.ParquetFile] = {}
         self._cache: OrderedDict = OrderedDict()
@@ -414,27 +414,31 @@ class ParquetImageText(MMDataset):
     def __getstate__(self):  # open handles and cached row groups stay in the process that made them
         return {**self.__dict__, "_handles": {}, "_cache": OrderedDict()}
 
-    def _row_group(self, g: int):
-        "Row group `g` (global number) as a pyarrow Table, through a small LRU cache."
+    def _row_group(self, g: int) -> dict[str, list]:
+        "Row group `g` (global number) as `{column: list of values}`, through a small LRU cache."
         if g in self._cache:
             self._cache.move_to_end(g)
             return self._cache[g]
-        k = int(self._rg_file[g])
-        if k not in self._handles: self._handles[k] = pq.ParquetFile(self.files[k], memory_map=False)
-        cols = [c for c in self.columns if c in self._handles[k].schema_arrow.names]
-        table = self._handles[k].read_row_group(int(self._rg_index[g]), columns=cols, use_threads=False)
-        self._cache[g] = table
-        while len(self._cache) > self.cache_row_groups: self._cache.popitem(last=False)
-        return table
+        while len(self._cache) >= self.cache_row_groups: self._cache.popitem(last=False)  # free before reading
+        k = self._rg_file[g]
+        if k not in self._handles:  # no read-ahead cache kept per file; pages streamed through a 64 kB buffer
+            self._handles[k] = pq.ParquetFile(self.files[k], memory_map=False, pre_buffer=False, buffer_size=1 << 16)
+        names = [c for c in self.columns if c in self._handles[k].schema_arrow.names]
+        table = self._handles[k].read_row_group(self._rg_index[g], columns=names, use_threads=False)
+        self._cache[g] = cols = {c: table.column(c).to_pylist() for c in names}
+        del table
+        pa.default_memory_pool().release_unused()         # the decoder's scratch space, back to the OS
+        return cols
 
     def load(self, idx: int) -> dict:
-        g = int(np.searchsorted(self._starts, idx, side="right") - 1)
-        k = int(self._rg_file[g])
-        where = dict(source=self.source, file=str(self.files[k]), index=int(idx - self._file_start[k]), unit="row")
-        try: table = self._row_group(g)
+        g = bisect.bisect_right(self._starts, idx) - 1
+        k = self._rg_file[g]
+        where = dict(source=self.source, file=str(self.files[k]), index=idx - self._file_start[k], unit="row")
+        try: cols = self._row_group(g)
         except (OSError, pa.ArrowException) as e:  # a damaged page: every row of that group is unreadable
-            raise BadRecordError(f"row group {int(self._rg_index[g])} is unreadable ({type(e).__name__}: {e})", **where) from None
-        row = {c: table.column(c)[idx - int(self._starts[g])].as_py() for c in table.column_names}
+            raise BadRecordError(f"row group {self._rg_index[g]} is unreadable ({type(e).__name__}: {e})", **where) from None
+        i = idx - self._starts[g]
+        row = {c: v[i] for c, v in cols.items()}
         text = _pick(row, (self.text_column,), str, where, required=True)
         image = None
         if self.image_column is not None: image = self._image(row.get(self.image_column), where, self.files[k].parent)
@@ -581,8 +585,15 @@ class DeterministicDataset(torch.utils.data.Dataset):
     @property
     def report(self) -> SkipReport: return self.dataset.report
 
-    def __getitem__(self, idx: int):
-        rng = self.rng(idx)
+    def __getitem__(self, idx: int): return self._sample(idx, self.rng(idx))
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        "`[self[i] for i in indices]`, with every generator derived before the first record is read."
+        rngs = [self.rng(i) for i in indices]
+        return [self._sample(i, rng) for i, rng in zip(indices, rngs)]
+
+    def _sample(self, idx: int, rng: np.random.Generator):
+        "`transform(dataset.get(idx, rng), rng)`; a `BadRecordError` from the transform goes to the dataset's policy."
         rec = self.dataset.get(idx, rng)
         if isinstance(rec, Skipped) or self.transform is None: return rec
         try: return self.transform(rec, rng)

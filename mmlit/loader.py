@@ -154,6 +154,7 @@ class StepFetcher(Dataset):
     "The `DataLoader`'s view of a dataset: fetches a whole `Step` at its epoch and times it."
     def __init__(self, dataset):
         self.dataset, self.timer = dataset, None
+        self.in_index_order = isinstance(dataset, DeterministicDataset)  # samples independent of fetch order
         if isinstance(dataset, DeterministicDataset) and dataset.transform is not None:
             self.dataset = copy.copy(dataset)              # the caller's object keeps its transform
             self.timer = self.dataset.transform = TimedTransform(dataset.transform)
@@ -165,7 +166,12 @@ class StepFetcher(Dataset):
         if hasattr(self.dataset, "set_epoch") and getattr(self.dataset, "epoch", None) != step.epoch:
             self.dataset.set_epoch(step.epoch)
         pre0, t0 = self.timer.seconds if self.timer else 0.0, time.perf_counter()
-        out = Samples(self.dataset[i] for i in step.indices)
+        idx = step.indices
+        if self.in_index_order:
+            order = sorted(range(len(idx)), key=idx.__getitem__)
+            out = Samples([None] * len(idx))
+            for k, sample in zip(order, self.dataset.__getitems__([idx[k] for k in order])): out[k] = sample
+        else: out = Samples(self.dataset[i] for i in idx)
         pre = (self.timer.seconds if self.timer else 0.0) - pre0
         out.step, out.preprocess_s, out.fetch_s, out.began = step, pre, time.perf_counter() - t0 - pre, t0
         return out

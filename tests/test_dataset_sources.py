@@ -215,6 +215,16 @@ def test_parquet_reads_lazily(tmp_path, monkeypatch):
     assert is_lazy(img) and img.size == SPECS[2][0]
 
 
+
+def test_parquet_keeps_rows_as_python_values_not_arrow_buffers(tmp_path):
+    "A read row group becomes Python lists at once: no Arrow memory is held between reads, one group is cached."
+    f = write_parquet(tmp_path / "p.parquet", [f"t{i}" for i in range(6)], [png_bytes(*SPECS[i]) for i in range(6)], row_group_size=2)
+    ds = ParquetImageText(f, decode=False)
+    held = pa.total_allocated_bytes()
+    recs = [ds[i] for i in range(6)]
+    assert pa.total_allocated_bytes() == held and len(ds._cache) == 1
+    assert [r["text"] for r in recs] == [f"t{i}" for i in range(6)] and [r["image"].size for r in recs] == [SPECS[i][0] for i in range(6)]
+
 # ---------------------------------------------------------------- adapters
 
 @pytest.fixture

@@ -125,9 +125,19 @@ def test_resume_does_not_replay_preprocessing(files):
     a = loader(files["clean"]); run(a, 1, limit=5)
     b = loader(files["clean"], transform=counting); b.load_state_dict(a.state_dict())
     run(b, 1)
-    rest = [i for s in rank_steps(N, 4, seed=3, start=20) for i in s.indices]
+    rest = [i for s in rank_steps(N, 4, seed=3, start=20) for i in sorted(s.indices)]   # a step is fetched in index order
     assert seen == rest
 
+
+
+def test_a_step_reads_each_of_its_row_groups_once(files, reference, monkeypatch):
+    "Shuffled steps jump between row groups; fetched in index order, a step reads each of them once, same batches."
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **k: reads.append(i) or real(self, i, **k))
+    assert run(loader(files["clean"]), 2) == reference
+    groups = [len({i // 7 for i in s.indices}) for e in range(2) for s in rank_steps(N, 4, seed=3, epoch=e)]  # 7 rows a group
+    assert len(reads) <= sum(groups) < 2 * N            # in step order (one group cached) it is 49 reads
 
 def _stream(loaders, steps: int) -> list:
     "Interleave lock-stepped ranks' samples step by step: the global stream."
