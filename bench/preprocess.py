@@ -80,8 +80,9 @@ def main():
     import transformers
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf_clip, hf_qwen = transformers.CLIPImageProcessor(), transformers.Qwen2VLImageProcessor()
-        hf_qwen256 = transformers.Qwen2VLImageProcessor(max_pixels=256 * 14 * 14)   # seed 000: image_max_patches=256
+        # the Pillow backends: what transformers uses without torchvision, and what mmlit reproduces exactly
+        hf_clip, hf_qwen = transformers.CLIPImageProcessorPil(), transformers.Qwen2VLImageProcessorPil()
+        hf_qwen256 = transformers.Qwen2VLImageProcessorPil(max_pixels=256 * 14 * 14)   # seed 000: image_max_patches=256
     print(f"transformers {transformers.__version__} ({type(hf_clip).__name__}, {type(hf_qwen).__name__}), "
           f"torch {torch.__version__}, Pillow {Image.__version__}, 1 thread, best of 3 rounds, "
           f"{args.seconds:.1f} s per path and set")

@@ -38,11 +38,11 @@ def _hf(cls_name):
 
 
 @pytest.fixture(scope="module")
-def hf_clip(): return _hf("CLIPImageProcessor")
+def hf_clip(): return _hf("CLIPImageProcessorPil")   # the Pillow backend (torchvision may switch the default)
 
 
 @pytest.fixture(scope="module")
-def hf_qwen(): return _hf("Qwen2VLImageProcessor")
+def hf_qwen(): return _hf("Qwen2VLImageProcessorPil")
 
 
 @pytest.mark.parametrize("name", list(PHOTOS))
@@ -60,7 +60,7 @@ def test_clip_eval_pixels_are_hfs_bit_for_bit(size):
     import transformers
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf_u8 = transformers.CLIPImageProcessor(do_rescale=False, do_normalize=False, size={"shortest_edge": size},
+        hf_u8 = transformers.CLIPImageProcessorPil(do_rescale=False, do_normalize=False, size={"shortest_edge": size},
                                                 crop_size={"height": size, "width": size})
     ours = image_preset("clip", draft=False, uint8=True, size=size)
     for name, arr in PHOTOS.items():
