@@ -20,6 +20,10 @@ mapping the same libraries (another torch process) lowers the figures. Reading s
 configuration runs twice: images/s from a run without the sampler, peak PSS from a run with it.
 Linux only (reads /proc).
 
+A line after the goals compares shuffled training reads (0 workers, `train=True`: the
+row-group-aware shuffle with `shuffle_window=8`, and a full shuffle, `shuffle_window=0`) with the
+sequential 0-worker figure (timing only, no memory run).
+
 Below the table, lines that explain the ratios: the CPU seconds each configuration spent per image
 (the process and its workers, from /proc/<pid>/stat, so other load on the machine does not enter),
 the mmlit loader's own time split (fetch / preprocess / collate, measured inside the workers), and
@@ -50,6 +54,7 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 CONFIGS = {"decode": "decode only (1 core)", "hf-plain": "HF plain, 0 workers", "hf-tuned": "HF hand-tuned, 0 workers",
            "mmlit-0": "mmlit, 0 workers", "mmlit-2": "mmlit, 2 workers"}   # --only NAME -> printed label
+SHUFFLED = {"mmlit-0-shuffle": 8, "mmlit-0-fullshuffle": 0}   # mmlit 0 workers, train mode: shuffle_window (timing only)
 
 
 # --- memory: peak PSS of a process tree, from /proc ---
@@ -237,9 +242,10 @@ def measure_one(name: str, path: Path, bs: int, cache_dir: Path, interval: float
     torch.set_num_threads(1)
     ip = ImagePreprocessor(size=224, fit="crop", uint8=True, resample=Image.BOX)  # the fast preset: box filter, one resize
 
-    def mmlit_loader(workers: int):
+    def mmlit_loader(workers: int, **train):
         ds = ParquetImageText(path, decode=False)
-        return make_loader(ds, LoaderConfig(batch_size=bs, num_workers=workers, train=False, seed=0),
+        opts = dict(train=True, drop_last=False, **train) if train else dict(train=False)
+        return make_loader(ds, LoaderConfig(batch_size=bs, num_workers=workers, seed=0, **opts),
                            transform=lambda rec, rng: {"pixel_values": ip(rec["image"], rng)})
 
     pss, extra = PeakPSS(interval) if interval > 0 else None, {}
@@ -256,7 +262,7 @@ def measure_one(name: str, path: Path, bs: int, cache_dir: Path, interval: float
             fn = hf_plain if name == "hf-plain" else hf_tuned
             n, secs, cpu = timed_cpu(lambda: drain(DataLoader(hf.with_transform(fn), batch_size=bs, collate_fn=default_collate)))
         else:
-            ld = mmlit_loader(int(name.removeprefix("mmlit-")))
+            ld = mmlit_loader(0, shuffle_window=SHUFFLED[name]) if name in SHUFFLED else mmlit_loader(int(name.removeprefix("mmlit-")))
             n, secs, cpu = timed_cpu(lambda: drain(ld))   # persistent workers: still alive when it returns
             t = ld.timings                                # measured inside the workers, shipped with each batch
             extra = {"fetch_s": t.fetch, "preprocess_s": t.preprocess, "collate_s": t.collate}
@@ -281,7 +287,7 @@ def main():
     ap.add_argument("--n", type=int, default=384, help="images in the Parquet file")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--interval", type=float, default=0.02, help="seconds between PSS samples (with --only: 0, none)")
-    ap.add_argument("--only", choices=[*CONFIGS, "decode-2"], help="measure one configuration here; print a JSON line")
+    ap.add_argument("--only", choices=[*CONFIGS, *SHUFFLED, "decode-2"], help="measure one configuration here; print a JSON line")
     ap.add_argument("--parquet", type=Path, help="with --only: the Parquet file to read")
     ap.add_argument("--cache-dir", type=Path, help="with --only: HF datasets cache directory (default: a temp dir)")
     ap.add_argument("--prepare", type=Path, metavar="DIR", help=argparse.SUPPRESS)
@@ -300,6 +306,7 @@ def main():
         timing = {CONFIGS[name]: run_fresh(name, tmp, bs, 0) for name in CONFIGS}
         memory = {CONFIGS[name]: run_fresh(name, tmp, bs, args.interval) for name in CONFIGS}
         ceiling = run_fresh("decode-2", tmp, bs, 0)
+        shuffled = {name: run_fresh(name, tmp, bs, 0) for name in SHUFFLED}
     for label, r in [*timing.items(), *memory.items()]: assert r["images"] == args.n, (label, r["images"])
     figures = {label: r["images_per_s"] for label, r in timing.items()}
     peaks = {label: r["peak_pss_mib"] for label, r in memory.items()}
@@ -323,6 +330,9 @@ def main():
         split = {k: 1e6 * r[f"{k}_s"] / r["images"] for k in ("fetch", "preprocess", "collate")}
         print(f"  {label}: loader time split, us/image of wall time inside the workers: "
               + ", ".join(f"{k} {v:.0f}" for k, v in split.items()))
+    sb, sf = shuffled["mmlit-0-shuffle"]["images_per_s"], shuffled["mmlit-0-fullshuffle"]["images_per_s"]
+    print(f"  mmlit 0 workers shuffled (train) / sequential  {sb / m0:5.2f}x ({sb:.0f} images/s, row-group shuffle, "
+          f"window 8; full shuffle: {sf / m0:.2f}x, {sf:.0f} images/s)")
     print(f"  2-process ceiling now: decode-only in 2 processes at once = "
           f"{ceiling['images_per_s'] / ceiling['one_process_per_s']:.2f}x one process (bounds mmlit 2 workers / 0 workers)")
 

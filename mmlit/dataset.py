@@ -410,6 +410,14 @@ class ParquetImageText(MMDataset):
     def __len__(self) -> int: return self._n
     @property
     def n_rows(self) -> int: return self._n
+    @property
+    def blocks(self) -> np.ndarray:
+        "Rows per row group in index order: the contiguous index ranges that one read decodes together."
+        return np.diff(self._starts).astype(np.int64)
+
+    def cache_blocks(self, k: int):
+        "Cache at least `k` row groups (a block-shuffled order revisits up to `k` of them); the default, 1, suits reading in order."
+        self.cache_row_groups = max(self.cache_row_groups, int(k))
 
     def __getstate__(self):  # open handles and cached row groups stay in the process that made them
         return {**self.__dict__, "_handles": {}, "_cache": OrderedDict()}
@@ -582,6 +590,13 @@ class DeterministicDataset(torch.utils.data.Dataset):
 
     def rng(self, idx: int) -> np.random.Generator: return np_rng(self.seed, self.epoch, idx)
     def __len__(self) -> int: return len(self.dataset)
+    @property
+    def blocks(self) -> np.ndarray | None:
+        "The wrapped dataset's `blocks` (index ranges read together, e.g. Parquet row groups), or None."
+        return getattr(self.dataset, "blocks", None)
+    def cache_blocks(self, k: int):
+        "Ask the wrapped dataset to cache `k` blocks, when it caches any."
+        if hasattr(self.dataset, "cache_blocks"): self.dataset.cache_blocks(k)
     @property
     def report(self) -> SkipReport: return self.dataset.report
 

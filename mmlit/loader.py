@@ -48,6 +48,7 @@ class LoaderConfig:
     drop_last: bool | None = None           # None: drop the ragged tail when training
     collate: str | Callable | None = None   # a name in mmlit.collate's registry, a callable, or default_collate
     train: bool = True
+    shuffle_window: int | None = 8          # row groups a shuffled stretch spans, for datasets with `blocks`; 0/None: full shuffle
 
     def __post_init__(self):
         if not _is_int(self.batch_size) or self.batch_size < 1: raise ConfigError(f"batch_size must be a positive int, got {self.batch_size!r}")
@@ -56,6 +57,8 @@ class LoaderConfig:
         for k in ("shuffle", "pin_memory", "persistent_workers", "drop_last"):
             if getattr(self, k) not in (None, True, False): raise ConfigError(f"{k} must be True, False or None, got {getattr(self, k)!r}")
         if not isinstance(self.train, bool): raise ConfigError(f"train must be a bool, got {self.train!r}")
+        if self.shuffle_window is not None and not (_is_int(self.shuffle_window) and self.shuffle_window >= 0):
+            raise ConfigError(f"shuffle_window must be an int >= 0 or None, got {self.shuffle_window!r}")
         if self.prefetch_factor is not None:
             if not _is_int(self.prefetch_factor) or self.prefetch_factor < 1: raise ConfigError(f"prefetch_factor must be a positive int, got {self.prefetch_factor!r}")
             if self.num_workers == 0: raise ConfigError("prefetch_factor needs num_workers > 0 (without workers nothing is prefetched)")
@@ -83,10 +86,21 @@ class LoaderConfig:
 # %% ../nbs/04_loader.ipynb #1ec99a1b
 _ORDER_STREAM, _WORKER_STREAM, _SPLIT_STREAM = 4, 5, 6  # derive_seed streams (stage 1 uses 0-3)
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    "The global sample order of `epoch`: a permutation of `range(n)` seeded by `(seed, epoch)`, or the identity."
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, blocks: Sequence[int] | None = None,
+                window: int | None = 8) -> np.ndarray:
+    "The global sample order of `epoch`: a permutation of `range(n)` seeded by `(seed, epoch)` (block-local with `blocks`), or the identity."
     if not shuffle: return np.arange(n, dtype=np.int64)
-    return np.random.default_rng(derive_seed(seed, epoch, 0, stream=_ORDER_STREAM)).permutation(n).astype(np.int64)
+    rng = np.random.default_rng(derive_seed(seed, epoch, 0, stream=_ORDER_STREAM))
+    if blocks is None or not window: return rng.permutation(n).astype(np.int64)
+    sizes = np.asarray(blocks, dtype=np.int64)
+    if sizes.ndim != 1 or (sizes < 0).any() or sizes.sum() != n:
+        raise ConfigError(f"blocks must be non-negative sizes summing to n={n}, got {len(sizes)} summing to {sizes.sum()}")
+    if not (_is_int(window) and window > 0): raise ConfigError(f"window must be a positive int, got {window!r}")
+    perm = rng.permutation(len(sizes))                     # the blocks in a random order...
+    first, sizes = (np.cumsum(sizes) - sizes)[perm], sizes[perm]
+    rows = np.repeat(first - (np.cumsum(sizes) - sizes), sizes) + np.arange(n)   # ...laid end to end
+    win = np.repeat(np.arange(len(sizes)) // window, sizes)                     # the window each row falls in
+    return rows[np.lexsort((rng.random(n), win))].astype(np.int64)             # shuffled within its window
 
 class Step(NamedTuple):
     "One rank's share of a global step: dataset `indices` and the global position `end` after it."
@@ -101,9 +115,10 @@ def count_steps(n: int, batch_size: int, world_size: int = 1, start: int = 0, dr
     return left // gb if drop_last else -(-left // gb)
 
 def rank_steps(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0,
-               world_size: int = 1, start: int = 0, drop_last: bool = False) -> list[Step]:
+               world_size: int = 1, start: int = 0, drop_last: bool = False, blocks: Sequence[int] | None = None,
+               window: int | None = None) -> list[Step]:
     "This rank's steps of `epoch` from global position `start` (see the padding rule above)."
-    order, gb, steps = epoch_order(n, seed, epoch, shuffle), batch_size * world_size, []
+    order, gb, steps = epoch_order(n, seed, epoch, shuffle, blocks, window), batch_size * world_size, []
     for k in range(count_steps(n, batch_size, world_size, start, drop_last)):
         begin = start + k * gb
         end = min(begin + gb, n)
@@ -116,8 +131,9 @@ def rank_steps(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffl
 class ShardedBatchSampler(torch.utils.data.Sampler):
     "Yields this rank's `Step`s of one epoch from a global start position."
     def __init__(self, n: int, batch_size: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False):
+                 world_size: int = 1, drop_last: bool = False, blocks: Sequence[int] | None = None, window: int | None = None):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.blocks, self.window = blocks, window
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch, self.start = 0, 0
 
@@ -129,7 +145,8 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
 
     def steps(self) -> list[Step]:
         return rank_steps(self.n, self.batch_size, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank,
-                          world_size=self.world_size, start=self.start, drop_last=self.drop_last)
+                          world_size=self.world_size, start=self.start, drop_last=self.drop_last, blocks=self.blocks,
+                          window=self.window)
 
     def __iter__(self) -> Iterator[Step]: return iter(self.steps())
     def __len__(self) -> int: return count_steps(self.n, self.batch_size, self.world_size, self.start, self.drop_last)
@@ -224,7 +241,7 @@ def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> t
     return int(rank), int(world_size)
 
 # %% ../nbs/04_loader.ipynb #c89d5d34
-_STATE_KEYS = ("seed", "epoch", "position", "world_size", "batch_size", "shuffle", "drop_last", "n")
+_STATE_KEYS = ("seed", "epoch", "position", "world_size", "batch_size", "shuffle", "drop_last", "n", "shuffle_window")
 
 @dataclass
 class LoaderTimings:
@@ -262,8 +279,13 @@ class ResumableLoader:
         self.config = cfg = (config or LoaderConfig()).resolved()
         self.rank, self.world_size = dist_rank_world(rank, world_size)
         self.dataset = _as_dataset(dataset, transform, cfg.seed)
+        blocks = getattr(self.dataset, "blocks", None) if cfg.shuffle and cfg.shuffle_window else None
+        self.blocks = None if blocks is None else np.asarray(blocks, dtype=np.int64)
+        self.window = cfg.shuffle_window if self.blocks is not None else 0   # 0: a full shuffle (or none)
+        if self.window and hasattr(self.dataset, "cache_blocks"): self.dataset.cache_blocks(self.window)
         self.sampler = ShardedBatchSampler(len(self.dataset), cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle,
-                                           rank=self.rank, world_size=self.world_size, drop_last=cfg.drop_last)
+                                           rank=self.rank, world_size=self.world_size, drop_last=cfg.drop_last,
+                                           blocks=self.blocks, window=self.window)
         if len(self.dataset) and count_steps(len(self.dataset), cfg.batch_size, self.world_size, 0, cfg.drop_last) == 0:
             raise ConfigError(f"{len(self.dataset)} samples make no whole step of {self.world_size} x {cfg.batch_size} "
                               "with drop_last; lower batch_size or set drop_last=False")
@@ -315,14 +337,15 @@ class ResumableLoader:
         self._roll()
         c = self.config
         return dict(seed=c.seed, epoch=self.epoch, position=self.position, world_size=self.world_size,
-                    batch_size=c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, n=self.n)
+                    batch_size=c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, n=self.n, shuffle_window=self.window)
 
     def load_state_dict(self, state: dict):
         "Continue from `state` (saved with any world size); the next batch is the first one not consumed."
         missing = [k for k in ("seed", "epoch", "position", "n", "shuffle") if k not in state]
         if missing: raise ConfigError(f"loader state lacks {missing}")
-        for k, mine in (("seed", self.config.seed), ("shuffle", self.config.shuffle), ("n", self.n)):
-            if state[k] != mine: raise ConfigError(f"loader state has {k}={state[k]!r} but this loader has {k}={mine!r}; "
+        state = {"shuffle_window": 0, **state}            # states saved before block shuffling: a full shuffle
+        for k, mine in (("seed", self.config.seed), ("shuffle", self.config.shuffle), ("n", self.n), ("shuffle_window", self.window)):
+            if state[k] != mine and (k != "shuffle_window" or self.config.shuffle): raise ConfigError(f"loader state has {k}={state[k]!r} but this loader has {k}={mine!r}; "
                                                    "the global order would differ")
         if not (_is_int(state["position"]) and 0 <= state["position"] <= self.n and _is_int(state["epoch"]) and state["epoch"] >= 0):
             raise ConfigError(f"loader state has an invalid epoch/position: {state['epoch']!r}/{state['position']!r}")

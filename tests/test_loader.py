@@ -11,7 +11,9 @@ from PIL import Image
 
 from mmlit.core import BadRecordError, ConfigError
 from mmlit.dataset import DeterministicDataset, Mixture, ParquetImageText
-from mmlit.loader import LoaderConfig, make_loader, rank_steps
+from mmlit.core import derive_seed
+from mmlit.dataset import TensorList
+from mmlit.loader import LoaderConfig, RowSubset, epoch_order, make_loader, rank_steps
 
 N = 30
 BAD_ROWS = {4: b"not an image", 17: "truncated"}   # row -> image bytes that fail to load
@@ -125,17 +127,19 @@ def test_resume_does_not_replay_preprocessing(files):
     a = loader(files["clean"]); run(a, 1, limit=5)
     b = loader(files["clean"], transform=counting); b.load_state_dict(a.state_dict())
     run(b, 1)
-    rest = [i for s in rank_steps(N, 4, seed=3, start=20) for i in sorted(s.indices)]   # a step is fetched in index order
+    rest = [i for s in rank_steps(N, 4, seed=3, start=20, blocks=b.blocks, window=b.window)
+            for i in sorted(s.indices)]                 # a step is fetched in index order
     assert seen == rest
 
 
 
 def test_a_step_reads_each_of_its_row_groups_once(files, reference, monkeypatch):
-    "Shuffled steps jump between row groups; fetched in index order, a step reads each of them once, same batches."
+    "Fully shuffled steps jump between row groups; fetched in index order, a step reads each of them once, same batches."
     reads = []
+    full = run(loader(files["clean"], shuffle_window=0), 2)
     real = pq.ParquetFile.read_row_group
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **k: reads.append(i) or real(self, i, **k))
-    assert run(loader(files["clean"]), 2) == reference
+    assert run(loader(files["clean"], shuffle_window=0), 2) == full
     groups = [len({i // 7 for i in s.indices}) for e in range(2) for s in rank_steps(N, 4, seed=3, epoch=e)]  # 7 rows a group
     assert len(reads) <= sum(groups) < 2 * N            # in step order (one group cached) it is 49 reads
 
@@ -245,3 +249,106 @@ def test_build_loader_lm_windows(tmp_path):
     b = next(iter(ld))
     assert b["input_ids"].shape == b["labels"].shape == (4, 16)
     assert torch.equal(b["input_ids"][:, 1:], b["labels"][:, :-1])  # labels are the next tokens
+
+
+# --- row-group-aware shuffle ---
+
+def _windows_needed(order, block_of, window: int) -> int:
+    "Fewest consecutive stretches of `order` that each touch at most `window` blocks (greedy)."
+    count, seen = 0, set()
+    for i in order:
+        b = block_of[i]
+        if b not in seen and len(seen) == window: count, seen = count + 1, set()
+        seen.add(b)
+    return count + bool(seen)
+
+
+@pytest.mark.parametrize("seed,epoch", [(0, 0), (3, 1), (7, 5)])
+def test_block_order_is_a_pure_permutation(seed, epoch):
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 12, 40); n = int(blocks.sum())
+    o = epoch_order(n, seed, epoch, blocks=blocks, window=4)
+    assert o.dtype == np.int64 and sorted(o.tolist()) == list(range(n))
+    assert np.array_equal(o, epoch_order(n, seed, epoch, blocks=blocks, window=4))
+    assert not np.array_equal(o, epoch_order(n, seed, epoch + 1, blocks=blocks, window=4))
+    old = np.random.default_rng(derive_seed(seed, epoch, 0, stream=4)).permutation(n)   # the pinned full shuffle
+    assert np.array_equal(epoch_order(n, seed, epoch), old)
+    assert np.array_equal(epoch_order(n, seed, epoch, blocks=blocks, window=0), old)
+    with pytest.raises(ConfigError, match="summing to"): epoch_order(n + 1, seed, epoch, blocks=blocks, window=4)
+
+
+@pytest.mark.parametrize("window", [1, 3, 8])
+def test_each_window_spans_at_most_window_blocks(window):
+    blocks = np.random.default_rng(window).integers(1, 20, 33); n = int(blocks.sum())
+    block_of = np.repeat(np.arange(len(blocks)), blocks)
+    o = epoch_order(n, 1, 2, blocks=blocks, window=window)
+    assert _windows_needed(o, block_of, window) == -(-len(blocks) // window)       # windows of `window` blocks each
+    cut = np.cumsum(np.bincount(np.arange(len(blocks)) // window, weights=blocks[np.random.default_rng(
+        derive_seed(1, 2, 0, stream=4)).permutation(len(blocks))]).astype(int))
+    for a, b in zip(np.r_[0, cut[:-1]], cut): assert len(set(block_of[o[a:b]])) <= window
+    if window < len(blocks): assert _windows_needed(epoch_order(n, 1, 2), block_of, window) > 2 * -(-len(blocks) // window)
+
+
+@pytest.fixture(scope="module")
+def blocked(files):
+    "Two epochs of a block-shuffled loader (windows of 2 row groups of 7 rows)."
+    return run(loader(files["clean"], shuffle_window=2), 2)
+
+
+def test_block_shuffle_follows_the_blocked_order(files, blocked):
+    ld = loader(files["clean"], shuffle_window=2)
+    assert ld.blocks.tolist() == [7, 7, 7, 7, 2] and ld.window == 2 and ld.dataset.dataset.cache_row_groups == 2
+    got = [i for e in range(2) for b in run(loader(files["clean"], shuffle_window=2), e + 1, fn=samples)[8 * e:] for i, *_ in b]
+    want = [i for e in range(2) for s in rank_steps(N, 4, seed=3, epoch=e, blocks=[7, 7, 7, 7, 2], window=2)
+            for i in s.indices]
+    assert got == want and got != [i for b in run(loader(files["clean"], shuffle_window=0), 2, fn=samples) for i, *_ in b]
+    seq = loader(files["clean"], train=False)
+    assert seq.window == 0 and seq.dataset.dataset.cache_row_groups == 1   # reading in order: one row group cached
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_block_shuffle_byte_identical_across_workers(files, blocked, workers):
+    assert run(loader(files["clean"], shuffle_window=2, num_workers=workers), 2) == blocked
+
+
+@pytest.mark.parametrize("cut", [3, 11])
+def test_block_shuffle_resume(files, blocked, cut):
+    a = loader(files["clean"], shuffle_window=2)
+    got = run(a, 2, limit=cut)
+    state = a.state_dict()
+    assert state["shuffle_window"] == 2
+    b = loader(files["clean"], shuffle_window=2, num_workers=2); b.load_state_dict(state)
+    assert got + run(b, 2) == blocked
+    with pytest.raises(ConfigError, match="shuffle_window=2"): loader(files["clean"], shuffle_window=3).load_state_dict(state)
+
+
+def test_block_shuffle_elastic_resume(files):
+    ref = [s for b in run(loader(files["clean"], batch_size=3, shuffle_window=2), 2, fn=samples) for s in b]
+    first = [loader(files["clean"], batch_size=3, shuffle_window=2, rank=r, world_size=2) for r in range(2)]
+    got = _stream(first, 2)
+    second = loader(files["clean"], batch_size=3, shuffle_window=2); second.load_state_dict(first[0].state_dict())
+    assert got + [s for b in run(second, 2, fn=samples) for s in b] == ref
+
+
+def test_wrappers_without_blocks_get_a_full_shuffle(files):
+    mix = make_loader(_mixture(files), LoaderConfig(batch_size=4), transform=augment)
+    sub = make_loader(RowSubset(ParquetImageText(files["clean"]), range(0, N, 2)), LoaderConfig(batch_size=4), transform=augment)
+    plain = make_loader(TensorList([torch.tensor([i]) for i in range(10)]), LoaderConfig(batch_size=4))
+    assert [(l.blocks, l.window) for l in (mix, sub, plain)] == [(None, 0)] * 3
+
+
+def test_block_shuffle_reads_far_fewer_row_groups(tmp_path, monkeypatch):
+    "200 rows in 20 row groups: a full shuffle re-reads row groups at nearly every sample, a blocked one about once each."
+    path = tmp_path / "many.parquet"
+    blob = _png(np.random.default_rng(0))
+    pq.write_table(pa.table(dict(image=[blob] * 200, caption=[f"c{i}" for i in range(200)])), path, row_group_size=10)
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **k: reads.append(i) or real(self, i, **k))
+    counts = {}
+    for window in (0, 4):
+        reads.clear()
+        run(loader(path, transform=augment, batch_size=8, shuffle_window=window), 1)
+        counts[window] = len(reads)
+    print(counts)
+    assert counts[4] <= 2 * 20 and counts[0] >= 4 * counts[4], counts
