@@ -10,7 +10,8 @@ samples in a seeded shuffled order (whole batches only, as a training loader wit
 are collated by `TextCollator` (batch_max padding, the baseline) and by `PackingCollator` (rows of
 at most `--row-tokens`). For document windows a packed row holds four full windows, so what packing
 loses is the last, partly filled row of each batch: the real-token fraction rises with the number
-of samples per batch, which the sweep shows.
+of samples per batch, which the sweep shows — or rows are planned once over the whole dataset
+(`PackedRows`), each row one loader item, which leaves only the dataset's last row partly filled.
 
     python bench/packing.py [--quick] [--batch 64] [--max-len 512] [--row-tokens 2048]
 """
@@ -25,7 +26,7 @@ from mmlit.collate import TextCollator
 from mmlit.core import np_rng
 from mmlit.dataset import TextCorpus
 from mmlit.demo import build_demo_corpus
-from mmlit.packing import PackingCollator
+from mmlit.packing import PackedRows, PackingCollator
 from mmlit.text import token_ids, train_tokenizer
 
 
@@ -51,7 +52,8 @@ def run(collate, batches) -> tuple[float, float]:
     t0 = time.perf_counter()
     for b in batches:
         out = collate(b)
-        real += sum(len(s["input_ids"]) for s in b)
+        flat = [x for s in b for x in (s if isinstance(s, list) else [s])]   # planned rows are lists of samples
+        real += sum(len(s["input_ids"]) for s in flat)
         total += out["input_ids"].numel()
     return real / total, (time.perf_counter() - t0) / len(batches) * 1e3
 
@@ -86,6 +88,11 @@ def main():
                 ("  + 4-D block mask (first 4 batches)", PackingCollator(tok, max_tokens=a.row_tokens, mask="block"), batches[:4])):
             frac, ms = run(coll, bs)
             print(f"{unit:17s} {name:44s} {frac:11.3f} {ms:9.2f} {ms / base_ms:18.2f}")
+        rows = PackedRows(samples, [len(s["input_ids"]) for s in samples], a.row_tokens)
+        per = max(1, bsz * int(lens.mean()) // a.row_tokens)         # rows per batch: about the tokens of bsz samples
+        planned = batches_of(list(range(len(rows))), per)
+        frac, ms = run(PackingCollator(tok, max_tokens=a.row_tokens), [[rows[i] for i in b] for b in planned])
+        print(f"{unit:17s} {f'rows planned over the dataset, {per} rows/batch':44s} {frac:11.3f} {ms:9.2f} {ms / base_ms:18.2f}")
         if unit == "document windows" and not a.quick:
             packer = PackingCollator(tok, max_tokens=a.row_tokens)
             for n in (32, 64, 128, 256):

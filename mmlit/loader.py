@@ -205,7 +205,11 @@ class SkipAwareCollate:
     def __call__(self, samples: Sequence) -> Delivery:
         good, bad = split_skipped(samples)
         t = time.perf_counter()
-        batch = self.collate_fn(good) if good else None
+        batch = None
+        if good and hasattr(self.collate_fn, "collate_with_bad"):  # an mmlit collator: it may find more (e.g. in planned rows)
+            batch, more = self.collate_fn.collate_with_bad(good)
+            bad = bad + list(more)
+        elif good: batch = self.collate_fn(good)
         done, info = time.perf_counter(), get_worker_info()
         stats = dict(worker=info.id if info else -1, samples=len(good), fetch=getattr(samples, "fetch_s", 0.0),
                      preprocess=getattr(samples, "preprocess_s", 0.0), collate=done - t,

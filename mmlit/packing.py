@@ -13,9 +13,10 @@ import torch
 
 from .collate import (CollateError, Collator, ConfigError, Padding, RaggedBatchError, SEQ_PAD_VALUES,
                            collators, stack_rest, where)
+from .dataset import split_skipped
 
 # %% auto #0
-__all__ = ['pack_rows', 'mrope_positions', 'PackingCollator']
+__all__ = ['pack_rows', 'mrope_positions', 'PackingCollator', 'PackedRows']
 
 # %% ../nbs/03a_packing.ipynb #5ed9935d
 def pack_rows(lengths: Sequence[int], budget: int, balance: bool = True) -> list[list[int]]:
@@ -69,6 +70,32 @@ class PackingCollator(Collator):
         self.max_tokens, self.mask, self.causal, self.mask_dtype = max_tokens, mask, causal, mask_dtype
         self.merge, self.balance = spatial_merge_size, balance
 
+    _plan: list[int] | None = None
+
+    def collate_with_bad(self, samples: Sequence) -> tuple[dict | None, list]:
+        "As `Collator`'s; a sample may also be a row planned ahead (a list of samples, see `PackedRows`)."
+        if not (len(samples) and all(isinstance(s, (list, tuple)) for s in samples)):
+            self._plan = None
+            return super().collate_with_bad(samples)
+        groups, bad = [], []
+        for g in samples:
+            good, b = split_skipped(g)
+            bad += b
+            if good: groups.append(good)
+        self._plan = [len(g) for g in groups]
+        batch = super().collate_with_bad([x for g in groups for x in g])[0] if groups else None
+        self.last_bad = bad
+        return batch, bad
+
+    def _given_rows(self, lengths: list[int]) -> list[list[int]]:
+        "The planned rows as index lists, each checked against the token budget."
+        ends = torch.tensor(self._plan).cumsum(0).tolist()
+        rows = [list(range(e - n, e)) for n, e in zip(self._plan, ends)]
+        for r in rows:
+            if sum(lengths[i] for i in r) > self.max_tokens:
+                raise CollateError(f"a planned row holds {sum(lengths[i] for i in r)} tokens > max_tokens={self.max_tokens}")
+        return rows
+
     def positions(self, s: dict) -> torch.Tensor:
         "Position ids of one sequence: `[L]`, or `[4, L]` (text row + mRoPE rows) with images."
         n = len(s["input_ids"])
@@ -91,7 +118,8 @@ class PackingCollator(Collator):
             if "image_grid_thw" in s and keep.stop - keep.start < len(s["input_ids"]):
                 raise CollateError(f"{where(s, i)}: cannot truncate a sequence with images to fit max_tokens")
             cut.append({**s, **{k: s[k][keep] for k in seq_keys}})
-        rows = pack_rows([len(s["input_ids"]) for s in cut], self.max_tokens, self.balance)
+        lengths = [len(s["input_ids"]) for s in cut]
+        rows = self._given_rows(lengths) if self._plan else pack_rows(lengths, self.max_tokens, self.balance)
         L = self.padding.length([sum(len(cut[i]["input_ids"]) for i in r) for r in rows])
         order = [i for r in rows for i in r]
         cols = {k: [] for k in seq_keys + ["position_ids", "segment"]}
@@ -123,3 +151,18 @@ class PackingCollator(Collator):
         return {**batch, **rest, "packed_samples": rows}
 
 collators.add("packing", PackingCollator, modality="text", task="packing")
+
+# %% ../nbs/03a_packing.ipynb #dcaadffa
+class PackedRows(torch.utils.data.Dataset):
+    "Rows planned once over `dataset`: item `i` is the list of samples packed into row `i`."
+    def __init__(self, dataset, lengths: Sequence[int], max_tokens: int, balance: bool = True):
+        if len(lengths) != len(dataset):
+            raise ConfigError(f"{len(lengths)} lengths for a dataset of {len(dataset)} samples")
+        self.dataset, self.rows = dataset, pack_rows(list(lengths), max_tokens, balance)
+
+    def __len__(self) -> int: return len(self.rows)
+    def __getitem__(self, i: int) -> list: return [self.dataset[j] for j in self.rows[i]]
+
+    def set_epoch(self, epoch: int):
+        "Pass the epoch on (a `DeterministicDataset` inside draws its randomness from it)."
+        if hasattr(self.dataset, "set_epoch"): self.dataset.set_epoch(epoch)
