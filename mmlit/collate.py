@@ -16,11 +16,11 @@ from torch.utils.data import default_collate
 from .core import ConfigError, MmlitError, Registry, torch_rng
 
 # %% auto #0
-__all__ = ['collators', 'SEQ_PAD_VALUES', 'NORMALIZATION', 'CollateError', 'EmptyBatchError', 'KeyMismatchError',
-           'RaggedBatchError', 'SequenceTooLongError', 'where', 'check_same_keys', 'Collator', 'stack_rest', 'Padding',
-           'pad_stack', 'shift_positions', 'TextCollator', 'CausalLMCollator', 'MaskedLMCollator', 'normalize_images',
-           'VisionCollator', 'MultimodalCollator', 'Qwen2VLCollator', 'ContrastiveCollator', 'DefaultCollator',
-           'collator_name_for', 'collator_for']
+__all__ = ['collators', 'SEQ_PAD_VALUES', 'CollateError', 'EmptyBatchError', 'KeyMismatchError', 'RaggedBatchError',
+           'SequenceTooLongError', 'where', 'check_same_keys', 'Collator', 'stack_rest', 'Padding', 'pad_stack',
+           'shift_positions', 'TextCollator', 'CausalLMCollator', 'MaskedLMCollator', 'VisionCollator',
+           'MultimodalCollator', 'Qwen2VLCollator', 'ContrastiveCollator', 'DefaultCollator', 'collator_name_for',
+           'collator_for']
 
 # %% ../nbs/03_collate.ipynb #62d52803
 class CollateError(MmlitError, ValueError):
@@ -258,24 +258,13 @@ class MaskedLMCollator(TextCollator):
 collators.add("masked_lm", MaskedLMCollator, modality="text", task="masked_lm")
 
 # %% ../nbs/03_collate.ipynb #933ec38c
-NORMALIZATION = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-                 "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-                 "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
-"Mean and std presets, per channel, for images scaled to [0, 1]."
+# one set of presets for the whole pipeline: stage 2's registry (imagenet, clip, half) and its `normalize`
+from .preprocess import Normalisation, get_normalisation, normalize as normalize_uint8
 
-def normalize_images(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    "uint8 `[..., C, H, W]` → float32 `(x/255 - mean) / std` (on `x`'s device)."
-    m = torch.tensor(mean, device=x.device).view(-1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(-1, 1, 1)
-    return (x.float() / 255 - m) / s
-
-def _norm_stats(normalize) -> tuple | None:
+def _norm_stats(normalize) -> Normalisation | None:
+    "The `normalize=` option as a stage 2 `Normalisation` (`True`: imagenet; falsy: leave uint8 for the GPU)."
     if normalize in (None, False): return None
-    if isinstance(normalize, str):
-        if normalize not in NORMALIZATION: raise ConfigError(f"unknown normalization {normalize!r}; known: {sorted(NORMALIZATION)}")
-        return NORMALIZATION[normalize]
-    if normalize is True: return NORMALIZATION["imagenet"]
-    return tuple(normalize)
+    return get_normalisation("imagenet" if normalize is True else normalize)
 
 class VisionCollator(Collator):
     "Stack `pixel_values [C,H,W]`; normalise uint8 on request, else leave it for the GPU."
@@ -285,7 +274,7 @@ class VisionCollator(Collator):
     def collate(self, samples: list[dict]) -> dict:
         batch = stack_rest(samples, list(samples[0]), type(self).__name__)
         x = batch[self.image_key]
-        if self.norm and x.dtype == torch.uint8: batch[self.image_key] = normalize_images(x, *self.norm)
+        if self.norm and x.dtype == torch.uint8: batch[self.image_key] = normalize_uint8(x, self.norm)
         return batch
 
 collators.add("vision", VisionCollator, modality="vision")
@@ -311,7 +300,7 @@ class MultimodalCollator(TextCollator):
         T = max((t.shape[1] for t in idx), default=0)
         idx = [torch.nn.functional.pad(t, (0, T - t.shape[1]), value=-1) for t in idx]
         images = pad_stack(ims, n, 0)
-        if self.norm and images.dtype == torch.uint8: images = normalize_images(images, *self.norm)
+        if self.norm and images.dtype == torch.uint8: images = normalize_uint8(images, self.norm)
         masks = pad_stack([torch.ones(len(x), dtype=torch.bool) for x in ims], n, False)
         return dict(images=images, image_masks=masks, image_input_idx=pad_stack(idx, n, -1))
 
@@ -321,7 +310,7 @@ class MultimodalCollator(TextCollator):
             batch.update(self.pad_images(samples, batch.pop("image_input_idx")))
         rest = stack_rest(samples, [k for k in samples[0] if k not in batch], type(self).__name__)
         if self.norm and rest.get("pixel_values", torch.zeros(0)).dtype == torch.uint8:
-            rest["pixel_values"] = normalize_images(rest["pixel_values"], *self.norm)
+            rest["pixel_values"] = normalize_uint8(rest["pixel_values"], self.norm)
         return {**batch, **rest}
 
 collators.add("multimodal", MultimodalCollator, modality="multimodal", model="clip")

@@ -30,8 +30,8 @@ from .core import (BadRecordError, ConfigError, Registry, TooManyBadRecords,
 __all__ = ['logger', 'RECORD_KEYS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'task_formats', 'make_record',
            'BadRecord', 'Skipped', 'split_skipped', 'SkipReport', 'MMDataset', 'check_image_size', 'open_image',
            'JsonlImageText', 'expand_paths', 'TextCorpus', 'ParquetImageText', 'HFDataset', 'TorchDataset',
-           'TensorList', 'as_mm_dataset', 'open_source', 'DeterministicDataset', 'Mixture', 'format_caption',
-           'format_qa', 'format_pointing', 'format_counting', 'format_messages']
+           'TensorList', 'as_mm_dataset', 'open_source', 'locate_error', 'DeterministicDataset', 'Mixture',
+           'format_caption', 'format_qa', 'format_pointing', 'format_counting', 'format_messages']
 
 # %% ../nbs/01_dataset.ipynb #04f85c80
 logger = logging.getLogger("mmlit.dataset")
@@ -576,6 +576,13 @@ def open_source(path, kind: str | None = None, **kwargs) -> MMDataset:
     raise ConfigError(f"unknown source kind {kind!r}; known: parquet, jsonl, text")
 
 # %% ../nbs/01_dataset.ipynb #da3f8439
+def locate_error(err: BadRecordError, record: dict, idx: int | None = None) -> BadRecordError:
+    "`err` naming the record's source, file and row/line where it does not name them itself (a new error)."
+    m = (record.get("meta") or {}) if isinstance(record, dict) else {}
+    index, unit = (m.get("index", idx), m.get("unit", "row")) if err.index is None else (err.index, err.unit)
+    return BadRecordError(err.reason, source=err.source or m.get("source"), file=err.file or m.get("file"),
+                          index=index, unit=unit)
+
 class DeterministicDataset(torch.utils.data.Dataset):
     "`ds[i] = transform(dataset.get(i, rng), rng)`, `rng` derived from `(seed, epoch, i)`."
     def __init__(self, dataset, transform: Callable | None = None, seed: int = 0):
@@ -612,12 +619,7 @@ class DeterministicDataset(torch.utils.data.Dataset):
         rec = self.dataset.get(idx, rng)
         if isinstance(rec, Skipped) or self.transform is None: return rec
         try: return self.transform(rec, rng)
-        except BadRecordError as e:  # a new error, so that its message names the record's file and row/line
-            m = rec.get("meta") or {}
-            index, unit = (m.get("index", idx), m.get("unit", "row")) if e.index is None else (e.index, e.unit)
-            located = BadRecordError(e.reason, source=e.source or m.get("source"), file=e.file or m.get("file"),
-                                     index=index, unit=unit)
-            return self.dataset.handle_bad(located, idx)
+        except BadRecordError as e: return self.dataset.handle_bad(locate_error(e, rec, idx), idx)
 
 # %% ../nbs/01_dataset.ipynb #c006d202
 def _unbiased_counts(n: int, weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:

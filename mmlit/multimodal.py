@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .core import BadRecordError, ConfigError, Registry
+from .dataset import locate_error
 from .preprocess import ImagePreprocessor, Qwen2VLPatcher, image_preset, open_checked
 from .text import IMAGE_PLACEHOLDER, ImageTokens, encode_chat, encode_text
 
@@ -43,20 +44,13 @@ def record_messages(record: dict, n_images: int) -> list[dict]:
         first_user["content"] = IMAGE_PLACEHOLDER * n_images + first_user["content"]
     return msgs
 
-def _located(err: BadRecordError, record: dict) -> BadRecordError:
-    "`err` with the record's source, file and row filled in (when it does not name them already)."
-    if err.file is not None or err.index is not None: return err
-    meta = record.get("meta") or {} if isinstance(record, dict) else {}
-    return BadRecordError(err.reason, source=meta.get("source"), file=meta.get("file"),
-                          index=meta.get("index"), unit=meta.get("unit", "row"))
-
 # %% ../nbs/02b_multimodal.ipynb #24cf39f2
 class Preprocessor:
     "Base: `__call__(record, rng)` wraps `process` and names the record in any `BadRecordError`."
     def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict[str, Any]:
         if not isinstance(record, dict): raise BadRecordError(f"a record must be a dict, got {type(record).__name__}")
         try: return self.process(record, rng)
-        except BadRecordError as e: raise _located(e, record) from e
+        except BadRecordError as e: raise locate_error(e, record) from e
 
     def process(self, record: dict, rng: np.random.Generator | None) -> dict[str, Any]: raise NotImplementedError
 
