@@ -29,9 +29,9 @@ from .core import (BadRecordError, ConfigError, Registry, TooManyBadRecords,
 # %% auto #0
 __all__ = ['logger', 'RECORD_KEYS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'task_formats', 'make_record',
            'BadRecord', 'Skipped', 'split_skipped', 'SkipReport', 'MMDataset', 'check_image_size', 'open_image',
-           'JsonlImageText', 'expand_paths', 'TextCorpus', 'ParquetImageText', 'HFDataset', 'TorchDataset',
-           'TensorList', 'as_mm_dataset', 'open_source', 'locate_error', 'DeterministicDataset', 'Mixture',
-           'format_caption', 'format_qa', 'format_pointing', 'format_counting', 'format_messages']
+           'JsonlImageText', 'expand_paths', 'TextCorpus', 'open_image_cell', 'ParquetImageText', 'HFDataset',
+           'TorchDataset', 'TensorList', 'as_mm_dataset', 'open_source', 'locate_error', 'DeterministicDataset',
+           'Mixture', 'format_caption', 'format_qa', 'format_pointing', 'format_counting', 'format_messages']
 
 # %% ../nbs/01_dataset.ipynb #04f85c80
 logger = logging.getLogger("mmlit.dataset")
@@ -373,6 +373,19 @@ import bisect
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+def open_image_cell(v, column: str = "image", *, root: Path | None = None, decode: bool = True,
+                    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, where: dict | None = None) -> Image.Image:
+    "Open a table's image cell: an HF `{bytes, path}` struct (path relative to `root`), bytes or a path."
+    where = where or {}
+    if isinstance(v, dict):
+        if v.get("bytes") is not None: v = v["bytes"]
+        elif v.get("path"): v = Path(v["path"]) if root is None else root / v["path"]
+        else: raise BadRecordError("image cell has neither bytes nor path", **where)
+    if v is None: raise BadRecordError(f"image column {column!r} is null", **where)
+    if not isinstance(v, (bytes, str, Path)):
+        raise BadRecordError(f"image column {column!r} holds {type(v).__name__}, not bytes", **where)
+    return open_image(v, decode=decode, max_pixels=max_pixels, where=where)
+
 class ParquetImageText(MMDataset):
     "Image-text pairs from Parquet shards with embedded image bytes, read by row group."
     source = "parquet"
@@ -449,21 +462,13 @@ class ParquetImageText(MMDataset):
         row = {c: v[i] for c, v in cols.items()}
         text = _pick(row, (self.text_column,), str, where, required=True)
         image = None
-        if self.image_column is not None: image = self._image(row.get(self.image_column), where, self.files[k].parent)
+        if self.image_column is not None:
+            image = open_image_cell(row.get(self.image_column), self.image_column, root=self.files[k].parent,
+                                    decode=self.decode, max_pixels=self.max_pixels, where=where)
         negatives = _str_list(row.get(self.negatives_column), "negatives", where) if self.negatives_column in row else []
         task = _pick(row, (self.task_column,), str, where) if self.task_column in row else None
         return make_record(text, image, negatives, task, None, where)
 
-    def _image(self, v, where: dict, root: Path) -> Image.Image:
-        "Decode an image cell: HF `{bytes, path}` struct or plain binary."
-        if isinstance(v, dict):
-            if v.get("bytes") is not None: v = v["bytes"]
-            elif v.get("path"): v = root / v["path"]
-            else: raise BadRecordError(f"image cell has neither bytes nor path", **where)
-        if v is None: raise BadRecordError(f"image column {self.image_column!r} is null", **where)
-        if not isinstance(v, (bytes, str, Path)):
-            raise BadRecordError(f"image column {self.image_column!r} holds {type(v).__name__}, not bytes", **where)
-        return open_image(v, decode=self.decode, max_pixels=self.max_pixels, where=where)
 
 # %% ../nbs/01_dataset.ipynb #82118f58
 class HFDataset(MMDataset):
@@ -506,9 +511,7 @@ class HFDataset(MMDataset):
                 try: v.load()
                 except DECODE_ERRORS as e: raise BadRecordError(f"cannot decode image ({e})", **where) from None
             return v
-        if isinstance(v, dict): v = v.get("bytes") if v.get("bytes") is not None else v.get("path")
-        if not isinstance(v, (bytes, str)): raise BadRecordError(f"image column holds {type(v).__name__}", **where)
-        return open_image(v, decode=self.decode, max_pixels=self.max_pixels, where=where)
+        return open_image_cell(v, self.image_column, decode=self.decode, max_pixels=self.max_pixels, where=where)
 
 # %% ../nbs/01_dataset.ipynb #4a5ff30f
 class TorchDataset(MMDataset):

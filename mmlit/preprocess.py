@@ -28,9 +28,10 @@ from .core import BadRecordError, ConfigError, MissingExtraError, Registry
 # %% auto #0
 __all__ = ['NORMALISATIONS', 'IMAGE_PRESETS', 'IMAGE_SUFFIXES', 'Normalisation', 'get_normalisation', 'normalize', 'to_rgb',
            'open_checked', 'pil_to_tensor', 'pil_to_chw', 'decode_rgb', 'shortest_side_size', 'cover_size',
-           'resize_shortest', 'resize', 'center_crop', 'resize_center_crop', 'random_crop', 'resize_crop',
-           'random_resized_crop', 'pad_to_square', 'hflip', 'color_jitter', 'ImagePreprocessor', 'image_preset',
-           'smart_resize', 'patchify', 'Qwen2VLPatcher', 'sample_frame_indices', 'load_frames', 'VideoPreprocessor']
+           'resize_shortest', 'resize', 'center_crop', 'center_crop_box', 'resize_center_crop', 'random_crop',
+           'resize_crop', 'random_resized_crop', 'pad_to_square', 'hflip', 'color_jitter', 'ImagePreprocessor',
+           'image_preset', 'smart_resize', 'patchify', 'Qwen2VLPatcher', 'sample_frame_indices', 'load_frames',
+           'VideoPreprocessor']
 
 # %% ../nbs/02_preprocess.ipynb #61150b4e
 @dataclass(frozen=True)
@@ -181,11 +182,17 @@ def center_crop(img: Image.Image, size: int | Sequence[int]) -> Image.Image:
     top, left = (img.height - h) // 2, (img.width - w) // 2
     return img.crop((left, top, left + w, top + h))
 
+def center_crop_box(height: int, width: int, size: int | Sequence[int]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    "`((w, h) resized to cover size, (left, top, right, bottom) of its centre crop)`: HF's resize-then-crop geometry."
+    h, w = _hw(size)
+    rh, rw = cover_size(height, width, size)
+    top, left = (rh - h) // 2, (rw - w) // 2
+    return (rw, rh), (left, top, left + w, top + h)
+
 def resize_center_crop(img: Image.Image, size: int | Sequence[int], resample: int = Image.BICUBIC) -> Image.Image:
     "`center_crop` of the image resized to cover `size`, as ONE resize of the source region (faster, not bit-exact)."
     h, w = _hw(size)
-    rh, rw = cover_size(img.height, img.width, size)
-    top, left = (rh - h) // 2, (rw - w) // 2
+    (rw, rh), (left, top, _, _) = center_crop_box(img.height, img.width, size)
     sx, sy = img.width / rw, img.height / rh
     return img.resize((w, h), resample, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
 
@@ -348,14 +355,10 @@ class ImagePreprocessor:
 
     def fit_image(self, img: Image.Image, rng: np.random.Generator | None = None) -> Image.Image:
         "The geometric part: `img` (RGB) → exactly `size`, with random crops and flips when training."
-        h, w = self.size
         if self.fit == "crop":
             if self.train: out = random_resized_crop(img, self.size, rng, self.crop_scale, self.crop_ratio, self.resample)
             elif self.draft: out = resize_center_crop(img, self.size, self.resample)   # fastest: one resize of the region
-            else:                                                                      # exact: HF's resize, then crop
-                rh, rw = cover_size(img.height, img.width, self.size)
-                top, left = (rh - h) // 2, (rw - w) // 2
-                out = resize_crop(img, (rw, rh), (left, top, left + w, top + h), self.resample)
+            else: out = resize_crop(img, *center_crop_box(img.height, img.width, self.size), self.resample)  # exact: as HF
         elif self.fit == "pad": out = resize(pad_to_square(img, self.norm.fill), self.size, self.resample)
         else: out = resize(img, self.size, self.resample)
         if self.train and self.flip and rng.random() < self.flip: out = hflip(out)
