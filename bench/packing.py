@@ -66,10 +66,10 @@ def main():
     ap.add_argument("--row-tokens", type=int, default=2048, help="token budget of a packed row")
     a = ap.parse_args()
     path = build_demo_corpus(Path(tempfile.mkdtemp()) / "corpus.txt")
-    docs = [r["text"] for r in map(TextCorpus(path).get, range(len(TextCorpus(path))))][: 20 if a.quick else None]
+    docs = [r["text"] for r in TextCorpus(path).records()][: 20 if a.quick else None]
     tok = train_tokenizer(docs, vocab_size=4000)
     lines = TextCorpus(path, split="line")
-    units = {"lines": [lines.get(i)["text"] for i in range(len(lines))][: 2000 if a.quick else None],
+    units = {"lines": [r["text"] for r in lines.records()][: 2000 if a.quick else None],
              "document windows": docs}
     print(f"{'samples':17s} {'collator':44s} {'real tokens':>11s} {'ms/batch':>9s} {'time vs batch_max':>18s}")
     for unit, texts in units.items():

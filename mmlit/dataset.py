@@ -149,6 +149,12 @@ class MMDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> dict | Skipped: return self.get(idx)
 
+    def records(self) -> Iterator[dict]:
+        "The good records in index order (bad ones are skipped and reported as usual)."
+        for i in range(len(self)):
+            rec = self.get(i)
+            if rec: yield rec
+
     @property
     def report(self) -> SkipReport:
         "The bad records this dataset skipped in this process."

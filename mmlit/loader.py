@@ -514,7 +514,7 @@ def load_tokenizer(spec, data_path=None, kind: str | None = None, data_options: 
         opts = dict(data_options or {})
         src = open_source(data_path, kind, **opts)
         if hasattr(src, "decode"): src.decode = False           # texts only: leave images undecoded
-        texts = (r["text"] for r in (src.get(i) for i in range(len(src))) if r and r.get("text"))
+        texts = (r["text"] for r in src.records() if r.get("text"))
         return train_tokenizer(texts, save_dir=spec.get("save_dir"), **(spec["train"] or {}))
     if spec is None: raise ConfigError("the config needs a tokenizer: a local directory or {train: {vocab_size: ...}}")
     return spec                                                  # an already-built tokenizer object
@@ -536,7 +536,7 @@ def loader_parts(config: dict | str | Path) -> dict:
         if not cfg.get("max_length"): raise ConfigError("task 'lm' needs max_length (the window length)")
         def windows(path):
             src = path if isinstance(path, MMDataset) else TextCorpus(path, **opts)
-            return lm_windows((r["text"] for r in (src.get(i) for i in range(len(src))) if r), tok, cfg["max_length"])
+            return lm_windows((r["text"] for r in src.records()), tok, cfg["max_length"])
         parts.update(data=windows(cfg["data"]), val_data=windows(cfg["val_data"]) if cfg.get("val_data") else None,
                      transform=None, preset="lm")
     else:
