@@ -7,13 +7,14 @@ Docs: https://mmlit.github.io/mmlit/core.html.md"""
 # %% ../nbs/00_core.ipynb #58e0d291
 from __future__ import annotations
 
+from enum import IntEnum, unique
 from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['derive_seed', 'Rngs', 'np_rng', 'torch_rng', 'derive_rngs', 'torch_rng_from', 'MmlitError', 'ConfigError',
+__all__ = ['derive_seed', 'Stream', 'Rngs', 'np_rng', 'torch_rng', 'derive_rngs', 'torch_rng_from', 'MmlitError', 'ConfigError',
            'UnknownNameError', 'BadRecordError', 'TooManyBadRecords', 'MissingExtraError', 'Registry']
 
 # %% ../nbs/00_core.ipynb #dfab4841
@@ -27,10 +28,27 @@ def _check_key(**parts: int) -> list[int]:
     return out
 
 def derive_seed(seed: int, epoch: int = 0, index: int = 0, stream: int = 0) -> int:
-    "A 63-bit seed that is a pure function of `(seed, epoch, index, stream)`."
+    "A 63-bit seed that is a pure function of `(seed, epoch, index, stream)`; name `stream` from `Stream`."
     key = _check_key(seed=seed, epoch=epoch, index=index, stream=stream)
     state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]
     return int(state) & ((1 << 63) - 1)
+
+# %% ../nbs/00_core.ipynb #a7c1e0d2
+@unique
+class Stream(IntEnum):
+    "The named random streams of mmlit: each `(seed, epoch, index)` use draws from its own."
+    SAMPLE = 0          # a sample's numpy generator: dataset `get`, preprocessing, augmentation
+    SAMPLE_TORCH = 1    # a sample's torch generator
+    MIXTURE_SOURCE = 2  # which dataset each position of a mixture's epoch draws from
+    MIXTURE_PASS = 3    # a dataset's permutation for one pass through it inside a mixture
+    LOADER_ORDER = 4    # the loader's sample order of an epoch
+    WORKER = 5          # DataLoader workers' global `random`/numpy/torch seeds
+    VAL_SPLIT = 6       # the seeded train/validation split of a dataset's rows
+    MIXTURE_COUNTS = 7  # how many records each dataset of a mixture gives to an epoch
+    MLM_MASK = 8        # masked-LM token selection, per (epoch, step) of the loader
+    MRL_DIM = 9         # the Matryoshka dimension trained at a step, per (epoch, step)
+    MODEL_INIT = 10     # a model's random initial weights
+    TRAIN = 11          # the trainer's global generators (dropout), per (epoch, step)
 
 # %% ../nbs/00_core.ipynb #8e374898
 class Rngs(NamedTuple):
@@ -40,11 +58,11 @@ class Rngs(NamedTuple):
 
 def np_rng(seed: int, epoch: int = 0, index: int = 0) -> np.random.Generator:
     "A numpy `Generator` for `(seed, epoch, index)`."
-    return np.random.default_rng(derive_seed(seed, epoch, index, stream=0))
+    return np.random.default_rng(derive_seed(seed, epoch, index, Stream.SAMPLE))
 
 def torch_rng(seed: int, epoch: int = 0, index: int = 0) -> torch.Generator:
     "A CPU `torch.Generator` for `(seed, epoch, index)`, independent of `np_rng`'s stream."
-    return torch.Generator().manual_seed(derive_seed(seed, epoch, index, stream=1))
+    return torch.Generator().manual_seed(derive_seed(seed, epoch, index, Stream.SAMPLE_TORCH))
 
 def derive_rngs(seed: int, epoch: int = 0, index: int = 0) -> Rngs:
     "Both generators for `(seed, epoch, index)`."

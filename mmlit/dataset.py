@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .core import (BadRecordError, ConfigError, Registry, TooManyBadRecords,
+from .core import (BadRecordError, ConfigError, Registry, Stream, TooManyBadRecords,
                         derive_seed, np_rng)
 
 # %% auto #0
@@ -669,7 +669,7 @@ class Mixture(MMDataset):
 
     def counts(self, epoch: int) -> np.ndarray:
         "How many records each dataset gives to `epoch`."
-        rng = np.random.default_rng(derive_seed(self.seed, epoch, 0, stream=4))
+        rng = np.random.default_rng(derive_seed(self.seed, epoch, 0, Stream.MIXTURE_COUNTS))
         return _unbiased_counts(self.epoch_length, self.weights, rng)
 
     def drawn_before(self, epoch: int) -> np.ndarray:
@@ -685,14 +685,14 @@ class Mixture(MMDataset):
         epoch = self.epoch if epoch is None else int(epoch)
         if self._plan_cache is not None and self._plan_cache[0] == epoch: return self._plan_cache[1]
         counts, before = self.counts(epoch), self.drawn_before(epoch)
-        which = np.random.default_rng(derive_seed(self.seed, epoch, 0, stream=2)).permutation(np.repeat(np.arange(len(counts)), counts))
+        which = np.random.default_rng(derive_seed(self.seed, epoch, 0, Stream.MIXTURE_SOURCE)).permutation(np.repeat(np.arange(len(counts)), counts))
         local = np.empty_like(which)
         for k, c in enumerate(counts):
             if c == 0: continue
             n = len(self.datasets[k])
             g = before[k] + np.arange(c)                  # k's draws so far, across epochs
             passes = g // n
-            perms = {p: np.random.default_rng(derive_seed(self.seed, int(p), k, stream=3)).permutation(n) for p in np.unique(passes)}
+            perms = {p: np.random.default_rng(derive_seed(self.seed, int(p), k, Stream.MIXTURE_PASS)).permutation(n) for p in np.unique(passes)}
             local[which == k] = [perms[p][i] for p, i in zip(passes, g % n)]
         self._plan_cache = (epoch, (which, local))
         return which, local

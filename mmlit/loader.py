@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from .core import ConfigError, derive_seed
+from .core import ConfigError, Stream, derive_seed
 from .dataset import (BadRecord, DeterministicDataset, MMDataset, Mixture, SkipReport, Skipped,
                            as_mm_dataset, split_skipped)
 
@@ -84,13 +84,11 @@ class LoaderConfig:
         return cls(**d)
 
 # %% ../nbs/04_loader.ipynb #1ec99a1b
-_ORDER_STREAM, _WORKER_STREAM, _SPLIT_STREAM = 4, 5, 6  # derive_seed streams (stage 1 uses 0-3)
-
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, blocks: Sequence[int] | None = None,
                 window: int | None = 8) -> np.ndarray:
     "The global sample order of `epoch`: a permutation of `range(n)` seeded by `(seed, epoch)` (block-local with `blocks`), or the identity."
     if not shuffle: return np.arange(n, dtype=np.int64)
-    rng = np.random.default_rng(derive_seed(seed, epoch, 0, stream=_ORDER_STREAM))
+    rng = np.random.default_rng(derive_seed(seed, epoch, 0, Stream.LOADER_ORDER))
     if blocks is None or not window: return rng.permutation(n).astype(np.int64)
     sizes = np.asarray(blocks, dtype=np.int64)
     if sizes.ndim != 1 or (sizes < 0).any() or sizes.sum() != n:
@@ -221,7 +219,7 @@ class WorkerSeeder:
     "`worker_init_fn`: seed `random`, numpy and torch in worker `worker_id` from `(seed, worker_id)`."
     def __init__(self, seed: int): self.seed = seed
     def __call__(self, worker_id: int):
-        s = derive_seed(self.seed, 0, worker_id, stream=_WORKER_STREAM)
+        s = derive_seed(self.seed, 0, worker_id, Stream.WORKER)
         random.seed(s); np.random.seed(s % 2**32); torch.manual_seed(s)
 
 def resolve_collate(collate: str | Callable | None, **options) -> Callable:
@@ -299,7 +297,7 @@ class ResumableLoader:
             StepFetcher(self.dataset), batch_sampler=self.sampler, collate_fn=self.collate_fn,
             num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, prefetch_factor=cfg.prefetch_factor if w else None,
             persistent_workers=cfg.persistent_workers, worker_init_fn=WorkerSeeder(cfg.seed) if w else None,
-            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 0, stream=_WORKER_STREAM)))
+            generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 0, Stream.WORKER)))
         self.epoch, self.position = 0, 0
         self.report, self.timings = SkipReport(), LoaderTimings()
 
@@ -442,7 +440,7 @@ def split_rows(n: int, val_split: float | int, seed: int = 0) -> tuple[np.ndarra
     k = int(round(n * val_split)) if isinstance(val_split, float) else val_split
     if not (_is_int(k) and 0 < k < n) or (isinstance(val_split, float) and not 0 < val_split < 1):
         raise ConfigError(f"val_split must be a fraction in (0, 1) or a count in [1, n); got {val_split!r} for {n} rows")
-    perm = np.random.default_rng(derive_seed(seed, 0, 0, stream=_SPLIT_STREAM)).permutation(n)
+    perm = np.random.default_rng(derive_seed(seed, 0, 0, Stream.VAL_SPLIT)).permutation(n)
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 class LoaderDataModule:

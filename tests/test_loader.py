@@ -11,7 +11,7 @@ from PIL import Image
 
 from mmlit.core import BadRecordError, ConfigError
 from mmlit.dataset import DeterministicDataset, Mixture, ParquetImageText
-from mmlit.core import derive_seed
+from mmlit.core import Stream, derive_seed
 from mmlit.dataset import TensorList
 from mmlit.loader import LoaderConfig, RowSubset, epoch_order, make_loader, rank_steps
 
@@ -271,7 +271,7 @@ def test_block_order_is_a_pure_permutation(seed, epoch):
     assert o.dtype == np.int64 and sorted(o.tolist()) == list(range(n))
     assert np.array_equal(o, epoch_order(n, seed, epoch, blocks=blocks, window=4))
     assert not np.array_equal(o, epoch_order(n, seed, epoch + 1, blocks=blocks, window=4))
-    old = np.random.default_rng(derive_seed(seed, epoch, 0, stream=4)).permutation(n)   # the pinned full shuffle
+    old = np.random.default_rng(derive_seed(seed, epoch, 0, Stream.LOADER_ORDER)).permutation(n)   # the pinned full shuffle
     assert np.array_equal(epoch_order(n, seed, epoch), old)
     assert np.array_equal(epoch_order(n, seed, epoch, blocks=blocks, window=0), old)
     with pytest.raises(ConfigError, match="summing to"): epoch_order(n + 1, seed, epoch, blocks=blocks, window=4)
@@ -284,7 +284,7 @@ def test_each_window_spans_at_most_window_blocks(window):
     o = epoch_order(n, 1, 2, blocks=blocks, window=window)
     assert _windows_needed(o, block_of, window) == -(-len(blocks) // window)       # windows of `window` blocks each
     cut = np.cumsum(np.bincount(np.arange(len(blocks)) // window, weights=blocks[np.random.default_rng(
-        derive_seed(1, 2, 0, stream=4)).permutation(len(blocks))]).astype(int))
+        derive_seed(1, 2, 0, Stream.LOADER_ORDER)).permutation(len(blocks))]).astype(int))
     for a, b in zip(np.r_[0, cut[:-1]], cut): assert len(set(block_of[o[a:b]])) <= window
     if window < len(blocks): assert _windows_needed(epoch_order(n, 1, 2), block_of, window) > 2 * -(-len(blocks) // window)
 
