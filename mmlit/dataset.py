@@ -27,11 +27,12 @@ from .core import (BadRecordError, ConfigError, Registry, Stream, TooManyBadReco
                         derive_seed, np_rng)
 
 # %% auto #0
-__all__ = ['logger', 'RECORD_KEYS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'task_formats', 'make_record',
-           'BadRecord', 'Skipped', 'split_skipped', 'SkipReport', 'MMDataset', 'check_image_size', 'open_image',
-           'JsonlImageText', 'expand_paths', 'TextCorpus', 'open_image_cell', 'ParquetImageText', 'HFDataset',
-           'TorchDataset', 'TensorList', 'as_mm_dataset', 'open_source', 'locate_error', 'DeterministicDataset',
-           'Mixture', 'format_caption', 'format_qa', 'format_pointing', 'format_counting', 'format_messages']
+__all__ = ['logger', 'RECORD_KEYS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'AUTO', 'CAPTION_NAMES',
+           'IMAGE_NAMES', 'task_formats', 'make_record', 'BadRecord', 'Skipped', 'split_skipped', 'SkipReport',
+           'MMDataset', 'check_image_size', 'open_image', 'pick_column', 'jsonl_fields', 'JsonlImageText',
+           'expand_paths', 'TextCorpus', 'open_image_cell', 'ParquetImageText', 'HFDataset', 'TorchDataset',
+           'TensorList', 'as_mm_dataset', 'open_source', 'locate_error', 'DeterministicDataset', 'Mixture',
+           'format_caption', 'format_qa', 'format_pointing', 'format_counting', 'format_messages']
 
 # %% ../nbs/01_dataset.ipynb #04f85c80
 logger = logging.getLogger("mmlit.dataset")
@@ -249,6 +250,27 @@ def _messages(v, where: dict) -> list[dict] | None:
     if not ok: raise BadRecordError("field 'messages' must be a list of {role: str, content: str}", **where)
     return [dict(role=m["role"], content=m["content"]) for m in v]
 
+# %% ../nbs/01_dataset.ipynb #c01a7d3e
+AUTO = "auto"
+CAPTION_NAMES = ("caption", "text", "txt", "alt", "alt_text", "sentence", "description", "captions_text",
+                 "prompt", "caption_text", "raw_caption")
+IMAGE_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes", "picture", "photo")
+
+def pick_column(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], *, what: str,
+                option: str, where: str, required: bool = True) -> str | None:
+    "`wanted` if it is a column (`None`: no such column); `'auto'`: the one column among `candidates`, else a `ConfigError` naming `option`."
+    cols = list(columns)
+    if wanted != AUTO:
+        if wanted is None or wanted in cols: return wanted
+        raise ConfigError(f"{where}: no column {wanted!r} for the {what}; columns are {cols}; pick one with {option}=")
+    names = {n.lower() for n in candidates}
+    hits = [c for c in cols if c.lower() in names]
+    if len(hits) == 1: return hits[0]
+    if not hits and not required: return None
+    why = f"several columns could be the {what}: {hits}" if hits else f"no column looks like the {what} (known names: {', '.join(candidates)})"
+    raise ConfigError(f"{where}: {why}; columns are {cols}; pick one with {option}=")
+
+
 # %% ../nbs/01_dataset.ipynb #ea6be655
 def _line_offsets(path: Path) -> tuple[np.ndarray, np.ndarray]:
     "Byte offsets and 0-based line numbers of the non-blank lines of `path`."
@@ -272,6 +294,30 @@ def _parse_json_line(raw: bytes, where: dict) -> dict:
     if not isinstance(obj, dict): raise BadRecordError(f"expected a JSON object, got {type(obj).__name__}", **where)
     return obj
 
+def _first_object(path: Path, offsets: np.ndarray, lines: np.ndarray, limit: int = 20) -> tuple[dict | None, int]:
+    "The first of the first `limit` lines that parses as a JSON object, and its line number (`None, -1` if none)."
+    for off, line in zip(offsets[:limit].tolist(), lines[:limit].tolist()):
+        try: obj = json.loads(_read_line(path, off))
+        except (json.JSONDecodeError, UnicodeDecodeError): continue
+        if isinstance(obj, dict): return obj, line
+    return None, -1
+
+def jsonl_fields(path: Path, obj: dict | None, line: int, text_field: str, image_field: str | None) -> tuple[tuple, tuple]:
+    "The text and image field names a JSONL file's records use, detected from its first record `obj` when `'auto'`."
+    text = (text_field,) if text_field != AUTO else ("text", "query")
+    image = (image_field,) if image_field not in (AUTO, None) else ("image", "images") if image_field == AUTO else ()
+    if obj is None: return text, image
+    where = f"{path} line {line}"
+    if text_field == AUTO and not any(k in obj for k in text):
+        hint = " (a conversation file? open it with mmlit.formats.Conversations)" if {"conversations", "messages"} & set(obj) else ""
+        try: text = (pick_column(list(obj), AUTO, CAPTION_NAMES, what="caption", option="text_field", where=where),)
+        except ConfigError as e: raise ConfigError(f"{e}{hint}") from None
+    if image_field == AUTO and not any(k in obj for k in image):
+        found = pick_column(list(obj), AUTO, IMAGE_NAMES + ("image_path", "file_name"), what="image",
+                            option="image_field", where=where, required=False)
+        image = (found,) if found else image
+    return text, image
+
 def _check_path(path) -> Path:
     p = Path(path)
     if not p.is_file(): raise FileNotFoundError(f"no such file: {p}")
@@ -283,12 +329,15 @@ class JsonlImageText(MMDataset):
     source = "jsonl"
 
     def __init__(self, path: str | Path, *, image_root: str | Path | None = None, decode: bool = True,
-                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, text_field: str = AUTO,
+                 image_field: str | None = AUTO, **kwargs):
         super().__init__(**kwargs)
         self.path = _check_path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.decode, self.max_pixels = decode, max_pixels
         self._offsets, self._lines = _line_offsets(self.path)
+        self.text_fields, self.image_fields = jsonl_fields(self.path, *_first_object(self.path, self._offsets, self._lines),
+                                                           text_field, image_field)
 
     def __len__(self) -> int: return len(self._offsets)
     @property
@@ -297,11 +346,12 @@ class JsonlImageText(MMDataset):
     def load(self, idx: int) -> dict:
         where = dict(source=self.source, file=str(self.path), index=int(self._lines[idx]), unit="line")
         obj = _parse_json_line(_read_line(self.path, int(self._offsets[idx])), where)
-        text = _pick(obj, ("text", "query"), str, where, required=True)
-        images = _str_list(obj.get("image", obj.get("images")), "image", where)
+        text = _pick(obj, self.text_fields, str, where, required=True)
+        cell = next((obj[k] for k in self.image_fields if obj.get(k) is not None), None)
+        images = _str_list(cell, "image", where)
         opened = [open_image(self.image_root / p, decode=self.decode, max_pixels=self.max_pixels, where=where)
                   for p in images]
-        image = opened if isinstance(obj.get("image", obj.get("images")), list) else (opened[0] if opened else None)
+        image = opened if isinstance(cell, list) else (opened[0] if opened else None)
         negatives = _str_list(obj.get("negatives", obj.get("negative")), "negatives", where)
         task = _pick(obj, ("task",), str, where)
         return make_record(text, image, negatives, task, _messages(obj.get("messages"), where), where)
@@ -396,12 +446,15 @@ class ParquetImageText(MMDataset):
     "Image-text pairs from Parquet shards with embedded image bytes, read by row group."
     source = "parquet"
 
-    def __init__(self, paths, *, image_column: str | None = "image", text_column: str = "caption",
+    def __init__(self, paths, *, image_column: str | None = AUTO, text_column: str = AUTO,
                  negatives_column: str | None = "negatives", task_column: str | None = "task",
                  decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                  cache_row_groups: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.files = expand_paths(paths, (".parquet",))
+        first = pq.ParquetFile(self.files[0]).schema_arrow.names
+        text_column = pick_column(first, text_column, CAPTION_NAMES, what="caption", option="text_column", where=str(self.files[0]))
+        image_column = pick_column(first, image_column, IMAGE_NAMES, what="image", option="image_column", where=str(self.files[0]))
         self.image_column, self.text_column, self.decode, self.max_pixels = image_column, text_column, decode, max_pixels
         self.negatives_column, self.task_column = negatives_column, task_column
         self.cache_row_groups = max(1, int(cache_row_groups))
@@ -481,12 +534,13 @@ class HFDataset(MMDataset):
     "An HF `datasets.Dataset` (its `Image` feature included) as mmlit records."
     source = "hf"
 
-    def __init__(self, ds, *, text_column: str = "text", image_column: str | None = "image",
+    def __init__(self, ds, *, text_column: str = AUTO, image_column: str | None = AUTO,
                  negatives_column: str | None = "negatives", task_column: str | None = "task",
                  decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
         super().__init__(**kwargs)
         cols = list(getattr(ds, "column_names", []))
-        if text_column not in cols: raise ConfigError(f"HF dataset has no column {text_column!r}; columns are {cols}")
+        text_column = pick_column(cols, text_column, CAPTION_NAMES, what="caption", option="text_column", where="HF dataset")
+        image_column = pick_column(cols, image_column, IMAGE_NAMES, what="image", option="image_column", where="HF dataset", required=False)
         self.ds, self.text_column, self.decode, self.max_pixels = ds, text_column, decode, max_pixels
         self.image_column = image_column if image_column in cols else None
         self.negatives_column = negatives_column if negatives_column in cols else None
