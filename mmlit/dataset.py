@@ -28,11 +28,12 @@ from .core import (BadRecordError, ConfigError, Registry, Stream, TooManyBadReco
 
 # %% auto #0
 __all__ = ['logger', 'RECORD_KEYS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'AUTO', 'CAPTION_NAMES',
-           'IMAGE_NAMES', 'task_formats', 'make_record', 'BadRecord', 'Skipped', 'split_skipped', 'SkipReport',
-           'MMDataset', 'check_image_size', 'open_image', 'pick_column', 'jsonl_fields', 'JsonlImageText',
-           'expand_paths', 'TextCorpus', 'open_image_cell', 'ParquetImageText', 'HFDataset', 'TorchDataset',
-           'TensorList', 'as_mm_dataset', 'open_source', 'locate_error', 'DeterministicDataset', 'Mixture',
-           'format_caption', 'format_qa', 'format_pointing', 'format_counting', 'format_messages']
+           'IMAGE_NAMES', 'FRAME_SUFFIXES', 'task_formats', 'make_record', 'BadRecord', 'Skipped', 'split_skipped',
+           'SkipReport', 'MMDataset', 'check_image_size', 'open_image', 'pick_column', 'group_videos', 'video_refs',
+           'jsonl_fields', 'JsonlImageText', 'expand_paths', 'TextCorpus', 'open_image_cell', 'ParquetImageText',
+           'HFDataset', 'TorchDataset', 'TensorList', 'as_mm_dataset', 'open_source', 'locate_error',
+           'DeterministicDataset', 'Mixture', 'format_caption', 'format_qa', 'format_pointing', 'format_counting',
+           'format_messages']
 
 # %% ../nbs/01_dataset.ipynb #04f85c80
 logger = logging.getLogger("mmlit.dataset")
@@ -271,6 +272,23 @@ def pick_column(columns: Sequence[str], wanted: str | None, candidates: Sequence
     raise ConfigError(f"{where}: {why}; columns are {cols}; pick one with {option}=")
 
 
+# %% ../nbs/01_dataset.ipynb #c01a7d40
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+def group_videos(refs: Sequence[str]) -> list:
+    "A `video` field's paths as a list of videos: frame files together form one video, anything else is one video each."
+    refs = list(refs)
+    if refs and all(Path(r).suffix.lower() in FRAME_SUFFIXES for r in refs): return [refs]
+    return refs
+
+def video_refs(v, root: Path, where: dict) -> list:
+    "A record's `video` field as a list of videos (a path, or a list of frame paths), resolved against `root`; missing files are bad records."
+    videos = group_videos(_str_list(v, "video", where))
+    for p in (Path(x) for vid in videos for x in (vid if isinstance(vid, list) else [vid])):
+        if not (root / p).exists(): raise BadRecordError(f"video file not found: {root / p}", **where)
+    return [[str(root / x) for x in vid] if isinstance(vid, list) else str(root / vid) for vid in videos]
+
+
 # %% ../nbs/01_dataset.ipynb #ea6be655
 def _line_offsets(path: Path) -> tuple[np.ndarray, np.ndarray]:
     "Byte offsets and 0-based line numbers of the non-blank lines of `path`."
@@ -354,7 +372,9 @@ class JsonlImageText(MMDataset):
         image = opened if isinstance(cell, list) else (opened[0] if opened else None)
         negatives = _str_list(obj.get("negatives", obj.get("negative")), "negatives", where)
         task = _pick(obj, ("task",), str, where)
-        return make_record(text, image, negatives, task, _messages(obj.get("messages"), where), where)
+        video = video_refs(obj.get("video", obj.get("videos")), self.image_root, where)
+        return make_record(text, image, negatives, task, _messages(obj.get("messages"), where), where,
+                           **({"video": video} if video else {}))
 
 # %% ../nbs/01_dataset.ipynb #d1fcebc3
 def expand_paths(paths, suffixes: Sequence[str] = ()) -> list[Path]:
