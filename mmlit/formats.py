@@ -31,8 +31,9 @@ from .dataset import (AUTO, CAPTION_NAMES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_NAMES
 
 # %% auto #0
 __all__ = ['logger', 'INDEX_VERSION', 'IMAGE_EXTS', 'TEXT_EXTS', 'IMAGE_PLACEHOLDER', 'VIDEO_PLACEHOLDER', 'ROLES',
-           'expand_braces', 'shard_paths', 'index_cache_dir', 'split_member', 'TarIndex', 'index_tar', 'load_tar_index',
-           'WebDatasetShards', 'conversation_messages', 'json_array_spans', 'open_ref', 'Conversations']
+           'IMAGE_SUFFIXES', 'sources', 'expand_braces', 'shard_paths', 'index_cache_dir', 'split_member', 'TarIndex',
+           'index_tar', 'load_tar_index', 'WebDatasetShards', 'conversation_messages', 'json_array_spans', 'open_ref',
+           'Conversations', 'CocoCaptions', 'ImageFolder', 'guess_kind', 'open_dataset']
 
 # %% ../nbs/01b_formats.ipynb #5e1f0a07
 logger = logging.getLogger("mmlit.formats")
@@ -389,3 +390,159 @@ class Conversations(MMDataset):
         videos = video_refs(video_list, self.image_root, where)
         return make_record(None, images or None, task="chat", messages=messages, meta=meta,
                            **({"video": videos} if videos else {}))
+
+# %% ../nbs/01b_formats.ipynb #5e1f0a1c
+class CocoCaptions(MMDataset):
+    "COCO caption annotations: one record per caption, or per image with all its captions (`per_image=True`)."
+    source = "coco"
+
+    def __init__(self, path: str | Path, *, image_root: str | Path | None = None, per_image: bool = False,
+                 decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
+        super().__init__(**kwargs)
+        self.path = _check_path(path)
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.per_image, self.decode, self.max_pixels = per_image, decode, max_pixels
+        with open(self.path, "rb") as f:
+            try: obj = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ConfigError(f"{self.path}: not valid JSON ({e})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("images"), list) or not isinstance(obj.get("annotations"), list):
+            raise ConfigError(f"{self.path}: not a COCO annotation file (needs 'images' and 'annotations' lists)")
+        self.files = {im.get("id"): im.get("file_name") for im in obj["images"] if isinstance(im, dict)}
+        self.annotations = [a if isinstance(a, dict) else {"caption": a} for a in obj["annotations"]]
+        if per_image:
+            by_image: dict = {}
+            for n, a in enumerate(self.annotations): by_image.setdefault(a.get("image_id"), []).append(n)
+            self.groups = list(by_image.values())     # annotation numbers of each image, in first-caption order
+
+    def __len__(self) -> int: return len(self.groups) if self.per_image else len(self.annotations)
+    @property
+    def n_rows(self) -> int: return len(self)
+
+    def load(self, idx: int) -> dict:
+        numbers = self.groups[idx] if self.per_image else [idx]
+        where = dict(source=self.source, file=str(self.path), index=numbers[0], unit="annotation")
+        anns = [self.annotations[n] for n in numbers]
+        captions = [_pick(a, ("caption",), str, where, required=True) for a in anns]
+        image_id = anns[0].get("image_id")
+        if image_id not in self.files: raise BadRecordError(f"image_id {image_id!r} is not in 'images'", **where)
+        if not isinstance(self.files[image_id], str): raise BadRecordError(f"image {image_id!r} has no file_name", **where)
+        image = open_image(self.image_root / self.files[image_id], decode=self.decode, max_pixels=self.max_pixels, where=where)
+        meta = {**where, "image_id": image_id, "annotation_id": anns[0].get("id")}
+        return make_record(captions[0], image, meta=meta, **({"captions": captions} if self.per_image else {}))
+
+    def get(self, idx: int, rng: np.random.Generator | None = None):
+        "Record `idx`; with `per_image`, `text` is one of the image's captions drawn from `rng`."
+        rec = super().get(idx, rng)
+        if rec and self.per_image and not rec["meta"].get("text_dropped"):
+            rng = rng if rng is not None else np_rng(self.seed, 0, self._check_index(idx))
+            rec["text"] = rec["captions"][int(rng.integers(len(rec["captions"])))]
+        return rec
+
+# %% ../nbs/01b_formats.ipynb #5e1f0a1f
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+def _metadata_rows(path: Path) -> list[tuple[int, dict | str]]:
+    "(line, row) of a `metadata.jsonl` / `metadata.csv`; a line that is not a JSON object keeps its error text."
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f: return [(n + 1, row) for n, row in enumerate(csv.DictReader(f))]
+    out = []
+    offsets, lines = _line_offsets(path)
+    for off, line in zip(offsets.tolist(), lines.tolist()):
+        raw = _read_line(path, off)
+        try: obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e: obj = f"invalid JSON ({e})"
+        out.append((line, obj if isinstance(obj, (dict, str)) else f"expected a JSON object, got {type(obj).__name__}"))
+    return out
+
+class ImageFolder(MMDataset):
+    "An HF `imagefolder` directory: images with `metadata.jsonl`/`metadata.csv`, or class subfolders as labels."
+    source = "imagefolder"
+
+    def __init__(self, root: str | Path, *, text_column: str | None = AUTO, decode: bool = True,
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        if not self.root.is_dir(): raise FileNotFoundError(f"no such directory: {self.root}")
+        self.decode, self.max_pixels = decode, max_pixels
+        metas = sorted(p for p in self.root.rglob("metadata.*") if p.suffix in (".jsonl", ".csv"))
+        self.files = metas
+        self.rows: list[tuple[Path, int, dict | str]] = [(m, line, row) for m in metas for line, row in _metadata_rows(m)]
+        self.classes: list[str] = []
+        if metas:
+            first = next((row for _, _, row in self.rows if isinstance(row, dict)), {})
+            cols = [c for c in first if c != "file_name"]
+            self.text_column = pick_column(cols, text_column, CAPTION_NAMES, what="caption", option="text_column",
+                                           where=str(metas[0]), required=False)
+        else:
+            self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+            self.images = [(k, p) for k, c in enumerate(self.classes) for p in sorted((self.root / c).rglob("*"))
+                           if p.suffix.lower() in IMAGE_SUFFIXES]
+            if not self.images: raise ConfigError(f"{self.root}: no metadata.jsonl/metadata.csv and no class subfolders with images")
+            self.text_column = None
+
+    def __len__(self) -> int: return len(self.rows) if self.files else len(self.images)
+    @property
+    def n_rows(self) -> int: return len(self)
+
+    def load(self, idx: int) -> dict:
+        if not self.files:
+            label, path = self.images[idx]
+            where = dict(source=self.source, file=str(path), index=idx, unit="image")
+            image = open_image(path, decode=self.decode, max_pixels=self.max_pixels, where=where)
+            return make_record(self.classes[label].replace("_", " "), image, meta={**where, "label": label, "class": self.classes[label]})
+        meta_path, line, row = self.rows[idx]
+        where = dict(source=self.source, file=str(meta_path), index=line, unit="line" if meta_path.suffix == ".jsonl" else "row")
+        if isinstance(row, str): raise BadRecordError(row, **where)
+        name = _pick(row, ("file_name",), str, where, required=True)
+        text = _pick(row, (self.text_column,), str, where, required=True) if self.text_column else None
+        image = open_image(meta_path.parent / name, decode=self.decode, max_pixels=self.max_pixels, where=where)
+        extra = {k: v for k, v in row.items() if k not in ("file_name", self.text_column)}
+        return make_record(text, image, meta={**where, **extra})
+
+# %% ../nbs/01b_formats.ipynb #5e1f0a22
+sources = Registry("source kind")
+for _name, _cls in (("parquet", ParquetImageText), ("jsonl", JsonlImageText), ("text", TextCorpus),
+                    ("webdataset", WebDatasetShards), ("conversations", Conversations), ("coco", CocoCaptions),
+                    ("imagefolder", ImageFolder)):
+    sources.add(_name, _cls)
+
+def _first_record(path: Path) -> dict | None:
+    "The first record of a JSON/JSONL file (the first item of an array, the first line, or the whole object)."
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+        first_line = head.split(b"\n", 1)[0] if b"\n" in head else head + f.read()
+    try: obj = json.loads(first_line)
+    except (json.JSONDecodeError, UnicodeDecodeError): obj = None
+    if isinstance(obj, dict): return obj
+    text = head.decode("latin-1").lstrip()
+    if text.startswith("["):
+        try: obj = json.JSONDecoder().raw_decode(text, _WS.match(text, 1).end())[0]
+        except json.JSONDecodeError: return None
+        return obj if isinstance(obj, dict) else None
+    if text.startswith("{") and (b'"annotations"' in head or b'"annotations"' in path.read_bytes()):
+        return {"images": [], "annotations": []}      # one multi-line JSON object with annotations: COCO-like
+    return None
+
+def guess_kind(path) -> str | None:
+    "The source kind of `path` (a file, folder, glob or brace pattern, or a list of them); `None` when unknown."
+    s = str(path[0] if isinstance(path, (list, tuple)) else path)
+    p = Path(s)
+    if re.search(r"\.tar(\}|$)", s) or (p.is_dir() and any(p.glob("*.tar"))): return "webdataset"
+    if s.endswith(".parquet") or (p.is_dir() and any(p.glob("*.parquet"))): return "parquet"
+    if p.is_dir(): return "imagefolder"
+    if s.endswith(".txt"): return "text"
+    if s.endswith((".json", ".jsonl")):
+        obj = _first_record(p) if p.is_file() else None
+        if obj is not None and "annotations" in obj and "images" in obj: return "coco"
+        if obj is not None and ("conversations" in obj or "messages" in obj) and not any(k in obj for k in ("text", "query")):
+            return "conversations"
+        return "jsonl"
+    return None
+
+def open_dataset(path, kind: str | None = None, **options) -> MMDataset:
+    "Open `path` with the source for `kind` (default: `guess_kind(path)`); `options` go to that source."
+    kind = kind or guess_kind(path)
+    if kind is None:
+        raise ConfigError(f"cannot tell the format of {path}: expected .tar shards, .parquet, .json/.jsonl, .txt or an "
+                          f"image folder (or pass kind=, one of {', '.join(sources.names())})")
+    return sources.build(kind, path, **options)
