@@ -335,19 +335,34 @@ class Qwen2VLCollator(TextCollator):
             raise RaggedBatchError(f"{where(s, i)}: {int((s['mm_token_type_ids'] == 1).sum())} image tokens in mm_token_type_ids, "
                                    f"image_grid_thw needs {n_tok}")
 
+    def check_videos(self, s: dict, i: int) -> None:
+        "Video patches, grids and video tokens (`mm_token_type_ids` 2) of one sample agree."
+        pv, thw = s["pixel_values_videos"], s["video_grid_thw"]
+        if pv.ndim != 2 or thw.ndim != 2 or thw.shape[1] != 3 or int(thw.prod(-1).sum()) != len(pv):
+            raise RaggedBatchError(f"{where(s, i)}: pixel_values_videos {tuple(pv.shape)} does not match video_grid_thw {thw.tolist()}")
+        n_tok = int(thw.prod(-1).sum()) // self.merge**2
+        if "mm_token_type_ids" in s and int((s["mm_token_type_ids"] == 2).sum()) != n_tok:
+            raise RaggedBatchError(f"{where(s, i)}: {int((s['mm_token_type_ids'] == 2).sum())} video tokens in mm_token_type_ids, "
+                                   f"video_grid_thw needs {n_tok}")
+
     def collate(self, samples: list[dict]) -> dict:
-        for i, s in enumerate(samples): self.check_images(s, i)
+        for i, s in enumerate(samples):
+            self.check_images(s, i)
+            if "video_grid_thw" in s: self.check_videos(s, i)
         batch = self.pad_sequences(samples)
         if "mm_token_type_ids" in batch:
-            n_img = [int((s["mm_token_type_ids"] == 1).sum()) for s in samples]
-            kept = (batch["mm_token_type_ids"] == 1).sum(-1).tolist()
+            n_img = [int((s["mm_token_type_ids"] > 0).sum()) for s in samples]
+            kept = (batch["mm_token_type_ids"] > 0).sum(-1).tolist()
             for i, (a, b) in enumerate(zip(n_img, kept)):
-                if a != b: raise SequenceTooLongError(f"{where(samples[i], i)}: truncating to max_len would cut image tokens (raise max_len)")
+                if a != b: raise SequenceTooLongError(f"{where(samples[i], i)}: truncating to max_len would cut image or video tokens (raise max_len)")
         batch.pop("image_input_idx", None)
         if sum(len(s["image_grid_thw"]) for s in samples):
             batch["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])
             batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in samples])
-        skip = set(batch) | {"pixel_values", "image_grid_thw", "image_input_idx"}
+        if "video_grid_thw" in samples[0] and sum(len(s["video_grid_thw"]) for s in samples):
+            batch["pixel_values_videos"] = torch.cat([s["pixel_values_videos"] for s in samples])
+            batch["video_grid_thw"] = torch.cat([s["video_grid_thw"] for s in samples])
+        skip = set(batch) | {"pixel_values", "image_grid_thw", "image_input_idx", "pixel_values_videos", "video_grid_thw"}
         return {**batch, **stack_rest(samples, [k for k in samples[0] if k not in skip], type(self).__name__)}
 
 collators.add("qwen2_vl", Qwen2VLCollator, modality="multimodal", model="qwen2_vl")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .core import BadRecordError, ConfigError, Registry
+from .formats import VIDEO_PLACEHOLDER
 
 # %% auto #0
 __all__ = ['EOS', 'IM_START', 'IM_END', 'VISION_START', 'VISION_END', 'IMAGE_PAD', 'VIDEO_PAD', 'SPECIAL_TOKENS',
@@ -117,14 +118,14 @@ def _turn_spans(tokenizer, messages, template, train_roles) -> list[tuple[int, i
     return spans
 
 # %% ../nbs/02a_text.ipynb #977c630e
-def _with_image_tokens(messages, image_tokens: ImageTokens) -> tuple[list[dict], int]:
-    "Messages with each `<image>` replaced by start + one image token + end, and the number replaced."
+def _with_image_tokens(messages, image_tokens: ImageTokens, placeholder: str = IMAGE_PLACEHOLDER) -> tuple[list[dict], int]:
+    "Messages with each `placeholder` (`<image>`, `<video>`) replaced by start + one token + end, and the number replaced."
     out, n = [], 0
     for m in messages:
         content = m["content"]
         if not isinstance(content, str): raise BadRecordError(f"message content must be a string, got {type(content).__name__}")
-        n += content.count(IMAGE_PLACEHOLDER)
-        out.append({**m, "content": content.replace(IMAGE_PLACEHOLDER, image_tokens.start + image_tokens.token + image_tokens.end)})
+        n += content.count(placeholder)
+        out.append({**m, "content": content.replace(placeholder, image_tokens.start + image_tokens.token + image_tokens.end)})
     return out, n
 
 def image_input_idx(runs: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -137,12 +138,16 @@ def image_input_idx(runs: Sequence[tuple[int, int]]) -> torch.Tensor:
 def encode_chat(tokenizer, messages: Sequence[dict], num_image_tokens: Sequence[int] = (), *,
                 image_tokens: ImageTokens = ImageTokens(), max_length: int | None = None,
                 truncation: str = "drop_turns", chat_template: str | None = None,
-                train_roles: Sequence[str] = ("assistant",)) -> dict[str, Any]:
-    "Chat `messages` → `input_ids`, `labels` (roles), `attention_mask`, `image_input_idx`, `mm_token_type_ids`, `num_images`."
+                train_roles: Sequence[str] = ("assistant",), num_video_tokens: Sequence[int] = (),
+                video_tokens: ImageTokens = ImageTokens(token=VIDEO_PAD)) -> dict[str, Any]:
+    "Chat `messages` → `input_ids`, `labels` (roles), `attention_mask`, `image_input_idx`, `mm_token_type_ids`, `num_images` (+ `num_videos`)."
     if truncation not in ("drop_turns", "error"): raise ConfigError(f"truncation must be 'drop_turns' or 'error', got {truncation!r}")
     msgs, n_placeholders = _with_image_tokens(messages, image_tokens)
+    msgs, n_videos = _with_image_tokens(msgs, video_tokens, VIDEO_PLACEHOLDER)
     if n_placeholders != len(num_image_tokens):
         raise BadRecordError(f"messages have {n_placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(num_image_tokens)} images")
+    if n_videos != len(num_video_tokens):
+        raise BadRecordError(f"messages have {n_videos} {VIDEO_PLACEHOLDER} placeholders for {len(num_video_tokens)} videos")
     template = _template_of(tokenizer, chat_template)
     spans = _turn_spans(tokenizer, msgs, template, set(train_roles))
     text = _render(tokenizer, msgs, template)
@@ -151,11 +156,19 @@ def encode_chat(tokenizer, messages: Sequence[dict], num_image_tokens: Sequence[
     image_id = tokenizer.convert_tokens_to_ids(image_tokens.token)
     if n_placeholders and (image_id is None or image_id == tokenizer.unk_token_id or len(token_ids(tokenizer, image_tokens.token)) != 1):
         raise ConfigError(f"image token {image_tokens.token!r} must be a single special token of the tokenizer (add it first)")
+    video_id = tokenizer.convert_tokens_to_ids(video_tokens.token) if n_videos else None
+    if n_videos and (video_id is None or video_id == tokenizer.unk_token_id or len(token_ids(tokenizer, video_tokens.token)) != 1):
+        raise ConfigError(f"video token {video_tokens.token!r} must be a single special token of the tokenizer (add it first)")
 
     turn_ends = [e for _, _, e in spans]
-    out_ids, labels, turn_of, runs, k_img = [], [], [], [], 0
+    out_ids, labels, turn_of, runs, k_img, video_runs = [], [], [], [], 0, []
     for tid, c in zip(ids, starts):
         t = min(bisect.bisect_right(turn_ends, c), len(spans) - 1)
+        if n_videos and tid == video_id:                  # a video's run: t·h·w / merge² tokens, never trained
+            if len(video_runs) >= len(num_video_tokens): raise BadRecordError("text contains more video tokens than videos")
+            n = int(num_video_tokens[len(video_runs)]); video_runs.append((len(out_ids), n))
+            out_ids += [tid] * n; labels += [-100] * n; turn_of += [t] * n
+            continue
         if n_placeholders and tid == image_id:
             if k_img >= len(num_image_tokens): raise BadRecordError("text contains more image tokens than images")
             n = int(num_image_tokens[k_img]); runs.append((len(out_ids), n)); k_img += 1
@@ -164,18 +177,23 @@ def encode_chat(tokenizer, messages: Sequence[dict], num_image_tokens: Sequence[
         out_ids.append(tid); turn_of.append(t)
         labels.append(tid if c >= spans[t][1] else -100)
     if k_img != len(num_image_tokens): raise BadRecordError(f"found {k_img} image tokens for {len(num_image_tokens)} images")
+    if len(video_runs) != len(num_video_tokens): raise BadRecordError(f"found {len(video_runs)} video tokens for {len(num_video_tokens)} videos")
 
     L = len(out_ids)
     if max_length is not None and L > max_length:
         if truncation == "error": raise BadRecordError(f"{L} tokens exceed max_length={max_length}")
         L = _keep_whole_turns(turn_of, labels, max_length)
         runs = [r for r in runs if r[0] + r[1] <= L]
+        video_runs = [r for r in video_runs if r[0] + r[1] <= L]
     ids_t = torch.tensor(out_ids[:L], dtype=torch.int64)
     mm = torch.zeros(L, dtype=torch.int64)
     for s, n in runs: mm[s: s + n] = 1
-    return {"input_ids": ids_t, "attention_mask": torch.ones(L, dtype=torch.int64),
-            "labels": torch.tensor(labels[:L], dtype=torch.int64), "image_input_idx": image_input_idx(runs),
-            "mm_token_type_ids": mm, "num_images": len(runs)}
+    for s, n in video_runs: mm[s: s + n] = 2                # Qwen2-VL's token types: 0 text, 1 image, 2 video
+    out = {"input_ids": ids_t, "attention_mask": torch.ones(L, dtype=torch.int64),
+           "labels": torch.tensor(labels[:L], dtype=torch.int64), "image_input_idx": image_input_idx(runs),
+           "mm_token_type_ids": mm, "num_images": len(runs)}
+    if n_videos: out["num_videos"] = len(video_runs)
+    return out
 
 def _keep_whole_turns(turn_of: list[int], labels: list[int], max_length: int) -> int:
     "Length of the longest prefix of whole turns that fits and, if anything is trained, ends on a trained turn."
