@@ -213,14 +213,13 @@ class WebDatasetShards(MMDataset):
                                                  where=f"{where} sample {ix.keys[j]!r} json")
 
     def _read(self, k: int, offset: int, size: int, where: dict) -> bytes:
-        "`size` bytes of shard `k` from `offset` (one seek and read; a few shards stay open per process)."
+        "`size` bytes of shard `k` from `offset`: one positional read (safe in forked workers); a few shards stay open."
         f = self._handles.get(k)
         if f is None:
             while len(self._handles) >= self.max_open_files: self._handles.popitem(last=False)[1].close()
-            f = self._handles[k] = open(self.files[k], "rb")
+            f = self._handles[k] = open(self.files[k], "rb", buffering=0)
         else: self._handles.move_to_end(k)
-        f.seek(offset)
-        data = f.read(size)
+        data = os.pread(f.fileno(), size, offset)
         if len(data) != size: raise BadRecordError(f"shard ends before byte {offset + size} (changed since it was indexed?)", **where)
         return data
 
