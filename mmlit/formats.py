@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import csv
 import hashlib
 import json
@@ -229,7 +230,7 @@ class WebDatasetShards(MMDataset):
 
     def locate(self, idx: int) -> tuple[int, int]:
         "(shard number, sample number in that shard) of index `idx`."
-        k = int(np.searchsorted(self._starts, idx, side="right")) - 1
+        k = bisect.bisect_right(self._starts, idx) - 1
         return k, idx - self._starts[k]
 
     def load(self, idx: int) -> dict:

@@ -319,3 +319,18 @@ def test_image_folder_matches_hf_imagefolder(tmp_path):
     assert [np.asarray(r["image"]).tobytes() for r in ours.records()] == [np.asarray(im).tobytes() for im in theirs["image"]]
     rc, r, _ = _inspect(str(meta), "--json")
     assert (rc, r["kind"], r["good"]) == (0, "imagefolder", 3)
+
+
+def test_llava_jsonl_in_mmlit_inspect(chat_files):
+    "The issue's case: a LLaVA-style JSONL is a conversation file, not image-text pairs missing 'text'."
+    d, _ = chat_files
+    rows = json.loads((d / "llava.json").read_text())
+    (d / "llava.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    rc, r, _ = _inspect(str(d / "llava.jsonl"), "--json")
+    assert (rc, r["kind"], r["rows"], r["good"]) == (0, "conversations", 3, 2)
+    assert [(b["unit"], b["index"]) for b in r["bad"]] == [("line", 2)]
+    rc, _, err = _inspect(str(d / "llava.jsonl"), "--kind", "jsonl")
+    assert rc == 2 and "no column looks like the caption" in err and "pick one with --text-column" in err
+    assert "a conversation file? open it with mmlit.formats.Conversations" in err
+    rc, r, _ = _inspect(str(d / "llava.json"), "--kind", "conversations", "--json")
+    assert (rc, r["good"]) == (0, 2)
