@@ -345,6 +345,14 @@ class Qwen2VLCollator(TextCollator):
             raise RaggedBatchError(f"{where(s, i)}: {int((s['mm_token_type_ids'] == 2).sum())} video tokens in mm_token_type_ids, "
                                    f"video_grid_thw needs {n_tok}")
 
+    def collate_with_bad(self, samples: Sequence) -> tuple[dict | None, list]:
+        "As `Collator`'s; in a batch with videos, samples without any get empty video patches (records may mix)."
+        if any(isinstance(s, dict) and "video_grid_thw" in s for s in samples):
+            samples = [{**s, "pixel_values_videos": s["pixel_values"].new_zeros(0, s["pixel_values"].shape[-1]),
+                        "video_grid_thw": torch.zeros(0, 3, dtype=torch.int64)}
+                       if isinstance(s, dict) and "video_grid_thw" not in s and "pixel_values" in s else s for s in samples]
+        return super().collate_with_bad(samples)
+
     def collate(self, samples: list[dict]) -> dict:
         for i, s in enumerate(samples):
             self.check_images(s, i)

@@ -186,3 +186,17 @@ def tiny_qwen2_vl(tok):
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     return Qwen2VLForConditionalGeneration(cfg).eval()
+
+
+def test_video_and_image_records_share_a_batch(videos, tok):
+    "A record without videos gets empty video patches in a batch that has some; the model takes the batch."
+    from PIL import Image
+    pre = ChatPreprocessor(tok, Qwen2VLPatcher(), max_frames=4)
+    with_video = pre(JsonlImageText(videos / "clips.jsonl")[0], np_rng(0))
+    still = Image.open(videos / "still.png")
+    image_only = pre({"text": "a still", "image": still, "messages": None, "meta": {}}, np_rng(1))
+    assert "video_grid_thw" not in image_only
+    batch = Qwen2VLCollator(tok)([image_only, with_video])
+    assert batch["video_grid_thw"].shape == (1, 3) and batch["image_grid_thw"].shape == (1, 3)
+    out = tiny_qwen2_vl(tok)(**{k: v for k, v in batch.items() if k != "task_labels"})
+    assert torch.isfinite(out.loss)
