@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="read and decode every record of a source; report bad ones and statistics",
                          description="Read and decode every record of a Parquet, JSONL or text source; report rows, "
                                      "bad records (row/line and reason), image sizes and caption lengths.")
-    ins.add_argument("path", nargs="?", help="a .parquet file, directory or glob of shards; a .jsonl file; a .txt corpus")
+    ins.add_argument("path", nargs="?", help="Parquet or tar shards (file, directory, glob, {000..009} pattern); .json/.jsonl pairs, chats or COCO; an image folder; a .txt corpus")
     ins.add_argument("--demo", action="store_true", help="build (once, into the cache) and inspect the demo data")
     ins.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     ins.add_argument("--kind", choices=sources.names(), help="source kind (default: told from the path and its first record)")
