@@ -32,9 +32,9 @@ from .dataset import (AUTO, CAPTION_NAMES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_NAMES
 
 # %% auto #0
 __all__ = ['logger', 'INDEX_VERSION', 'IMAGE_EXTS', 'TEXT_EXTS', 'IMAGE_PLACEHOLDER', 'VIDEO_PLACEHOLDER', 'ROLES',
-           'IMAGE_SUFFIXES', 'sources', 'expand_braces', 'shard_paths', 'index_cache_dir', 'split_member', 'TarIndex',
-           'index_tar', 'load_tar_index', 'WebDatasetShards', 'conversation_messages', 'json_array_spans', 'open_ref',
-           'Conversations', 'CocoCaptions', 'ImageFolder', 'guess_kind', 'open_dataset']
+           'IMAGE_SUFFIXES', 'SPLIT_NAMES', 'sources', 'expand_braces', 'shard_paths', 'index_cache_dir',
+           'split_member', 'TarIndex', 'index_tar', 'load_tar_index', 'WebDatasetShards', 'conversation_messages',
+           'json_array_spans', 'open_ref', 'Conversations', 'CocoCaptions', 'ImageFolder', 'guess_kind', 'open_dataset']
 
 # %% ../nbs/01b_formats.ipynb #5e1f0a07
 logger = logging.getLogger("mmlit.formats")
@@ -440,6 +440,7 @@ class CocoCaptions(MMDataset):
 
 # %% ../nbs/01b_formats.ipynb #5e1f0a1f
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev")
 
 def _metadata_rows(path: Path) -> list[tuple[int, dict | str]]:
     "(line, row) of a `metadata.jsonl` / `metadata.csv`; a line that is not a JSON object keeps its error text."
@@ -458,13 +459,14 @@ class ImageFolder(MMDataset):
     "An HF `imagefolder` directory: images with `metadata.jsonl`/`metadata.csv`, or class subfolders as labels."
     source = "imagefolder"
 
-    def __init__(self, root: str | Path, *, text_column: str | None = AUTO, decode: bool = True,
+    def __init__(self, root: str | Path, *, split: str | None = None, text_column: str | None = AUTO, decode: bool = True,
                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
         super().__init__(**kwargs)
-        self.root = Path(root)
+        self.root, self.split = Path(root), split
         if not self.root.is_dir(): raise FileNotFoundError(f"no such directory: {self.root}")
+        if split is not None and not (self.root / split).is_dir(): raise FileNotFoundError(f"no split folder {self.root / split}")
         self.decode, self.max_pixels = decode, max_pixels
-        metas = sorted(p for p in self.root.rglob("metadata.*") if p.suffix in (".jsonl", ".csv"))
+        metas = sorted(p for p in (self.root if split is None else self.root / split).rglob("metadata.*") if p.suffix in (".jsonl", ".csv"))
         self.files = metas
         self.rows: list[tuple[Path, int, dict | str]] = [(m, line, row) for m in metas for line, row in _metadata_rows(m)]
         self.classes: list[str] = []
@@ -474,9 +476,13 @@ class ImageFolder(MMDataset):
             self.text_column = pick_column(cols, text_column, CAPTION_NAMES, what="caption", option="text_column",
                                            where=str(metas[0]), required=False)
         else:
-            self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
-            self.images = [(k, p) for k, c in enumerate(self.classes) for p in sorted((self.root / c).rglob("*"))
-                           if p.suffix.lower() in IMAGE_SUFFIXES]
+            subdirs = lambda d: [c for c in sorted(d.iterdir()) if c.is_dir() and not c.name.startswith(".")]
+            tops = subdirs(self.root)                     # split folders (train/, test/, ...) hold the class folders
+            splits = tops if tops and all(d.name.lower() in SPLIT_NAMES for d in tops) else [self.root]
+            class_dirs = [(s, c) for s in splits for c in subdirs(s)]
+            self.classes = sorted({c.name for _, c in class_dirs})
+            self.images = [(self.classes.index(c.name), p, None if s == self.root else s.name) for s, c in class_dirs
+                           if split is None or s.name == split for p in sorted(c.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
             if not self.images: raise ConfigError(f"{self.root}: no metadata.jsonl/metadata.csv and no class subfolders with images")
             self.text_column = None
 
@@ -486,10 +492,11 @@ class ImageFolder(MMDataset):
 
     def load(self, idx: int) -> dict:
         if not self.files:
-            label, path = self.images[idx]
+            label, path, split = self.images[idx]
             where = dict(source=self.source, file=str(path), index=idx, unit="image")
             image = open_image(path, decode=self.decode, max_pixels=self.max_pixels, where=where)
-            return make_record(self.classes[label].replace("_", " "), image, meta={**where, "label": label, "class": self.classes[label]})
+            meta = {**where, "label": label, "class": self.classes[label], **({"split": split} if split else {})}
+            return make_record(self.classes[label].replace("_", " "), image, meta=meta)
         meta_path, line, row = self.rows[idx]
         where = dict(source=self.source, file=str(meta_path), index=line, unit="line" if meta_path.suffix == ".jsonl" else "row")
         if isinstance(row, str): raise BadRecordError(row, **where)

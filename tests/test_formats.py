@@ -309,6 +309,17 @@ def test_image_folder_matches_hf_imagefolder(tmp_path):
     assert [r["meta"]["label"] for r in ours.records()] == theirs["label"]
     assert [ours.classes[r["meta"]["label"]] for r in ours.records()] == [theirs.features["label"].int2str(l) for l in theirs["label"]]
 
+    for split, classes in (("train", ["cat", "dog"]), ("test", ["dog", "owl"])):
+        for k, cls in enumerate(classes):
+            (tmp_path / "splits" / split / cls).mkdir(parents=True)
+            for n in range(2): photo(100 + 10 * k + n).save(tmp_path / "splits" / split / cls / f"{n}.png")
+    hf = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "splits"))
+    for split in ("train", "test"):
+        ours = ImageFolder(tmp_path / "splits", split=split)
+        names = hf[split].features["label"].names
+        assert ours.classes == names
+        assert [r["meta"]["label"] for r in ours.records()] == hf[split]["label"]
+
     meta = tmp_path / "captioned"
     meta.mkdir()
     for n in range(3): photo(n).save(meta / f"{n}.png")
