@@ -30,10 +30,10 @@ from .core import (BadRecordError, ConfigError, Registry, Stream, TooManyBadReco
 __all__ = ['logger', 'RECORD_KEYS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'AUTO', 'CAPTION_NAMES',
            'IMAGE_NAMES', 'FRAME_SUFFIXES', 'task_formats', 'make_record', 'BadRecord', 'Skipped', 'split_skipped',
            'SkipReport', 'MMDataset', 'check_image_size', 'open_image', 'pick_column', 'group_videos', 'video_refs',
-           'jsonl_fields', 'JsonlImageText', 'expand_paths', 'TextCorpus', 'open_image_cell', 'ParquetImageText',
-           'HFDataset', 'TorchDataset', 'TensorList', 'as_mm_dataset', 'open_source', 'locate_error',
-           'DeterministicDataset', 'Mixture', 'format_caption', 'format_qa', 'format_pointing', 'format_counting',
-           'format_messages']
+           'jsonl_fields', 'json_array_spans', 'json_records', 'read_record', 'JsonlImageText', 'expand_paths',
+           'TextCorpus', 'open_image_cell', 'ParquetImageText', 'HFDataset', 'TorchDataset', 'TensorList',
+           'as_mm_dataset', 'open_source', 'locate_error', 'DeterministicDataset', 'Mixture', 'format_caption',
+           'format_qa', 'format_pointing', 'format_counting', 'format_messages']
 
 # %% ../nbs/01_dataset.ipynb #04f85c80
 logger = logging.getLogger("mmlit.dataset")
@@ -312,12 +312,12 @@ def _parse_json_line(raw: bytes, where: dict) -> dict:
     if not isinstance(obj, dict): raise BadRecordError(f"expected a JSON object, got {type(obj).__name__}", **where)
     return obj
 
-def _first_object(path: Path, offsets: np.ndarray, lines: np.ndarray, limit: int = 20) -> tuple[dict | None, int]:
-    "The first of the first `limit` lines that parses as a JSON object, and its line number (`None, -1` if none)."
-    for off, line in zip(offsets[:limit].tolist(), lines[:limit].tolist()):
-        try: obj = json.loads(_read_line(path, off))
+def _first_object(path: Path, spans: np.ndarray, numbers: np.ndarray, limit: int = 20) -> tuple[dict | None, int]:
+    "The first of the first `limit` records that parses as a JSON object, and its number (`None, -1` if none)."
+    for span, n in zip(spans[:limit].tolist(), numbers[:limit].tolist()):
+        try: obj = json.loads(read_record(path, span))
         except (json.JSONDecodeError, UnicodeDecodeError): continue
-        if isinstance(obj, dict): return obj, line
+        if isinstance(obj, dict): return obj, n
     return None, -1
 
 def jsonl_fields(path: Path, obj: dict | None, line: int, text_field: str, image_field: str | None) -> tuple[tuple, tuple]:
@@ -325,7 +325,7 @@ def jsonl_fields(path: Path, obj: dict | None, line: int, text_field: str, image
     text = (text_field,) if text_field != AUTO else ("text", "query")
     image = (image_field,) if image_field not in (AUTO, None) else ("image", "images") if image_field == AUTO else ()
     if obj is None: return text, image
-    where = f"{path} line {line}"
+    where = f"{path} record {line}"
     if text_field == AUTO and not any(k in obj for k in text):
         hint = " (a conversation file? open it with mmlit.formats.Conversations)" if {"conversations", "messages"} & set(obj) else ""
         try: text = (pick_column(list(obj), AUTO, CAPTION_NAMES, what="caption", option="text_field", where=where),)
@@ -341,9 +341,49 @@ def _check_path(path) -> Path:
     if not p.is_file(): raise FileNotFoundError(f"no such file: {p}")
     return p
 
+# %% ../nbs/01_dataset.ipynb #c01a7d51
+import re
+
+_WS = re.compile(r"[ \t\n\r]*")
+
+def json_array_spans(path: str | Path) -> np.ndarray:
+    "`[n, 2]` byte spans of the items of a JSON array file, found in one pass (each item is parsed once, then dropped)."
+    text = Path(path).read_bytes().decode("latin-1")     # one character per byte: positions are byte offsets
+    dec, i = json.JSONDecoder(), _WS.match(text, 0).end()
+    if text[i:i + 1] != "[": raise ConfigError(f"{path}: not a JSON array (it starts with {text[i:i + 20]!r})")
+    i, spans = _WS.match(text, i + 1).end(), []
+    if text[i:i + 1] == "]": return np.zeros((0, 2), np.int64)
+    while True:
+        try: _, end = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: item {len(spans)} is not valid JSON at byte {e.pos} ({e.msg}); "
+                              "the items after it cannot be found") from None
+        spans.append((i, end))
+        i = _WS.match(text, end).end()
+        if text[i:i + 1] == ",": i = _WS.match(text, i + 1).end()
+        elif text[i:i + 1] == "]": return np.asarray(spans, np.int64)
+        else: raise ConfigError(f"{path}: expected ',' or ']' after item {len(spans) - 1} at byte {i}")
+
+def json_records(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    "Byte spans `[n, 2]` of the records of a JSONL file (end -1: to the line's end) or a JSON array, their numbers and unit."
+    with open(path, "rb") as f: array = f.read(4096).lstrip()[:1] == b"["
+    if array:
+        spans = json_array_spans(path)
+        return spans, np.arange(len(spans)), "item"
+    offsets, lines = _line_offsets(path)
+    return np.stack([offsets, np.full_like(offsets, -1)], axis=1), lines, "line"
+
+def read_record(path: Path, span: Sequence[int]) -> bytes:
+    "The bytes of one record of `json_records`."
+    start, end = int(span[0]), int(span[1])
+    if end < 0: return _read_line(path, start)
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
 # %% ../nbs/01_dataset.ipynb #60fa4150
 class JsonlImageText(MMDataset):
-    "Image-text pairs from a JSONL file; images open lazily when a record is read."
+    "Image-text pairs from a JSONL file (or one JSON array); images open lazily when a record is read."
     source = "jsonl"
 
     def __init__(self, path: str | Path, *, image_root: str | Path | None = None, decode: bool = True,
@@ -353,8 +393,9 @@ class JsonlImageText(MMDataset):
         self.path = _check_path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.decode, self.max_pixels = decode, max_pixels
-        self._offsets, self._lines = _line_offsets(self.path)
-        self.text_fields, self.image_fields = jsonl_fields(self.path, *_first_object(self.path, self._offsets, self._lines),
+        self._spans, self._lines, self.unit = json_records(self.path)
+        self._offsets = self._spans[:, 0]
+        self.text_fields, self.image_fields = jsonl_fields(self.path, *_first_object(self.path, self._spans, self._lines),
                                                            text_field, image_field)
 
     def __len__(self) -> int: return len(self._offsets)
@@ -362,8 +403,8 @@ class JsonlImageText(MMDataset):
     def n_rows(self) -> int: return len(self._offsets)
 
     def load(self, idx: int) -> dict:
-        where = dict(source=self.source, file=str(self.path), index=int(self._lines[idx]), unit="line")
-        obj = _parse_json_line(_read_line(self.path, int(self._offsets[idx])), where)
+        where = dict(source=self.source, file=str(self.path), index=int(self._lines[idx]), unit=self.unit)
+        obj = _parse_json_line(read_record(self.path, self._spans[idx]), where)
         text = _pick(obj, self.text_fields, str, where, required=True)
         cell = next((obj[k] for k in self.image_fields if obj.get(k) is not None), None)
         images = _str_list(cell, "image", where)

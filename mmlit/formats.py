@@ -26,15 +26,16 @@ from typing import Sequence
 import numpy as np
 
 from .core import BadRecordError, ConfigError, Registry, np_rng
-from .dataset import (AUTO, CAPTION_NAMES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_NAMES, JsonlImageText, MMDataset,
+from .dataset import (_WS, AUTO, CAPTION_NAMES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_NAMES, JsonlImageText, MMDataset,
                       ParquetImageText, TextCorpus, _check_path, _line_offsets, _parse_json_line, _pick, _read_line,
-                      expand_paths, group_videos, make_record, open_image, pick_column, video_refs)
+                      expand_paths, group_videos, json_records, make_record, open_image, pick_column, read_record,
+                      video_refs)
 
 # %% auto #0
 __all__ = ['logger', 'INDEX_VERSION', 'IMAGE_EXTS', 'TEXT_EXTS', 'IMAGE_PLACEHOLDER', 'VIDEO_PLACEHOLDER', 'ROLES',
            'IMAGE_SUFFIXES', 'SPLIT_NAMES', 'sources', 'expand_braces', 'shard_paths', 'index_cache_dir',
            'split_member', 'TarIndex', 'index_tar', 'load_tar_index', 'WebDatasetShards', 'conversation_messages',
-           'json_array_spans', 'open_ref', 'Conversations', 'CocoCaptions', 'ImageFolder', 'guess_kind', 'open_dataset']
+           'open_ref', 'Conversations', 'CocoCaptions', 'ImageFolder', 'guess_kind', 'open_dataset']
 
 # %% ../nbs/01b_formats.ipynb #5e1f0a07
 logger = logging.getLogger("mmlit.formats")
@@ -314,32 +315,6 @@ def conversation_messages(obj: dict, where: dict | None = None) -> tuple[list[di
         if n_ph and n_ph != len(refs): raise BadRecordError(f"{n_ph} {ph} placeholder(s) for {len(refs)} {what}(s)", **where)
     return messages, images, videos
 
-# %% ../nbs/01b_formats.ipynb #5e1f0a17
-_WS = re.compile(r"[ \t\n\r]*")
-
-def json_array_spans(path: str | Path) -> np.ndarray:
-    "`[n, 2]` byte spans of the items of a JSON array file, found in one pass (each item is parsed once, then dropped)."
-    text = Path(path).read_bytes().decode("latin-1")     # one character per byte: positions are byte offsets
-    dec, i = json.JSONDecoder(), _WS.match(text, 0).end()
-    if text[i:i + 1] != "[": raise ConfigError(f"{path}: not a JSON array (it starts with {text[i:i + 20]!r})")
-    i, spans = _WS.match(text, i + 1).end(), []
-    if text[i:i + 1] == "]": return np.zeros((0, 2), np.int64)
-    while True:
-        try: _, end = dec.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: item {len(spans)} is not valid JSON at byte {e.pos} ({e.msg}); "
-                              "the items after it cannot be found") from None
-        spans.append((i, end))
-        i = _WS.match(text, end).end()
-        if text[i:i + 1] == ",": i = _WS.match(text, i + 1).end()
-        elif text[i:i + 1] == "]": return np.asarray(spans, np.int64)
-        else: raise ConfigError(f"{path}: expected ',' or ']' after item {len(spans) - 1} at byte {i}")
-
-def _starts_with(path: Path, char: bytes) -> bool:
-    "Whether the first non-blank byte of `path` is `char`."
-    with open(path, "rb") as f: head = f.read(4096).lstrip()
-    return head[:1] == char
-
 # %% ../nbs/01b_formats.ipynb #5e1f0a19
 def open_ref(ref: str, root: Path, *, decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
              where: dict | None = None):
@@ -363,27 +338,15 @@ class Conversations(MMDataset):
         self.path = _check_path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.decode, self.max_pixels = decode, max_pixels
-        if _starts_with(self.path, b"["):             # one JSON array: records are its items
-            self.unit, self._spans = "item", json_array_spans(self.path)
-            self._numbers = np.arange(len(self._spans))
-        else:                                         # JSONL: records are its non-blank lines
-            offsets, self._numbers = _line_offsets(self.path)
-            self.unit, self._spans = "line", np.stack([offsets, np.full_like(offsets, -1)], axis=1)
+        self._spans, self._numbers, self.unit = json_records(self.path)   # JSONL lines or the items of one JSON array
 
     def __len__(self) -> int: return len(self._spans)
     @property
     def n_rows(self) -> int: return len(self._spans)
 
-    def _raw(self, idx: int) -> bytes:
-        start, end = (int(v) for v in self._spans[idx])
-        if end < 0: return _read_line(self.path, start)
-        with open(self.path, "rb") as f:
-            f.seek(start)
-            return f.read(end - start)
-
     def load(self, idx: int) -> dict:
         where = dict(source=self.source, file=str(self.path), index=int(self._numbers[idx]), unit=self.unit)
-        obj = _parse_json_line(self._raw(idx), where)
+        obj = _parse_json_line(read_record(self.path, self._spans[idx]), where)
         messages, image_refs, video_list = conversation_messages(obj, where)
         images = [open_ref(r, self.image_root, decode=self.decode, max_pixels=self.max_pixels, where=where) for r in image_refs]
         meta = {**where, **({"id": obj["id"]} if isinstance(obj.get("id"), (str, int)) else {})}

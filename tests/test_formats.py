@@ -345,3 +345,15 @@ def test_llava_jsonl_in_mmlit_inspect(chat_files):
     assert "a conversation file? open it with mmlit.formats.Conversations" in err
     rc, r, _ = _inspect(str(d / "llava.json"), "--kind", "conversations", "--json")
     assert (rc, r["good"]) == (0, 2)
+
+
+def test_image_text_pairs_in_one_json_array(tmp_path):
+    for i in range(3): photo(i).save(tmp_path / f"{i}.png")
+    rows = [{"image": f"{i}.png", "caption": f"photo {i}"} for i in range(3)] + [{"image": "9.png", "caption": "gone"}]
+    (tmp_path / "pairs.json").write_text(json.dumps(rows, indent=2))
+    ds = open_dataset(tmp_path / "pairs.json")
+    assert type(ds).__name__ == "JsonlImageText" and ds.text_fields == ("caption",)
+    assert [r["text"] for r in ds.records()] == ["photo 0", "photo 1", "photo 2"]
+    assert [(b.unit, b.index) for b in ds.report] == [("item", 3)]
+    rc, r, _ = _inspect(str(tmp_path / "pairs.json"), "--json")
+    assert (rc, r["kind"], r["rows"], r["good"]) == (0, "jsonl", 4, 3)
