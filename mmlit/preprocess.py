@@ -494,14 +494,16 @@ class Qwen2VLPatcher:
         return out["pixel_values"], out["image_grid_thw"][0]
 
     def video(self, frames) -> dict[str, torch.Tensor]:
-        "`pixel_values_videos [t·h·w, 1176]` and `video_grid_thw [1, 3]` for frames `[T, H, W, 3]` uint8."
+        "`pixel_values_videos [t·h·w, 1176]` and `video_grid_thw [1, 3]` for frames `[T, H, W, 3]` uint8, resized as transformers' video processor does."
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise BadRecordError(f"video frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
         T, H, W, _ = frames.shape
         th, tw = self.target_size(H, W)
-        resized = np.stack([np.asarray(Image.fromarray(f).resize((tw, th), self.resample)) for f in frames])
-        patches, grid = patchify(torch.from_numpy(resized).permute(0, 3, 1, 2), self.patch_size, self.merge_size, self.temporal_patch_size)
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
+        if (th, tw) != (H, W):   # the video processor's resize: torch's bicubic with antialias on uint8 (not Pillow's)
+            x = torch.nn.functional.interpolate(x, size=(th, tw), mode="bicubic", antialias=True, align_corners=False)
+        patches, grid = patchify(x, self.patch_size, self.merge_size, self.temporal_patch_size)
         if not self.uint8: patches = torch.addcmul(self._offset, patches.to(torch.float32), self._scale)
         return {"pixel_values_videos": patches, "video_grid_thw": torch.tensor([grid], dtype=torch.int64)}
 

@@ -156,13 +156,13 @@ def test_qwen2_vl_video_layout_matches_transformers_image_processor():
 
 
 def test_qwen2_vl_video_matches_transformers_video_processor():
-    "transformers' Qwen2-VL video processor needs torchvision; where it is installed, ours gives its output."
+    "transformers' Qwen2-VL video processor needs torchvision; where it is installed, ours gives its output (resize included)."
     pytest.importorskip("torchvision")
     from transformers import Qwen2VLVideoProcessor
     hf = Qwen2VLVideoProcessor()
     ours = Qwen2VLPatcher(min_pixels=hf.size["shortest_edge"], max_pixels=hf.size["longest_edge"])
     rng = np.random.default_rng(0)
-    for shape in [(4, 280, 364), (5, 280, 392)]:                                 # sizes that need no resize
+    for shape in [(4, 280, 364), (5, 280, 392), (4, 240, 320), (6, 480, 640)]:   # no resize, then resized
         frames = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
         ref = hf(videos=[frames], return_tensors="pt", do_sample_frames=False, cap_pixels_per_frame=False)
         got = ours.video(frames)
