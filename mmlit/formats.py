@@ -446,7 +446,9 @@ class ImageFolder(MMDataset):
             self.classes = sorted({c.name for _, c in class_dirs})
             self.images = [(self.classes.index(c.name), p, None if s == self.root else s.name) for s, c in class_dirs
                            if split is None or s.name == split for p in sorted(c.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-            if not self.images: raise ConfigError(f"{self.root}: no metadata.jsonl/metadata.csv and no class subfolders with images")
+            if not class_dirs:                            # a flat folder of images: no captions, no labels
+                self.images = [(None, p, None) for p in sorted(self.root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+            if not self.images: raise ConfigError(f"{self.root}: no metadata.jsonl/metadata.csv, class subfolders or images")
             self.text_column = None
 
     def __len__(self) -> int: return len(self.rows) if self.files else len(self.images)
@@ -458,6 +460,7 @@ class ImageFolder(MMDataset):
             label, path, split = self.images[idx]
             where = dict(source=self.source, file=str(path), index=idx, unit="image")
             image = open_image(path, decode=self.decode, max_pixels=self.max_pixels, where=where)
+            if label is None: return make_record(None, image, meta=where)
             meta = {**where, "label": label, "class": self.classes[label], **({"split": split} if split else {})}
             return make_record(self.classes[label].replace("_", " "), image, meta=meta)
         meta_path, line, row = self.rows[idx]
