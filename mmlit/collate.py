@@ -13,12 +13,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import default_collate
 
-from .core import ConfigError, MmlitError, Registry, torch_rng
+from .core import ConfigError, MmlitError, Registry, Stream, derive_seed
 
 # %% auto #0
-__all__ = ['collators', 'SEQ_PAD_VALUES', 'CollateError', 'EmptyBatchError', 'KeyMismatchError', 'RaggedBatchError',
-           'SequenceTooLongError', 'where', 'check_same_keys', 'Collator', 'stack_rest', 'Padding', 'pad_stack',
-           'shift_positions', 'TextCollator', 'CausalLMCollator', 'MaskedLMCollator', 'VisionCollator',
+__all__ = ['collators', 'SEQ_PAD_VALUES', 'CollateError', 'EmptyBatchError', 'KeyMismatchError', 'MissingKeyError',
+           'RaggedBatchError', 'SequenceTooLongError', 'where', 'check_same_keys', 'Collator', 'stack_rest', 'Padding',
+           'pad_stack', 'shift_positions', 'TextCollator', 'CausalLMCollator', 'MaskedLMCollator', 'VisionCollator',
            'MultimodalCollator', 'Qwen2VLCollator', 'ContrastiveCollator', 'DefaultCollator', 'collator_name_for',
            'collator_for']
 
@@ -31,6 +31,9 @@ class EmptyBatchError(CollateError):
 
 class KeyMismatchError(CollateError):
     "Samples of one batch do not carry the same keys."
+
+class MissingKeyError(CollateError):
+    "Samples lack a key the collator needs (e.g. `attention_mask` for masked LM)."
 
 class RaggedBatchError(CollateError):
     "Tensors of different shapes under a key the collator cannot pad."
@@ -62,6 +65,11 @@ def check_same_keys(samples: Sequence[dict]) -> None:
 class Collator:
     "Base class: drop bad records, check keys, then `collate` the good samples."
     last_bad: list = []
+    requires: tuple[str, ...] = ()
+
+    def required_keys(self, sample: dict) -> list[str]:
+        "The keys `collate` reads from a sample like `sample` (some depend on what else it holds)."
+        return list(self.requires)
 
     def collate(self, samples: list[dict]) -> dict:
         "Build the batch from good samples (subclasses implement this)."
@@ -74,7 +82,11 @@ class Collator:
         if not good: return None, self.last_bad
         if not isinstance(good[0], dict) and not isinstance(self, DefaultCollator):
             raise CollateError(f"{type(self).__name__} needs dict samples, sample 0 is a {type(good[0]).__name__}")
-        if isinstance(good[0], dict): check_same_keys(good)
+        if isinstance(good[0], dict):
+            check_same_keys(good)
+            missing = [k for k in self.required_keys(good[0]) if k not in good[0]]
+            if missing: raise MissingKeyError(f"{type(self).__name__} needs {missing} but {where(good[0], 0)} has only "
+                                              f"{sorted(good[0])}")
         return self.collate(good), self.last_bad
 
     def __call__(self, samples: Sequence) -> dict:
@@ -163,6 +175,7 @@ def shift_positions(idx: torch.Tensor, offset: int, length: int, what: str) -> t
 
 class TextCollator(Collator):
     "Pad token sequences (HF `DataCollatorWithPadding` semantics), stack the rest."
+    requires = ("input_ids",)
     def __init__(self, tokenizer=None, *, pad_token_id: int | None = None, pad_mode: str = "batch_max",
                  max_len: int | None = None, pad_to_multiple_of: int | None = None, padding_side: str | None = None,
                  overflow: str = "raise", pad_values: dict | None = None):
@@ -215,6 +228,7 @@ collators.add("causal_lm", CausalLMCollator, modality="text", task="causal_lm")
 # %% ../nbs/03_collate.ipynb #9db45855
 class MaskedLMCollator(TextCollator):
     "Pad, then mask tokens for MLM (80/10/10) with a seeded generator; special tokens never masked."
+    requires = ("input_ids", "attention_mask")
     def __init__(self, tokenizer, *, mlm_probability: float = 0.15, mask_replace_prob: float = 0.8,
                  random_replace_prob: float = 0.1, seed: int = 0, **kw):
         super().__init__(tokenizer, **kw)
@@ -222,17 +236,21 @@ class MaskedLMCollator(TextCollator):
         if not (0 < mlm_probability < 1 and mask_replace_prob + random_replace_prob <= 1):
             raise ConfigError(f"bad MLM rates: mlm_probability={mlm_probability}, mask={mask_replace_prob}, random={random_replace_prob}")
         self.p, self.p_mask, self.p_rand = mlm_probability, mask_replace_prob, random_replace_prob
-        self.seed, self.epoch, self.step = seed, 0, 0
+        self.seed, self.epoch, self.step, self.told = seed, 0, 0, False
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
 
     def set_step(self, epoch: int, step: int) -> None:
-        "Set the `(epoch, step)` the next batch's generator is derived from."
-        self.epoch, self.step = epoch, step
+        "Set the `(epoch, step)` the next batch's generator is derived from (the loader calls it for each batch)."
+        self.epoch, self.step, self.told = int(epoch), int(step), True
 
     def batch_index(self) -> int:
-        "Global index of the batch being collated (this worker's count mapped round-robin)."
+        "The step of the batch being collated: as told, else this process's count (mapped round-robin in a worker)."
         info = torch.utils.data.get_worker_info()
-        return self.step if info is None else self.step * info.num_workers + info.id
+        return self.step if self.told or info is None else self.step * info.num_workers + info.id
+
+    def generator(self) -> torch.Generator:
+        "The generator of the batch being collated, from `(seed, epoch, step)` in the masked-LM stream."
+        return torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.batch_index(), Stream.MLM_MASK))
 
     def mask_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +269,7 @@ class MaskedLMCollator(TextCollator):
     def collate(self, samples: list[dict]) -> dict:
         samples = [{k: v for k, v in s.items() if k != "labels"} for s in samples]
         batch = super().collate(samples)
-        g = torch_rng(self.seed, self.epoch, self.batch_index()); self.step += 1
+        g = self.generator(); self.step += 1
         batch["input_ids"], batch["labels"] = self.mask_tokens(batch["input_ids"], batch["attention_mask"], g)
         return batch
 
@@ -271,6 +289,8 @@ class VisionCollator(Collator):
     def __init__(self, normalize: bool | str | tuple = False, image_key: str = "pixel_values"):
         self.norm, self.image_key = _norm_stats(normalize), image_key
 
+    def required_keys(self, sample: dict) -> list[str]: return [self.image_key]
+
     def collate(self, samples: list[dict]) -> dict:
         batch = stack_rest(samples, list(samples[0]), type(self).__name__)
         x = batch[self.image_key]
@@ -285,6 +305,9 @@ class MultimodalCollator(TextCollator):
     def __init__(self, tokenizer=None, *, max_images: int | None = None, normalize: bool | str | tuple = False, **kw):
         super().__init__(tokenizer, **kw)
         self.max_images, self.norm = max_images, _norm_stats(normalize)
+
+    def required_keys(self, sample: dict) -> list[str]:
+        return ["input_ids"] + (["image_input_idx"] if "images" in sample else [])
 
     def pad_images(self, samples: Sequence[dict], idx: Sequence[torch.Tensor]) -> dict:
         "`images`, `image_masks` and `image_input_idx`, padded over the image count (and tokens per image)."
@@ -318,6 +341,7 @@ collators.add("multimodal", MultimodalCollator, modality="multimodal", model="cl
 # %% ../nbs/03_collate.ipynb #ac5884a5
 class Qwen2VLCollator(TextCollator):
     "Text padding plus Qwen2-VL patches concatenated on dim 0 and `image_grid_thw [n_images, 3]`."
+    requires = ("input_ids", "pixel_values", "image_grid_thw")
     def __init__(self, tokenizer=None, *, spatial_merge_size: int = 2, **kw):
         super().__init__(tokenizer, **kw)
         self.merge = spatial_merge_size
@@ -359,8 +383,15 @@ class ContrastiveCollator(Collator):
         self.base = collators.build(base, tokenizer, **kw) if isinstance(base, str) else base
         if not isinstance(self.base, TextCollator): raise ConfigError(f"contrastive base must pad text, got {type(self.base).__name__}")
 
+    def required_keys(self, sample: dict) -> list[str]:
+        anchor = {k: v for k, v in sample.items() if not k.startswith("negative_")}
+        return self.base.required_keys(anchor) + ["negative_input_ids"]
+
+    def set_step(self, epoch: int, step: int) -> None:
+        "Pass the loader's step on to the base collator, if it draws per-step randomness."
+        if hasattr(self.base, "set_step"): self.base.set_step(epoch, step)
+
     def collate(self, samples: list[dict]) -> dict:
-        if "negative_input_ids" not in samples[0]: raise CollateError("ContrastiveCollator: samples have no 'negative_input_ids'")
         negs = [list(s["negative_input_ids"]) for s in samples]
         masks = [list(s.get("negative_attention_mask", [torch.ones_like(n) for n in ng])) for s, ng in zip(samples, negs)]
         flat = [dict(input_ids=n, attention_mask=m) for ng, ms in zip(negs, masks) for n, m in zip(ng, ms)]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import os
 import random
 import time
@@ -21,15 +23,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from .core import ConfigError, Stream, derive_seed
+from .core import ConfigError, Stream, TooManyBadRecords, derive_seed
 from .dataset import (BadRecord, DeterministicDataset, MMDataset, Mixture, SkipReport, Skipped,
                            as_mm_dataset, split_skipped)
 
 # %% auto #0
 __all__ = ['LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'rank_steps', 'ShardedBatchSampler', 'TimedTransform', 'Samples',
            'StepFetcher', 'Delivery', 'SkipAwareCollate', 'WorkerSeeder', 'resolve_collate', 'dist_rank_world',
-           'LoaderTimings', 'ResumableLoader', 'make_loader', 'LoaderProfile', 'profile_loader', 'DataModule',
-           'RowSubset', 'split_rows', 'LoaderDataModule', 'WithTask', 'load_tokenizer', 'loader_parts',
+           'data_fingerprint', 'LoaderTimings', 'ResumableLoader', 'make_loader', 'LoaderProfile', 'profile_loader',
+           'DataModule', 'RowSubset', 'split_rows', 'LoaderDataModule', 'WithTask', 'load_tokenizer', 'loader_parts',
            'build_data_module', 'build_loader']
 
 # %% ../nbs/04_loader.ipynb #cb749e57
@@ -101,7 +103,7 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, blocks: Seq
     return rows[np.lexsort((rng.random(n), win))].astype(np.int64)             # shuffled within its window
 
 class Step(NamedTuple):
-    "One rank's share of a global step: dataset `indices` and the global position `end` after it."
+    "One rank's share of a global step: its batch number `step` in the epoch, dataset `indices`, the global position `end` after it."
     epoch: int
     step: int
     indices: list[int]
@@ -122,7 +124,7 @@ def rank_steps(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffl
         end = min(begin + gb, n)
         b = -(-(end - begin) // world_size)               # B for whole steps, ceil(R/W) for the last
         pos = begin + rank * b + np.arange(b)
-        steps.append(Step(epoch, k, order[pos % n].tolist(), end))
+        steps.append(Step(epoch, (begin // gb) * world_size + rank, order[pos % n].tolist(), end))
     return steps
 
 # %% ../nbs/04_loader.ipynb #217582d8
@@ -202,7 +204,8 @@ class SkipAwareCollate:
     def __init__(self, collate_fn: Callable): self.collate_fn = collate_fn
     def __call__(self, samples: Sequence) -> Delivery:
         good, bad = split_skipped(samples)
-        t = time.perf_counter()
+        t, step = time.perf_counter(), getattr(samples, "step", None)
+        if step is not None and hasattr(self.collate_fn, "set_step"): self.collate_fn.set_step(step.epoch, step.step)
         batch = None
         if good and hasattr(self.collate_fn, "collate_with_bad"):  # an mmlit collator: it may find more (e.g. in planned rows)
             batch, more = self.collate_fn.collate_with_bad(good)
@@ -242,8 +245,29 @@ def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> t
         raise ConfigError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     return int(rank), int(world_size)
 
+# %% ../nbs/04_loader.ipynb #a978102c
+def _describe(ds) -> dict:
+    "What `data_fingerprint` hashes: type, length, files (name, size) and the wrapped datasets."
+    out = {"type": type(ds).__name__, "len": len(ds)}
+    files = getattr(ds, "files", None) or ([ds.path] if isinstance(getattr(ds, "path", None), (str, Path)) else [])
+    if files: out["files"] = [(Path(f).name, Path(f).stat().st_size) for f in files]
+    hf = getattr(getattr(ds, "ds", None), "_fingerprint", None)       # an HF dataset knows its own
+    if hf is not None: out["hf"] = str(hf)
+    if isinstance(getattr(ds, "indices", None), np.ndarray): out["rows"] = hashlib.sha1(ds.indices.tobytes()).hexdigest()
+    for name in ("dataset", "parent"):
+        if getattr(ds, name, None) is not None: out[name] = _describe(getattr(ds, name))
+    if isinstance(getattr(ds, "datasets", None), (list, tuple)):
+        out["datasets"] = [_describe(d) for d in ds.datasets]
+        out["weights"] = np.asarray(getattr(ds, "weights", [])).round(12).tolist()
+    return out
+
+def data_fingerprint(dataset) -> str:
+    "A short hash of the data: files (names, sizes), row counts and wrappers; no record is read."
+    return hashlib.sha1(json.dumps(_describe(dataset), sort_keys=True).encode()).hexdigest()[:16]
+
 # %% ../nbs/04_loader.ipynb #c89d5d34
-_STATE_KEYS = ("seed", "epoch", "position", "world_size", "batch_size", "shuffle", "drop_last", "n", "shuffle_window")
+_STATE_KEYS = ("seed", "epoch", "position", "world_size", "batch_size", "shuffle", "drop_last", "n", "shuffle_window",
+               "fingerprint")
 
 @dataclass
 class LoaderTimings:
@@ -273,6 +297,17 @@ def _as_dataset(dataset, transform: Callable | None, seed: int):
         raise ConfigError(f"the loader needs a map-style dataset (len and []), got {type(dataset).__name__}")
     return dataset
 
+def _wrapped(dataset) -> Iterator:
+    "The dataset and those it wraps (`dataset`, `parent`, `ds` attributes), outermost first."
+    while dataset is not None:
+        yield dataset
+        dataset = next((getattr(dataset, a) for a in ("dataset", "parent", "ds") if getattr(dataset, a, None) is not None), None)
+
+def _bad_limit(dataset) -> tuple[float | None, int]:
+    "`(max_bad_fraction, length)` of the first dataset (inside wrappers) that sets one, else `(None, 0)`."
+    return next(((d.max_bad_fraction, len(d)) for d in _wrapped(dataset) if getattr(d, "max_bad_fraction", None) is not None),
+                (None, 0))
+
 class ResumableLoader:
     "A `DataLoader` over a seeded global order, sharded by rank, with an O(1) `state_dict()` and a skip report."
     def __init__(self, dataset, config: LoaderConfig | None = None, *, transform: Callable | None = None,
@@ -299,7 +334,11 @@ class ResumableLoader:
             persistent_workers=cfg.persistent_workers, worker_init_fn=WorkerSeeder(cfg.seed) if w else None,
             generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 0, Stream.WORKER)))
         self.epoch, self.position = 0, 0
+        self.fingerprint = data_fingerprint(self.dataset)
         self.report, self.timings = SkipReport(), LoaderTimings()
+        for d in _wrapped(self.dataset):                  # bad records found before loading (e.g. building LM windows)
+            if isinstance(getattr(d, "report", None), SkipReport): self.report.extend(d.report)
+        self.max_bad_fraction, self._bad_of = _bad_limit(self.dataset)
 
     @property
     def n(self) -> int: return len(self.dataset)
@@ -328,18 +367,26 @@ class ResumableLoader:
         ends = [s.end for s in self.sampler.steps()]
         if hasattr(self.dataset, "set_epoch"): self.dataset.set_epoch(epoch)
         for k, d in enumerate(self.dataloader):
-            self.report.extend(d.bad)
+            if self.report.extend(d.bad): self._check_bad()
             self.timings.add(d.stats)
             self.epoch, self.position = epoch, ends[k]
             if d.batch is not None: yield d.batch
         self.epoch, self.position = epoch + 1, 0
+
+    def _check_bad(self):
+        "Enforce `max_bad_fraction` on the bad records of all workers together (each worker sees only its share)."
+        f, n = self.max_bad_fraction, self._bad_of
+        if f is not None and len(self.report) > f * n:
+            raise TooManyBadRecords(f"{len(self.report)} of {n} records are bad (counted over all workers), more than "
+                                    f"max_bad_fraction={f}\n{self.report.table()}")
 
     def state_dict(self) -> dict:
         "`{seed, epoch, position, world_size, ...}`: where the consumer is in the global stream (O(1))."
         self._roll()
         c = self.config
         return dict(seed=c.seed, epoch=self.epoch, position=self.position, world_size=self.world_size,
-                    batch_size=c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, n=self.n, shuffle_window=self.window)
+                    batch_size=c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, n=self.n, shuffle_window=self.window,
+                    fingerprint=self.fingerprint)
 
     def load_state_dict(self, state: dict):
         "Continue from `state` (saved with any world size); the next batch is the first one not consumed."
@@ -349,6 +396,13 @@ class ResumableLoader:
         for k, mine in (("seed", self.config.seed), ("shuffle", self.config.shuffle), ("n", self.n), ("shuffle_window", self.window)):
             if state[k] != mine and (k != "shuffle_window" or self.config.shuffle): raise ConfigError(f"loader state has {k}={state[k]!r} but this loader has {k}={mine!r}; "
                                                    "the global order would differ")
+        if "fingerprint" not in state:
+            raise ConfigError("loader state has no data fingerprint (saved by an older mmlit), so nothing shows it belongs to "
+                              "this data; if you are sure it does, set state['fingerprint'] = loader.state_dict()['fingerprint'] "
+                              "and load it again")
+        if state["fingerprint"] != self.fingerprint:
+            raise ConfigError(f"loader state was saved for other data (fingerprint {state['fingerprint']!r}, this loader's data "
+                              f"has {self.fingerprint!r}: other files, sizes or row counts); it would resume at the wrong samples")
         if not (_is_int(state["position"]) and 0 <= state["position"] <= self.n and _is_int(state["epoch"]) and state["epoch"] >= 0):
             raise ConfigError(f"loader state has an invalid epoch/position: {state['epoch']!r}/{state['position']!r}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
@@ -534,7 +588,9 @@ def loader_parts(config: dict | str | Path) -> dict:
         if not cfg.get("max_length"): raise ConfigError("task 'lm' needs max_length (the window length)")
         def windows(path):
             src = path if isinstance(path, MMDataset) else TextCorpus(path, **opts)
-            return lm_windows((r["text"] for r in src.records()), tok, cfg["max_length"])
+            w = lm_windows((r["text"] for r in src.records()), tok, cfg["max_length"])
+            w.report = src.report                          # the paragraphs skipped while tokenizing reach loader.report
+            return w
         parts.update(data=windows(cfg["data"]), val_data=windows(cfg["val_data"]) if cfg.get("val_data") else None,
                      transform=None, preset="lm")
     else:

@@ -72,6 +72,11 @@ class PackingCollator(Collator):
 
     _plan: list[int] | None = None
 
+    def required_keys(self, sample: dict) -> list[str]:
+        "`input_ids`; with images, the Qwen2-VL keys that place them."
+        images = "image_grid_thw" in sample or "pixel_values" in sample
+        return ["input_ids"] + (["image_grid_thw", "mm_token_type_ids", "pixel_values"] if images else [])
+
     def collate_with_bad(self, samples: Sequence) -> tuple[dict | None, list]:
         "As `Collator`'s; a sample may also be a row planned ahead (a list of samples, see `PackedRows`)."
         if not (len(samples) and all(isinstance(s, (list, tuple)) for s in samples)):
