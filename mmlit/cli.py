@@ -215,4 +215,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 # %% ../nbs/90_cli.ipynb #57c3c226
-if __name__ == "__main__": sys.exit(main())
+if __name__ == "__main__" and "ipykernel" not in sys.modules:   # `python -m mmlit.cli ...`; in a notebook kernel
+    sys.exit(main(sys.argv[1:]))                                   # sys.argv is the kernel's own, so never parse it there
