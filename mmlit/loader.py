@@ -246,18 +246,19 @@ def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> t
     return int(rank), int(world_size)
 
 # %% ../nbs/04_loader.ipynb #a978102c
-def _describe(ds) -> dict:
+def _describe(ds, depth: int = 0) -> dict:
     "What `data_fingerprint` hashes: type, length, files (name, size) and the wrapped datasets."
-    out = {"type": type(ds).__name__, "len": len(ds)}
+    out = {"type": type(ds).__name__, "len": len(ds) if hasattr(ds, "__len__") else None}
+    if depth > 8: return out                                            # deeper wrappers: their type and length only
     files = getattr(ds, "files", None) or ([ds.path] if isinstance(getattr(ds, "path", None), (str, Path)) else [])
     if files: out["files"] = [(Path(f).name, Path(f).stat().st_size) for f in files]
     hf = getattr(getattr(ds, "ds", None), "_fingerprint", None)       # an HF dataset knows its own
     if hf is not None: out["hf"] = str(hf)
     if isinstance(getattr(ds, "indices", None), np.ndarray): out["rows"] = hashlib.sha1(ds.indices.tobytes()).hexdigest()
     for name in ("dataset", "parent"):
-        if getattr(ds, name, None) is not None: out[name] = _describe(getattr(ds, name))
+        if getattr(ds, name, None) is not None: out[name] = _describe(getattr(ds, name), depth + 1)
     if isinstance(getattr(ds, "datasets", None), (list, tuple)):
-        out["datasets"] = [_describe(d) for d in ds.datasets]
+        out["datasets"] = [_describe(d, depth + 1) for d in ds.datasets]
         out["weights"] = np.asarray(getattr(ds, "weights", [])).round(12).tolist()
     return out
 
@@ -299,7 +300,8 @@ def _as_dataset(dataset, transform: Callable | None, seed: int):
 
 def _wrapped(dataset) -> Iterator:
     "The dataset and those it wraps (`dataset`, `parent`, `ds` attributes), outermost first."
-    while dataset is not None:
+    for _ in range(10):                                   # wrappers of wrappers, not a cycle
+        if dataset is None: return
         yield dataset
         dataset = next((getattr(dataset, a) for a in ("dataset", "parent", "ds") if getattr(dataset, a, None) is not None), None)
 
