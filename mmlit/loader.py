@@ -619,5 +619,5 @@ def build_data_module(config: dict | str | Path, rank: int | None = None, world_
                             rank=rank, world_size=world_size)
 
 def build_loader(config: dict | str | Path, rank: int | None = None, world_size: int | None = None) -> ResumableLoader:
-    "The seed-000 one-liner: a config naming data, tokenizer, preprocessor, lengths, task and batch size → a ready loader."
+    "One call: a config naming data, tokenizer, preprocessor, lengths, task and batch size → a ready loader."
     return build_data_module(config, rank, world_size).train_dataloader()
