@@ -15,7 +15,8 @@ import torch
 
 # %% auto #0
 __all__ = ['derive_seed', 'Stream', 'Rngs', 'np_rng', 'torch_rng', 'derive_rngs', 'torch_rng_from', 'MmlitError', 'ConfigError',
-           'UnknownNameError', 'BadRecordError', 'TooManyBadRecords', 'MissingExtraError', 'Registry']
+           'UnknownNameError', 'BadRecordError', 'TooManyBadRecords', 'MissingExtraError', 'rename_keys',
+           'renamed_kwargs', 'Registry']
 
 # %% ../nbs/00_core.ipynb #dfab4841
 def _check_key(**parts: int) -> list[int]:
@@ -102,6 +103,29 @@ class MissingExtraError(MmlitError, ImportError):
     def __init__(self, package: str, extra: str, feature: str):
         super().__init__(f"{feature} needs the optional package '{package}': "
                          f"pip install 'mmlit[{extra}]'  (or: pip install {package})")
+
+# %% ../nbs/00_core.ipynb #8b55eccb
+import functools, warnings
+
+def rename_keys(d: dict, renames: dict[str, str], where: str = "") -> dict:
+    "A copy of `d` with each old key of `renames` under its new name, warning (`DeprecationWarning`) for each."
+    out = dict(d)
+    for old, new in renames.items():
+        if old not in out: continue
+        if new in out: raise ConfigError(f"{where}: got both {old!r} and its new name {new!r}; pass only {new!r}")
+        warnings.warn(f"{where}: {old!r} is renamed {new!r}; the old name will be removed", DeprecationWarning, stacklevel=3)
+        out[new] = out.pop(old)
+    return out
+
+def renamed_kwargs(**renames: str):
+    "Decorator: a function (or a class's `__init__`) also accepts the old keyword `old=` for `new` (`old='new'`), with a warning."
+    def deco(f):
+        target = f.__init__ if isinstance(f, type) else f
+        @functools.wraps(target)
+        def _f(*args, **kw): return target(*args, **rename_keys(kw, renames, f.__qualname__))
+        if isinstance(f, type): f.__init__ = _f; return f
+        return _f
+    return deco
 
 # %% ../nbs/00_core.ipynb #1d9f9ab4
 class Registry:
