@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import default_collate
 
-from .core import ConfigError, MmlitError, Registry, Stream, derive_seed
+from .core import ConfigError, MmlitError, Registry, Stream, derive_seed, renamed_kwargs, warn_renamed
 
 # %% auto #0
 __all__ = ['collators', 'SEQ_PAD_VALUES', 'CollateError', 'EmptyBatchError', 'KeyMismatchError', 'MissingKeyError',
@@ -39,7 +39,7 @@ class RaggedBatchError(CollateError):
     "Tensors of different shapes under a key the collator cannot pad."
 
 class SequenceTooLongError(CollateError):
-    "A sequence is longer than `max_len` and `overflow='raise'`."
+    "A sequence is longer than `max_length` and `overflow='raise'`."
 
 # %% ../nbs/03_collate.ipynb #2426fc75
 from .dataset import BadRecord, Skipped, split_skipped
@@ -116,24 +116,26 @@ def stack_rest(samples: Sequence[dict], keys: Sequence[str], who: str = "collato
     return out
 
 # %% ../nbs/03_collate.ipynb #d7407ad7
+@renamed_kwargs(max_len="max_length")
 @dataclass
 class Padding:
     "How to pad a batch of sequences: mode, lengths, side and what to do with long sequences."
-    mode: str = "batch_max"          # "batch_max" | "max_len" | "to_N"
-    max_len: int | None = None
+    mode: str = "batch_max"          # "batch_max" | "max_length" | "to_N"
+    max_length: int | None = None
     pad_to_multiple_of: int | None = None
     side: str = "right"
     truncation_side: str = "right"
     overflow: str = "raise"          # "raise" | "truncate"
 
     def __post_init__(self):
+        if self.mode == "max_len": warn_renamed("max_len", "max_length", "pad mode", stacklevel=3); self.mode = "max_length"
         if self.mode.startswith("to_"):
             if not self.mode[3:].isdigit(): raise ConfigError(f"pad mode {self.mode!r}: expected to_<int>, e.g. to_128")
             self.mode, self.pad_to_multiple_of = "batch_max", int(self.mode[3:])
-        if self.mode not in ("batch_max", "max_len"):
-            raise ConfigError(f"pad mode must be 'batch_max', 'max_len' or 'to_N', got {self.mode!r}")
-        if self.mode == "max_len" and not self.max_len: raise ConfigError("pad mode 'max_len' needs max_len")
-        for name, v in (("max_len", self.max_len), ("pad_to_multiple_of", self.pad_to_multiple_of)):
+        if self.mode not in ("batch_max", "max_length"):
+            raise ConfigError(f"pad mode must be 'batch_max', 'max_length' or 'to_N', got {self.mode!r}")
+        if self.mode == "max_length" and not self.max_length: raise ConfigError("pad mode 'max_length' needs max_length")
+        for name, v in (("max_length", self.max_length), ("pad_to_multiple_of", self.pad_to_multiple_of)):
             if v is not None and (not isinstance(v, int) or v < 1): raise ConfigError(f"{name} must be a positive int, got {v!r}")
         for name, v, ok in (("side", self.side, ("left", "right")), ("truncation_side", self.truncation_side, ("left", "right")),
                             ("overflow", self.overflow, ("raise", "truncate"))):
@@ -141,16 +143,16 @@ class Padding:
 
     def length(self, lengths: Sequence[int]) -> int:
         "The padded length for sequences of `lengths`."
-        n = self.max_len if self.mode == "max_len" else max(lengths, default=0)
+        n = self.max_length if self.mode == "max_length" else max(lengths, default=0)
         m = self.pad_to_multiple_of
         return -(-n // m) * m if m else n
 
     def cut(self, n: int, what: str) -> slice:
-        "The slice of a length-`n` sequence to keep under `max_len` (raises if `overflow='raise'`)."
-        if self.max_len is None or n <= self.max_len: return slice(0, n)
+        "The slice of a length-`n` sequence to keep under `max_length` (raises if `overflow='raise'`)."
+        if self.max_length is None or n <= self.max_length: return slice(0, n)
         if self.overflow == "raise":
-            raise SequenceTooLongError(f"{what} has {n} tokens > max_len={self.max_len} (pass overflow='truncate' to cut it)")
-        return slice(0, self.max_len) if self.truncation_side == "right" else slice(n - self.max_len, n)
+            raise SequenceTooLongError(f"{what} has {n} tokens > max_length={self.max_length} (pass overflow='truncate' to cut it)")
+        return slice(0, self.max_length) if self.truncation_side == "right" else slice(n - self.max_length, n)
 
 def pad_stack(seqs: Sequence[torch.Tensor], length: int, value: float, side: str = "right") -> torch.Tensor:
     "Stack tensors ragged on dim 0 into `[B, length, ...]`, filling with `value` on `side`."
@@ -170,20 +172,21 @@ def shift_positions(idx: torch.Tensor, offset: int, length: int, what: str) -> t
     real = idx >= 0
     out = torch.where(real, idx + offset, idx)
     if ((out < 0) & real).any() or ((out >= length) & real).any():
-        raise SequenceTooLongError(f"{what}: truncating to max_len would cut image tokens (raise max_len)")
+        raise SequenceTooLongError(f"{what}: truncating to max_length would cut image tokens (raise max_length)")
     return out
 
+@renamed_kwargs(max_len="max_length")
 class TextCollator(Collator):
     "Pad token sequences (HF `DataCollatorWithPadding` semantics), stack the rest."
     requires = ("input_ids",)
     def __init__(self, tokenizer=None, *, pad_token_id: int | None = None, pad_mode: str = "batch_max",
-                 max_len: int | None = None, pad_to_multiple_of: int | None = None, padding_side: str | None = None,
+                 max_length: int | None = None, pad_to_multiple_of: int | None = None, padding_side: str | None = None,
                  overflow: str = "raise", pad_values: dict | None = None):
         self.tokenizer = tokenizer
         pad_id = pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
         if pad_id is None: raise ConfigError(f"{type(self).__name__} needs a tokenizer with a pad token or pad_token_id=")
         self.pad_token_id = pad_id
-        self.padding = Padding(pad_mode, max_len, pad_to_multiple_of,
+        self.padding = Padding(pad_mode, max_length, pad_to_multiple_of,
                                padding_side or getattr(tokenizer, "padding_side", "right"),
                                getattr(tokenizer, "truncation_side", "right"), overflow)
         self.pad_values = {**SEQ_PAD_VALUES, "input_ids": pad_id, **(pad_values or {})}
@@ -366,7 +369,7 @@ class Qwen2VLCollator(TextCollator):
             n_img = [int((s["mm_token_type_ids"] == 1).sum()) for s in samples]
             kept = (batch["mm_token_type_ids"] == 1).sum(-1).tolist()
             for i, (a, b) in enumerate(zip(n_img, kept)):
-                if a != b: raise SequenceTooLongError(f"{where(samples[i], i)}: truncating to max_len would cut image tokens (raise max_len)")
+                if a != b: raise SequenceTooLongError(f"{where(samples[i], i)}: truncating to max_length would cut image tokens (raise max_length)")
         batch.pop("image_input_idx", None)
         if sum(len(s["image_grid_thw"]) for s in samples):
             batch["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])

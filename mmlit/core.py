@@ -15,8 +15,8 @@ import torch
 
 # %% auto #0
 __all__ = ['derive_seed', 'Stream', 'Rngs', 'np_rng', 'torch_rng', 'derive_rngs', 'torch_rng_from', 'MmlitError', 'ConfigError',
-           'UnknownNameError', 'BadRecordError', 'TooManyBadRecords', 'MissingExtraError', 'rename_keys',
-           'renamed_kwargs', 'Registry']
+           'UnknownNameError', 'BadRecordError', 'TooManyBadRecords', 'MissingExtraError', 'warn_renamed',
+           'rename_keys', 'renamed_kwargs', 'Registry']
 
 # %% ../nbs/00_core.ipynb #dfab4841
 def _check_key(**parts: int) -> list[int]:
@@ -107,13 +107,17 @@ class MissingExtraError(MmlitError, ImportError):
 # %% ../nbs/00_core.ipynb #8b55eccb
 import functools, warnings
 
+def warn_renamed(old: str, new: str, where: str, stacklevel: int = 2):
+    "Warn (`DeprecationWarning`) that `where` got the old name `old` of `new`, pointing at the caller `stacklevel` frames up."
+    warnings.warn(f"{where}: {old!r} is renamed {new!r}; the old name will be removed", DeprecationWarning, stacklevel=stacklevel + 1)
+
 def rename_keys(d: dict, renames: dict[str, str], where: str = "") -> dict:
     "A copy of `d` with each old key of `renames` under its new name, warning (`DeprecationWarning`) for each."
     out = dict(d)
     for old, new in renames.items():
         if old not in out: continue
         if new in out: raise ConfigError(f"{where}: got both {old!r} and its new name {new!r}; pass only {new!r}")
-        warnings.warn(f"{where}: {old!r} is renamed {new!r}; the old name will be removed", DeprecationWarning, stacklevel=3)
+        warn_renamed(old, new, where, stacklevel=3)
         out[new] = out.pop(old)
     return out
 

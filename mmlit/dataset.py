@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .core import (BadRecordError, ConfigError, Registry, Stream, TooManyBadRecords,
-                        derive_seed, np_rng)
+                        derive_seed, np_rng, renamed_kwargs)
 
 # %% auto #0
 __all__ = ['logger', 'RECORD_KEYS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'task_formats', 'make_record',
@@ -184,16 +184,18 @@ DEFAULT_MAX_IMAGE_PIXELS = 2**27  # ≈134 megapixels (11585²): far beyond any 
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, struct.error,
                  Image.DecompressionBombError)
 
-def check_image_size(img: Image.Image, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+@renamed_kwargs(max_pixels="max_image_pixels")
+def check_image_size(img: Image.Image, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                      where: dict | None = None) -> tuple[int, int]:
     "The header's `(width, height)`; `BadRecordError` for an empty or bomb-sized image, before decoding."
     w, h = img.size
-    if w <= 0 or h <= 0 or (max_pixels is not None and w * h > max_pixels):
-        raise BadRecordError(f"image header declares {w}x{h} pixels, over the limit of {max_pixels} "
+    if w <= 0 or h <= 0 or (max_image_pixels is not None and w * h > max_image_pixels):
+        raise BadRecordError(f"image header declares {w}x{h} pixels, over the limit of {max_image_pixels} "
                              "(decompression bomb?)", **(where or {}))
     return w, h
 
-def open_image(src: bytes | str | Path, *, decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+@renamed_kwargs(max_pixels="max_image_pixels")
+def open_image(src: bytes | str | Path, *, decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                where: dict | None = None) -> Image.Image:
     "Open an image from bytes or a path; bad input raises `BadRecordError` naming `where`."
     where = where or {}
@@ -212,7 +214,7 @@ def open_image(src: bytes | str | Path, *, decode: bool = True, max_pixels: int 
         raise BadRecordError("not a readable image (UnidentifiedImageError: unknown or corrupt format)", **where) from None
     except DECODE_ERRORS as e:
         raise BadRecordError(f"not a readable image ({type(e).__name__}: {e})", **where) from None
-    try: check_image_size(img, max_pixels, where)
+    try: check_image_size(img, max_image_pixels, where)
     except BadRecordError:
         img.close()
         raise
@@ -278,16 +280,17 @@ def _check_path(path) -> Path:
     return p
 
 # %% ../nbs/01_dataset.ipynb #60fa4150
+@renamed_kwargs(max_pixels="max_image_pixels")
 class JsonlImageText(MMDataset):
     "Image-text pairs from a JSONL file; images open lazily when a record is read."
     source = "jsonl"
 
     def __init__(self, path: str | Path, *, image_root: str | Path | None = None, decode: bool = True,
-                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
         super().__init__(**kwargs)
         self.path = _check_path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
-        self.decode, self.max_pixels = decode, max_pixels
+        self.decode, self.max_image_pixels = decode, max_image_pixels
         self._offsets, self._lines = _line_offsets(self.path)
 
     def __len__(self) -> int: return len(self._offsets)
@@ -299,7 +302,7 @@ class JsonlImageText(MMDataset):
         obj = _parse_json_line(_read_line(self.path, int(self._offsets[idx])), where)
         text = _pick(obj, ("text", "query"), str, where, required=True)
         images = _str_list(obj.get("image", obj.get("images")), "image", where)
-        opened = [open_image(self.image_root / p, decode=self.decode, max_pixels=self.max_pixels, where=where)
+        opened = [open_image(self.image_root / p, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
                   for p in images]
         image = opened if isinstance(obj.get("image", obj.get("images")), list) else (opened[0] if opened else None)
         negatives = _str_list(obj.get("negatives", obj.get("negative")), "negatives", where)
@@ -379,8 +382,9 @@ import bisect
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+@renamed_kwargs(max_pixels="max_image_pixels")
 def open_image_cell(v, column: str = "image", *, root: Path | None = None, decode: bool = True,
-                    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, where: dict | None = None) -> Image.Image:
+                    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, where: dict | None = None) -> Image.Image:
     "Open a table's image cell: an HF `{bytes, path}` struct (path relative to `root`), bytes or a path."
     where = where or {}
     if isinstance(v, dict):
@@ -390,19 +394,20 @@ def open_image_cell(v, column: str = "image", *, root: Path | None = None, decod
     if v is None: raise BadRecordError(f"image column {column!r} is null", **where)
     if not isinstance(v, (bytes, str, Path)):
         raise BadRecordError(f"image column {column!r} holds {type(v).__name__}, not bytes", **where)
-    return open_image(v, decode=decode, max_pixels=max_pixels, where=where)
+    return open_image(v, decode=decode, max_image_pixels=max_image_pixels, where=where)
 
+@renamed_kwargs(max_pixels="max_image_pixels")
 class ParquetImageText(MMDataset):
     "Image-text pairs from Parquet shards with embedded image bytes, read by row group."
     source = "parquet"
 
     def __init__(self, paths, *, image_column: str | None = "image", text_column: str = "caption",
                  negatives_column: str | None = "negatives", task_column: str | None = "task",
-                 decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                 decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                  cache_row_groups: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.files = expand_paths(paths, (".parquet",))
-        self.image_column, self.text_column, self.decode, self.max_pixels = image_column, text_column, decode, max_pixels
+        self.image_column, self.text_column, self.decode, self.max_image_pixels = image_column, text_column, decode, max_image_pixels
         self.negatives_column, self.task_column = negatives_column, task_column
         self.cache_row_groups = max(1, int(cache_row_groups))
         starts, rg_file, rg_index, file_start, n = [], [], [], [], 0
@@ -470,24 +475,25 @@ class ParquetImageText(MMDataset):
         image = None
         if self.image_column is not None:
             image = open_image_cell(row.get(self.image_column), self.image_column, root=self.files[k].parent,
-                                    decode=self.decode, max_pixels=self.max_pixels, where=where)
+                                    decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
         negatives = _str_list(row.get(self.negatives_column), "negatives", where) if self.negatives_column in row else []
         task = _pick(row, (self.task_column,), str, where) if self.task_column in row else None
         return make_record(text, image, negatives, task, None, where)
 
 
 # %% ../nbs/01_dataset.ipynb #82118f58
+@renamed_kwargs(max_pixels="max_image_pixels")
 class HFDataset(MMDataset):
     "An HF `datasets.Dataset` (its `Image` feature included) as mmlit records."
     source = "hf"
 
     def __init__(self, ds, *, text_column: str = "text", image_column: str | None = "image",
                  negatives_column: str | None = "negatives", task_column: str | None = "task",
-                 decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
+                 decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
         super().__init__(**kwargs)
         cols = list(getattr(ds, "column_names", []))
         if text_column not in cols: raise ConfigError(f"HF dataset has no column {text_column!r}; columns are {cols}")
-        self.ds, self.text_column, self.decode, self.max_pixels = ds, text_column, decode, max_pixels
+        self.ds, self.text_column, self.decode, self.max_image_pixels = ds, text_column, decode, max_image_pixels
         self.image_column = image_column if image_column in cols else None
         self.negatives_column = negatives_column if negatives_column in cols else None
         self.task_column = task_column if task_column in cols else None
@@ -517,7 +523,7 @@ class HFDataset(MMDataset):
                 try: v.load()
                 except DECODE_ERRORS as e: raise BadRecordError(f"cannot decode image ({e})", **where) from None
             return v
-        return open_image_cell(v, self.image_column, decode=self.decode, max_pixels=self.max_pixels, where=where)
+        return open_image_cell(v, self.image_column, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
 
 # %% ../nbs/01_dataset.ipynb #4a5ff30f
 class TorchDataset(MMDataset):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from .core import ConfigError, Stream, TooManyBadRecords, derive_seed
+from .core import ConfigError, Stream, TooManyBadRecords, derive_seed, rename_keys
 from .dataset import (BadRecord, DeterministicDataset, MMDataset, Mixture, SkipReport, Skipped,
                            as_mm_dataset, split_skipped)
 
@@ -545,7 +545,8 @@ class WithTask:
         return self.preprocessor(rec, rng)
 
 _KNOWN_KEYS = {"data", "kind", "data_options", "val_data", "val_split", "tokenizer", "preprocessor", "preprocessor_options",
-               "max_length", "task", "collator", "collator_options", "loader"}
+               "max_length", "task", "collate_options", "loader"}
+_RENAMED_KEYS = {"collator": "collate", "collator_options": "collate_options"}   # old names, accepted with a warning for now
 _DEFAULT_COLLATORS = {"clip": ("contrastive", dict(base="multimodal")), "qwen2_vl": ("qwen2_vl", {}),
                       "molmo": ("multimodal", {}), "lm": ("causal_lm", {})}
 
@@ -576,7 +577,7 @@ def load_tokenizer(spec, data_path=None, kind: str | None = None, data_options: 
 def loader_parts(config: dict | str | Path) -> dict:
     "Parse a one-liner config into data, transform, collator and `LoaderConfig` (what `build_loader` uses)."
     from mmlit.dataset import TextCorpus, open_source
-    cfg = _read_config(config)
+    cfg = rename_keys(_read_config(config), _RENAMED_KEYS, "loader config")
     loader_keys = {f.name for f in dataclasses.fields(LoaderConfig)}
     lcfg = {**{k: cfg.pop(k) for k in list(cfg) if k in loader_keys}, **(cfg.pop("loader", None) or {})}
     unknown = sorted(set(cfg) - _KNOWN_KEYS)
@@ -604,9 +605,9 @@ def loader_parts(config: dict | str | Path) -> dict:
         parts.update(data=open_source(cfg["data"], kind, **opts), transform=mk(True), val_transform=mk(False),
                      val_data=open_source(cfg["val_data"], kind, **opts) if cfg.get("val_data") else None, preset=preset)
     name, copts = _DEFAULT_COLLATORS.get(parts.pop("preset"), ("default", {}))
-    if cfg.get("collator"): name, copts = cfg["collator"], {}
-    copts = {**copts, **(cfg.get("collator_options") or {})}
-    if name != "default": copts.setdefault("tokenizer", tok)
+    if lcfg.get("collate") is not None: name, copts = lcfg["collate"], {}
+    copts = {**copts, **(cfg.get("collate_options") or {})}
+    if isinstance(name, str) and name != "default": copts.setdefault("tokenizer", tok)
     parts.update(collate=name, collate_options=copts, tokenizer=tok)
     return parts
 

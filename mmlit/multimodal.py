@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .core import BadRecordError, ConfigError, Registry
+from .core import BadRecordError, ConfigError, Registry, renamed_kwargs
 from .dataset import locate_error
 from .preprocess import ImagePreprocessor, Qwen2VLPatcher, image_preset, open_checked
 from .text import IMAGE_PLACEHOLDER, ImageTokens, encode_chat, encode_text
@@ -114,10 +114,11 @@ class ChatPreprocessor(Preprocessor):
 PREPROCESSORS = Registry("preprocessor")
 
 @PREPROCESSORS.register("clip", family="dual_encoder")
-def clip_preprocessor(tokenizer, train: bool = False, size: int = 224, max_length: int = 77, norm: str = "clip",
+@renamed_kwargs(norm="normalize")
+def clip_preprocessor(tokenizer, train: bool = False, size: int = 224, max_length: int = 77, normalize: str = "clip",
                       uint8: bool = False, **image_options) -> DualEncoderPreprocessor:
     "CLIP-style dual encoder: `size`² images (random-resized crops when training) + eos-terminated captions."
-    return DualEncoderPreprocessor(tokenizer, image_preset("clip", train, size=size, norm=norm, uint8=uint8, **image_options), max_length)
+    return DualEncoderPreprocessor(tokenizer, image_preset("clip", train, size=size, normalize=normalize, uint8=uint8, **image_options), max_length)
 
 @PREPROCESSORS.register("qwen2_vl", family="chat")
 def qwen2_vl_preprocessor(tokenizer, train: bool = False, max_length: int = 2048, image_max_patches: int | None = None,

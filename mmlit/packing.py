@@ -13,28 +13,30 @@ import torch
 
 from .collate import (CollateError, Collator, ConfigError, Padding, RaggedBatchError, SEQ_PAD_VALUES,
                            collators, stack_rest, where)
+from .core import renamed_kwargs
 from .dataset import split_skipped
 
 # %% auto #0
 __all__ = ['pack_rows', 'mrope_positions', 'PackingCollator', 'PackedRows']
 
 # %% ../nbs/03a_packing.ipynb #5ed9935d
-def pack_rows(lengths: Sequence[int], budget: int, balance: bool = True) -> list[list[int]]:
-    "Indices of `lengths` per row, each row's total at most `budget` (first-fit decreasing, then evened)."
-    if budget < 1: raise ConfigError(f"packing budget must be positive, got {budget}")
+@renamed_kwargs(budget="max_length")
+def pack_rows(lengths: Sequence[int], max_length: int, balance: bool = True) -> list[list[int]]:
+    "Indices of `lengths` per row, each row's total at most `max_length` (first-fit decreasing, then evened)."
+    if max_length < 1: raise ConfigError(f"max_length must be positive, got {max_length}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rows, room = [], []
     for i in order:
-        if lengths[i] > budget: raise CollateError(f"sample {i} has {lengths[i]} tokens > packing budget {budget}")
+        if lengths[i] > max_length: raise CollateError(f"sample {i} has {lengths[i]} tokens > max_length={max_length}")
         r = next((r for r, left in enumerate(room) if left >= lengths[i]), None)
-        if r is None: rows.append([i]); room.append(budget - lengths[i])
+        if r is None: rows.append([i]); room.append(max_length - lengths[i])
         else: rows[r].append(i); room[r] -= lengths[i]
     if not balance or len(rows) < 2: return rows
     even, load = [[] for _ in rows], [0] * len(rows)
     for i in order:
         r = min(range(len(rows)), key=load.__getitem__)
         even[r].append(i); load[r] += lengths[i]
-    return even if max(load) < budget - min(room) else rows
+    return even if max(load) < max_length - min(room) else rows
 
 # %% ../nbs/03a_packing.ipynb #f0119237
 def mrope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor,
@@ -55,9 +57,10 @@ def mrope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tenso
     return torch.cat(out, 1) if out else torch.zeros(3, 0, dtype=torch.long)
 
 # %% ../nbs/03a_packing.ipynb #27965e81
+@renamed_kwargs(max_tokens="max_length")
 class PackingCollator(Collator):
-    "Pack sequences into rows of at most `max_tokens`, with restarting positions and per-sequence masks."
-    def __init__(self, tokenizer=None, *, max_tokens: int, pad_token_id: int | None = None,
+    "Pack sequences into rows of at most `max_length`, with restarting positions and per-sequence masks."
+    def __init__(self, tokenizer=None, *, max_length: int, pad_token_id: int | None = None,
                  pad_to_multiple_of: int | None = None, fixed_length: bool = False, mask: str = "positions",
                  causal: bool = True, mask_dtype: torch.dtype = torch.float32, overflow: str = "raise",
                  spatial_merge_size: int = 2, balance: bool = True):
@@ -65,9 +68,9 @@ class PackingCollator(Collator):
         if pad_id is None: raise ConfigError("PackingCollator needs a tokenizer with a pad token or pad_token_id=")
         if mask not in ("positions", "block"): raise ConfigError(f"mask must be 'positions' or 'block', got {mask!r}")
         self.pad_values = {**SEQ_PAD_VALUES, "input_ids": pad_id}
-        self.padding = Padding("max_len" if fixed_length else "batch_max", max_tokens, pad_to_multiple_of,
+        self.padding = Padding("max_length" if fixed_length else "batch_max", max_length, pad_to_multiple_of,
                                truncation_side=getattr(tokenizer, "truncation_side", "right"), overflow=overflow)
-        self.max_tokens, self.mask, self.causal, self.mask_dtype = max_tokens, mask, causal, mask_dtype
+        self.max_length, self.mask, self.causal, self.mask_dtype = max_length, mask, causal, mask_dtype
         self.merge, self.balance = spatial_merge_size, balance
 
     _plan: list[int] | None = None
@@ -93,12 +96,12 @@ class PackingCollator(Collator):
         return batch, bad
 
     def _given_rows(self, lengths: list[int]) -> list[list[int]]:
-        "The planned rows as index lists, each checked against the token budget."
+        "The planned rows as index lists, each checked against `max_length`."
         ends = torch.tensor(self._plan).cumsum(0).tolist()
         rows = [list(range(e - n, e)) for n, e in zip(self._plan, ends)]
         for r in rows:
-            if sum(lengths[i] for i in r) > self.max_tokens:
-                raise CollateError(f"a planned row holds {sum(lengths[i] for i in r)} tokens > max_tokens={self.max_tokens}")
+            if sum(lengths[i] for i in r) > self.max_length:
+                raise CollateError(f"a planned row holds {sum(lengths[i] for i in r)} tokens > max_length={self.max_length}")
         return rows
 
     def positions(self, s: dict) -> torch.Tensor:
@@ -121,10 +124,10 @@ class PackingCollator(Collator):
         for i, s in enumerate(samples):
             keep = self.padding.cut(len(s["input_ids"]), f"{where(s, i)} 'input_ids'")
             if "image_grid_thw" in s and keep.stop - keep.start < len(s["input_ids"]):
-                raise CollateError(f"{where(s, i)}: cannot truncate a sequence with images to fit max_tokens")
+                raise CollateError(f"{where(s, i)}: cannot truncate a sequence with images to fit max_length")
             cut.append({**s, **{k: s[k][keep] for k in seq_keys}})
         lengths = [len(s["input_ids"]) for s in cut]
-        rows = self._given_rows(lengths) if self._plan else pack_rows(lengths, self.max_tokens, self.balance)
+        rows = self._given_rows(lengths) if self._plan else pack_rows(lengths, self.max_length, self.balance)
         L = self.padding.length([sum(len(cut[i]["input_ids"]) for i in r) for r in rows])
         order = [i for r in rows for i in r]
         cols = {k: [] for k in seq_keys + ["position_ids", "segment"]}
@@ -158,12 +161,13 @@ class PackingCollator(Collator):
 collators.add("packing", PackingCollator, modality="text", task="packing")
 
 # %% ../nbs/03a_packing.ipynb #dcaadffa
+@renamed_kwargs(max_tokens="max_length")
 class PackedRows(torch.utils.data.Dataset):
     "Rows planned once over `dataset`: item `i` is the list of samples packed into row `i`."
-    def __init__(self, dataset, lengths: Sequence[int], max_tokens: int, balance: bool = True):
+    def __init__(self, dataset, lengths: Sequence[int], max_length: int, balance: bool = True):
         if len(lengths) != len(dataset):
             raise ConfigError(f"{len(lengths)} lengths for a dataset of {len(dataset)} samples")
-        self.dataset, self.rows = dataset, pack_rows(list(lengths), max_tokens, balance)
+        self.dataset, self.rows = dataset, pack_rows(list(lengths), max_length, balance)
 
     def __len__(self) -> int: return len(self.rows)
     def __getitem__(self, i: int) -> list: return [self.dataset[j] for j in self.rows[i]]

@@ -23,7 +23,7 @@ import simplejpeg
 import torch
 from PIL import Image, ImageEnhance
 
-from .core import BadRecordError, ConfigError, MissingExtraError, Registry
+from .core import BadRecordError, ConfigError, MissingExtraError, Registry, renamed_kwargs
 
 # %% auto #0
 __all__ = ['NORMALISATIONS', 'IMAGE_PRESETS', 'IMAGE_SUFFIXES', 'Normalisation', 'get_normalisation', 'normalize', 'to_rgb',
@@ -84,17 +84,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return img.convert("RGB")
 
-def open_checked(src, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+@renamed_kwargs(max_pixels="max_image_pixels")
+def open_checked(src, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     "A lazily opened image (PIL, bytes, path or uint8 array) whose header size is sane, else `BadRecordError`."
     if isinstance(src, Image.Image):
-        check_image_size(src, max_pixels)
+        check_image_size(src, max_image_pixels)
         return src
     if isinstance(src, np.ndarray):
         if src.dtype != np.uint8 or src.ndim not in (2, 3):
             raise BadRecordError(f"image array must be uint8 [H, W(, C)], got {src.dtype} {src.shape}")
         return Image.fromarray(src)
     if isinstance(src, (bytes, bytearray, memoryview, str, os.PathLike)):
-        return open_image(src, decode=False, max_pixels=max_pixels)
+        return open_image(src, decode=False, max_image_pixels=max_image_pixels)
     raise BadRecordError(f"image must be a PIL image, bytes, a path or a uint8 array, got {type(src).__name__}")
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -117,10 +118,11 @@ def _encoded_jpeg(img: Image.Image) -> bytes | None:
     if isinstance(fp, io.BytesIO): return fp.getvalue()
     return Path(img.filename).read_bytes() if getattr(img, "filename", "") else None
 
+@renamed_kwargs(max_pixels="max_image_pixels")
 def decode_rgb(src, *, min_size: tuple[int, int] | None = None, draft: bool = True,
-               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     "Decode `src` to a loaded RGB image (JPEG at reduced scale if `draft`, never below `min_size` = (w, h))."
-    img = open_checked(src, max_pixels)
+    img = open_checked(src, max_image_pixels)
     w, h = img.size
     data = _encoded_jpeg(img)
     if data is not None:
@@ -320,13 +322,14 @@ def color_jitter(img: Image.Image, rng: np.random.Generator, brightness: float =
     return img
 
 # %% ../nbs/02_preprocess.ipynb #5c661769
+@renamed_kwargs(norm="normalize")
 @dataclass
 class ImagePreprocessor:
     "Decode → fit to `size` (→ augment when `train`) → normalised float32 (or uint8) `[3, H, W]`."
     size: int | tuple[int, int] = 224
     fit: str = "crop"
     train: bool = False
-    norm: str | Normalisation = "clip"
+    normalize: str | Normalisation = "clip"
     uint8: bool = False
     crop_scale: tuple[float, float] = (0.35, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -338,11 +341,11 @@ class ImagePreprocessor:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self):
-        self.norm = get_normalisation(self.norm)
+        self.normalize = get_normalisation(self.normalize)
         self.size = _hw(self.size)
         if self.fit not in ("crop", "pad", "stretch"): raise ConfigError(f"fit must be 'crop', 'pad' or 'stretch', got {self.fit!r}")
         if not 0 <= self.flip <= 1: raise ConfigError(f"flip is a probability, got {self.flip}")
-        std, mean = torch.tensor(self.norm.std), torch.tensor(self.norm.mean)
+        std, mean = torch.tensor(self.normalize.std), torch.tensor(self.normalize.mean)
         self._scale, self._offset = (1 / (255 * std)).view(3, 1, 1), (-mean / std).view(3, 1, 1)   # as `normalize`
 
     def draft_size(self, width: int, height: int) -> tuple[int, int]:
@@ -359,7 +362,7 @@ class ImagePreprocessor:
             if self.train: out = random_resized_crop(img, self.size, rng, self.crop_scale, self.crop_ratio, self.resample)
             elif self.draft: out = resize_center_crop(img, self.size, self.resample)   # fastest: one resize of the region
             else: out = resize_crop(img, *center_crop_box(img.height, img.width, self.size), self.resample)  # exact: as HF
-        elif self.fit == "pad": out = resize(pad_to_square(img, self.norm.fill), self.size, self.resample)
+        elif self.fit == "pad": out = resize(pad_to_square(img, self.normalize.fill), self.size, self.resample)
         else: out = resize(img, self.size, self.resample)
         if self.train and self.flip and rng.random() < self.flip: out = hflip(out)
         if self.train and (self.jitter or self.hue): out = color_jitter(out, rng, self.jitter, self.jitter, self.jitter, self.hue)
@@ -369,7 +372,7 @@ class ImagePreprocessor:
         "`[3, H, W]` tensor for one image (PIL, bytes, path or array)."
         if self.train and rng is None: raise ConfigError("a training ImagePreprocessor needs an rng")
         src = open_checked(image, self.max_image_pixels)
-        img = decode_rgb(src, min_size=self.draft_size(*src.size), draft=self.draft, max_pixels=self.max_image_pixels)
+        img = decode_rgb(src, min_size=self.draft_size(*src.size), draft=self.draft, max_image_pixels=self.max_image_pixels)
         x = pil_to_chw(self.fit_image(img, rng))
         if self.uint8: return x
         y = x.to(torch.float32)
@@ -377,13 +380,14 @@ class ImagePreprocessor:
 
 # %% ../nbs/02_preprocess.ipynb #6d1a36fc
 IMAGE_PRESETS = Registry("image preset")
-IMAGE_PRESETS.add("clip", dict(size=224, fit="crop", norm="clip"),
+IMAGE_PRESETS.add("clip", dict(size=224, fit="crop", normalize="clip"),
                   train=dict(crop_scale=(0.35, 1.0), flip=0.5, jitter=0.2))
-IMAGE_PRESETS.add("imagenet", dict(size=224, fit="crop", norm="imagenet"),
+IMAGE_PRESETS.add("imagenet", dict(size=224, fit="crop", normalize="imagenet"),
                   train=dict(crop_scale=(0.08, 1.0), flip=0.5, jitter=0.4))
-IMAGE_PRESETS.add("molmo", dict(size=336, fit="pad", norm="clip"), train=dict(flip=0.0, jitter=0.2))
-IMAGE_PRESETS.add("cifar", dict(size=32, fit="stretch", norm="half"), train=dict(flip=0.5))
+IMAGE_PRESETS.add("molmo", dict(size=336, fit="pad", normalize="clip"), train=dict(flip=0.0, jitter=0.2))
+IMAGE_PRESETS.add("cifar", dict(size=32, fit="stretch", normalize="half"), train=dict(flip=0.5))
 
+@renamed_kwargs(norm="normalize")
 def image_preset(name: str = "clip", train: bool = False, **overrides) -> ImagePreprocessor:
     "An `ImagePreprocessor` from a named preset; `train` adds the preset's augmentations."
     kw = dict(IMAGE_PRESETS.get(name), train=train)
@@ -418,6 +422,7 @@ def patchify(frames: torch.Tensor, patch_size: int = 14, merge_size: int = 2,
     return x.reshape(gt * gh * gw, C * tp * p * p), (gt, gh, gw)
 
 # %% ../nbs/02_preprocess.ipynb #f70846aa
+@renamed_kwargs(norm="normalize")
 @dataclass
 class Qwen2VLPatcher:
     "Images or video frames → Qwen2-VL `pixel_values [Σ patches, 1176]` and `grid_thw`."
@@ -427,20 +432,20 @@ class Qwen2VLPatcher:
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
     image_max_patches: int | None = None
-    norm: str | Normalisation = "clip"
+    normalize: str | Normalisation = "clip"
     uint8: bool = False
     resample: int = Image.BICUBIC
     draft: bool = False
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self):
-        self.norm = get_normalisation(self.norm)
+        self.normalize = get_normalisation(self.normalize)
         if self.image_max_patches is not None:
             self.max_pixels = min(self.max_pixels, self.image_max_patches * self.patch_size ** 2)
         if self.max_pixels < self.min_pixels:
             raise ConfigError(f"max_pixels {self.max_pixels} (image_max_patches={self.image_max_patches}) is below min_pixels {self.min_pixels}")
         # one scale and offset per column of a patch row (laid out band, temporal slot, pixel)
-        std, mean = torch.tensor(self.norm.std), torch.tensor(self.norm.mean)
+        std, mean = torch.tensor(self.normalize.std), torch.tensor(self.normalize.mean)
         per_band = self.patch_dim // 3
         self._scale = (1 / (255 * std)).repeat_interleave(per_band)
         self._offset = (-mean / std).repeat_interleave(per_band)
@@ -463,7 +468,7 @@ class Qwen2VLPatcher:
         src = open_checked(image, self.max_image_pixels)
         w, h = src.size
         th, tw = self.target_size(h, w)
-        img = decode_rgb(src, min_size=(tw, th), draft=self.draft, max_pixels=self.max_image_pixels)
+        img = decode_rgb(src, min_size=(tw, th), draft=self.draft, max_image_pixels=self.max_image_pixels)
         return img if img.size == (tw, th) else img.resize((tw, th), self.resample)
 
     def _write_patches(self, img: Image.Image, out: torch.Tensor) -> None:
@@ -537,10 +542,11 @@ def _read_video_file(path: Path, max_frames: int, mode: str, rng) -> np.ndarray:
     idx = sample_frame_indices(len(frames), max_frames, mode, rng)
     return np.stack([frames[i].to_ndarray(format="rgb24") for i in idx])
 
+@renamed_kwargs(max_pixels="max_image_pixels")
 def load_frames(video, max_frames: int = 16, mode: str = "uniform", rng: np.random.Generator | None = None,
-                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     "Sampled frames `[T', H, W, 3]` uint8 from an array, a folder of images or a video file."
-    if isinstance(video, (list, tuple)): video = np.stack([np.asarray(decode_rgb(f, max_pixels=max_pixels)) for f in video])
+    if isinstance(video, (list, tuple)): video = np.stack([np.asarray(decode_rgb(f, max_image_pixels=max_image_pixels)) for f in video])
     if isinstance(video, np.ndarray):
         if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
             raise BadRecordError(f"video array must be uint8 [T, H, W, 3], got {video.dtype} {video.shape}")
@@ -549,7 +555,7 @@ def load_frames(video, max_frames: int = 16, mode: str = "uniform", rng: np.rand
     if path.is_dir():
         files = sorted((f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), key=lambda f: _natural_key(f.name))
         idx = sample_frame_indices(len(files), max_frames, mode, rng)
-        frames = [np.asarray(decode_rgb(files[i], max_pixels=max_pixels)) for i in idx]
+        frames = [np.asarray(decode_rgb(files[i], max_image_pixels=max_image_pixels)) for i in idx]
         if len({f.shape for f in frames}) > 1: raise BadRecordError("frames in the folder differ in size", file=str(path))
         return np.stack(frames)
     if path.is_file(): return _read_video_file(path, max_frames, mode, rng)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .core import BadRecordError, ConfigError, Registry
+from .core import BadRecordError, ConfigError, Registry, renamed_kwargs
 
 # %% auto #0
 __all__ = ['EOS', 'IM_START', 'IM_END', 'VISION_START', 'VISION_END', 'IMAGE_PAD', 'VIDEO_PAD', 'SPECIAL_TOKENS',
@@ -214,12 +214,13 @@ def token_stream(docs: Iterable[str], tokenizer, eos_id: int | None = None) -> t
 
 class LMWindows:
     "Windows of a token stream: item i is `{input_ids, attention_mask, labels, shift_labels}`, labels shifted by one."
-    def __init__(self, stream: torch.Tensor | Sequence[int], seq_len: int, stride: int | None = None, drop_last: bool = True):
+    @renamed_kwargs(seq_len="max_length")
+    def __init__(self, stream: torch.Tensor | Sequence[int], max_length: int, stride: int | None = None, drop_last: bool = True):
         self.stream = torch.as_tensor(stream, dtype=torch.int64)
-        self.seq_len, self.stride = seq_len, stride or seq_len
-        if seq_len <= 0 or self.stride <= 0: raise ConfigError(f"seq_len and stride must be positive, got {seq_len}, {stride}")
+        self.max_length, self.stride = max_length, stride or max_length
+        if max_length <= 0 or self.stride <= 0: raise ConfigError(f"max_length and stride must be positive, got {max_length}, {stride}")
         n = len(self.stream) - 1                       # positions that have a next token
-        full = 0 if n < seq_len else (n - seq_len) // self.stride + 1
+        full = 0 if n < max_length else (n - max_length) // self.stride + 1
         self._len = full + (0 if drop_last or full * self.stride >= n else 1)
 
     def __len__(self) -> int: return self._len
@@ -227,11 +228,12 @@ class LMWindows:
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not -self._len <= i < self._len: raise IndexError(f"window {i} out of range for {self._len} windows")
         s = (i % self._len) * self.stride
-        x = self.stream[s: s + self.seq_len + 1]
+        x = self.stream[s: s + self.max_length + 1]
         return {"input_ids": x[:-1], "attention_mask": torch.ones(len(x) - 1, dtype=torch.int64), "labels": x[1:],
                 "shift_labels": x[1:].clone()}   # the same targets, for HF models that shift `labels` again
 
-def lm_windows(docs: Iterable[str], tokenizer, seq_len: int, stride: int | None = None, drop_last: bool = True,
+@renamed_kwargs(seq_len="max_length")
+def lm_windows(docs: Iterable[str], tokenizer, max_length: int, stride: int | None = None, drop_last: bool = True,
                eos_id: int | None = None) -> LMWindows:
     "Tokenize `docs` into one eos-separated stream and cut it into shifted windows."
-    return LMWindows(token_stream(docs, tokenizer, eos_id), seq_len, stride, drop_last)
+    return LMWindows(token_stream(docs, tokenizer, eos_id), max_length, stride, drop_last)

@@ -29,8 +29,8 @@ class Skip:
     (dict(padding="longest"), dict()),
     (dict(padding="longest", pad_to_multiple_of=8), dict(pad_mode="to_8")),
     (dict(padding="longest", pad_to_multiple_of=16), dict(pad_to_multiple_of=16)),
-    (dict(padding="max_length", max_length=64), dict(pad_mode="max_len", max_len=64)),
-    (dict(padding="max_length", max_length=60, pad_to_multiple_of=16), dict(pad_mode="max_len", max_len=60, pad_to_multiple_of=16)),
+    (dict(padding="max_length", max_length=64), dict(pad_mode="max_length", max_length=64)),
+    (dict(padding="max_length", max_length=60, pad_to_multiple_of=16), dict(pad_mode="max_length", max_length=60, pad_to_multiple_of=16)),
 ])
 def test_equals_hf_data_collator_with_padding(side, hf_kw, ours_kw):
     tok = TOK[side]
@@ -153,7 +153,7 @@ def test_packed_llama_equals_each_sequence_alone(attn, mask):
     tok = TOK["right"]
     model = tiny_llama(len(tok), attn)
     samples = [text_sample(tok, t) for t in TEXTS]
-    coll = PackingCollator(tok, max_tokens=48, mask=mask, pad_to_multiple_of=16)
+    coll = PackingCollator(tok, max_length=48, mask=mask, pad_to_multiple_of=16)
     batch = coll(samples)
     assert batch["input_ids"].shape[1] % 16 == 0 and len(batch["packed_samples"]) < len(samples)
     kw = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask", "use_cache") if k in batch}
@@ -175,7 +175,7 @@ def test_packed_qwen2_vl_equals_each_sequence_alone():
     model = tiny_qwen2_vl(tok, "sdpa")
     samples = [qwen_sample(tok, [[1, 4, 4]], TEXTS[1], seed=1), qwen_sample(tok, [[1, 2, 4], [1, 4, 6]], TEXTS[0], seed=2),
                qwen_sample(tok, [], TEXTS[3]), qwen_sample(tok, [[1, 6, 2]], TEXTS[7], seed=3)]
-    batch = PackingCollator(tok, max_tokens=64, pad_to_multiple_of=8)(samples)
+    batch = PackingCollator(tok, max_length=64, pad_to_multiple_of=8)(samples)
     assert batch["position_ids"].shape[0] == 4 and "attention_mask" not in batch
     with torch.no_grad():
         packed = model(**{k: v for k, v in batch.items() if k != "packed_samples"}).logits
@@ -199,8 +199,8 @@ sample_spec = st.tuples(st.integers(0, 40), st.integers(0, 3), st.integers(0, 3)
 @pytest.mark.parametrize("name", ["text", "causal_lm", "masked_lm", "multimodal", "qwen2_vl", "contrastive", "packing"])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs=st.lists(sample_spec, min_size=0, max_size=6), side=st.sampled_from(["right", "left"]),
-       mode=st.sampled_from([{}, {"pad_mode": "to_8"}, {"pad_mode": "max_len", "max_len": 32},
-                             {"max_len": 24, "overflow": "truncate"}, {"max_len": 24}]))
+       mode=st.sampled_from([{}, {"pad_mode": "to_8"}, {"pad_mode": "max_length", "max_length": 32},
+                             {"max_length": 24, "overflow": "truncate"}, {"max_length": 24}]))
 def test_fuzz_collators(name, specs, side, mode):
     tok = TOK[side]
     vocab = torch.arange(20, 60)
@@ -221,9 +221,9 @@ def test_fuzz_collators(name, specs, side, mode):
         samples.append(s)
     kw = dict(mode)
     if name == "packing":
-        kw = dict(max_tokens=kw.get("max_len", 64), overflow=kw.get("overflow", "raise"))
+        kw = dict(max_length=kw.get("max_length", 64), overflow=kw.get("overflow", "raise"))
     good = [s for s in samples if not isinstance(s, Skip)]
-    limit = kw.get("max_tokens", kw.get("max_len"))
+    limit = kw.get("max_length")
     too_long = limit is not None and any(len(s["input_ids"]) > limit for s in good)
     try:
         batch, bad = collator_for(name=name, tokenizer=tok, **kw).collate_with_bad(samples)
@@ -232,7 +232,7 @@ def test_fuzz_collators(name, specs, side, mode):
         return
     except CollateError as e:                           # only a sequence over the limit may be refused
         assert too_long, f"{name} refused a batch whose sequences all fit: {e}"
-        assert re.search(r"max_len|max_tokens|budget|truncat", str(e)), e
+        assert re.search(r"max_length|truncat", str(e)), e
         return
     assert len(bad) == len(samples) - len(good)
     if batch is None:
@@ -245,9 +245,9 @@ def test_fuzz_collators(name, specs, side, mode):
         return
     assert ids.shape[0] == len(good)
     lens = batch["attention_mask"].sum(-1)
-    want = torch.tensor([min(len(s["input_ids"]), kw.get("max_len") or 10**9) for s in good])
+    want = torch.tensor([min(len(s["input_ids"]), kw.get("max_length") or 10**9) for s in good])
     assert torch.equal(lens, want)
-    if kw.get("pad_mode") == "max_len": assert ids.shape[1] == 32
+    if kw.get("pad_mode") == "max_length": assert ids.shape[1] == 32
     if kw.get("pad_mode") == "to_8": assert ids.shape[1] % 8 == 0
     for k in ("labels", "attention_mask"):
         assert batch[k].shape == ids.shape
@@ -314,7 +314,7 @@ MUST_NAME = {"text": "input_ids", "causal_lm": "input_ids", "masked_lm": "attent
 
 def _build(name, tok):
     if name in ("vision", "default"): return collator_for(name=name)
-    return collator_for(name=name, tokenizer=tok, **({"max_tokens": 64} if name == "packing" else {}))
+    return collator_for(name=name, tokenizer=tok, **({"max_length": 64} if name == "packing" else {}))
 
 
 def _needs(name, kept) -> set:
