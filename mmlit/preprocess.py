@@ -141,14 +141,6 @@ def decode_rgb(src, *, min_size: tuple[int, int] | None = None, draft: bool = Tr
     except DECODE_ERRORS as e:
         raise BadRecordError(f"cannot decode image: {type(e).__name__}: {e}") from None
 
-# %% ../nbs/02_preprocess.ipynb #271d6362
-def _bomb_png(width: int, height: int) -> bytes:
-    "A tiny PNG whose header declares `width`×`height` (for tests: never decode it)."
-    import struct, zlib
-    def chunk(kind, data): return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
-
 # %% ../nbs/02_preprocess.ipynb #062ef907
 def _hw(size: int | Sequence[int]) -> tuple[int, int]:
     "`(height, width)` from an int or a pair."
