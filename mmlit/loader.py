@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequ
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from .core import ConfigError, Stream, TooManyBadRecords, derive_seed, rename_keys
@@ -267,9 +268,6 @@ def data_fingerprint(dataset) -> str:
     return hashlib.sha1(json.dumps(_describe(dataset), sort_keys=True).encode()).hexdigest()[:16]
 
 # %% ../nbs/04_loader.ipynb #c89d5d34
-_STATE_KEYS = ("seed", "epoch", "position", "world_size", "batch_size", "shuffle", "drop_last", "n", "shuffle_window",
-               "fingerprint")
-
 @dataclass
 class LoaderTimings:
     "Seconds spent fetching, preprocessing and collating, and each worker's busy time."
@@ -288,6 +286,7 @@ class LoaderTimings:
 
     def reset(self): self.__init__()
 
+# %% ../nbs/04_loader.ipynb #f5c0724c
 def _as_dataset(dataset, transform: Callable | None, seed: int):
     "What the loader fetches from: a `DeterministicDataset` for mmlit datasets, the dataset itself otherwise."
     if isinstance(dataset, DeterministicDataset):
@@ -310,6 +309,7 @@ def _bad_limit(dataset) -> tuple[float | None, int]:
     return next(((d.max_bad_fraction, len(d)) for d in _wrapped(dataset) if getattr(d, "max_bad_fraction", None) is not None),
                 (None, 0))
 
+# %% ../nbs/04_loader.ipynb #afbd2b15
 class ResumableLoader:
     "A `DataLoader` over a seeded global order, sharded by rank, with an O(1) `state_dict()` and a skip report."
     def __init__(self, dataset, config: LoaderConfig | None = None, *, transform: Callable | None = None,
@@ -352,63 +352,6 @@ class ResumableLoader:
         "Batches left in the current epoch on this rank."
         return count_steps(self.n, self.config.batch_size, self.world_size, self.position, self.config.drop_last)
 
-    def _roll(self):
-        "Move past an epoch whose steps are all consumed."
-        if self.position > 0 and self.remaining == 0: self.epoch, self.position = self.epoch + 1, 0
-
-    def set_epoch(self, epoch: int):
-        "Go to the start of `epoch` (no-op when it is the current epoch, to keep a resumed position)."
-        derive_seed(self.config.seed, epoch)  # validates
-        self._roll()
-        if int(epoch) != self.epoch: self.epoch, self.position = int(epoch), 0
-
-    def __iter__(self) -> Iterator:
-        self._roll()
-        epoch = self.epoch
-        self.sampler.seek(epoch, self.position)
-        ends = [s.end for s in self.sampler.steps()]
-        if hasattr(self.dataset, "set_epoch"): self.dataset.set_epoch(epoch)
-        for k, d in enumerate(self.dataloader):
-            if self.report.extend(d.bad): self._check_bad()
-            self.timings.add(d.stats)
-            self.epoch, self.position = epoch, ends[k]
-            if d.batch is not None: yield d.batch
-        self.epoch, self.position = epoch + 1, 0
-
-    def _check_bad(self):
-        "Enforce `max_bad_fraction` on the bad records of all workers together (each worker sees only its share)."
-        f, n = self.max_bad_fraction, self._bad_of
-        if f is not None and len(self.report) > f * n:
-            raise TooManyBadRecords(f"{len(self.report)} of {n} records are bad (counted over all workers), more than "
-                                    f"max_bad_fraction={f}\n{self.report.table()}")
-
-    def state_dict(self) -> dict:
-        "`{seed, epoch, position, world_size, ...}`: where the consumer is in the global stream (O(1))."
-        self._roll()
-        c = self.config
-        return dict(seed=c.seed, epoch=self.epoch, position=self.position, world_size=self.world_size,
-                    batch_size=c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, n=self.n, shuffle_window=self.window,
-                    fingerprint=self.fingerprint)
-
-    def load_state_dict(self, state: dict):
-        "Continue from `state` (saved with any world size); the next batch is the first one not consumed."
-        missing = [k for k in ("seed", "epoch", "position", "n", "shuffle") if k not in state]
-        if missing: raise ConfigError(f"loader state lacks {missing}")
-        state = {"shuffle_window": 0, **state}            # states saved before block shuffling: a full shuffle
-        for k, mine in (("seed", self.config.seed), ("shuffle", self.config.shuffle), ("n", self.n), ("shuffle_window", self.window)):
-            if state[k] != mine and (k != "shuffle_window" or self.config.shuffle): raise ConfigError(f"loader state has {k}={state[k]!r} but this loader has {k}={mine!r}; "
-                                                   "the global order would differ")
-        if "fingerprint" not in state:
-            raise ConfigError("loader state has no data fingerprint (saved by an older mmlit), so nothing shows it belongs to "
-                              "this data; if you are sure it does, set state['fingerprint'] = loader.state_dict()['fingerprint'] "
-                              "and load it again")
-        if state["fingerprint"] != self.fingerprint:
-            raise ConfigError(f"loader state was saved for other data (fingerprint {state['fingerprint']!r}, this loader's data "
-                              f"has {self.fingerprint!r}: other files, sizes or row counts); it would resume at the wrong samples")
-        if not (_is_int(state["position"]) and 0 <= state["position"] <= self.n and _is_int(state["epoch"]) and state["epoch"] >= 0):
-            raise ConfigError(f"loader state has an invalid epoch/position: {state['epoch']!r}/{state['position']!r}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
     def __repr__(self) -> str:
         c = self.config
         return (f"ResumableLoader(n={self.n}, batch_size={c.batch_size}, rank={self.rank}/{self.world_size}, "
@@ -418,6 +361,74 @@ def make_loader(dataset, config: LoaderConfig | dict | None = None, **kwargs) ->
     "A `ResumableLoader` (its `.dataloader` is the torch `DataLoader`) from a dataset and a config."
     if isinstance(config, dict): config = LoaderConfig.from_dict(config)
     return ResumableLoader(dataset, config, **kwargs)
+
+# %% ../nbs/04_loader.ipynb #42b0807d
+@patch
+def _roll(self: ResumableLoader):
+    "Move past an epoch whose steps are all consumed."
+    if self.position > 0 and self.remaining == 0: self.epoch, self.position = self.epoch + 1, 0
+
+@patch
+def set_epoch(self: ResumableLoader, epoch: int):
+    "Go to the start of `epoch` (no-op when it is the current epoch, to keep a resumed position)."
+    derive_seed(self.config.seed, epoch)  # validates
+    self._roll()
+    if int(epoch) != self.epoch: self.epoch, self.position = int(epoch), 0
+
+@patch
+def __iter__(self: ResumableLoader) -> Iterator:
+    self._roll()
+    epoch = self.epoch
+    self.sampler.seek(epoch, self.position)
+    ends = [s.end for s in self.sampler.steps()]
+    if hasattr(self.dataset, "set_epoch"): self.dataset.set_epoch(epoch)
+    for k, d in enumerate(self.dataloader):
+        if self.report.extend(d.bad): self._check_bad()
+        self.timings.add(d.stats)
+        self.epoch, self.position = epoch, ends[k]
+        if d.batch is not None: yield d.batch
+    self.epoch, self.position = epoch + 1, 0
+
+@patch
+def _check_bad(self: ResumableLoader):
+    "Enforce `max_bad_fraction` on the bad records of all workers together (each worker sees only its share)."
+    f, n = self.max_bad_fraction, self._bad_of
+    if f is not None and len(self.report) > f * n:
+        raise TooManyBadRecords(f"{len(self.report)} of {n} records are bad (counted over all workers), more than "
+                                f"max_bad_fraction={f}\n{self.report.table()}")
+
+# %% ../nbs/04_loader.ipynb #2a78b469
+_STATE_KEYS = ("seed", "epoch", "position", "world_size", "batch_size", "shuffle", "drop_last", "n", "shuffle_window",
+               "fingerprint")
+
+@patch
+def state_dict(self: ResumableLoader) -> dict:
+    "`{seed, epoch, position, world_size, ...}`: where the consumer is in the global stream (O(1))."
+    self._roll()
+    c = self.config
+    return dict(seed=c.seed, epoch=self.epoch, position=self.position, world_size=self.world_size,
+                batch_size=c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, n=self.n, shuffle_window=self.window,
+                fingerprint=self.fingerprint)
+
+@patch
+def load_state_dict(self: ResumableLoader, state: dict):
+    "Continue from `state` (saved with any world size); the next batch is the first one not consumed."
+    missing = [k for k in ("seed", "epoch", "position", "n", "shuffle") if k not in state]
+    if missing: raise ConfigError(f"loader state lacks {missing}")
+    state = {"shuffle_window": 0, **state}            # states saved before block shuffling: a full shuffle
+    for k, mine in (("seed", self.config.seed), ("shuffle", self.config.shuffle), ("n", self.n), ("shuffle_window", self.window)):
+        if state[k] != mine and (k != "shuffle_window" or self.config.shuffle): raise ConfigError(f"loader state has {k}={state[k]!r} but this loader has {k}={mine!r}; "
+                                               "the global order would differ")
+    if "fingerprint" not in state:
+        raise ConfigError("loader state has no data fingerprint (saved by an older mmlit), so nothing shows it belongs to "
+                          "this data; if you are sure it does, set state['fingerprint'] = loader.state_dict()['fingerprint'] "
+                          "and load it again")
+    if state["fingerprint"] != self.fingerprint:
+        raise ConfigError(f"loader state was saved for other data (fingerprint {state['fingerprint']!r}, this loader's data "
+                          f"has {self.fingerprint!r}: other files, sizes or row counts); it would resume at the wrong samples")
+    if not (_is_int(state["position"]) and 0 <= state["position"] <= self.n and _is_int(state["epoch"]) and state["epoch"] >= 0):
+        raise ConfigError(f"loader state has an invalid epoch/position: {state['epoch']!r}/{state['position']!r}")
+    self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 # %% ../nbs/04_loader.ipynb #ce4c2fdc
 @dataclass
