@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from fastcore.basics import patch
 
 from .collate import (CollateError, Collator, ConfigError, Padding, RaggedBatchError, SEQ_PAD_VALUES,
                            collators, stack_rest, where)
@@ -104,59 +105,71 @@ class PackingCollator(Collator):
                 raise CollateError(f"a planned row holds {sum(lengths[i] for i in r)} tokens > max_length={self.max_length}")
         return rows
 
-    def positions(self, s: dict) -> torch.Tensor:
-        "Position ids of one sequence: `[L]`, or `[4, L]` (text row + mRoPE rows) with images."
-        n = len(s["input_ids"])
-        if "image_grid_thw" not in s: return torch.arange(n)
-        return torch.cat([torch.arange(n)[None], mrope_positions(s["mm_token_type_ids"], s["image_grid_thw"], self.merge)])
+# %% ../nbs/03a_packing.ipynb #e50e86cf
+@patch
+def positions(self: PackingCollator, s: dict) -> torch.Tensor:
+    "Position ids of one sequence: `[L]`, or `[4, L]` (text row + mRoPE rows) with images."
+    n = len(s["input_ids"])
+    if "image_grid_thw" not in s: return torch.arange(n)
+    return torch.cat([torch.arange(n)[None], mrope_positions(s["mm_token_type_ids"], s["image_grid_thw"], self.merge)])
 
-    def block_mask(self, seg: torch.Tensor) -> torch.Tensor:
-        "Additive `[rows, 1, L, L]` mask: 0 where query and key share a segment (and key ≤ query if causal)."
-        ok = seg[:, :, None] == seg[:, None, :]
-        if self.causal: ok &= torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool).tril()
-        m = torch.zeros(ok.shape, dtype=self.mask_dtype).masked_fill_(~ok, torch.finfo(self.mask_dtype).min)
-        return m[:, None]
+@patch
+def block_mask(self: PackingCollator, seg: torch.Tensor) -> torch.Tensor:
+    "Additive `[rows, 1, L, L]` mask: 0 where query and key share a segment (and key ≤ query if causal)."
+    ok = seg[:, :, None] == seg[:, None, :]
+    if self.causal: ok &= torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool).tril()
+    m = torch.zeros(ok.shape, dtype=self.mask_dtype).masked_fill_(~ok, torch.finfo(self.mask_dtype).min)
+    return m[:, None]
 
-    def collate(self, samples: list[dict]) -> dict:
-        if "images" in samples[0]: raise CollateError("PackingCollator packs text and Qwen2-VL samples; Molmo 'images' cannot be packed")
-        seq_keys = [k for k in samples[0] if k in self.pad_values and k != "position_ids"]
-        cut = []
-        for i, s in enumerate(samples):
-            keep = self.padding.cut(len(s["input_ids"]), f"{where(s, i)} 'input_ids'")
-            if "image_grid_thw" in s and keep.stop - keep.start < len(s["input_ids"]):
-                raise CollateError(f"{where(s, i)}: cannot truncate a sequence with images to fit max_length")
-            cut.append({**s, **{k: s[k][keep] for k in seq_keys}})
-        lengths = [len(s["input_ids"]) for s in cut]
-        rows = self._given_rows(lengths) if self._plan else pack_rows(lengths, self.max_length, self.balance)
-        L = self.padding.length([sum(len(cut[i]["input_ids"]) for i in r) for r in rows])
-        order = [i for r in rows for i in r]
-        cols = {k: [] for k in seq_keys + ["position_ids", "segment"]}
-        cu, seg_lens = [0], []
-        for r in rows:
-            parts = {k: [cut[i][k] for i in r] for k in seq_keys}
-            if "labels" in parts: parts["labels"] = [l.clone().index_fill_(0, torch.arange(min(1, len(l))), -100) for l in parts["labels"]]
-            used = sum(len(x) for x in parts["input_ids"])
-            pos = [self.positions(cut[i]) for i in r] + [torch.arange(L - used).expand(*self.positions(cut[r[0]]).shape[:-1], -1)]
-            for k in seq_keys: cols[k].append(torch.cat(parts[k] + [parts[k][0].new_full((L - used,), self.pad_values[k])]))
-            cols["position_ids"].append(torch.cat(pos, -1))
-            lens = [len(x) for x in parts["input_ids"]] + ([L - used] if L > used else [])
-            if self.mask == "block": cols["segment"].append(torch.cat([torch.full((n,), j) for j, n in enumerate(lens)]))
-            seg_lens += lens
-        batch = {k: torch.stack(v) for k, v in cols.items() if k not in ("position_ids", "segment")}
-        pos = torch.stack(cols["position_ids"], -2)          # [R, L] or [4, R, L]
-        batch["position_ids"] = pos
-        batch["cu_seq_lens"] = torch.tensor([0] + seg_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        batch["max_seq_len"] = max(seg_lens)
-        if self.mask == "block": batch["attention_mask"] = self.block_mask(torch.stack(cols["segment"]))
-        else: batch.pop("attention_mask", None); batch["use_cache"] = False
-        if "image_grid_thw" in samples[0]:
-            batch.pop("image_input_idx", None)
-            if sum(len(cut[i]["image_grid_thw"]) for i in order):
-                batch["pixel_values"] = torch.cat([cut[i]["pixel_values"] for i in order])
-                batch["image_grid_thw"] = torch.cat([cut[i]["image_grid_thw"] for i in order])
-        skip = set(seq_keys) | {"pixel_values", "image_grid_thw", "image_input_idx", "position_ids"}
-        rest = stack_rest([cut[i] for i in order], [k for k in samples[0] if k not in skip], "PackingCollator")
-        return {**batch, **rest, "packed_samples": rows}
+# %% ../nbs/03a_packing.ipynb #866f47a0
+@patch
+def _cut(self: PackingCollator, samples: list[dict], seq_keys: list[str]) -> list[dict]:
+    "The samples with their sequence keys cut to `max_length` (as `overflow` says); one with images is never cut."
+    cut = []
+    for i, s in enumerate(samples):
+        keep = self.padding.cut(len(s["input_ids"]), f"{where(s, i)} 'input_ids'")
+        if "image_grid_thw" in s and keep.stop - keep.start < len(s["input_ids"]):
+            raise CollateError(f"{where(s, i)}: cannot truncate a sequence with images to fit max_length")
+        cut.append({**s, **{k: s[k][keep] for k in seq_keys}})
+    return cut
+
+@patch
+def collate(self: PackingCollator, samples: list[dict]) -> dict:
+    "Pack `samples` into rows: `input_ids` etc. `[rows, L]`, restarting `position_ids`, `cu_seq_lens`, the mask."
+    if "images" in samples[0]: raise CollateError("PackingCollator packs text and Qwen2-VL samples; Molmo 'images' cannot be packed")
+    seq_keys = [k for k in samples[0] if k in self.pad_values and k != "position_ids"]
+    cut = self._cut(samples, seq_keys)
+    lengths = [len(s["input_ids"]) for s in cut]
+    rows = self._given_rows(lengths) if self._plan else pack_rows(lengths, self.max_length, self.balance)
+    L = self.padding.length([sum(len(cut[i]["input_ids"]) for i in r) for r in rows])
+    order = [i for r in rows for i in r]
+    cols = {k: [] for k in seq_keys + ["position_ids", "segment"]}
+    cu, seg_lens = [0], []
+    for r in rows:
+        parts = {k: [cut[i][k] for i in r] for k in seq_keys}
+        if "labels" in parts: parts["labels"] = [l.clone().index_fill_(0, torch.arange(min(1, len(l))), -100) for l in parts["labels"]]
+        used = sum(len(x) for x in parts["input_ids"])
+        pos = [self.positions(cut[i]) for i in r] + [torch.arange(L - used).expand(*self.positions(cut[r[0]]).shape[:-1], -1)]
+        for k in seq_keys: cols[k].append(torch.cat(parts[k] + [parts[k][0].new_full((L - used,), self.pad_values[k])]))
+        cols["position_ids"].append(torch.cat(pos, -1))
+        lens = [len(x) for x in parts["input_ids"]] + ([L - used] if L > used else [])
+        if self.mask == "block": cols["segment"].append(torch.cat([torch.full((n,), j) for j, n in enumerate(lens)]))
+        seg_lens += lens
+    batch = {k: torch.stack(v) for k, v in cols.items() if k not in ("position_ids", "segment")}
+    pos = torch.stack(cols["position_ids"], -2)          # [R, L] or [4, R, L]
+    batch["position_ids"] = pos
+    batch["cu_seq_lens"] = torch.tensor([0] + seg_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    batch["max_seq_len"] = max(seg_lens)
+    if self.mask == "block": batch["attention_mask"] = self.block_mask(torch.stack(cols["segment"]))
+    else: batch.pop("attention_mask", None); batch["use_cache"] = False
+    if "image_grid_thw" in samples[0]:
+        batch.pop("image_input_idx", None)
+        if sum(len(cut[i]["image_grid_thw"]) for i in order):
+            batch["pixel_values"] = torch.cat([cut[i]["pixel_values"] for i in order])
+            batch["image_grid_thw"] = torch.cat([cut[i]["image_grid_thw"] for i in order])
+    skip = set(seq_keys) | {"pixel_values", "image_grid_thw", "image_input_idx", "position_ids"}
+    rest = stack_rest([cut[i] for i in order], [k for k in samples[0] if k not in skip], "PackingCollator")
+    return {**batch, **rest, "packed_samples": rows}
 
 collators.add("packing", PackingCollator, modality="text", task="packing")
 
