@@ -89,6 +89,7 @@ class ImageTokens:
     start: str = VISION_START
     end: str = VISION_END
 
+# %% ../nbs/02a_text.ipynb #c6ca38f5
 def _render(tokenizer, messages, template, generation_prompt=False) -> str:
     "The chat template applied to `messages` as text."
     if not messages: return ""
@@ -134,6 +135,38 @@ def image_input_idx(runs: Sequence[tuple[int, int]]) -> torch.Tensor:
     for k, (s, n) in enumerate(runs): out[k, :n] = torch.arange(s, s + n)
     return out
 
+def _label_tokens(ids: Sequence[int], starts: Sequence[int], spans: Sequence[tuple[int, int, int]], image_id: int | None,
+                  num_image_tokens: Sequence[int]) -> tuple[list[int], list[int], list[int], list[tuple[int, int]]]:
+    "Ids with image k's token repeated `num_image_tokens[k]` times, labels (trained spans only), each token's turn, image runs."
+    turn_ends = [e for _, _, e in spans]
+    out_ids, labels, turn_of, runs, k_img = [], [], [], [], 0
+    for tid, c in zip(ids, starts):
+        t = min(bisect.bisect_right(turn_ends, c), len(spans) - 1)
+        if image_id is not None and tid == image_id:
+            if k_img >= len(num_image_tokens): raise BadRecordError("text contains more image tokens than images")
+            n = int(num_image_tokens[k_img]); runs.append((len(out_ids), n)); k_img += 1
+            out_ids += [tid] * n; labels += [-100] * n; turn_of += [t] * n
+            continue
+        out_ids.append(tid); turn_of.append(t)
+        labels.append(tid if c >= spans[t][1] else -100)
+    if k_img != len(num_image_tokens): raise BadRecordError(f"found {k_img} image tokens for {len(num_image_tokens)} images")
+    return out_ids, labels, turn_of, runs
+
+# %% ../nbs/02a_text.ipynb #5c53c899
+def _keep_whole_turns(turn_of: list[int], labels: list[int], max_length: int) -> int:
+    "Length of the longest prefix of whole turns that fits and, if anything is trained, ends on a trained turn."
+    ends, trained_ends, has_label = [], [], False
+    for i, t in enumerate(turn_of):
+        has_label |= labels[i] != -100
+        if i + 1 == len(turn_of) or turn_of[i + 1] != t:
+            ends.append(i + 1)
+            if has_label: trained_ends.append(i + 1)
+            has_label = False
+    fitting = [e for e in (trained_ends or ends) if e <= max_length]
+    if not fitting: raise BadRecordError(f"no whole turn{' with a trained reply' if trained_ends else ''} fits in max_length={max_length}")
+    return fitting[-1]
+
+# %% ../nbs/02a_text.ipynb #a0c31cb5
 def encode_chat(tokenizer, messages: Sequence[dict], num_image_tokens: Sequence[int] = (), *,
                 image_tokens: ImageTokens = ImageTokens(), max_length: int | None = None,
                 truncation: str = "drop_turns", chat_template: str | None = None,
@@ -152,18 +185,7 @@ def encode_chat(tokenizer, messages: Sequence[dict], num_image_tokens: Sequence[
     if n_placeholders and (image_id is None or image_id == tokenizer.unk_token_id or len(token_ids(tokenizer, image_tokens.token)) != 1):
         raise ConfigError(f"image token {image_tokens.token!r} must be a single special token of the tokenizer (add it first)")
 
-    turn_ends = [e for _, _, e in spans]
-    out_ids, labels, turn_of, runs, k_img = [], [], [], [], 0
-    for tid, c in zip(ids, starts):
-        t = min(bisect.bisect_right(turn_ends, c), len(spans) - 1)
-        if n_placeholders and tid == image_id:
-            if k_img >= len(num_image_tokens): raise BadRecordError("text contains more image tokens than images")
-            n = int(num_image_tokens[k_img]); runs.append((len(out_ids), n)); k_img += 1
-            out_ids += [tid] * n; labels += [-100] * n; turn_of += [t] * n
-            continue
-        out_ids.append(tid); turn_of.append(t)
-        labels.append(tid if c >= spans[t][1] else -100)
-    if k_img != len(num_image_tokens): raise BadRecordError(f"found {k_img} image tokens for {len(num_image_tokens)} images")
+    out_ids, labels, turn_of, runs = _label_tokens(ids, starts, spans, image_id if n_placeholders else None, num_image_tokens)
 
     L = len(out_ids)
     if max_length is not None and L > max_length:
@@ -176,19 +198,6 @@ def encode_chat(tokenizer, messages: Sequence[dict], num_image_tokens: Sequence[
     return {"input_ids": ids_t, "attention_mask": torch.ones(L, dtype=torch.int64),
             "labels": torch.tensor(labels[:L], dtype=torch.int64), "image_input_idx": image_input_idx(runs),
             "mm_token_type_ids": mm, "num_images": len(runs)}
-
-def _keep_whole_turns(turn_of: list[int], labels: list[int], max_length: int) -> int:
-    "Length of the longest prefix of whole turns that fits and, if anything is trained, ends on a trained turn."
-    ends, trained_ends, has_label = [], [], False
-    for i, t in enumerate(turn_of):
-        has_label |= labels[i] != -100
-        if i + 1 == len(turn_of) or turn_of[i + 1] != t:
-            ends.append(i + 1)
-            if has_label: trained_ends.append(i + 1)
-            has_label = False
-    fitting = [e for e in (trained_ends or ends) if e <= max_length]
-    if not fitting: raise BadRecordError(f"no whole turn{' with a trained reply' if trained_ends else ''} fits in max_length={max_length}")
-    return fitting[-1]
 
 # %% ../nbs/02a_text.ipynb #99c7ed0e
 def encode_text(tokenizer, text: str, max_length: int | None = None, add_eos: bool = True,
