@@ -194,6 +194,7 @@ class StepFetcher(Dataset):
         out.step, out.preprocess_s, out.fetch_s, out.began = step, pre, time.perf_counter() - t0 - pre, t0
         return out
 
+# %% ../nbs/04_loader.ipynb #22902bc5
 class Delivery(NamedTuple):
     "What a worker returns for a step: the batch (None if every sample was bad), bad records, timings."
     batch: Any
@@ -510,6 +511,7 @@ def split_rows(n: int, val_split: float | int, seed: int = 0) -> tuple[np.ndarra
     perm = np.random.default_rng(derive_seed(seed, 0, 0, Stream.VAL_SPLIT)).permutation(n)
     return np.sort(perm[k:]), np.sort(perm[:k])
 
+# %% ../nbs/04_loader.ipynb #de2636be
 class LoaderDataModule:
     "Train and validation `ResumableLoader`s from train data and external val data or a `val_split`."
     def __init__(self, train_data, val_data=None, *, val_split: float | int | None = None,
@@ -555,12 +557,7 @@ class WithTask:
         if self.task is not None and not rec.get("task"): rec = {**rec, "task": self.task}
         return self.preprocessor(rec, rng)
 
-_KNOWN_KEYS = {"data", "kind", "data_options", "val_data", "val_split", "tokenizer", "preprocessor", "preprocessor_options",
-               "max_length", "task", "collate_options", "loader"}
-_RENAMED_KEYS = {"collator": "collate", "collator_options": "collate_options"}   # old names, accepted with a warning for now
-_DEFAULT_COLLATORS = {"clip": ("contrastive", dict(base="multimodal")), "qwen2_vl": ("qwen2_vl", {}),
-                      "molmo": ("multimodal", {}), "lm": ("causal_lm", {})}
-
+# %% ../nbs/04_loader.ipynb #b6f15828
 def _read_config(config: dict | str | Path) -> dict:
     if isinstance(config, (str, Path)):
         import yaml
@@ -584,6 +581,13 @@ def load_tokenizer(spec, data_path=None, kind: str | None = None, data_options: 
         return train_tokenizer(texts, save_dir=spec.get("save_dir"), **(spec["train"] or {}))
     if spec is None: raise ConfigError("the config needs a tokenizer: a local directory or {train: {vocab_size: ...}}")
     return spec                                                  # an already-built tokenizer object
+
+# %% ../nbs/04_loader.ipynb #9f5e57cf
+_KNOWN_KEYS = {"data", "kind", "data_options", "val_data", "val_split", "tokenizer", "preprocessor", "preprocessor_options",
+               "max_length", "task", "collate_options", "loader"}
+_RENAMED_KEYS = {"collator": "collate", "collator_options": "collate_options"}   # old names, accepted with a warning for now
+_DEFAULT_COLLATORS = {"clip": ("contrastive", dict(base="multimodal")), "qwen2_vl": ("qwen2_vl", {}),
+                      "molmo": ("multimodal", {}), "lm": ("causal_lm", {})}
 
 def loader_parts(config: dict | str | Path) -> dict:
     "Parse a one-liner config into data, transform, collator and `LoaderConfig` (what `build_loader` uses)."
