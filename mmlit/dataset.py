@@ -139,7 +139,7 @@ def check_unicode(rec: dict) -> dict:
             try: s.encode("utf-8")
             except UnicodeEncodeError as e:
                 c, m = ord(s[e.start]), rec.get("meta") or {}
-                how = f", how Python reads the byte 0x{c - 0xDC00:02x} that is not UTF-8" if 0xDC80 <= c <= 0xDCFF else ""
+                how = f" (the byte 0x{c - 0xDC00:02x}, which is not UTF-8)" if 0xDC80 <= c <= 0xDCFF else ""
                 raise BadRecordError(f"field {label!r} is not valid Unicode: lone surrogate U+{c:04X} at character {e.start}{how}",
                                      source=m.get("source"), file=m.get("file"), index=m.get("index"),
                                      unit=m.get("unit", "row")) from None
