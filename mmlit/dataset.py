@@ -221,6 +221,7 @@ def image_orientation(img: Image.Image, where: dict | None = None) -> int:
 
 def displayed_size(img: Image.Image, where: dict | None = None) -> tuple[int, int]:
     "`(width, height)` of the image upright: orientations 5–8 swap the header's sides."
+    if img.format == "TIFF": return img.size   # Pillow's TIFF reader already reports (and decodes) the upright size
     w, h = img.size
     return (h, w) if image_orientation(img, where) >= 5 else (w, h)
 
