@@ -309,10 +309,13 @@ def open_image(src: bytes | str | Path, *, decode: bool = True, max_pixels: int 
         raise BadRecordError(f"not a readable image ({type(e).__name__}: {e})", **where) from None
     try:
         check_image_size(img, max_pixels, where)
-        return load_image(img, where=where) if decode else img
+        if not decode: return img
+        out = load_image(img, where=where)
     except BadRecordError:
         img.close()
         raise
+    if out is not img: img.close()   # decoded into a new image (JPEG, turned, scaled): release the file now
+    return out
 
 # %% ../nbs/01_dataset.ipynb #b71233a3
 def _str_list(v, name: str, where: dict) -> list[str]:
