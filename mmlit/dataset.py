@@ -288,6 +288,14 @@ def load_image(img: Image.Image, *, min_size: tuple[int, int] | None = None, whe
     out.format = fmt   # the file's format stays known ("JPEG", "PNG", ...)
     return out
 
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")   # TIFF and BigTIFF, either byte order
+_TIFF_UNREADABLE = "a TIFF whose sample format Pillow cannot read (such as 64-bit or 16-bit float, float RGB), or a corrupt one"
+
+def _head(fp: io.BytesIO | Path, n: int = 4) -> bytes:
+    "The first `n` bytes of a blob or a file."
+    if isinstance(fp, io.BytesIO): return fp.getvalue()[:n]
+    with fp.open("rb") as f: return f.read(n)
+
 def open_image(src: bytes | str | Path, *, decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                where: dict | None = None) -> Image.Image:
     "Open an image from bytes or a path (decoded by `load_image` if `decode`); bad input raises `BadRecordError` naming `where`."
@@ -304,7 +312,8 @@ def open_image(src: bytes | str | Path, *, decode: bool = True, max_pixels: int 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
     except UnidentifiedImageError:  # its message holds the repr of a BytesIO: an address, different in each process
-        raise BadRecordError("not a readable image (UnidentifiedImageError: unknown or corrupt format)", **where) from None
+        what = _TIFF_UNREADABLE if _head(fp) in _TIFF_MAGIC else "unknown or corrupt format"
+        raise BadRecordError(f"not a readable image (UnidentifiedImageError: {what})", **where) from None
     except DECODE_ERRORS as e:
         raise BadRecordError(f"not a readable image ({type(e).__name__}: {e})", **where) from None
     try:
