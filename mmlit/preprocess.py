@@ -368,8 +368,8 @@ class ImagePreprocessor:
         "`[3, H, W]` tensor for one image (PIL, bytes, path or array)."
         if self.train and rng is None: raise ConfigError("a training ImagePreprocessor needs an rng")
         src = open_checked(image, self.max_image_pixels)
+        check_aspect_ratio(*src.size, self.max_aspect_ratio)   # from the header, before anything is decoded or allocated
         w, h = displayed_size(src)
-        check_aspect_ratio(w, h, self.max_aspect_ratio)   # before anything is decoded or allocated
         img = decode_rgb(src, min_size=self.draft_size(w, h), draft=self.draft, max_image_pixels=self.max_image_pixels)
         x = pil_to_chw(self.fit_image(img, rng))
         if self.uint8: return x
@@ -462,6 +462,7 @@ class Qwen2VLPatcher:
     def _resized(self, image) -> Image.Image:
         "Decode and smart-resize one image."
         src = open_checked(image, self.max_image_pixels)
+        check_aspect_ratio(*src.size, self.max_aspect_ratio)   # from the header, before anything is decoded
         w, h = displayed_size(src)   # the grid follows the image as shown (EXIF orientation applied)
         th, tw = self.target_size(h, w)
         img = decode_rgb(src, min_size=(tw, th), draft=self.draft, max_image_pixels=self.max_image_pixels)

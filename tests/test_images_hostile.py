@@ -390,3 +390,16 @@ def test_loader_counts_every_hostile_record(tok, sources, kind, preset, workers)
         for n in ("png_I;16", "tiff_F_unit", "jpeg_orientation_6", "webp_orientation_7", "tiff_orientation_5", "jpeg_good"):
             want = pre(record([Image.fromarray(CASES[n][1])], 0))
             assert torch.equal(pixels(seen[n]), pixels(want)), (n, decode)
+
+
+def test_banners_are_refused_before_decoding(tok, monkeypatch):
+    import mmlit.dataset, mmlit.preprocess
+    def no_decode(*a, **k): raise AssertionError("decoded a refused image")
+    monkeypatch.setattr(mmlit.dataset, "_load", no_decode)
+    monkeypatch.setattr(mmlit.preprocess, "load_image", no_decode)
+    png = THIN["thin_png_2000_to_1"]                     # a PNG: its EXIF could follow the pixels, yet no decode
+    for pre in (image_preset("molmo"), image_preset("clip"), Qwen2VLPatcher()):
+        with pytest.raises(BadRecordError, match="over max_aspect_ratio"): pre(png)
+    for name in PRESETS:
+        with pytest.raises(BadRecordError, match="over max_aspect_ratio"):
+            build_preprocessor(name, tok)(record([open_image(png, decode=False)], 0))
