@@ -230,10 +230,11 @@ def upright(img: Image.Image) -> Image.Image:
     return img if image_orientation(img) == 1 else ImageOps.exif_transpose(img)
 
 # %% ../nbs/01_dataset.ipynb #7e3568e9
-def to_8bit(img: Image.Image, where: dict | None = None) -> Image.Image:
+def to_8bit(img: Image.Image, where: dict | None = None, bits: int | None = None) -> Image.Image:
     "`img` with 8 bits per channel: 16-bit → high byte, float in [0, 1] → ×255; a range with no safe scale → `BadRecordError`."
     mode, where = img.mode, where or {}
-    if mode.startswith("I;16"): return Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
+    if mode.startswith("I;16") or (mode == "I" and bits == 16):   # `bits`: what the file says (Pillow 10 opens 16-bit PNG as I)
+        return Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
     if mode not in ("I", "F"): return img
     a = np.asarray(img)
     if mode == "F":
@@ -284,7 +285,7 @@ def load_image(img: Image.Image, *, min_size: tuple[int, int] | None = None, whe
         if image_orientation(img, where) >= 5: mw, mh = mh, mw   # the stored image is on its side
         data = _jpeg_bytes(img)
         img = _decode_jpeg(img, data, (mw, mh), where) if data is not None else _load(img, where)
-    out = to_8bit(upright(img), where)
+    out = to_8bit(upright(img), where, bits=16 if fmt == "PNG" else None)   # a PNG in mode I is 16-bit grey
     out.format = fmt   # the file's format stays known ("JPEG", "PNG", ...)
     return out
 
