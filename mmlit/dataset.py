@@ -27,9 +27,10 @@ from .core import (BadRecordError, ConfigError, Registry, Stream, TooManyBadReco
                         derive_seed, np_rng)
 
 # %% auto #0
-__all__ = ['logger', 'RECORD_KEYS', 'TEXT_FIELDS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'UTF8_BOM',
-           'MAX_JSON_DEPTH', 'PARQUET_ERRORS', 'task_formats', 'make_record', 'BadRecord', 'Skipped', 'split_skipped',
-           'SkipReport', 'check_unicode', 'MMDataset', 'check_image_size', 'open_image', 'json_depth', 'JsonlImageText',
+__all__ = ['logger', 'RECORD_KEYS', 'TEXT_FIELDS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'ORIENTATIONS',
+           'UTF8_BOM', 'MAX_JSON_DEPTH', 'PARQUET_ERRORS', 'task_formats', 'make_record', 'BadRecord', 'Skipped',
+           'split_skipped', 'SkipReport', 'check_unicode', 'MMDataset', 'check_image_size', 'image_orientation',
+           'displayed_size', 'upright', 'to_8bit', 'load_image', 'open_image', 'json_depth', 'JsonlImageText',
            'expand_paths', 'TextCorpus', 'open_image_cell', 'ParquetImageText', 'HFDataset', 'TorchDataset',
            'TensorList', 'as_mm_dataset', 'open_source', 'locate_error', 'DeterministicDataset', 'Mixture',
            'format_caption', 'format_qa', 'format_pointing', 'format_counting', 'format_messages']
@@ -206,6 +207,8 @@ class MMDataset(torch.utils.data.Dataset):
         return int(idx) % n
 
 # %% ../nbs/01_dataset.ipynb #ab2ef134
+from PIL import ExifTags, ImageFile, ImageOps
+
 DEFAULT_MAX_IMAGE_PIXELS = 2**27  # ≈134 megapixels (11585²): far beyond any training image
 # what Pillow raises for corrupt or truncated data (struct.error, IndexError: some truncated headers)
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, struct.error,
@@ -220,9 +223,110 @@ def check_image_size(img: Image.Image, max_pixels: int | None = DEFAULT_MAX_IMAG
                              "(decompression bomb?)", **(where or {}))
     return w, h
 
+def _load(img: Image.Image, where: dict) -> Image.Image:
+    "`img.load()` that refuses truncated data even when a caller set Pillow's `LOAD_TRUNCATED_IMAGES`."
+    saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try: img.load()
+    except DECODE_ERRORS as e:
+        raise BadRecordError(f"cannot decode image, truncated or corrupt ({type(e).__name__}: {e})", **where) from None
+    finally: ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    return img
+
+# %% ../nbs/01_dataset.ipynb #4177f3d8
+# EXIF orientation 2–8 → the transpose that shows the image upright (as `PIL.ImageOps.exif_transpose`)
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
+def image_orientation(img: Image.Image, where: dict | None = None) -> int:
+    "The image's EXIF (or XMP) orientation, 1–8; 1 when it has none or an invalid or unreadable one."
+    if img.format == "PNG" and "exif" not in img.info and getattr(img, "tile", None):
+        _load(img, where or {})   # Pillow finds an eXIf chunk stored after the pixels only when it decodes them
+    try: o = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except DECODE_ERRORS: return 1   # corrupt metadata: shown as stored, as a viewer does
+    return o if isinstance(o, int) and o in ORIENTATIONS else 1
+
+def displayed_size(img: Image.Image, where: dict | None = None) -> tuple[int, int]:
+    "`(width, height)` of the image upright: orientations 5–8 swap the header's sides."
+    if img.format == "TIFF": return img.size   # Pillow's TIFF reader already reports (and decodes) the upright size
+    w, h = img.size
+    return (h, w) if image_orientation(img, where) >= 5 else (w, h)
+
+def upright(img: Image.Image) -> Image.Image:
+    "A decoded `img` turned upright by its EXIF orientation, the tag removed; `img` itself when upright already."
+    return img if image_orientation(img) == 1 else ImageOps.exif_transpose(img)
+
+# %% ../nbs/01_dataset.ipynb #7e3568e9
+def to_8bit(img: Image.Image, where: dict | None = None, bits: int | None = None) -> Image.Image:
+    "`img` with 8 bits per channel: 16-bit → high byte, float in [0, 1] → ×255; a range with no safe scale → `BadRecordError`."
+    mode, where = img.mode, where or {}
+    if mode.startswith("I;16") or (mode == "I" and bits == 16):   # `bits`: what the file says (Pillow 10 opens 16-bit PNG as I)
+        return Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
+    if mode not in ("I", "F"): return img
+    a = np.asarray(img)
+    if mode == "F":
+        if not np.isfinite(a).all():
+            raise BadRecordError("mode F (32-bit float) image holds NaN or infinite values", **where)
+        lo, hi = float(a.min()), float(a.max())
+        if lo >= -0.5 / 255 and hi <= 1 + 0.5 / 255: a = a * np.float32(255)
+        elif not (lo >= -0.5 and hi <= 255.5):
+            raise BadRecordError(f"mode F (32-bit float) image has values in [{lo:g}, {hi:g}], neither [0, 1] "
+                                 "nor [0, 255]: no safe scaling to 8 bits", **where)
+    else:
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 255:
+            raise BadRecordError(f"mode I (32-bit integer) image has values in [{lo}, {hi}], outside 0..255: "
+                                 "no safe scaling to 8 bits", **where)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+
+# %% ../nbs/01_dataset.ipynb #4e88ab66
+import simplejpeg
+
+def _jpeg_bytes(img: Image.Image) -> bytes | None:
+    "The encoded bytes of a JPEG (or MPO) that is opened but not decoded yet; `None` otherwise."
+    if img.format not in ("JPEG", "MPO") or not getattr(img, "tile", None): return None
+    fp = getattr(img, "fp", None)
+    if isinstance(fp, io.BytesIO): return fp.getvalue()
+    return Path(img.filename).read_bytes() if getattr(img, "filename", "") else None
+
+def _decode_jpeg(img: Image.Image, data: bytes, min_size: tuple[int, int], where: dict) -> Image.Image:
+    "Decode with libjpeg-turbo, strict (corrupt-data warnings are errors), at the smallest n/8 scale ≥ `min_size`."
+    mw, mh = min_size
+    try:
+        if img.mode in ("RGB", "L"):
+            a = simplejpeg.decode_jpeg(data, "RGB" if img.mode == "RGB" else "GRAY", min_width=mw, min_height=mh)
+            out = Image.fromarray(a if img.mode == "RGB" else a[..., 0])
+            out.info = dict(img.info)   # keeps the EXIF orientation for `upright`
+            return out
+        simplejpeg.decode_jpeg(data, "CMYK", min_width=mw, min_height=mh)   # the strict check only
+    except ValueError as e:
+        raise BadRecordError(f"cannot decode image, truncated or corrupt (JPEG: {e})", **where) from None
+    if mw and mw * 2 <= img.width and mh * 2 <= img.height: img.draft(img.mode, (mw, mh))
+    return _load(img, where)
+
+def load_image(img: Image.Image, *, min_size: tuple[int, int] | None = None, where: dict | None = None) -> Image.Image:
+    "Decode an opened image, upright and 8-bit; a JPEG at the smallest reduced scale ≥ `min_size` = (w, h) upright."
+    where, fmt = where or {}, img.format
+    if getattr(img, "tile", None):   # opened, not decoded yet
+        mw, mh = min_size or (0, 0)
+        if image_orientation(img, where) >= 5: mw, mh = mh, mw   # the stored image is on its side
+        data = _jpeg_bytes(img)
+        img = _decode_jpeg(img, data, (mw, mh), where) if data is not None else _load(img, where)
+    out = to_8bit(upright(img), where, bits=16 if fmt == "PNG" else None)   # a PNG in mode I is 16-bit grey
+    out.format = fmt   # the file's format stays known ("JPEG", "PNG", ...)
+    return out
+
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")   # TIFF and BigTIFF, either byte order
+_TIFF_UNREADABLE = "a TIFF whose sample format Pillow cannot read (such as 64-bit or 16-bit float, float RGB), or a corrupt one"
+
+def _head(fp: io.BytesIO | Path, n: int = 4) -> bytes:
+    "The first `n` bytes of a blob or a file."
+    if isinstance(fp, io.BytesIO): return fp.getvalue()[:n]
+    with fp.open("rb") as f: return f.read(n)
+
 def open_image(src: bytes | str | Path, *, decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                where: dict | None = None) -> Image.Image:
-    "Open an image from bytes or a path; bad input raises `BadRecordError` naming `where`."
+    "Open an image from bytes or a path (decoded by `load_image` if `decode`); bad input raises `BadRecordError` naming `where`."
     where = where or {}
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0: raise BadRecordError("empty image blob", **where)
@@ -236,18 +340,19 @@ def open_image(src: bytes | str | Path, *, decode: bool = True, max_pixels: int 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
     except UnidentifiedImageError:  # its message holds the repr of a BytesIO: an address, different in each process
-        raise BadRecordError("not a readable image (UnidentifiedImageError: unknown or corrupt format)", **where) from None
+        what = _TIFF_UNREADABLE if _head(fp) in _TIFF_MAGIC else "unknown or corrupt format"
+        raise BadRecordError(f"not a readable image (UnidentifiedImageError: {what})", **where) from None
     except DECODE_ERRORS as e:
         raise BadRecordError(f"not a readable image ({type(e).__name__}: {e})", **where) from None
-    try: check_image_size(img, max_pixels, where)
+    try:
+        check_image_size(img, max_pixels, where)
+        if not decode: return img
+        out = load_image(img, where=where)
     except BadRecordError:
         img.close()
         raise
-    if decode:
-        try: img.load()
-        except DECODE_ERRORS as e:
-            raise BadRecordError(f"cannot decode image, truncated or corrupt ({type(e).__name__}: {e})", **where) from None
-    return img
+    if out is not img: img.close()   # decoded into a new image (JPEG, turned, scaled): release the file now
+    return out
 
 # %% ../nbs/01_dataset.ipynb #b71233a3
 def _str_list(v, name: str, where: dict) -> list[str]:
@@ -844,7 +949,7 @@ task_formats = Registry("task format")
 def _image_size(rec) -> tuple[int, int]:
     im = rec["image"][0] if isinstance(rec["image"], list) else rec["image"]
     if im is None: raise ConfigError("pointing needs an image to normalise coordinates")
-    return im.size
+    return displayed_size(im)
 
 def _turns(question: str, answer: str) -> list[dict]:
     return [dict(role="user", content=question), dict(role="assistant", content=answer)]
