@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from .core import BadRecordError, ConfigError, Registry, renamed_kwargs
-from .dataset import locate_error
-from .preprocess import ImagePreprocessor, Qwen2VLPatcher, image_preset, open_checked
+from .dataset import displayed_size, locate_error
+from .preprocess import ImagePreprocessor, Qwen2VLPatcher, check_aspect_ratio, image_preset, open_checked
 from .text import IMAGE_PLACEHOLDER, ImageTokens, encode_chat, encode_text
 
 # %% auto #0
@@ -93,8 +93,9 @@ class ChatPreprocessor(Preprocessor):
         "Tokens per image: from the header size for Qwen2-VL, fixed otherwise."
         if isinstance(self.vision, ImagePreprocessor): return [self.tokens_per_image] * len(images)
         q = self.vision
-        return [q.num_tokens((1, h // q.patch_size, w // q.patch_size))
-                for h, w in (q.target_size(im.height, im.width) for im in images)]
+        for im in images: check_aspect_ratio(*im.size, q.max_aspect_ratio)   # from the header, before any decoding
+        return [q.num_tokens((1, h // q.patch_size, w // q.patch_size))   # the upright size: EXIF orientation applied
+                for h, w in (q.target_size(*displayed_size(im)[::-1]) for im in images)]
 
     def process(self, record, rng):
         images = [open_checked(im, self.vision.max_image_pixels) for im in record_images(record)]

@@ -26,12 +26,12 @@ from PIL import Image, ImageEnhance
 from .core import BadRecordError, ConfigError, MissingExtraError, Registry, renamed_kwargs
 
 # %% auto #0
-__all__ = ['NORMALISATIONS', 'IMAGE_PRESETS', 'IMAGE_SUFFIXES', 'Normalisation', 'get_normalisation', 'normalize', 'to_rgb',
-           'open_checked', 'pil_to_tensor', 'pil_to_chw', 'decode_rgb', 'shortest_side_size', 'cover_size',
-           'resize_shortest', 'resize', 'center_crop', 'center_crop_box', 'resize_center_crop', 'random_crop',
-           'resize_crop', 'random_resized_crop', 'pad_to_square', 'hflip', 'color_jitter', 'ImagePreprocessor',
-           'image_preset', 'smart_resize', 'patchify', 'Qwen2VLPatcher', 'sample_frame_indices', 'load_frames',
-           'VideoPreprocessor']
+__all__ = ['NORMALISATIONS', 'DEFAULT_MAX_ASPECT_RATIO', 'IMAGE_PRESETS', 'IMAGE_SUFFIXES', 'Normalisation', 'get_normalisation',
+           'normalize', 'to_rgb', 'open_checked', 'pil_to_tensor', 'pil_to_chw', 'decode_rgb', 'check_aspect_ratio',
+           'shortest_side_size', 'cover_size', 'resize_shortest', 'resize', 'center_crop', 'center_crop_box',
+           'resize_center_crop', 'random_crop', 'resize_crop', 'random_resized_crop', 'pad_to_square', 'hflip',
+           'color_jitter', 'ImagePreprocessor', 'image_preset', 'smart_resize', 'patchify', 'Qwen2VLPatcher',
+           'sample_frame_indices', 'load_frames', 'VideoPreprocessor']
 
 # %% ../nbs/02_preprocess.ipynb #61150b4e
 @dataclass(frozen=True)
@@ -73,18 +73,23 @@ def normalize(x: torch.Tensor, norm: str | Normalisation = "clip") -> torch.Tens
     return torch.addcmul(offset, y, scale, out=y)
 
 # %% ../nbs/02_preprocess.ipynb #aaf5c331
-# Stage 1 owns opening and header checks (`open_image`, `check_image_size`, the bomb limit); stage 2 reuses them.
-from .dataset import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, check_image_size, open_image
+# Stage 1 owns opening, header checks and decoding (`open_image`, `check_image_size`, `load_image`: the bomb
+# limit, strict JPEG, EXIF orientation, 8-bit scaling); stage 2 reuses them.
+from .dataset import (DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, check_image_size, displayed_size, load_image,
+                           open_image, to_8bit)
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    "`img` as RGB: grayscale and palette converted, transparency composited on white."
+    "`img` as RGB: 16-bit and float scaled by `to_8bit`, grayscale and palette converted, transparency composited on white."
     if img.mode == "RGB": return img
-    if "A" in img.getbands() or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
+    img = to_8bit(img)
+    try:
+        if "A" in img.getbands() or "transparency" in img.info:
+            rgba = img.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        return img.convert("RGB")
+    except ValueError as e:   # a mode Pillow cannot convert (e.g. premultiplied "La")
+        raise BadRecordError(f"mode {img.mode} image cannot be converted to RGB ({e})") from None
 
-@renamed_kwargs(max_pixels="max_image_pixels")
 def open_checked(src, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     "A lazily opened image (PIL, bytes, path or uint8 array) whose header size is sane, else `BadRecordError`."
     if isinstance(src, Image.Image):
@@ -111,35 +116,20 @@ def pil_to_chw(img: Image.Image) -> torch.Tensor:
     for c, band in enumerate("RGB"): x[c] = np.frombuffer(img.tobytes("raw", band), np.uint8).reshape(img.height, img.width)
     return torch.from_numpy(x)
 
-def _encoded_jpeg(img: Image.Image) -> bytes | None:
-    "The encoded bytes of an RGB or grey JPEG that is opened but not decoded yet; `None` otherwise."
-    if img.format != "JPEG" or not getattr(img, "tile", None) or img.mode not in ("RGB", "L"): return None
-    fp = getattr(img, "fp", None)
-    if isinstance(fp, io.BytesIO): return fp.getvalue()
-    return Path(img.filename).read_bytes() if getattr(img, "filename", "") else None
-
-@renamed_kwargs(max_pixels="max_image_pixels")
 def decode_rgb(src, *, min_size: tuple[int, int] | None = None, draft: bool = True,
-               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    "Decode `src` to a loaded RGB image (JPEG at reduced scale if `draft`, never below `min_size` = (w, h))."
-    img = open_checked(src, max_image_pixels)
-    w, h = img.size
-    data = _encoded_jpeg(img)
-    if data is not None:
-        # libjpeg-turbo through simplejpeg: the same pixels as Pillow's decoder at full scale, and DCT
-        # scaling by n/8 (Pillow's draft() only halves), which makes reduced-size decoding pay off far more often
-        mw, mh = min_size if (draft and min_size is not None) else (0, 0)
-        try: return Image.fromarray(simplejpeg.decode_jpeg(data, "RGB", min_width=mw, min_height=mh))
-        except ValueError as e:
-            raise BadRecordError(f"cannot decode image, truncated or corrupt JPEG: {e}") from None
-    try:
-        if draft and min_size is not None and img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK") \
-                and min_size[0] * 2 <= w and min_size[1] * 2 <= h:
-            img.draft("RGB" if img.mode != "L" else "L", (max(1, min_size[0]), max(1, min_size[1])))
-        img.load()
-        return to_rgb(img)
-    except DECODE_ERRORS as e:
-        raise BadRecordError(f"cannot decode image: {type(e).__name__}: {e}") from None
+               max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    "Decode `src` to a loaded, upright RGB image (JPEG at reduced scale if `draft`, never below `min_size` = (w, h) upright)."
+    # JPEG: libjpeg-turbo through simplejpeg, the same pixels as Pillow's decoder at full scale, and DCT scaling
+    # by n/8 (Pillow's draft() only halves), which makes reduced-size decoding pay off far more often
+    return to_rgb(load_image(open_checked(src, max_image_pixels), min_size=min_size if draft else None))
+
+DEFAULT_MAX_ASPECT_RATIO = 200   # Qwen2-VL's limit (HF's smart_resize): longer sides are banners, not photos
+
+def check_aspect_ratio(width: int, height: int, max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO) -> None:
+    "`BadRecordError` when the long side is over `max_aspect_ratio` times the short one (`None`: no limit)."
+    if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * min(width, height):
+        raise BadRecordError(f"image aspect ratio {max(width, height) / min(width, height):.4g} ({width}x{height}) "
+                             f"is over max_aspect_ratio={max_aspect_ratio:g}")
 
 # %% ../nbs/02_preprocess.ipynb #062ef907
 def _hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -285,10 +275,16 @@ def random_resized_crop(img: Image.Image, size: int | Sequence[int], rng: np.ran
     h, w = _hw(size)
     return img.resize((w, h), resample, box=(left, top, left + cw, top + ch))
 
-def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
-    "`img` centred on a square canvas of its longest side, filled with `fill`."
-    s = max(img.size)
+@renamed_kwargs(max_pixels="max_image_pixels")
+def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (0, 0, 0),
+                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, resample: int = Image.BICUBIC) -> Image.Image:
+    "`img` centred on a square canvas of its longest side, filled with `fill`; an image whose canvas would hold over `max_image_pixels` is shrunk first."
     if img.width == img.height: return img
+    s = max(img.size)
+    if max_image_pixels is not None and s * s > max_image_pixels:   # a long, thin image: bound the canvas before allocating it
+        s = math.isqrt(max_image_pixels)
+        k = s / max(img.size)
+        img = img.resize((min(s, max(1, round(img.width * k))), min(s, max(1, round(img.height * k)))), resample)
     canvas = Image.new("RGB", (s, s), fill)
     canvas.paste(img, ((s - img.width) // 2, (s - img.height) // 2))
     return canvas
@@ -331,6 +327,7 @@ class ImagePreprocessor:
     resample: int = Image.BICUBIC
     draft: bool = True
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO
 
     def __post_init__(self):
         self.normalize = get_normalisation(self.normalize)
@@ -354,7 +351,8 @@ class ImagePreprocessor:
             if self.train: out = random_resized_crop(img, self.size, rng, self.crop_scale, self.crop_ratio, self.resample)
             elif self.draft: out = resize_center_crop(img, self.size, self.resample)   # fastest: one resize of the region
             else: out = resize_crop(img, *center_crop_box(img.height, img.width, self.size), self.resample)  # exact: as HF
-        elif self.fit == "pad": out = resize(pad_to_square(img, self.normalize.fill), self.size, self.resample)
+        elif self.fit == "pad":
+            out = resize(pad_to_square(img, self.normalize.fill, self.max_image_pixels, self.resample), self.size, self.resample)
         else: out = resize(img, self.size, self.resample)
         if self.train and self.flip and rng.random() < self.flip: out = hflip(out)
         if self.train and (self.jitter or self.hue): out = color_jitter(out, rng, self.jitter, self.jitter, self.jitter, self.hue)
@@ -364,7 +362,9 @@ class ImagePreprocessor:
         "`[3, H, W]` tensor for one image (PIL, bytes, path or array)."
         if self.train and rng is None: raise ConfigError("a training ImagePreprocessor needs an rng")
         src = open_checked(image, self.max_image_pixels)
-        img = decode_rgb(src, min_size=self.draft_size(*src.size), draft=self.draft, max_image_pixels=self.max_image_pixels)
+        check_aspect_ratio(*src.size, self.max_aspect_ratio)   # from the header, before anything is decoded or allocated
+        w, h = displayed_size(src)
+        img = decode_rgb(src, min_size=self.draft_size(w, h), draft=self.draft, max_image_pixels=self.max_image_pixels)
         x = pil_to_chw(self.fit_image(img, rng))
         if self.uint8: return x
         y = x.to(torch.float32)
@@ -388,10 +388,9 @@ def image_preset(name: str = "clip", train: bool = False, **overrides) -> ImageP
 
 # %% ../nbs/02_preprocess.ipynb #9d12ed69
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+                 max_pixels: int = 28 * 28 * 1280, max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO) -> tuple[int, int]:
     "Qwen2-VL's target `(h, w)`: multiples of `factor`, `min_pixels ≤ h·w ≤ max_pixels`, aspect ratio kept."
-    if max(height, width) / min(height, width) > 200:
-        raise BadRecordError(f"image aspect ratio must be at most 200, got {height}x{width}")
+    check_aspect_ratio(width, height, max_aspect_ratio)
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
@@ -429,6 +428,7 @@ class Qwen2VLPatcher:
     resample: int = Image.BICUBIC
     draft: bool = False
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO
 
     def __post_init__(self):
         self.normalize = get_normalisation(self.normalize)
@@ -449,7 +449,7 @@ class Qwen2VLPatcher:
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         "The `(h, w)` an image of this size is resized to."
-        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels, self.max_aspect_ratio)
 
     def num_tokens(self, grid_thw) -> int:
         "Language-model tokens for one image or video grid: `t·h·w / merge²`."
@@ -458,7 +458,8 @@ class Qwen2VLPatcher:
     def _resized(self, image) -> Image.Image:
         "Decode and smart-resize one image."
         src = open_checked(image, self.max_image_pixels)
-        w, h = src.size
+        check_aspect_ratio(*src.size, self.max_aspect_ratio)   # from the header, before anything is decoded
+        w, h = displayed_size(src)   # the grid follows the image as shown (EXIF orientation applied)
         th, tw = self.target_size(h, w)
         img = decode_rgb(src, min_size=(tw, th), draft=self.draft, max_image_pixels=self.max_image_pixels)
         return img if img.size == (tw, th) else img.resize((tw, th), self.resample)
@@ -534,7 +535,6 @@ def _read_video_file(path: Path, max_frames: int, mode: str, rng) -> np.ndarray:
     idx = sample_frame_indices(len(frames), max_frames, mode, rng)
     return np.stack([frames[i].to_ndarray(format="rgb24") for i in idx])
 
-@renamed_kwargs(max_pixels="max_image_pixels")
 def load_frames(video, max_frames: int = 16, mode: str = "uniform", rng: np.random.Generator | None = None,
                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     "Sampled frames `[T', H, W, 3]` uint8 from an array, a folder of images or a video file."

@@ -13,7 +13,7 @@ from mmlit.collate import Padding, TextCollator
 from mmlit.dataset import check_image_size, open_image
 from mmlit.loader import _RENAMED_KEYS
 from mmlit.packing import PackedRows, PackingCollator, pack_rows
-from mmlit.preprocess import ImagePreprocessor, Qwen2VLPatcher, decode_rgb, image_preset
+from mmlit.preprocess import ImagePreprocessor, Qwen2VLPatcher, image_preset, pad_to_square
 from mmlit.text import LMWindows
 
 
@@ -68,8 +68,9 @@ def test_bomb_limit_max_pixels_is_max_image_pixels():
     with pytest.raises(Exception, match="over the limit of 100"):
         with pytest.warns(DeprecationWarning, match="'max_pixels' is renamed 'max_image_pixels'"):
             open_image(png, max_pixels=100)
-    a, b = _old_and_new(lambda **k: decode_rgb(png, **k).size, dict(max_pixels=1000), dict(max_image_pixels=1000))
-    assert a == b == (20, 10)
+    thin = Image.new("RGB", (300, 3))
+    a, b = _old_and_new(lambda **k: pad_to_square(thin, **k).size, dict(max_pixels=100 * 100), dict(max_image_pixels=100 * 100))
+    assert a == b == (100, 100)
     with pytest.warns(DeprecationWarning, match="max_image_pixels"):
         check_image_size(Image.open(io.BytesIO(png)), max_pixels=1000)
 
