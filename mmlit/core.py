@@ -7,6 +7,8 @@ Docs: https://mmlit.github.io/mmlit/core.html.md"""
 # %% ../nbs/00_core.ipynb #58e0d291
 from __future__ import annotations
 
+import functools
+import warnings
 from enum import IntEnum, unique
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -105,8 +107,6 @@ class MissingExtraError(MmlitError, ImportError):
                          f"pip install 'mmlit[{extra}]'  (or: pip install {package})")
 
 # %% ../nbs/00_core.ipynb #8b55eccb
-import functools, warnings
-
 def warn_renamed(old: str, new: str, where: str, stacklevel: int = 2):
     "Warn (`DeprecationWarning`) that `where` got the old name `old` of `new`, pointing at the caller `stacklevel` frames up."
     warnings.warn(f"{where}: {old!r} is renamed {new!r}; the old name will be removed", DeprecationWarning, stacklevel=stacklevel + 1)
@@ -122,7 +122,7 @@ def rename_keys(d: dict, renames: dict[str, str], where: str = "") -> dict:
     return out
 
 def renamed_kwargs(**renames: str):
-    "Decorator: a function (or a class's `__init__`) also accepts the old keyword `old=` for `new` (`old='new'`), with a warning."
+    "Decorator: a function, or a class's `__init__`, also accepts each old keyword name (`old='new'`), with a `DeprecationWarning`."
     def deco(f):
         target = f.__init__ if isinstance(f, type) else f
         @functools.wraps(target)

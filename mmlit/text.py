@@ -221,9 +221,9 @@ def token_stream(docs: Iterable[str], tokenizer, eos_id: int | None = None) -> t
     for doc in docs: out += token_ids(tokenizer, doc) + [int(eos_id)]
     return torch.tensor(out, dtype=torch.int64)
 
+@renamed_kwargs(seq_len="max_length")
 class LMWindows:
     "Windows of a token stream: item i is `{input_ids, attention_mask, labels, shift_labels}`, labels shifted by one."
-    @renamed_kwargs(seq_len="max_length")
     def __init__(self, stream: torch.Tensor | Sequence[int], max_length: int, stride: int | None = None, drop_last: bool = True):
         self.stream = torch.as_tensor(stream, dtype=torch.int64)
         self.max_length, self.stride = max_length, stride or max_length
