@@ -24,16 +24,18 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .core import (BadRecordError, ConfigError, Registry, Stream, TooManyBadRecords,
-                        derive_seed, np_rng)
+                        derive_seed, np_rng, renamed_kwargs)
 
 # %% auto #0
-__all__ = ['logger', 'RECORD_KEYS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'AUTO', 'CAPTION_NAMES',
-           'IMAGE_NAMES', 'FRAME_SUFFIXES', 'task_formats', 'make_record', 'BadRecord', 'Skipped', 'split_skipped',
-           'SkipReport', 'MMDataset', 'check_image_size', 'open_image', 'pick_column', 'group_videos', 'video_refs',
-           'jsonl_fields', 'json_array_spans', 'json_records', 'read_record', 'JsonlImageText', 'expand_paths',
-           'TextCorpus', 'open_image_cell', 'ParquetImageText', 'HFDataset', 'TorchDataset', 'TensorList',
-           'as_mm_dataset', 'open_source', 'locate_error', 'DeterministicDataset', 'Mixture', 'format_caption',
-           'format_qa', 'format_pointing', 'format_counting', 'format_messages']
+__all__ = ['logger', 'RECORD_KEYS', 'TEXT_FIELDS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'ORIENTATIONS',
+           'AUTO', 'CAPTION_NAMES', 'IMAGE_NAMES', 'FRAME_SUFFIXES', 'UTF8_BOM', 'JSONL_SUFFIXES', 'MAX_JSON_DEPTH',
+           'PARQUET_ERRORS', 'task_formats', 'make_record', 'BadRecord', 'Skipped', 'split_skipped', 'SkipReport',
+           'check_unicode', 'MMDataset', 'check_image_size', 'image_orientation', 'displayed_size', 'upright',
+           'to_8bit', 'load_image', 'open_image', 'pick_column', 'group_videos', 'video_refs', 'json_array_spans',
+           'json_records', 'read_record', 'json_depth', 'jsonl_fields', 'JsonlImageText', 'expand_paths', 'TextCorpus',
+           'open_image_cell', 'ParquetImageText', 'HFDataset', 'TorchDataset', 'TensorList', 'as_mm_dataset',
+           'open_source', 'locate_error', 'DeterministicDataset', 'Mixture', 'format_caption', 'format_qa',
+           'format_pointing', 'format_counting', 'format_messages']
 
 # %% ../nbs/01_dataset.ipynb #04f85c80
 logger = logging.getLogger("mmlit.dataset")
@@ -60,7 +62,9 @@ class BadRecord:
     unit: str = "row"
 
     def to_dict(self) -> dict: return asdict(self)
-    def __str__(self) -> str: return f"{self.file or self.source} {self.unit} {self.index}: {self.reason}"
+    def __str__(self) -> str:
+        where = self.file or self.source
+        return f"{where}: {self.reason}" if self.unit == "file" else f"{where} {self.unit} {self.index}: {self.reason}"
 
 class Skipped:
     "Returned by `get` in place of a bad record (with `on_error='skip'`); falsy."
@@ -120,6 +124,30 @@ class SkipReport:
     __str__ = table
     def __repr__(self) -> str: return f"SkipReport({len(self)} bad)"
 
+# %% ../nbs/01_dataset.ipynb #f4283819
+TEXT_FIELDS = ("text", "negatives", "task", "messages")
+
+def _strings(v, name: str) -> Iterator[tuple[str, str]]:
+    "`(field label, string)` for every string in `v`, nested lists and dict values included."
+    if isinstance(v, str): yield name, v
+    elif isinstance(v, (list, tuple)):
+        for i, x in enumerate(v): yield from _strings(x, f"{name}[{i}]")
+    elif isinstance(v, dict):
+        for k, x in v.items(): yield from _strings(x, f"{name}.{k}")
+
+def check_unicode(rec: dict) -> dict:
+    "`rec`, or a `BadRecordError` naming its file and row when a text field is not valid Unicode (a lone surrogate)."
+    for name in TEXT_FIELDS:
+        for label, s in _strings(rec.get(name), name):
+            try: s.encode("utf-8")
+            except UnicodeEncodeError as e:
+                c, m = ord(s[e.start]), rec.get("meta") or {}
+                how = f" (the byte 0x{c - 0xDC00:02x}, which is not UTF-8)" if 0xDC80 <= c <= 0xDCFF else ""
+                raise BadRecordError(f"field {label!r} is not valid Unicode: lone surrogate U+{c:04X} at character {e.start}{how}",
+                                     source=m.get("source"), file=m.get("file"), index=m.get("index"),
+                                     unit=m.get("unit", "row")) from None
+    return rec
+
 # %% ../nbs/01_dataset.ipynb #19242c48
 ON_ERROR = ("skip", "raise")
 
@@ -142,7 +170,7 @@ class MMDataset(torch.utils.data.Dataset):
     def get(self, idx: int, rng: np.random.Generator | None = None) -> dict | Skipped:
         "Record `idx` (or `Skipped`); random choices come from `rng` (default: derived from `idx`)."
         idx = self._check_index(idx)
-        try: rec = self.load(idx)
+        try: rec = check_unicode(self.load(idx))
         except BadRecordError as e: return self.handle_bad(e, idx)
         if self.text_dropout and (rng if rng is not None else np_rng(self.seed, 0, idx)).random() < self.text_dropout:
             rec["text"] = ""
@@ -181,23 +209,128 @@ class MMDataset(torch.utils.data.Dataset):
         return int(idx) % n
 
 # %% ../nbs/01_dataset.ipynb #ab2ef134
+from PIL import ExifTags, ImageFile, ImageOps
+
 DEFAULT_MAX_IMAGE_PIXELS = 2**27  # ≈134 megapixels (11585²): far beyond any training image
 # what Pillow raises for corrupt or truncated data (struct.error, IndexError: some truncated headers)
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, struct.error,
                  Image.DecompressionBombError)
 
-def check_image_size(img: Image.Image, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+@renamed_kwargs(max_pixels="max_image_pixels")
+def check_image_size(img: Image.Image, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                      where: dict | None = None) -> tuple[int, int]:
     "The header's `(width, height)`; `BadRecordError` for an empty or bomb-sized image, before decoding."
     w, h = img.size
-    if w <= 0 or h <= 0 or (max_pixels is not None and w * h > max_pixels):
-        raise BadRecordError(f"image header declares {w}x{h} pixels, over the limit of {max_pixels} "
+    if w <= 0 or h <= 0 or (max_image_pixels is not None and w * h > max_image_pixels):
+        raise BadRecordError(f"image header declares {w}x{h} pixels, over the limit of {max_image_pixels} "
                              "(decompression bomb?)", **(where or {}))
     return w, h
 
-def open_image(src: bytes | str | Path, *, decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+def _load(img: Image.Image, where: dict) -> Image.Image:
+    "`img.load()` that refuses truncated data even when a caller set Pillow's `LOAD_TRUNCATED_IMAGES`."
+    saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try: img.load()
+    except DECODE_ERRORS as e:
+        raise BadRecordError(f"cannot decode image, truncated or corrupt ({type(e).__name__}: {e})", **where) from None
+    finally: ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    return img
+
+# %% ../nbs/01_dataset.ipynb #4177f3d8
+# EXIF orientation 2–8 → the transpose that shows the image upright (as `PIL.ImageOps.exif_transpose`)
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
+def image_orientation(img: Image.Image, where: dict | None = None) -> int:
+    "The image's EXIF (or XMP) orientation, 1–8; 1 when it has none or an invalid or unreadable one."
+    if img.format == "PNG" and "exif" not in img.info and getattr(img, "tile", None):
+        _load(img, where or {})   # Pillow finds an eXIf chunk stored after the pixels only when it decodes them
+    try: o = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except DECODE_ERRORS: return 1   # corrupt metadata: shown as stored, as a viewer does
+    return o if isinstance(o, int) and o in ORIENTATIONS else 1
+
+def displayed_size(img: Image.Image, where: dict | None = None) -> tuple[int, int]:
+    "`(width, height)` of the image upright: orientations 5–8 swap the header's sides."
+    if img.format == "TIFF": return img.size   # Pillow's TIFF reader already reports (and decodes) the upright size
+    w, h = img.size
+    return (h, w) if image_orientation(img, where) >= 5 else (w, h)
+
+def upright(img: Image.Image) -> Image.Image:
+    "A decoded `img` turned upright by its EXIF orientation, the tag removed; `img` itself when upright already."
+    return img if image_orientation(img) == 1 else ImageOps.exif_transpose(img)
+
+# %% ../nbs/01_dataset.ipynb #7e3568e9
+def to_8bit(img: Image.Image, where: dict | None = None, bits: int | None = None) -> Image.Image:
+    "`img` with 8 bits per channel: 16-bit → high byte, float in [0, 1] → ×255; a range with no safe scale → `BadRecordError`."
+    mode, where = img.mode, where or {}
+    if mode.startswith("I;16") or (mode == "I" and bits == 16):   # `bits`: what the file says (Pillow 10 opens 16-bit PNG as I)
+        return Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
+    if mode not in ("I", "F"): return img
+    a = np.asarray(img)
+    if mode == "F":
+        if not np.isfinite(a).all():
+            raise BadRecordError("mode F (32-bit float) image holds NaN or infinite values", **where)
+        lo, hi = float(a.min()), float(a.max())
+        if lo >= -0.5 / 255 and hi <= 1 + 0.5 / 255: a = a * np.float32(255)
+        elif not (lo >= -0.5 and hi <= 255.5):
+            raise BadRecordError(f"mode F (32-bit float) image has values in [{lo:g}, {hi:g}], neither [0, 1] "
+                                 "nor [0, 255]: no safe scaling to 8 bits", **where)
+    else:
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 255:
+            raise BadRecordError(f"mode I (32-bit integer) image has values in [{lo}, {hi}], outside 0..255: "
+                                 "no safe scaling to 8 bits", **where)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+
+# %% ../nbs/01_dataset.ipynb #4e88ab66
+import simplejpeg
+
+def _jpeg_bytes(img: Image.Image) -> bytes | None:
+    "The encoded bytes of a JPEG (or MPO) that is opened but not decoded yet; `None` otherwise."
+    if img.format not in ("JPEG", "MPO") or not getattr(img, "tile", None): return None
+    fp = getattr(img, "fp", None)
+    if isinstance(fp, io.BytesIO): return fp.getvalue()
+    return Path(img.filename).read_bytes() if getattr(img, "filename", "") else None
+
+def _decode_jpeg(img: Image.Image, data: bytes, min_size: tuple[int, int], where: dict) -> Image.Image:
+    "Decode with libjpeg-turbo, strict (corrupt-data warnings are errors), at the smallest n/8 scale ≥ `min_size`."
+    mw, mh = min_size
+    try:
+        if img.mode in ("RGB", "L"):
+            a = simplejpeg.decode_jpeg(data, "RGB" if img.mode == "RGB" else "GRAY", min_width=mw, min_height=mh)
+            out = Image.fromarray(a if img.mode == "RGB" else a[..., 0])
+            out.info = dict(img.info)   # keeps the EXIF orientation for `upright`
+            return out
+        simplejpeg.decode_jpeg(data, "CMYK", min_width=mw, min_height=mh)   # the strict check only
+    except ValueError as e:
+        raise BadRecordError(f"cannot decode image, truncated or corrupt (JPEG: {e})", **where) from None
+    if mw and mw * 2 <= img.width and mh * 2 <= img.height: img.draft(img.mode, (mw, mh))
+    return _load(img, where)
+
+def load_image(img: Image.Image, *, min_size: tuple[int, int] | None = None, where: dict | None = None) -> Image.Image:
+    "Decode an opened image, upright and 8-bit; a JPEG at the smallest reduced scale ≥ `min_size` = (w, h) upright."
+    where, fmt = where or {}, img.format
+    if getattr(img, "tile", None):   # opened, not decoded yet
+        mw, mh = min_size or (0, 0)
+        if image_orientation(img, where) >= 5: mw, mh = mh, mw   # the stored image is on its side
+        data = _jpeg_bytes(img)
+        img = _decode_jpeg(img, data, (mw, mh), where) if data is not None else _load(img, where)
+    out = to_8bit(upright(img), where, bits=16 if fmt == "PNG" else None)   # a PNG in mode I is 16-bit grey
+    out.format = fmt   # the file's format stays known ("JPEG", "PNG", ...)
+    return out
+
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")   # TIFF and BigTIFF, either byte order
+_TIFF_UNREADABLE = "a TIFF whose sample format Pillow cannot read (such as 64-bit or 16-bit float, float RGB), or a corrupt one"
+
+def _head(fp: io.BytesIO | Path, n: int = 4) -> bytes:
+    "The first `n` bytes of a blob or a file."
+    if isinstance(fp, io.BytesIO): return fp.getvalue()[:n]
+    with fp.open("rb") as f: return f.read(n)
+
+@renamed_kwargs(max_pixels="max_image_pixels")
+def open_image(src: bytes | str | Path, *, decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                where: dict | None = None) -> Image.Image:
-    "Open an image from bytes or a path; bad input raises `BadRecordError` naming `where`."
+    "Open an image from bytes or a path (decoded by `load_image` if `decode`); bad input raises `BadRecordError` naming `where`."
     where = where or {}
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0: raise BadRecordError("empty image blob", **where)
@@ -211,18 +344,19 @@ def open_image(src: bytes | str | Path, *, decode: bool = True, max_pixels: int 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
     except UnidentifiedImageError:  # its message holds the repr of a BytesIO: an address, different in each process
-        raise BadRecordError("not a readable image (UnidentifiedImageError: unknown or corrupt format)", **where) from None
+        what = _TIFF_UNREADABLE if _head(fp) in _TIFF_MAGIC else "unknown or corrupt format"
+        raise BadRecordError(f"not a readable image (UnidentifiedImageError: {what})", **where) from None
     except DECODE_ERRORS as e:
         raise BadRecordError(f"not a readable image ({type(e).__name__}: {e})", **where) from None
-    try: check_image_size(img, max_pixels, where)
+    try:
+        check_image_size(img, max_image_pixels, where)
+        if not decode: return img
+        out = load_image(img, where=where)
     except BadRecordError:
         img.close()
         raise
-    if decode:
-        try: img.load()
-        except DECODE_ERRORS as e:
-            raise BadRecordError(f"cannot decode image, truncated or corrupt ({type(e).__name__}: {e})", **where) from None
-    return img
+    if out is not img: img.close()   # decoded into a new image (JPEG, turned, scaled): release the file now
+    return out
 
 # %% ../nbs/01_dataset.ipynb #b71233a3
 def _str_list(v, name: str, where: dict) -> list[str]:
@@ -290,34 +424,135 @@ def video_refs(v, root: Path, where: dict) -> list:
 
 
 # %% ../nbs/01_dataset.ipynb #ea6be655
+UTF8_BOM = b"\xef\xbb\xbf"
+
+def _open_bytes(path: Path):
+    "Open a JSONL or text file to read bytes: the one place those sources open files."
+    return open(path, "rb")
+
+def _skip_bom(f) -> int:
+    "Move `f` past a UTF-8 byte-order mark at its start; the number of bytes skipped (3 or 0)."
+    if f.read(3) == UTF8_BOM: return 3
+    f.seek(0)
+    return 0
+
 def _line_offsets(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    "Byte offsets and 0-based line numbers of the non-blank lines of `path`."
-    offs, lines, pos = [], [], 0
-    with open(path, "rb") as f:
+    "Byte offsets and 0-based line numbers of the non-blank lines of `path` (a leading BOM is not part of line 0)."
+    offs, lines = [], []
+    with _open_bytes(path) as f:
+        pos = _skip_bom(f)
         for i, raw in enumerate(f):
             if raw.strip(): offs.append(pos); lines.append(i)
             pos += len(raw)
     return np.asarray(offs, dtype=np.int64), np.asarray(lines, dtype=np.int64)
 
 def _read_line(path: Path, offset: int) -> bytes:
-    with open(path, "rb") as f:
+    with _open_bytes(path) as f:
         f.seek(offset)
         return f.readline()
 
+def _check_path(path) -> Path:
+    p = Path(path)
+    if not p.is_file(): raise FileNotFoundError(f"no such file: {p}")
+    return p
+
+# %% ../nbs/01_dataset.ipynb #c01a7d51
+import re
+
+_WS = re.compile(r"[ \t\n\r]*")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+def json_array_spans(path: str | Path) -> np.ndarray:
+    "`[n, 2]` byte spans of the items of a JSON array file, found in one pass (each item is parsed once, then dropped)."
+    text = Path(path).read_bytes().decode("latin-1")     # one character per byte: positions are byte offsets
+    dec, i = json.JSONDecoder(), _WS.match(text, len(UTF8_BOM) if text.startswith(UTF8_BOM.decode("latin-1")) else 0).end()
+    if text[i:i + 1] != "[": raise ConfigError(f"{path}: not a JSON array (it starts with {text[i:i + 20]!r})")
+    i, spans = _WS.match(text, i + 1).end(), []
+    if text[i:i + 1] == "]": return np.zeros((0, 2), np.int64)
+    while True:
+        try: _, end = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: item {len(spans)} is not valid JSON at byte {e.pos} ({e.msg}); "
+                              "the items after it cannot be found") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: item {len(spans)} is nested too deeply for Python's JSON parser; "
+                              "the items after it cannot be found") from None
+        spans.append((i, end))
+        i = _WS.match(text, end).end()
+        if text[i:i + 1] == ",": i = _WS.match(text, i + 1).end()
+        elif text[i:i + 1] == "]": return np.asarray(spans, np.int64)
+        else: raise ConfigError(f"{path}: expected ',' or ']' after item {len(spans) - 1} at byte {i}")
+
+def json_records(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    "Byte spans `[n, 2]` of the records of a JSONL file (end -1: to the line's end) or a JSON array, their numbers and unit."
+    array = False
+    if Path(path).suffix.lower() not in JSONL_SUFFIXES:   # a .jsonl file is lines, even when a line is an array
+        with _open_bytes(path) as f:
+            _skip_bom(f)
+            array = f.read(4096).lstrip()[:1] == b"["
+    if array:
+        spans = json_array_spans(path)
+        return spans, np.arange(len(spans)), "item"
+    offsets, lines = _line_offsets(path)
+    return np.stack([offsets, np.full_like(offsets, -1)], axis=1), lines, "line"
+
+def read_record(path: Path, span: Sequence[int]) -> bytes:
+    "The bytes of one record of `json_records`."
+    start, end = int(span[0]), int(span[1])
+    if end < 0: return _read_line(path, start)
+    with _open_bytes(path) as f:
+        f.seek(start)
+        return f.read(end - start)
+
+# %% ../nbs/01_dataset.ipynb #1abc109d
+import re
+import threading
+
+MAX_JSON_DEPTH = 950  # a fresh thread's stack parses ~990 levels under Python's default recursion limit
+_SHALLOW_JSON = 64    # lines with no more brackets than this are parsed directly
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+def json_depth(raw: bytes) -> int:
+    "How deep arrays and objects nest in the JSON text `raw` (brackets inside strings do not count)."
+    b = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    level = deepest = 0
+    for lo in range(0, len(b), 1 << 20):                 # 1 MB at a time: a hostile line costs no more memory
+        c = b[lo:lo + (1 << 20)]
+        levels = level + np.cumsum((c == ord("[")).astype(np.int32) + (c == ord("{")) - (c == ord("]")) - (c == ord("}")))
+        deepest, level = max(deepest, int(levels.max())), int(levels[-1])
+    return deepest
+
+def _loads_on_fresh_stack(raw: bytes):
+    "`json.loads(raw)` on a new thread, so the caller's stack depth does not matter."
+    out = {}
+    def parse():
+        try: out["value"] = json.loads(raw)
+        except BaseException as e: out["error"] = e
+    t = threading.Thread(target=parse, name="mmlit-json-line")
+    t.start(); t.join()
+    if "error" in out: raise out["error"]
+    return out["value"]
+
 def _parse_json_line(raw: bytes, where: dict) -> dict:
-    "Parse one JSONL line into a dict, or raise `BadRecordError`."
-    try: obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    "Parse one JSONL line into a dict, or raise `BadRecordError` (not JSON, nested too deeply, not an object)."
+    n_open = raw.count(b"[") + raw.count(b"{")          # a bound on the depth, counted in C
+    depth = json_depth(raw) if n_open > _SHALLOW_JSON else n_open
+    if depth > MAX_JSON_DEPTH:
+        raise BadRecordError(f"JSON nested {depth} levels deep, more than MAX_JSON_DEPTH={MAX_JSON_DEPTH}", **where)
+    try: obj = _loads_on_fresh_stack(raw) if depth > _SHALLOW_JSON else json.loads(raw)
+    except RecursionError:  # only with a recursion limit lowered below the default
+        raise BadRecordError(f"JSON nested {depth} levels deep, too deep for Python's parser (RecursionError)", **where) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise BadRecordError(f"invalid JSON ({e})", **where) from None
     if not isinstance(obj, dict): raise BadRecordError(f"expected a JSON object, got {type(obj).__name__}", **where)
     return obj
 
+# %% ../nbs/01_dataset.ipynb #2d4028ec
 def _first_object(path: Path, spans: np.ndarray, numbers: np.ndarray, limit: int = 20) -> tuple[dict | None, int]:
     "The first of the first `limit` records that parses as a JSON object, and its number (`None, -1` if none)."
     for span, n in zip(spans[:limit].tolist(), numbers[:limit].tolist()):
-        try: obj = json.loads(read_record(path, span))
-        except (json.JSONDecodeError, UnicodeDecodeError): continue
-        if isinstance(obj, dict): return obj, n
+        try: return _parse_json_line(read_record(path, span), {}), n
+        except BadRecordError: continue
     return None, -1
 
 def jsonl_fields(path: Path, obj: dict | None, line: int, text_field: str, image_field: str | None) -> tuple[tuple, tuple]:
@@ -336,63 +571,19 @@ def jsonl_fields(path: Path, obj: dict | None, line: int, text_field: str, image
         image = (found,) if found else image
     return text, image
 
-def _check_path(path) -> Path:
-    p = Path(path)
-    if not p.is_file(): raise FileNotFoundError(f"no such file: {p}")
-    return p
-
-# %% ../nbs/01_dataset.ipynb #c01a7d51
-import re
-
-_WS = re.compile(r"[ \t\n\r]*")
-
-def json_array_spans(path: str | Path) -> np.ndarray:
-    "`[n, 2]` byte spans of the items of a JSON array file, found in one pass (each item is parsed once, then dropped)."
-    text = Path(path).read_bytes().decode("latin-1")     # one character per byte: positions are byte offsets
-    dec, i = json.JSONDecoder(), _WS.match(text, 0).end()
-    if text[i:i + 1] != "[": raise ConfigError(f"{path}: not a JSON array (it starts with {text[i:i + 20]!r})")
-    i, spans = _WS.match(text, i + 1).end(), []
-    if text[i:i + 1] == "]": return np.zeros((0, 2), np.int64)
-    while True:
-        try: _, end = dec.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: item {len(spans)} is not valid JSON at byte {e.pos} ({e.msg}); "
-                              "the items after it cannot be found") from None
-        spans.append((i, end))
-        i = _WS.match(text, end).end()
-        if text[i:i + 1] == ",": i = _WS.match(text, i + 1).end()
-        elif text[i:i + 1] == "]": return np.asarray(spans, np.int64)
-        else: raise ConfigError(f"{path}: expected ',' or ']' after item {len(spans) - 1} at byte {i}")
-
-def json_records(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
-    "Byte spans `[n, 2]` of the records of a JSONL file (end -1: to the line's end) or a JSON array, their numbers and unit."
-    with open(path, "rb") as f: array = f.read(4096).lstrip()[:1] == b"["
-    if array:
-        spans = json_array_spans(path)
-        return spans, np.arange(len(spans)), "item"
-    offsets, lines = _line_offsets(path)
-    return np.stack([offsets, np.full_like(offsets, -1)], axis=1), lines, "line"
-
-def read_record(path: Path, span: Sequence[int]) -> bytes:
-    "The bytes of one record of `json_records`."
-    start, end = int(span[0]), int(span[1])
-    if end < 0: return _read_line(path, start)
-    with open(path, "rb") as f:
-        f.seek(start)
-        return f.read(end - start)
-
 # %% ../nbs/01_dataset.ipynb #60fa4150
+@renamed_kwargs(max_pixels="max_image_pixels")
 class JsonlImageText(MMDataset):
     "Image-text pairs from a JSONL file (or one JSON array); images open lazily when a record is read."
     source = "jsonl"
 
     def __init__(self, path: str | Path, *, image_root: str | Path | None = None, decode: bool = True,
-                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, text_field: str = AUTO,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, text_field: str = AUTO,
                  image_field: str | None = AUTO, **kwargs):
         super().__init__(**kwargs)
         self.path = _check_path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
-        self.decode, self.max_pixels = decode, max_pixels
+        self.decode, self.max_image_pixels = decode, max_image_pixels
         self._spans, self._lines, self.unit = json_records(self.path)
         self._offsets = self._spans[:, 0]
         self.text_fields, self.image_fields = jsonl_fields(self.path, *_first_object(self.path, self._spans, self._lines),
@@ -408,7 +599,7 @@ class JsonlImageText(MMDataset):
         text = _pick(obj, self.text_fields, str, where, required=True)
         cell = next((obj[k] for k in self.image_fields if obj.get(k) is not None), None)
         images = _str_list(cell, "image", where)
-        opened = [open_image(self.image_root / p, decode=self.decode, max_pixels=self.max_pixels, where=where)
+        opened = [open_image(self.image_root / p, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
                   for p in images]
         image = opened if isinstance(cell, list) else (opened[0] if opened else None)
         negatives = _str_list(obj.get("negatives", obj.get("negative")), "negatives", where)
@@ -433,8 +624,9 @@ def expand_paths(paths, suffixes: Sequence[str] = ()) -> list[Path]:
 
 def _text_spans(path: Path, split: str) -> list[tuple[int, int, int]]:
     "(start, end, first line) byte spans of the documents of a text file."
-    spans, start, first, pos = [], None, 0, 0
-    with open(path, "rb") as f:
+    spans, start, first = [], None, 0
+    with _open_bytes(path) as f:
+        pos = _skip_bom(f)                               # a BOM is not part of the first document
         for i, raw in enumerate(f):
             blank = not raw.strip()
             if split == "line":
@@ -475,7 +667,7 @@ class TextCorpus(MMDataset):
         if end < 0:
             text = _pick(_parse_json_line(_read_line(f, start), where), (self.field,), str, where, required=True)
         else:
-            with open(f, "rb") as fh:
+            with _open_bytes(f) as fh:
                 fh.seek(start)
                 raw = fh.read(end - start)
             try: text = raw.decode("utf-8")
@@ -490,55 +682,111 @@ import bisect
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+@renamed_kwargs(max_pixels="max_image_pixels")
 def open_image_cell(v, column: str = "image", *, root: Path | None = None, decode: bool = True,
-                    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, where: dict | None = None) -> Image.Image:
-    "Open a table's image cell: an HF `{bytes, path}` struct (path relative to `root`), bytes or a path."
+                    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, where: dict | None = None) -> Image.Image:
+    "Open a table's image cell: an HF `{bytes, path}` struct, bytes, or a path (relative to `root` when given)."
     where = where or {}
     if isinstance(v, dict):
         if v.get("bytes") is not None: v = v["bytes"]
-        elif v.get("path"): v = Path(v["path"]) if root is None else root / v["path"]
+        elif v.get("path"): v = v["path"]
         else: raise BadRecordError("image cell has neither bytes nor path", **where)
     if v is None: raise BadRecordError(f"image column {column!r} is null", **where)
-    if not isinstance(v, (bytes, str, Path)):
-        raise BadRecordError(f"image column {column!r} holds {type(v).__name__}, not bytes", **where)
-    return open_image(v, decode=decode, max_pixels=max_pixels, where=where)
+    if isinstance(v, str) and not v: raise BadRecordError(f"image column {column!r} holds an empty path", **where)
+    if isinstance(v, (str, Path)): v = Path(v) if root is None else Path(root) / v   # an absolute path stays as it is
+    if not isinstance(v, (bytes, Path)):
+        raise BadRecordError(f"image column {column!r} holds {type(v).__name__}, not bytes or a path", **where)
+    return open_image(v, decode=decode, max_image_pixels=max_image_pixels, where=where)
 
+# %% ../nbs/01_dataset.ipynb #0eec48ee
+PARQUET_ERRORS = (OSError, pa.ArrowException)  # what pyarrow raises for a damaged file, footer or page
+
+def _open_parquet(path, verify_checksums: bool = True, **kwargs) -> pq.ParquetFile:
+    "Open one Parquet shard, checking page checksums where the writer stored them: the one place shards are opened."
+    return pq.ParquetFile(path, page_checksum_verification=verify_checksums, **kwargs)
+
+def _shard_layout(path, verify_checksums: bool = True) -> tuple[list[str], list[int]]:
+    "A shard's column names and rows per row group, from its footer; `BadRecordError` (unit 'file') when unreadable."
+    try:
+        with _open_parquet(path, verify_checksums) as pf:
+            md, names = pf.metadata, pf.schema_arrow.names
+            rows = [md.row_group(r).num_rows for r in range(md.num_row_groups)]
+        if min(rows, default=0) < 0 or sum(rows) != md.num_rows:
+            raise ValueError(f"the footer's row groups hold {rows} rows, not its total of {md.num_rows}")
+    except (*PARQUET_ERRORS, ValueError) as e:
+        raise BadRecordError(f"not a readable Parquet file ({type(e).__name__}: {' '.join(str(e).split())}); "
+                             "its rows are unknown, none were read", source="parquet", file=str(path), unit="file") from None
+    return names, rows
+
+def _as_bytes_type(t: pa.DataType) -> pa.DataType:
+    "`t` with every string type replaced by the matching binary type (same layout, no UTF-8 check)."
+    if pa.types.is_string(t): return pa.binary()
+    if pa.types.is_large_string(t): return pa.large_binary()
+    if pa.types.is_dictionary(t): return _as_bytes_type(t.value_type)
+    if pa.types.is_list(t): return pa.list_(_as_bytes_type(t.value_type))
+    if pa.types.is_large_list(t): return pa.large_list(_as_bytes_type(t.value_type))
+    if pa.types.is_struct(t): return pa.struct([pa.field(f.name, _as_bytes_type(f.type)) for f in t])
+    return t
+
+def _as_text(v, t: pa.DataType):
+    "A value read through `_as_bytes_type(t)` with its strings decoded; bytes that are not UTF-8 become lone surrogates."
+    if v is None: return None
+    if pa.types.is_string(t) or pa.types.is_large_string(t): return v.decode("utf-8", "surrogateescape")
+    if pa.types.is_dictionary(t): return _as_text(v, t.value_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t): return [_as_text(x, t.value_type) for x in v]
+    if pa.types.is_struct(t): return {f.name: _as_text(v[f.name], f.type) for f in t}
+    return v
+
+def _column_values(col: pa.ChunkedArray) -> list:
+    "A column as Python values; a string that is not UTF-8 fails its own row (in `check_unicode`), not the row group."
+    try: return col.to_pylist()
+    except UnicodeDecodeError: return [_as_text(v, col.type) for v in col.cast(_as_bytes_type(col.type)).to_pylist()]
+
+# %% ../nbs/01_dataset.ipynb #ba10c47e
+@renamed_kwargs(max_pixels="max_image_pixels")
 class ParquetImageText(MMDataset):
     "Image-text pairs from Parquet shards with embedded image bytes, read by row group."
     source = "parquet"
 
     def __init__(self, paths, *, image_column: str | None = AUTO, text_column: str = AUTO,
                  negatives_column: str | None = "negatives", task_column: str | None = "task",
-                 decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                 cache_row_groups: int = 1, **kwargs):
+                 decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                 cache_row_groups: int = 1, verify_checksums: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.files = expand_paths(paths, (".parquet",))
-        first = pq.ParquetFile(self.files[0]).schema_arrow.names
-        text_column = pick_column(first, text_column, CAPTION_NAMES, what="caption", option="text_column", where=str(self.files[0]))
-        image_column = pick_column(first, image_column, IMAGE_NAMES, what="image", option="image_column", where=str(self.files[0]))
-        self.image_column, self.text_column, self.decode, self.max_pixels = image_column, text_column, decode, max_pixels
-        self.negatives_column, self.task_column = negatives_column, task_column
+        self.image_column, self.text_column, self.decode, self.max_image_pixels = image_column, text_column, decode, max_image_pixels
+        self.negatives_column, self.task_column, self.verify_checksums = negatives_column, task_column, verify_checksums
         self.cache_row_groups = max(1, int(cache_row_groups))
         starts, rg_file, rg_index, file_start, n = [], [], [], [], 0
-        self.columns: list[str] = []
+        self.file_columns: list[list[str]] = []        # per shard: the columns read from it
+        unreadable: list[BadRecordError] = []
         for k, f in enumerate(self.files):
-            pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
-            for col in (text_column, image_column):
-                if col is not None and col not in names:
-                    raise ConfigError(f"{f}: no column {col!r}; columns are {names}")
-            if k == 0:
-                self.columns = [c for c in (image_column, text_column) if c is not None]
-                self.columns += [c for c in (negatives_column, task_column) if c is not None and c in names]
             file_start.append(n)
-            for r in range(pf.metadata.num_row_groups):
+            try: names, rows = _shard_layout(f, verify_checksums)
+            except BadRecordError as e:
+                unreadable.append(e); self.file_columns.append([])
+                continue
+            self.file_columns.append(self._columns_of(f, names))
+            for r, m in enumerate(rows):
                 starts.append(n); rg_file.append(k); rg_index.append(r)
-                n += pf.metadata.row_group(r).num_rows
+                n += m
+        if unreadable and len(unreadable) == len(self.files): raise unreadable[0]  # no readable shard: no dataset
         self._starts = starts + [n]                       # first row of each row group (plain ints: bisect)
         self._rg_file, self._rg_index, self._file_start = rg_file, rg_index, file_start
         self._n = n
         self._handles: dict[int, pq.ParquetFile] = {}
         self._cache: OrderedDict = OrderedDict()
+        for e in unreadable: self.handle_bad(e, 0)       # raise, or one counted skip per damaged shard
+
+    def _columns_of(self, f: Path, names: list[str]) -> list[str]:
+        "The columns to read from shard `f`: the text and image columns (`ConfigError` naming `f` if absent) and the optional ones it has."
+        if AUTO in (self.text_column, self.image_column):   # the first readable shard decides the 'auto' columns
+            self.text_column = pick_column(names, self.text_column, CAPTION_NAMES, what="caption", option="text_column", where=str(f))
+            self.image_column = pick_column(names, self.image_column, IMAGE_NAMES, what="image", option="image_column", where=str(f))
+        for col in (self.text_column, self.image_column):
+            if col is not None and col not in names: raise ConfigError(f"{f}: no column {col!r}; columns are {names}")
+        return [c for c in (self.image_column, self.text_column, self.negatives_column, self.task_column)
+                if c is not None and c in names]
 
     def __len__(self) -> int: return self._n
     @property
@@ -563,10 +811,10 @@ class ParquetImageText(MMDataset):
         while len(self._cache) >= self.cache_row_groups: self._cache.popitem(last=False)  # free before reading
         k = self._rg_file[g]
         if k not in self._handles:  # no read-ahead cache kept per file; pages streamed through a 64 kB buffer
-            self._handles[k] = pq.ParquetFile(self.files[k], memory_map=False, pre_buffer=False, buffer_size=1 << 16)
-        names = [c for c in self.columns if c in self._handles[k].schema_arrow.names]
-        table = self._handles[k].read_row_group(self._rg_index[g], columns=names, use_threads=False)
-        self._cache[g] = cols = {c: table.column(c).to_pylist() for c in names}
+            self._handles[k] = _open_parquet(self.files[k], self.verify_checksums, memory_map=False,
+                                             pre_buffer=False, buffer_size=1 << 16)
+        table = self._handles[k].read_row_group(self._rg_index[g], columns=self.file_columns[k], use_threads=False)
+        self._cache[g] = cols = {c: _column_values(table.column(c)) for c in self.file_columns[k]}
         del table
         pa.default_memory_pool().release_unused()         # the decoder's scratch space, back to the OS
         return cols
@@ -576,33 +824,33 @@ class ParquetImageText(MMDataset):
         k = self._rg_file[g]
         where = dict(source=self.source, file=str(self.files[k]), index=idx - self._file_start[k], unit="row")
         try: cols = self._row_group(g)
-        except (OSError, pa.ArrowException) as e:  # a damaged page: every row of that group is unreadable
+        except PARQUET_ERRORS as e:  # a damaged page or a checksum mismatch: every row of that group is unreadable
             raise BadRecordError(f"row group {self._rg_index[g]} is unreadable ({type(e).__name__}: {e})", **where) from None
         i = idx - self._starts[g]
         row = {c: v[i] for c, v in cols.items()}
         text = _pick(row, (self.text_column,), str, where, required=True)
         image = None
-        if self.image_column is not None:
+        if self.image_column is not None:              # plain paths and {path} structs: relative to the shard's folder
             image = open_image_cell(row.get(self.image_column), self.image_column, root=self.files[k].parent,
-                                    decode=self.decode, max_pixels=self.max_pixels, where=where)
+                                    decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
         negatives = _str_list(row.get(self.negatives_column), "negatives", where) if self.negatives_column in row else []
         task = _pick(row, (self.task_column,), str, where) if self.task_column in row else None
         return make_record(text, image, negatives, task, None, where)
 
-
 # %% ../nbs/01_dataset.ipynb #82118f58
+@renamed_kwargs(max_pixels="max_image_pixels")
 class HFDataset(MMDataset):
     "An HF `datasets.Dataset` (its `Image` feature included) as mmlit records."
     source = "hf"
 
     def __init__(self, ds, *, text_column: str = AUTO, image_column: str | None = AUTO,
                  negatives_column: str | None = "negatives", task_column: str | None = "task",
-                 decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
+                 decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
         super().__init__(**kwargs)
         cols = list(getattr(ds, "column_names", []))
         text_column = pick_column(cols, text_column, CAPTION_NAMES, what="caption", option="text_column", where="HF dataset")
         image_column = pick_column(cols, image_column, IMAGE_NAMES, what="image", option="image_column", where="HF dataset", required=False)
-        self.ds, self.text_column, self.decode, self.max_pixels = ds, text_column, decode, max_pixels
+        self.ds, self.text_column, self.decode, self.max_image_pixels = ds, text_column, decode, max_image_pixels
         self.image_column = image_column if image_column in cols else None
         self.negatives_column = negatives_column if negatives_column in cols else None
         self.task_column = task_column if task_column in cols else None
@@ -632,7 +880,7 @@ class HFDataset(MMDataset):
                 try: v.load()
                 except DECODE_ERRORS as e: raise BadRecordError(f"cannot decode image ({e})", **where) from None
             return v
-        return open_image_cell(v, self.image_column, decode=self.decode, max_pixels=self.max_pixels, where=where)
+        return open_image_cell(v, self.image_column, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
 
 # %% ../nbs/01_dataset.ipynb #4a5ff30f
 class TorchDataset(MMDataset):
@@ -830,7 +1078,7 @@ task_formats = Registry("task format")
 def _image_size(rec) -> tuple[int, int]:
     im = rec["image"][0] if isinstance(rec["image"], list) else rec["image"]
     if im is None: raise ConfigError("pointing needs an image to normalise coordinates")
-    return im.size
+    return displayed_size(im)
 
 def _turns(question: str, answer: str) -> list[dict]:
     return [dict(role="user", content=question), dict(role="assistant", content=answer)]

@@ -28,7 +28,7 @@ import numpy as np
 from .core import BadRecordError, ConfigError, Registry, np_rng
 from .dataset import (_WS, AUTO, CAPTION_NAMES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_NAMES, JsonlImageText, MMDataset,
                       ParquetImageText, TextCorpus, _check_path, _line_offsets, _parse_json_line, _pick, _read_line,
-                      expand_paths, group_videos, json_records, make_record, open_image, pick_column, read_record,
+                      UTF8_BOM, expand_paths, group_videos, json_records, make_record, open_image, pick_column, read_record,
                       video_refs)
 
 # %% auto #0
@@ -173,11 +173,11 @@ class WebDatasetShards(MMDataset):
     source = "webdataset"
 
     def __init__(self, paths, *, image_key: str | None = AUTO, text_key: str = AUTO, text_field: str = AUTO,
-                 decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                 decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                  index_dir: str | Path | None = None, max_open_files: int = 16, **kwargs):
         super().__init__(**kwargs)
         self.files = shard_paths(paths)
-        self.decode, self.max_pixels, self.max_open_files = decode, max_pixels, max(1, int(max_open_files))
+        self.decode, self.max_image_pixels, self.max_open_files = decode, max_image_pixels, max(1, int(max_open_files))
         self.indexes = [load_tar_index(f, index_dir) for f in self.files]
         self._starts = np.cumsum([0] + [len(ix) for ix in self.indexes]).tolist()
         self._handles: OrderedDict = OrderedDict()
@@ -245,7 +245,7 @@ class WebDatasetShards(MMDataset):
             ext = next((e for e in self.image_keys if e in members), None)
             if ext is None:
                 raise BadRecordError(f"sample {key!r} has no image ({'/'.join(self.image_keys)}); its members are {sorted(members)}", **where)
-            image = open_image(self._read(k, *members[ext], where), decode=self.decode, max_pixels=self.max_pixels, where=where)
+            image = open_image(self._read(k, *members[ext], where), decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
         if self.text_key not in members:
             raise BadRecordError(f"sample {key!r} has no caption member {self.text_key!r}; its members are {sorted(members)}", **where)
         if self.text_field is not None:
@@ -316,28 +316,28 @@ def conversation_messages(obj: dict, where: dict | None = None) -> tuple[list[di
     return messages, images, videos
 
 # %% ../nbs/01b_formats.ipynb #5e1f0a19
-def open_ref(ref: str, root: Path, *, decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+def open_ref(ref: str, root: Path, *, decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
              where: dict | None = None):
     "Open an image reference: a path (relative to `root`) or a `data:` URL; a web URL is a bad record."
     where = where or {}
     if ref.startswith("data:"):
         try: data = base64.b64decode(ref.partition(",")[2], validate=True)
         except (binascii.Error, ValueError) as e: raise BadRecordError(f"data URL is not valid base64 ({e})", **where) from None
-        return open_image(data, decode=decode, max_pixels=max_pixels, where=where)
+        return open_image(data, decode=decode, max_image_pixels=max_image_pixels, where=where)
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", ref):
         raise BadRecordError(f"image {ref[:80]} is a URL: mmlit reads local files (download the images first)", **where)
-    return open_image(root / ref, decode=decode, max_pixels=max_pixels, where=where)
+    return open_image(root / ref, decode=decode, max_image_pixels=max_image_pixels, where=where)
 
 class Conversations(MMDataset):
     "LLaVA / ShareGPT / OpenAI conversations (JSONL or one JSON array) as `messages`, images in placeholder order."
     source = "conversations"
 
     def __init__(self, path: str | Path, *, image_root: str | Path | None = None, decode: bool = True,
-                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
         super().__init__(**kwargs)
         self.path = _check_path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
-        self.decode, self.max_pixels = decode, max_pixels
+        self.decode, self.max_image_pixels = decode, max_image_pixels
         self._spans, self._numbers, self.unit = json_records(self.path)   # JSONL lines or the items of one JSON array
 
     def __len__(self) -> int: return len(self._spans)
@@ -348,7 +348,7 @@ class Conversations(MMDataset):
         where = dict(source=self.source, file=str(self.path), index=int(self._numbers[idx]), unit=self.unit)
         obj = _parse_json_line(read_record(self.path, self._spans[idx]), where)
         messages, image_refs, video_list = conversation_messages(obj, where)
-        images = [open_ref(r, self.image_root, decode=self.decode, max_pixels=self.max_pixels, where=where) for r in image_refs]
+        images = [open_ref(r, self.image_root, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where) for r in image_refs]
         meta = {**where, **({"id": obj["id"]} if isinstance(obj.get("id"), (str, int)) else {})}
         videos = video_refs(video_list, self.image_root, where)
         return make_record(None, images or None, task="chat", messages=messages, meta=meta,
@@ -360,11 +360,11 @@ class CocoCaptions(MMDataset):
     source = "coco"
 
     def __init__(self, path: str | Path, *, image_root: str | Path | None = None, per_image: bool = False,
-                 decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
+                 decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
         super().__init__(**kwargs)
         self.path = _check_path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
-        self.per_image, self.decode, self.max_pixels = per_image, decode, max_pixels
+        self.per_image, self.decode, self.max_image_pixels = per_image, decode, max_image_pixels
         with open(self.path, "rb") as f:
             try: obj = json.load(f)
             except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ConfigError(f"{self.path}: not valid JSON ({e})") from None
@@ -389,7 +389,7 @@ class CocoCaptions(MMDataset):
         image_id = anns[0].get("image_id")
         if image_id not in self.files: raise BadRecordError(f"image_id {image_id!r} is not in 'images'", **where)
         if not isinstance(self.files[image_id], str): raise BadRecordError(f"image {image_id!r} has no file_name", **where)
-        image = open_image(self.image_root / self.files[image_id], decode=self.decode, max_pixels=self.max_pixels, where=where)
+        image = open_image(self.image_root / self.files[image_id], decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
         meta = {**where, "image_id": image_id, "annotation_id": anns[0].get("id")}
         return make_record(captions[0], image, meta=meta, **({"captions": captions} if self.per_image else {}))
 
@@ -423,12 +423,12 @@ class ImageFolder(MMDataset):
     source = "imagefolder"
 
     def __init__(self, root: str | Path, *, split: str | None = None, text_column: str | None = AUTO, decode: bool = True,
-                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
         super().__init__(**kwargs)
         self.root, self.split = Path(root), split
         if not self.root.is_dir(): raise FileNotFoundError(f"no such directory: {self.root}")
         if split is not None and not (self.root / split).is_dir(): raise FileNotFoundError(f"no split folder {self.root / split}")
-        self.decode, self.max_pixels = decode, max_pixels
+        self.decode, self.max_image_pixels = decode, max_image_pixels
         metas = sorted(p for p in (self.root if split is None else self.root / split).rglob("metadata.*") if p.suffix in (".jsonl", ".csv"))
         self.files = metas
         self.rows: list[tuple[Path, int, dict | str]] = [(m, line, row) for m in metas for line, row in _metadata_rows(m)]
@@ -459,7 +459,7 @@ class ImageFolder(MMDataset):
         if not self.files:
             label, path, split = self.images[idx]
             where = dict(source=self.source, file=str(path), index=idx, unit="image")
-            image = open_image(path, decode=self.decode, max_pixels=self.max_pixels, where=where)
+            image = open_image(path, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
             if label is None: return make_record(None, image, meta=where)
             meta = {**where, "label": label, "class": self.classes[label], **({"split": split} if split else {})}
             return make_record(self.classes[label].replace("_", " "), image, meta=meta)
@@ -468,7 +468,7 @@ class ImageFolder(MMDataset):
         if isinstance(row, str): raise BadRecordError(row, **where)
         name = _pick(row, ("file_name",), str, where, required=True)
         text = _pick(row, (self.text_column,), str, where, required=True) if self.text_column else None
-        image = open_image(meta_path.parent / name, decode=self.decode, max_pixels=self.max_pixels, where=where)
+        image = open_image(meta_path.parent / name, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
         extra = {k: v for k, v in row.items() if k not in ("file_name", self.text_column)}
         return make_record(text, image, meta={**where, **extra})
 
@@ -482,15 +482,15 @@ for _name, _cls in (("parquet", ParquetImageText), ("jsonl", JsonlImageText), ("
 def _first_record(path: Path) -> dict | None:
     "The first record of a JSON/JSONL file (the first item of an array, the first line, or the whole object)."
     with open(path, "rb") as f:
-        head = f.read(1 << 20)
+        head = f.read(1 << 20).removeprefix(UTF8_BOM)
         first_line = head.split(b"\n", 1)[0] if b"\n" in head else head + f.read()
-    try: obj = json.loads(first_line)
-    except (json.JSONDecodeError, UnicodeDecodeError): obj = None
+    try: obj = _parse_json_line(first_line, {})     # nested too deeply, not JSON or not an object: no record
+    except BadRecordError: obj = None
     if isinstance(obj, dict): return obj
     text = head.decode("latin-1").lstrip()
     if text.startswith("["):
         try: obj = json.JSONDecoder().raw_decode(text, _WS.match(text, 1).end())[0]
-        except json.JSONDecodeError: return None
+        except (ValueError, RecursionError): return None
         return obj if isinstance(obj, dict) else None
     if text.startswith("{") and (b'"annotations"' in head or b'"annotations"' in path.read_bytes()):
         return {"images": [], "annotations": []}      # one multi-line JSON object with annotations: COCO-like

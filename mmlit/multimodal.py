@@ -14,10 +14,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .core import BadRecordError, ConfigError, Registry
-from .dataset import group_videos, locate_error
+from .core import BadRecordError, ConfigError, Registry, renamed_kwargs
+from .dataset import displayed_size, group_videos, locate_error
 from .formats import VIDEO_PLACEHOLDER
-from .preprocess import ImagePreprocessor, Qwen2VLPatcher, image_preset, load_frames, open_checked
+from .preprocess import ImagePreprocessor, Qwen2VLPatcher, check_aspect_ratio, image_preset, load_frames, open_checked
 from .text import IMAGE_PLACEHOLDER, VIDEO_PAD, ImageTokens, encode_chat, encode_text
 
 # %% auto #0
@@ -132,8 +132,9 @@ class ChatPreprocessor(Preprocessor):
         "Tokens per image: from the header size for Qwen2-VL, fixed otherwise."
         if isinstance(self.vision, ImagePreprocessor): return [self.tokens_per_image] * len(images)
         q = self.vision
-        return [q.num_tokens((1, h // q.patch_size, w // q.patch_size))
-                for h, w in (q.target_size(im.height, im.width) for im in images)]
+        for im in images: check_aspect_ratio(*im.size, q.max_aspect_ratio)   # from the header, before any decoding
+        return [q.num_tokens((1, h // q.patch_size, w // q.patch_size))   # the upright size: EXIF orientation applied
+                for h, w in (q.target_size(*displayed_size(im)[::-1]) for im in images)]
 
     def video_frames(self, record: dict, rng: np.random.Generator | None) -> list[np.ndarray]:
         "Frames `[T, H, W, 3]` of each of the record's videos, picked by the frame sampler with the record's `rng`."
@@ -174,10 +175,11 @@ class ChatPreprocessor(Preprocessor):
 PREPROCESSORS = Registry("preprocessor")
 
 @PREPROCESSORS.register("clip", family="dual_encoder")
-def clip_preprocessor(tokenizer, train: bool = False, size: int = 224, max_length: int = 77, norm: str = "clip",
+@renamed_kwargs(norm="normalize")
+def clip_preprocessor(tokenizer, train: bool = False, size: int = 224, max_length: int = 77, normalize: str = "clip",
                       uint8: bool = False, **image_options) -> DualEncoderPreprocessor:
     "CLIP-style dual encoder: `size`² images (random-resized crops when training) + eos-terminated captions."
-    return DualEncoderPreprocessor(tokenizer, image_preset("clip", train, size=size, norm=norm, uint8=uint8, **image_options), max_length)
+    return DualEncoderPreprocessor(tokenizer, image_preset("clip", train, size=size, normalize=normalize, uint8=uint8, **image_options), max_length)
 
 @PREPROCESSORS.register("qwen2_vl", family="chat")
 def qwen2_vl_preprocessor(tokenizer, train: bool = False, max_length: int = 2048, image_max_patches: int | None = None,
