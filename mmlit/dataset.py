@@ -837,6 +837,15 @@ class ParquetImageText(MMDataset):
         task = _pick(row, (self.task_column,), str, where) if self.task_column in row else None
         return make_record(text, image, negatives, task, None, where)
 
+# %% ../nbs/01_dataset.ipynb #b3f1a2c4
+def _undecoded(ds, column: str | None):
+    "`ds` with its `Image` column read as `{bytes, path}` cells, so mmlit decodes it with the same strict checks as files."
+    feature = getattr(ds, "features", {}).get(column) if column else None
+    if type(feature).__name__ == "Image" and getattr(feature, "decode", False):
+        return ds.cast_column(column, type(feature)(decode=False))   # HF's own decode accepts JPEGs with corrupt scan data
+    return ds
+
+
 # %% ../nbs/01_dataset.ipynb #82118f58
 @renamed_kwargs(max_pixels="max_image_pixels")
 class HFDataset(MMDataset):
@@ -850,7 +859,7 @@ class HFDataset(MMDataset):
         cols = list(getattr(ds, "column_names", []))
         text_column = pick_column(cols, text_column, CAPTION_NAMES, what="caption", option="text_column", where="HF dataset")
         image_column = pick_column(cols, image_column, IMAGE_NAMES, what="image", option="image_column", where="HF dataset", required=False)
-        self.ds, self.text_column, self.decode, self.max_image_pixels = ds, text_column, decode, max_image_pixels
+        self.ds, self.text_column, self.decode, self.max_image_pixels = _undecoded(ds, image_column), text_column, decode, max_image_pixels
         self.image_column = image_column if image_column in cols else None
         self.negatives_column = negatives_column if negatives_column in cols else None
         self.task_column = task_column if task_column in cols else None
@@ -876,10 +885,7 @@ class HFDataset(MMDataset):
     def _image(self, v, where):
         if isinstance(v, list): return [self._image(x, where) for x in v]
         if isinstance(v, Image.Image):
-            if self.decode:
-                try: v.load()
-                except DECODE_ERRORS as e: raise BadRecordError(f"cannot decode image ({e})", **where) from None
-            return v
+            return load_image(v, where=where) if self.decode else v   # upright and 8-bit, like every other source
         return open_image_cell(v, self.image_column, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
 
 # %% ../nbs/01_dataset.ipynb #4a5ff30f

@@ -15,7 +15,7 @@ from PIL import ExifTags, Image, ImageFile, ImageOps
 
 from mmlit.cli import main
 from mmlit.core import BadRecordError, np_rng
-from mmlit.dataset import JsonlImageText, ParquetImageText, Skipped, displayed_size, load_image, open_image, to_8bit
+from mmlit.dataset import HFDataset, JsonlImageText, ParquetImageText, Skipped, displayed_size, load_image, open_image, to_8bit
 from mmlit.loader import LoaderConfig, make_loader
 from mmlit.multimodal import build_preprocessor
 from mmlit.preprocess import Qwen2VLPatcher, decode_rgb, image_preset, pad_to_square
@@ -355,6 +355,22 @@ def test_sources_and_inspect_agree(sources, kind):
         try: q(rec["image"])
         except BadRecordError as e: assert n in BAD or n in THIN, (n, e)
         else: assert n in GOOD, n
+
+
+@pytest.mark.parametrize("hf_decodes", [True, False])
+def test_hf_dataset_images_agree_with_files(hf_decodes):
+    # HF's Image feature would decode a JPEG with garbage scan data; the adapter must skip it like a file
+    hfds = pytest.importorskip("datasets")
+    names = sorted(CASES)
+    ds = hfds.Dataset.from_dict({"image": [{"bytes": CASES[n][0], "path": None} for n in names], "text": names})
+    hd = HFDataset(ds.cast_column("image", hfds.Image(decode=hf_decodes)))
+    for i, n in enumerate(names):
+        rec = hd.get(i)
+        if n in BAD:
+            assert isinstance(rec, Skipped) and BAD[n] in rec.bad.reason, (n, rec)
+        else:
+            np.testing.assert_array_equal(to_rgb_array(rec["image"]), CASES[n][1], err_msg=n)
+    assert len(hd.report) == len(BAD)
 
 
 def tagged(samples):
