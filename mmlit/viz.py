@@ -29,11 +29,12 @@ from .core import MmlitError, Stream, derive_seed
 from .preprocess import Normalisation, get_normalisation
 
 # %% auto #0
-__all__ = ['STEP_KEYS', 'LOSS_PARTS', 'TOKEN_COLOURS', 'RunDirError', 'metrics_frame', 'finish', 'plot_training_curves',
-           'plot_loss_components', 'plot_lr_schedule', 'read_embeddings', 'project_2d', 'plot_embedding_space',
-           'plot_similarity_matrix', 'mrl_table', 'plot_mrl_performance', 'require_files', 'save_run_plots',
-           'unnormalize', 'unpatchify', 'batch_images', 'decode_text', 'batch_captions', 'show_images', 'token_table',
-           'plot_tokens']
+__all__ = ['STEP_KEYS', 'LOSS_PARTS', 'TOKEN_COLOURS', 'REPORT_FILES', 'PLOT_BORDER', 'RunDirError', 'metrics_frame', 'finish',
+           'plot_training_curves', 'plot_loss_components', 'plot_lr_schedule', 'read_embeddings', 'project_2d',
+           'plot_embedding_space', 'plot_similarity_matrix', 'mrl_table', 'plot_mrl_performance', 'require_files',
+           'save_run_plots', 'unnormalize', 'unpatchify', 'batch_images', 'decode_text', 'batch_captions',
+           'show_images', 'token_table', 'plot_tokens', 'read_bad_records', 'bad_record_image', 'plot_bad_records',
+           'png_data_uri', 'html_table', 'write_report']
 
 # %% ../nbs/07_viz.ipynb #eba3bc0a
 class RunDirError(MmlitError, FileNotFoundError):
@@ -413,3 +414,185 @@ def plot_tokens(batch: Mapping, row: int = 0, tokenizer=None, *, per_line: int =
     ax.set_title(f"row {row}: {len(t)} tokens, {n_seq} sequence{'s' if n_seq != 1 else ''}{more}", fontsize=9, pad=22)
     ax.set_xlim(-0.1, per_line); ax.set_ylim(-nlines + 0.9, 1.0); ax.axis("off")
     return finish(fig, save)
+
+# %% ../nbs/07_viz.ipynb #f5d422a1
+def read_bad_records(report) -> list[dict]:
+    "Bad records as dicts (`source`, `file`, `index`, `reason`, `unit`, and `loader` when the report names one)."
+    if isinstance(report, (str, Path)):
+        p = Path(report)
+        if not p.exists(): raise RunDirError(f"bad-record report {p} does not exist")
+        report = json.loads(p.read_text())
+    if isinstance(report, Mapping):   # the trainer's {"bad": n, "train": [...], "val": [...]}
+        return [{**b, "loader": name} for name, rows in report.items() if isinstance(rows, list) for b in read_bad_records(rows)]
+    out = [b.to_dict() if hasattr(b, "to_dict") else dict(b) for b in report]
+    for b in out:
+        missing = [k for k in ("index", "reason") if k not in b]
+        if missing: raise MmlitError(f"a bad record lacks {missing}: {b}")
+    return out
+
+@contextmanager
+def _truncated_images_allowed():
+    old, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
+    try: yield
+    finally: ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+def _record_image_source(bad: Mapping, image_column: str):
+    "The bytes or path of a bad record's image, read from its Parquet row or JSONL line; None when it has none."
+    f = bad.get("file")
+    if not f or not Path(f).exists(): return None
+    f, i = Path(f), int(bad["index"])
+    if f.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        pf = pq.ParquetFile(f)
+        if image_column not in pf.schema_arrow.names or not 0 <= i < pf.metadata.num_rows: return None
+        cell = pf.read(columns=[image_column]).column(image_column)[i].as_py()
+        if isinstance(cell, dict): return cell.get("bytes") or (f.parent / cell["path"] if cell.get("path") else None)
+        return cell
+    if f.suffix in (".jsonl", ".json") and bad.get("unit") == "line":
+        lines = f.read_text().splitlines()
+        for j in (i - 1, i):   # line numbers may count from 1
+            if not 0 <= j < len(lines): continue
+            try: rec = json.loads(lines[j])
+            except json.JSONDecodeError: continue
+            im = rec.get("image") if isinstance(rec, dict) else None
+            if isinstance(im, str): return f.parent / im
+    return None
+
+def bad_record_image(bad: Mapping, image_column: str = "image", max_side: int = 96) -> tuple[Image.Image | None, str]:
+    "A thumbnail of a bad record's image and how it decoded: `'ok'`, `'partial'`, or why there is none."
+    try: src = _record_image_source(bad, image_column)
+    except Exception as e: return None, f"source unreadable ({type(e).__name__})"
+    if src is None or src == b"": return None, "no image bytes"
+    if isinstance(src, Path) and not src.exists(): return None, "image file missing"
+    opened = (lambda: Image.open(io.BytesIO(src) if isinstance(src, bytes) else src))
+    for how, ctx in (("ok", contextmanager(lambda: (yield))), ("partial", _truncated_images_allowed)):
+        try:
+            with ctx():
+                im = opened(); im.load()
+            im = im.convert("RGB"); im.thumbnail((max_side, max_side))
+            return im, how
+        except Exception as e: err = f"does not decode ({type(e).__name__})"
+    return None, err
+
+# %% ../nbs/07_viz.ipynb #d8964b0b
+def plot_bad_records(report, *, max_rows: int = 12, image_column: str = "image", save: str | Path | None = None) -> Figure:
+    "Stage 1's bad-record report as a table: thumbnail (where the bytes decode), file, row/line, reason."
+    bads = read_bad_records(report)
+    shown = bads[:max_rows]
+    n = max(len(shown), 1)
+    fig, axes = plt.subplots(n, 2, figsize=(10, 1.15 * n + 0.6), squeeze=False, gridspec_kw={"width_ratios": [1, 8]})
+    for ax in axes.flat: ax.axis("off")
+    if not bads: axes[0, 1].text(0, 0.5, "no bad records", va="center", fontsize=11)
+    for (a_im, a_txt), b in zip(axes, shown):
+        im, how = bad_record_image(b, image_column)
+        if im is not None: a_im.imshow(np.asarray(im)); a_im.set_title(how if how != "ok" else "", fontsize=7)
+        else: a_im.text(0.5, 0.5, how, ha="center", va="center", fontsize=7, wrap=True)
+        where = f"{Path(b.get('file') or b.get('source', '?')).name} {b.get('unit', 'row')} {b['index']}"
+        loader = f"[{b['loader']}] " if b.get("loader") else ""
+        a_txt.text(0, 0.62, loader + where, fontsize=9, weight="bold", va="center", family="monospace")
+        a_txt.text(0, 0.25, "\n".join(_wrap(b["reason"], 110)[:2]), fontsize=8.5, va="center")
+    more = f" ({len(bads) - len(shown)} more not shown)" if len(bads) > len(shown) else ""
+    fig.suptitle(f"{len(bads)} bad record{'s' if len(bads) != 1 else ''} skipped{more}", fontsize=11)
+    return finish(fig, save)
+
+# %% ../nbs/07_viz.ipynb #87759320
+REPORT_FILES = (("metrics.csv", "metrics.jsonl"), "eval_embeddings.npz", "config.yaml", "loader_report.json",
+                "loader_profile.json", "summary.json")
+PLOT_BORDER = "#5b2a86"   # the frame of every plot in the report (the screenshot test finds plots by it)
+
+def png_data_uri(fig_or_path) -> str:
+    "A `data:image/png;base64,...` URI of a figure (closed afterwards), a PIL image or a PNG file."
+    buf = io.BytesIO()
+    if isinstance(fig_or_path, Figure): fig_or_path.savefig(buf, format="png", dpi=100); plt.close(fig_or_path)
+    elif isinstance(fig_or_path, Image.Image): fig_or_path.save(buf, format="PNG")
+    else: buf.write(Path(fig_or_path).read_bytes())
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+def _fmt(v) -> str:
+    if isinstance(v, float): return f"{v:.4g}"
+    return html.escape(str(v))
+
+def html_table(rows: Iterable[Sequence], header: Sequence[str] | None = None) -> str:
+    "A small HTML table (cells escaped)."
+    head = "" if header is None else "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>"
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table>{head}{body}</table>"
+
+# %% ../nbs/07_viz.ipynb #3a002178
+_CSS = f"""
+body {{ font-family: system-ui, sans-serif; margin: 0; background: #eef1f5; color: #1d232a; }}
+main {{ max-width: 1500px; margin: 0 auto; padding: 16px 28px 40px; }}
+h1 {{ margin: 8px 0 2px; }} h2 {{ margin: 28px 0 10px; border-bottom: 1px solid #c9d0d8; }}
+.sub {{ color: #5a6570; margin: 0 0 8px; }}
+.plots {{ display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 18px; }}
+figure.plot {{ margin: 0; background: #fff; border: 3px solid {PLOT_BORDER}; padding: 6px; }}
+figure.plot img {{ width: 100%; display: block; }}
+figcaption {{ font-size: 13px; color: #5a6570; padding-top: 4px; }}
+table {{ border-collapse: collapse; background: #fff; font-size: 13px; margin: 4px 0 10px; }}
+td, th {{ border: 1px solid #d5dbe1; padding: 3px 8px; text-align: left; vertical-align: middle; }}
+th {{ background: #e3e8ee; }}
+pre {{ background: #fff; padding: 10px; border: 1px solid #d5dbe1; overflow-x: auto; font-size: 12px; }}
+.row {{ display: flex; gap: 28px; flex-wrap: wrap; align-items: flex-start; }}
+"""
+
+def _bad_records_section(bads: list[dict], max_rows: int = 50) -> str:
+    if not bads: return "<p>No bad records: every record of the run was read.</p>"
+    reasons = Counter(b["reason"].split(":")[0].split(" (")[0] for b in bads)
+    rows = []
+    for b in bads[:max_rows]:
+        im, how = bad_record_image(b)
+        thumb = f'<img alt="record image" src="{png_data_uri(im)}">' if im is not None else html.escape(how)
+        rows.append((b.get("loader", ""), f"{Path(b.get('file') or '-').name} {b.get('unit', 'row')} {b['index']}", b["reason"], thumb))
+    table = html_table([(a, w, r, "THUMB") for a, w, r, _ in rows], ["loader", "where", "reason", "image"])
+    for *_, t in rows: table = table.replace("THUMB", t, 1)    # thumbnails are our own markup, not escaped text
+    more = f"<p>… and {len(bads) - max_rows} more.</p>" if len(bads) > max_rows else ""
+    return (f"<p>{len(bads)} bad record(s) skipped.</p>" + html_table(reasons.most_common(), ["reason", "count"]) + table + more)
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: int = 0) -> Path:
+    "Write the run's self-contained `report.html` (default: into the run directory); returns its path."
+    import yaml
+    run_dir = Path(run_dir)
+    f = require_files(run_dir, REPORT_FILES, "mmlit report")
+    m = metrics_frame(f["metrics.csv"])
+    summary = json.loads(f["summary.json"].read_text())
+    profile = json.loads(f["loader_profile.json"].read_text())
+    bads = read_bad_records(f["loader_report.json"])
+    config = yaml.safe_load(f["config.yaml"].read_text())
+    with plt.rc_context({"figure.max_open_warning": 0}):
+        tmp_plots = {}
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            for name, p in save_run_plots(run_dir, out_dir=d, seed=seed).items(): tmp_plots[name] = png_data_uri(p)
+    figs = "".join(f'<figure class="plot"><img alt="{n}" src="{uri}"><figcaption>{n.replace("_", " ")}</figcaption></figure>'
+                   for n, uri in tmp_plots.items())
+    flat = lambda d, pre="": [(pre + k, v) for k, v in d.items() if not isinstance(v, dict)] + \
+                             [kv for k, v in d.items() if isinstance(v, dict) for kv in flat(v, pre + k + ".")]
+    val_cols = [c for c in m.columns if c.startswith("val/") and "@" not in c]
+    last_val = m[val_cols + ["step"]].dropna(subset=val_cols, how="all").tail(1)
+    last_rows = [(c, last_val[c].iloc[0]) for c in ["step"] + val_cols] if len(last_val) else []
+    try: mrl = mrl_table(m); mrl_html = html_table([(d, *row) for d, row in zip(mrl.index, mrl.to_numpy())], ["dim", *mrl.columns])
+    except MmlitError: mrl_html = "<p>No per-dimension evaluation in this run.</p>"
+    steps = m["step"]
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>mmlit report: {html.escape(run_dir.name)}</title>
+<style>{_CSS}</style></head>
+<body><main>
+<h1>mmlit run report</h1>
+<p class="sub">{html.escape(str(run_dir.resolve()))} · {len(m)} metric rows, steps {steps.min():.0f}–{steps.max():.0f}</p>
+<h2 id="summary">Final metrics</h2>
+{html_table(flat(summary), ["metric", "value"])}
+<h2 id="plots">Plots</h2>
+<div class="plots">{figs}</div>
+<h2 id="metrics">Last evaluation</h2>
+<div class="row"><div>{html_table(last_rows, ["metric", "value"])}</div><div><h3>Recall by Matryoshka dimension</h3>{mrl_html}</div></div>
+<h2 id="bad-records">Bad records</h2>
+{_bad_records_section(bads)}
+<h2 id="loader-profile">Loader profile</h2>
+{html_table(flat(profile), ["measure", "value"])}
+<h2 id="config">Configuration</h2>
+<pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>
+</main></body></html>
+"""
+    out = Path(out) if out is not None else run_dir / "report.html"
+    out.write_text(page, encoding="utf-8")
+    return out

@@ -28,6 +28,7 @@ from mmlit.text import train_tokenizer
 
 DIMS = (8, 16, 32)          # Matryoshka dimensions; the top one is the embedding size
 BAD_ROWS = {5: b"\x89PNG\r\n\x1a\n not really a png", 11: b""}   # a corrupt and an empty image
+NO_CAPTION_ROW = 17                                                  # a good image without its caption
 
 
 def damaged_demo(path: Path, n: int) -> Path:
@@ -37,6 +38,8 @@ def damaged_demo(path: Path, n: int) -> Path:
     cells = t.column("image").to_pylist()
     for i, b in BAD_ROWS.items(): cells[i] = {"bytes": b, "path": None}
     t = t.set_column(t.schema.get_field_index("image"), "image", pa.array(cells, type=t.schema.field("image").type))
+    caps = t.column("caption").to_pylist(); caps[NO_CAPTION_ROW] = None
+    t = t.set_column(t.schema.get_field_index("caption"), "caption", pa.array(caps, type=pa.string()))
     pq.write_table(t, p, row_group_size=16)
     return p
 
@@ -141,7 +144,8 @@ def make_run_dir(root: str | Path, steps: int = 30, n: int = 96, n_val: int = 32
     good = [i for i in range(n, n + n_val) if full.get(i)]
     np.savez(root / "eval_embeddings.npz", image=emb["image"].astype(np.float32), text=emb["text"].astype(np.float32),
              label=np.array([labels[i - n] for i in good], dtype=np.int64), caption=np.array(captions))
-    (root / "loader_report.json").write_text(json.dumps(loader.report.to_dicts() or full.report.to_dicts(), indent=1))
+    rep = {"train": loader.report.to_dicts(), "val": val_loader.report.to_dicts()}
+    (root / "loader_report.json").write_text(json.dumps({"bad": sum(map(len, rep.values())), **rep}, indent=1))
     prof = profile_loader(loader, steps=2, progress=False)
     (root / "loader_profile.json").write_text(json.dumps(dataclasses.asdict(prof), indent=1))
     config = {"data": {"data": str(data), "kind": "parquet", "tokenizer": {"train": {"vocab_size": 320}},
