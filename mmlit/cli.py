@@ -11,7 +11,7 @@ import argparse, json, logging, sys, time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from PIL import Image
 
@@ -20,7 +20,7 @@ from .dataset import MMDataset, open_source
 
 # %% auto #0
 __all__ = ['RunningStats', 'RecordStats', 'inspect_dataset', 'inspect_source', 'format_report', 'build_parser', 'cmd_inspect',
-           'main']
+           'main', 'run_steps', 'rebuild_step_batch', 'cmd_report', 'cmd_show_batch', 'add_run_view_commands']
 
 # %% ../nbs/90_cli.ipynb #c34280d3
 class RunningStats:
@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--show-bad", type=int, default=20, metavar="N", help="bad records listed in the text report")
     ins.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="tqdm bar on stderr (default: on for 1000+ records on a terminal)")
+    add_run_view_commands(sub)
     return p
 
 def _source_kwargs(args, kind: str | None) -> dict:
@@ -211,8 +212,89 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "inspect": return cmd_inspect(args, parser)
+    if getattr(args, "handler", None): return args.handler(args)
     parser.print_help(sys.stderr)
     return 2
+
+# %% ../nbs/90_cli.ipynb #b81c4d2e
+def _run_view_error(command: str, e: Exception) -> int:
+    print(f"mmlit {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+
+def run_steps(run_dir: str | Path) -> int:
+    "How many training steps a run took: `summary.json`'s `steps`, else one past the last `train/step` in its metrics."
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").is_file():
+        steps = json.loads((run_dir / "summary.json").read_text()).get("steps")
+        if steps is not None: return int(steps)
+    for name in ("metrics.csv", "metrics.jsonl"):
+        if (run_dir / name).is_file():
+            from mmlit.viz import metrics_frame
+            m = metrics_frame(run_dir / name)
+            if "train/step" in m.columns: return int(m["train/step"].max()) + 1
+    raise MmlitError(f"{run_dir} lacks summary.json (with 'steps') and metrics.csv/metrics.jsonl (with train/step): "
+                     "cannot tell where the run ended")
+
+def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]:
+    "The batch of training step `step`, rebuilt from the run's `config.yaml` (its `data` section: stage 4's one-liner)."
+    import yaml
+    from mmlit.loader import LoaderDataModule, loader_parts, resolve_collate
+    run_dir = Path(run_dir)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    data = dict(cfg.get("data") or {})
+    if not data: raise MmlitError(f"{run_dir / 'config.yaml'} has no 'data' section: the loader cannot be rebuilt")
+    end = run_steps(run_dir)
+    if not 0 <= step < end: raise MmlitError(f"step {step} is beyond the run's end: {run_dir} trained steps 0 to {end - 1}")
+    tok = data.get("tokenizer")
+    if isinstance(tok, dict) and tok.get("save_dir"):    # the tokenizer the run trained and saved, not a new one
+        saved = Path(tok["save_dir"])
+        if not (saved / "tokenizer.json").is_file(): raise MmlitError(f"the run's tokenizer {saved / 'tokenizer.json'} is missing")
+        data["tokenizer"] = str(saved)
+    p = loader_parts(data)
+    dm = LoaderDataModule(p["data"], p["val_data"], val_split=p["val_split"], config=p["loader_config"], transform=p["transform"],
+                          val_transform=p.get("val_transform"), collate=resolve_collate(p["collate"], **p["collate_options"]))
+    loader = dm.train_dataloader()
+    epoch, k = divmod(step, len(loader))
+    state = loader.state_dict()
+    loader.load_state_dict({**state, "epoch": epoch, "position": k * loader.config.batch_size * state["world_size"]})
+    batch = next(iter(loader))
+    norm = (data.get("preprocessor_options") or {}).get("norm", "clip")
+    return batch, p["tokenizer"], {"run_dir": str(run_dir), "step": step, "epoch": epoch, "batch_in_epoch": k, "norm": norm}
+
+def cmd_report(args) -> int:
+    "Run `mmlit report`: the run's PNGs and `report.html`; prints the page's path."
+    from mmlit.viz import write_report
+    try: page = write_report(args.run_dir, args.out)
+    except MmlitError as e: return _run_view_error("report", e)
+    print(page)
+    return 0
+
+def cmd_show_batch(args) -> int:
+    "Run `mmlit show-batch`: rebuild training step K's batch from the run's config and write its views."
+    from mmlit.viz import write_batch_views, require_files
+    try:
+        require_files(args.run_dir, ["config.yaml"], "mmlit show-batch")
+        batch, tokenizer, info = rebuild_step_batch(args.run_dir, args.step)
+        out = Path(args.out) if args.out else Path(args.run_dir) / "batches" / f"step_{args.step}"
+        written = write_batch_views(batch, out, tokenizer, norm=info.pop("norm", "clip"), info=info)
+    except MmlitError as e: return _run_view_error("show-batch", e)
+    for p in written.values(): print(p)
+    return 0
+
+def add_run_view_commands(sub) -> None:
+    "Add `report` and `show-batch` to the `mmlit` sub-command parsers."
+    rep = sub.add_parser("report", help="write a run directory's plots and one-page HTML report",
+                         description="Write the plots (PNG) and a self-contained report.html of a training run directory.")
+    rep.add_argument("run_dir", help="a run directory written by the mmlit trainer")
+    rep.add_argument("--out", help="where to write the HTML page (default: RUN_DIR/report.html)")
+    rep.set_defaults(handler=cmd_report)
+    sb = sub.add_parser("show-batch", help="rebuild the exact batch of a training step and draw it",
+                        description="Rebuild the batch that training step K saw from the run's config.yaml and write "
+                                    "its image grid, token view and batch.json (shapes, SHA-256).")
+    sb.add_argument("run_dir", help="a run directory written by the mmlit trainer")
+    sb.add_argument("--step", type=int, required=True, metavar="K", help="the training step (0-based)")
+    sb.add_argument("--out", help="directory for the views (default: RUN_DIR/batches/step_K)")
+    sb.set_defaults(handler=cmd_show_batch)
 
 # %% ../nbs/90_cli.ipynb #57c3c226
 if __name__ == "__main__": sys.exit(main())

@@ -34,7 +34,7 @@ __all__ = ['STEP_KEYS', 'LOSS_PARTS', 'TOKEN_COLOURS', 'REPORT_FILES', 'PLOT_BOR
            'plot_embedding_space', 'plot_similarity_matrix', 'mrl_table', 'plot_mrl_performance', 'require_files',
            'save_run_plots', 'unnormalize', 'unpatchify', 'batch_images', 'decode_text', 'batch_captions',
            'show_images', 'token_table', 'plot_tokens', 'read_bad_records', 'bad_record_image', 'plot_bad_records',
-           'png_data_uri', 'html_table', 'write_report']
+           'png_data_uri', 'html_table', 'write_report', 'batch_digest', 'write_batch_views']
 
 # %% ../nbs/07_viz.ipynb #eba3bc0a
 class RunDirError(MmlitError, FileNotFoundError):
@@ -549,7 +549,7 @@ def _bad_records_section(bads: list[dict], max_rows: int = 50) -> str:
     return (f"<p>{len(bads)} bad record(s) skipped.</p>" + html_table(reasons.most_common(), ["reason", "count"]) + table + more)
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: int = 0) -> Path:
-    "Write the run's self-contained `report.html` (default: into the run directory); returns its path."
+    "Write the run's PNGs and its self-contained `report.html` (default: into the run directory); returns the page's path."
     import yaml
     run_dir = Path(run_dir)
     f = require_files(run_dir, REPORT_FILES, "mmlit report")
@@ -558,13 +558,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: in
     profile = json.loads(f["loader_profile.json"].read_text())
     bads = read_bad_records(f["loader_report.json"])
     config = yaml.safe_load(f["config.yaml"].read_text())
-    with plt.rc_context({"figure.max_open_warning": 0}):
-        tmp_plots = {}
-        import tempfile
-        with tempfile.TemporaryDirectory() as d:
-            for name, p in save_run_plots(run_dir, out_dir=d, seed=seed).items(): tmp_plots[name] = png_data_uri(p)
-    figs = "".join(f'<figure class="plot"><img alt="{n}" src="{uri}"><figcaption>{n.replace("_", " ")}</figcaption></figure>'
-                   for n, uri in tmp_plots.items())
+    pngs = save_run_plots(run_dir, seed=seed)     # the PNGs land in the run directory too
+    figs = "".join(f'<figure class="plot"><img alt="{n}" src="{png_data_uri(p)}"><figcaption>{n.replace("_", " ")}</figcaption></figure>'
+                   for n, p in pngs.items())
     flat = lambda d, pre="": [(pre + k, v) for k, v in d.items() if not isinstance(v, dict)] + \
                              [kv for k, v in d.items() if isinstance(v, dict) for kv in flat(v, pre + k + ".")]
     val_cols = [c for c in m.columns if c.startswith("val/") and "@" not in c]
@@ -596,3 +592,36 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: in
     out = Path(out) if out is not None else run_dir / "report.html"
     out.write_text(page, encoding="utf-8")
     return out
+
+# %% ../nbs/07_viz.ipynb #dab7a852
+def batch_digest(batch: Mapping) -> str:
+    "SHA-256 over a batch's keys, tensor dtypes, shapes and bytes (and other values' reprs), in key order."
+    import hashlib
+    h = hashlib.sha256()
+    for k in sorted(batch):
+        v = batch[k]
+        h.update(k.encode())
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode()); h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else: h.update(repr(v).encode())
+    return h.hexdigest()
+
+def write_batch_views(batch: Mapping, out_dir: str | Path, tokenizer=None, *, norm: str | Normalisation | None = "clip",
+                      rows: Sequence[int] = (0,), info: Mapping | None = None) -> dict[str, Path]:
+    "Write `batch_images.png`, `batch_tokens[_ROW].png` and `batch.json` for a collated batch; name → path."
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    if any(k in batch for k in ("pixel_values", "images", "image_grid_thw")):
+        written["batch_images"] = out / "batch_images.png"
+        show_images(batch, tokenizer, norm=norm, save=written["batch_images"])
+    if "input_ids" in batch:
+        for r in rows:
+            name = "batch_tokens" if len(rows) == 1 else f"batch_tokens_{r}"
+            written[name] = out / f"{name}.png"
+            plot_tokens(batch, r, tokenizer, save=written[name])
+    shapes = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    meta = {**(info or {}), "batch_digest": batch_digest(batch), "tensors": shapes}
+    written["batch"] = out / "batch.json"
+    written["batch"].write_text(json.dumps(meta, indent=1))
+    return written

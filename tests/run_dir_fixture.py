@@ -22,7 +22,8 @@ import yaml
 
 from mmlit.dataset import ParquetImageText
 from mmlit.demo import build_demo_parquet
-from mmlit.loader import LoaderConfig, make_loader, profile_loader
+from mmlit.loader import build_data_module, load_tokenizer, profile_loader
+from mmlit.viz import batch_digest
 from mmlit.multimodal import build_preprocessor
 from mmlit.text import train_tokenizer
 
@@ -106,24 +107,25 @@ def make_run_dir(root: str | Path, steps: int = 30, n: int = 96, n_val: int = 32
     "Train the tiny dual encoder on demo data and write a run directory as the trainer does."
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
     data = damaged_demo(root / "data" / "demo.parquet", n + n_val)
-    full = ParquetImageText(data, decode=False)
-    tok = train_tokenizer((r["text"] for r in full.records()), vocab_size=320)
-    from mmlit.loader import RowSubset
-    train_ds, val_ds = RowSubset(full, range(n)), RowSubset(full, range(n, n + n_val))
-    lcfg = LoaderConfig(batch_size=batch_size, seed=seed, collate="contrastive", train=True)
-    mk = lambda d, train, cfg: make_loader(d, cfg, transform=build_preprocessor("clip", tok, train=train, size=size),
-                                           collate_options={"tokenizer": tok})
-    loader = mk(train_ds, True, lcfg)
-    val_loader = mk(val_ds, False, dataclasses.replace(lcfg, train=False))
+    # the data section is stage 4's one-liner config, as in the trainer's config.yaml; the loaders come from it
+    data_cfg = {"data": str(data), "kind": "parquet", "val_split": n_val,
+                "tokenizer": {"train": {"vocab_size": 320}, "save_dir": str(root / "tokenizer")},
+                "preprocessor": "clip", "preprocessor_options": {"size": size},
+                "loader": {"batch_size": batch_size, "seed": seed}}
+    dm = build_data_module(data_cfg)
+    full = dm.train_data.parent
+    loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
+    tok = load_tokenizer(str(root / "tokenizer"))   # the tokenizer the one-liner trained and saved
 
     torch.manual_seed(seed)
     model = TinyDualEncoder(len(tok))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    rows, step, epoch = [], 0, 0
+    rows, digests, step, epoch = [], [], 0, 0
     while step < steps:
         loader.set_epoch(epoch)
         for batch in loader:
+            digests.append(batch_digest(batch))
             loss, l_clip, l_mrl = model.losses(batch)
             opt.zero_grad(); loss.backward(); opt.step()
             rows.append({"train/step": step, "train/epoch": epoch, "train/loss": loss.item(), "train/loss_clip": l_clip.item(),
@@ -139,18 +141,17 @@ def make_run_dir(root: str | Path, steps: int = 30, n: int = 96, n_val: int = 32
     df.to_csv(root / "metrics.csv", index=False)
     with open(root / "metrics.jsonl", "w") as f:
         for r in rows: f.write(json.dumps(r) + "\n")
-    labels = pq.read_table(data, columns=["label"]).column("label").to_numpy()[n:n + n_val]
-    captions = [full.get(i)["text"] for i in range(n, n + n_val) if full.get(i)]
-    good = [i for i in range(n, n + n_val) if full.get(i)]
+    val_rows = dm.val_data.indices
+    labels = pq.read_table(data, columns=["label"]).column("label").to_numpy()
+    good = [int(i) for i in val_rows if full.get(int(i))]
     np.savez(root / "eval_embeddings.npz", image=emb["image"].astype(np.float32), text=emb["text"].astype(np.float32),
-             label=np.array([labels[i - n] for i in good], dtype=np.int64), caption=np.array(captions))
-    rep = {"train": loader.report.to_dicts(), "val": val_loader.report.to_dicts()}
+             label=labels[good].astype(np.int64), caption=np.array([full.get(i)["text"] for i in good]))
+    (root / "batch_digests.json").write_text(json.dumps(digests))   # what the trainer saw, step by step (for tests)
+    rep = {"train": loader.report.to_dicts(), "val": []}
     (root / "loader_report.json").write_text(json.dumps({"bad": sum(map(len, rep.values())), **rep}, indent=1))
     prof = profile_loader(loader, steps=2, progress=False)
     (root / "loader_profile.json").write_text(json.dumps(dataclasses.asdict(prof), indent=1))
-    config = {"data": {"data": str(data), "kind": "parquet", "tokenizer": {"train": {"vocab_size": 320}},
-                       "preprocessor": "clip", "preprocessor_options": {"size": size}, "collator": "contrastive",
-                       "loader": dataclasses.asdict(lcfg)},
+    config = {"run_dir": str(root), "seed": seed, "data": data_cfg,
               "model": {"name": "tiny-linear-dual-encoder", "dims": list(DIMS)},
               "optimiser": {"name": "adamw", "lr": lr, "weight_decay": 0.01},
               "schedule": {"name": "warmup_cosine", "warmup_steps": warmup, "total_steps": steps},
