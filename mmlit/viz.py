@@ -84,9 +84,9 @@ def plot_training_curves(metrics, save: str | Path | None = None) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4))
     x, y = _series(df, "train/loss")
     if len(x):
-        ax.plot(x, y, color="C0", alpha=0.35, lw=1, label="train loss")
-        w = max(1, len(y) // 20)
-        ax.plot(x, pd.Series(y).rolling(w, min_periods=1).mean(), color="C0", lw=2, label=f"train loss (mean of {w})")
+        ax.plot(x, y, color="C0", alpha=0.4, lw=1, label="train loss")
+        w = max(1, len(y) // 10)
+        if w > 1: ax.plot(x, pd.Series(y).rolling(w, min_periods=1).mean(), color="C0", lw=2, label=f"train loss (running mean of {w})")
     x, y = _series(df, "val/loss")
     if len(x): ax.plot(x, y, "o-", color="C3", lw=2, label="validation loss")
     ax.set(xlabel="step", ylabel="loss", title="Training curves")

@@ -62,14 +62,25 @@ def build_page(args: tuple[str, str, str]) -> dict:
     from nbdev.processors import FilterDefaults
     import nbconvert, nbformat
     t0 = time.perf_counter()
+    from nbdev.process import NBProcessor
+    from nbdev.processors import add_show_docs, exec_show_docs, populate_language
     meta = _frontmatter(json.loads(src.read_text()))
-    ok, _ = test_nb(src, skip_flags=SKIP_FLAGS, save=True, profile=False, showerr=True)   # outputs saved in `src` (a copy)
-    if not ok: raise RuntimeError(f"{src.name}: a cell failed while executing the notebook (see the traceback above)")
-    nb = read_nb(src)
     cwd = os.getcwd()
+    os.chdir(work)                          # nbdev's processors read pyproject.toml from here
     try:
-        os.chdir(work)                      # nbdev's processors read pyproject.toml from here
-        FilterDefaults()(nb)
+        nb = read_nb(src)                   # 1. a show_doc cell for every exported name that has none
+        NBProcessor(nb=nb, procs=[populate_language, add_show_docs], rm_directives=False).process()
+        for c in nb.cells:
+            for k in [k for k in c if k.endswith("_") or k in ("has_sd", "idx_")]: del c[k]
+        write_nb(nb, src)
+        # 2. run the whole notebook, as nbdev-test does, keeping the outputs (in `src`, a copy)
+        ok, _ = test_nb(src, skip_flags=SKIP_FLAGS, save=True, profile=False, showerr=True)
+        if not ok: raise RuntimeError(f"{src.name}: a cell failed while executing the notebook (see the traceback above)")
+        # 3. nbdev's docs processors, minus re-executing show_doc cells (their outputs are already there)
+        nb = read_nb(src)
+        class Procs(FilterDefaults):
+            def base_procs(self): return [p for p in super().base_procs() if p is not exec_show_docs]
+        Procs()(nb)
     finally: os.chdir(cwd)
     for c in nb.cells:
         if c.cell_type == "raw" and c.source.lstrip().startswith("---"): c.source = ""   # front matter: our own title instead
@@ -143,7 +154,11 @@ def build_site(out: str | Path, workers: int = 2, only: str | None = None) -> li
         env_path = os.environ.get("PYTHONPATH", "")
         os.environ["PYTHONPATH"] = str(ROOT) + (os.pathsep + env_path if env_path else "")
         if workers > 1:
-            with ProcessPoolExecutor(workers) as ex: pages = list(ex.map(build_page, jobs))
+            import multiprocessing
+            sys.path.insert(0, str(Path(__file__).parent))
+            import build_docs   # by module name: executing a notebook replaces a worker's __main__
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+                pages = list(ex.map(build_docs.build_page, jobs))
         else: pages = [build_page(j) for j in jobs]
     finish_pages(out, pages)
     (out / "pages.json").write_text(json.dumps(pages, indent=1))
