@@ -254,12 +254,14 @@ def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]
     dm = LoaderDataModule(p["data"], p["val_data"], val_split=p["val_split"], config=p["loader_config"], transform=p["transform"],
                           val_transform=p.get("val_transform"), collate=resolve_collate(p["collate"], **p["collate_options"]))
     loader = dm.train_dataloader()
-    epoch, k = divmod(step, len(loader))
+    accumulate = int((cfg.get("schedule") or {}).get("accumulate", 1) or 1)   # a step of k micro-batches: show its first
+    epoch, k = divmod(step * accumulate, len(loader))
     state = loader.state_dict()
     loader.load_state_dict({**state, "epoch": epoch, "position": k * loader.config.batch_size * state["world_size"]})
     batch = next(iter(loader))
     norm = (data.get("preprocessor_options") or {}).get("norm", "clip")
-    return batch, p["tokenizer"], {"run_dir": str(run_dir), "step": step, "epoch": epoch, "batch_in_epoch": k, "norm": norm}
+    return batch, p["tokenizer"], {"run_dir": str(run_dir), "step": step, "epoch": epoch, "batch_in_epoch": k,
+                                   "micro_batches_per_step": accumulate, "norm": norm}
 
 def cmd_report(args) -> int:
     "Run `mmlit report`: the run's PNGs and `report.html`; prints the page's path."
