@@ -207,6 +207,7 @@ class DualEncoderOutput:
     image_embeds: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
     negative_embeds: torch.Tensor | None = None
+    negative_mask: torch.Tensor | None = None
     logit_scale: torch.Tensor | None = None
     mrl_dim: int | None = None
 
@@ -337,6 +338,7 @@ def _forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Te
     image, text = self.image_features(pixel_values), self.text_features(input_ids, attention_mask)
     scale = self.scale()
     out = DualEncoderOutput(image_embeds=image, text_embeds=text, negative_embeds=None if negs is None else negs[0],
+                            negative_mask=None if negs is None else negs[1],
                             logit_scale=scale.detach(), mrl_dim=self.mrl_dim if self.training else None)
     if not return_loss: return out
     gi, gt, gn = image, text, negs
