@@ -145,7 +145,7 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
     labels, evaluate = _val_labels(cfg), None
     if cfg.model.kind == "dual_encoder":
         from mmlit.metrics import digit_prompts, evaluate as evaluate_pairs
-        prompts = digit_prompts() if cfg.zero_shot == "digits" else None
+        prompts = [ps[::10] for ps in digit_prompts()] if cfg.zero_shot == "digits" else None   # 36 prompts a digit
         if prompts is not None and labels is None: raise ConfigError("zero_shot: needs label_column (the digit of each validation row)")
         evaluate = lambda m, loader: evaluate_pairs(m, loader, class_prompts=prompts, tokenizer=parts["tokenizer"],
                                                     labels=labels, max_batches=cfg.eval.max_batches)
@@ -215,7 +215,7 @@ def split_by_group(path: str | Path, column: str, fraction: float, out_dir: str 
     return train_p, val_p
 
 # %% ../nbs/80_recipe.ipynb #b965aa3c
-def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = None, epochs: int = 8, seed: int = 0) -> RunConfig:
+def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = None, epochs: int = 20, seed: int = 0) -> RunConfig:
     "The `mmlit demo` run: the bundled demo data split by handwriting, the tiny dual encoder, CPU-sized."
     from mmlit.demo import ensure_demo
     paths = ensure_demo(root)
@@ -225,11 +225,11 @@ def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = Non
         data=dict(data=str(train), val_data=str(val), preprocessor="clip",
                   preprocessor_options=dict(size=32, uint8=True, flip=0.0, jitter=0.0, crop_scale=[0.8, 1.0]),
                   tokenizer=dict(train=dict(vocab_size=512), save_dir=str(Path(run_dir) / "tokenizer")),
-                  max_length=32, loader=dict(batch_size=128, seed=seed, num_workers=0)),
+                  max_length=32, loader=dict(batch_size=128, seed=seed, num_workers=1)),
         model=ModelSpec("dual_encoder", "tiny"),
         optim=OptimConfig(lr=2e-3, weight_decay=0.1),
         schedule=ScheduleConfig(epochs=epochs, warmup_ratio=0.1),
-        eval=EvalConfig(metric="val/zeroshot_acc", mode="max"),
+        eval=EvalConfig(metric="val/zeroshot_acc", mode="max", every=38, at_epoch_end=False), threads=1,
         checkpoint=CheckpointConfig(keep=2), log=LogConfig(),
         zero_shot="digits", label_column="label")
 
@@ -253,8 +253,8 @@ def format_summary(s: dict) -> str:
     lines += ["", f"  wall time {sec.get('wall', sec['fit']):.0f} s (data + build {sec['build']:.0f} s, training + evaluation {sec['fit']:.0f} s)"]
     return "\n".join(lines)
 
-# %% ../nbs/80_recipe.ipynb #a36f0b7c
-def run_demo(run_dir: str | Path = "runs/demo", epochs: int = 8, progress: bool | None = None) -> dict:
+# %% ../nbs/80_recipe.ipynb #36b8c628
+def run_demo(run_dir: str | Path = "runs/demo", epochs: int = 20, progress: bool | None = None) -> dict:
     "Build the demo data, train the tiny dual encoder on CPU, evaluate on unseen handwriting; returns the summary."
     t0 = time.perf_counter()
     cfg = demo_config(run_dir, epochs=epochs)

@@ -95,6 +95,7 @@ class TrainConfig:
     device: str = "auto"                # auto: cuda, then mps, then cpu
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: bf16 on CUDA where supported, else fp16; fp32 elsewhere
     compile: bool = False               # torch.compile the model
+    threads: int | None = None          # torch CPU threads (torch.set_num_threads); None: torch's default
     max_nonfinite: int = 5              # this many non-finite losses in a row stop the run
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -312,8 +313,8 @@ class MetricsLog:
         else:
             with open(self.dir / "metrics.csv", "a") as f: f.write(self._csv_line(row))
 
-# %% ../nbs/06_train.ipynb #06e9b6c5
-_VOLATILE = ("run_dir", "device", "log.progress", "log.wandb_mode", "checkpoint.resume")
+# %% ../nbs/06_train.ipynb #238f82f6
+_VOLATILE = ("run_dir", "device", "threads", "log.progress", "log.wandb_mode", "checkpoint.resume")
 
 def fingerprint(config: dict) -> str:
     "A hash of a resolved config dict, without the keys that may change between a run and its resume."
@@ -385,6 +386,7 @@ class Trainer:
         self.fingerprint = claim_run_dir(self.run_dir, self.run_config)       # refuses a foreign run dir; writes nothing
         self.rank, self.world = setup_distributed()
         self.main = self.rank == 0
+        if cfg.threads is not None: torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.model = model.to(self.device)
