@@ -19,8 +19,9 @@ from .core import MmlitError
 from .dataset import MMDataset, open_source
 
 # %% auto #0
-__all__ = ['RunningStats', 'RecordStats', 'inspect_dataset', 'inspect_source', 'format_report', 'build_parser', 'cmd_inspect',
-           'main', 'run_steps', 'rebuild_step_batch', 'cmd_report', 'cmd_show_batch', 'add_run_view_commands']
+__all__ = ['RunningStats', 'RecordStats', 'inspect_dataset', 'inspect_source', 'format_report', 'cmd_demo', 'cmd_train',
+           'add_run_commands', 'build_parser', 'cmd_inspect', 'main', 'run_steps', 'rebuild_step_batch', 'cmd_report',
+           'cmd_show_batch', 'add_run_view_commands']
 
 # %% ../nbs/90_cli.ipynb #c34280d3
 class RunningStats:
@@ -118,6 +119,62 @@ def format_report(r: dict, max_bad: int = 20) -> str:
     lines.append(f"  scanned in {r['seconds']:.2f} s ({rate:,.0f} records/s)")
     return "\n".join(lines)
 
+# %% ../nbs/90_cli.ipynb #a1b2c3d5
+def _interrupted(summary: dict) -> int: return 130 if summary.get("interrupted") else 0
+
+def cmd_demo(args) -> int:
+    "Run `mmlit demo`; returns the exit status."
+    from mmlit.recipe import format_summary, run_demo
+    try: summary = run_demo(args.run_dir, epochs=args.epochs, progress=args.progress)
+    except MmlitError as e: return (print(f"mmlit demo: error: {e}", file=sys.stderr), 2)[1]
+    print(format_summary(summary))
+    print(f"  run directory: {args.run_dir}")
+    return _interrupted(summary)
+
+def _lm_lines(history: list[dict]) -> list[str]:
+    "Validation loss and perplexity at the first and last evaluation."
+    ev = [r for r in history if "val/loss" in r]
+    if not ev: return []
+    f = lambda r: f"val/loss {r['val/loss']:.4f}" + (f"  perplexity {r['val/perplexity']:.2f}" if "val/perplexity" in r else "")
+    return [f"  first evaluation (step {ev[0]['train/step']}): {f(ev[0])}", f"  last evaluation  (step {ev[-1]['train/step']}): {f(ev[-1])}"]
+
+def cmd_train(args) -> int:
+    "Run `mmlit train CONFIG.yaml`; returns the exit status."
+    import time
+    from mmlit.recipe import RunConfig, build_run, finish_run, format_summary
+    from mmlit.train import load_config
+    t0 = time.perf_counter()
+    try:
+        cfg = load_config(RunConfig, args.config)
+        if args.run_dir: cfg.run_dir = args.run_dir
+        if args.progress is not None: cfg.log.progress = args.progress
+        run = build_run(cfg)
+        result = run.fit(args.steps)
+        summary = finish_run(run, result, time.perf_counter() - t0)
+    except MmlitError as e: return (print(f"mmlit train: error: {e}", file=sys.stderr), 2)[1]
+    if run.config.model.kind == "dual_encoder": print(format_summary(summary))
+    else: print("\n".join([f"{summary['steps']} steps, {summary['epochs']} epochs"] + _lm_lines(run.trainer.history)))
+    print(f"  run directory: {run.config.run_dir}")
+    return _interrupted(summary)
+
+def add_run_commands(sub) -> None:
+    "Add `demo` and `train` to the `mmlit` subcommands."
+    d = sub.add_parser("demo", help="train the tiny dual encoder on the bundled demo data (CPU) and print its held-out metrics",
+                       description="Build the bundled demo data, split it by handwriting, train the tiny dual encoder on CPU, "
+                                   "evaluate on digits written by unseen hands and print the metrics table.")
+    d.add_argument("--run-dir", default="runs/demo", help="the run directory (default: runs/demo); an existing one is resumed")
+    d.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20)")
+    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar (default: on a terminal)")
+    d.set_defaults(run=cmd_demo)
+    t = sub.add_parser("train", help="train from a run config (YAML): data, model, optimiser, schedule, eval, checkpoints, logging",
+                       description="Build a whole run from one YAML config (mmlit.recipe.RunConfig) and train it; an existing "
+                                   "run directory with the same config is resumed from its newest valid checkpoint.")
+    t.add_argument("config", help="the run config, a YAML file")
+    t.add_argument("--run-dir", help="override the config's run_dir")
+    t.add_argument("--steps", type=int, help="train at most this many more optimiser steps, then save and stop")
+    t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar (default: on a terminal)")
+    t.set_defaults(run=cmd_train)
+
 # %% ../nbs/90_cli.ipynb #93123ebd
 def build_parser() -> argparse.ArgumentParser:
     "The `mmlit` argument parser."
@@ -140,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--show-bad", type=int, default=20, metavar="N", help="bad records listed in the text report")
     ins.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="tqdm bar on stderr (default: on for 1000+ records on a terminal)")
+    add_run_commands(sub)
     add_run_view_commands(sub)
     return p
 
@@ -212,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "inspect": return cmd_inspect(args, parser)
-    if getattr(args, "handler", None): return args.handler(args)
+    if getattr(args, "run", None) is not None: return args.run(args)
     parser.print_help(sys.stderr)
     return 2
 
@@ -289,14 +347,14 @@ def add_run_view_commands(sub) -> None:
                          description="Write the plots (PNG) and a self-contained report.html of a training run directory.")
     rep.add_argument("run_dir", help="a run directory written by the mmlit trainer")
     rep.add_argument("--out", help="where to write the HTML page (default: RUN_DIR/report.html)")
-    rep.set_defaults(handler=cmd_report)
+    rep.set_defaults(run=cmd_report)
     sb = sub.add_parser("show-batch", help="rebuild the exact batch of a training step and draw it",
                         description="Rebuild the batch that training step K saw from the run's config.yaml and write "
                                     "its image grid, token view and batch.json (shapes, SHA-256).")
     sb.add_argument("run_dir", help="a run directory written by the mmlit trainer")
     sb.add_argument("--step", type=int, required=True, metavar="K", help="the training step (0-based)")
     sb.add_argument("--out", help="directory for the views (default: RUN_DIR/batches/step_K)")
-    sb.set_defaults(handler=cmd_show_batch)
+    sb.set_defaults(run=cmd_show_batch)
 
 # %% ../nbs/90_cli.ipynb #57c3c226
 if __name__ == "__main__": sys.exit(main())
