@@ -280,7 +280,7 @@ def _run_view_error(command: str, e: Exception) -> int:
     return 2
 
 def run_steps(run_dir: str | Path) -> int:
-    "How many training steps a run took: `summary.json`'s `steps`, else one past the last `train/step` in its metrics."
+    "How many optimiser steps a run took: `summary.json`'s `steps`, else the last `train/step` in its metrics."
     run_dir = Path(run_dir)
     if (run_dir / "summary.json").is_file():
         steps = json.loads((run_dir / "summary.json").read_text()).get("steps")
@@ -289,12 +289,12 @@ def run_steps(run_dir: str | Path) -> int:
         if (run_dir / name).is_file():
             from mmlit.viz import metrics_frame
             m = metrics_frame(run_dir / name)
-            if "train/step" in m.columns: return int(m["train/step"].max()) + 1
+            if "train/step" in m.columns: return int(m["train/step"].max())
     raise MmlitError(f"{run_dir} lacks summary.json (with 'steps') and metrics.csv/metrics.jsonl (with train/step): "
                      "cannot tell where the run ended")
 
 def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]:
-    "The batch of training step `step`, rebuilt from the run's `config.yaml` (its `data` section: stage 4's one-liner)."
+    "The batch of training step `step` (as logged: 1 is the first), rebuilt from `config.yaml`'s `data` section."
     import yaml
     from mmlit.loader import LoaderDataModule, loader_parts, resolve_collate
     run_dir = Path(run_dir)
@@ -302,7 +302,8 @@ def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]
     data = dict(cfg.get("data") or {})
     if not data: raise MmlitError(f"{run_dir / 'config.yaml'} has no 'data' section: the loader cannot be rebuilt")
     end = run_steps(run_dir)
-    if not 0 <= step < end: raise MmlitError(f"step {step} is beyond the run's end: {run_dir} trained steps 0 to {end - 1}")
+    if step > end: raise MmlitError(f"step {step} is beyond the run's end: {run_dir} trained steps 1 to {end}")
+    if step < 1: raise MmlitError(f"steps count from 1 (train/step in metrics.csv), got {step}")
     tok = data.get("tokenizer")
     if isinstance(tok, dict) and tok.get("save_dir"):    # the tokenizer the run trained and saved, not a new one
         saved = Path(tok["save_dir"])
@@ -313,7 +314,7 @@ def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]
                           val_transform=p.get("val_transform"), collate=resolve_collate(p["collate"], **p["collate_options"]))
     loader = dm.train_dataloader()
     accumulate = int((cfg.get("schedule") or {}).get("accumulate", 1) or 1)   # a step of k micro-batches: show its first
-    epoch, k = divmod(step * accumulate, len(loader))
+    epoch, k = divmod((step - 1) * accumulate, len(loader))
     state = loader.state_dict()
     loader.load_state_dict({**state, "epoch": epoch, "position": k * loader.config.batch_size * state["world_size"]})
     batch = next(iter(loader))
@@ -352,7 +353,7 @@ def add_run_view_commands(sub) -> None:
                         description="Rebuild the batch that training step K saw from the run's config.yaml and write "
                                     "its image grid, token view and batch.json (shapes, SHA-256).")
     sb.add_argument("run_dir", help="a run directory written by the mmlit trainer")
-    sb.add_argument("--step", type=int, required=True, metavar="K", help="the training step (0-based)")
+    sb.add_argument("--step", type=int, required=True, metavar="K", help="the training step as logged in metrics.csv (1: the first)")
     sb.add_argument("--out", help="directory for the views (default: RUN_DIR/batches/step_K)")
     sb.set_defaults(run=cmd_show_batch)
 

@@ -51,6 +51,7 @@ def metrics_frame(metrics: pd.DataFrame | Sequence[Mapping] | str | Path) -> pd.
     elif isinstance(metrics, pd.DataFrame): df = metrics.copy()
     else: df = pd.DataFrame(list(metrics))
     if df.empty: raise MmlitError("the metrics table has no rows")
+    df = df.copy()                                       # one block per dtype before adding a column
     key = next((k for k in STEP_KEYS if k in df.columns), None)
     df["step"] = (df[key].ffill().bfill() if key else pd.Series(np.arange(len(df)), index=df.index)).astype(float)
     return df.reset_index(drop=True)
@@ -215,17 +216,23 @@ def mrl_table(metrics) -> pd.DataFrame:
     return pd.DataFrame(out).sort_index()
 
 def plot_mrl_performance(metrics, save: str | Path | None = None) -> Figure:
-    "Recall@K (image→text solid, text→image dashed) against Matryoshka dimension, log-2 axis."
+    "Recall@K (image→text solid, text→image dashed) against Matryoshka dimension; a panel per recall kind logged."
+    import re
     t = mrl_table(metrics)
-    recall = sorted((c for c in t.columns if "_r" in c), key=lambda c: (c[:3], int(c.split("_r")[1])))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ks = sorted({c.split("_r")[1] for c in recall}, key=int)
-    for c in recall:
-        k = c.split("_r")[1]
-        ax.plot(t.index, t[c], "o-" if c.startswith("i2t") else "s--", color=f"C{ks.index(k)}", label=c.replace("_r", " R@"))
-    ax.set_xscale("log", base=2); ax.set_xticks(t.index, [str(d) for d in t.index])
-    ax.set(xlabel="embedding dimension", ylabel="recall", title="Matryoshka retrieval: Recall@K vs dimension", ylim=(0, 1.02))
-    ax.grid(alpha=0.3); ax.legend(fontsize=8, ncol=2)
+    kinds = {}
+    for c in t.columns:
+        if (m := re.fullmatch(r"(i2t|t2i)_r(\d+)(?:_(\w+))?", c)): kinds.setdefault(m.group(3) or "", []).append((m.group(1), int(m.group(2)), c))
+    if not kinds: raise MmlitError(f"no Recall@K columns (i2t_rK / t2i_rK) among the per-dimension metrics {list(t.columns)}")
+    titles = {"": "exact pair", "label": "label-aware", "caption": "same caption"}
+    order = sorted(kinds, key=lambda k: (k not in titles, list(titles).index(k) if k in titles else 0, k))
+    fig, axes = plt.subplots(1, len(order), figsize=(6.2 * len(order), 4.2), squeeze=False)
+    for ax, kind in zip(axes[0], order):
+        ks = sorted({k for _, k, _ in kinds[kind]})
+        for direction, k, c in sorted(kinds[kind], key=lambda x: (x[0], x[1])):
+            ax.plot(t.index, t[c], "o-" if direction == "i2t" else "s--", color=f"C{ks.index(k)}", label=f"{direction} R@{k}")
+        ax.set_xscale("log", base=2); ax.set_xticks(t.index, [str(d) for d in t.index]); ax.minorticks_off()
+        ax.set(xlabel="embedding dimension", ylabel="recall", title=f"Recall@K vs dimension ({titles.get(kind, kind)})", ylim=(0, 1.02))
+        ax.grid(alpha=0.3); ax.legend(fontsize=8, ncol=2)
     return finish(fig, save)
 
 # %% ../nbs/07_viz.ipynb #9feb8639

@@ -128,12 +128,12 @@ def make_run_dir(root: str | Path, steps: int = 30, n: int = 96, n_val: int = 32
             digests.append(batch_digest(batch))
             loss, l_clip, l_mrl = model.losses(batch)
             opt.zero_grad(); loss.backward(); opt.step()
-            rows.append({"train/step": step, "train/epoch": epoch, "train/loss": loss.item(), "train/loss_clip": l_clip.item(),
+            rows.append({"train/step": step + 1, "train/epoch": epoch, "train/loss": loss.item(), "train/loss_clip": l_clip.item(),
                          "train/loss_mrl": l_mrl.item(), "train/lr": sched.get_last_lr()[0]})
             sched.step(); step += 1
             if step % eval_every == 0 or step == steps:
                 val, emb = evaluate(model, val_loader)
-                rows.append({"train/step": step - 1, "train/epoch": epoch, **val})
+                rows.append({"train/step": step, "train/epoch": epoch, **val})
             if step == steps: break
         epoch += 1
 
@@ -146,7 +146,7 @@ def make_run_dir(root: str | Path, steps: int = 30, n: int = 96, n_val: int = 32
     good = [int(i) for i in val_rows if full.get(int(i))]
     np.savez(root / "eval_embeddings.npz", image=emb["image"].astype(np.float32), text=emb["text"].astype(np.float32),
              label=labels[good].astype(np.int64), caption=np.array([full.get(i)["text"] for i in good]))
-    (root / "batch_digests.json").write_text(json.dumps(digests))   # what the trainer saw, step by step (for tests)
+    (root / "batch_digests.json").write_text(json.dumps(digests))   # what steps 1, 2, ... trained on (for tests)
     rep = {"train": loader.report.to_dicts(), "val": []}
     (root / "loader_report.json").write_text(json.dumps({"bad": sum(map(len, rep.values())), **rep}, indent=1))
     prof = profile_loader(loader, steps=2, progress=False)

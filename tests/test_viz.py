@@ -99,18 +99,20 @@ def test_cli_report(run_dir, capsys):
 
 def test_show_batch_rebuilds_the_batch_the_trainer_saw(run_dir, tmp_path, capsys):
     seen = json.loads((run_dir / "batch_digests.json").read_text())   # recorded by the training loop, step by step
-    for step in (0, 7, len(seen) - 1):                                # first epoch, a later epoch, the last step
+    for step in (1, 8, len(seen)):                                    # first epoch, a later epoch, the last step
         out = tmp_path / f"s{step}"
         assert main(["show-batch", str(run_dir), "--step", str(step), "--out", str(out)]) == 0
         meta = json.loads((out / "batch.json").read_text())
-        assert meta["batch_digest"] == seen[step], f"step {step}: rebuilt batch differs from the one trained on"
+        assert meta["batch_digest"] == seen[step - 1], f"step {step}: rebuilt batch differs from the one trained on"
         assert (out / "batch_images.png").is_file() and (out / "batch_tokens.png").is_file()
     assert seen[0] != seen[1]
 
 
 def test_bad_input_names_what_is_missing(run_dir, tmp_path, capsys):
-    assert main(["show-batch", str(run_dir), "--step", "30"]) == 2
-    assert "step 30 is beyond the run's end" in capsys.readouterr().err
+    assert main(["show-batch", str(run_dir), "--step", "31"]) == 2
+    assert "step 31 is beyond the run's end: " in capsys.readouterr().err
+    assert main(["show-batch", str(run_dir), "--step", "0"]) == 2
+    assert "steps count from 1" in capsys.readouterr().err
     partial = tmp_path / "partial"; partial.mkdir()
     for f in ("metrics.csv", "config.yaml"): shutil.copy(run_dir / f, partial / f)
     assert main(["report", str(partial)]) == 2
