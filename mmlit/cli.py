@@ -314,7 +314,8 @@ def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]
                           val_transform=p.get("val_transform"), collate=resolve_collate(p["collate"], **p["collate_options"]))
     loader = dm.train_dataloader()
     accumulate = int((cfg.get("schedule") or {}).get("accumulate", 1) or 1)   # a step of k micro-batches: show its first
-    epoch, k = divmod((step - 1) * accumulate, len(loader))
+    epoch, s = divmod(step - 1, -(-len(loader) // accumulate))                # an epoch's last window may be short
+    k = s * accumulate
     state = loader.state_dict()
     loader.load_state_dict({**state, "epoch": epoch, "position": k * loader.config.batch_size * state["world_size"]})
     batch = next(iter(loader))

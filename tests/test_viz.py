@@ -126,3 +126,34 @@ def test_bad_input_names_what_is_missing(run_dir, tmp_path, capsys):
     with pytest.raises(MmlitError, match="lacks the array"):
         np.savez(tmp_path / "e.npz", image=np.zeros((2, 3)))
         read_embeddings(tmp_path / "e.npz")
+
+
+def test_show_batch_equals_what_the_real_trainer_trained_on(tmp_path):
+    "mmlit.recipe builds and trains a run; every batch its model is called with is recorded; show-batch rebuilds them."
+    import torch
+    from run_dir_fixture import damaged_demo
+    from mmlit.cli import rebuild_step_batch
+    from mmlit.recipe import build_run, finish_run
+    from mmlit.viz import batch_digest
+    data = damaged_demo(tmp_path / "data" / "demo.parquet", 96)
+    run_dir = tmp_path / "run"
+    cfg = {"run_dir": str(run_dir), "seed": 3,
+           "data": {"data": str(data), "kind": "parquet", "val_split": 16, "preprocessor": "clip", "max_length": 32,
+                    "preprocessor_options": {"size": 32, "uint8": True},
+                    "tokenizer": {"train": {"vocab_size": 320}, "save_dir": str(run_dir / "tokenizer")},
+                    "loader": {"batch_size": 16, "seed": 3}},
+           "model": {"kind": "dual_encoder", "preset": "tiny"}, "schedule": {"max_steps": 7}, "log": {"progress": False}}
+    run = build_run(cfg)
+    seen, forward = [], run.trainer.forward_model
+    def recording(**batch):
+        seen.append({k: v.detach().clone() for k, v in batch.items() if torch.is_tensor(v)})
+        return forward(**batch)
+    run.trainer.forward_model = recording
+    finish_run(run, run.fit())
+    assert len(seen) == 7 and json.loads((run_dir / "summary.json").read_text())["steps"] == 7
+    for step in (1, 5, 6, 7):                        # 80 training rows in batches of 16: steps 6 and 7 are epoch 1
+        batch, _, info = rebuild_step_batch(run_dir, step)
+        trained = seen[step - 1]
+        assert batch_digest({k: batch[k] for k in trained}) == batch_digest(trained), f"step {step} differs"
+    assert info["epoch"] == 1 and batch_digest(seen[0]) != batch_digest(seen[5])
+    assert main(["report", str(run_dir)]) == 0       # and the report reads the trainer's own run directory
