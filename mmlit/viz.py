@@ -34,7 +34,7 @@ __all__ = ['STEP_KEYS', 'LOSS_PARTS', 'TOKEN_COLOURS', 'REPORT_FILES', 'PLOT_BOR
            'plot_embedding_space', 'plot_similarity_matrix', 'mrl_table', 'plot_mrl_performance', 'require_files',
            'save_run_plots', 'unnormalize', 'unpatchify', 'batch_images', 'decode_text', 'batch_captions',
            'show_images', 'token_table', 'plot_tokens', 'read_bad_records', 'bad_record_image', 'plot_bad_records',
-           'png_data_uri', 'html_table', 'write_report', 'batch_digest', 'write_batch_views']
+           'png_data_uri', 'html_pairs', 'html_table', 'write_report', 'batch_digest', 'write_batch_views']
 
 # %% ../nbs/07_viz.ipynb #eba3bc0a
 class RunDirError(MmlitError, FileNotFoundError):
@@ -519,6 +519,11 @@ def _fmt(v) -> str:
     if isinstance(v, float): return f"{v:.4g}"
     return html.escape(str(v))
 
+def html_pairs(pairs: Iterable[tuple[str, Any]]) -> str:
+    "Name-value pairs as a compact grid (cells escaped)."
+    items = "".join(f'<div><span class="k">{html.escape(str(k))}</span><span class="v">{_fmt(v)}</span></div>' for k, v in pairs)
+    return f'<div class="kv">{items}</div>'
+
 def html_table(rows: Iterable[Sequence], header: Sequence[str] | None = None) -> str:
     "A small HTML table (cells escaped)."
     head = "" if header is None else "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>"
@@ -534,12 +539,18 @@ h1 {{ margin: 8px 0 2px; }} h2 {{ margin: 28px 0 10px; border-bottom: 1px solid 
 .plots {{ display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 18px; }}
 figure.plot {{ margin: 0; background: #fff; border: 3px solid {PLOT_BORDER}; padding: 6px; }}
 figure.plot img {{ width: 100%; display: block; }}
+figure.plot.wide {{ grid-column: 1 / -1; }} figure.plot.wide img {{ width: auto; max-width: 100%; margin: 0 auto; }}
+.scroll {{ overflow-x: auto; }}
 figcaption {{ font-size: 13px; color: #5a6570; padding-top: 4px; }}
 table {{ border-collapse: collapse; background: #fff; font-size: 13px; margin: 4px 0 10px; }}
 td, th {{ border: 1px solid #d5dbe1; padding: 3px 8px; text-align: left; vertical-align: middle; }}
 th {{ background: #e3e8ee; }}
 pre {{ background: #fff; padding: 10px; border: 1px solid #d5dbe1; overflow-x: auto; font-size: 12px; }}
 .row {{ display: flex; gap: 28px; flex-wrap: wrap; align-items: flex-start; }}
+.kv {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(270px, 1fr)); gap: 2px 14px; background: #fff;
+       border: 1px solid #d5dbe1; padding: 8px 10px; font-size: 13px; }}
+.kv div {{ display: flex; justify-content: space-between; gap: 10px; border-bottom: 1px dotted #e1e5ea; }}
+.kv .k {{ color: #4a5560; }} .kv .v {{ font-variant-numeric: tabular-nums; }}
 """
 
 def _bad_records_section(bads: list[dict], max_rows: int = 50) -> str:
@@ -566,8 +577,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: in
     bads = read_bad_records(f["loader_report.json"])
     config = yaml.safe_load(f["config.yaml"].read_text())
     pngs = save_run_plots(run_dir, seed=seed)     # the PNGs land in the run directory too
-    figs = "".join(f'<figure class="plot"><img alt="{n}" src="{png_data_uri(p)}"><figcaption>{n.replace("_", " ")}</figcaption></figure>'
-                   for n, p in pngs.items())
+    wide = lambda p: Image.open(p).size[0] > 2 * Image.open(p).size[1]        # several panels: the full row
+    figs = "".join(f'<figure class="plot{" wide" if wide(p) else ""}"><img alt="{n}" src="{png_data_uri(p)}">'
+                   f'<figcaption>{n.replace("_", " ")}</figcaption></figure>' for n, p in pngs.items())
     flat = lambda d, pre="": [(pre + k, v) for k, v in d.items() if not isinstance(v, dict)] + \
                              [kv for k, v in d.items() if isinstance(v, dict) for kv in flat(v, pre + k + ".")]
     val_cols = [c for c in m.columns if c.startswith("val/") and "@" not in c]
@@ -582,16 +594,18 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: in
 <body><main>
 <h1>mmlit run report</h1>
 <p class="sub">{html.escape(str(run_dir.resolve()))} · {len(m)} metric rows, steps {steps.min():.0f}–{steps.max():.0f}</p>
-<h2 id="summary">Final metrics</h2>
-{html_table(flat(summary), ["metric", "value"])}
+<h2 id="summary">Summary</h2>
+{html_pairs((k, v) for k, v in flat(summary) if "@" not in k)}
 <h2 id="plots">Plots</h2>
 <div class="plots">{figs}</div>
 <h2 id="metrics">Last evaluation</h2>
-<div class="row"><div>{html_table(last_rows, ["metric", "value"])}</div><div><h3>Recall by Matryoshka dimension</h3>{mrl_html}</div></div>
+{html_pairs(last_rows)}
+<h3>By Matryoshka dimension</h3>
+<div class="scroll">{mrl_html}</div>
 <h2 id="bad-records">Bad records</h2>
 {_bad_records_section(bads)}
 <h2 id="loader-profile">Loader profile</h2>
-{html_table(flat(profile), ["measure", "value"])}
+{html_pairs(flat(profile))}
 <h2 id="config">Configuration</h2>
 <pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>
 </main></body></html>

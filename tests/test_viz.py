@@ -85,7 +85,7 @@ def test_screenshot_check_catches_a_blank_plot(run_dir, tmp_path):
     blank = io.BytesIO(); Image.new("RGB", (700, 400), "white").save(blank, format="PNG")
     uri = "data:image/png;base64," + base64.b64encode(blank.getvalue()).decode()
     text = write_report(run_dir, tmp_path / "r.html").read_text()
-    blanked = re.sub(r'(<figure class="plot"><img alt="[a-z_]+" src=")[^"]+', lambda m: m.group(1) + uri, text)
+    blanked = re.sub(r'(<figure class="plot[a-z ]*"><img alt="[a-z_]+" src=")[^"]+', lambda m: m.group(1) + uri, text)
     (tmp_path / "blank.html").write_text(blanked)
     frames = plot_frames(screenshot(tmp_path / "blank.html", tmp_path / "blank.png"))
     assert len(frames) == len(STANDARD_PNGS) and all(f.std() < 15 for f in frames)
