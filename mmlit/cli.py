@@ -129,6 +129,8 @@ def cmd_demo(args) -> int:
     except MmlitError as e: return (print(f"mmlit demo: error: {e}", file=sys.stderr), 2)[1]
     print(format_summary(summary))
     print(f"  run directory: {args.run_dir}")
+    from mmlit.viz import write_report
+    print(f"  report: {write_report(args.run_dir)}")
     return _interrupted(summary)
 
 def _lm_lines(history: list[dict]) -> list[str]:

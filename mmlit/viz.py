@@ -149,15 +149,16 @@ def project_2d(x: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
     if method == "tsne":
         perplexity = float(min(30, max(2, (len(x) - 1) // 3)))
         rs = derive_seed(seed, 0, 0, Stream.PROJECTION) % 2**32
-        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=rs).fit_transform(x)
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", max_iter=500, random_state=rs).fit_transform(x)
     raise MmlitError(f"unknown projection {method!r}; use 'pca' or 'tsne'")
 
 # %% ../nbs/07_viz.ipynb #b0711a79
 def plot_embedding_space(image: np.ndarray, text: np.ndarray, labels: np.ndarray | None = None, *,
                          methods: Sequence[str] = ("pca", "tsne"), color_by: str = "modality", max_links: int = 64,
-                         seed: int = 0, save: str | Path | None = None) -> Figure:
-    "Image (o) and text (^) embeddings in 2-D, one panel per method, each pair joined by a line."
-    image, text = np.asarray(image), np.asarray(text)
+                         max_pairs: int = 256, seed: int = 0, save: str | Path | None = None) -> Figure:
+    "Image (o) and text (^) embeddings of the first `max_pairs` pairs in 2-D, one panel per method, pairs joined."
+    image, text = np.asarray(image)[:max_pairs], np.asarray(text)[:max_pairs]
+    if labels is not None: labels = np.asarray(labels)[:max_pairs]
     if image.shape != text.shape or image.ndim != 2:
         raise MmlitError(f"image and text embeddings must both be [N, D], got {image.shape} and {text.shape}")
     if color_by not in ("modality", "label"): raise MmlitError(f"color_by must be 'modality' or 'label', got {color_by!r}")

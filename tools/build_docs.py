@@ -72,6 +72,8 @@ def build_page(args: tuple[str, str, str]) -> dict:
         NBProcessor(nb=nb, procs=[populate_language, add_show_docs], rm_directives=False).process()
         for c in nb.cells:
             for k in [k for k in c if k.endswith("_") or k in ("has_sd", "idx_")]: del c[k]
+        from fastcore.nbio import mk_cell
+        nb.cells.insert(0, mk_cell("#| hide\nfrom nbdev.showdoc import show_doc", "code"))   # as nbdev's exec_show_docs does
         write_nb(nb, src)
         # 2. run the whole notebook, as nbdev-test does, keeping the outputs (in `src`, a copy)
         ok, _ = test_nb(src, skip_flags=SKIP_FLAGS, save=True, profile=False, showerr=True)
