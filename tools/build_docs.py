@@ -159,9 +159,13 @@ def build_site(out: str | Path, workers: int = 2, only: str | None = None) -> li
             import multiprocessing
             sys.path.insert(0, str(Path(__file__).parent))
             import build_docs   # by module name: executing a notebook replaces a worker's __main__
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            # a fresh process per notebook: a notebook's registrations and globals must not leak into the next
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as ex:
                 pages = list(ex.map(build_docs.build_page, jobs))
-        else: pages = [build_page(j) for j in jobs]
+        else:
+            import subprocess   # one process per notebook here too
+            pages = [json.loads(subprocess.run([sys.executable, __file__, "--page", json.dumps(j)], check=True,
+                                               capture_output=True, text=True).stdout.splitlines()[-1]) for j in jobs]
     finish_pages(out, pages)
     (out / "pages.json").write_text(json.dumps(pages, indent=1))
     return pages
@@ -172,7 +176,9 @@ def main(argv=None) -> int:
     ap.add_argument("out", nargs="?", default=str(ROOT / "_site"), help="output directory (default: _site)")
     ap.add_argument("--workers", type=int, default=2, help="notebooks built in parallel (default: 2)")
     ap.add_argument("--only", help="build only the notebooks matching this glob (and the index)")
+    ap.add_argument("--page", help=argparse.SUPPRESS)   # internal: build one page, print its JSON
     a = ap.parse_args(argv)
+    if a.page: print(json.dumps(build_page(tuple(json.loads(a.page))))); return 0
     t0 = time.perf_counter()
     pages = build_site(a.out, a.workers, a.only)
     for p in pages: print(f"{p['page']:<18} {p['seconds']:>6.1f}s  {p.get('title', '')}")
