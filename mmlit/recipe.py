@@ -22,8 +22,9 @@ from .train import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, Schedu
                          claim_run_dir, config_from_dict, config_to_dict, evaluate_loss, load_config, setup_distributed)
 
 # %% auto #0
-__all__ = ['LM_SIZES', 'ModelSpec', 'RunConfig', 'check_data_paths', 'CausalLM', 'build_model', 'resolve_run_config', 'Run',
-           'build_run', 'eval_embeddings', 'finish_run', 'split_by_group', 'demo_config', 'format_summary', 'run_demo']
+__all__ = ['LM_SIZES', 'ModelSpec', 'RunConfig', 'check_data_paths', 'CausalLM', 'model_config', 'build_model',
+           'resolve_run_config', 'Run', 'build_run', 'eval_embeddings', 'finish_run', 'split_by_group', 'demo_config',
+           'format_summary', 'run_demo']
 
 # %% ../nbs/80_recipe.ipynb #feeda6a9
 @dataclass
@@ -70,20 +71,27 @@ class CausalLM(nn.Module):
 LM_SIZES = {"tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
             "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8)}
 
-def build_model(spec: ModelSpec, tokenizer, seed: int = 0) -> nn.Module:
-    "The model a `ModelSpec` names, its vocabulary sized to `tokenizer`, initialised from `(seed, Stream.MODEL_INIT)`."
+def model_config(spec: ModelSpec, vocab_size: int, seed: int = 0):
+    "The model's config (a `DualEncoderConfig` or a `LlamaConfig`); errors name `model.preset` / `model.options`."
     if spec.kind == "dual_encoder":
-        from mmlit.model import DualEncoder, DualEncoderConfig
-        opts = {"seed": seed, **spec.options}
-        try: return DualEncoder(DualEncoderConfig.preset(spec.preset or "tiny", vocab_size=len(tokenizer), **opts))
-        except TypeError as e: raise ConfigError(f"model.options: {e}") from None
-    from transformers import LlamaConfig, LlamaForCausalLM
+        from mmlit.model import DualEncoderConfig
+        try: return DualEncoderConfig.preset(spec.preset or "tiny", vocab_size=vocab_size, **{"seed": seed, **spec.options})
+        except (ConfigError, TypeError, KeyError) as e: raise ConfigError(f"model.options / model.preset: {e}") from None
+    from transformers import LlamaConfig
     if spec.preset not in LM_SIZES: raise ConfigError(f"model.preset: causal_lm sizes are {sorted(LM_SIZES)}, got {spec.preset!r}")
     kw = {**LM_SIZES[spec.preset], **spec.options}
-    try:
-        cfg = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                          bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True, **kw)
-    except TypeError as e: raise ConfigError(f"model.options: {e}") from None
+    unknown = sorted(set(spec.options) - set(LlamaConfig().to_dict()))
+    if unknown: raise ConfigError(f"model.options: unknown LlamaConfig key(s) {unknown}")
+    return LlamaConfig(vocab_size=vocab_size, tie_word_embeddings=True, **kw)
+
+def build_model(spec: ModelSpec, tokenizer, seed: int = 0) -> nn.Module:
+    "The model a `ModelSpec` names, its vocabulary sized to `tokenizer`, initialised from `(seed, Stream.MODEL_INIT)`."
+    cfg = model_config(spec, len(tokenizer), seed)
+    if spec.kind == "dual_encoder":
+        from mmlit.model import DualEncoder
+        return DualEncoder(cfg)
+    from transformers import LlamaForCausalLM
+    cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, 0, 0, Stream.MODEL_INIT))
         return CausalLM(LlamaForCausalLM(cfg))
@@ -128,6 +136,7 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
     cfg = config if isinstance(config, RunConfig) else load_config(RunConfig, config)
     cfg = resolve_run_config(cfg)
     check_data_paths(cfg.data)
+    model_config(cfg.model, 256, cfg.seed)                    # a bad model section fails before any data work
     resolved = config_to_dict(cfg)
     claim_run_dir(cfg.run_dir, resolved)                       # before anything is written (e.g. a trained tokenizer)
     rank, _ = setup_distributed()
