@@ -23,8 +23,8 @@ from .train import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, Schedu
 
 # %% auto #0
 __all__ = ['LM_SIZES', 'ModelSpec', 'RunConfig', 'check_data_paths', 'CausalLM', 'model_config', 'build_model',
-           'resolve_run_config', 'Run', 'build_run', 'eval_embeddings', 'finish_run', 'split_by_group', 'demo_config',
-           'format_summary', 'run_demo']
+           'resolve_run_config', 'labels_in_gather_order', 'Run', 'build_run', 'eval_embeddings', 'finish_run',
+           'split_by_group', 'demo_config', 'format_summary', 'run_demo']
 
 # %% ../nbs/80_recipe.ipynb #feeda6a9
 @dataclass
@@ -116,6 +116,15 @@ def _val_labels(cfg: RunConfig) -> np.ndarray | None:
     try: return np.concatenate([pq.read_table(f, columns=[cfg.label_column])[cfg.label_column].to_numpy() for f in files])
     except KeyError: raise ConfigError(f"label_column: {files[0]} has no column {cfg.label_column!r}") from None
 
+def labels_in_gather_order(labels: np.ndarray | None, loader) -> np.ndarray | None:
+    "`labels` (dataset order) in the order a DDP evaluation gathers embeddings: each rank's shard, rank after rank."
+    if labels is None or getattr(loader, "world_size", 1) == 1: return labels
+    from mmlit.loader import rank_steps
+    c = loader.config
+    return np.concatenate([labels[s.indices] for r in range(loader.world_size) for s in rank_steps(
+        loader.n, c.batch_size, shuffle=False, rank=r, world_size=loader.world_size, drop_last=c.drop_last)])
+
+# %% ../nbs/80_recipe.ipynb #131ff6b5
 @dataclass
 class Run:
     "A built run: its config, loaders, tokenizer, model and trainer."
@@ -129,7 +138,7 @@ class Run:
 
     def fit(self, steps: int | None = None): return self.trainer.fit(steps)
 
-# %% ../nbs/80_recipe.ipynb #73e29dc1
+# %% ../nbs/80_recipe.ipynb #28dfd3b9
 def build_run(config: RunConfig | dict | str | Path) -> Run:
     "Dataset, preprocessor, collator, loaders, model and trainer from one config (a `RunConfig`, a dict or a YAML path)."
     t0 = time.perf_counter()
@@ -156,11 +165,12 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
         from mmlit.metrics import digit_prompts, evaluate as evaluate_pairs
         prompts = [ps[::10] for ps in digit_prompts()] if cfg.zero_shot == "digits" else None   # 36 prompts a digit
         if prompts is not None and labels is None: raise ConfigError("zero_shot: needs label_column (the digit of each validation row)")
+    val = dm.val_dataloader() or None                          # None: no validation data
+    gathered = labels_in_gather_order(labels, val) if val is not None else None
+    if cfg.model.kind == "dual_encoder":
         evaluate = lambda m, loader: evaluate_pairs(m, loader, class_prompts=prompts, tokenizer=parts["tokenizer"],
-                                                    labels=labels, max_batches=cfg.eval.max_batches)
-    val = dm.val_dataloader()
-    trainer = Trainer(model, cfg, dm.train_dataloader(), val if len(getattr(val, "dataset", val)) else None,
-                      evaluate=evaluate, run_config=resolved)
+                                                    labels=gathered, max_batches=cfg.eval.max_batches)
+    trainer = Trainer(model, cfg, dm.train_dataloader(), val, evaluate=evaluate, run_config=resolved)
     return Run(cfg, dm, parts["tokenizer"], model, trainer, labels, time.perf_counter() - t0)
 
 # %% ../nbs/80_recipe.ipynb #9b1f392a
