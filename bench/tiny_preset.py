@@ -26,6 +26,8 @@ VISION = {
                     layer_type="basic", downsample_in_first_stage=False),
     "resnet_w": dict(model_type="resnet", num_channels=3, embedding_size=48, hidden_sizes=[48, 96, 192], depths=[1, 1, 1],
                      layer_type="basic", downsample_in_first_stage=False),
+    "convnext": dict(model_type="convnext", num_channels=3, patch_size=2, hidden_sizes=[32, 64, 128], depths=[1, 1, 1], num_stages=3),
+    "convnext_w": dict(model_type="convnext", num_channels=3, patch_size=2, hidden_sizes=[64, 128, 256], depths=[1, 1, 1], num_stages=3),
     "vit": dict(model_type="vit", image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                 intermediate_size=256),
 }
@@ -63,6 +65,9 @@ def main():
                        transform=eval_prep, collate_options={"tokenizer": tok})
     test_batches = list(test)
     test_labels = torch.as_tensor(label[test_rows])
+    seen = make_loader(RowSubset(ds, train_rows[:len(test_rows)]), LoaderConfig(batch_size=256, seed=0, collate="contrastive", train=False),
+                       transform=eval_prep, collate_options={"tokenizer": tok})
+    seen_batches, seen_labels = list(seen), torch.as_tensor(label[train_rows[:len(test_rows)]])
     vision = dict(VISION[a.vision]);
     if vision["model_type"] == "vit": vision["image_size"] = a.size
     text = dict(model_type="bert", vocab_size=len(tok), hidden_size=a.text_width, num_hidden_layers=a.text_layers,
@@ -76,14 +81,14 @@ def main():
     prompts = digit_prompts()
     print(f"setup {time.time() - t0:.1f}s; train {len(train_rows)} test {len(test_rows)} rows; vocab {len(tok)}", flush=True)
 
-    def evaluate():
+    def evaluate(batches=test_batches, labels=test_labels):
         model.eval()
         with torch.no_grad():
-            img = torch.cat([model.encode_image(b["pixel_values"]) for b in test_batches])
+            img = torch.cat([model.encode_image(b["pixel_values"]) for b in batches])
             cls = zero_shot_classifier(model, tok, prompts)
-            zs = zero_shot_accuracy(img, test_labels, cls)
+            zs = zero_shot_accuracy(img, labels, cls)
             hits = [hard_negative_hits(o.image_embeds, o.text_embeds, o.negative_embeds, o.negative_mask)
-                    for o in (model(**b, return_loss=False) for b in test_batches)]
+                    for o in (model(**b, return_loss=False) for b in batches)]
             hn = sum(h for h, _ in hits) / sum(n for _, n in hits)
         model.train()
         return zs, hn
@@ -102,7 +107,9 @@ def main():
             step += 1
             if step % a.eval_every == 0:
                 zs, hn = evaluate()
-                hist.append(dict(step=step, train_s=round(t_train, 1), loss=round(out.loss.item(), 3), zs=round(zs, 3), hn=round(hn, 3)))
+                zs_seen, hn_seen = evaluate(seen_batches, seen_labels)
+                hist.append(dict(step=step, train_s=round(t_train, 1), loss=round(out.loss.item(), 3), zs=round(zs, 3), hn=round(hn, 3),
+                                 zs_seen=round(zs_seen, 3), hn_seen=round(hn_seen, 3)))
                 print(json.dumps(hist[-1]), f"{step / t_train:.2f} steps/s (incl. loading)", flush=True)
             if (total and step >= total) or (not total and t_train > a.seconds): break
         else:
