@@ -76,3 +76,18 @@ def test_unknown_and_mistyped_keys_name_the_field(tmp_path, pairs):
     with pytest.raises(ConfigError, match="data: unknown config key"):
         build_run({**cfg, "data": {**cfg["data"], "batchsize": 3}})
     assert not (tmp_path / "run").exists()
+
+
+def test_lm_task_validation_loss_falls(tmp_path):
+    from mmlit.demo import corpus_documents
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(corpus_documents()[:80]) + "\n")
+    run = build_run({"run_dir": str(tmp_path / "lm"), "threads": 1, "log": {"progress": False},
+                     "data": {"data": str(corpus), "task": "lm", "max_length": 64, "val_split": 0.1,
+                              "tokenizer": {"train": {"vocab_size": 400}}, "loader": {"batch_size": 16}},
+                     "model": {"kind": "causal_lm", "preset": "tiny"}, "optim": {"lr": 3e-3},
+                     "schedule": {"max_steps": 40}, "eval": {"every": 20}})
+    run.fit()
+    ev = [r for r in run.trainer.history if "val/loss" in r]
+    assert [r["train/step"] for r in ev] == [20, 40]
+    assert ev[-1]["val/loss"] < ev[0]["val/loss"] and ev[-1]["val/perplexity"] < ev[0]["val/perplexity"]
