@@ -577,6 +577,7 @@ class Trainer:
         "Train to `schedule.max_steps` / `schedule.epochs` (or `steps` more optimiser steps, then save), resuming from the newest valid checkpoint."
         t_start = time.perf_counter()
         resumed = self._start()
+        first_step = self.step
         self._stop_at = None if steps is None else self.step + steps
         old_handler = None
         def on_sigint(signum, frame):
@@ -613,7 +614,7 @@ class Trainer:
         finally:
             bar.close()
             if old_handler is not None: signal.signal(signal.SIGINT, old_handler)
-            if self.main: self._write_loader_files()
+            if self.main and self.step > first_step: self._write_loader_files()   # a finished run started again keeps its files
             if self._wandb is not None: self._wandb.finish(); self._wandb = None
         return TrainResult(self.step, self.epoch, self._stop, self.nonfinite, self.checkpoints.best() if self.main else None,
                            self.last_eval, resumed, time.perf_counter() - t_start)
