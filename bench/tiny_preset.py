@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1); ap.add_argument("--eval_every", type=int, default=50)
     ap.add_argument("--embed", type=int, default=512); ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--text_layers", type=int, default=2); ap.add_argument("--text_width", type=int, default=128)
+    ap.add_argument("--hn_weight", type=float, default=0.0)
     ap.add_argument("--wd", type=float, default=0.1); ap.add_argument("--steps", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -94,7 +95,7 @@ def main():
                 num_attention_heads=4, intermediate_size=2 * a.text_width, max_position_embeddings=128)
     dims = [d for d in (512, 256, 128, 64, 32) if d <= a.embed]
     cfg = DualEncoderConfig(vision=vision, text=text, vision_pooling=a.pool, text_pooling=a.text_pool, embed_dim=a.embed,
-                            mrl_dims=dims)
+                            mrl_dims=dims, hard_negative_weight=a.hn_weight)
     model = DualEncoder(cfg)
     decay = [p for p in model.parameters() if p.ndim >= 2]; no = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=a.wd), dict(params=no, weight_decay=0.0)], lr=a.lr)
