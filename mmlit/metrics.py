@@ -121,7 +121,7 @@ def evaluate(model, loader: Iterable[dict], *, dims: Sequence[int] | None = None
             if max_batches is not None and i >= max_batches: break
             out = model(**batch)
             b = len(out.image_embeds)
-            for k in ("loss", "loss_clip", "loss_mrl", "loss_siglip"):
+            for k in ("loss", "loss_clip", "loss_mrl", "loss_siglip", "loss_hardneg"):
                 if getattr(out, k, None) is not None: sums[k] += float(getattr(out, k)) * b
             n += b
             imgs.append(out.image_embeds.float()); txts.append(out.text_embeds.float())
