@@ -26,9 +26,30 @@ VISION = {
                     layer_type="basic", downsample_in_first_stage=False),
     "resnet_w": dict(model_type="resnet", num_channels=3, embedding_size=48, hidden_sizes=[48, 96, 192], depths=[1, 1, 1],
                      layer_type="basic", downsample_in_first_stage=False),
+    "convnext": dict(model_type="convnext", num_channels=3, patch_size=2, hidden_sizes=[32, 64, 128], depths=[1, 1, 1], num_stages=3),
+    "convnext_w": dict(model_type="convnext", num_channels=3, patch_size=2, hidden_sizes=[64, 128, 256], depths=[1, 1, 1], num_stages=3),
     "vit": dict(model_type="vit", image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                 intermediate_size=256),
 }
+
+
+def swap_digit(caption: str, d: int, k: int) -> str:
+    "The caption with digit `d` (numeral and word) replaced by `k`."
+    from mmlit.demo import DIGIT_WORDS
+    words = caption.split(" ")
+    out = [w.replace(str(d), str(k)) if w.strip("(),").isdigit() else w.replace(DIGIT_WORDS[d], DIGIT_WORDS[k]) if w.strip("(),") == DIGIT_WORDS[d] else w
+           for w in words]
+    return " ".join(out)
+
+
+def matched_accuracy(model, tok, img, captions, labels):
+    "Digit accuracy when the 10 class prompts of an image are its own caption with each digit: all other words known."
+    from mmlit.metrics import encode_prompts
+    hits = 0
+    for e, c, y in zip(img, captions, labels.tolist()):
+        t = encode_prompts(model, tok, [swap_digit(c, y, k) for k in range(10)])
+        hits += int((t @ e).argmax() == y)
+    return hits / len(labels)
 
 
 def split(path):
@@ -47,6 +68,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1); ap.add_argument("--eval_every", type=int, default=50)
     ap.add_argument("--embed", type=int, default=512); ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--text_layers", type=int, default=2); ap.add_argument("--text_width", type=int, default=128)
+    ap.add_argument("--hn_weight", type=float, default=0.0)
     ap.add_argument("--wd", type=float, default=0.1); ap.add_argument("--steps", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -63,27 +85,31 @@ def main():
                        transform=eval_prep, collate_options={"tokenizer": tok})
     test_batches = list(test)
     test_labels = torch.as_tensor(label[test_rows])
+    seen = make_loader(RowSubset(ds, train_rows[:len(test_rows)]), LoaderConfig(batch_size=256, seed=0, collate="contrastive", train=False),
+                       transform=eval_prep, collate_options={"tokenizer": tok})
+    seen_batches, seen_labels = list(seen), torch.as_tensor(label[train_rows[:len(test_rows)]])
+    test_captions = [ds.get(int(i))["text"] for i in test_rows]
     vision = dict(VISION[a.vision]);
     if vision["model_type"] == "vit": vision["image_size"] = a.size
     text = dict(model_type="bert", vocab_size=len(tok), hidden_size=a.text_width, num_hidden_layers=a.text_layers,
                 num_attention_heads=4, intermediate_size=2 * a.text_width, max_position_embeddings=128)
     dims = [d for d in (512, 256, 128, 64, 32) if d <= a.embed]
     cfg = DualEncoderConfig(vision=vision, text=text, vision_pooling=a.pool, text_pooling=a.text_pool, embed_dim=a.embed,
-                            mrl_dims=dims)
+                            mrl_dims=dims, hard_negative_weight=a.hn_weight)
     model = DualEncoder(cfg)
     decay = [p for p in model.parameters() if p.ndim >= 2]; no = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=a.wd), dict(params=no, weight_decay=0.0)], lr=a.lr)
     prompts = digit_prompts()
     print(f"setup {time.time() - t0:.1f}s; train {len(train_rows)} test {len(test_rows)} rows; vocab {len(tok)}", flush=True)
 
-    def evaluate():
+    def evaluate(batches=test_batches, labels=test_labels):
         model.eval()
         with torch.no_grad():
-            img = torch.cat([model.encode_image(b["pixel_values"]) for b in test_batches])
+            img = torch.cat([model.encode_image(b["pixel_values"]) for b in batches])
             cls = zero_shot_classifier(model, tok, prompts)
-            zs = zero_shot_accuracy(img, test_labels, cls)
+            zs = zero_shot_accuracy(img, labels, cls)
             hits = [hard_negative_hits(o.image_embeds, o.text_embeds, o.negative_embeds, o.negative_mask)
-                    for o in (model(**b, return_loss=False) for b in test_batches)]
+                    for o in (model(**b, return_loss=False) for b in batches)]
             hn = sum(h for h, _ in hits) / sum(n for _, n in hits)
         model.train()
         return zs, hn
@@ -102,7 +128,9 @@ def main():
             step += 1
             if step % a.eval_every == 0:
                 zs, hn = evaluate()
-                hist.append(dict(step=step, train_s=round(t_train, 1), loss=round(out.loss.item(), 3), zs=round(zs, 3), hn=round(hn, 3)))
+                zs_seen, hn_seen = evaluate(seen_batches, seen_labels)
+                hist.append(dict(step=step, train_s=round(t_train, 1), loss=round(out.loss.item(), 3), zs=round(zs, 3), hn=round(hn, 3),
+                                 zs_seen=round(zs_seen, 3), hn_seen=round(hn_seen, 3)))
                 print(json.dumps(hist[-1]), f"{step / t_train:.2f} steps/s (incl. loading)", flush=True)
             if (total and step >= total) or (not total and t_train > a.seconds): break
         else:
@@ -110,7 +138,11 @@ def main():
             continue
         break
     zs, hn = evaluate()
-    print("FINAL", json.dumps(dict(vars(a), steps_done=step, train_s=round(t_train, 1), steps_per_s=round(step / t_train, 2),
+    model.eval()
+    with torch.no_grad():
+        img = torch.cat([model.encode_image(b["pixel_values"]) for b in test_batches])
+        matched = matched_accuracy(model, tok, img, test_captions, test_labels)
+    print("FINAL", json.dumps(dict(vars(a), matched_digit_acc=round(matched, 3), steps_done=step, train_s=round(t_train, 1), steps_per_s=round(step / t_train, 2),
                                    zero_shot=round(zs, 3), hard_neg=round(hn, 3), wall_s=round(time.time() - t0, 1))), flush=True)
 
 

@@ -122,15 +122,21 @@ def format_report(r: dict, max_bad: int = 20) -> str:
 # %% ../nbs/90_cli.ipynb #a1b2c3d5
 def _interrupted(summary: dict) -> int: return 130 if summary.get("interrupted") else 0
 
+def _write_plots(run_dir) -> Path | None:
+    "The run's plots and HTML report, once the visualiser (stage 7, `mmlit.viz`) is installed; `None` before."
+    import importlib.util
+    if importlib.util.find_spec("mmlit.viz") is None: return None
+    from mmlit.viz import write_report
+    return write_report(run_dir)                  # writes the PNGs too
+
 def cmd_demo(args) -> int:
     "Run `mmlit demo`; returns the exit status."
     from mmlit.recipe import format_summary, run_demo
     try: summary = run_demo(args.run_dir, epochs=args.epochs, progress=args.progress)
     except MmlitError as e: return (print(f"mmlit demo: error: {e}", file=sys.stderr), 2)[1]
     print(format_summary(summary))
+    if (report := _write_plots(args.run_dir)) is not None: print(f"  report: {report}")
     print(f"  run directory: {args.run_dir}")
-    from mmlit.viz import write_report
-    print(f"  report: {write_report(args.run_dir)}")
     return _interrupted(summary)
 
 def _lm_lines(history: list[dict]) -> list[str]:
@@ -154,7 +160,9 @@ def cmd_train(args) -> int:
         result = run.fit(args.steps)
         summary = finish_run(run, result, time.perf_counter() - t0)
     except MmlitError as e: return (print(f"mmlit train: error: {e}", file=sys.stderr), 2)[1]
-    if run.config.model.kind == "dual_encoder": print(format_summary(summary))
+    if run.config.model.kind == "dual_encoder":
+        print(format_summary(summary))
+        if (report := _write_plots(run.config.run_dir)) is not None: print(f"  report: {report}")
     else: print("\n".join([f"{summary['steps']} steps, {summary['epochs']} epochs"] + _lm_lines(run.trainer.history)))
     print(f"  run directory: {run.config.run_dir}")
     return _interrupted(summary)

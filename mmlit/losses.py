@@ -18,7 +18,7 @@ from .core import ConfigError, MmlitError, Stream, derive_seed
 
 # %% auto #0
 __all__ = ['mrl_prefix', 'check_mrl_dims', 'draw_mrl_dim', 'dist_ready', 'batch_sizes', 'gather_with_grad', 'gather_no_grad',
-           'image_text_logits', 'clip_loss', 'siglip_loss', 'contrastive_losses']
+           'image_text_logits', 'clip_loss', 'siglip_loss', 'hard_negative_loss', 'contrastive_losses']
 
 # %% ../nbs/05a_losses.ipynb #ef73d7a6
 def mrl_prefix(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -113,11 +113,23 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | f
     return loss / len(image)
 
 # %% ../nbs/05a_losses.ipynb #395d923f
+def hard_negative_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float, negatives: torch.Tensor,
+                       negative_mask: torch.Tensor | None = None) -> torch.Tensor:
+    "Cross-entropy of each image over its own caption and its hard negatives (images without negatives skipped)."
+    pos = scale * (image * text).sum(-1, keepdim=True)
+    neg = scale * torch.einsum("bd,bkd->bk", image, negatives)
+    keep = torch.ones_like(neg, dtype=torch.bool) if negative_mask is None else negative_mask.bool()
+    logits = torch.cat([pos, neg.masked_fill(~keep, float("-inf"))], 1)
+    rows = keep.any(1)
+    if not rows.any(): return logits.new_zeros(())
+    return F.cross_entropy(logits[rows], torch.zeros(int(rows.sum()), dtype=torch.long, device=logits.device))
+
+# %% ../nbs/05a_losses.ipynb #451d2afe
 def contrastive_losses(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, *, mrl_dims: Sequence[int],
                        mrl_dim: int | None, negatives: torch.Tensor | None = None,
                        negative_mask: torch.Tensor | None = None, clip_weight: float = 0.25, mrl_weight: float = 1.0,
                        siglip_weight: float = 0.0, siglip_scale: torch.Tensor | None = None,
-                       siglip_bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       siglip_bias: torch.Tensor | None = None, hard_negative_weight: float = 0.0) -> dict[str, torch.Tensor]:
     "`loss`, `loss_clip`, `loss_mrl` (and `loss_siglip`) for unit-norm top-dim embeddings; `mrl_dim=None` sums over dims."
     out = {"loss_clip": clip_loss(image, text, scale, negatives, negative_mask)}
     def at(d):
@@ -128,4 +140,7 @@ def contrastive_losses(image: torch.Tensor, text: torch.Tensor, scale: torch.Ten
     if siglip_weight:
         out["loss_siglip"] = siglip_loss(image, text, siglip_scale, siglip_bias, negatives, negative_mask)
         total = total + siglip_weight * out["loss_siglip"]
+    if hard_negative_weight and negatives is not None and negatives.shape[1]:
+        out["loss_hardneg"] = hard_negative_loss(image, text, scale, negatives, negative_mask)
+        total = total + hard_negative_weight * out["loss_hardneg"]
     return {"loss": total, **out}

@@ -19,10 +19,13 @@ from .core import ConfigError
 from .losses import dist_ready, gather_no_grad, mrl_prefix
 
 # %% auto #0
-__all__ = ['positive_ranks', 'recall_at', 'caption_keys', 'digit_prompts', 'encode_prompts', 'zero_shot_classifier',
-           'zero_shot_accuracy', 'hard_negative_hits', 'evaluate']
+__all__ = ['NO_POSITIVE', 'positive_ranks', 'recall_at', 'caption_keys', 'digit_prompts', 'encode_prompts',
+           'zero_shot_classifier', 'zero_shot_accuracy', 'hard_negative_hits', 'evaluate']
 
 # %% ../nbs/05b_metrics.ipynb #22c61ad6
+NO_POSITIVE = torch.iinfo(torch.long).max
+"The rank of a query that has no positive candidate at all (a miss at every k)."
+
 def positive_ranks(queries: torch.Tensor, candidates: torch.Tensor, query_labels: torch.Tensor | None = None,
                    candidate_labels: torch.Tensor | None = None, chunk: int = 1024) -> torch.Tensor:
     "0-based rank of each query's best positive among `candidates` (exact pairs: candidate i of query i; ties: lower index first)."
@@ -39,12 +42,12 @@ def positive_ranks(queries: torch.Tensor, candidates: torch.Tensor, query_labels
         best = sc.masked_fill(~pos, float("-inf")).max(1).values[:, None]
         first = torch.where(pos & (sc == best), idx[None], M).min(1).values[:, None]
         rank = (sc > best).sum(1) + ((sc == best) & (idx[None] < first)).sum(1)
-        out.append(torch.where(pos.any(1), rank, M))                            # no positive at all: a miss
+        out.append(torch.where(pos.any(1), rank, NO_POSITIVE))                  # no positive at all: never a hit
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 def recall_at(ranks: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
     "Recall@k from ranks: the fraction of queries whose positive ranks below k."
-    return {k: float((ranks < k).float().mean()) if len(ranks) else float("nan") for k in ks}
+    return {k: float((ranks < k).double().mean()) if len(ranks) else float("nan") for k in ks}
 
 # %% ../nbs/05b_metrics.ipynb #19327ca3
 def caption_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -87,7 +90,7 @@ def zero_shot_accuracy(image_embeds: torch.Tensor, labels: torch.Tensor, classif
     labels = torch.as_tensor(labels, device=image_embeds.device)
     d = classifier.shape[1]
     pred = (mrl_prefix(image_embeds, d) @ classifier.T).argmax(1)
-    return float((pred == labels).float().mean())
+    return float((pred == labels).double().mean())
 
 def hard_negative_hits(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor,
                        negative_mask: torch.Tensor) -> tuple[int, int]:
@@ -118,7 +121,7 @@ def evaluate(model, loader: Iterable[dict], *, dims: Sequence[int] | None = None
             if max_batches is not None and i >= max_batches: break
             out = model(**batch)
             b = len(out.image_embeds)
-            for k in ("loss", "loss_clip", "loss_mrl", "loss_siglip"):
+            for k in ("loss", "loss_clip", "loss_mrl", "loss_siglip", "loss_hardneg"):
                 if getattr(out, k, None) is not None: sums[k] += float(getattr(out, k)) * b
             n += b
             imgs.append(out.image_embeds.float()); txts.append(out.text_embeds.float())

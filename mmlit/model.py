@@ -151,6 +151,7 @@ class DualEncoderConfig:
     clip_weight: float = 0.25
     mrl_weight: float = 1.0
     siglip_weight: float = 0.0
+    hard_negative_weight: float = 0.0                   # extra CE of each image over [caption, its negatives]
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100)
     normalisation: str = "clip"                         # stage 2 preset applied to uint8 pixels
@@ -204,6 +205,7 @@ class DualEncoderOutput:
     loss_clip: torch.Tensor | None = None
     loss_mrl: torch.Tensor | None = None
     loss_siglip: torch.Tensor | None = None
+    loss_hardneg: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
     negative_embeds: torch.Tensor | None = None
@@ -347,7 +349,8 @@ def _forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Te
         gi, gt = gather_with_grad(image, sizes), gather_with_grad(text, sizes)
         if negs is not None: gn = _gather_negatives(*negs, sizes)
     kw = dict(negatives=None if gn is None else gn[0], negative_mask=None if gn is None else gn[1],
-              clip_weight=self.config.clip_weight, mrl_weight=self.config.mrl_weight, siglip_weight=self.config.siglip_weight)
+              clip_weight=self.config.clip_weight, mrl_weight=self.config.mrl_weight, siglip_weight=self.config.siglip_weight,
+              hard_negative_weight=self.config.hard_negative_weight)
     if self.config.siglip_weight:
         kw.update(siglip_scale=self.siglip_logit_scale.exp(), siglip_bias=self.siglip_logit_bias)
     if self.training: losses = contrastive_losses(gi, gt, scale, mrl_dims=self.config.mrl_dims, mrl_dim=out.mrl_dim, **kw)

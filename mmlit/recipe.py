@@ -22,15 +22,16 @@ from .train import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, Schedu
                          claim_run_dir, config_from_dict, config_to_dict, evaluate_loss, load_config, setup_distributed)
 
 # %% auto #0
-__all__ = ['LM_SIZES', 'ModelSpec', 'RunConfig', 'check_data_paths', 'CausalLM', 'build_model', 'resolve_run_config', 'Run',
-           'build_run', 'eval_embeddings', 'finish_run', 'split_by_group', 'demo_config', 'format_summary', 'run_demo']
+__all__ = ['ModelSpec', 'RunConfig', 'check_data_paths', 'model_config', 'build_model', 'resolve_run_config',
+           'labels_in_gather_order', 'Run', 'build_run', 'eval_embeddings', 'finish_run', 'split_by_group',
+           'demo_config', 'format_summary', 'run_demo']
 
 # %% ../nbs/80_recipe.ipynb #feeda6a9
 @dataclass
 class ModelSpec:
-    "Which model to train: a stage 5 `DualEncoder` from a preset, or a small causal LM."
+    "Which model to train: a stage 5 `DualEncoder` or `CausalLM`, from a preset."
     kind: Literal["dual_encoder", "causal_lm"] = "dual_encoder"
-    preset: str | None = "tiny"          # DualEncoderConfig.preset name (dual_encoder) or a causal-LM size (causal_lm)
+    preset: str | None = "tiny"          # a DualEncoderConfig preset (dual_encoder) or a causal LM preset (causal_lm)
     options: dict = field(default_factory=dict)   # fields overriding the preset
 
 @dataclass
@@ -57,36 +58,30 @@ def check_data_paths(data: dict) -> None:
     if data.get("val_data"): _check_path("val_data", data["val_data"])
     if isinstance(data.get("tokenizer"), str): _check_path("tokenizer", data["tokenizer"])
 
-# %% ../nbs/80_recipe.ipynb #7123a6cc
-class CausalLM(nn.Module):
-    "A `transformers` causal LM taking stage 3's LM batch (`input_ids`, `attention_mask`, `labels`); other keys are ignored."
-    is_causal_lm = True
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-    def forward(self, input_ids, attention_mask=None, labels=None, **_):
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-
-LM_SIZES = {"tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
-            "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8)}
+# %% ../nbs/80_recipe.ipynb #3687e1b7
+def model_config(spec: ModelSpec, vocab_size: int, seed: int = 0):
+    "The model's config (a `DualEncoderConfig`, or a causal LM's config dict); errors name `model.preset` / `model.options`."
+    if spec.kind == "dual_encoder":
+        from mmlit.model import DualEncoderConfig
+        try: return DualEncoderConfig.preset(spec.preset or "tiny", vocab_size=vocab_size, **{"seed": seed, **spec.options})
+        except (ConfigError, TypeError, KeyError) as e: raise ConfigError(f"model.options / model.preset: {e}") from None
+    from transformers import AutoConfig
+    from mmlit.causal_lm import causal_lm_config
+    try: d = causal_lm_config(spec.preset or "tiny", vocab_size, **spec.options)
+    except (ConfigError, KeyError) as e: raise ConfigError(f"model.preset: {e}") from None
+    known = set(AutoConfig.for_model(d["model_type"]).to_dict()) | {"model_type"}
+    if unknown := sorted(set(spec.options) - known): raise ConfigError(f"model.options: unknown {d['model_type']} config key(s) {unknown}")
+    return d
 
 def build_model(spec: ModelSpec, tokenizer, seed: int = 0) -> nn.Module:
     "The model a `ModelSpec` names, its vocabulary sized to `tokenizer`, initialised from `(seed, Stream.MODEL_INIT)`."
+    cfg = model_config(spec, len(tokenizer), seed)
     if spec.kind == "dual_encoder":
-        from mmlit.model import DualEncoder, DualEncoderConfig
-        opts = {"seed": seed, **spec.options}
-        try: return DualEncoder(DualEncoderConfig.preset(spec.preset or "tiny", vocab_size=len(tokenizer), **opts))
-        except TypeError as e: raise ConfigError(f"model.options: {e}") from None
-    from transformers import LlamaConfig, LlamaForCausalLM
-    if spec.preset not in LM_SIZES: raise ConfigError(f"model.preset: causal_lm sizes are {sorted(LM_SIZES)}, got {spec.preset!r}")
-    kw = {**LM_SIZES[spec.preset], **spec.options}
-    try:
-        cfg = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                          bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True, **kw)
-    except TypeError as e: raise ConfigError(f"model.options: {e}") from None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, 0, 0, Stream.MODEL_INIT))
-        return CausalLM(LlamaForCausalLM(cfg))
+        from mmlit.model import DualEncoder
+        return DualEncoder(cfg)
+    from mmlit.causal_lm import CausalLM
+    cfg.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    return CausalLM(cfg, seed=seed)
 
 # %% ../nbs/80_recipe.ipynb #cf105029
 def resolve_run_config(cfg: RunConfig) -> RunConfig:
@@ -108,6 +103,15 @@ def _val_labels(cfg: RunConfig) -> np.ndarray | None:
     try: return np.concatenate([pq.read_table(f, columns=[cfg.label_column])[cfg.label_column].to_numpy() for f in files])
     except KeyError: raise ConfigError(f"label_column: {files[0]} has no column {cfg.label_column!r}") from None
 
+def labels_in_gather_order(labels: np.ndarray | None, loader) -> np.ndarray | None:
+    "`labels` (dataset order) in the order a DDP evaluation gathers embeddings: each rank's shard, rank after rank."
+    if labels is None or getattr(loader, "world_size", 1) == 1: return labels
+    from mmlit.loader import rank_steps
+    c = loader.config
+    return np.concatenate([labels[s.indices] for r in range(loader.world_size) for s in rank_steps(
+        loader.n, c.batch_size, shuffle=False, rank=r, world_size=loader.world_size, drop_last=c.drop_last)])
+
+# %% ../nbs/80_recipe.ipynb #131ff6b5
 @dataclass
 class Run:
     "A built run: its config, loaders, tokenizer, model and trainer."
@@ -121,13 +125,14 @@ class Run:
 
     def fit(self, steps: int | None = None): return self.trainer.fit(steps)
 
-# %% ../nbs/80_recipe.ipynb #73e29dc1
+# %% ../nbs/80_recipe.ipynb #28dfd3b9
 def build_run(config: RunConfig | dict | str | Path) -> Run:
     "Dataset, preprocessor, collator, loaders, model and trainer from one config (a `RunConfig`, a dict or a YAML path)."
     t0 = time.perf_counter()
     cfg = config if isinstance(config, RunConfig) else load_config(RunConfig, config)
     cfg = resolve_run_config(cfg)
     check_data_paths(cfg.data)
+    model_config(cfg.model, 256, cfg.seed)                    # a bad model section fails before any data work
     resolved = config_to_dict(cfg)
     claim_run_dir(cfg.run_dir, resolved)                       # before anything is written (e.g. a trained tokenizer)
     rank, _ = setup_distributed()
@@ -142,16 +147,21 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
     dm = LoaderDataModule(parts["data"], parts["val_data"], val_split=parts["val_split"], config=parts["loader_config"],
                           transform=parts["transform"], val_transform=parts.get("val_transform"), collate=collate)
     model = build_model(cfg.model, parts["tokenizer"], cfg.seed)
-    labels, evaluate = _val_labels(cfg), None
+    labels = _val_labels(cfg)
     if cfg.model.kind == "dual_encoder":
         from mmlit.metrics import digit_prompts, evaluate as evaluate_pairs
         prompts = [ps[::10] for ps in digit_prompts()] if cfg.zero_shot == "digits" else None   # 36 prompts a digit
         if prompts is not None and labels is None: raise ConfigError("zero_shot: needs label_column (the digit of each validation row)")
+    val = dm.val_dataloader() or None                          # None: no validation data
+    gathered = labels_in_gather_order(labels, val) if val is not None else None
+    if cfg.model.kind == "dual_encoder":
         evaluate = lambda m, loader: evaluate_pairs(m, loader, class_prompts=prompts, tokenizer=parts["tokenizer"],
-                                                    labels=labels, max_batches=cfg.eval.max_batches)
-    val = dm.val_dataloader()
-    trainer = Trainer(model, cfg, dm.train_dataloader(), val if len(getattr(val, "dataset", val)) else None,
-                      evaluate=evaluate, run_config=resolved)
+                                                    labels=gathered, max_batches=cfg.eval.max_batches)
+    else:
+        def evaluate(m, loader):
+            r = evaluate_loss(m, loader, max_batches=cfg.eval.max_batches)
+            return {**r, "perplexity": math.exp(min(r["loss"], 50.0))}
+    trainer = Trainer(model, cfg, dm.train_dataloader(), val, evaluate=evaluate, run_config=resolved)
     return Run(cfg, dm, parts["tokenizer"], model, trainer, labels, time.perf_counter() - t0)
 
 # %% ../nbs/80_recipe.ipynb #9b1f392a

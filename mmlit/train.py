@@ -265,7 +265,7 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loader: Iterable, device: torch.device | None = None, max_batches: int | None = None) -> dict[str, float]:
-    "The sample-weighted mean of `loss` and every `loss_*` over `loader` (summed over DDP ranks); adds `perplexity` for a causal LM."
+    "The sample-weighted mean of `loss` and every `loss_*` over `loader` (summed over DDP ranks)."
     device = device or next(model.parameters()).device
     sums, n = {}, 0
     for i, batch in enumerate(loader):
@@ -275,9 +275,7 @@ def evaluate_loss(model: nn.Module, loader: Iterable, device: torch.device | Non
         n += b
     keys = sorted(sums)
     tot = _all_reduce(torch.tensor([sums[k] for k in keys] + [n], dtype=torch.float64))
-    out = {k: float(tot[i] / tot[-1]) for i, k in enumerate(keys)} if tot[-1] else {}
-    if "labels" in getattr(loader, "keys", ()) or getattr(model, "is_causal_lm", False): out["perplexity"] = math.exp(min(out["loss"], 50))
-    return out
+    return {k: float(tot[i] / tot[-1]) for i, k in enumerate(keys)} if tot[-1] else {}
 
 # %% ../nbs/06_train.ipynb #250dc1d4
 class MetricsLog:
@@ -579,6 +577,7 @@ class Trainer:
         "Train to `schedule.max_steps` / `schedule.epochs` (or `steps` more optimiser steps, then save), resuming from the newest valid checkpoint."
         t_start = time.perf_counter()
         resumed = self._start()
+        first_step = self.step
         self._stop_at = None if steps is None else self.step + steps
         old_handler = None
         def on_sigint(signum, frame):
@@ -615,7 +614,7 @@ class Trainer:
         finally:
             bar.close()
             if old_handler is not None: signal.signal(signal.SIGINT, old_handler)
-            if self.main: self._write_loader_files()
+            if self.main and self.step > first_step: self._write_loader_files()   # a finished run started again keeps its files
             if self._wandb is not None: self._wandb.finish(); self._wandb = None
         return TrainResult(self.step, self.epoch, self._stop, self.nonfinite, self.checkpoints.best() if self.main else None,
                            self.last_eval, resumed, time.perf_counter() - t_start)
