@@ -52,6 +52,7 @@ class Stream(IntEnum):
     MRL_DIM = 9         # the Matryoshka dimension trained at a step, per (epoch, step)
     MODEL_INIT = 10     # a model's random initial weights
     TRAIN = 11          # the trainer's global generators (dropout), per (epoch, step)
+    PROJECTION = 12     # a plot's 2-D projection of embeddings (t-SNE's layout)
 
 # %% ../nbs/00_core.ipynb #8e374898
 class Rngs(NamedTuple):
