@@ -123,8 +123,9 @@ def _interrupted(summary: dict) -> int: return 130 if summary.get("interrupted")
 
 def _write_plots(run_dir) -> Path | None:
     "The run's plots and HTML report, once the visualiser (stage 7, `mmlit.viz`) is installed; `None` before."
-    import importlib.util
-    if importlib.util.find_spec("mmlit.viz") is None: return None
+    import importlib.util, mmlit
+    spec = importlib.util.find_spec("mmlit.viz")
+    if spec is None or Path(spec.origin).parent != Path(mmlit.__file__).parent: return None   # not this installation's
     from mmlit.viz import save_run_plots, write_report
     save_run_plots(run_dir)
     return write_report(run_dir)
