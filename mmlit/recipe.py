@@ -237,7 +237,7 @@ def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = Non
                   tokenizer=dict(train=dict(vocab_size=512), save_dir=str(Path(run_dir) / "tokenizer")),
                   max_length=32, loader=dict(batch_size=128, seed=seed, num_workers=1)),
         model=ModelSpec("dual_encoder", "tiny", {"hard_negative_weight": 1.0}),
-        optim=OptimConfig(lr=2e-3, weight_decay=0.1),
+        optim=OptimConfig(lr=1.5e-3, weight_decay=0.1),
         schedule=ScheduleConfig(epochs=epochs, warmup_ratio=0.1),
         eval=EvalConfig(metric="val/zeroshot_acc", mode="max", every=38, at_epoch_end=False), threads=1,
         checkpoint=CheckpointConfig(keep=2), log=LogConfig(),
