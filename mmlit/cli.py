@@ -124,10 +124,8 @@ def format_report(r: dict, max_bad: int = 20) -> str:
 # %% ../nbs/90_cli.ipynb #a1b2c3d5
 def _interrupted(summary: dict) -> int: return 130 if summary.get("interrupted") else 0
 
-def _write_plots(run_dir) -> Path | None:
-    "The run's plots and HTML report, once the visualiser (stage 7, `mmlit.viz`) is installed; `None` before."
-    import importlib.util
-    if importlib.util.find_spec("mmlit.viz") is None: return None
+def _write_plots(run_dir) -> Path:
+    "Write the run's plots (PNGs) and its self-contained HTML report; returns the report's path."
     from mmlit.viz import write_report
     return write_report(run_dir)                  # writes the PNGs too
 

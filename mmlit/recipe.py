@@ -224,7 +224,7 @@ def split_by_group(path: str | Path, column: str, fraction: float, out_dir: str 
         atomic_write_bytes(p, buf.getvalue().to_pybytes())
     return train_p, val_p
 
-# %% ../nbs/80_recipe.ipynb #b965aa3c
+# %% ../nbs/80_recipe.ipynb #34fc370d
 def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = None, epochs: int = 20, seed: int = 0) -> RunConfig:
     "The `mmlit demo` run: the bundled demo data split by handwriting, the tiny dual encoder, CPU-sized."
     from mmlit.demo import ensure_demo
@@ -236,8 +236,8 @@ def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = Non
                   preprocessor_options=dict(size=32, uint8=True, flip=0.0, jitter=0.0, crop_scale=[0.8, 1.0]),
                   tokenizer=dict(train=dict(vocab_size=512), save_dir=str(Path(run_dir) / "tokenizer")),
                   max_length=32, loader=dict(batch_size=128, seed=seed, num_workers=1)),
-        model=ModelSpec("dual_encoder", "tiny"),
-        optim=OptimConfig(lr=2e-3, weight_decay=0.1),
+        model=ModelSpec("dual_encoder", "tiny", {"hard_negative_weight": 1.0}),
+        optim=OptimConfig(lr=1.5e-3, weight_decay=0.1),
         schedule=ScheduleConfig(epochs=epochs, warmup_ratio=0.1),
         eval=EvalConfig(metric="val/zeroshot_acc", mode="max", every=38, at_epoch_end=False), threads=1,
         checkpoint=CheckpointConfig(keep=2), log=LogConfig(),

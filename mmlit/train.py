@@ -580,11 +580,13 @@ class Trainer:
         first_step = self.step
         self._stop_at = None if steps is None else self.step + steps
         old_handler = None
+        pid = os.getpid()
         def on_sigint(signum, frame):
+            if os.getpid() != pid: return                 # a forked loader worker: the training process decides
             if self._stop: raise KeyboardInterrupt        # a second Ctrl-C: stop now
             self._stop = True
             logger.warning("interrupted: saving a checkpoint at the end of this step (Ctrl-C again to stop at once)")
-        if threading_main():
+        if threading_main():                              # before the loader's workers start: they inherit it
             old_handler = signal.signal(signal.SIGINT, on_sigint)
         from tqdm.auto import tqdm
         progress = self.config.log.progress if self.config.log.progress is not None else sys.stderr.isatty()

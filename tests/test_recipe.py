@@ -91,3 +91,25 @@ def test_lm_task_validation_loss_falls(tmp_path):
     ev = [r for r in run.trainer.history if "val/loss" in r]
     assert [r["train/step"] for r in ev] == [20, 40]
     assert ev[-1]["val/loss"] < ev[0]["val/loss"] and ev[-1]["val/perplexity"] < ev[0]["val/perplexity"]
+
+
+def test_ctrl_c_with_a_loader_worker_saves_and_exits(tmp_path, pairs):
+    "SIGINT to the whole process group (a terminal's Ctrl-C, loader worker included): a checkpoint and status 130."
+    import os, signal, time
+    cfg = _config(tmp_path / "run", pairs)
+    cfg["data"]["loader"].update(batch_size=8, num_workers=1)
+    cfg["schedule"] = {"max_steps": 500}
+    cfg["eval"] = {"at_epoch_end": False}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    p = subprocess.Popen([sys.executable, "-m", "mmlit.cli", "train", str(tmp_path / "c.yaml")], start_new_session=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mj, t0 = tmp_path / "run" / "metrics.jsonl", time.time()
+    while not (mj.exists() and len(mj.read_text().splitlines()) >= 3):
+        assert p.poll() is None and time.time() - t0 < 300, p.stderr.read() if p.poll() is not None else "timeout"
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err[-2000:]
+    steps = [json.loads(l)["train/step"] for l in mj.read_text().splitlines()]
+    ck = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert ck and ck[-1].name == f"step-{steps[-1]:08d}" and steps[-1] < 500
