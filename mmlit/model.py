@@ -187,9 +187,9 @@ DUAL_ENCODER_PRESETS = Registry("dual encoder preset")
 DUAL_ENCODER_PRESETS.add("tiny", dict(
     vision=dict(model_type="resnet", num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1],
                 layer_type="basic", downsample_in_first_stage=False),
-    text=dict(model_type="bert", vocab_size=1024, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+    text=dict(model_type="bert", vocab_size=1024, hidden_size=128, num_hidden_layers=0, num_attention_heads=4,
               intermediate_size=256, max_position_embeddings=128),
-    vision_pooling="mean", text_pooling="mean", embed_dim=512, mrl_dims=[512, 256, 128, 64, 32]))
+    vision_pooling="mean", text_pooling="mean", embed_dim=512, mrl_dims=[512, 256, 128, 64, 32], hard_negative_weight=1.0))
 DUAL_ENCODER_PRESETS.add("base", dict(
     vision=dict(model_type="vit", image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
                 num_attention_heads=12, intermediate_size=3072),
