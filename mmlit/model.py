@@ -8,6 +8,7 @@ Docs: https://mmlit.github.io/mmlit/model.html.md"""
 from __future__ import annotations
 
 import dataclasses, inspect, json, math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,14 +214,12 @@ class DualEncoderOutput:
     logit_scale: torch.Tensor | None = None
     mrl_dim: int | None = None
 
+@contextmanager
 def seeded_init(seed: int):
-    "A context in which torch's global generator is seeded from `(seed, Stream.MODEL_INIT)` and restored after."
-    class _Ctx:
-        def __enter__(self):
-            self.fork = torch.random.fork_rng(devices=[]); self.fork.__enter__()
-            torch.manual_seed(derive_seed(seed, 0, 0, Stream.MODEL_INIT))
-        def __exit__(self, *exc): return self.fork.__exit__(*exc)
-    return _Ctx()
+    "A context in which torch's global generator is seeded from `(seed, Stream.MODEL_INIT)`, restored after."
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, 0, 0, Stream.MODEL_INIT))
+        yield
 
 # %% ../nbs/05_model.ipynb #f9defc82
 class DualEncoder(nn.Module):
