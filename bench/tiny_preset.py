@@ -5,7 +5,7 @@ mmlit's loader, and print steps/s, held-out zero-shot digit accuracy and hard-ne
 
 Test rows are the demo rows whose digit was written by a hand (`digit_index % 5 == 0`) never seen in training.
 """
-import argparse, json, time
+import argparse, json, math, time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -69,6 +69,7 @@ def main():
     ap.add_argument("--embed", type=int, default=512); ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--text_layers", type=int, default=2); ap.add_argument("--text_width", type=int, default=128)
     ap.add_argument("--hn_weight", type=float, default=0.0)
+    ap.add_argument("--cosine", action="store_true", help="cosine decay of the lr to 0 over --steps")
     ap.add_argument("--wd", type=float, default=0.1); ap.add_argument("--steps", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -121,6 +122,7 @@ def main():
             ts = time.time()
             model.set_step(epoch, step)
             lr = a.lr * min(1.0, (step + 1) / a.warmup)
+            if a.cosine and total: lr *= 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
             for g in opt.param_groups: g["lr"] = lr
             out = model(**batch)
             opt.zero_grad(set_to_none=True); out.loss.backward(); opt.step()

@@ -8,6 +8,7 @@ Docs: https://mmlit.github.io/mmlit/model.html.md"""
 from __future__ import annotations
 
 import dataclasses, inspect, json, math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,9 +188,9 @@ DUAL_ENCODER_PRESETS = Registry("dual encoder preset")
 DUAL_ENCODER_PRESETS.add("tiny", dict(
     vision=dict(model_type="resnet", num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1],
                 layer_type="basic", downsample_in_first_stage=False),
-    text=dict(model_type="bert", vocab_size=1024, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+    text=dict(model_type="bert", vocab_size=1024, hidden_size=128, num_hidden_layers=0, num_attention_heads=4,
               intermediate_size=256, max_position_embeddings=128),
-    vision_pooling="mean", text_pooling="mean", embed_dim=512, mrl_dims=[512, 256, 128, 64, 32]))
+    vision_pooling="mean", text_pooling="mean", embed_dim=512, mrl_dims=[512, 256, 128, 64, 32], hard_negative_weight=1.0))
 DUAL_ENCODER_PRESETS.add("base", dict(
     vision=dict(model_type="vit", image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
                 num_attention_heads=12, intermediate_size=3072),
@@ -213,14 +214,12 @@ class DualEncoderOutput:
     logit_scale: torch.Tensor | None = None
     mrl_dim: int | None = None
 
+@contextmanager
 def seeded_init(seed: int):
-    "A context in which torch's global generator is seeded from `(seed, Stream.MODEL_INIT)` and restored after."
-    class _Ctx:
-        def __enter__(self):
-            self.fork = torch.random.fork_rng(devices=[]); self.fork.__enter__()
-            torch.manual_seed(derive_seed(seed, 0, 0, Stream.MODEL_INIT))
-        def __exit__(self, *exc): return self.fork.__exit__(*exc)
-    return _Ctx()
+    "A context in which torch's global generator is seeded from `(seed, Stream.MODEL_INIT)`, restored after."
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, 0, 0, Stream.MODEL_INIT))
+        yield
 
 # %% ../nbs/05_model.ipynb #f9defc82
 class DualEncoder(nn.Module):

@@ -68,6 +68,9 @@ def test_qwen2_vl_embedder_takes_qwen2_vl_batch(demo):
     out = model(**batch)
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.image_embeds.shape == (4, 64)
+    from mmlit.metrics import evaluate
+    res = evaluate(model, [batch])
+    assert model.training and {"loss", "i2t_r1", "t2i_r5@32", "i2t_r1_caption"} <= set(res)
 
 
 def test_instruction_changes_the_query_and_unknown_task_is_named(demo):

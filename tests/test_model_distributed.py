@@ -20,7 +20,7 @@ COMMON = textwrap.dedent("""
             vision=dict(model_type="vit", image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
                         num_attention_heads=2, intermediate_size=64),
             vision_pooling="cls", text_pooling="attention")
-        cfg.text.update(hidden_size=32, num_attention_heads=2, intermediate_size=64,
+        cfg.text.update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)   # no dropout: ranks draw nothing
         return DualEncoder(cfg)
 
@@ -64,7 +64,7 @@ WORKER = COMMON + textwrap.dedent("""
     res = evaluate(model, [mine], labels_key="label")
     if rank == 0:
         json.dump(dict(loss=out.loss.item(), loss_clip=out.loss_clip.item(), loss_mrl=out.loss_mrl.item(),
-                       loss_siglip=out.loss_siglip.item(), grads=grads, eval=res), open(sys.argv[1], "w"))
+                       loss_siglip=out.loss_siglip.item(), loss_hardneg=out.loss_hardneg.item(), grads=grads, eval=res), open(sys.argv[1], "w"))
     else:
         json.dump(dict(eval=res), open(sys.argv[1] + ".1", "w"))
     dist.destroy_process_group()
@@ -94,7 +94,7 @@ def single():
 def test_two_ranks_loss_equals_one_process_over_the_global_batch(two_ranks):
     r0, _ = two_ranks
     _, out, _ = single()
-    for k in ("loss", "loss_clip", "loss_mrl", "loss_siglip"):
+    for k in ("loss", "loss_clip", "loss_mrl", "loss_siglip", "loss_hardneg"):
         assert abs(r0[k] - getattr(out, k).item()) < 1e-5, k
 
 
