@@ -133,16 +133,21 @@ def renamed_kwargs(**renames: str):
     return deco
 
 # %% ../nbs/00_core.ipynb #1d9f9ab4
+def _redefinition(old: Any, new: Any) -> bool:
+    "Is `new` the same named definition as `old` run again (a notebook cell re-run, a module imported after its notebook ran)?"
+    q = getattr(new, "__qualname__", None)
+    return isinstance(q, str) and "<" not in q and q == getattr(old, "__qualname__", None)
+
 class Registry:
     "A name → object table with a `register` decorator and metadata to select by."
     def __init__(self, kind: str):
         self.kind, self._items, self._meta = kind, {}, {}
 
     def add(self, name: str, obj: Any, *, overwrite: bool = False, **meta) -> Any:
-        "Register `obj` under `name` with optional metadata; refuse to shadow unless `overwrite`."
+        "Register `obj` under `name` with optional metadata; refuse to shadow another definition unless `overwrite`."
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{self.kind} name must be a non-empty string, got {name!r}")
-        if name in self._items and not overwrite:
+        if name in self._items and not overwrite and not _redefinition(self._items[name], obj):
             raise ConfigError(f"{self.kind} {name!r} is already registered (pass overwrite=True to replace it)")
         self._items[name], self._meta[name] = obj, dict(meta)
         return obj
