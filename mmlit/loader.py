@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 from .core import ConfigError, Stream, derive_seed
 from .dataset import (BadRecord, DeterministicDataset, MMDataset, Mixture, SkipReport, Skipped,
                            as_mm_dataset, split_skipped)
+from .storage import IOStats, io_stats
 
 # %% auto #0
 __all__ = ['LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'rank_steps', 'ShardedBatchSampler', 'TimedTransform', 'Samples',
@@ -211,7 +212,8 @@ class SkipAwareCollate:
         done, info = time.perf_counter(), get_worker_info()
         stats = dict(worker=info.id if info else -1, samples=len(good), fetch=getattr(samples, "fetch_s", 0.0),
                      preprocess=getattr(samples, "preprocess_s", 0.0), collate=done - t,
-                     busy=done - getattr(samples, "began", t))
+                     busy=done - getattr(samples, "began", t),
+                     io=io_stats.take())                   # object-storage requests, bytes and retries since the last batch
         return Delivery(batch, bad, stats)
 
 # %% ../nbs/04_loader.ipynb #edbcd7a0
@@ -299,7 +301,7 @@ class ResumableLoader:
             persistent_workers=cfg.persistent_workers, worker_init_fn=WorkerSeeder(cfg.seed) if w else None,
             generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 0, Stream.WORKER)))
         self.epoch, self.position = 0, 0
-        self.report, self.timings = SkipReport(), LoaderTimings()
+        self.report, self.timings, self.io = SkipReport(), LoaderTimings(), IOStats()   # io: object-storage reads and retries
 
     @property
     def n(self) -> int: return len(self.dataset)
@@ -330,6 +332,7 @@ class ResumableLoader:
         for k, d in enumerate(self.dataloader):
             self.report.extend(d.bad)
             self.timings.add(d.stats)
+            self.io.add(d.stats.get("io"))
             self.epoch, self.position = epoch, ends[k]
             if d.batch is not None: yield d.batch
         self.epoch, self.position = epoch + 1, 0
