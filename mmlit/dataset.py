@@ -27,11 +27,12 @@ from .core import (BadRecordError, ConfigError, Registry, Stream, TooManyBadReco
                         derive_seed, np_rng)
 
 # %% auto #0
-__all__ = ['logger', 'RECORD_KEYS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'task_formats', 'make_record',
-           'BadRecord', 'Skipped', 'split_skipped', 'SkipReport', 'MMDataset', 'check_image_size', 'open_image',
-           'JsonlImageText', 'expand_paths', 'TextCorpus', 'open_image_cell', 'ParquetImageText', 'HFDataset',
-           'TorchDataset', 'TensorList', 'as_mm_dataset', 'open_source', 'locate_error', 'DeterministicDataset',
-           'Mixture', 'format_caption', 'format_qa', 'format_pointing', 'format_counting', 'format_messages']
+__all__ = ['logger', 'RECORD_KEYS', 'TEXT_FIELDS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'UTF8_BOM',
+           'MAX_JSON_DEPTH', 'PARQUET_ERRORS', 'task_formats', 'make_record', 'BadRecord', 'Skipped', 'split_skipped',
+           'SkipReport', 'check_unicode', 'MMDataset', 'check_image_size', 'open_image', 'json_depth', 'JsonlImageText',
+           'expand_paths', 'TextCorpus', 'open_image_cell', 'ParquetImageText', 'HFDataset', 'TorchDataset',
+           'TensorList', 'as_mm_dataset', 'open_source', 'locate_error', 'DeterministicDataset', 'Mixture',
+           'format_caption', 'format_qa', 'format_pointing', 'format_counting', 'format_messages']
 
 # %% ../nbs/01_dataset.ipynb #04f85c80
 logger = logging.getLogger("mmlit.dataset")
@@ -58,7 +59,9 @@ class BadRecord:
     unit: str = "row"
 
     def to_dict(self) -> dict: return asdict(self)
-    def __str__(self) -> str: return f"{self.file or self.source} {self.unit} {self.index}: {self.reason}"
+    def __str__(self) -> str:
+        where = self.file or self.source
+        return f"{where}: {self.reason}" if self.unit == "file" else f"{where} {self.unit} {self.index}: {self.reason}"
 
 class Skipped:
     "Returned by `get` in place of a bad record (with `on_error='skip'`); falsy."
@@ -118,6 +121,30 @@ class SkipReport:
     __str__ = table
     def __repr__(self) -> str: return f"SkipReport({len(self)} bad)"
 
+# %% ../nbs/01_dataset.ipynb #f4283819
+TEXT_FIELDS = ("text", "negatives", "task", "messages")
+
+def _strings(v, name: str) -> Iterator[tuple[str, str]]:
+    "`(field label, string)` for every string in `v`, nested lists and dict values included."
+    if isinstance(v, str): yield name, v
+    elif isinstance(v, (list, tuple)):
+        for i, x in enumerate(v): yield from _strings(x, f"{name}[{i}]")
+    elif isinstance(v, dict):
+        for k, x in v.items(): yield from _strings(x, f"{name}.{k}")
+
+def check_unicode(rec: dict) -> dict:
+    "`rec`, or a `BadRecordError` naming its file and row when a text field is not valid Unicode (a lone surrogate)."
+    for name in TEXT_FIELDS:
+        for label, s in _strings(rec.get(name), name):
+            try: s.encode("utf-8")
+            except UnicodeEncodeError as e:
+                c, m = ord(s[e.start]), rec.get("meta") or {}
+                how = f", how Python reads the byte 0x{c - 0xDC00:02x} that is not UTF-8" if 0xDC80 <= c <= 0xDCFF else ""
+                raise BadRecordError(f"field {label!r} is not valid Unicode: lone surrogate U+{c:04X} at character {e.start}{how}",
+                                     source=m.get("source"), file=m.get("file"), index=m.get("index"),
+                                     unit=m.get("unit", "row")) from None
+    return rec
+
 # %% ../nbs/01_dataset.ipynb #19242c48
 ON_ERROR = ("skip", "raise")
 
@@ -140,7 +167,7 @@ class MMDataset(torch.utils.data.Dataset):
     def get(self, idx: int, rng: np.random.Generator | None = None) -> dict | Skipped:
         "Record `idx` (or `Skipped`); random choices come from `rng` (default: derived from `idx`)."
         idx = self._check_index(idx)
-        try: rec = self.load(idx)
+        try: rec = check_unicode(self.load(idx))
         except BadRecordError as e: return self.handle_bad(e, idx)
         if self.text_dropout and (rng if rng is not None else np_rng(self.seed, 0, idx)).random() < self.text_dropout:
             rec["text"] = ""
@@ -250,32 +277,76 @@ def _messages(v, where: dict) -> list[dict] | None:
     return [dict(role=m["role"], content=m["content"]) for m in v]
 
 # %% ../nbs/01_dataset.ipynb #ea6be655
+UTF8_BOM = b"\xef\xbb\xbf"
+
+def _open_bytes(path: Path):
+    "Open a JSONL or text file to read bytes: the one place those sources open files."
+    return open(path, "rb")
+
+def _skip_bom(f) -> int:
+    "Move `f` past a UTF-8 byte-order mark at its start; the number of bytes skipped (3 or 0)."
+    if f.read(3) == UTF8_BOM: return 3
+    f.seek(0)
+    return 0
+
 def _line_offsets(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    "Byte offsets and 0-based line numbers of the non-blank lines of `path`."
-    offs, lines, pos = [], [], 0
-    with open(path, "rb") as f:
+    "Byte offsets and 0-based line numbers of the non-blank lines of `path` (a leading BOM is not part of line 0)."
+    offs, lines = [], []
+    with _open_bytes(path) as f:
+        pos = _skip_bom(f)
         for i, raw in enumerate(f):
             if raw.strip(): offs.append(pos); lines.append(i)
             pos += len(raw)
     return np.asarray(offs, dtype=np.int64), np.asarray(lines, dtype=np.int64)
 
 def _read_line(path: Path, offset: int) -> bytes:
-    with open(path, "rb") as f:
+    with _open_bytes(path) as f:
         f.seek(offset)
         return f.readline()
-
-def _parse_json_line(raw: bytes, where: dict) -> dict:
-    "Parse one JSONL line into a dict, or raise `BadRecordError`."
-    try: obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRecordError(f"invalid JSON ({e})", **where) from None
-    if not isinstance(obj, dict): raise BadRecordError(f"expected a JSON object, got {type(obj).__name__}", **where)
-    return obj
 
 def _check_path(path) -> Path:
     p = Path(path)
     if not p.is_file(): raise FileNotFoundError(f"no such file: {p}")
     return p
+
+# %% ../nbs/01_dataset.ipynb #1abc109d
+import re
+import threading
+
+MAX_JSON_DEPTH = 950  # a fresh thread's stack parses ~990 levels under Python's default recursion limit
+_SHALLOW_JSON = 64    # lines with no more brackets than this are parsed directly
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+def json_depth(raw: bytes) -> int:
+    "How deep arrays and objects nest in the JSON text `raw` (brackets inside strings do not count)."
+    b = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    step = (b == ord("[")).astype(np.int64) + (b == ord("{")) - (b == ord("]")) - (b == ord("}"))
+    return int(np.cumsum(step).max(initial=0))
+
+def _loads_on_fresh_stack(raw: bytes):
+    "`json.loads(raw)` on a new thread, so the caller's stack depth does not matter."
+    out = {}
+    def parse():
+        try: out["value"] = json.loads(raw)
+        except BaseException as e: out["error"] = e
+    t = threading.Thread(target=parse, name="mmlit-json-line")
+    t.start(); t.join()
+    if "error" in out: raise out["error"]
+    return out["value"]
+
+def _parse_json_line(raw: bytes, where: dict) -> dict:
+    "Parse one JSONL line into a dict, or raise `BadRecordError` (not JSON, nested too deeply, not an object)."
+    n_open = raw.count(b"[") + raw.count(b"{")          # a bound on the depth, counted in C
+    depth = json_depth(raw) if n_open > _SHALLOW_JSON else n_open
+    if depth > MAX_JSON_DEPTH:
+        raise BadRecordError(f"JSON nested {depth} levels deep, more than MAX_JSON_DEPTH={MAX_JSON_DEPTH}", **where)
+    try: obj = _loads_on_fresh_stack(raw) if depth > _SHALLOW_JSON else json.loads(raw)
+    except RecursionError:  # only with a recursion limit lowered below the default
+        raise BadRecordError(f"JSON nested {depth} levels deep, too deep for Python's parser (RecursionError)", **where) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise BadRecordError(f"invalid JSON ({e})", **where) from None
+    if not isinstance(obj, dict): raise BadRecordError(f"expected a JSON object, got {type(obj).__name__}", **where)
+    return obj
 
 # %% ../nbs/01_dataset.ipynb #60fa4150
 class JsonlImageText(MMDataset):
@@ -322,8 +393,9 @@ def expand_paths(paths, suffixes: Sequence[str] = ()) -> list[Path]:
 
 def _text_spans(path: Path, split: str) -> list[tuple[int, int, int]]:
     "(start, end, first line) byte spans of the documents of a text file."
-    spans, start, first, pos = [], None, 0, 0
-    with open(path, "rb") as f:
+    spans, start, first = [], None, 0
+    with _open_bytes(path) as f:
+        pos = _skip_bom(f)                               # a BOM is not part of the first document
         for i, raw in enumerate(f):
             blank = not raw.strip()
             if split == "line":
@@ -364,7 +436,7 @@ class TextCorpus(MMDataset):
         if end < 0:
             text = _pick(_parse_json_line(_read_line(f, start), where), (self.field,), str, where, required=True)
         else:
-            with open(f, "rb") as fh:
+            with _open_bytes(f) as fh:
                 fh.seek(start)
                 raw = fh.read(end - start)
             try: text = raw.decode("utf-8")
@@ -381,17 +453,64 @@ import pyarrow.parquet as pq
 
 def open_image_cell(v, column: str = "image", *, root: Path | None = None, decode: bool = True,
                     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, where: dict | None = None) -> Image.Image:
-    "Open a table's image cell: an HF `{bytes, path}` struct (path relative to `root`), bytes or a path."
+    "Open a table's image cell: an HF `{bytes, path}` struct, bytes, or a path (relative to `root` when given)."
     where = where or {}
     if isinstance(v, dict):
         if v.get("bytes") is not None: v = v["bytes"]
-        elif v.get("path"): v = Path(v["path"]) if root is None else root / v["path"]
+        elif v.get("path"): v = v["path"]
         else: raise BadRecordError("image cell has neither bytes nor path", **where)
     if v is None: raise BadRecordError(f"image column {column!r} is null", **where)
-    if not isinstance(v, (bytes, str, Path)):
-        raise BadRecordError(f"image column {column!r} holds {type(v).__name__}, not bytes", **where)
+    if isinstance(v, str) and not v: raise BadRecordError(f"image column {column!r} holds an empty path", **where)
+    if isinstance(v, (str, Path)): v = Path(v) if root is None else Path(root) / v   # an absolute path stays as it is
+    if not isinstance(v, (bytes, Path)):
+        raise BadRecordError(f"image column {column!r} holds {type(v).__name__}, not bytes or a path", **where)
     return open_image(v, decode=decode, max_pixels=max_pixels, where=where)
 
+# %% ../nbs/01_dataset.ipynb #0eec48ee
+PARQUET_ERRORS = (OSError, pa.ArrowException)  # what pyarrow raises for a damaged file, footer or page
+
+def _open_parquet(path, verify_checksums: bool = True, **kwargs) -> pq.ParquetFile:
+    "Open one Parquet shard, checking page checksums where the writer stored them: the one place shards are opened."
+    return pq.ParquetFile(path, page_checksum_verification=verify_checksums, **kwargs)
+
+def _shard_layout(path, verify_checksums: bool = True) -> tuple[list[str], list[int]]:
+    "A shard's column names and rows per row group, from its footer; `BadRecordError` (unit 'file') when unreadable."
+    try:
+        with _open_parquet(path, verify_checksums) as pf:
+            md, names = pf.metadata, pf.schema_arrow.names
+            rows = [md.row_group(r).num_rows for r in range(md.num_row_groups)]
+        if min(rows, default=0) < 0 or sum(rows) != md.num_rows:
+            raise ValueError(f"the footer's row groups hold {rows} rows, not its total of {md.num_rows}")
+    except (*PARQUET_ERRORS, ValueError) as e:
+        raise BadRecordError(f"not a readable Parquet file ({type(e).__name__}: {' '.join(str(e).split())}); "
+                             "its rows are unknown, none were read", source="parquet", file=str(path), unit="file") from None
+    return names, rows
+
+def _as_bytes_type(t: pa.DataType) -> pa.DataType:
+    "`t` with every string type replaced by the matching binary type (same layout, no UTF-8 check)."
+    if pa.types.is_string(t): return pa.binary()
+    if pa.types.is_large_string(t): return pa.large_binary()
+    if pa.types.is_dictionary(t): return _as_bytes_type(t.value_type)
+    if pa.types.is_list(t): return pa.list_(_as_bytes_type(t.value_type))
+    if pa.types.is_large_list(t): return pa.large_list(_as_bytes_type(t.value_type))
+    if pa.types.is_struct(t): return pa.struct([pa.field(f.name, _as_bytes_type(f.type)) for f in t])
+    return t
+
+def _as_text(v, t: pa.DataType):
+    "A value read through `_as_bytes_type(t)` with its strings decoded; bytes that are not UTF-8 become lone surrogates."
+    if v is None: return None
+    if pa.types.is_string(t) or pa.types.is_large_string(t): return v.decode("utf-8", "surrogateescape")
+    if pa.types.is_dictionary(t): return _as_text(v, t.value_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t): return [_as_text(x, t.value_type) for x in v]
+    if pa.types.is_struct(t): return {f.name: _as_text(v[f.name], f.type) for f in t}
+    return v
+
+def _column_values(col: pa.ChunkedArray) -> list:
+    "A column as Python values; a string that is not UTF-8 fails its own row (in `check_unicode`), not the row group."
+    try: return col.to_pylist()
+    except UnicodeDecodeError: return [_as_text(v, col.type) for v in col.cast(_as_bytes_type(col.type)).to_pylist()]
+
+# %% ../nbs/01_dataset.ipynb #ba10c47e
 class ParquetImageText(MMDataset):
     "Image-text pairs from Parquet shards with embedded image bytes, read by row group."
     source = "parquet"
@@ -399,32 +518,39 @@ class ParquetImageText(MMDataset):
     def __init__(self, paths, *, image_column: str | None = "image", text_column: str = "caption",
                  negatives_column: str | None = "negatives", task_column: str | None = "task",
                  decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                 cache_row_groups: int = 1, **kwargs):
+                 cache_row_groups: int = 1, verify_checksums: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.files = expand_paths(paths, (".parquet",))
         self.image_column, self.text_column, self.decode, self.max_pixels = image_column, text_column, decode, max_pixels
-        self.negatives_column, self.task_column = negatives_column, task_column
+        self.negatives_column, self.task_column, self.verify_checksums = negatives_column, task_column, verify_checksums
         self.cache_row_groups = max(1, int(cache_row_groups))
         starts, rg_file, rg_index, file_start, n = [], [], [], [], 0
-        self.columns: list[str] = []
+        self.file_columns: list[list[str]] = []        # per shard: the columns read from it
+        unreadable: list[BadRecordError] = []
         for k, f in enumerate(self.files):
-            pf = pq.ParquetFile(f)
-            names = pf.schema_arrow.names
-            for col in (text_column, image_column):
-                if col is not None and col not in names:
-                    raise ConfigError(f"{f}: no column {col!r}; columns are {names}")
-            if k == 0:
-                self.columns = [c for c in (image_column, text_column) if c is not None]
-                self.columns += [c for c in (negatives_column, task_column) if c is not None and c in names]
             file_start.append(n)
-            for r in range(pf.metadata.num_row_groups):
+            try: names, rows = _shard_layout(f, verify_checksums)
+            except BadRecordError as e:
+                unreadable.append(e); self.file_columns.append([])
+                continue
+            self.file_columns.append(self._columns_of(f, names))
+            for r, m in enumerate(rows):
                 starts.append(n); rg_file.append(k); rg_index.append(r)
-                n += pf.metadata.row_group(r).num_rows
+                n += m
+        if unreadable and len(unreadable) == len(self.files): raise unreadable[0]  # no readable shard: no dataset
         self._starts = starts + [n]                       # first row of each row group (plain ints: bisect)
         self._rg_file, self._rg_index, self._file_start = rg_file, rg_index, file_start
         self._n = n
         self._handles: dict[int, pq.ParquetFile] = {}
         self._cache: OrderedDict = OrderedDict()
+        for e in unreadable: self.handle_bad(e, 0)       # raise, or one counted skip per damaged shard
+
+    def _columns_of(self, f: Path, names: list[str]) -> list[str]:
+        "The columns to read from shard `f`: the text and image columns (`ConfigError` naming `f` if absent) and the optional ones it has."
+        for col in (self.text_column, self.image_column):
+            if col is not None and col not in names: raise ConfigError(f"{f}: no column {col!r}; columns are {names}")
+        return [c for c in (self.image_column, self.text_column, self.negatives_column, self.task_column)
+                if c is not None and c in names]
 
     def __len__(self) -> int: return self._n
     @property
@@ -449,10 +575,10 @@ class ParquetImageText(MMDataset):
         while len(self._cache) >= self.cache_row_groups: self._cache.popitem(last=False)  # free before reading
         k = self._rg_file[g]
         if k not in self._handles:  # no read-ahead cache kept per file; pages streamed through a 64 kB buffer
-            self._handles[k] = pq.ParquetFile(self.files[k], memory_map=False, pre_buffer=False, buffer_size=1 << 16)
-        names = [c for c in self.columns if c in self._handles[k].schema_arrow.names]
-        table = self._handles[k].read_row_group(self._rg_index[g], columns=names, use_threads=False)
-        self._cache[g] = cols = {c: table.column(c).to_pylist() for c in names}
+            self._handles[k] = _open_parquet(self.files[k], self.verify_checksums, memory_map=False,
+                                             pre_buffer=False, buffer_size=1 << 16)
+        table = self._handles[k].read_row_group(self._rg_index[g], columns=self.file_columns[k], use_threads=False)
+        self._cache[g] = cols = {c: _column_values(table.column(c)) for c in self.file_columns[k]}
         del table
         pa.default_memory_pool().release_unused()         # the decoder's scratch space, back to the OS
         return cols
@@ -462,19 +588,18 @@ class ParquetImageText(MMDataset):
         k = self._rg_file[g]
         where = dict(source=self.source, file=str(self.files[k]), index=idx - self._file_start[k], unit="row")
         try: cols = self._row_group(g)
-        except (OSError, pa.ArrowException) as e:  # a damaged page: every row of that group is unreadable
+        except PARQUET_ERRORS as e:  # a damaged page or a checksum mismatch: every row of that group is unreadable
             raise BadRecordError(f"row group {self._rg_index[g]} is unreadable ({type(e).__name__}: {e})", **where) from None
         i = idx - self._starts[g]
         row = {c: v[i] for c, v in cols.items()}
         text = _pick(row, (self.text_column,), str, where, required=True)
         image = None
-        if self.image_column is not None:
+        if self.image_column is not None:              # plain paths and {path} structs: relative to the shard's folder
             image = open_image_cell(row.get(self.image_column), self.image_column, root=self.files[k].parent,
                                     decode=self.decode, max_pixels=self.max_pixels, where=where)
         negatives = _str_list(row.get(self.negatives_column), "negatives", where) if self.negatives_column in row else []
         task = _pick(row, (self.task_column,), str, where) if self.task_column in row else None
         return make_record(text, image, negatives, task, None, where)
-
 
 # %% ../nbs/01_dataset.ipynb #82118f58
 class HFDataset(MMDataset):
