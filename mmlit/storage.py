@@ -25,7 +25,7 @@ from .core import ConfigError, MmlitError
 # %% auto #0
 __all__ = ['logger', 'io_stats', 'is_uri', 'local_path', 'uri_join', 'uri_parent', 'StorageError', 'ObjectNotFound',
            'AccessDenied', 'StorageUnavailable', 'classify', 'IOStats', 'Retry', 'call_with_retry', 'RangeCache',
-           'Store', 'RangeFile', 'as_store']
+           'Store', 'RangeFile', 'Location', 'as_location', 'open_file', 'as_store']
 
 # %% ../nbs/01c_storage.ipynb #dbe10e31
 logger = logging.getLogger("mmlit.storage")
@@ -58,10 +58,10 @@ class StorageError(MmlitError):
         super().__init__(f"{uri}: {reason}")
         self.uri, self.reason = uri, reason
 
-class ObjectNotFound(StorageError, FileNotFoundError):
+class ObjectNotFound(StorageError):
     "The key (or bucket) does not exist."
 
-class AccessDenied(StorageError, PermissionError):
+class AccessDenied(StorageError):
     "The credentials may not read the object."
 
 class StorageUnavailable(StorageError):
@@ -288,7 +288,7 @@ class Store:
             hits = [p for p in self._call(pattern, "list", lambda: fs.find(path))
                     if not suffixes or Path(p).suffix in suffixes]
         else: hits = [path] if self._call(pattern, "look up", lambda: fs.isfile(path)) else []
-        return sorted(fs.unstrip_protocol(h) for h in hits)
+        return [Location(u, self) for u in sorted(fs.unstrip_protocol(h) for h in hits)]
 
     def version(self, uri: str) -> tuple[int, str]:
         "(size, version tag) of an object, looked up once per process."
@@ -333,8 +333,8 @@ class Store:
         "The whole file or object."
         return self.read_range(uri, 0, self.size(uri)) if is_uri(uri) else local_path(uri).read_bytes()
 
-    def open(self, uri, buffering: int = 1 << 16):
-        "A binary file object: local files as they are, objects read by range (buffered by `buffering` bytes; 0: exact reads)."
+    def open(self, uri, buffering: int = 0):
+        "A binary file object: local files as they are, objects as a `RangeFile` (or buffered by `buffering` bytes)."
         if not is_uri(uri): return open(local_path(uri), "rb")
         raw = RangeFile(self, str(uri))
         return io.BufferedReader(raw, buffering) if buffering else raw
@@ -343,13 +343,15 @@ class Store:
         opts = {k: ("***" if k in ("key", "secret", "token", "password") else v) for k, v in self.storage_options.items()}
         return f"Store({opts}, {self.retry}, cache={self.cache})"
 
-# %% ../nbs/01c_storage.ipynb #b8ac97fd
+# %% ../nbs/01c_storage.ipynb #d5262d45
 class RangeFile(io.RawIOBase):
-    "A seekable read-only file over an object: each `read` is one ranged request (or a cache hit)."
+    "A seekable read-only file over an object: `read(n)` is one ranged request; `readline` reads ahead."
+    MIN_CHUNK, MAX_CHUNK = 1 << 12, 1 << 20
+
     def __init__(self, store: Store, uri: str):
-        self.store, self.uri, self.pos = store, uri, 0
+        self.store, self.uri, self.name, self.pos = store, uri, uri, 0
         self.size = store.size(uri)
-        self.name = uri
+        self._buf, self._buf_at, self._chunk = b"", 0, self.MIN_CHUNK
 
     def readable(self) -> bool: return True
     def seekable(self) -> bool: return True
@@ -361,21 +363,66 @@ class RangeFile(io.RawIOBase):
         self.pos = base + offset
         return self.pos
 
-    def readinto(self, b) -> int:
-        data = self.store.read_range(self.uri, self.pos, self.pos + len(b))
-        b[:len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
     def read(self, n: int = -1) -> bytes:
-        end = self.size if n is None or n < 0 else self.pos + n
-        data = self.store.read_range(self.uri, self.pos, end)
+        end = self.size if n is None or n < 0 else min(self.pos + n, self.size)
+        lo = self.pos - self._buf_at
+        if 0 <= lo and end - self._buf_at <= len(self._buf): data = self._buf[lo:end - self._buf_at]   # read ahead already
+        else: data = self.store.read_range(self.uri, self.pos, end)
         self.pos += len(data)
         return data
 
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
     def readall(self) -> bytes: return self.read(-1)
 
-# %% ../nbs/01c_storage.ipynb #d5262d45
+    def readline(self, limit: int = -1) -> bytes:
+        out = []
+        while self.pos < self.size:
+            lo = self.pos - self._buf_at
+            if not 0 <= lo < len(self._buf):              # fetch the next chunk, larger while reads stay sequential
+                self._chunk = min(self._chunk * 2, self.MAX_CHUNK) if self.pos == self._buf_at + len(self._buf) and self._buf else self.MIN_CHUNK
+                self._buf, self._buf_at, lo = self.store.read_range(self.uri, self.pos, self.pos + self._chunk), self.pos, 0
+            nl = self._buf.find(b"\n", lo)
+            piece = self._buf[lo:] if nl < 0 else self._buf[lo:nl + 1]
+            if limit is not None and limit >= 0: piece = piece[:limit - sum(map(len, out))]
+            out.append(piece); self.pos += len(piece)
+            if nl >= 0 or (limit is not None and 0 <= limit <= sum(map(len, out))): break
+        return b"".join(out)
+
+# %% ../nbs/01c_storage.ipynb #8cd19fef
+class Location(str):
+    "A URI that keeps the `Store` reading it; `parent`, `name`, `suffix`, `/`, `is_file` and `read_bytes` as on a `Path`."
+    def __new__(cls, uri: str, store: Store | None = None):
+        loc = super().__new__(cls, uri)
+        loc.store = as_store(store)
+        return loc
+
+    def __reduce__(self): return (Location, (str(self), self.store))
+    @property
+    def parent(self) -> Location: return Location(uri_parent(self), self.store)
+    @property
+    def name(self) -> str: return self.rstrip("/").rsplit("/", 1)[-1]
+    @property
+    def suffix(self) -> str: return Path(self.name).suffix
+    def __truediv__(self, rel) -> Location: return Location(uri_join(self, str(rel)), self.store)
+    def is_file(self) -> bool: return self.store.is_file(self)
+    def read_bytes(self) -> bytes: return self.store.read_bytes(self)
+    def open(self, buffering: int = 0): return self.store.open(self, buffering)
+
+def as_location(path, store: Store | dict | None = None) -> Path | Location:
+    "A `Location` for a URI (read with `store`), a `Path` for anything local."
+    if isinstance(path, Location): return path
+    return Location(str(path), store) if is_uri(path) else local_path(path)
+
+def open_file(path, buffering: int = 0):
+    "Open a local path or a `Location` (or a URI, with the default store) to read bytes."
+    loc = as_location(path)
+    return loc.open(buffering) if isinstance(loc, Location) else open(loc, "rb")
+
+# %% ../nbs/01c_storage.ipynb #06d8acca
 _stores: dict[Any, Store] = {}
 
 def as_store(storage: Store | dict | None = None) -> Store:
