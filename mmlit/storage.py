@@ -16,6 +16,7 @@ import os
 import socket
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -140,6 +141,7 @@ class IOStats:
         return s
 
 io_stats = IOStats()   # this process's counts
+if hasattr(os, "register_at_fork"): os.register_at_fork(after_in_child=io_stats.reset)   # a worker counts its own reads only
 
 # %% ../nbs/01c_storage.ipynb #3b0bf4bd
 @dataclass(frozen=True)
@@ -250,6 +252,7 @@ def _s3_defaults(options: dict, retry: Retry) -> dict:
 
 class Store:
     "Lists, sizes and reads local paths and fsspec URIs, retrying transient faults and caching ranges if asked."
+    TAIL_BYTES, TAILS = 1 << 16, 1024  # object tails (footers) kept in memory: at most this long (pyarrow's footer read), this many
     def __init__(self, storage_options: dict | None = None, *, retry: Retry | None = None,
                  cache_dir: str | Path | None = None, cache_bytes: int | None = None):
         self.storage_options, self.retry = dict(storage_options or {}), retry or Retry()
@@ -259,14 +262,15 @@ class Store:
         self.cache = RangeCache(cache_dir, int(cache_bytes)) if cache_dir is not None else None
         self._fs: dict[str, Any] = {}
         self._versions: dict[str, tuple[int, str]] = {}
+        self._tails: OrderedDict = OrderedDict()   # (uri, start) -> the last bytes of an object: Parquet footers
         self._pid = os.getpid()
 
     def __getstate__(self):  # filesystem clients and their event loops stay in the process that made them
-        return {**self.__dict__, "_fs": {}, "_versions": {}}
+        return {**self.__dict__, "_fs": {}, "_versions": {}, "_tails": OrderedDict()}
 
     def fs(self, uri: str):
         "(filesystem, path inside it) for `uri`."
-        if self._pid != os.getpid(): self._fs, self._versions, self._pid = {}, {}, os.getpid()  # forked: new clients
+        if self._pid != os.getpid(): self._fs, self._versions, self._tails, self._pid = {}, {}, OrderedDict(), os.getpid()  # forked: new clients
         scheme = uri.partition("://")[0]
         if scheme not in self._fs:
             import fsspec
@@ -316,6 +320,8 @@ class Store:
         size, tag = self.version(uri)
         start, end = max(0, int(start)), min(int(end), size)
         if end <= start: return b""
+        tail = end == size and end - start <= self.TAIL_BYTES    # a footer: read once per process, whatever reads it
+        if tail and (uri, start) in self._tails: return self._tails[uri, start]
         key = RangeCache.key(uri, f"{size}:{tag}", start, end) if self.cache else None
         if key is not None and (data := self.cache.get(key)) is not None:
             io_stats.cache_hits += 1; io_stats.cache_hit_bytes += len(data)
@@ -327,6 +333,9 @@ class Store:
         io_stats.requests += 1; io_stats.bytes += len(data)
         if key is not None:
             io_stats.cache_evictions += self.cache.put(key, data); io_stats.cache_writes += 1
+        if tail:
+            self._tails[uri, start] = data
+            while len(self._tails) > self.TAILS: self._tails.popitem(last=False)
         return data
 
     def read_bytes(self, uri) -> bytes:
