@@ -113,7 +113,8 @@ def format_report(r: dict, max_bad: int = 20) -> str:
     if cap["count"]:
         lines.append(f"  captions  {cap['count']}  chars {st(cap['chars'])}  words {st(cap['words'])}  (min/mean/max)"
                      + (f"  empty {cap['empty']}" if cap["empty"] else ""))
-    for b in r["bad"][:max_bad]: lines.append(f"    {b['file']} {b['unit']} {b['index']}: {b['reason']}")
+    for b in r["bad"][:max_bad]:  # a damaged shard (unit "file") has no row to name
+        lines.append(f"    {b['file']}: {b['reason']}" if b["unit"] == "file" else f"    {b['file']} {b['unit']} {b['index']}: {b['reason']}")
     if len(r["bad"]) > max_bad: lines.append(f"    ... and {len(r['bad']) - max_bad} more (--json lists all)")
     rate = r["rows"] / r["seconds"] if r["seconds"] else float("inf")
     lines.append(f"  scanned in {r['seconds']:.2f} s ({rate:,.0f} records/s)")
