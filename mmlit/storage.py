@@ -256,8 +256,8 @@ class Store:
     def __init__(self, storage_options: dict | None = None, *, retry: Retry | None = None,
                  cache_dir: str | Path | None = None, cache_bytes: int | None = None):
         self.storage_options, self.retry = dict(storage_options or {}), retry or Retry()
-        cache_dir = cache_dir if cache_dir is not None else os.environ.get("MMLIT_CACHE_DIR")
-        if cache_bytes is None and os.environ.get("MMLIT_CACHE_BYTES"): cache_bytes = int(float(os.environ["MMLIT_CACHE_BYTES"]))
+        cache_dir = cache_dir if cache_dir is not None else os.environ.get("MMLIT_STORAGE_CACHE_DIR")
+        if cache_bytes is None and os.environ.get("MMLIT_STORAGE_CACHE_BYTES"): cache_bytes = int(float(os.environ["MMLIT_STORAGE_CACHE_BYTES"]))
         if (cache_dir is None) != (cache_bytes is None): raise ConfigError("give both cache_dir and cache_bytes (a size limit), or neither")
         self.cache = RangeCache(cache_dir, int(cache_bytes)) if cache_dir is not None else None
         self._fs: dict[str, Any] = {}
