@@ -116,10 +116,10 @@ class FaultProxy:
             while True:
                 data = src.recv(65536)
                 if not data: break
-                dst.sendall(data)
-                with self._lock:
+                with self._lock:                        # counted before it is passed on: a reader sees it counted
                     if way == "up": self.up_bytes += len(data)
                     else: self.down_bytes += len(data)
+                dst.sendall(data)
         except OSError: pass                            # either side closed: this connection is over
         finally:
             with contextlib.suppress(OSError): dst.shutdown(socket.SHUT_WR)
