@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse, logging, tempfile, time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmlit.dataset import ParquetImageText

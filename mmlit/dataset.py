@@ -140,7 +140,7 @@ def check_unicode(rec: dict) -> dict:
             try: s.encode("utf-8")
             except UnicodeEncodeError as e:
                 c, m = ord(s[e.start]), rec.get("meta") or {}
-                how = f", how Python reads the byte 0x{c - 0xDC00:02x} that is not UTF-8" if 0xDC80 <= c <= 0xDCFF else ""
+                how = f" (the byte 0x{c - 0xDC00:02x}, which is not UTF-8)" if 0xDC80 <= c <= 0xDCFF else ""
                 raise BadRecordError(f"field {label!r} is not valid Unicode: lone surrogate U+{c:04X} at character {e.start}{how}",
                                      source=m.get("source"), file=m.get("file"), index=m.get("index"),
                                      unit=m.get("unit", "row")) from None
@@ -322,8 +322,12 @@ _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 def json_depth(raw: bytes) -> int:
     "How deep arrays and objects nest in the JSON text `raw` (brackets inside strings do not count)."
     b = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
-    step = (b == ord("[")).astype(np.int64) + (b == ord("{")) - (b == ord("]")) - (b == ord("}"))
-    return int(np.cumsum(step).max(initial=0))
+    level = deepest = 0
+    for lo in range(0, len(b), 1 << 20):                 # 1 MB at a time: a hostile line costs no more memory
+        c = b[lo:lo + (1 << 20)]
+        levels = level + np.cumsum((c == ord("[")).astype(np.int32) + (c == ord("{")) - (c == ord("]")) - (c == ord("}")))
+        deepest, level = max(deepest, int(levels.max())), int(levels[-1])
+    return deepest
 
 def _loads_on_fresh_stack(raw: bytes):
     "`json.loads(raw)` on a new thread, so the caller's stack depth does not matter."
