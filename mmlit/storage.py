@@ -178,7 +178,7 @@ def call_with_retry(fn: Callable, uri: str, what: str, retry: Retry = Retry(), s
                            retry.attempts - 1, retry.wait(k))
             sleep(retry.wait(k))
 
-# %% ../nbs/01c_storage.ipynb #b8a6a573
+# %% ../nbs/01c_storage.ipynb #d0d6bae5
 class RangeCache:
     "Byte ranges of remote objects in a local folder, at most `max_bytes`, least recently used evicted first."
     def __init__(self, folder: str | Path, max_bytes: int):
@@ -241,7 +241,7 @@ class RangeCache:
     def clear(self): shutil.rmtree(self.folder, ignore_errors=True); self.folder.mkdir(parents=True); self._used = 0
     def __repr__(self) -> str: return f"RangeCache({str(self.folder)!r}, max_bytes={self.max_bytes:,})"
 
-# %% ../nbs/01c_storage.ipynb #94a9734d
+# %% ../nbs/01c_storage.ipynb #b8ac97fd
 def _s3_defaults(options: dict, retry: Retry) -> dict:
     "s3fs options: botocore makes one attempt per call (mmlit retries and counts) with timeouts, unless `options` set them."
     cfg = dict(options.get("config_kwargs") or {})
@@ -352,7 +352,7 @@ class Store:
         opts = {k: ("***" if k in ("key", "secret", "token", "password") else v) for k, v in self.storage_options.items()}
         return f"Store({opts}, {self.retry}, cache={self.cache})"
 
-# %% ../nbs/01c_storage.ipynb #d5262d45
+# %% ../nbs/01c_storage.ipynb #8cd19fef
 class RangeFile(io.RawIOBase):
     "A seekable read-only file over an object: `read(n)` is one ranged request; `readline` reads ahead."
     MIN_CHUNK, MAX_CHUNK = 1 << 12, 1 << 20
@@ -401,7 +401,7 @@ class RangeFile(io.RawIOBase):
             if nl >= 0 or (limit is not None and 0 <= limit <= sum(map(len, out))): break
         return b"".join(out)
 
-# %% ../nbs/01c_storage.ipynb #8cd19fef
+# %% ../nbs/01c_storage.ipynb #06d8acca
 class Location(str):
     "A URI that keeps the `Store` reading it; `parent`, `name`, `suffix`, `/`, `is_file` and `read_bytes` as on a `Path`."
     def __new__(cls, uri: str, store: Store | None = None):
@@ -431,7 +431,7 @@ def open_file(path, buffering: int = 0):
     loc = as_location(path)
     return loc.open(buffering) if isinstance(loc, Location) else open(loc, "rb")
 
-# %% ../nbs/01c_storage.ipynb #06d8acca
+# %% ../nbs/01c_storage.ipynb #58b7fc4d
 _stores: dict[Any, Store] = {}
 
 def as_store(storage: Store | dict | None = None) -> Store:
