@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -283,7 +284,7 @@ class Store:
     def _call(self, uri: str, what: str, fn: Callable):
         return call_with_retry(fn, uri, what, self.retry)
 
-    def glob(self, pattern: str, suffixes: Sequence[str] = ()) -> list[str]:
+    def glob(self, pattern: str, suffixes: Sequence[str] = ()) -> list[Location]:
         "URIs matching a glob, or the files under a prefix (those with `suffixes`), or the URI itself; sorted."
         fs, path = self.fs(pattern)
         if any(ch in path for ch in "*?["):
