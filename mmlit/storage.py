@@ -276,7 +276,8 @@ class Store:
         if scheme not in self._fs:
             import fsspec
             opts = _s3_defaults(self.storage_options, self.retry) if scheme in ("s3", "s3a") else self.storage_options
-            self._fs[scheme] = fs = fsspec.core.url_to_fs(uri, **opts)[0]
+            # its own instance (not fsspec's shared one): this store's options, timeouts and retry count only
+            self._fs[scheme] = fs = fsspec.core.url_to_fs(uri, **{"skip_instance_cache": True, **opts})[0]
             if scheme in ("s3", "s3a"): fs.retries = 1     # s3fs's own retry loop: one attempt (a class attribute)
         fs = self._fs[scheme]
         return fs, fs._strip_protocol(uri)
@@ -436,10 +437,11 @@ def open_file(path, buffering: int = 0):
 _stores: dict[Any, Store] = {}
 
 def as_store(storage: Store | dict | None = None) -> Store:
-    "A `Store` from a `Store`, a dict of storage options, or None (the default store, from the environment)."
+    "A `Store` from a `Store`, a dict of storage options, or None (the default store); one per options and environment."
     if isinstance(storage, Store): return storage
     if storage is not None and not isinstance(storage, dict):
         raise ConfigError(f"storage options must be a dict or a Store, got {type(storage).__name__}")
-    key = repr(sorted((storage or {}).items()))
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "FSSPEC_", "MMLIT_STORAGE_")))
+    key = repr((sorted((storage or {}).items()), env))     # a new environment (credentials, endpoint): a new store
     if key not in _stores: _stores[key] = Store(storage)
     return _stores[key]
