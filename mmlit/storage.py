@@ -403,7 +403,7 @@ class RangeFile(io.RawIOBase):
             if nl >= 0 or (limit is not None and 0 <= limit <= sum(map(len, out))): break
         return b"".join(out)
 
-# %% ../nbs/01c_storage.ipynb #06d8acca
+# %% ../nbs/01c_storage.ipynb #4c03c452
 class Location(str):
     "A URI that keeps the `Store` reading it; `parent`, `name`, `suffix`, `/`, `is_file` and `read_bytes` as on a `Path`."
     def __new__(cls, uri: str, store: Store | None = None):
