@@ -31,8 +31,16 @@ this machine's 2-process ceiling at the time of the run: the decode-only loop in
 in two processes at once, with no loader at all. On a 2-core machine shared with other jobs that
 ceiling is what bounds "2 workers / 0 workers".
 
+A last section reads the same photos from WebDataset tar shards (4 shards written by the
+`webdataset` package's ShardWriter): mmlit's `WebDatasetShards` (random access through a cached
+member index, exact resume) through the same loader and transform, against the `webdataset`
+package's own pipeline on the same shards — plain (`.decode("pil")`, bicubic resize, crop, float
+normalise per sample, DataLoader batching) and hand-tuned (raw bytes, draft() decode, box resize,
+uint8, batched inside the pipeline) — with 0 and 2 workers (timing only).
+
     python bench/loader.py            # quick: 384 images
     python bench/loader.py --n 2000   # steadier figures
+    python bench/loader.py --section webdataset   # the tar-shard section only
 """
 import argparse
 import contextlib
@@ -55,6 +63,10 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 CONFIGS = {"decode": "decode only (1 core)", "hf-plain": "HF plain, 0 workers", "hf-tuned": "HF hand-tuned, 0 workers",
            "mmlit-0": "mmlit, 0 workers", "mmlit-2": "mmlit, 2 workers"}   # --only NAME -> printed label
 SHUFFLED = {"mmlit-0-shuffle": 8, "mmlit-0-fullshuffle": 0}   # mmlit 0 workers, train mode: shuffle_window (timing only)
+WDS = {"wds-mmlit-0": "mmlit tar shards, 0 workers", "wds-mmlit-2": "mmlit tar shards, 2 workers",
+       "wds-plain-0": "webdataset plain, 0 workers", "wds-plain-2": "webdataset plain, 2 workers",
+       "wds-tuned-0": "webdataset hand-tuned, 0 w", "wds-tuned-2": "webdataset hand-tuned, 2 w"}   # timing only
+WDS_SHARDS = 4
 
 
 # --- memory: peak PSS of a process tree, from /proc ---
@@ -223,10 +235,60 @@ def hf_tuned(rows: dict) -> dict:
 # --- one configuration per process ---
 
 def prepare(tmp: Path, n: int) -> None:
-    "Write tmp/photos.parquet and fill the HF cache tmp/hf once, outside any measurement."
+    "Write tmp/photos.parquet and the same photos as tar shards; fill the HF cache and mmlit's tar index once, outside any measurement."
+    import pyarrow.parquet as pq
+    import webdataset as wds
     from datasets import load_dataset
+    from mmlit.formats import WebDatasetShards
     path = make_parquet(tmp / "photos.parquet", n)
     load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(tmp / "hf"))
+    table = pq.read_table(path)
+    with wds.ShardWriter(str(tmp / "shard-%06d.tar"), maxcount=-(-n // WDS_SHARDS), verbose=0) as sink:
+        for i, (img, cap) in enumerate(zip(table.column("image").to_pylist(), table.column("caption").to_pylist())):
+            sink.write({"__key__": f"{i:08d}", "jpg": img, "txt": cap})
+    WebDatasetShards(shard_pattern(tmp))                  # builds the member index into $MMLIT_CACHE
+
+
+def shard_pattern(tmp: Path) -> str:
+    return str(tmp / f"shard-{{000000..{WDS_SHARDS - 1:06d}}}.tar")
+
+
+def wds_plain(sample: tuple):
+    "webdataset plain: a PIL image from .decode('pil') -> bicubic resize, crop, float normalise."
+    import numpy as np, torch
+    from PIL import Image
+    img = sample[0].convert("RGB")
+    w, h = img.size; s = 224 / min(w, h)
+    img = img.resize((max(224, round(w * s)), max(224, round(h * s))), Image.BICUBIC)
+    l, t = (img.width - 224) // 2, (img.height - 224) // 2
+    x = torch.from_numpy(np.asarray(img.crop((l, t, l + 224, t + 224)), dtype=np.float32) / 255).permute(2, 0, 1)
+    return (x - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+def wds_tuned(sample: tuple):
+    "webdataset hand-tuned: raw JPEG bytes -> draft() reduced-size decode, box resize, crop, uint8."
+    import numpy as np, torch
+    from PIL import Image
+    img = Image.open(io.BytesIO(sample[0]))
+    img.draft("RGB", (224, 224))
+    img = img.convert("RGB")
+    w, h = img.size; s = 224 / min(w, h)
+    img = img.resize((max(224, round(w * s)), max(224, round(h * s))), Image.BOX)
+    l, t = (img.width - 224) // 2, (img.height - 224) // 2
+    return torch.from_numpy(np.asarray(img.crop((l, t, l + 224, t + 224))).copy()).permute(2, 0, 1)
+
+
+def wds_loader(kind: str, shards: str, bs: int, workers: int):
+    "The webdataset package's pipeline on the shards: plain (decode + per-sample batching by the DataLoader) or hand-tuned."
+    import webdataset as wds
+    from torch.utils.data import DataLoader
+    if kind == "plain":
+        ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode("pil").to_tuple("jpg").map(wds_plain)
+        return DataLoader(ds, batch_size=bs, num_workers=workers, persistent_workers=workers > 0,   # workers' CPU still counted at the end
+                          collate_fn=lambda xs: {"pixel_values": __import__("torch").stack(xs)})
+    ds = (wds.WebDataset(shards, shardshuffle=False, empty_check=False).to_tuple("jpg").map(wds_tuned)
+          .batched(bs, collation_fn=lambda xs: {"pixel_values": __import__("torch").stack(xs)}, partial=True))
+    return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
 
 def measure_one(name: str, path: Path, bs: int, cache_dir: Path, interval: float) -> dict:
@@ -248,6 +310,16 @@ def measure_one(name: str, path: Path, bs: int, cache_dir: Path, interval: float
         return make_loader(ds, LoaderConfig(batch_size=bs, num_workers=workers, seed=0, **opts),
                            transform=lambda rec, rng: {"pixel_values": ip(rec["image"], rng)})
 
+    if name in WDS:                                        # tar shards: timing only
+        shards = shard_pattern(path.parent)
+        workers = int(name.rpartition("-")[2])
+        if name.startswith("wds-mmlit"):
+            from mmlit.formats import WebDatasetShards
+            ld = make_loader(WebDatasetShards(shards, decode=False), LoaderConfig(batch_size=bs, num_workers=workers, seed=0, train=False),
+                             transform=lambda rec, rng: {"pixel_values": ip(rec["image"], rng)})
+        else: ld = wds_loader(name.split("-")[1], shards, bs, workers)
+        n, secs, cpu = timed_cpu(lambda: drain(ld))
+        return {"config": name, "images": n, "images_per_s": n / secs, "cpu_s": cpu, "peak_pss_mib": None}
     pss, extra = PeakPSS(interval) if interval > 0 else None, {}
     if name == "decode-2":                                # the ceiling: one process, then two at once
         n, one = timed(lambda: decode_only(path))
@@ -277,7 +349,7 @@ def run_fresh(name: str, tmp: Path, bs: int, interval: float) -> dict:
     "measure_one in a fresh interpreter running this script; its JSON line."
     cmd = [sys.executable, __file__, "--only", name, "--parquet", str(tmp / "photos.parquet"),
            "--cache-dir", str(tmp / "hf"), "--batch-size", str(bs), "--interval", str(interval)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "MMLIT_CACHE": str(tmp / "mmlit-cache")})
     if p.returncode != 0: raise SystemExit(f"{name} failed:\n{p.stderr}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -287,7 +359,9 @@ def main():
     ap.add_argument("--n", type=int, default=384, help="images in the Parquet file")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--interval", type=float, default=0.02, help="seconds between PSS samples (with --only: 0, none)")
-    ap.add_argument("--only", choices=[*CONFIGS, *SHUFFLED, "decode-2"], help="measure one configuration here; print a JSON line")
+    ap.add_argument("--only", choices=[*CONFIGS, *SHUFFLED, *WDS, "decode-2"], help="measure one configuration here; print a JSON line")
+    ap.add_argument("--section", choices=["all", "webdataset"], default="all", help="webdataset: only the tar-shard section")
+    ap.add_argument("--repeat", type=int, default=3, help="tar-shard section: runs of each configuration, round robin; the best counts")
     ap.add_argument("--parquet", type=Path, help="with --only: the Parquet file to read")
     ap.add_argument("--cache-dir", type=Path, help="with --only: HF datasets cache directory (default: a temp dir)")
     ap.add_argument("--prepare", type=Path, metavar="DIR", help=argparse.SUPPRESS)
@@ -302,7 +376,11 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="mmlit-bench-") as tmp:
         tmp = Path(tmp)
-        subprocess.run([sys.executable, __file__, "--prepare", str(tmp), "--n", str(args.n)], check=True)
+        subprocess.run([sys.executable, __file__, "--prepare", str(tmp), "--n", str(args.n)], check=True,
+                       env={**os.environ, "MMLIT_CACHE": str(tmp / "mmlit-cache")})
+        wds_runs = [run_fresh(name, tmp, bs, 0) for _ in range(args.repeat) for name in WDS]   # round robin: load shifts hit all alike
+        wds_figures = {name: max((r for r in wds_runs if r["config"] == name), key=lambda r: r["images_per_s"]) for name in WDS}
+        if args.section == "webdataset": return print_wds(wds_figures, args.n, bs)
         timing = {CONFIGS[name]: run_fresh(name, tmp, bs, 0) for name in CONFIGS}
         memory = {CONFIGS[name]: run_fresh(name, tmp, bs, args.interval) for name in CONFIGS}
         ceiling = run_fresh("decode-2", tmp, bs, 0)
@@ -335,6 +413,20 @@ def main():
           f"window 8; full shuffle: {sf / m0:.2f}x, {sf:.0f} images/s)")
     print(f"  2-process ceiling now: decode-only in 2 processes at once = "
           f"{ceiling['images_per_s'] / ceiling['one_process_per_s']:.2f}x one process (bounds mmlit 2 workers / 0 workers)")
+    print_wds(wds_figures, args.n, bs)
+
+
+def print_wds(results: dict, n: int, bs: int) -> None:
+    "The tar-shard section: images/s of each configuration and mmlit's ratios to the webdataset pipelines."
+    for r in results.values(): assert r["images"] == n, (r["config"], r["images"])
+    f = {name: r["images_per_s"] for name, r in results.items()}
+    print(f"{n} JPEG photos ~500x375 in {WDS_SHARDS} WebDataset tar shards -> 224x224 batches of {bs} "
+          "(best of the round-robin runs; CPU: the process and its workers)")
+    for name, label in WDS.items():
+        print(f"  {label:30} {f[name]:8.0f} images/s   CPU {1e6 * results[name]['cpu_s'] / n:5.0f} us/image")
+    for w in (0, 2):
+        m, plain, tuned = f[f"wds-mmlit-{w}"], f[f"wds-plain-{w}"], f[f"wds-tuned-{w}"]
+        print(f"  {w} workers: mmlit tar shards / webdataset plain {m / plain:5.2f}x   / webdataset hand-tuned {m / tuned:5.2f}x   (goal >= 1.0)")
 
 
 if __name__ == "__main__":

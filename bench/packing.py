@@ -4,8 +4,8 @@ Corpus: mmlit's bundled LM corpus (`mmlit.demo.build_demo_corpus`: the documenta
 Python standard library ships in `pydoc_data`), read with `mmlit.dataset.TextCorpus` and tokenized
 with a byte-level BPE trained on it here by `mmlit.text.train_tokenizer` (nothing downloaded). Two
 sample sets: lines (`split="line"`: short, very uneven samples, like captions or chat turns) and
-documents (`split="paragraph"`: one topic each) cut into `--max-len` windows (LM-style: most
-windows are exactly `--max-len`, the last one of each document is shorter). Batches of `--batch`
+documents (`split="paragraph"`: one topic each) cut into `--max-length` windows (LM-style: most
+windows are exactly `--max-length`, the last one of each document is shorter). Batches of `--batch`
 samples in a seeded shuffled order (whole batches only, as a training loader with drop_last gives)
 are collated by `TextCollator` (batch_max padding, the baseline) and by `PackingCollator` (rows of
 at most `--row-tokens`). For document windows a packed row holds four full windows, so what packing
@@ -13,7 +13,7 @@ loses is the last, partly filled row of each batch: the real-token fraction rise
 of samples per batch, which the sweep shows — or rows are planned once over the whole dataset
 (`PackedRows`), each row one loader item, which leaves only the dataset's last row partly filled.
 
-    python bench/packing.py [--quick] [--batch 64] [--max-len 512] [--row-tokens 2048]
+    python bench/packing.py [--quick] [--batch 64] [--max-length 512] [--row-tokens 2048]
 """
 import argparse
 import tempfile
@@ -30,13 +30,13 @@ from mmlit.packing import PackedRows, PackingCollator
 from mmlit.text import token_ids, train_tokenizer
 
 
-def samples_of(texts: list[str], tok, max_len: int) -> list[dict]:
-    "Stage-2 style samples: each text + EOS, cut into windows of at most `max_len` tokens."
+def samples_of(texts: list[str], tok, max_length: int) -> list[dict]:
+    "Stage-2 style samples: each text + EOS, cut into windows of at most `max_length` tokens."
     out = []
     for text in texts:
         ids = token_ids(tok, text) + [tok.eos_token_id]
-        for i in range(0, len(ids), max_len):
-            w = torch.tensor(ids[i:i + max_len])
+        for i in range(0, len(ids), max_length):
+            w = torch.tensor(ids[i:i + max_length])
             out.append(dict(input_ids=w, attention_mask=torch.ones_like(w), labels=w.clone()))
     return out
 
@@ -62,7 +62,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the first 20 documents only")
     ap.add_argument("--batch", type=int, default=64, help="samples per collate call")
-    ap.add_argument("--max-len", type=int, default=512, help="longest sample (documents are cut into windows)")
+    ap.add_argument("--max-length", type=int, default=512, help="longest sample (documents are cut into windows)")
     ap.add_argument("--row-tokens", type=int, default=2048, help="token budget of a packed row")
     a = ap.parse_args()
     path = build_demo_corpus(Path(tempfile.mkdtemp()) / "corpus.txt")
@@ -73,7 +73,7 @@ def main():
              "document windows": docs}
     print(f"{'samples':17s} {'collator':44s} {'real tokens':>11s} {'ms/batch':>9s} {'time vs batch_max':>18s}")
     for unit, texts in units.items():
-        samples = samples_of(texts, tok, a.max_len)
+        samples = samples_of(texts, tok, a.max_length)
         bsz = min(a.batch, max(1, len(samples) // 4))  # --quick has few document windows
         batches = batches_of(samples, bsz)
         lens = torch.tensor([len(s["input_ids"]) for s in samples]).float()
@@ -82,19 +82,19 @@ def main():
         base_frac, base_ms = run(TextCollator(tok), batches)
         print(f"{unit:17s} {'batch_max padding (TextCollator)':44s} {base_frac:11.3f} {base_ms:9.2f} {1:18.2f}")
         for name, coll, bs in (
-                (f"packing, rows <= {a.row_tokens}", PackingCollator(tok, max_tokens=a.row_tokens), batches),
-                ("  + pad_to_multiple_of=64", PackingCollator(tok, max_tokens=a.row_tokens, pad_to_multiple_of=64), batches),
-                ("  without row balancing", PackingCollator(tok, max_tokens=a.row_tokens, balance=False), batches),
-                ("  + 4-D block mask (first 4 batches)", PackingCollator(tok, max_tokens=a.row_tokens, mask="block"), batches[:4])):
+                (f"packing, rows <= {a.row_tokens}", PackingCollator(tok, max_length=a.row_tokens), batches),
+                ("  + pad_to_multiple_of=64", PackingCollator(tok, max_length=a.row_tokens, pad_to_multiple_of=64), batches),
+                ("  without row balancing", PackingCollator(tok, max_length=a.row_tokens, balance=False), batches),
+                ("  + 4-D block mask (first 4 batches)", PackingCollator(tok, max_length=a.row_tokens, mask="block"), batches[:4])):
             frac, ms = run(coll, bs)
             print(f"{unit:17s} {name:44s} {frac:11.3f} {ms:9.2f} {ms / base_ms:18.2f}")
         rows = PackedRows(samples, [len(s["input_ids"]) for s in samples], a.row_tokens)
         per = max(1, bsz * int(lens.mean()) // a.row_tokens)         # rows per batch: about the tokens of bsz samples
         planned = batches_of(list(range(len(rows))), per)
-        frac, ms = run(PackingCollator(tok, max_tokens=a.row_tokens), [[rows[i] for i in b] for b in planned])
+        frac, ms = run(PackingCollator(tok, max_length=a.row_tokens), [[rows[i] for i in b] for b in planned])
         print(f"{unit:17s} {f'rows planned over the dataset, {per} rows/batch':44s} {frac:11.3f} {ms:9.2f} {ms / base_ms:18.2f}")
         if unit == "document windows" and not a.quick:
-            packer = PackingCollator(tok, max_tokens=a.row_tokens)
+            packer = PackingCollator(tok, max_length=a.row_tokens)
             for n in (32, 64, 128, 256):
                 frac, ms = run(packer, batches_of(samples, n))
                 print(f"{unit:17s} {f'packing, {n} samples per batch':44s} {frac:11.3f} {ms:9.2f}")

@@ -15,7 +15,7 @@ calls HF makes — so their ratio to HF is the most an exact path could reach on
     python bench/preprocess.py --sets photos      # the headline set only
 
 Sets: `photos` (headline) = ~500x375 JPEG photos, random crops of scikit-image photos resized to
-500x375 or 375x500 (the seed-003 use case, as in bench/loader.py); `native` = scikit-image photos at
+500x375 or 375x500 (the Parquet photo-caption use case, as in bench/loader.py); `native` = scikit-image photos at
 their own size (300x451 … 1411x1411); `large` = the same resized so the longer side is 2048 (a
 camera/web photo, where reduced-size decoding, `draft=True`, pays off).
 """
@@ -82,7 +82,7 @@ def main():
         warnings.simplefilter("ignore")
         # the Pillow backends: what transformers uses without torchvision, and what mmlit reproduces exactly
         hf_clip, hf_qwen = transformers.CLIPImageProcessorPil(), transformers.Qwen2VLImageProcessorPil()
-        hf_qwen256 = transformers.Qwen2VLImageProcessorPil(max_pixels=256 * 14 * 14)   # seed 000: image_max_patches=256
+        hf_qwen256 = transformers.Qwen2VLImageProcessorPil(max_pixels=256 * 14 * 14)   # as mmlit image_max_patches=256
     print(f"transformers {transformers.__version__} ({type(hf_clip).__name__}, {type(hf_qwen).__name__}), "
           f"torch {torch.__version__}, Pillow {Image.__version__}, 1 thread, best of 3 rounds, "
           f"{args.seconds:.1f} s per path and set")

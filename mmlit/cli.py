@@ -16,7 +16,8 @@ from typing import Sequence
 from PIL import Image
 
 from .core import MmlitError
-from .dataset import MMDataset, open_source
+from .dataset import MMDataset
+from .formats import expand_braces, guess_kind, open_dataset, sources
 from .storage import is_uri
 
 # %% auto #0
@@ -92,8 +93,8 @@ def inspect_dataset(ds: MMDataset, *, progress: bool | None = None, desc: str | 
             "seconds": round(time.perf_counter() - t0, 3)}
 
 def inspect_source(path, kind: str | None = None, *, progress: bool | None = None, **kwargs) -> dict:
-    "Open `path` with `mmlit.dataset.open_source` (images decoded, bad records skipped) and `inspect_dataset` it."
-    ds = open_source(path, kind=kind, on_error="skip", **kwargs)
+    "Open `path` with `mmlit.formats.open_dataset` (images decoded, bad records skipped) and `inspect_dataset` it."
+    ds = open_dataset(path, kind=kind, on_error="skip", **kwargs)
     shown = ", ".join(map(str, path)) if isinstance(path, (list, tuple)) else str(path)
     return {"path": shown, **inspect_dataset(ds, progress=progress)}
 
@@ -128,18 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="read and decode every record of a source; report bad ones and statistics",
                          description="Read and decode every record of a Parquet, JSONL or text source; report rows, "
                                      "bad records (row/line and reason), image sizes and caption lengths.")
-    ins.add_argument("path", nargs="?", help="a .parquet file, directory or glob of shards; a .jsonl file; a .txt corpus "
-                                             "(local, or a URI such as s3://bucket/prefix/*.parquet)")
+    ins.add_argument("path", nargs="?", help="Parquet or tar shards (file, directory, glob, {000..009} pattern); .json/.jsonl pairs, chats or COCO; "
+                                             "an image folder; a .txt corpus (local, or a URI such as s3://bucket/prefix/*.parquet)")
     ins.add_argument("--demo", action="store_true", help="build (once, into the cache) and inspect the demo data")
     ins.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
-    ins.add_argument("--kind", choices=["parquet", "jsonl", "text"], help="source kind (default: from the extension)")
-    ins.add_argument("--image-column", default="image", help="Parquet image column (default: image)")
-    ins.add_argument("--text-column", default="caption", help="Parquet caption column (default: caption)")
+    ins.add_argument("--kind", choices=sources.names(), help="source kind (default: told from the path and its first record)")
+    ins.add_argument("--image-column", help="the image column / JSONL field / tar member extension (default: found among common names)")
+    ins.add_argument("--text-column", help="the caption column / JSONL field / tar member extension (default: found among common names)")
     ins.add_argument("--image-root", help="JSONL: directory image paths are relative to (default: the file's)")
     ins.add_argument("--split", choices=["paragraph", "line"], default="paragraph", help="text: one document per")
-    ins.add_argument("--field", default="text", help="text corpus in JSONL: the text field (default: text)")
+    ins.add_argument("--field", help="text corpus in JSONL: the text field (default: text); tar shards: the caption field of the json member")
     ins.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
                      help='for URIs: fsspec options, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\' (default: the environment)')
+    ins.add_argument("--per-image", action="store_true", help="COCO: one record per image (all its captions) instead of per caption")
     ins.add_argument("--max-bad-fraction", type=float, metavar="F",
                      help="exit with status 1 when more than this fraction of records is bad")
     ins.add_argument("--show-bad", type=int, default=20, metavar="N", help="bad records listed in the text report")
@@ -148,22 +150,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 def _source_kwargs(args, kind: str | None) -> dict:
-    if kind == "parquet": return dict(image_column=args.image_column, text_column=args.text_column)
-    if kind == "jsonl": return {} if args.image_root is None else dict(image_root=args.image_root)
-    if kind == "text": return dict(split=args.split, field=args.field)
+    auto = lambda v: "auto" if v is None else v
+    root = {} if args.image_root is None else dict(image_root=args.image_root)
+    if kind == "parquet": return dict(image_column=auto(args.image_column), text_column=auto(args.text_column))
+    if kind == "jsonl": return dict(image_field=auto(args.image_column), text_field=auto(args.text_column), **root)
+    if kind == "text": return dict(split=args.split, field=args.field or "text")
+    if kind == "webdataset": return dict(image_key=auto(args.image_column), text_key=auto(args.text_column), text_field=auto(args.field))
+    if kind == "imagefolder": return dict(text_column=auto(args.text_column))
+    if kind == "coco": return dict(per_image=args.per_image, **root)
+    if kind == "conversations": return root
     return {}
 
+def _cli_options(msg: str) -> str:
+    "An error message with the source options it names spelt as this command's flags."
+    for opt, flag in (("image_column", "--image-column"), ("image_field", "--image-column"), ("image_key", "--image-column"),
+                      ("text_column", "--text-column"), ("text_field", "--text-column"), ("text_key", "--text-column")):
+        msg = msg.replace(f"pick one with {opt}=", f"pick one with {flag}")
+    return msg
+
 def _guess_kind(path: str) -> str | None:
-    "The source kind of `path` from its extension (or a directory of shards); `None` if unknown."
-    if path.endswith(".parquet") or (Path(path).is_dir() and any(Path(path).glob("*.parquet"))): return "parquet"
-    if path.endswith((".jsonl", ".json")): return "jsonl"
-    if path.endswith(".txt"): return "text"
-    return None
+    "The source kind of `path`: `mmlit.formats.guess_kind` (from the path and its first record); `None` if unknown."
+    return guess_kind(path)
 
 def _check_exists(path: str) -> str | None:
     "An error message when `path` (a file, directory or glob) names nothing."
     import glob
     if is_uri(path): return None        # the source itself names a URI that matches nothing
+    if "{" in path: return next((m for p in expand_braces(path) if (m := _check_exists(p))), None)
     if any(ch in path for ch in "*?["): return None if glob.glob(path, recursive=True) else f"no files match {path}"
     return None if Path(path).exists() else f"no such file or directory: {path}"
 
@@ -195,12 +208,13 @@ def cmd_inspect(args, parser: argparse.ArgumentParser) -> int:
         else:
             if (msg := _check_exists(args.path)): return err(msg)
             kind = args.kind or _guess_kind(args.path)
-            if kind is None: return err(f"cannot tell the format of {args.path}: expected .parquet (file, directory "
-                                        "or glob), .jsonl or .txt; pass --kind parquet|jsonl|text")
+            if kind is None: return err(f"cannot tell the format of {args.path}: expected .tar shards, .parquet (file, "
+                                        "directory or glob), .json/.jsonl, .txt or an image folder; pass --kind "
+                                        + "|".join(sources.names()))
             result = inspect_source(args.path, kind, progress=args.progress, storage_options=args.storage_options,
                                     **_source_kwargs(args, kind))
     except (MmlitError, OSError) as e:  # unreadable source as a whole (e.g. not a Parquet file): no traceback
-        return err(f"{args.path or 'demo'}: {type(e).__name__}: {' '.join(str(e).split())}")
+        return err(f"{args.path or 'demo'}: {type(e).__name__}: {_cli_options(' '.join(str(e).split()))}")
     except Exception as e:
         if type(e).__module__.startswith("pyarrow"): return err(f"cannot read {args.path}: {e}")
         raise
@@ -222,4 +236,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 # %% ../nbs/90_cli.ipynb #57c3c226
-if __name__ == "__main__": sys.exit(main())
+if __name__ == "__main__" and "ipykernel" not in sys.modules:   # `python -m mmlit.cli ...`; in a notebook kernel
+    sys.exit(main(sys.argv[1:]))                                   # sys.argv is the kernel's own, so never parse it there

@@ -13,12 +13,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import default_collate
 
-from .core import ConfigError, MmlitError, Registry, torch_rng
+from .core import ConfigError, MmlitError, Registry, Stream, derive_seed, renamed_kwargs, warn_renamed
 
 # %% auto #0
-__all__ = ['collators', 'SEQ_PAD_VALUES', 'CollateError', 'EmptyBatchError', 'KeyMismatchError', 'RaggedBatchError',
-           'SequenceTooLongError', 'where', 'check_same_keys', 'Collator', 'stack_rest', 'Padding', 'pad_stack',
-           'shift_positions', 'TextCollator', 'CausalLMCollator', 'MaskedLMCollator', 'VisionCollator',
+__all__ = ['collators', 'SEQ_PAD_VALUES', 'CollateError', 'EmptyBatchError', 'KeyMismatchError', 'MissingKeyError',
+           'RaggedBatchError', 'SequenceTooLongError', 'where', 'check_same_keys', 'Collator', 'stack_rest', 'Padding',
+           'pad_stack', 'shift_positions', 'TextCollator', 'CausalLMCollator', 'MaskedLMCollator', 'VisionCollator',
            'MultimodalCollator', 'Qwen2VLCollator', 'ContrastiveCollator', 'DefaultCollator', 'collator_name_for',
            'collator_for']
 
@@ -32,11 +32,14 @@ class EmptyBatchError(CollateError):
 class KeyMismatchError(CollateError):
     "Samples of one batch do not carry the same keys."
 
+class MissingKeyError(CollateError):
+    "Samples lack a key the collator needs (e.g. `attention_mask` for masked LM)."
+
 class RaggedBatchError(CollateError):
     "Tensors of different shapes under a key the collator cannot pad."
 
 class SequenceTooLongError(CollateError):
-    "A sequence is longer than `max_len` and `overflow='raise'`."
+    "A sequence is longer than `max_length` and `overflow='raise'`."
 
 # %% ../nbs/03_collate.ipynb #2426fc75
 from .dataset import BadRecord, Skipped, split_skipped
@@ -62,6 +65,11 @@ def check_same_keys(samples: Sequence[dict]) -> None:
 class Collator:
     "Base class: drop bad records, check keys, then `collate` the good samples."
     last_bad: list = []
+    requires: tuple[str, ...] = ()
+
+    def required_keys(self, sample: dict) -> list[str]:
+        "The keys `collate` reads from a sample like `sample` (some depend on what else it holds)."
+        return list(self.requires)
 
     def collate(self, samples: list[dict]) -> dict:
         "Build the batch from good samples (subclasses implement this)."
@@ -74,7 +82,11 @@ class Collator:
         if not good: return None, self.last_bad
         if not isinstance(good[0], dict) and not isinstance(self, DefaultCollator):
             raise CollateError(f"{type(self).__name__} needs dict samples, sample 0 is a {type(good[0]).__name__}")
-        if isinstance(good[0], dict): check_same_keys(good)
+        if isinstance(good[0], dict):
+            check_same_keys(good)
+            missing = [k for k in self.required_keys(good[0]) if k not in good[0]]
+            if missing: raise MissingKeyError(f"{type(self).__name__} needs {missing} but {where(good[0], 0)} has only "
+                                              f"{sorted(good[0])}")
         return self.collate(good), self.last_bad
 
     def __call__(self, samples: Sequence) -> dict:
@@ -104,24 +116,26 @@ def stack_rest(samples: Sequence[dict], keys: Sequence[str], who: str = "collato
     return out
 
 # %% ../nbs/03_collate.ipynb #d7407ad7
+@renamed_kwargs(max_len="max_length")
 @dataclass
 class Padding:
     "How to pad a batch of sequences: mode, lengths, side and what to do with long sequences."
-    mode: str = "batch_max"          # "batch_max" | "max_len" | "to_N"
-    max_len: int | None = None
+    mode: str = "batch_max"          # "batch_max" | "max_length" | "to_N"
+    max_length: int | None = None
     pad_to_multiple_of: int | None = None
     side: str = "right"
     truncation_side: str = "right"
     overflow: str = "raise"          # "raise" | "truncate"
 
     def __post_init__(self):
+        if self.mode == "max_len": warn_renamed("max_len", "max_length", "pad mode", stacklevel=3); self.mode = "max_length"
         if self.mode.startswith("to_"):
             if not self.mode[3:].isdigit(): raise ConfigError(f"pad mode {self.mode!r}: expected to_<int>, e.g. to_128")
             self.mode, self.pad_to_multiple_of = "batch_max", int(self.mode[3:])
-        if self.mode not in ("batch_max", "max_len"):
-            raise ConfigError(f"pad mode must be 'batch_max', 'max_len' or 'to_N', got {self.mode!r}")
-        if self.mode == "max_len" and not self.max_len: raise ConfigError("pad mode 'max_len' needs max_len")
-        for name, v in (("max_len", self.max_len), ("pad_to_multiple_of", self.pad_to_multiple_of)):
+        if self.mode not in ("batch_max", "max_length"):
+            raise ConfigError(f"pad mode must be 'batch_max', 'max_length' or 'to_N', got {self.mode!r}")
+        if self.mode == "max_length" and not self.max_length: raise ConfigError("pad mode 'max_length' needs max_length")
+        for name, v in (("max_length", self.max_length), ("pad_to_multiple_of", self.pad_to_multiple_of)):
             if v is not None and (not isinstance(v, int) or v < 1): raise ConfigError(f"{name} must be a positive int, got {v!r}")
         for name, v, ok in (("side", self.side, ("left", "right")), ("truncation_side", self.truncation_side, ("left", "right")),
                             ("overflow", self.overflow, ("raise", "truncate"))):
@@ -129,16 +143,16 @@ class Padding:
 
     def length(self, lengths: Sequence[int]) -> int:
         "The padded length for sequences of `lengths`."
-        n = self.max_len if self.mode == "max_len" else max(lengths, default=0)
+        n = self.max_length if self.mode == "max_length" else max(lengths, default=0)
         m = self.pad_to_multiple_of
         return -(-n // m) * m if m else n
 
     def cut(self, n: int, what: str) -> slice:
-        "The slice of a length-`n` sequence to keep under `max_len` (raises if `overflow='raise'`)."
-        if self.max_len is None or n <= self.max_len: return slice(0, n)
+        "The slice of a length-`n` sequence to keep under `max_length` (raises if `overflow='raise'`)."
+        if self.max_length is None or n <= self.max_length: return slice(0, n)
         if self.overflow == "raise":
-            raise SequenceTooLongError(f"{what} has {n} tokens > max_len={self.max_len} (pass overflow='truncate' to cut it)")
-        return slice(0, self.max_len) if self.truncation_side == "right" else slice(n - self.max_len, n)
+            raise SequenceTooLongError(f"{what} has {n} tokens > max_length={self.max_length} (pass overflow='truncate' to cut it)")
+        return slice(0, self.max_length) if self.truncation_side == "right" else slice(n - self.max_length, n)
 
 def pad_stack(seqs: Sequence[torch.Tensor], length: int, value: float, side: str = "right") -> torch.Tensor:
     "Stack tensors ragged on dim 0 into `[B, length, ...]`, filling with `value` on `side`."
@@ -158,19 +172,21 @@ def shift_positions(idx: torch.Tensor, offset: int, length: int, what: str) -> t
     real = idx >= 0
     out = torch.where(real, idx + offset, idx)
     if ((out < 0) & real).any() or ((out >= length) & real).any():
-        raise SequenceTooLongError(f"{what}: truncating to max_len would cut image tokens (raise max_len)")
+        raise SequenceTooLongError(f"{what}: truncating to max_length would cut image tokens (raise max_length)")
     return out
 
+@renamed_kwargs(max_len="max_length")
 class TextCollator(Collator):
     "Pad token sequences (HF `DataCollatorWithPadding` semantics), stack the rest."
+    requires = ("input_ids",)
     def __init__(self, tokenizer=None, *, pad_token_id: int | None = None, pad_mode: str = "batch_max",
-                 max_len: int | None = None, pad_to_multiple_of: int | None = None, padding_side: str | None = None,
+                 max_length: int | None = None, pad_to_multiple_of: int | None = None, padding_side: str | None = None,
                  overflow: str = "raise", pad_values: dict | None = None):
         self.tokenizer = tokenizer
         pad_id = pad_token_id if pad_token_id is not None else getattr(tokenizer, "pad_token_id", None)
         if pad_id is None: raise ConfigError(f"{type(self).__name__} needs a tokenizer with a pad token or pad_token_id=")
         self.pad_token_id = pad_id
-        self.padding = Padding(pad_mode, max_len, pad_to_multiple_of,
+        self.padding = Padding(pad_mode, max_length, pad_to_multiple_of,
                                padding_side or getattr(tokenizer, "padding_side", "right"),
                                getattr(tokenizer, "truncation_side", "right"), overflow)
         self.pad_values = {**SEQ_PAD_VALUES, "input_ids": pad_id, **(pad_values or {})}
@@ -215,6 +231,7 @@ collators.add("causal_lm", CausalLMCollator, modality="text", task="causal_lm")
 # %% ../nbs/03_collate.ipynb #9db45855
 class MaskedLMCollator(TextCollator):
     "Pad, then mask tokens for MLM (80/10/10) with a seeded generator; special tokens never masked."
+    requires = ("input_ids", "attention_mask")
     def __init__(self, tokenizer, *, mlm_probability: float = 0.15, mask_replace_prob: float = 0.8,
                  random_replace_prob: float = 0.1, seed: int = 0, **kw):
         super().__init__(tokenizer, **kw)
@@ -222,17 +239,21 @@ class MaskedLMCollator(TextCollator):
         if not (0 < mlm_probability < 1 and mask_replace_prob + random_replace_prob <= 1):
             raise ConfigError(f"bad MLM rates: mlm_probability={mlm_probability}, mask={mask_replace_prob}, random={random_replace_prob}")
         self.p, self.p_mask, self.p_rand = mlm_probability, mask_replace_prob, random_replace_prob
-        self.seed, self.epoch, self.step = seed, 0, 0
+        self.seed, self.epoch, self.step, self.told = seed, 0, 0, False
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
 
     def set_step(self, epoch: int, step: int) -> None:
-        "Set the `(epoch, step)` the next batch's generator is derived from."
-        self.epoch, self.step = epoch, step
+        "Set the `(epoch, step)` the next batch's generator is derived from (the loader calls it for each batch)."
+        self.epoch, self.step, self.told = int(epoch), int(step), True
 
     def batch_index(self) -> int:
-        "Global index of the batch being collated (this worker's count mapped round-robin)."
+        "The step of the batch being collated: as told, else this process's count (mapped round-robin in a worker)."
         info = torch.utils.data.get_worker_info()
-        return self.step if info is None else self.step * info.num_workers + info.id
+        return self.step if self.told or info is None else self.step * info.num_workers + info.id
+
+    def generator(self) -> torch.Generator:
+        "The generator of the batch being collated, from `(seed, epoch, step)` in the masked-LM stream."
+        return torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.batch_index(), Stream.MLM_MASK))
 
     def mask_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +272,7 @@ class MaskedLMCollator(TextCollator):
     def collate(self, samples: list[dict]) -> dict:
         samples = [{k: v for k, v in s.items() if k != "labels"} for s in samples]
         batch = super().collate(samples)
-        g = torch_rng(self.seed, self.epoch, self.batch_index()); self.step += 1
+        g = self.generator(); self.step += 1
         batch["input_ids"], batch["labels"] = self.mask_tokens(batch["input_ids"], batch["attention_mask"], g)
         return batch
 
@@ -271,6 +292,8 @@ class VisionCollator(Collator):
     def __init__(self, normalize: bool | str | tuple = False, image_key: str = "pixel_values"):
         self.norm, self.image_key = _norm_stats(normalize), image_key
 
+    def required_keys(self, sample: dict) -> list[str]: return [self.image_key]
+
     def collate(self, samples: list[dict]) -> dict:
         batch = stack_rest(samples, list(samples[0]), type(self).__name__)
         x = batch[self.image_key]
@@ -285,6 +308,9 @@ class MultimodalCollator(TextCollator):
     def __init__(self, tokenizer=None, *, max_images: int | None = None, normalize: bool | str | tuple = False, **kw):
         super().__init__(tokenizer, **kw)
         self.max_images, self.norm = max_images, _norm_stats(normalize)
+
+    def required_keys(self, sample: dict) -> list[str]:
+        return ["input_ids"] + (["image_input_idx"] if "images" in sample else [])
 
     def pad_images(self, samples: Sequence[dict], idx: Sequence[torch.Tensor]) -> dict:
         "`images`, `image_masks` and `image_input_idx`, padded over the image count (and tokens per image)."
@@ -318,6 +344,7 @@ collators.add("multimodal", MultimodalCollator, modality="multimodal", model="cl
 # %% ../nbs/03_collate.ipynb #ac5884a5
 class Qwen2VLCollator(TextCollator):
     "Text padding plus Qwen2-VL patches concatenated on dim 0 and `image_grid_thw [n_images, 3]`."
+    requires = ("input_ids", "pixel_values", "image_grid_thw")
     def __init__(self, tokenizer=None, *, spatial_merge_size: int = 2, **kw):
         super().__init__(tokenizer, **kw)
         self.merge = spatial_merge_size
@@ -335,19 +362,42 @@ class Qwen2VLCollator(TextCollator):
             raise RaggedBatchError(f"{where(s, i)}: {int((s['mm_token_type_ids'] == 1).sum())} image tokens in mm_token_type_ids, "
                                    f"image_grid_thw needs {n_tok}")
 
+    def check_videos(self, s: dict, i: int) -> None:
+        "Video patches, grids and video tokens (`mm_token_type_ids` 2) of one sample agree."
+        pv, thw = s["pixel_values_videos"], s["video_grid_thw"]
+        if pv.ndim != 2 or thw.ndim != 2 or thw.shape[1] != 3 or int(thw.prod(-1).sum()) != len(pv):
+            raise RaggedBatchError(f"{where(s, i)}: pixel_values_videos {tuple(pv.shape)} does not match video_grid_thw {thw.tolist()}")
+        n_tok = int(thw.prod(-1).sum()) // self.merge**2
+        if "mm_token_type_ids" in s and int((s["mm_token_type_ids"] == 2).sum()) != n_tok:
+            raise RaggedBatchError(f"{where(s, i)}: {int((s['mm_token_type_ids'] == 2).sum())} video tokens in mm_token_type_ids, "
+                                   f"video_grid_thw needs {n_tok}")
+
+    def collate_with_bad(self, samples: Sequence) -> tuple[dict | None, list]:
+        "As `Collator`'s; in a batch with videos, samples without any get empty video patches (records may mix)."
+        if any(isinstance(s, dict) and "video_grid_thw" in s for s in samples):
+            samples = [{**s, "pixel_values_videos": s["pixel_values"].new_zeros(0, s["pixel_values"].shape[-1]),
+                        "video_grid_thw": torch.zeros(0, 3, dtype=torch.int64)}
+                       if isinstance(s, dict) and "video_grid_thw" not in s and "pixel_values" in s else s for s in samples]
+        return super().collate_with_bad(samples)
+
     def collate(self, samples: list[dict]) -> dict:
-        for i, s in enumerate(samples): self.check_images(s, i)
+        for i, s in enumerate(samples):
+            self.check_images(s, i)
+            if "video_grid_thw" in s: self.check_videos(s, i)
         batch = self.pad_sequences(samples)
         if "mm_token_type_ids" in batch:
-            n_img = [int((s["mm_token_type_ids"] == 1).sum()) for s in samples]
-            kept = (batch["mm_token_type_ids"] == 1).sum(-1).tolist()
+            n_img = [int((s["mm_token_type_ids"] > 0).sum()) for s in samples]
+            kept = (batch["mm_token_type_ids"] > 0).sum(-1).tolist()
             for i, (a, b) in enumerate(zip(n_img, kept)):
-                if a != b: raise SequenceTooLongError(f"{where(samples[i], i)}: truncating to max_len would cut image tokens (raise max_len)")
+                if a != b: raise SequenceTooLongError(f"{where(samples[i], i)}: truncating to max_length would cut image or video tokens (raise max_length)")
         batch.pop("image_input_idx", None)
         if sum(len(s["image_grid_thw"]) for s in samples):
             batch["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])
             batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in samples])
-        skip = set(batch) | {"pixel_values", "image_grid_thw", "image_input_idx"}
+        if "video_grid_thw" in samples[0] and sum(len(s["video_grid_thw"]) for s in samples):
+            batch["pixel_values_videos"] = torch.cat([s["pixel_values_videos"] for s in samples])
+            batch["video_grid_thw"] = torch.cat([s["video_grid_thw"] for s in samples])
+        skip = set(batch) | {"pixel_values", "image_grid_thw", "image_input_idx", "pixel_values_videos", "video_grid_thw"}
         return {**batch, **stack_rest(samples, [k for k in samples[0] if k not in skip], type(self).__name__)}
 
 collators.add("qwen2_vl", Qwen2VLCollator, modality="multimodal", model="qwen2_vl")
@@ -359,8 +409,15 @@ class ContrastiveCollator(Collator):
         self.base = collators.build(base, tokenizer, **kw) if isinstance(base, str) else base
         if not isinstance(self.base, TextCollator): raise ConfigError(f"contrastive base must pad text, got {type(self.base).__name__}")
 
+    def required_keys(self, sample: dict) -> list[str]:
+        anchor = {k: v for k, v in sample.items() if not k.startswith("negative_")}
+        return self.base.required_keys(anchor) + ["negative_input_ids"]
+
+    def set_step(self, epoch: int, step: int) -> None:
+        "Pass the loader's step on to the base collator, if it draws per-step randomness."
+        if hasattr(self.base, "set_step"): self.base.set_step(epoch, step)
+
     def collate(self, samples: list[dict]) -> dict:
-        if "negative_input_ids" not in samples[0]: raise CollateError("ContrastiveCollator: samples have no 'negative_input_ids'")
         negs = [list(s["negative_input_ids"]) for s in samples]
         masks = [list(s.get("negative_attention_mask", [torch.ones_like(n) for n in ng])) for s, ng in zip(samples, negs)]
         flat = [dict(input_ids=n, attention_mask=m) for ng, ms in zip(negs, masks) for n, m in zip(ng, ms)]

@@ -25,15 +25,18 @@ from PIL import Image, UnidentifiedImageError
 
 from .storage import Location, Store, as_location, as_store, is_uri, open_file
 from .core import (BadRecordError, ConfigError, Registry, Stream, TooManyBadRecords,
-                        derive_seed, np_rng)
+                        derive_seed, np_rng, renamed_kwargs)
 
 # %% auto #0
-__all__ = ['logger', 'RECORD_KEYS', 'TEXT_FIELDS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'UTF8_BOM',
-           'MAX_JSON_DEPTH', 'PARQUET_ERRORS', 'task_formats', 'make_record', 'BadRecord', 'Skipped', 'split_skipped',
-           'SkipReport', 'check_unicode', 'MMDataset', 'check_image_size', 'open_image', 'json_depth', 'JsonlImageText',
-           'expand_paths', 'TextCorpus', 'open_image_cell', 'ParquetImageText', 'HFDataset', 'TorchDataset',
-           'TensorList', 'as_mm_dataset', 'open_source', 'locate_error', 'DeterministicDataset', 'Mixture',
-           'format_caption', 'format_qa', 'format_pointing', 'format_counting', 'format_messages']
+__all__ = ['logger', 'RECORD_KEYS', 'TEXT_FIELDS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'ORIENTATIONS',
+           'AUTO', 'CAPTION_NAMES', 'IMAGE_NAMES', 'FRAME_SUFFIXES', 'UTF8_BOM', 'JSONL_SUFFIXES', 'MAX_JSON_DEPTH',
+           'PARQUET_ERRORS', 'task_formats', 'make_record', 'BadRecord', 'Skipped', 'split_skipped', 'SkipReport',
+           'check_unicode', 'MMDataset', 'check_image_size', 'image_orientation', 'displayed_size', 'upright',
+           'to_8bit', 'load_image', 'open_image', 'pick_column', 'group_videos', 'video_refs', 'json_array_spans',
+           'json_records', 'read_record', 'json_depth', 'jsonl_fields', 'JsonlImageText', 'expand_paths', 'TextCorpus',
+           'open_image_cell', 'ParquetImageText', 'HFDataset', 'TorchDataset', 'TensorList', 'as_mm_dataset',
+           'open_source', 'locate_error', 'DeterministicDataset', 'Mixture', 'format_caption', 'format_qa',
+           'format_pointing', 'format_counting', 'format_messages']
 
 # %% ../nbs/01_dataset.ipynb #04f85c80
 logger = logging.getLogger("mmlit.dataset")
@@ -208,23 +211,128 @@ class MMDataset(torch.utils.data.Dataset):
         return int(idx) % n
 
 # %% ../nbs/01_dataset.ipynb #ab2ef134
+from PIL import ExifTags, ImageFile, ImageOps
+
 DEFAULT_MAX_IMAGE_PIXELS = 2**27  # ≈134 megapixels (11585²): far beyond any training image
 # what Pillow raises for corrupt or truncated data (struct.error, IndexError: some truncated headers)
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, struct.error,
                  Image.DecompressionBombError)
 
-def check_image_size(img: Image.Image, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+@renamed_kwargs(max_pixels="max_image_pixels")
+def check_image_size(img: Image.Image, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                      where: dict | None = None) -> tuple[int, int]:
     "The header's `(width, height)`; `BadRecordError` for an empty or bomb-sized image, before decoding."
     w, h = img.size
-    if w <= 0 or h <= 0 or (max_pixels is not None and w * h > max_pixels):
-        raise BadRecordError(f"image header declares {w}x{h} pixels, over the limit of {max_pixels} "
+    if w <= 0 or h <= 0 or (max_image_pixels is not None and w * h > max_image_pixels):
+        raise BadRecordError(f"image header declares {w}x{h} pixels, over the limit of {max_image_pixels} "
                              "(decompression bomb?)", **(where or {}))
     return w, h
 
-def open_image(src: bytes | str | Path, *, decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+def _load(img: Image.Image, where: dict) -> Image.Image:
+    "`img.load()` that refuses truncated data even when a caller set Pillow's `LOAD_TRUNCATED_IMAGES`."
+    saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try: img.load()
+    except DECODE_ERRORS as e:
+        raise BadRecordError(f"cannot decode image, truncated or corrupt ({type(e).__name__}: {e})", **where) from None
+    finally: ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    return img
+
+# %% ../nbs/01_dataset.ipynb #4177f3d8
+# EXIF orientation 2–8 → the transpose that shows the image upright (as `PIL.ImageOps.exif_transpose`)
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
+def image_orientation(img: Image.Image, where: dict | None = None) -> int:
+    "The image's EXIF (or XMP) orientation, 1–8; 1 when it has none or an invalid or unreadable one."
+    if img.format == "PNG" and "exif" not in img.info and getattr(img, "tile", None):
+        _load(img, where or {})   # Pillow finds an eXIf chunk stored after the pixels only when it decodes them
+    try: o = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except DECODE_ERRORS: return 1   # corrupt metadata: shown as stored, as a viewer does
+    return o if isinstance(o, int) and o in ORIENTATIONS else 1
+
+def displayed_size(img: Image.Image, where: dict | None = None) -> tuple[int, int]:
+    "`(width, height)` of the image upright: orientations 5–8 swap the header's sides."
+    if img.format == "TIFF": return img.size   # Pillow's TIFF reader already reports (and decodes) the upright size
+    w, h = img.size
+    return (h, w) if image_orientation(img, where) >= 5 else (w, h)
+
+def upright(img: Image.Image) -> Image.Image:
+    "A decoded `img` turned upright by its EXIF orientation, the tag removed; `img` itself when upright already."
+    return img if image_orientation(img) == 1 else ImageOps.exif_transpose(img)
+
+# %% ../nbs/01_dataset.ipynb #7e3568e9
+def to_8bit(img: Image.Image, where: dict | None = None, bits: int | None = None) -> Image.Image:
+    "`img` with 8 bits per channel: 16-bit → high byte, float in [0, 1] → ×255; a range with no safe scale → `BadRecordError`."
+    mode, where = img.mode, where or {}
+    if mode.startswith("I;16") or (mode == "I" and bits == 16):   # `bits`: what the file says (Pillow 10 opens 16-bit PNG as I)
+        return Image.fromarray((np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8))
+    if mode not in ("I", "F"): return img
+    a = np.asarray(img)
+    if mode == "F":
+        if not np.isfinite(a).all():
+            raise BadRecordError("mode F (32-bit float) image holds NaN or infinite values", **where)
+        lo, hi = float(a.min()), float(a.max())
+        if lo >= -0.5 / 255 and hi <= 1 + 0.5 / 255: a = a * np.float32(255)
+        elif not (lo >= -0.5 and hi <= 255.5):
+            raise BadRecordError(f"mode F (32-bit float) image has values in [{lo:g}, {hi:g}], neither [0, 1] "
+                                 "nor [0, 255]: no safe scaling to 8 bits", **where)
+    else:
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 255:
+            raise BadRecordError(f"mode I (32-bit integer) image has values in [{lo}, {hi}], outside 0..255: "
+                                 "no safe scaling to 8 bits", **where)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+
+# %% ../nbs/01_dataset.ipynb #4e88ab66
+import simplejpeg
+
+def _jpeg_bytes(img: Image.Image) -> bytes | None:
+    "The encoded bytes of a JPEG (or MPO) that is opened but not decoded yet; `None` otherwise."
+    if img.format not in ("JPEG", "MPO") or not getattr(img, "tile", None): return None
+    fp = getattr(img, "fp", None)
+    if isinstance(fp, io.BytesIO): return fp.getvalue()
+    return Path(img.filename).read_bytes() if getattr(img, "filename", "") else None
+
+def _decode_jpeg(img: Image.Image, data: bytes, min_size: tuple[int, int], where: dict) -> Image.Image:
+    "Decode with libjpeg-turbo, strict (corrupt-data warnings are errors), at the smallest n/8 scale ≥ `min_size`."
+    mw, mh = min_size
+    try:
+        if img.mode in ("RGB", "L"):
+            a = simplejpeg.decode_jpeg(data, "RGB" if img.mode == "RGB" else "GRAY", min_width=mw, min_height=mh)
+            out = Image.fromarray(a if img.mode == "RGB" else a[..., 0])
+            out.info = dict(img.info)   # keeps the EXIF orientation for `upright`
+            return out
+        simplejpeg.decode_jpeg(data, "CMYK", min_width=mw, min_height=mh)   # the strict check only
+    except ValueError as e:
+        raise BadRecordError(f"cannot decode image, truncated or corrupt (JPEG: {e})", **where) from None
+    if mw and mw * 2 <= img.width and mh * 2 <= img.height: img.draft(img.mode, (mw, mh))
+    return _load(img, where)
+
+def load_image(img: Image.Image, *, min_size: tuple[int, int] | None = None, where: dict | None = None) -> Image.Image:
+    "Decode an opened image, upright and 8-bit; a JPEG at the smallest reduced scale ≥ `min_size` = (w, h) upright."
+    where, fmt = where or {}, img.format
+    if getattr(img, "tile", None):   # opened, not decoded yet
+        mw, mh = min_size or (0, 0)
+        if image_orientation(img, where) >= 5: mw, mh = mh, mw   # the stored image is on its side
+        data = _jpeg_bytes(img)
+        img = _decode_jpeg(img, data, (mw, mh), where) if data is not None else _load(img, where)
+    out = to_8bit(upright(img), where, bits=16 if fmt == "PNG" else None)   # a PNG in mode I is 16-bit grey
+    out.format = fmt   # the file's format stays known ("JPEG", "PNG", ...)
+    return out
+
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")   # TIFF and BigTIFF, either byte order
+_TIFF_UNREADABLE = "a TIFF whose sample format Pillow cannot read (such as 64-bit or 16-bit float, float RGB), or a corrupt one"
+
+def _head(fp: io.BytesIO | Path, n: int = 4) -> bytes:
+    "The first `n` bytes of a blob or a file."
+    if isinstance(fp, io.BytesIO): return fp.getvalue()[:n]
+    with fp.open("rb") as f: return f.read(n)
+
+@renamed_kwargs(max_pixels="max_image_pixels")
+def open_image(src: bytes | str | Path, *, decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                where: dict | None = None) -> Image.Image:
-    "Open an image from bytes or a path; bad input raises `BadRecordError` naming `where`."
+    "Open an image from bytes or a path (decoded by `load_image` if `decode`); bad input raises `BadRecordError` naming `where`."
     where = where or {}
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0: raise BadRecordError("empty image blob", **where)
@@ -238,18 +346,19 @@ def open_image(src: bytes | str | Path, *, decode: bool = True, max_pixels: int 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
     except UnidentifiedImageError:  # its message holds the repr of a BytesIO: an address, different in each process
-        raise BadRecordError("not a readable image (UnidentifiedImageError: unknown or corrupt format)", **where) from None
+        what = _TIFF_UNREADABLE if _head(fp) in _TIFF_MAGIC else "unknown or corrupt format"
+        raise BadRecordError(f"not a readable image (UnidentifiedImageError: {what})", **where) from None
     except DECODE_ERRORS as e:
         raise BadRecordError(f"not a readable image ({type(e).__name__}: {e})", **where) from None
-    try: check_image_size(img, max_pixels, where)
+    try:
+        check_image_size(img, max_image_pixels, where)
+        if not decode: return img
+        out = load_image(img, where=where)
     except BadRecordError:
         img.close()
         raise
-    if decode:
-        try: img.load()
-        except DECODE_ERRORS as e:
-            raise BadRecordError(f"cannot decode image, truncated or corrupt ({type(e).__name__}: {e})", **where) from None
-    return img
+    if out is not img: img.close()   # decoded into a new image (JPEG, turned, scaled): release the file now
+    return out
 
 # %% ../nbs/01_dataset.ipynb #b71233a3
 def _str_list(v, name: str, where: dict) -> list[str]:
@@ -277,6 +386,44 @@ def _messages(v, where: dict) -> list[dict] | None:
                                      and isinstance(m.get("content"), str) for m in v)
     if not ok: raise BadRecordError("field 'messages' must be a list of {role: str, content: str}", **where)
     return [dict(role=m["role"], content=m["content"]) for m in v]
+
+# %% ../nbs/01_dataset.ipynb #c01a7d3e
+AUTO = "auto"
+CAPTION_NAMES = ("caption", "text", "txt", "alt", "alt_text", "sentence", "description", "captions_text",
+                 "prompt", "caption_text", "raw_caption")
+IMAGE_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes", "picture", "photo")
+
+def pick_column(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], *, what: str,
+                option: str, where: str, required: bool = True) -> str | None:
+    "`wanted` if it is a column (`None`: no such column); `'auto'`: the one column among `candidates`, else a `ConfigError` naming `option`."
+    cols = list(columns)
+    if wanted != AUTO:
+        if wanted is None or wanted in cols: return wanted
+        raise ConfigError(f"{where}: no column {wanted!r} for the {what}; columns are {cols}; pick one with {option}=")
+    names = {n.lower() for n in candidates}
+    hits = [c for c in cols if c.lower() in names]
+    if len(hits) == 1: return hits[0]
+    if not hits and not required: return None
+    why = f"several columns could be the {what}: {hits}" if hits else f"no column looks like the {what} (known names: {', '.join(candidates)})"
+    raise ConfigError(f"{where}: {why}; columns are {cols}; pick one with {option}=")
+
+
+# %% ../nbs/01_dataset.ipynb #c01a7d40
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+def group_videos(refs: Sequence[str]) -> list:
+    "A `video` field's paths as a list of videos: frame files together form one video, anything else is one video each."
+    refs = list(refs)
+    if refs and all(Path(r).suffix.lower() in FRAME_SUFFIXES for r in refs): return [refs]
+    return refs
+
+def video_refs(v, root: Path, where: dict) -> list:
+    "A record's `video` field as a list of videos (a path, or a list of frame paths), resolved against `root`; missing files are bad records."
+    videos = group_videos(_str_list(v, "video", where))
+    for p in (Path(x) for vid in videos for x in (vid if isinstance(vid, list) else [vid])):
+        if not (root / p).exists(): raise BadRecordError(f"video file not found: {root / p}", **where)
+    return [[str(root / x) for x in vid] if isinstance(vid, list) else str(root / vid) for vid in videos]
+
 
 # %% ../nbs/01_dataset.ipynb #ea6be655
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -310,6 +457,54 @@ def _check_path(path, store: Store | None = None) -> Path | Location:
     p = as_location(path, store)
     if not p.is_file(): raise FileNotFoundError(f"no such file: {p}")
     return p
+
+# %% ../nbs/01_dataset.ipynb #c01a7d51
+import re
+
+_WS = re.compile(r"[ \t\n\r]*")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+def json_array_spans(path: str | Path) -> np.ndarray:
+    "`[n, 2]` byte spans of the items of a JSON array file, found in one pass (each item is parsed once, then dropped)."
+    text = as_location(path).read_bytes().decode("latin-1")     # one character per byte: positions are byte offsets
+    dec, i = json.JSONDecoder(), _WS.match(text, len(UTF8_BOM) if text.startswith(UTF8_BOM.decode("latin-1")) else 0).end()
+    if text[i:i + 1] != "[": raise ConfigError(f"{path}: not a JSON array (it starts with {text[i:i + 20]!r})")
+    i, spans = _WS.match(text, i + 1).end(), []
+    if text[i:i + 1] == "]": return np.zeros((0, 2), np.int64)
+    while True:
+        try: _, end = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: item {len(spans)} is not valid JSON at byte {e.pos} ({e.msg}); "
+                              "the items after it cannot be found") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: item {len(spans)} is nested too deeply for Python's JSON parser; "
+                              "the items after it cannot be found") from None
+        spans.append((i, end))
+        i = _WS.match(text, end).end()
+        if text[i:i + 1] == ",": i = _WS.match(text, i + 1).end()
+        elif text[i:i + 1] == "]": return np.asarray(spans, np.int64)
+        else: raise ConfigError(f"{path}: expected ',' or ']' after item {len(spans) - 1} at byte {i}")
+
+def json_records(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    "Byte spans `[n, 2]` of the records of a JSONL file (end -1: to the line's end) or a JSON array, their numbers and unit."
+    array = False
+    if Path(path).suffix.lower() not in JSONL_SUFFIXES:   # a .jsonl file is lines, even when a line is an array
+        with _open_bytes(path) as f:
+            _skip_bom(f)
+            array = f.read(4096).lstrip()[:1] == b"["
+    if array:
+        spans = json_array_spans(path)
+        return spans, np.arange(len(spans)), "item"
+    offsets, lines = _line_offsets(path)
+    return np.stack([offsets, np.full_like(offsets, -1)], axis=1), lines, "line"
+
+def read_record(path: Path, span: Sequence[int]) -> bytes:
+    "The bytes of one record of `json_records`."
+    start, end = int(span[0]), int(span[1])
+    if end < 0: return _read_line(path, start)
+    with _open_bytes(path) as f:
+        f.seek(start)
+        return f.read(end - start)
 
 # %% ../nbs/01_dataset.ipynb #1abc109d
 import re
@@ -354,34 +549,66 @@ def _parse_json_line(raw: bytes, where: dict) -> dict:
     if not isinstance(obj, dict): raise BadRecordError(f"expected a JSON object, got {type(obj).__name__}", **where)
     return obj
 
+# %% ../nbs/01_dataset.ipynb #2d4028ec
+def _first_object(path: Path, spans: np.ndarray, numbers: np.ndarray, limit: int = 20) -> tuple[dict | None, int]:
+    "The first of the first `limit` records that parses as a JSON object, and its number (`None, -1` if none)."
+    for span, n in zip(spans[:limit].tolist(), numbers[:limit].tolist()):
+        try: return _parse_json_line(read_record(path, span), {}), n
+        except BadRecordError: continue
+    return None, -1
+
+def jsonl_fields(path: Path, obj: dict | None, line: int, text_field: str, image_field: str | None) -> tuple[tuple, tuple]:
+    "The text and image field names a JSONL file's records use, detected from its first record `obj` when `'auto'`."
+    text = (text_field,) if text_field != AUTO else ("text", "query")
+    image = (image_field,) if image_field not in (AUTO, None) else ("image", "images") if image_field == AUTO else ()
+    if obj is None: return text, image
+    where = f"{path} record {line}"
+    if text_field == AUTO and not any(k in obj for k in text):
+        hint = " (a conversation file? open it with mmlit.formats.Conversations)" if {"conversations", "messages"} & set(obj) else ""
+        try: text = (pick_column(list(obj), AUTO, CAPTION_NAMES, what="caption", option="text_field", where=where),)
+        except ConfigError as e: raise ConfigError(f"{e}{hint}") from None
+    if image_field == AUTO and not any(k in obj for k in image):
+        found = pick_column(list(obj), AUTO, IMAGE_NAMES + ("image_path", "file_name"), what="image",
+                            option="image_field", where=where, required=False)
+        image = (found,) if found else image
+    return text, image
+
 # %% ../nbs/01_dataset.ipynb #60fa4150
+@renamed_kwargs(max_pixels="max_image_pixels")
 class JsonlImageText(MMDataset):
-    "Image-text pairs from a JSONL file; images open lazily when a record is read."
+    "Image-text pairs from a JSONL file (or one JSON array); images open lazily when a record is read."
     source = "jsonl"
 
     def __init__(self, path: str | Path, *, image_root: str | Path | None = None, decode: bool = True,
-                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, text_field: str = AUTO,
+                 image_field: str | None = AUTO, **kwargs):
         super().__init__(**kwargs)
         self.path = _check_path(path, self.store)
         self.image_root = as_location(image_root, self.store) if image_root is not None else self.path.parent
-        self.decode, self.max_pixels = decode, max_pixels
-        self._offsets, self._lines = _line_offsets(self.path)
+        self.decode, self.max_image_pixels = decode, max_image_pixels
+        self._spans, self._lines, self.unit = json_records(self.path)
+        self._offsets = self._spans[:, 0]
+        self.text_fields, self.image_fields = jsonl_fields(self.path, *_first_object(self.path, self._spans, self._lines),
+                                                           text_field, image_field)
 
     def __len__(self) -> int: return len(self._offsets)
     @property
     def n_rows(self) -> int: return len(self._offsets)
 
     def load(self, idx: int) -> dict:
-        where = dict(source=self.source, file=str(self.path), index=int(self._lines[idx]), unit="line")
-        obj = _parse_json_line(_read_line(self.path, int(self._offsets[idx])), where)
-        text = _pick(obj, ("text", "query"), str, where, required=True)
-        images = _str_list(obj.get("image", obj.get("images")), "image", where)
-        opened = [open_image(self.image_root / p, decode=self.decode, max_pixels=self.max_pixels, where=where)
+        where = dict(source=self.source, file=str(self.path), index=int(self._lines[idx]), unit=self.unit)
+        obj = _parse_json_line(read_record(self.path, self._spans[idx]), where)
+        text = _pick(obj, self.text_fields, str, where, required=True)
+        cell = next((obj[k] for k in self.image_fields if obj.get(k) is not None), None)
+        images = _str_list(cell, "image", where)
+        opened = [open_image(self.image_root / p, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
                   for p in images]
-        image = opened if isinstance(obj.get("image", obj.get("images")), list) else (opened[0] if opened else None)
+        image = opened if isinstance(cell, list) else (opened[0] if opened else None)
         negatives = _str_list(obj.get("negatives", obj.get("negative")), "negatives", where)
         task = _pick(obj, ("task",), str, where)
-        return make_record(text, image, negatives, task, _messages(obj.get("messages"), where), where)
+        video = video_refs(obj.get("video", obj.get("videos")), self.image_root, where)
+        return make_record(text, image, negatives, task, _messages(obj.get("messages"), where), where,
+                           **({"video": video} if video else {}))
 
 # %% ../nbs/01_dataset.ipynb #d1fcebc3
 def expand_paths(paths, suffixes: Sequence[str] = (), store: Store | None = None) -> list[Path | Location]:
@@ -458,8 +685,9 @@ import bisect
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+@renamed_kwargs(max_pixels="max_image_pixels")
 def open_image_cell(v, column: str = "image", *, root: Path | None = None, decode: bool = True,
-                    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, where: dict | None = None) -> Image.Image:
+                    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, where: dict | None = None) -> Image.Image:
     "Open a table's image cell: an HF `{bytes, path}` struct, bytes, or a path (relative to `root` when given)."
     where = where or {}
     if isinstance(v, dict):
@@ -471,7 +699,7 @@ def open_image_cell(v, column: str = "image", *, root: Path | None = None, decod
     if isinstance(v, (str, Path)): v = as_location(v) if root is None else as_location(root) / v   # an absolute path stays as it is
     if not isinstance(v, (bytes, Path, Location)):
         raise BadRecordError(f"image column {column!r} holds {type(v).__name__}, not bytes or a path", **where)
-    return open_image(v, decode=decode, max_pixels=max_pixels, where=where)
+    return open_image(v, decode=decode, max_image_pixels=max_image_pixels, where=where)
 
 # %% ../nbs/01_dataset.ipynb #0eec48ee
 PARQUET_ERRORS = (OSError, pa.ArrowException)  # what pyarrow raises for a damaged file, footer or page
@@ -520,17 +748,18 @@ def _column_values(col: pa.ChunkedArray) -> list:
     except UnicodeDecodeError: return [_as_text(v, col.type) for v in col.cast(_as_bytes_type(col.type)).to_pylist()]
 
 # %% ../nbs/01_dataset.ipynb #ba10c47e
+@renamed_kwargs(max_pixels="max_image_pixels")
 class ParquetImageText(MMDataset):
     "Image-text pairs from Parquet shards with embedded image bytes, read by row group."
     source = "parquet"
 
-    def __init__(self, paths, *, image_column: str | None = "image", text_column: str = "caption",
+    def __init__(self, paths, *, image_column: str | None = AUTO, text_column: str = AUTO,
                  negatives_column: str | None = "negatives", task_column: str | None = "task",
-                 decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                 decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                  cache_row_groups: int = 1, verify_checksums: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.files = expand_paths(paths, (".parquet",), self.store)
-        self.image_column, self.text_column, self.decode, self.max_pixels = image_column, text_column, decode, max_pixels
+        self.image_column, self.text_column, self.decode, self.max_image_pixels = image_column, text_column, decode, max_image_pixels
         self.negatives_column, self.task_column, self.verify_checksums = negatives_column, task_column, verify_checksums
         self.cache_row_groups = max(1, int(cache_row_groups))
         starts, rg_file, rg_index, file_start, n = [], [], [], [], 0
@@ -556,6 +785,9 @@ class ParquetImageText(MMDataset):
 
     def _columns_of(self, f: Path, names: list[str]) -> list[str]:
         "The columns to read from shard `f`: the text and image columns (`ConfigError` naming `f` if absent) and the optional ones it has."
+        if AUTO in (self.text_column, self.image_column):   # the first readable shard decides the 'auto' columns
+            self.text_column = pick_column(names, self.text_column, CAPTION_NAMES, what="caption", option="text_column", where=str(f))
+            self.image_column = pick_column(names, self.image_column, IMAGE_NAMES, what="image", option="image_column", where=str(f))
         for col in (self.text_column, self.image_column):
             if col is not None and col not in names: raise ConfigError(f"{f}: no column {col!r}; columns are {names}")
         return [c for c in (self.image_column, self.text_column, self.negatives_column, self.task_column)
@@ -605,23 +837,34 @@ class ParquetImageText(MMDataset):
         image = None
         if self.image_column is not None:              # plain paths and {path} structs: relative to the shard's folder
             image = open_image_cell(row.get(self.image_column), self.image_column, root=self.files[k].parent,
-                                    decode=self.decode, max_pixels=self.max_pixels, where=where)
+                                    decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
         negatives = _str_list(row.get(self.negatives_column), "negatives", where) if self.negatives_column in row else []
         task = _pick(row, (self.task_column,), str, where) if self.task_column in row else None
         return make_record(text, image, negatives, task, None, where)
 
+# %% ../nbs/01_dataset.ipynb #b3f1a2c4
+def _undecoded(ds, column: str | None):
+    "`ds` with its `Image` column read as `{bytes, path}` cells, so mmlit decodes it with the same strict checks as files."
+    feature = getattr(ds, "features", {}).get(column) if column else None
+    if type(feature).__name__ == "Image" and getattr(feature, "decode", False):
+        return ds.cast_column(column, type(feature)(decode=False))   # HF's own decode accepts JPEGs with corrupt scan data
+    return ds
+
+
 # %% ../nbs/01_dataset.ipynb #82118f58
+@renamed_kwargs(max_pixels="max_image_pixels")
 class HFDataset(MMDataset):
     "An HF `datasets.Dataset` (its `Image` feature included) as mmlit records."
     source = "hf"
 
-    def __init__(self, ds, *, text_column: str = "text", image_column: str | None = "image",
+    def __init__(self, ds, *, text_column: str = AUTO, image_column: str | None = AUTO,
                  negatives_column: str | None = "negatives", task_column: str | None = "task",
-                 decode: bool = True, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
+                 decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
         super().__init__(**kwargs)
         cols = list(getattr(ds, "column_names", []))
-        if text_column not in cols: raise ConfigError(f"HF dataset has no column {text_column!r}; columns are {cols}")
-        self.ds, self.text_column, self.decode, self.max_pixels = ds, text_column, decode, max_pixels
+        text_column = pick_column(cols, text_column, CAPTION_NAMES, what="caption", option="text_column", where="HF dataset")
+        image_column = pick_column(cols, image_column, IMAGE_NAMES, what="image", option="image_column", where="HF dataset", required=False)
+        self.ds, self.text_column, self.decode, self.max_image_pixels = _undecoded(ds, image_column), text_column, decode, max_image_pixels
         self.image_column = image_column if image_column in cols else None
         self.negatives_column = negatives_column if negatives_column in cols else None
         self.task_column = task_column if task_column in cols else None
@@ -647,11 +890,8 @@ class HFDataset(MMDataset):
     def _image(self, v, where):
         if isinstance(v, list): return [self._image(x, where) for x in v]
         if isinstance(v, Image.Image):
-            if self.decode:
-                try: v.load()
-                except DECODE_ERRORS as e: raise BadRecordError(f"cannot decode image ({e})", **where) from None
-            return v
-        return open_image_cell(v, self.image_column, decode=self.decode, max_pixels=self.max_pixels, where=where)
+            return load_image(v, where=where) if self.decode else v   # upright and 8-bit, like every other source
+        return open_image_cell(v, self.image_column, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
 
 # %% ../nbs/01_dataset.ipynb #4a5ff30f
 class TorchDataset(MMDataset):
@@ -849,7 +1089,7 @@ task_formats = Registry("task format")
 def _image_size(rec) -> tuple[int, int]:
     im = rec["image"][0] if isinstance(rec["image"], list) else rec["image"]
     if im is None: raise ConfigError("pointing needs an image to normalise coordinates")
-    return im.size
+    return displayed_size(im)
 
 def _turns(question: str, answer: str) -> list[dict]:
     return [dict(role="user", content=question), dict(role="assistant", content=answer)]

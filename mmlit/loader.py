@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import os
 import random
 import time
@@ -19,18 +21,19 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequ
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from .core import ConfigError, Stream, derive_seed
+from .core import ConfigError, Stream, TooManyBadRecords, derive_seed, rename_keys
 from .dataset import (BadRecord, DeterministicDataset, MMDataset, Mixture, SkipReport, Skipped,
                            as_mm_dataset, split_skipped)
-from .storage import IOStats, io_stats
+from .storage import IOStats, Location, io_stats
 
 # %% auto #0
 __all__ = ['LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'rank_steps', 'ShardedBatchSampler', 'TimedTransform', 'Samples',
            'StepFetcher', 'Delivery', 'SkipAwareCollate', 'WorkerSeeder', 'resolve_collate', 'dist_rank_world',
-           'LoaderTimings', 'ResumableLoader', 'make_loader', 'LoaderProfile', 'profile_loader', 'DataModule',
-           'RowSubset', 'split_rows', 'LoaderDataModule', 'WithTask', 'load_tokenizer', 'loader_parts',
+           'data_fingerprint', 'LoaderTimings', 'ResumableLoader', 'make_loader', 'LoaderProfile', 'profile_loader',
+           'DataModule', 'RowSubset', 'split_rows', 'LoaderDataModule', 'WithTask', 'load_tokenizer', 'loader_parts',
            'build_data_module', 'build_loader']
 
 # %% ../nbs/04_loader.ipynb #cb749e57
@@ -102,7 +105,7 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, blocks: Seq
     return rows[np.lexsort((rng.random(n), win))].astype(np.int64)             # shuffled within its window
 
 class Step(NamedTuple):
-    "One rank's share of a global step: dataset `indices` and the global position `end` after it."
+    "One rank's share of a global step: its batch number `step` in the epoch, dataset `indices`, the global position `end` after it."
     epoch: int
     step: int
     indices: list[int]
@@ -123,7 +126,7 @@ def rank_steps(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffl
         end = min(begin + gb, n)
         b = -(-(end - begin) // world_size)               # B for whole steps, ceil(R/W) for the last
         pos = begin + rank * b + np.arange(b)
-        steps.append(Step(epoch, k, order[pos % n].tolist(), end))
+        steps.append(Step(epoch, (begin // gb) * world_size + rank, order[pos % n].tolist(), end))
     return steps
 
 # %% ../nbs/04_loader.ipynb #217582d8
@@ -192,6 +195,7 @@ class StepFetcher(Dataset):
         out.step, out.preprocess_s, out.fetch_s, out.began = step, pre, time.perf_counter() - t0 - pre, t0
         return out
 
+# %% ../nbs/04_loader.ipynb #22902bc5
 class Delivery(NamedTuple):
     "What a worker returns for a step: the batch (None if every sample was bad), bad records, timings."
     batch: Any
@@ -203,7 +207,8 @@ class SkipAwareCollate:
     def __init__(self, collate_fn: Callable): self.collate_fn = collate_fn
     def __call__(self, samples: Sequence) -> Delivery:
         good, bad = split_skipped(samples)
-        t = time.perf_counter()
+        t, step = time.perf_counter(), getattr(samples, "step", None)
+        if step is not None and hasattr(self.collate_fn, "set_step"): self.collate_fn.set_step(step.epoch, step.step)
         batch = None
         if good and hasattr(self.collate_fn, "collate_with_bad"):  # an mmlit collator: it may find more (e.g. in planned rows)
             batch, more = self.collate_fn.collate_with_bad(good)
@@ -244,9 +249,29 @@ def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> t
         raise ConfigError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     return int(rank), int(world_size)
 
-# %% ../nbs/04_loader.ipynb #c89d5d34
-_STATE_KEYS = ("seed", "epoch", "position", "world_size", "batch_size", "shuffle", "drop_last", "n", "shuffle_window")
+# %% ../nbs/04_loader.ipynb #a978102c
+def _describe(ds, depth: int = 0) -> dict:
+    "What `data_fingerprint` hashes: type, length, files (name, size) and the wrapped datasets."
+    out = {"type": type(ds).__name__, "len": len(ds) if hasattr(ds, "__len__") else None}
+    if depth > 8: return out                                            # deeper wrappers: their type and length only
+    files = getattr(ds, "files", None) or ([ds.path] if isinstance(getattr(ds, "path", None), (str, Path)) else [])
+    if files: out["files"] = [(f.name, f.store.size(f)) if isinstance(f, Location) else (Path(f).name, Path(f).stat().st_size)
+                              for f in files]                       # an object's size: one cached lookup per process
+    hf = getattr(getattr(ds, "ds", None), "_fingerprint", None)       # an HF dataset knows its own
+    if hf is not None: out["hf"] = str(hf)
+    if isinstance(getattr(ds, "indices", None), np.ndarray): out["rows"] = hashlib.sha1(ds.indices.tobytes()).hexdigest()
+    for name in ("dataset", "parent"):
+        if getattr(ds, name, None) is not None: out[name] = _describe(getattr(ds, name), depth + 1)
+    if isinstance(getattr(ds, "datasets", None), (list, tuple)):
+        out["datasets"] = [_describe(d, depth + 1) for d in ds.datasets]
+        out["weights"] = np.asarray(getattr(ds, "weights", [])).round(12).tolist()
+    return out
 
+def data_fingerprint(dataset) -> str:
+    "A short hash of the data: files (names, sizes), row counts and wrappers; no record is read."
+    return hashlib.sha1(json.dumps(_describe(dataset), sort_keys=True).encode()).hexdigest()[:16]
+
+# %% ../nbs/04_loader.ipynb #c89d5d34
 @dataclass
 class LoaderTimings:
     "Seconds spent fetching, preprocessing and collating, and each worker's busy time."
@@ -265,6 +290,7 @@ class LoaderTimings:
 
     def reset(self): self.__init__()
 
+# %% ../nbs/04_loader.ipynb #f5c0724c
 def _as_dataset(dataset, transform: Callable | None, seed: int):
     "What the loader fetches from: a `DeterministicDataset` for mmlit datasets, the dataset itself otherwise."
     if isinstance(dataset, DeterministicDataset):
@@ -275,6 +301,19 @@ def _as_dataset(dataset, transform: Callable | None, seed: int):
         raise ConfigError(f"the loader needs a map-style dataset (len and []), got {type(dataset).__name__}")
     return dataset
 
+def _wrapped(dataset) -> Iterator:
+    "The dataset and those it wraps (`dataset`, `parent`, `ds` attributes), outermost first."
+    for _ in range(10):                                   # wrappers of wrappers, not a cycle
+        if dataset is None: return
+        yield dataset
+        dataset = next((getattr(dataset, a) for a in ("dataset", "parent", "ds") if getattr(dataset, a, None) is not None), None)
+
+def _bad_limit(dataset) -> tuple[float | None, int]:
+    "`(max_bad_fraction, length)` of the first dataset (inside wrappers) that sets one, else `(None, 0)`."
+    return next(((d.max_bad_fraction, len(d)) for d in _wrapped(dataset) if getattr(d, "max_bad_fraction", None) is not None),
+                (None, 0))
+
+# %% ../nbs/04_loader.ipynb #afbd2b15
 class ResumableLoader:
     "A `DataLoader` over a seeded global order, sharded by rank, with an O(1) `state_dict()` and a skip report."
     def __init__(self, dataset, config: LoaderConfig | None = None, *, transform: Callable | None = None,
@@ -301,7 +340,11 @@ class ResumableLoader:
             persistent_workers=cfg.persistent_workers, worker_init_fn=WorkerSeeder(cfg.seed) if w else None,
             generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 0, Stream.WORKER)))
         self.epoch, self.position = 0, 0
+        self.fingerprint = data_fingerprint(self.dataset)
         self.report, self.timings, self.io = SkipReport(), LoaderTimings(), IOStats()   # io: object-storage reads and retries
+        for d in _wrapped(self.dataset):                  # bad records found before loading (e.g. building LM windows)
+            if isinstance(getattr(d, "report", None), SkipReport): self.report.extend(d.report)
+        self.max_bad_fraction, self._bad_of = _bad_limit(self.dataset)
 
     @property
     def n(self) -> int: return len(self.dataset)
@@ -313,49 +356,6 @@ class ResumableLoader:
         "Batches left in the current epoch on this rank."
         return count_steps(self.n, self.config.batch_size, self.world_size, self.position, self.config.drop_last)
 
-    def _roll(self):
-        "Move past an epoch whose steps are all consumed."
-        if self.position > 0 and self.remaining == 0: self.epoch, self.position = self.epoch + 1, 0
-
-    def set_epoch(self, epoch: int):
-        "Go to the start of `epoch` (no-op when it is the current epoch, to keep a resumed position)."
-        derive_seed(self.config.seed, epoch)  # validates
-        self._roll()
-        if int(epoch) != self.epoch: self.epoch, self.position = int(epoch), 0
-
-    def __iter__(self) -> Iterator:
-        self._roll()
-        epoch = self.epoch
-        self.sampler.seek(epoch, self.position)
-        ends = [s.end for s in self.sampler.steps()]
-        if hasattr(self.dataset, "set_epoch"): self.dataset.set_epoch(epoch)
-        for k, d in enumerate(self.dataloader):
-            self.report.extend(d.bad)
-            self.timings.add(d.stats)
-            self.io.add(d.stats.get("io"))
-            self.epoch, self.position = epoch, ends[k]
-            if d.batch is not None: yield d.batch
-        self.epoch, self.position = epoch + 1, 0
-
-    def state_dict(self) -> dict:
-        "`{seed, epoch, position, world_size, ...}`: where the consumer is in the global stream (O(1))."
-        self._roll()
-        c = self.config
-        return dict(seed=c.seed, epoch=self.epoch, position=self.position, world_size=self.world_size,
-                    batch_size=c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, n=self.n, shuffle_window=self.window)
-
-    def load_state_dict(self, state: dict):
-        "Continue from `state` (saved with any world size); the next batch is the first one not consumed."
-        missing = [k for k in ("seed", "epoch", "position", "n", "shuffle") if k not in state]
-        if missing: raise ConfigError(f"loader state lacks {missing}")
-        state = {"shuffle_window": 0, **state}            # states saved before block shuffling: a full shuffle
-        for k, mine in (("seed", self.config.seed), ("shuffle", self.config.shuffle), ("n", self.n), ("shuffle_window", self.window)):
-            if state[k] != mine and (k != "shuffle_window" or self.config.shuffle): raise ConfigError(f"loader state has {k}={state[k]!r} but this loader has {k}={mine!r}; "
-                                                   "the global order would differ")
-        if not (_is_int(state["position"]) and 0 <= state["position"] <= self.n and _is_int(state["epoch"]) and state["epoch"] >= 0):
-            raise ConfigError(f"loader state has an invalid epoch/position: {state['epoch']!r}/{state['position']!r}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
     def __repr__(self) -> str:
         c = self.config
         return (f"ResumableLoader(n={self.n}, batch_size={c.batch_size}, rank={self.rank}/{self.world_size}, "
@@ -365,6 +365,75 @@ def make_loader(dataset, config: LoaderConfig | dict | None = None, **kwargs) ->
     "A `ResumableLoader` (its `.dataloader` is the torch `DataLoader`) from a dataset and a config."
     if isinstance(config, dict): config = LoaderConfig.from_dict(config)
     return ResumableLoader(dataset, config, **kwargs)
+
+# %% ../nbs/04_loader.ipynb #42b0807d
+@patch
+def _roll(self: ResumableLoader):
+    "Move past an epoch whose steps are all consumed."
+    if self.position > 0 and self.remaining == 0: self.epoch, self.position = self.epoch + 1, 0
+
+@patch
+def set_epoch(self: ResumableLoader, epoch: int):
+    "Go to the start of `epoch` (no-op when it is the current epoch, to keep a resumed position)."
+    derive_seed(self.config.seed, epoch)  # validates
+    self._roll()
+    if int(epoch) != self.epoch: self.epoch, self.position = int(epoch), 0
+
+@patch
+def __iter__(self: ResumableLoader) -> Iterator:
+    self._roll()
+    epoch = self.epoch
+    self.sampler.seek(epoch, self.position)
+    ends = [s.end for s in self.sampler.steps()]
+    if hasattr(self.dataset, "set_epoch"): self.dataset.set_epoch(epoch)
+    for k, d in enumerate(self.dataloader):
+        if self.report.extend(d.bad): self._check_bad()
+        self.timings.add(d.stats)
+        self.io.add(d.stats.get("io"))
+        self.epoch, self.position = epoch, ends[k]
+        if d.batch is not None: yield d.batch
+    self.epoch, self.position = epoch + 1, 0
+
+@patch
+def _check_bad(self: ResumableLoader):
+    "Enforce `max_bad_fraction` on the bad records of all workers together (each worker sees only its share)."
+    f, n = self.max_bad_fraction, self._bad_of
+    if f is not None and len(self.report) > f * n:
+        raise TooManyBadRecords(f"{len(self.report)} of {n} records are bad (counted over all workers), more than "
+                                f"max_bad_fraction={f}\n{self.report.table()}")
+
+# %% ../nbs/04_loader.ipynb #2a78b469
+_STATE_KEYS = ("seed", "epoch", "position", "world_size", "batch_size", "shuffle", "drop_last", "n", "shuffle_window",
+               "fingerprint")
+
+@patch
+def state_dict(self: ResumableLoader) -> dict:
+    "`{seed, epoch, position, world_size, ...}`: where the consumer is in the global stream (O(1))."
+    self._roll()
+    c = self.config
+    return dict(seed=c.seed, epoch=self.epoch, position=self.position, world_size=self.world_size,
+                batch_size=c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, n=self.n, shuffle_window=self.window,
+                fingerprint=self.fingerprint)
+
+@patch
+def load_state_dict(self: ResumableLoader, state: dict):
+    "Continue from `state` (saved with any world size); the next batch is the first one not consumed."
+    missing = [k for k in ("seed", "epoch", "position", "n", "shuffle") if k not in state]
+    if missing: raise ConfigError(f"loader state lacks {missing}")
+    state = {"shuffle_window": 0, **state}            # states saved before block shuffling: a full shuffle
+    for k, mine in (("seed", self.config.seed), ("shuffle", self.config.shuffle), ("n", self.n), ("shuffle_window", self.window)):
+        if state[k] != mine and (k != "shuffle_window" or self.config.shuffle): raise ConfigError(f"loader state has {k}={state[k]!r} but this loader has {k}={mine!r}; "
+                                               "the global order would differ")
+    if "fingerprint" not in state:
+        raise ConfigError("loader state has no data fingerprint (saved by an older mmlit), so nothing shows it belongs to "
+                          "this data; if you are sure it does, set state['fingerprint'] = loader.state_dict()['fingerprint'] "
+                          "and load it again")
+    if state["fingerprint"] != self.fingerprint:
+        raise ConfigError(f"loader state was saved for other data (fingerprint {state['fingerprint']!r}, this loader's data "
+                          f"has {self.fingerprint!r}: other files, sizes or row counts); it would resume at the wrong samples")
+    if not (_is_int(state["position"]) and 0 <= state["position"] <= self.n and _is_int(state["epoch"]) and state["epoch"] >= 0):
+        raise ConfigError(f"loader state has an invalid epoch/position: {state['epoch']!r}/{state['position']!r}")
+    self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 # %% ../nbs/04_loader.ipynb #ce4c2fdc
 @dataclass
@@ -446,6 +515,7 @@ def split_rows(n: int, val_split: float | int, seed: int = 0) -> tuple[np.ndarra
     perm = np.random.default_rng(derive_seed(seed, 0, 0, Stream.VAL_SPLIT)).permutation(n)
     return np.sort(perm[k:]), np.sort(perm[:k])
 
+# %% ../nbs/04_loader.ipynb #de2636be
 class LoaderDataModule:
     "Train and validation `ResumableLoader`s from train data and external val data or a `val_split`."
     def __init__(self, train_data, val_data=None, *, val_split: float | int | None = None,
@@ -491,11 +561,7 @@ class WithTask:
         if self.task is not None and not rec.get("task"): rec = {**rec, "task": self.task}
         return self.preprocessor(rec, rng)
 
-_KNOWN_KEYS = {"data", "kind", "data_options", "val_data", "val_split", "tokenizer", "preprocessor", "preprocessor_options",
-               "max_length", "task", "collator", "collator_options", "loader"}
-_DEFAULT_COLLATORS = {"clip": ("contrastive", dict(base="multimodal")), "qwen2_vl": ("qwen2_vl", {}),
-                      "molmo": ("multimodal", {}), "lm": ("causal_lm", {})}
-
+# %% ../nbs/04_loader.ipynb #b6f15828
 def _read_config(config: dict | str | Path) -> dict:
     if isinstance(config, (str, Path)):
         import yaml
@@ -520,10 +586,17 @@ def load_tokenizer(spec, data_path=None, kind: str | None = None, data_options: 
     if spec is None: raise ConfigError("the config needs a tokenizer: a local directory or {train: {vocab_size: ...}}")
     return spec                                                  # an already-built tokenizer object
 
+# %% ../nbs/04_loader.ipynb #9f5e57cf
+_KNOWN_KEYS = {"data", "kind", "data_options", "val_data", "val_split", "tokenizer", "preprocessor", "preprocessor_options",
+               "max_length", "task", "collate_options", "loader"}
+_RENAMED_KEYS = {"collator": "collate", "collator_options": "collate_options"}   # old names, accepted with a warning for now
+_DEFAULT_COLLATORS = {"clip": ("contrastive", dict(base="multimodal")), "qwen2_vl": ("qwen2_vl", {}),
+                      "molmo": ("multimodal", {}), "lm": ("causal_lm", {})}
+
 def loader_parts(config: dict | str | Path) -> dict:
     "Parse a one-liner config into data, transform, collator and `LoaderConfig` (what `build_loader` uses)."
     from mmlit.dataset import TextCorpus, open_source
-    cfg = _read_config(config)
+    cfg = rename_keys(_read_config(config), _RENAMED_KEYS, "loader config")
     loader_keys = {f.name for f in dataclasses.fields(LoaderConfig)}
     lcfg = {**{k: cfg.pop(k) for k in list(cfg) if k in loader_keys}, **(cfg.pop("loader", None) or {})}
     unknown = sorted(set(cfg) - _KNOWN_KEYS)
@@ -537,7 +610,9 @@ def loader_parts(config: dict | str | Path) -> dict:
         if not cfg.get("max_length"): raise ConfigError("task 'lm' needs max_length (the window length)")
         def windows(path):
             src = path if isinstance(path, MMDataset) else TextCorpus(path, **opts)
-            return lm_windows((r["text"] for r in src.records()), tok, cfg["max_length"])
+            w = lm_windows((r["text"] for r in src.records()), tok, cfg["max_length"])
+            w.report = src.report                          # the paragraphs skipped while tokenizing reach loader.report
+            return w
         parts.update(data=windows(cfg["data"]), val_data=windows(cfg["val_data"]) if cfg.get("val_data") else None,
                      transform=None, preset="lm")
     else:
@@ -549,9 +624,9 @@ def loader_parts(config: dict | str | Path) -> dict:
         parts.update(data=open_source(cfg["data"], kind, **opts), transform=mk(True), val_transform=mk(False),
                      val_data=open_source(cfg["val_data"], kind, **opts) if cfg.get("val_data") else None, preset=preset)
     name, copts = _DEFAULT_COLLATORS.get(parts.pop("preset"), ("default", {}))
-    if cfg.get("collator"): name, copts = cfg["collator"], {}
-    copts = {**copts, **(cfg.get("collator_options") or {})}
-    if name != "default": copts.setdefault("tokenizer", tok)
+    if lcfg.get("collate") is not None: name, copts = lcfg["collate"], {}
+    copts = {**copts, **(cfg.get("collate_options") or {})}
+    if isinstance(name, str) and name != "default": copts.setdefault("tokenizer", tok)
     parts.update(collate=name, collate_options=copts, tokenizer=tok)
     return parts
 
@@ -564,5 +639,5 @@ def build_data_module(config: dict | str | Path, rank: int | None = None, world_
                             rank=rank, world_size=world_size)
 
 def build_loader(config: dict | str | Path, rank: int | None = None, world_size: int | None = None) -> ResumableLoader:
-    "The seed-000 one-liner: a config naming data, tokenizer, preprocessor, lengths, task and batch size → a ready loader."
+    "One call: a config naming data, tokenizer, preprocessor, lengths, task and batch size → a ready loader."
     return build_data_module(config, rank, world_size).train_dataloader()

@@ -7,20 +7,23 @@ Docs: https://mmlit.github.io/mmlit/multimodal.html.md"""
 # %% ../nbs/02b_multimodal.ipynb #8ad727af
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .core import BadRecordError, ConfigError, Registry
-from .dataset import locate_error
-from .preprocess import ImagePreprocessor, Qwen2VLPatcher, image_preset, open_checked
-from .text import IMAGE_PLACEHOLDER, ImageTokens, encode_chat, encode_text
+from .core import BadRecordError, ConfigError, Registry, renamed_kwargs
+from .dataset import displayed_size, group_videos, locate_error
+from .formats import VIDEO_PLACEHOLDER
+from .preprocess import ImagePreprocessor, Qwen2VLPatcher, check_aspect_ratio, image_preset, load_frames, open_checked
+from .text import IMAGE_PLACEHOLDER, VIDEO_PAD, ImageTokens, encode_chat, encode_text
 
 # %% auto #0
-__all__ = ['PREPROCESSORS', 'record_images', 'record_messages', 'Preprocessor', 'DualEncoderPreprocessor', 'ChatPreprocessor',
-           'clip_preprocessor', 'qwen2_vl_preprocessor', 'molmo_preprocessor', 'build_preprocessor']
+__all__ = ['PREPROCESSORS', 'record_images', 'record_messages', 'record_videos', 'frames_as_images', 'Preprocessor',
+           'DualEncoderPreprocessor', 'ChatPreprocessor', 'clip_preprocessor', 'qwen2_vl_preprocessor',
+           'molmo_preprocessor', 'build_preprocessor']
 
 # %% ../nbs/02b_multimodal.ipynb #ce0b8da9
 def record_images(record: dict) -> list:
@@ -28,21 +31,53 @@ def record_images(record: dict) -> list:
     im = record.get("image")
     return [] if im is None else list(im) if isinstance(im, (list, tuple)) else [im]
 
-def record_messages(record: dict, n_images: int) -> list[dict]:
-    "Chat turns for `record`, with exactly `n_images` `<image>` placeholders."
+def record_messages(record: dict, n_images: int, n_videos: int = 0) -> list[dict]:
+    "Chat turns for `record`, with `<image>` placeholders for `n_images` images and `<video>` ones for `n_videos` videos."
     msgs = record.get("messages")
     if msgs is None:
         question, text = (record.get("meta") or {}).get("question"), record.get("text")
-        if text is None and not n_images and not question: raise BadRecordError("record has no messages, text or image")
-        msgs = [{"role": "user", "content": IMAGE_PLACEHOLDER * n_images + (question or "")}]
+        if text is None and not n_images and not n_videos and not question: raise BadRecordError("record has no messages, text or image")
+        msgs = [{"role": "user", "content": IMAGE_PLACEHOLDER * n_images + VIDEO_PLACEHOLDER * n_videos + (question or "")}]
         if text is not None: msgs.append({"role": "assistant", "content": text})
         return msgs
     msgs = [dict(m) for m in msgs]
-    if n_images and not any(IMAGE_PLACEHOLDER in str(m.get("content", "")) for m in msgs):
-        first_user = next((m for m in msgs if m.get("role") == "user"), None)
-        if first_user is None: raise BadRecordError("record has images but no user turn to put them in")
-        first_user["content"] = IMAGE_PLACEHOLDER * n_images + first_user["content"]
+    for n, ph, what in ((n_videos, VIDEO_PLACEHOLDER, "videos"), (n_images, IMAGE_PLACEHOLDER, "images")):
+        if n and not any(ph in str(m.get("content", "")) for m in msgs):
+            first_user = next((m for m in msgs if m.get("role") == "user"), None)
+            if first_user is None: raise BadRecordError(f"record has {what} but no user turn to put them in")
+            first_user["content"] = ph * n + first_user["content"]
     return msgs
+
+def record_videos(record: dict) -> list:
+    "The record's videos as a list, each a path (file or folder of frames), a list of frame paths or a frame array."
+    v = record.get("video")
+    if v is None: return []
+    if isinstance(v, (str, np.ndarray)) or hasattr(v, "__fspath__"): return [v]
+    if all(isinstance(x, str) or hasattr(x, "__fspath__") for x in v): return group_videos([str(x) for x in v])
+    return list(v)
+
+# %% ../nbs/02b_multimodal.ipynb #b7c1d202
+def frames_as_images(messages: list[dict], images: list, videos: Sequence[np.ndarray]) -> tuple[list[dict], list]:
+    "Each `<video>` as one `<image>` per frame, and the image list with the frames (as PIL images) in placeholder order."
+    from PIL import Image
+    n_ph = sum(str(m["content"]).count(VIDEO_PLACEHOLDER) for m in messages)
+    if n_ph != len(videos): raise BadRecordError(f"messages have {n_ph} {VIDEO_PLACEHOLDER} placeholders for {len(videos)} videos")
+    pieces = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+    its_images, its_videos, out_msgs, out_images = iter(images), iter(videos), [], []
+    for m in messages:
+        parts = []
+        for piece in pieces.split(m["content"]):
+            if piece == VIDEO_PLACEHOLDER:
+                frames = next(its_videos)
+                out_images += [Image.fromarray(f) for f in frames]
+                parts.append(IMAGE_PLACEHOLDER * len(frames))
+            else:
+                if piece == IMAGE_PLACEHOLDER: out_images.append(next(its_images, None))
+                parts.append(piece)
+        out_msgs.append({**m, "content": "".join(parts)})
+    if None in out_images or len(out_images) != len(images) + sum(len(v) for v in videos):
+        raise BadRecordError(f"messages' {IMAGE_PLACEHOLDER} placeholders do not match the record's {len(images)} images")
+    return out_msgs, out_images
 
 # %% ../nbs/02b_multimodal.ipynb #24cf39f2
 class Preprocessor:
@@ -84,6 +119,10 @@ class ChatPreprocessor(Preprocessor):
     max_length: int | None = 2048
     truncation: str = "drop_turns"
     chat_template: str | None = None
+    max_frames: int = 16
+    frame_sampling: str = "uniform"
+    min_frames: int = 1
+    video_tokens: ImageTokens = field(default_factory=lambda: ImageTokens(token=VIDEO_PAD))
 
     def __post_init__(self):
         if isinstance(self.vision, ImagePreprocessor) and not self.tokens_per_image:
@@ -93,17 +132,39 @@ class ChatPreprocessor(Preprocessor):
         "Tokens per image: from the header size for Qwen2-VL, fixed otherwise."
         if isinstance(self.vision, ImagePreprocessor): return [self.tokens_per_image] * len(images)
         q = self.vision
-        return [q.num_tokens((1, h // q.patch_size, w // q.patch_size))
-                for h, w in (q.target_size(im.height, im.width) for im in images)]
+        for im in images: check_aspect_ratio(*im.size, q.max_aspect_ratio)   # from the header, before any decoding
+        return [q.num_tokens((1, h // q.patch_size, w // q.patch_size))   # the upright size: EXIF orientation applied
+                for h, w in (q.target_size(*displayed_size(im)[::-1]) for im in images)]
+
+    def video_frames(self, record: dict, rng: np.random.Generator | None) -> list[np.ndarray]:
+        "Frames `[T, H, W, 3]` of each of the record's videos, picked by the frame sampler with the record's `rng`."
+        out = []
+        for v in record_videos(record):
+            frames = load_frames(v, self.max_frames, self.frame_sampling, rng)
+            if len(frames) < self.min_frames:
+                raise BadRecordError(f"video has {len(frames)} frame(s), fewer than min_frames={self.min_frames}",
+                                     file=None if isinstance(v, (list, np.ndarray)) else str(v))
+            out.append(frames)
+        return out
 
     def process(self, record, rng):
         images = [open_checked(im, self.vision.max_image_pixels) for im in record_images(record)]
-        messages = record_messages(record, len(images))
+        frames = self.video_frames(record, rng)
+        messages = record_messages(record, len(images), len(frames))
+        qwen = isinstance(self.vision, Qwen2VLPatcher)
+        if frames and not qwen: (messages, images), frames = frames_as_images(messages, images, frames), []
+        videos = [self.vision.video(f) for f in frames]
         out = encode_chat(self.tokenizer, messages, self._token_counts(images), image_tokens=self.image_tokens,
-                          max_length=self.max_length, truncation=self.truncation, chat_template=self.chat_template)
-        kept = images[: out.pop("num_images")]
-        if isinstance(self.vision, Qwen2VLPatcher):
+                          max_length=self.max_length, truncation=self.truncation, chat_template=self.chat_template,
+                          num_video_tokens=[self.vision.num_tokens(v["video_grid_thw"][0]) for v in videos],
+                          video_tokens=self.video_tokens)
+        kept, videos = images[: out.pop("num_images")], videos[: out.pop("num_videos", 0)]
+        if qwen:
             out.update(self.vision(kept))
+            if frames:                                    # a record with videos: their patches, in token order
+                out["pixel_values_videos"] = torch.cat([v["pixel_values_videos"] for v in videos]) if videos else \
+                    torch.zeros(0, self.vision.patch_dim, dtype=torch.uint8 if self.vision.uint8 else torch.float32)
+                out["video_grid_thw"] = torch.cat([v["video_grid_thw"] for v in videos]) if videos else torch.zeros(0, 3, dtype=torch.int64)
         else:
             out["images"] = torch.stack([self.vision(im, rng) for im in kept]) if kept else \
                 torch.zeros(0, 3, *self.vision.size, dtype=torch.uint8 if self.vision.uint8 else torch.float32)
@@ -114,26 +175,30 @@ class ChatPreprocessor(Preprocessor):
 PREPROCESSORS = Registry("preprocessor")
 
 @PREPROCESSORS.register("clip", family="dual_encoder")
-def clip_preprocessor(tokenizer, train: bool = False, size: int = 224, max_length: int = 77, norm: str = "clip",
+@renamed_kwargs(norm="normalize")
+def clip_preprocessor(tokenizer, train: bool = False, size: int = 224, max_length: int = 77, normalize: str = "clip",
                       uint8: bool = False, **image_options) -> DualEncoderPreprocessor:
     "CLIP-style dual encoder: `size`² images (random-resized crops when training) + eos-terminated captions."
-    return DualEncoderPreprocessor(tokenizer, image_preset("clip", train, size=size, norm=norm, uint8=uint8, **image_options), max_length)
+    return DualEncoderPreprocessor(tokenizer, image_preset("clip", train, size=size, normalize=normalize, uint8=uint8, **image_options), max_length)
 
 @PREPROCESSORS.register("qwen2_vl", family="chat")
 def qwen2_vl_preprocessor(tokenizer, train: bool = False, max_length: int = 2048, image_max_patches: int | None = None,
                           min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280, truncation: str = "drop_turns",
-                          chat_template: str | None = None, **patch_options) -> ChatPreprocessor:
-    "Qwen2-VL: native-resolution patches and a chat whose image runs are `prod(grid_thw) // 4` tokens."
+                          chat_template: str | None = None, max_frames: int = 16, min_frames: int = 1,
+                          **patch_options) -> ChatPreprocessor:
+    "Qwen2-VL: native-resolution patches and a chat whose image and video runs are `prod(grid_thw) // 4` tokens."
     patcher = Qwen2VLPatcher(min_pixels=min_pixels, max_pixels=max_pixels, image_max_patches=image_max_patches, **patch_options)
-    return ChatPreprocessor(tokenizer, patcher, max_length=max_length, truncation=truncation, chat_template=chat_template)
+    return ChatPreprocessor(tokenizer, patcher, max_length=max_length, truncation=truncation, chat_template=chat_template,
+                            max_frames=max_frames, frame_sampling="random" if train else "uniform", min_frames=min_frames)
 
 @PREPROCESSORS.register("molmo", family="chat")
 def molmo_preprocessor(tokenizer, train: bool = False, size: int = 336, tokens_per_image: int = 144,
                        max_length: int = 2048, truncation: str = "drop_turns", chat_template: str | None = None,
-                       **image_options) -> ChatPreprocessor:
-    "Molmo/LLaVA-style: padded `size`² images, `tokens_per_image` tokens each, in a chat."
+                       max_frames: int = 16, min_frames: int = 1, **image_options) -> ChatPreprocessor:
+    "Molmo/LLaVA-style: padded `size`² images, `tokens_per_image` tokens each (a video: each frame an image), in a chat."
     return ChatPreprocessor(tokenizer, image_preset("molmo", train, size=size, **image_options), tokens_per_image,
-                            max_length=max_length, truncation=truncation, chat_template=chat_template)
+                            max_length=max_length, truncation=truncation, chat_template=chat_template,
+                            max_frames=max_frames, frame_sampling="random" if train else "uniform", min_frames=min_frames)
 
 def build_preprocessor(name: str, tokenizer, train: bool = False, **options) -> Preprocessor:
     "The preprocessor preset `name` (`clip`, `qwen2_vl`, `molmo`, …) for `tokenizer`."

@@ -10,31 +10,34 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from fastcore.basics import patch
 
 from .collate import (CollateError, Collator, ConfigError, Padding, RaggedBatchError, SEQ_PAD_VALUES,
                            collators, stack_rest, where)
+from .core import renamed_kwargs
 from .dataset import split_skipped
 
 # %% auto #0
 __all__ = ['pack_rows', 'mrope_positions', 'PackingCollator', 'PackedRows']
 
 # %% ../nbs/03a_packing.ipynb #5ed9935d
-def pack_rows(lengths: Sequence[int], budget: int, balance: bool = True) -> list[list[int]]:
-    "Indices of `lengths` per row, each row's total at most `budget` (first-fit decreasing, then evened)."
-    if budget < 1: raise ConfigError(f"packing budget must be positive, got {budget}")
+@renamed_kwargs(budget="max_length")
+def pack_rows(lengths: Sequence[int], max_length: int, balance: bool = True) -> list[list[int]]:
+    "Indices of `lengths` per row, each row's total at most `max_length` (first-fit decreasing, then evened)."
+    if max_length < 1: raise ConfigError(f"max_length must be positive, got {max_length}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rows, room = [], []
     for i in order:
-        if lengths[i] > budget: raise CollateError(f"sample {i} has {lengths[i]} tokens > packing budget {budget}")
+        if lengths[i] > max_length: raise CollateError(f"sample {i} has {lengths[i]} tokens > max_length={max_length}")
         r = next((r for r, left in enumerate(room) if left >= lengths[i]), None)
-        if r is None: rows.append([i]); room.append(budget - lengths[i])
+        if r is None: rows.append([i]); room.append(max_length - lengths[i])
         else: rows[r].append(i); room[r] -= lengths[i]
     if not balance or len(rows) < 2: return rows
     even, load = [[] for _ in rows], [0] * len(rows)
     for i in order:
         r = min(range(len(rows)), key=load.__getitem__)
         even[r].append(i); load[r] += lengths[i]
-    return even if max(load) < budget - min(room) else rows
+    return even if max(load) < max_length - min(room) else rows
 
 # %% ../nbs/03a_packing.ipynb #f0119237
 def mrope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tensor,
@@ -55,9 +58,10 @@ def mrope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tenso
     return torch.cat(out, 1) if out else torch.zeros(3, 0, dtype=torch.long)
 
 # %% ../nbs/03a_packing.ipynb #27965e81
+@renamed_kwargs(max_tokens="max_length")
 class PackingCollator(Collator):
-    "Pack sequences into rows of at most `max_tokens`, with restarting positions and per-sequence masks."
-    def __init__(self, tokenizer=None, *, max_tokens: int, pad_token_id: int | None = None,
+    "Pack sequences into rows of at most `max_length`, with restarting positions and per-sequence masks."
+    def __init__(self, tokenizer=None, *, max_length: int, pad_token_id: int | None = None,
                  pad_to_multiple_of: int | None = None, fixed_length: bool = False, mask: str = "positions",
                  causal: bool = True, mask_dtype: torch.dtype = torch.float32, overflow: str = "raise",
                  spatial_merge_size: int = 2, balance: bool = True):
@@ -65,12 +69,17 @@ class PackingCollator(Collator):
         if pad_id is None: raise ConfigError("PackingCollator needs a tokenizer with a pad token or pad_token_id=")
         if mask not in ("positions", "block"): raise ConfigError(f"mask must be 'positions' or 'block', got {mask!r}")
         self.pad_values = {**SEQ_PAD_VALUES, "input_ids": pad_id}
-        self.padding = Padding("max_len" if fixed_length else "batch_max", max_tokens, pad_to_multiple_of,
+        self.padding = Padding("max_length" if fixed_length else "batch_max", max_length, pad_to_multiple_of,
                                truncation_side=getattr(tokenizer, "truncation_side", "right"), overflow=overflow)
-        self.max_tokens, self.mask, self.causal, self.mask_dtype = max_tokens, mask, causal, mask_dtype
+        self.max_length, self.mask, self.causal, self.mask_dtype = max_length, mask, causal, mask_dtype
         self.merge, self.balance = spatial_merge_size, balance
 
     _plan: list[int] | None = None
+
+    def required_keys(self, sample: dict) -> list[str]:
+        "`input_ids`; with images, the Qwen2-VL keys that place them."
+        images = "image_grid_thw" in sample or "pixel_values" in sample
+        return ["input_ids"] + (["image_grid_thw", "mm_token_type_ids", "pixel_values"] if images else [])
 
     def collate_with_bad(self, samples: Sequence) -> tuple[dict | None, list]:
         "As `Collator`'s; a sample may also be a row planned ahead (a list of samples, see `PackedRows`)."
@@ -88,77 +97,90 @@ class PackingCollator(Collator):
         return batch, bad
 
     def _given_rows(self, lengths: list[int]) -> list[list[int]]:
-        "The planned rows as index lists, each checked against the token budget."
+        "The planned rows as index lists, each checked against `max_length`."
         ends = torch.tensor(self._plan).cumsum(0).tolist()
         rows = [list(range(e - n, e)) for n, e in zip(self._plan, ends)]
         for r in rows:
-            if sum(lengths[i] for i in r) > self.max_tokens:
-                raise CollateError(f"a planned row holds {sum(lengths[i] for i in r)} tokens > max_tokens={self.max_tokens}")
+            if sum(lengths[i] for i in r) > self.max_length:
+                raise CollateError(f"a planned row holds {sum(lengths[i] for i in r)} tokens > max_length={self.max_length}")
         return rows
 
-    def positions(self, s: dict) -> torch.Tensor:
-        "Position ids of one sequence: `[L]`, or `[4, L]` (text row + mRoPE rows) with images."
-        n = len(s["input_ids"])
-        if "image_grid_thw" not in s: return torch.arange(n)
-        return torch.cat([torch.arange(n)[None], mrope_positions(s["mm_token_type_ids"], s["image_grid_thw"], self.merge)])
+# %% ../nbs/03a_packing.ipynb #e50e86cf
+@patch
+def positions(self: PackingCollator, s: dict) -> torch.Tensor:
+    "Position ids of one sequence: `[L]`, or `[4, L]` (text row + mRoPE rows) with images."
+    n = len(s["input_ids"])
+    if "image_grid_thw" not in s: return torch.arange(n)
+    return torch.cat([torch.arange(n)[None], mrope_positions(s["mm_token_type_ids"], s["image_grid_thw"], self.merge)])
 
-    def block_mask(self, seg: torch.Tensor) -> torch.Tensor:
-        "Additive `[rows, 1, L, L]` mask: 0 where query and key share a segment (and key ≤ query if causal)."
-        ok = seg[:, :, None] == seg[:, None, :]
-        if self.causal: ok &= torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool).tril()
-        m = torch.zeros(ok.shape, dtype=self.mask_dtype).masked_fill_(~ok, torch.finfo(self.mask_dtype).min)
-        return m[:, None]
+@patch
+def block_mask(self: PackingCollator, seg: torch.Tensor) -> torch.Tensor:
+    "Additive `[rows, 1, L, L]` mask: 0 where query and key share a segment (and key ≤ query if causal)."
+    ok = seg[:, :, None] == seg[:, None, :]
+    if self.causal: ok &= torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool).tril()
+    m = torch.zeros(ok.shape, dtype=self.mask_dtype).masked_fill_(~ok, torch.finfo(self.mask_dtype).min)
+    return m[:, None]
 
-    def collate(self, samples: list[dict]) -> dict:
-        if "images" in samples[0]: raise CollateError("PackingCollator packs text and Qwen2-VL samples; Molmo 'images' cannot be packed")
-        seq_keys = [k for k in samples[0] if k in self.pad_values and k != "position_ids"]
-        cut = []
-        for i, s in enumerate(samples):
-            keep = self.padding.cut(len(s["input_ids"]), f"{where(s, i)} 'input_ids'")
-            if "image_grid_thw" in s and keep.stop - keep.start < len(s["input_ids"]):
-                raise CollateError(f"{where(s, i)}: cannot truncate a sequence with images to fit max_tokens")
-            cut.append({**s, **{k: s[k][keep] for k in seq_keys}})
-        lengths = [len(s["input_ids"]) for s in cut]
-        rows = self._given_rows(lengths) if self._plan else pack_rows(lengths, self.max_tokens, self.balance)
-        L = self.padding.length([sum(len(cut[i]["input_ids"]) for i in r) for r in rows])
-        order = [i for r in rows for i in r]
-        cols = {k: [] for k in seq_keys + ["position_ids", "segment"]}
-        cu, seg_lens = [0], []
-        for r in rows:
-            parts = {k: [cut[i][k] for i in r] for k in seq_keys}
-            if "labels" in parts: parts["labels"] = [l.clone().index_fill_(0, torch.arange(min(1, len(l))), -100) for l in parts["labels"]]
-            used = sum(len(x) for x in parts["input_ids"])
-            pos = [self.positions(cut[i]) for i in r] + [torch.arange(L - used).expand(*self.positions(cut[r[0]]).shape[:-1], -1)]
-            for k in seq_keys: cols[k].append(torch.cat(parts[k] + [parts[k][0].new_full((L - used,), self.pad_values[k])]))
-            cols["position_ids"].append(torch.cat(pos, -1))
-            lens = [len(x) for x in parts["input_ids"]] + ([L - used] if L > used else [])
-            if self.mask == "block": cols["segment"].append(torch.cat([torch.full((n,), j) for j, n in enumerate(lens)]))
-            seg_lens += lens
-        batch = {k: torch.stack(v) for k, v in cols.items() if k not in ("position_ids", "segment")}
-        pos = torch.stack(cols["position_ids"], -2)          # [R, L] or [4, R, L]
-        batch["position_ids"] = pos
-        batch["cu_seq_lens"] = torch.tensor([0] + seg_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        batch["max_seq_len"] = max(seg_lens)
-        if self.mask == "block": batch["attention_mask"] = self.block_mask(torch.stack(cols["segment"]))
-        else: batch.pop("attention_mask", None); batch["use_cache"] = False
-        if "image_grid_thw" in samples[0]:
-            batch.pop("image_input_idx", None)
-            if sum(len(cut[i]["image_grid_thw"]) for i in order):
-                batch["pixel_values"] = torch.cat([cut[i]["pixel_values"] for i in order])
-                batch["image_grid_thw"] = torch.cat([cut[i]["image_grid_thw"] for i in order])
-        skip = set(seq_keys) | {"pixel_values", "image_grid_thw", "image_input_idx", "position_ids"}
-        rest = stack_rest([cut[i] for i in order], [k for k in samples[0] if k not in skip], "PackingCollator")
-        return {**batch, **rest, "packed_samples": rows}
+# %% ../nbs/03a_packing.ipynb #866f47a0
+@patch
+def _cut(self: PackingCollator, samples: list[dict], seq_keys: list[str]) -> list[dict]:
+    "The samples with their sequence keys cut to `max_length` (as `overflow` says); one with images is never cut."
+    cut = []
+    for i, s in enumerate(samples):
+        keep = self.padding.cut(len(s["input_ids"]), f"{where(s, i)} 'input_ids'")
+        if "image_grid_thw" in s and keep.stop - keep.start < len(s["input_ids"]):
+            raise CollateError(f"{where(s, i)}: cannot truncate a sequence with images to fit max_length")
+        cut.append({**s, **{k: s[k][keep] for k in seq_keys}})
+    return cut
+
+@patch
+def collate(self: PackingCollator, samples: list[dict]) -> dict:
+    "Pack `samples` into rows: `input_ids` etc. `[rows, L]`, restarting `position_ids`, `cu_seq_lens`, the mask."
+    if "images" in samples[0]: raise CollateError("PackingCollator packs text and Qwen2-VL samples; Molmo 'images' cannot be packed")
+    seq_keys = [k for k in samples[0] if k in self.pad_values and k != "position_ids"]
+    cut = self._cut(samples, seq_keys)
+    lengths = [len(s["input_ids"]) for s in cut]
+    rows = self._given_rows(lengths) if self._plan else pack_rows(lengths, self.max_length, self.balance)
+    L = self.padding.length([sum(len(cut[i]["input_ids"]) for i in r) for r in rows])
+    order = [i for r in rows for i in r]
+    cols = {k: [] for k in seq_keys + ["position_ids", "segment"]}
+    cu, seg_lens = [0], []
+    for r in rows:
+        parts = {k: [cut[i][k] for i in r] for k in seq_keys}
+        if "labels" in parts: parts["labels"] = [l.clone().index_fill_(0, torch.arange(min(1, len(l))), -100) for l in parts["labels"]]
+        used = sum(len(x) for x in parts["input_ids"])
+        pos = [self.positions(cut[i]) for i in r] + [torch.arange(L - used).expand(*self.positions(cut[r[0]]).shape[:-1], -1)]
+        for k in seq_keys: cols[k].append(torch.cat(parts[k] + [parts[k][0].new_full((L - used,), self.pad_values[k])]))
+        cols["position_ids"].append(torch.cat(pos, -1))
+        lens = [len(x) for x in parts["input_ids"]] + ([L - used] if L > used else [])
+        if self.mask == "block": cols["segment"].append(torch.cat([torch.full((n,), j) for j, n in enumerate(lens)]))
+        seg_lens += lens
+    batch = {k: torch.stack(v) for k, v in cols.items() if k not in ("position_ids", "segment")}
+    pos = torch.stack(cols["position_ids"], -2)          # [R, L] or [4, R, L]
+    batch["position_ids"] = pos
+    batch["cu_seq_lens"] = torch.tensor([0] + seg_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    batch["max_seq_len"] = max(seg_lens)
+    if self.mask == "block": batch["attention_mask"] = self.block_mask(torch.stack(cols["segment"]))
+    else: batch.pop("attention_mask", None); batch["use_cache"] = False
+    if "image_grid_thw" in samples[0]:
+        batch.pop("image_input_idx", None)
+        if sum(len(cut[i]["image_grid_thw"]) for i in order):
+            batch["pixel_values"] = torch.cat([cut[i]["pixel_values"] for i in order])
+            batch["image_grid_thw"] = torch.cat([cut[i]["image_grid_thw"] for i in order])
+    skip = set(seq_keys) | {"pixel_values", "image_grid_thw", "image_input_idx", "position_ids"}
+    rest = stack_rest([cut[i] for i in order], [k for k in samples[0] if k not in skip], "PackingCollator")
+    return {**batch, **rest, "packed_samples": rows}
 
 collators.add("packing", PackingCollator, modality="text", task="packing")
 
 # %% ../nbs/03a_packing.ipynb #dcaadffa
+@renamed_kwargs(max_tokens="max_length")
 class PackedRows(torch.utils.data.Dataset):
     "Rows planned once over `dataset`: item `i` is the list of samples packed into row `i`."
-    def __init__(self, dataset, lengths: Sequence[int], max_tokens: int, balance: bool = True):
+    def __init__(self, dataset, lengths: Sequence[int], max_length: int, balance: bool = True):
         if len(lengths) != len(dataset):
             raise ConfigError(f"{len(lengths)} lengths for a dataset of {len(dataset)} samples")
-        self.dataset, self.rows = dataset, pack_rows(list(lengths), max_tokens, balance)
+        self.dataset, self.rows = dataset, pack_rows(list(lengths), max_length, balance)
 
     def __len__(self) -> int: return len(self.rows)
     def __getitem__(self, i: int) -> list: return [self.dataset[j] for j in self.rows[i]]

@@ -23,15 +23,15 @@ import simplejpeg
 import torch
 from PIL import Image, ImageEnhance
 
-from .core import BadRecordError, ConfigError, MissingExtraError, Registry
+from .core import BadRecordError, ConfigError, MissingExtraError, Registry, renamed_kwargs
 
 # %% auto #0
-__all__ = ['NORMALISATIONS', 'IMAGE_PRESETS', 'IMAGE_SUFFIXES', 'Normalisation', 'get_normalisation', 'normalize', 'to_rgb',
-           'open_checked', 'pil_to_tensor', 'pil_to_chw', 'decode_rgb', 'shortest_side_size', 'cover_size',
-           'resize_shortest', 'resize', 'center_crop', 'center_crop_box', 'resize_center_crop', 'random_crop',
-           'resize_crop', 'random_resized_crop', 'pad_to_square', 'hflip', 'color_jitter', 'ImagePreprocessor',
-           'image_preset', 'smart_resize', 'patchify', 'Qwen2VLPatcher', 'sample_frame_indices', 'load_frames',
-           'VideoPreprocessor']
+__all__ = ['NORMALISATIONS', 'DEFAULT_MAX_ASPECT_RATIO', 'IMAGE_PRESETS', 'IMAGE_SUFFIXES', 'Normalisation', 'get_normalisation',
+           'normalize', 'to_rgb', 'open_checked', 'pil_to_tensor', 'pil_to_chw', 'decode_rgb', 'check_aspect_ratio',
+           'shortest_side_size', 'cover_size', 'resize_shortest', 'resize', 'center_crop', 'center_crop_box',
+           'resize_center_crop', 'random_crop', 'resize_crop', 'random_resized_crop', 'pad_to_square', 'hflip',
+           'color_jitter', 'ImagePreprocessor', 'image_preset', 'smart_resize', 'patchify', 'Qwen2VLPatcher',
+           'sample_frame_indices', 'load_frames', 'VideoPreprocessor']
 
 # %% ../nbs/02_preprocess.ipynb #61150b4e
 @dataclass(frozen=True)
@@ -73,28 +73,34 @@ def normalize(x: torch.Tensor, norm: str | Normalisation = "clip") -> torch.Tens
     return torch.addcmul(offset, y, scale, out=y)
 
 # %% ../nbs/02_preprocess.ipynb #aaf5c331
-# Stage 1 owns opening and header checks (`open_image`, `check_image_size`, the bomb limit); stage 2 reuses them.
-from .dataset import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, check_image_size, open_image
+# Stage 1 owns opening, header checks and decoding (`open_image`, `check_image_size`, `load_image`: the bomb
+# limit, strict JPEG, EXIF orientation, 8-bit scaling); stage 2 reuses them.
+from .dataset import (DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, check_image_size, displayed_size, load_image,
+                           open_image, to_8bit)
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    "`img` as RGB: grayscale and palette converted, transparency composited on white."
+    "`img` as RGB: 16-bit and float scaled by `to_8bit`, grayscale and palette converted, transparency composited on white."
     if img.mode == "RGB": return img
-    if "A" in img.getbands() or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
+    img = to_8bit(img)
+    try:
+        if "A" in img.getbands() or "transparency" in img.info:
+            rgba = img.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        return img.convert("RGB")
+    except ValueError as e:   # a mode Pillow cannot convert (e.g. premultiplied "La")
+        raise BadRecordError(f"mode {img.mode} image cannot be converted to RGB ({e})") from None
 
-def open_checked(src, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def open_checked(src, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     "A lazily opened image (PIL, bytes, path or uint8 array) whose header size is sane, else `BadRecordError`."
     if isinstance(src, Image.Image):
-        check_image_size(src, max_pixels)
+        check_image_size(src, max_image_pixels)
         return src
     if isinstance(src, np.ndarray):
         if src.dtype != np.uint8 or src.ndim not in (2, 3):
             raise BadRecordError(f"image array must be uint8 [H, W(, C)], got {src.dtype} {src.shape}")
         return Image.fromarray(src)
     if isinstance(src, (bytes, bytearray, memoryview, str, os.PathLike)):
-        return open_image(src, decode=False, max_pixels=max_pixels)
+        return open_image(src, decode=False, max_image_pixels=max_image_pixels)
     raise BadRecordError(f"image must be a PIL image, bytes, a path or a uint8 array, got {type(src).__name__}")
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -110,42 +116,20 @@ def pil_to_chw(img: Image.Image) -> torch.Tensor:
     for c, band in enumerate("RGB"): x[c] = np.frombuffer(img.tobytes("raw", band), np.uint8).reshape(img.height, img.width)
     return torch.from_numpy(x)
 
-def _encoded_jpeg(img: Image.Image) -> bytes | None:
-    "The encoded bytes of an RGB or grey JPEG that is opened but not decoded yet; `None` otherwise."
-    if img.format != "JPEG" or not getattr(img, "tile", None) or img.mode not in ("RGB", "L"): return None
-    fp = getattr(img, "fp", None)
-    if isinstance(fp, io.BytesIO): return fp.getvalue()
-    return Path(img.filename).read_bytes() if getattr(img, "filename", "") else None
-
 def decode_rgb(src, *, min_size: tuple[int, int] | None = None, draft: bool = True,
-               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    "Decode `src` to a loaded RGB image (JPEG at reduced scale if `draft`, never below `min_size` = (w, h))."
-    img = open_checked(src, max_pixels)
-    w, h = img.size
-    data = _encoded_jpeg(img)
-    if data is not None:
-        # libjpeg-turbo through simplejpeg: the same pixels as Pillow's decoder at full scale, and DCT
-        # scaling by n/8 (Pillow's draft() only halves), which makes reduced-size decoding pay off far more often
-        mw, mh = min_size if (draft and min_size is not None) else (0, 0)
-        try: return Image.fromarray(simplejpeg.decode_jpeg(data, "RGB", min_width=mw, min_height=mh))
-        except ValueError as e:
-            raise BadRecordError(f"cannot decode image, truncated or corrupt JPEG: {e}") from None
-    try:
-        if draft and min_size is not None and img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK") \
-                and min_size[0] * 2 <= w and min_size[1] * 2 <= h:
-            img.draft("RGB" if img.mode != "L" else "L", (max(1, min_size[0]), max(1, min_size[1])))
-        img.load()
-        return to_rgb(img)
-    except DECODE_ERRORS as e:
-        raise BadRecordError(f"cannot decode image: {type(e).__name__}: {e}") from None
+               max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    "Decode `src` to a loaded, upright RGB image (JPEG at reduced scale if `draft`, never below `min_size` = (w, h) upright)."
+    # JPEG: libjpeg-turbo through simplejpeg, the same pixels as Pillow's decoder at full scale, and DCT scaling
+    # by n/8 (Pillow's draft() only halves), which makes reduced-size decoding pay off far more often
+    return to_rgb(load_image(open_checked(src, max_image_pixels), min_size=min_size if draft else None))
 
-# %% ../nbs/02_preprocess.ipynb #271d6362
-def _bomb_png(width: int, height: int) -> bytes:
-    "A tiny PNG whose header declares `width`×`height` (for tests: never decode it)."
-    import struct, zlib
-    def chunk(kind, data): return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+DEFAULT_MAX_ASPECT_RATIO = 200   # Qwen2-VL's limit (HF's smart_resize): longer sides are banners, not photos
+
+def check_aspect_ratio(width: int, height: int, max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO) -> None:
+    "`BadRecordError` when the long side is over `max_aspect_ratio` times the short one (`None`: no limit)."
+    if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * min(width, height):
+        raise BadRecordError(f"image aspect ratio {max(width, height) / min(width, height):.4g} ({width}x{height}) "
+                             f"is over max_aspect_ratio={max_aspect_ratio:g}")
 
 # %% ../nbs/02_preprocess.ipynb #062ef907
 def _hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -291,10 +275,16 @@ def random_resized_crop(img: Image.Image, size: int | Sequence[int], rng: np.ran
     h, w = _hw(size)
     return img.resize((w, h), resample, box=(left, top, left + cw, top + ch))
 
-def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
-    "`img` centred on a square canvas of its longest side, filled with `fill`."
-    s = max(img.size)
+@renamed_kwargs(max_pixels="max_image_pixels")
+def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (0, 0, 0),
+                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, resample: int = Image.BICUBIC) -> Image.Image:
+    "`img` centred on a square canvas of its longest side, filled with `fill`; an image whose canvas would hold over `max_image_pixels` is shrunk first."
     if img.width == img.height: return img
+    s = max(img.size)
+    if max_image_pixels is not None and s * s > max_image_pixels:   # a long, thin image: bound the canvas before allocating it
+        s = math.isqrt(max_image_pixels)
+        k = s / max(img.size)
+        img = img.resize((min(s, max(1, round(img.width * k))), min(s, max(1, round(img.height * k)))), resample)
     canvas = Image.new("RGB", (s, s), fill)
     canvas.paste(img, ((s - img.width) // 2, (s - img.height) // 2))
     return canvas
@@ -320,13 +310,14 @@ def color_jitter(img: Image.Image, rng: np.random.Generator, brightness: float =
     return img
 
 # %% ../nbs/02_preprocess.ipynb #5c661769
+@renamed_kwargs(norm="normalize")
 @dataclass
 class ImagePreprocessor:
     "Decode → fit to `size` (→ augment when `train`) → normalised float32 (or uint8) `[3, H, W]`."
     size: int | tuple[int, int] = 224
     fit: str = "crop"
     train: bool = False
-    norm: str | Normalisation = "clip"
+    normalize: str | Normalisation = "clip"
     uint8: bool = False
     crop_scale: tuple[float, float] = (0.35, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -336,13 +327,14 @@ class ImagePreprocessor:
     resample: int = Image.BICUBIC
     draft: bool = True
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO
 
     def __post_init__(self):
-        self.norm = get_normalisation(self.norm)
+        self.normalize = get_normalisation(self.normalize)
         self.size = _hw(self.size)
         if self.fit not in ("crop", "pad", "stretch"): raise ConfigError(f"fit must be 'crop', 'pad' or 'stretch', got {self.fit!r}")
         if not 0 <= self.flip <= 1: raise ConfigError(f"flip is a probability, got {self.flip}")
-        std, mean = torch.tensor(self.norm.std), torch.tensor(self.norm.mean)
+        std, mean = torch.tensor(self.normalize.std), torch.tensor(self.normalize.mean)
         self._scale, self._offset = (1 / (255 * std)).view(3, 1, 1), (-mean / std).view(3, 1, 1)   # as `normalize`
 
     def draft_size(self, width: int, height: int) -> tuple[int, int]:
@@ -359,7 +351,8 @@ class ImagePreprocessor:
             if self.train: out = random_resized_crop(img, self.size, rng, self.crop_scale, self.crop_ratio, self.resample)
             elif self.draft: out = resize_center_crop(img, self.size, self.resample)   # fastest: one resize of the region
             else: out = resize_crop(img, *center_crop_box(img.height, img.width, self.size), self.resample)  # exact: as HF
-        elif self.fit == "pad": out = resize(pad_to_square(img, self.norm.fill), self.size, self.resample)
+        elif self.fit == "pad":
+            out = resize(pad_to_square(img, self.normalize.fill, self.max_image_pixels, self.resample), self.size, self.resample)
         else: out = resize(img, self.size, self.resample)
         if self.train and self.flip and rng.random() < self.flip: out = hflip(out)
         if self.train and (self.jitter or self.hue): out = color_jitter(out, rng, self.jitter, self.jitter, self.jitter, self.hue)
@@ -369,7 +362,9 @@ class ImagePreprocessor:
         "`[3, H, W]` tensor for one image (PIL, bytes, path or array)."
         if self.train and rng is None: raise ConfigError("a training ImagePreprocessor needs an rng")
         src = open_checked(image, self.max_image_pixels)
-        img = decode_rgb(src, min_size=self.draft_size(*src.size), draft=self.draft, max_pixels=self.max_image_pixels)
+        check_aspect_ratio(*src.size, self.max_aspect_ratio)   # from the header, before anything is decoded or allocated
+        w, h = displayed_size(src)
+        img = decode_rgb(src, min_size=self.draft_size(w, h), draft=self.draft, max_image_pixels=self.max_image_pixels)
         x = pil_to_chw(self.fit_image(img, rng))
         if self.uint8: return x
         y = x.to(torch.float32)
@@ -377,13 +372,14 @@ class ImagePreprocessor:
 
 # %% ../nbs/02_preprocess.ipynb #6d1a36fc
 IMAGE_PRESETS = Registry("image preset")
-IMAGE_PRESETS.add("clip", dict(size=224, fit="crop", norm="clip"),
+IMAGE_PRESETS.add("clip", dict(size=224, fit="crop", normalize="clip"),
                   train=dict(crop_scale=(0.35, 1.0), flip=0.5, jitter=0.2))
-IMAGE_PRESETS.add("imagenet", dict(size=224, fit="crop", norm="imagenet"),
+IMAGE_PRESETS.add("imagenet", dict(size=224, fit="crop", normalize="imagenet"),
                   train=dict(crop_scale=(0.08, 1.0), flip=0.5, jitter=0.4))
-IMAGE_PRESETS.add("molmo", dict(size=336, fit="pad", norm="clip"), train=dict(flip=0.0, jitter=0.2))
-IMAGE_PRESETS.add("cifar", dict(size=32, fit="stretch", norm="half"), train=dict(flip=0.5))
+IMAGE_PRESETS.add("molmo", dict(size=336, fit="pad", normalize="clip"), train=dict(flip=0.0, jitter=0.2))
+IMAGE_PRESETS.add("cifar", dict(size=32, fit="stretch", normalize="half"), train=dict(flip=0.5))
 
+@renamed_kwargs(norm="normalize")
 def image_preset(name: str = "clip", train: bool = False, **overrides) -> ImagePreprocessor:
     "An `ImagePreprocessor` from a named preset; `train` adds the preset's augmentations."
     kw = dict(IMAGE_PRESETS.get(name), train=train)
@@ -392,10 +388,9 @@ def image_preset(name: str = "clip", train: bool = False, **overrides) -> ImageP
 
 # %% ../nbs/02_preprocess.ipynb #9d12ed69
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+                 max_pixels: int = 28 * 28 * 1280, max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO) -> tuple[int, int]:
     "Qwen2-VL's target `(h, w)`: multiples of `factor`, `min_pixels ≤ h·w ≤ max_pixels`, aspect ratio kept."
-    if max(height, width) / min(height, width) > 200:
-        raise BadRecordError(f"image aspect ratio must be at most 200, got {height}x{width}")
+    check_aspect_ratio(width, height, max_aspect_ratio)
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
@@ -418,6 +413,7 @@ def patchify(frames: torch.Tensor, patch_size: int = 14, merge_size: int = 2,
     return x.reshape(gt * gh * gw, C * tp * p * p), (gt, gh, gw)
 
 # %% ../nbs/02_preprocess.ipynb #f70846aa
+@renamed_kwargs(norm="normalize")
 @dataclass
 class Qwen2VLPatcher:
     "Images or video frames → Qwen2-VL `pixel_values [Σ patches, 1176]` and `grid_thw`."
@@ -427,20 +423,21 @@ class Qwen2VLPatcher:
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
     image_max_patches: int | None = None
-    norm: str | Normalisation = "clip"
+    normalize: str | Normalisation = "clip"
     uint8: bool = False
     resample: int = Image.BICUBIC
     draft: bool = False
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO
 
     def __post_init__(self):
-        self.norm = get_normalisation(self.norm)
+        self.normalize = get_normalisation(self.normalize)
         if self.image_max_patches is not None:
             self.max_pixels = min(self.max_pixels, self.image_max_patches * self.patch_size ** 2)
         if self.max_pixels < self.min_pixels:
             raise ConfigError(f"max_pixels {self.max_pixels} (image_max_patches={self.image_max_patches}) is below min_pixels {self.min_pixels}")
         # one scale and offset per column of a patch row (laid out band, temporal slot, pixel)
-        std, mean = torch.tensor(self.norm.std), torch.tensor(self.norm.mean)
+        std, mean = torch.tensor(self.normalize.std), torch.tensor(self.normalize.mean)
         per_band = self.patch_dim // 3
         self._scale = (1 / (255 * std)).repeat_interleave(per_band)
         self._offset = (-mean / std).repeat_interleave(per_band)
@@ -452,7 +449,7 @@ class Qwen2VLPatcher:
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         "The `(h, w)` an image of this size is resized to."
-        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels, self.max_aspect_ratio)
 
     def num_tokens(self, grid_thw) -> int:
         "Language-model tokens for one image or video grid: `t·h·w / merge²`."
@@ -461,9 +458,10 @@ class Qwen2VLPatcher:
     def _resized(self, image) -> Image.Image:
         "Decode and smart-resize one image."
         src = open_checked(image, self.max_image_pixels)
-        w, h = src.size
+        check_aspect_ratio(*src.size, self.max_aspect_ratio)   # from the header, before anything is decoded
+        w, h = displayed_size(src)   # the grid follows the image as shown (EXIF orientation applied)
         th, tw = self.target_size(h, w)
-        img = decode_rgb(src, min_size=(tw, th), draft=self.draft, max_pixels=self.max_image_pixels)
+        img = decode_rgb(src, min_size=(tw, th), draft=self.draft, max_image_pixels=self.max_image_pixels)
         return img if img.size == (tw, th) else img.resize((tw, th), self.resample)
 
     def _write_patches(self, img: Image.Image, out: torch.Tensor) -> None:
@@ -494,14 +492,16 @@ class Qwen2VLPatcher:
         return out["pixel_values"], out["image_grid_thw"][0]
 
     def video(self, frames) -> dict[str, torch.Tensor]:
-        "`pixel_values_videos [t·h·w, 1176]` and `video_grid_thw [1, 3]` for frames `[T, H, W, 3]` uint8."
+        "`pixel_values_videos [t·h·w, 1176]` and `video_grid_thw [1, 3]` for frames `[T, H, W, 3]` uint8, resized as transformers' video processor does."
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise BadRecordError(f"video frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
         T, H, W, _ = frames.shape
         th, tw = self.target_size(H, W)
-        resized = np.stack([np.asarray(Image.fromarray(f).resize((tw, th), self.resample)) for f in frames])
-        patches, grid = patchify(torch.from_numpy(resized).permute(0, 3, 1, 2), self.patch_size, self.merge_size, self.temporal_patch_size)
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
+        if (th, tw) != (H, W):   # the video processor's resize: torch's bicubic with antialias on uint8 (not Pillow's)
+            x = torch.nn.functional.interpolate(x, size=(th, tw), mode="bicubic", antialias=True, align_corners=False)
+        patches, grid = patchify(x, self.patch_size, self.merge_size, self.temporal_patch_size)
         if not self.uint8: patches = torch.addcmul(self._offset, patches.to(torch.float32), self._scale)
         return {"pixel_values_videos": patches, "video_grid_thw": torch.tensor([grid], dtype=torch.int64)}
 
@@ -538,9 +538,9 @@ def _read_video_file(path: Path, max_frames: int, mode: str, rng) -> np.ndarray:
     return np.stack([frames[i].to_ndarray(format="rgb24") for i in idx])
 
 def load_frames(video, max_frames: int = 16, mode: str = "uniform", rng: np.random.Generator | None = None,
-                max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     "Sampled frames `[T', H, W, 3]` uint8 from an array, a folder of images or a video file."
-    if isinstance(video, (list, tuple)): video = np.stack([np.asarray(decode_rgb(f, max_pixels=max_pixels)) for f in video])
+    if isinstance(video, (list, tuple)): video = np.stack([np.asarray(decode_rgb(f, max_image_pixels=max_image_pixels)) for f in video])
     if isinstance(video, np.ndarray):
         if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
             raise BadRecordError(f"video array must be uint8 [T, H, W, 3], got {video.dtype} {video.shape}")
@@ -549,7 +549,7 @@ def load_frames(video, max_frames: int = 16, mode: str = "uniform", rng: np.rand
     if path.is_dir():
         files = sorted((f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), key=lambda f: _natural_key(f.name))
         idx = sample_frame_indices(len(files), max_frames, mode, rng)
-        frames = [np.asarray(decode_rgb(files[i], max_pixels=max_pixels)) for i in idx]
+        frames = [np.asarray(decode_rgb(files[i], max_image_pixels=max_image_pixels)) for i in idx]
         if len({f.shape for f in frames}) > 1: raise BadRecordError("frames in the folder differ in size", file=str(path))
         return np.stack(frames)
     if path.is_file(): return _read_video_file(path, max_frames, mode, rng)

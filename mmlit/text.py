@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .core import BadRecordError, ConfigError, Registry
+from .core import BadRecordError, ConfigError, Registry, renamed_kwargs
+from .formats import VIDEO_PLACEHOLDER
 
 # %% auto #0
 __all__ = ['EOS', 'IM_START', 'IM_END', 'VISION_START', 'VISION_END', 'IMAGE_PAD', 'VIDEO_PAD', 'SPECIAL_TOKENS',
@@ -89,6 +90,7 @@ class ImageTokens:
     start: str = VISION_START
     end: str = VISION_END
 
+# %% ../nbs/02a_text.ipynb #c6ca38f5
 def _render(tokenizer, messages, template, generation_prompt=False) -> str:
     "The chat template applied to `messages` as text."
     if not messages: return ""
@@ -117,14 +119,14 @@ def _turn_spans(tokenizer, messages, template, train_roles) -> list[tuple[int, i
     return spans
 
 # %% ../nbs/02a_text.ipynb #977c630e
-def _with_image_tokens(messages, image_tokens: ImageTokens) -> tuple[list[dict], int]:
-    "Messages with each `<image>` replaced by start + one image token + end, and the number replaced."
+def _with_image_tokens(messages, image_tokens: ImageTokens, placeholder: str = IMAGE_PLACEHOLDER) -> tuple[list[dict], int]:
+    "Messages with each `placeholder` (`<image>`, `<video>`) replaced by start + one token + end, and the number replaced."
     out, n = [], 0
     for m in messages:
         content = m["content"]
         if not isinstance(content, str): raise BadRecordError(f"message content must be a string, got {type(content).__name__}")
-        n += content.count(IMAGE_PLACEHOLDER)
-        out.append({**m, "content": content.replace(IMAGE_PLACEHOLDER, image_tokens.start + image_tokens.token + image_tokens.end)})
+        n += content.count(placeholder)
+        out.append({**m, "content": content.replace(placeholder, image_tokens.start + image_tokens.token + image_tokens.end)})
     return out, n
 
 def image_input_idx(runs: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -134,29 +136,20 @@ def image_input_idx(runs: Sequence[tuple[int, int]]) -> torch.Tensor:
     for k, (s, n) in enumerate(runs): out[k, :n] = torch.arange(s, s + n)
     return out
 
-def encode_chat(tokenizer, messages: Sequence[dict], num_image_tokens: Sequence[int] = (), *,
-                image_tokens: ImageTokens = ImageTokens(), max_length: int | None = None,
-                truncation: str = "drop_turns", chat_template: str | None = None,
-                train_roles: Sequence[str] = ("assistant",)) -> dict[str, Any]:
-    "Chat `messages` → `input_ids`, `labels` (roles), `attention_mask`, `image_input_idx`, `mm_token_type_ids`, `num_images`."
-    if truncation not in ("drop_turns", "error"): raise ConfigError(f"truncation must be 'drop_turns' or 'error', got {truncation!r}")
-    msgs, n_placeholders = _with_image_tokens(messages, image_tokens)
-    if n_placeholders != len(num_image_tokens):
-        raise BadRecordError(f"messages have {n_placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(num_image_tokens)} images")
-    template = _template_of(tokenizer, chat_template)
-    spans = _turn_spans(tokenizer, msgs, template, set(train_roles))
-    text = _render(tokenizer, msgs, template)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, starts = enc["input_ids"], [s for s, _ in enc["offset_mapping"]]
-    image_id = tokenizer.convert_tokens_to_ids(image_tokens.token)
-    if n_placeholders and (image_id is None or image_id == tokenizer.unk_token_id or len(token_ids(tokenizer, image_tokens.token)) != 1):
-        raise ConfigError(f"image token {image_tokens.token!r} must be a single special token of the tokenizer (add it first)")
-
+def _label_tokens(ids: Sequence[int], starts: Sequence[int], spans: Sequence[tuple[int, int, int]], image_id: int | None,
+                  num_image_tokens: Sequence[int], video_id: int | None = None, num_video_tokens: Sequence[int] = ()
+                  ) -> tuple[list[int], list[int], list[int], list[tuple[int, int]], list[tuple[int, int]]]:
+    "Ids with image k's (video k's) token repeated `num_image_tokens[k]` (`num_video_tokens[k]`) times, labels (trained spans only), each token's turn, image runs, video runs."
     turn_ends = [e for _, _, e in spans]
-    out_ids, labels, turn_of, runs, k_img = [], [], [], [], 0
+    out_ids, labels, turn_of, runs, k_img, video_runs = [], [], [], [], 0, []
     for tid, c in zip(ids, starts):
         t = min(bisect.bisect_right(turn_ends, c), len(spans) - 1)
-        if n_placeholders and tid == image_id:
+        if video_id is not None and tid == video_id:      # a video's run: t·h·w / merge² tokens, never trained
+            if len(video_runs) >= len(num_video_tokens): raise BadRecordError("text contains more video tokens than videos")
+            n = int(num_video_tokens[len(video_runs)]); video_runs.append((len(out_ids), n))
+            out_ids += [tid] * n; labels += [-100] * n; turn_of += [t] * n
+            continue
+        if image_id is not None and tid == image_id:
             if k_img >= len(num_image_tokens): raise BadRecordError("text contains more image tokens than images")
             n = int(num_image_tokens[k_img]); runs.append((len(out_ids), n)); k_img += 1
             out_ids += [tid] * n; labels += [-100] * n; turn_of += [t] * n
@@ -164,19 +157,10 @@ def encode_chat(tokenizer, messages: Sequence[dict], num_image_tokens: Sequence[
         out_ids.append(tid); turn_of.append(t)
         labels.append(tid if c >= spans[t][1] else -100)
     if k_img != len(num_image_tokens): raise BadRecordError(f"found {k_img} image tokens for {len(num_image_tokens)} images")
+    if len(video_runs) != len(num_video_tokens): raise BadRecordError(f"found {len(video_runs)} video tokens for {len(num_video_tokens)} videos")
+    return out_ids, labels, turn_of, runs, video_runs
 
-    L = len(out_ids)
-    if max_length is not None and L > max_length:
-        if truncation == "error": raise BadRecordError(f"{L} tokens exceed max_length={max_length}")
-        L = _keep_whole_turns(turn_of, labels, max_length)
-        runs = [r for r in runs if r[0] + r[1] <= L]
-    ids_t = torch.tensor(out_ids[:L], dtype=torch.int64)
-    mm = torch.zeros(L, dtype=torch.int64)
-    for s, n in runs: mm[s: s + n] = 1
-    return {"input_ids": ids_t, "attention_mask": torch.ones(L, dtype=torch.int64),
-            "labels": torch.tensor(labels[:L], dtype=torch.int64), "image_input_idx": image_input_idx(runs),
-            "mm_token_type_ids": mm, "num_images": len(runs)}
-
+# %% ../nbs/02a_text.ipynb #5c53c899
 def _keep_whole_turns(turn_of: list[int], labels: list[int], max_length: int) -> int:
     "Length of the longest prefix of whole turns that fits and, if anything is trained, ends on a trained turn."
     ends, trained_ends, has_label = [], [], False
@@ -189,6 +173,51 @@ def _keep_whole_turns(turn_of: list[int], labels: list[int], max_length: int) ->
     fitting = [e for e in (trained_ends or ends) if e <= max_length]
     if not fitting: raise BadRecordError(f"no whole turn{' with a trained reply' if trained_ends else ''} fits in max_length={max_length}")
     return fitting[-1]
+
+# %% ../nbs/02a_text.ipynb #a0c31cb5
+def encode_chat(tokenizer, messages: Sequence[dict], num_image_tokens: Sequence[int] = (), *,
+                image_tokens: ImageTokens = ImageTokens(), max_length: int | None = None,
+                truncation: str = "drop_turns", chat_template: str | None = None,
+                train_roles: Sequence[str] = ("assistant",), num_video_tokens: Sequence[int] = (),
+                video_tokens: ImageTokens = ImageTokens(token=VIDEO_PAD)) -> dict[str, Any]:
+    "Chat `messages` → `input_ids`, `labels` (roles), `attention_mask`, `image_input_idx`, `mm_token_type_ids`, `num_images` (+ `num_videos`)."
+    if truncation not in ("drop_turns", "error"): raise ConfigError(f"truncation must be 'drop_turns' or 'error', got {truncation!r}")
+    msgs, n_placeholders = _with_image_tokens(messages, image_tokens)
+    msgs, n_videos = _with_image_tokens(msgs, video_tokens, VIDEO_PLACEHOLDER)
+    if n_placeholders != len(num_image_tokens):
+        raise BadRecordError(f"messages have {n_placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(num_image_tokens)} images")
+    if n_videos != len(num_video_tokens):
+        raise BadRecordError(f"messages have {n_videos} {VIDEO_PLACEHOLDER} placeholders for {len(num_video_tokens)} videos")
+    template = _template_of(tokenizer, chat_template)
+    spans = _turn_spans(tokenizer, msgs, template, set(train_roles))
+    text = _render(tokenizer, msgs, template)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, starts = enc["input_ids"], [s for s, _ in enc["offset_mapping"]]
+    image_id = tokenizer.convert_tokens_to_ids(image_tokens.token)
+    if n_placeholders and (image_id is None or image_id == tokenizer.unk_token_id or len(token_ids(tokenizer, image_tokens.token)) != 1):
+        raise ConfigError(f"image token {image_tokens.token!r} must be a single special token of the tokenizer (add it first)")
+    video_id = tokenizer.convert_tokens_to_ids(video_tokens.token) if n_videos else None
+    if n_videos and (video_id is None or video_id == tokenizer.unk_token_id or len(token_ids(tokenizer, video_tokens.token)) != 1):
+        raise ConfigError(f"video token {video_tokens.token!r} must be a single special token of the tokenizer (add it first)")
+
+    out_ids, labels, turn_of, runs, video_runs = _label_tokens(ids, starts, spans, image_id if n_placeholders else None,
+                                                               num_image_tokens, video_id, num_video_tokens)
+
+    L = len(out_ids)
+    if max_length is not None and L > max_length:
+        if truncation == "error": raise BadRecordError(f"{L} tokens exceed max_length={max_length}")
+        L = _keep_whole_turns(turn_of, labels, max_length)
+        runs = [r for r in runs if r[0] + r[1] <= L]
+        video_runs = [r for r in video_runs if r[0] + r[1] <= L]
+    ids_t = torch.tensor(out_ids[:L], dtype=torch.int64)
+    mm = torch.zeros(L, dtype=torch.int64)
+    for s, n in runs: mm[s: s + n] = 1
+    for s, n in video_runs: mm[s: s + n] = 2                # Qwen2-VL's token types: 0 text, 1 image, 2 video
+    out = {"input_ids": ids_t, "attention_mask": torch.ones(L, dtype=torch.int64),
+           "labels": torch.tensor(labels[:L], dtype=torch.int64), "image_input_idx": image_input_idx(runs),
+           "mm_token_type_ids": mm, "num_images": len(runs)}
+    if n_videos: out["num_videos"] = len(video_runs)
+    return out
 
 # %% ../nbs/02a_text.ipynb #99c7ed0e
 def encode_text(tokenizer, text: str, max_length: int | None = None, add_eos: bool = True,
@@ -212,14 +241,15 @@ def token_stream(docs: Iterable[str], tokenizer, eos_id: int | None = None) -> t
     for doc in docs: out += token_ids(tokenizer, doc) + [int(eos_id)]
     return torch.tensor(out, dtype=torch.int64)
 
+@renamed_kwargs(seq_len="max_length")
 class LMWindows:
     "Windows of a token stream: item i is `{input_ids, attention_mask, labels, shift_labels}`, labels shifted by one."
-    def __init__(self, stream: torch.Tensor | Sequence[int], seq_len: int, stride: int | None = None, drop_last: bool = True):
+    def __init__(self, stream: torch.Tensor | Sequence[int], max_length: int, stride: int | None = None, drop_last: bool = True):
         self.stream = torch.as_tensor(stream, dtype=torch.int64)
-        self.seq_len, self.stride = seq_len, stride or seq_len
-        if seq_len <= 0 or self.stride <= 0: raise ConfigError(f"seq_len and stride must be positive, got {seq_len}, {stride}")
+        self.max_length, self.stride = max_length, stride or max_length
+        if max_length <= 0 or self.stride <= 0: raise ConfigError(f"max_length and stride must be positive, got {max_length}, {stride}")
         n = len(self.stream) - 1                       # positions that have a next token
-        full = 0 if n < seq_len else (n - seq_len) // self.stride + 1
+        full = 0 if n < max_length else (n - max_length) // self.stride + 1
         self._len = full + (0 if drop_last or full * self.stride >= n else 1)
 
     def __len__(self) -> int: return self._len
@@ -227,11 +257,12 @@ class LMWindows:
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not -self._len <= i < self._len: raise IndexError(f"window {i} out of range for {self._len} windows")
         s = (i % self._len) * self.stride
-        x = self.stream[s: s + self.seq_len + 1]
+        x = self.stream[s: s + self.max_length + 1]
         return {"input_ids": x[:-1], "attention_mask": torch.ones(len(x) - 1, dtype=torch.int64), "labels": x[1:],
                 "shift_labels": x[1:].clone()}   # the same targets, for HF models that shift `labels` again
 
-def lm_windows(docs: Iterable[str], tokenizer, seq_len: int, stride: int | None = None, drop_last: bool = True,
+@renamed_kwargs(seq_len="max_length")
+def lm_windows(docs: Iterable[str], tokenizer, max_length: int, stride: int | None = None, drop_last: bool = True,
                eos_id: int | None = None) -> LMWindows:
     "Tokenize `docs` into one eos-separated stream and cut it into shifted windows."
-    return LMWindows(token_stream(docs, tokenizer, eos_id), seq_len, stride, drop_last)
+    return LMWindows(token_stream(docs, tokenizer, eos_id), max_length, stride, drop_last)

@@ -1,5 +1,6 @@
 """Collators: equivalence with HF collators, real-model proofs (Qwen2-VL, packed Llama), fuzzing."""
 import math
+import re
 
 import pytest
 import torch
@@ -7,8 +8,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from transformers import DataCollatorForLanguageModeling, DataCollatorForTokenClassification, DataCollatorWithPadding
 
 from collate_helpers import corpus, qwen_sample, text_sample, tiny_llama, tiny_qwen2_vl, tiny_tokenizer
-from mmlit.collate import (CausalLMCollator, CollateError, ContrastiveCollator, MaskedLMCollator, MultimodalCollator,
-                           Qwen2VLCollator, TextCollator, collator_for)
+from mmlit.collate import (CausalLMCollator, CollateError, ContrastiveCollator, EmptyBatchError, MaskedLMCollator,
+                           MissingKeyError, MultimodalCollator, Qwen2VLCollator, TextCollator, collator_for, collators)
 from mmlit.packing import PackingCollator, mrope_positions
 
 TOK = {side: tiny_tokenizer(side) for side in ("right", "left")}
@@ -28,8 +29,8 @@ class Skip:
     (dict(padding="longest"), dict()),
     (dict(padding="longest", pad_to_multiple_of=8), dict(pad_mode="to_8")),
     (dict(padding="longest", pad_to_multiple_of=16), dict(pad_to_multiple_of=16)),
-    (dict(padding="max_length", max_length=64), dict(pad_mode="max_len", max_len=64)),
-    (dict(padding="max_length", max_length=60, pad_to_multiple_of=16), dict(pad_mode="max_len", max_len=60, pad_to_multiple_of=16)),
+    (dict(padding="max_length", max_length=64), dict(pad_mode="max_length", max_length=64)),
+    (dict(padding="max_length", max_length=60, pad_to_multiple_of=16), dict(pad_mode="max_length", max_length=60, pad_to_multiple_of=16)),
 ])
 def test_equals_hf_data_collator_with_padding(side, hf_kw, ours_kw):
     tok = TOK[side]
@@ -152,7 +153,7 @@ def test_packed_llama_equals_each_sequence_alone(attn, mask):
     tok = TOK["right"]
     model = tiny_llama(len(tok), attn)
     samples = [text_sample(tok, t) for t in TEXTS]
-    coll = PackingCollator(tok, max_tokens=48, mask=mask, pad_to_multiple_of=16)
+    coll = PackingCollator(tok, max_length=48, mask=mask, pad_to_multiple_of=16)
     batch = coll(samples)
     assert batch["input_ids"].shape[1] % 16 == 0 and len(batch["packed_samples"]) < len(samples)
     kw = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask", "use_cache") if k in batch}
@@ -174,7 +175,7 @@ def test_packed_qwen2_vl_equals_each_sequence_alone():
     model = tiny_qwen2_vl(tok, "sdpa")
     samples = [qwen_sample(tok, [[1, 4, 4]], TEXTS[1], seed=1), qwen_sample(tok, [[1, 2, 4], [1, 4, 6]], TEXTS[0], seed=2),
                qwen_sample(tok, [], TEXTS[3]), qwen_sample(tok, [[1, 6, 2]], TEXTS[7], seed=3)]
-    batch = PackingCollator(tok, max_tokens=64, pad_to_multiple_of=8)(samples)
+    batch = PackingCollator(tok, max_length=64, pad_to_multiple_of=8)(samples)
     assert batch["position_ids"].shape[0] == 4 and "attention_mask" not in batch
     with torch.no_grad():
         packed = model(**{k: v for k, v in batch.items() if k != "packed_samples"}).logits
@@ -198,8 +199,8 @@ sample_spec = st.tuples(st.integers(0, 40), st.integers(0, 3), st.integers(0, 3)
 @pytest.mark.parametrize("name", ["text", "causal_lm", "masked_lm", "multimodal", "qwen2_vl", "contrastive", "packing"])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(specs=st.lists(sample_spec, min_size=0, max_size=6), side=st.sampled_from(["right", "left"]),
-       mode=st.sampled_from([{}, {"pad_mode": "to_8"}, {"pad_mode": "max_len", "max_len": 32},
-                             {"max_len": 24, "overflow": "truncate"}, {"max_len": 24}]))
+       mode=st.sampled_from([{}, {"pad_mode": "to_8"}, {"pad_mode": "max_length", "max_length": 32},
+                             {"max_length": 24, "overflow": "truncate"}, {"max_length": 24}]))
 def test_fuzz_collators(name, specs, side, mode):
     tok = TOK[side]
     vocab = torch.arange(20, 60)
@@ -220,12 +221,19 @@ def test_fuzz_collators(name, specs, side, mode):
         samples.append(s)
     kw = dict(mode)
     if name == "packing":
-        kw = dict(max_tokens=kw.get("max_len", 64), overflow=kw.get("overflow", "raise"))
+        kw = dict(max_length=kw.get("max_length", 64), overflow=kw.get("overflow", "raise"))
+    good = [s for s in samples if not isinstance(s, Skip)]
+    limit = kw.get("max_length")
+    too_long = limit is not None and any(len(s["input_ids"]) > limit for s in good)
     try:
         batch, bad = collator_for(name=name, tokenizer=tok, **kw).collate_with_bad(samples)
-    except CollateError:
+    except EmptyBatchError:
+        assert not samples                              # only an empty list is refused as empty
         return
-    good = [s for s in samples if not isinstance(s, Skip)]
+    except CollateError as e:                           # only a sequence over the limit may be refused
+        assert too_long, f"{name} refused a batch whose sequences all fit: {e}"
+        assert re.search(r"max_length|truncat", str(e)), e
+        return
     assert len(bad) == len(samples) - len(good)
     if batch is None:
         assert not good
@@ -237,9 +245,9 @@ def test_fuzz_collators(name, specs, side, mode):
         return
     assert ids.shape[0] == len(good)
     lens = batch["attention_mask"].sum(-1)
-    want = torch.tensor([min(len(s["input_ids"]), kw.get("max_len") or 10**9) for s in good])
+    want = torch.tensor([min(len(s["input_ids"]), kw.get("max_length") or 10**9) for s in good])
     assert torch.equal(lens, want)
-    if kw.get("pad_mode") == "max_len": assert ids.shape[1] == 32
+    if kw.get("pad_mode") == "max_length": assert ids.shape[1] == 32
     if kw.get("pad_mode") == "to_8": assert ids.shape[1] % 8 == 0
     for k in ("labels", "attention_mask"):
         assert batch[k].shape == ids.shape
@@ -254,12 +262,102 @@ def test_fuzz_collators(name, specs, side, mode):
         assert batch["negative_input_ids"].shape[:2] == batch["negative_mask"].shape
 
 
-def test_masked_lm_in_loader_workers_uses_global_batch_index():
+def test_masked_lm_in_plain_dataloader_workers_uses_global_batch_index():
+    "Not told the step (a plain torch DataLoader), each worker maps its own count to the global batch index."
     tok = TOK["right"]
-    samples = [text_sample(tok, t) for t in TEXTS[:4]] * 4
-    ds = [samples[i] for i in range(16)]
+    ds = [text_sample(tok, t) for t in TEXTS[:4]] * 4
     ref = MaskedLMCollator(tok, seed=5)
     want = [ref(ds[i:i + 4])["input_ids"] for i in range(0, 16, 4)]
+    assert len({tuple(w.flatten().tolist()) for w in want}) == 4      # same texts, other masks in each batch
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, collate_fn=MaskedLMCollator(tok, seed=5))
     got = [b["input_ids"] for b in loader]
+    assert len(got) == len(want) == 4
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_masked_lm_told_the_step_ignores_its_call_count():
+    tok = TOK["right"]
+    samples = [text_sample(tok, t) for t in TEXTS]
+    a, b = MaskedLMCollator(tok, seed=2), MaskedLMCollator(tok, seed=2)
+    for _ in range(3): a(samples)                       # a has collated three batches, b none
+    a.set_step(4, 9); b.set_step(4, 9)
+    assert torch.equal(a(samples)["input_ids"], b(samples)["input_ids"])
+    b.set_step(5, 10)                                   # a is at (4, 10) now: another epoch, other masks
+    assert not torch.equal(a(samples)["input_ids"], b(samples)["input_ids"])
+
+
+# --- a sample without a key a collator needs: a CollateError naming the key -----------------------
+
+def _full(name, tok):
+    "Two valid samples for collator `name`, with every key it can use."
+    if name in ("qwen2_vl", "packing"):
+        return [qwen_sample(tok, [[1, 4, 4]], TEXTS[1], seed=1), qwen_sample(tok, [[1, 2, 4]], TEXTS[0], seed=2)]
+    if name in ("vision", "default"):
+        return [dict(pixel_values=torch.zeros(3, 4, 4, dtype=torch.uint8), label=i) for i in range(2)]
+    samples = [text_sample(tok, t, task="t") for t in TEXTS[:2]]
+    if name == "multimodal":
+        samples = [dict(s, input_ids=torch.cat([torch.full((2,), 6), s["input_ids"]]),
+                        attention_mask=torch.ones(len(s["input_ids"]) + 2, dtype=torch.long),
+                        labels=torch.cat([torch.full((2,), -100), s["labels"]]),
+                        images=torch.zeros(1, 3, 4, 4), image_input_idx=torch.arange(2).view(1, 2)) for s in samples]
+    if name == "contrastive":
+        samples = [dict(s, negative_input_ids=[s["input_ids"][:3]], negative_attention_mask=[torch.ones(3, dtype=torch.long)])
+                   for s in samples]
+    return samples
+
+
+ALL_COLLATORS = sorted(collators)
+MUST_NAME = {"text": "input_ids", "causal_lm": "input_ids", "masked_lm": "attention_mask", "vision": "pixel_values",
+             "multimodal": "image_input_idx", "qwen2_vl": "image_grid_thw", "contrastive": "negative_input_ids",
+             "packing": "input_ids", "default": None}
+
+
+def _build(name, tok):
+    if name in ("vision", "default"): return collator_for(name=name)
+    return collator_for(name=name, tokenizer=tok, **({"max_length": 64} if name == "packing" else {}))
+
+
+def _needs(name, kept) -> set:
+    "The keys collator `name` needs from samples holding `kept` (the spec the fuzz test checks against)."
+    images = {"multimodal": {"image_input_idx"} if "images" in kept else set(),
+              "packing": {"image_grid_thw", "mm_token_type_ids", "pixel_values"} if kept & {"image_grid_thw", "pixel_values"} else set()}
+    base = {"text": {"input_ids"}, "causal_lm": {"input_ids"}, "masked_lm": {"input_ids", "attention_mask"},
+            "vision": {"pixel_values"}, "multimodal": {"input_ids"}, "qwen2_vl": {"input_ids", "pixel_values", "image_grid_thw"},
+            "contrastive": {"input_ids", "negative_input_ids"}, "packing": {"input_ids"}, "default": set()}[name]
+    return base | images.get(name, set())
+
+
+def test_every_collator_is_covered():
+    assert set(ALL_COLLATORS) == set(MUST_NAME)
+
+
+@pytest.mark.parametrize("name", ALL_COLLATORS)
+def test_a_missing_key_is_named(name):
+    tok = TOK["right"]
+    full = _full(name, tok)
+    assert _build(name, tok)(full) is not None           # every key there: it collates
+    key = MUST_NAME[name]
+    if key is None: return                                # default_collate needs no particular key
+    with pytest.raises(MissingKeyError, match=f"needs .*'{key}'"):
+        _build(name, tok)([{k: v for k, v in s.items() if k != key} for s in full])
+
+
+@pytest.mark.parametrize("name", ALL_COLLATORS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_missing_keys_fuzz(name, data):
+    "Any subset of the keys dropped from every sample: the batch collates, or a CollateError names a dropped key."
+    tok = TOK["right"]
+    full = _full(name, tok)
+    drop = data.draw(st.sets(st.sampled_from(sorted(full[0]))), label="drop")
+    samples = [{k: v for k, v in s.items() if k not in drop} for s in full]
+    if not samples[0]: return                             # nothing left: nothing to name
+    missing = _needs(name, set(samples[0])) & drop
+    try:
+        batch = _build(name, tok)(samples)
+    except CollateError as e:
+        assert missing, f"{name} refused samples holding every key it needs: {e}"
+        assert isinstance(e, MissingKeyError) and all(f"'{k}'" in str(e) for k in missing), e
+        return
+    assert not missing, f"{name} collated samples without {missing}"
+    assert batch is not None

@@ -32,7 +32,7 @@ JSONL_BAD = {
     "bad messages": ({"text": "t", "messages": [{"role": "user"}]}, {}, "field 'messages'"),
     "bomb header (pillow limit)": ({"text": "t", "image": "bomb.png"}, {}, "DecompressionBomb"),
     "bomb header (mmlit limit)": ({"text": "t", "image": "bomb_small.png"}, {}, "over the limit"),
-    "over max_pixels": ({"text": "t", "image": "good.png"}, {"max_pixels": 100}, "over the limit of 100"),
+    "over max_image_pixels": ({"text": "t", "image": "good.png"}, {"max_image_pixels": 100}, "over the limit of 100"),
 }
 
 
@@ -70,7 +70,7 @@ def test_jsonl_bad_record_skip(image_dir, kind, caplog):
     text = str(ds.report)
     assert "1 bad record" in text and str(f) in text and "line 2" in text and bad.reason in text and "jsonl" in text
     assert ds.report.to_dicts() == [dict(source="jsonl", file=str(f), index=2, reason=bad.reason, unit="line")]
-    if kind != "over max_pixels":  # the good neighbours are untouched (no dummy data)
+    if kind != "over max_image_pixels":  # the good neighbours are untouched (no dummy data)
         assert ds[0]["text"] == "first" and ds[2]["text"] == "last"
         assert ds[2]["image"].size == SPECS[0][0]
 
@@ -118,7 +118,7 @@ PARQUET_BAD = {  # kind -> (image cell, caption, kwargs, reason)
     "path to a missing file": ({"bytes": None, "path": "nowhere.png"}, "c", {}, "image file not found"),
     "null caption": ({"bytes": png_bytes(), "path": None}, None, {}, "missing required field 'caption'"),
     "bomb header": ({"bytes": bomb_png(), "path": None}, "c", {}, "DecompressionBomb"),
-    "over max_pixels": ({"bytes": png_bytes((40, 40)), "path": None}, "c", {"max_pixels": 1000}, "over the limit of 1000"),
+    "over max_image_pixels": ({"bytes": png_bytes((40, 40)), "path": None}, "c", {"max_image_pixels": 1000}, "over the limit of 1000"),
 }
 
 
@@ -150,7 +150,7 @@ def test_parquet_bad_record(tmp_path, kind, policy):
     ds[4]
     assert len(ds.report) == 1 and "row 4" in str(ds.report) and str(f) in str(ds.report)
     assert not re.search(r"at 0x[0-9a-f]+", out.bad.reason)  # no object addresses: the same reason in every process
-    if kind != "over max_pixels":
+    if kind != "over max_image_pixels":
         assert [ds[i]["text"] for i in (0, 3, 5)] == ["g0", "g3", "g5"]
 
 
@@ -311,6 +311,7 @@ def test_skipping_keeps_the_good_records(tmp_path, fmt):
     fixed = build("fixed", good_rows)                            # the bad rows repaired in place
     removed = build("removed", [good_rows[i] for i in keep])     # the bad rows deleted
     bad_ds = with_bad(text_dropout=0.3)
+    dropped = {}
     for epoch in (0, 3):
         dbad, dfixed = DeterministicDataset(bad_ds, draw_transform, seed=11), DeterministicDataset(fixed(text_dropout=0.3), draw_transform, seed=11)
         for d in (dbad, dfixed): d.set_epoch(epoch)
@@ -319,9 +320,11 @@ def test_skipping_keeps_the_good_records(tmp_path, fmt):
         assert [i for i, r in enumerate(forward) if isinstance(r, Skipped)] == sorted(bad_at)
         for i in keep:  # same index: same record, same random draws, same text dropout
             assert same(forward[i], dfixed[i]) and same(forward[i], backward[i])
-        assert 0 < sum(forward[i]["dropped"] for i in keep) < len(keep) or epoch  # dropout really ran
+        dropped[epoch] = [i for i in keep if forward[i]["dropped"]]
+        assert 0 < len(dropped[epoch]) < len(keep), dropped  # dropout really ran, and not on everything
         good, bad = split_skipped(forward)
         assert sorted(b.index for b in bad) == sorted(bad_at)
+    assert dropped[0] != dropped[3]  # each epoch drops its own texts
     # without dropout the good records of an epoch are exactly the file without its bad rows, in order
     good, bad = split_skipped(DeterministicDataset(with_bad(), draw_transform)[i] for i in range(n))
     clean = [DeterministicDataset(removed(), draw_transform)[j] for j in range(len(keep))]

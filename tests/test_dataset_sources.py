@@ -196,8 +196,10 @@ def test_parquet_custom_columns(tmp_path):
     assert r["negatives"] == ["y", "z"] and r["task"] == "caption"
     # text-only Parquet
     assert ParquetImageText(tmp_path / "c.parquet", image_column=None, text_column="txt")[0]["image"] is None
+    # the caption and image columns are found among common names; a named column must exist
+    assert ParquetImageText(tmp_path / "c.parquet")[1]["text"] == "b"
     with pytest.raises(ConfigError, match="no column 'caption'"):
-        ParquetImageText(tmp_path / "c.parquet", image_column="jpg")
+        ParquetImageText(tmp_path / "c.parquet", image_column="jpg", text_column="caption")
 
 
 def test_parquet_reads_lazily(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ def _model(vocab: int) -> LlamaForCausalLM:
 def test_hf_model_loss_uses_next_token_targets():
     docs = corpus_documents()[:6]
     tok = train_tokenizer(docs, vocab_size=300)
-    wins = lm_windows(docs, tok, seq_len=32)
+    wins = lm_windows(docs, tok, max_length=32)
     batch = CausalLMCollator(tok)([wins[i] for i in range(4)])
     model = _model(len(tok))
     with torch.no_grad():
@@ -34,9 +34,9 @@ def test_hf_model_loss_uses_next_token_targets():
 def test_packed_windows_keep_their_targets():
     docs = corpus_documents()[:6]
     tok = train_tokenizer(docs, vocab_size=300)
-    wins = lm_windows(docs, tok, seq_len=16, drop_last=False)
+    wins = lm_windows(docs, tok, max_length=16, drop_last=False)
     samples = [wins[i] for i in range(5)] + [wins[len(wins) - 1]]      # the last window is shorter
-    batch = PackingCollator(tok, max_tokens=64)(samples)
+    batch = PackingCollator(tok, max_length=64)(samples)
     for r, row in enumerate(batch["packed_samples"]):
         want = torch.cat([samples[i]["labels"] for i in row])
         assert torch.equal(batch["shift_labels"][r, : len(want)], want)

@@ -352,3 +352,100 @@ def test_block_shuffle_reads_far_fewer_row_groups(tmp_path, monkeypatch):
         counts[window] = len(reads)
     print(counts)
     assert counts[4] <= 2 * 20 and counts[0] >= 4 * counts[4], counts
+
+
+# --- masked LM: masks from the loader's (epoch, step), exact resume with any worker count ---
+
+def _mlm_corpus(tmp_path):
+    from collate_helpers import corpus
+    lines = [" ".join(d.split()[:12]) for d in corpus(60) if len(d.split()) >= 12][:44]
+    path = tmp_path / "mlm.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _encode(rec, rng):
+    from collate_helpers import tiny_tokenizer
+    global _TOK
+    if "_TOK" not in globals(): _TOK = tiny_tokenizer()
+    ids = torch.tensor(_TOK(rec["text"])["input_ids"])
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def _mlm_loader(path, workers):
+    from collate_helpers import tiny_tokenizer
+    from mmlit.dataset import TextCorpus
+    return make_loader(TextCorpus(path, split="line"), LoaderConfig(batch_size=4, seed=3, num_workers=workers),
+                       transform=_encode, collate="masked_lm", collate_options=dict(tokenizer=tiny_tokenizer(), seed=7))
+
+
+def _masked(b): return (b["input_ids"].numpy().tobytes(), b["labels"].numpy().tobytes())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_masked_lm_resumes_exactly(tmp_path, workers):
+    "Same seed, 7 batches, state saved mid-epoch, resumed: the batches (masks included) are the uninterrupted run's."
+    path = _mlm_corpus(tmp_path)
+    ref = run(_mlm_loader(path, 0), 2, fn=_masked)
+    assert len(ref) == 22 and len(set(ref)) == 22                  # 11 steps an epoch, every batch masked its own way
+    assert run(_mlm_loader(path, workers), 2, fn=_masked) == ref   # the worker count changes nothing
+    a = _mlm_loader(path, workers)
+    got = run(a, 2, limit=7, fn=_masked)
+    state = a.state_dict()
+    assert (state["epoch"], state["position"]) == (0, 28)
+    b = _mlm_loader(path, workers)
+    b.load_state_dict(state)
+    assert got + run(b, 2, fn=_masked) == ref
+
+
+# --- every path fills loader.report; max_bad_fraction over all workers; the data's fingerprint ---
+
+def test_lm_one_liner_reports_bad_paragraphs(tmp_path):
+    from mmlit.loader import build_data_module, build_loader
+    corpus = tmp_path / "corpus.txt"
+    paras = [f"paragraph {i} says something about loaders and order".encode() for i in range(40)]
+    paras[5] = b"paragraph five is \xff\xfe not utf-8"
+    corpus.write_bytes(b"\n\n".join(paras) + b"\n")
+    cfg = dict(data=str(corpus), task="lm", max_length=16, batch_size=4, tokenizer=dict(train=dict(vocab_size=300, min_frequency=1)))
+    ld = build_loader(cfg)
+    assert [(b.file, b.index, b.unit) for b in ld.report] == [(str(corpus), 10, "line")]   # paragraph 5 starts on line 10
+    assert "UTF-8" in next(iter(ld.report)).reason
+    assert next(iter(ld))["input_ids"].shape == (4, 16)
+    assert len(build_data_module(dict(cfg, val_split=2)).train_dataloader().report) == 1
+
+
+def test_max_bad_fraction_counts_all_workers(files):
+    "3 bad rows of 30; with 2 workers neither sees more than 2 of them, yet 3 > 0.08 * 30 is refused."
+    from mmlit.core import TooManyBadRecords
+    steps = rank_steps(N, 4, seed=3, blocks=[7, 7, 7, 7, 2], window=8)
+    per_worker = [sum(i in (4, 17, BAD_CAPTION_ROW) for s in steps[w::2] for i in s.indices) for w in range(2)]
+    assert max(per_worker) <= 2                                      # no worker alone is over the limit
+    for workers in (0, 2):
+        ld = make_loader(ParquetImageText(files["bad"], max_bad_fraction=0.08),
+                         LoaderConfig(batch_size=4, seed=3, num_workers=workers, drop_last=False), transform=augment)
+        assert ld.window == 8 and ld.blocks.tolist() == [7, 7, 7, 7, 2]
+        with pytest.raises(TooManyBadRecords, match=r"3 of 30 records are bad"):
+            list(ld)
+    ok = make_loader(ParquetImageText(files["bad"], max_bad_fraction=0.1),
+                     LoaderConfig(batch_size=4, seed=3, num_workers=2, drop_last=False), transform=augment)
+    assert sum(len(b["index"]) for b in ok) == N - 3 and len(ok.report) == 3   # 3 <= 0.1 * 30: allowed
+
+
+def test_state_for_other_data_is_refused(files, tmp_path):
+    a = loader(files["clean"])
+    run(a, 1, limit=2)
+    state = a.state_dict()
+    same_len = _write(tmp_path / "clean.parquet", N, False, 9)       # same name, same length, other pixels
+    assert pq.ParquetFile(same_len).metadata.num_rows == N and same_len.stat().st_size != files["clean"].stat().st_size
+    with pytest.raises(ConfigError, match="saved for other data"):
+        loader(same_len).load_state_dict(state)
+    with pytest.raises(ConfigError, match="no data fingerprint"):
+        loader(files["clean"]).load_state_dict({k: v for k, v in state.items() if k != "fingerprint"})
+    moved = tmp_path / "moved"; moved.mkdir()
+    (moved / files["clean"].name).write_bytes(files["clean"].read_bytes())
+    b = loader(moved / files["clean"].name)                           # the same file in another folder resumes
+    b.load_state_dict(state)
+    assert run(b, 1, limit=1) == run(loader(files["clean"]), 1, limit=3)[2:]
+    t = make_loader(TensorList([torch.tensor([i]) for i in range(N)]), LoaderConfig(batch_size=4))
+    with pytest.raises(ConfigError, match="saved for other data"):   # no files: its type and length tell it apart
+        t.load_state_dict(dict(t.state_dict(), fingerprint=state["fingerprint"]))

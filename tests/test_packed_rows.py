@@ -12,19 +12,19 @@ DOCS = corpus_documents()[:10]
 
 def _windows():
     tok = train_tokenizer(DOCS, vocab_size=300)
-    wins = lm_windows(DOCS, tok, seq_len=64, drop_last=False)
+    wins = lm_windows(DOCS, tok, max_length=64, drop_last=False)
     return tok, [wins[i] for i in range(len(wins))]
 
 
 def _epoch(rows, tok, workers, train=True):
     ld = make_loader(rows, LoaderConfig(batch_size=4, num_workers=workers, seed=0, train=train),
-                     collate=PackingCollator(tok, max_tokens=256))
+                     collate=PackingCollator(tok, max_length=256))
     return [b for b in ld], ld
 
 
 def test_planned_rows_are_full_and_identical_across_workers():
     tok, items = _windows()
-    rows = PackedRows(items, [len(w["input_ids"]) for w in items], max_tokens=256)
+    rows = PackedRows(items, [len(w["input_ids"]) for w in items], max_length=256)
     a, _ = _epoch(rows, tok, 0)
     b, _ = _epoch(rows, tok, 2)
     assert len(a) == len(b) > 0
@@ -40,7 +40,7 @@ def test_bad_record_inside_a_planned_row_is_reported():
     bad = BadRecord("text", "corpus.txt", 3, "not valid UTF-8")
     items[3] = Skipped(bad)
     lengths = [64 if isinstance(w, Skipped) else len(w["input_ids"]) for w in items]
-    rows = PackedRows(items, lengths, max_tokens=256)
+    rows = PackedRows(items, lengths, max_length=256)
     for workers in (0, 2):
         batches, ld = _epoch(rows, tok, workers, train=False)   # eval: every row, none dropped
         assert list(ld.report) == [bad]

@@ -9,10 +9,11 @@ import skimage.data
 import torch
 from PIL import Image
 
+from ds_files import bomb_png
 from mmlit.core import BadRecordError, np_rng
 from hypothesis import given, settings, strategies as st
 
-from mmlit.preprocess import Qwen2VLPatcher, VideoPreprocessor, _bomb_png, image_preset, resize_crop
+from mmlit.preprocess import Qwen2VLPatcher, VideoPreprocessor, image_preset, resize_crop
 
 
 def _jpeg(arr, quality=92):
@@ -118,7 +119,7 @@ def test_augmentation_is_determined_by_rng():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: _bomb_png(60_000, 60_000),
+    lambda: bomb_png(60_000, 60_000),
     lambda: _jpeg(PHOTOS["coffee"])[:5000],
     lambda: _jpeg(PHOTOS["coffee"])[:200],
     lambda: b"\xff\xd8\xff" + b"\x00" * 100,
@@ -134,7 +135,7 @@ def test_bomb_is_rejected_before_decoding(monkeypatch):
     calls = []
     monkeypatch.setattr(Image.Image, "load", lambda self: calls.append(1))
     with pytest.raises(BadRecordError, match="decompression bomb"):
-        image_preset("clip")(_bomb_png(30_000, 30_000))
+        image_preset("clip")(bomb_png(30_000, 30_000))
     assert not calls
 
 
@@ -220,6 +221,6 @@ def test_qwen_preprocessor_matches_hf_pixels(tok, hf_qwen):
 def test_bad_image_in_a_record_names_the_row(tok):
     pre = build_preprocessor("qwen2_vl", tok)
     with pytest.raises(BadRecordError, match=r"\[t\] t.parquet row 12: .*decompression bomb"):
-        pre({**_record([], "x", 12), "image": _bomb_png(70_000, 70_000)})
+        pre({**_record([], "x", 12), "image": bomb_png(70_000, 70_000)})
     with pytest.raises(BadRecordError, match="row 5: cannot decode image"):
         pre(_record([_jpeg(PHOTOS["coffee"])[:3000]], "x", 5))

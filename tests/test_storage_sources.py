@@ -2,8 +2,9 @@
 sources read by URI equal the same sources over local copies, batch for batch through the loader;
 Parquet reads by range (never a whole shard); faults on the wire leave the batches unchanged and
 are counted in `loader.io`; the cache serves the second epoch; permanent faults name the URI;
-`mmlit inspect s3://...` works."""
+`mmlit inspect s3://...` works; WebDataset tar shards are indexed and read by byte range."""
 import io
+import tarfile
 import json
 import os
 import time
@@ -20,6 +21,7 @@ pytest.importorskip("s3fs")
 from ds_files import SPECS, make_image, png_bytes, write_jsonl, write_parquet, image_bytes
 from s3_server import CREDS, FaultProxy, make_bucket, moto_s3, s3_options
 from mmlit.dataset import JsonlImageText, ParquetImageText, TextCorpus, open_source
+from mmlit.formats import WebDatasetShards
 from mmlit.loader import LoaderConfig, make_loader
 from mmlit.storage import AccessDenied, Retry, StorageError, Store, io_stats
 
@@ -52,6 +54,13 @@ def data(tmp_path_factory):
     write_jsonl(d / "pairs.jsonl", rows)
     (d / "corpus.txt").write_text("".join(f"document {i}\nsecond line of {i}\n\n" for i in range(40)))
     write_jsonl(d / "docs.jsonl", [{"text": f"json document {i} " + "word " * (i % 9)} for i in range(2000)])   # ~90 kB
+    (d / "wds").mkdir()
+    for k in range(2):                                     # tar shards: a PNG and a caption per sample
+        with tarfile.open(d / "wds" / f"shard-{k}.tar", "w") as tf:
+            for i in range(10 + k):
+                for ext, blob in (("png", png_bytes((20 + i, 16 + k), "RGB", (i * 20, k * 90, 7))), ("txt", f"tar {k} sample {i}".encode())):
+                    ti = tarfile.TarInfo(f"s{k}{i:03d}.{ext}"); ti.size = len(blob)
+                    tf.addfile(ti, io.BytesIO(blob))
     for p in d.rglob("*"):
         if p.is_file(): files[str(p.relative_to(d))] = p.read_bytes()
     with moto_s3() as endpoint:
@@ -180,3 +189,31 @@ def test_inspect_cli_over_s3(data, monkeypatch, capsys):
     assert "40" in capsys.readouterr().out
     assert main(["inspect", f"s3://{BUCKET}/nope/*.parquet"]) == 2
     assert f"no files match s3://{BUCKET}/nope/*.parquet" in capsys.readouterr().err
+
+
+def test_webdataset_shards_over_s3_by_byte_range(data, tmp_path, monkeypatch, capsys):
+    d, endpoint, files = data
+    local = WebDatasetShards(str(d / "wds" / "shard-{0..1}.tar"), index_dir=tmp_path / "local")
+    io_stats.reset()
+    opts = s3_options(endpoint)
+    remote = WebDatasetShards(f"s3://{BUCKET}/wds/shard-{{0..1}}.tar", storage_options=Store(opts), index_dir=tmp_path / "s3")
+    built = io_stats.take()
+    assert [str(f) for f in remote.files] == [f"s3://{BUCKET}/wds/shard-{k}.tar" for k in range(2)]
+    sizes = [len(files[f"wds/shard-{k}.tar"]) for k in range(2)]
+    assert built["requests"] == 2 and built["bytes"] == sum(sizes)          # indexing: one buffered pass per shard
+    _, got = epochs(remote)
+    _, want = epochs(local)
+    assert got == want and len(got[0]) == 21 // 5                   # whole batches of 5
+    members = remote.indexes[1].members(3)
+    io_stats.reset()
+    rec = remote.get(10 + 3)
+    one = io_stats.take()
+    assert rec["text"] == "tar 1 sample 3"
+    assert (one["requests"], one["bytes"]) == (len(members), sum(s for _, s in members.values()))  # its members' bytes only
+    again = WebDatasetShards(f"s3://{BUCKET}/wds/shard-{{0..1}}.tar", storage_options=Store(opts), index_dir=tmp_path / "s3")
+    assert io_stats.take()["requests"] == 0 and len(again) == len(local)   # the index came from the cache (size and ETag match)
+    from mmlit.cli import main                                            # the command line: options given as JSON
+    monkeypatch.setenv("MMLIT_CACHE", str(tmp_path / "cache"))
+    assert main(["inspect", f"s3://{BUCKET}/wds/shard-{{0..1}}.tar", "--json", "--storage-options", json.dumps(opts)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["rows"], r["good"], r["bad"]) == (21, 21, [])
