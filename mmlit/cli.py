@@ -11,7 +11,7 @@ import argparse, json, logging, sys, time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from PIL import Image
 
@@ -21,8 +21,9 @@ from .formats import expand_braces, guess_kind, open_dataset, sources
 from .storage import is_uri
 
 # %% auto #0
-__all__ = ['RunningStats', 'RecordStats', 'inspect_dataset', 'inspect_source', 'format_report', 'build_parser', 'cmd_inspect',
-           'main']
+__all__ = ['RunningStats', 'RecordStats', 'inspect_dataset', 'inspect_source', 'format_report', 'cmd_demo', 'cmd_train',
+           'add_run_commands', 'build_parser', 'cmd_inspect', 'main', 'run_steps', 'rebuild_step_batch', 'cmd_report',
+           'cmd_show_batch', 'add_run_view_commands']
 
 # %% ../nbs/90_cli.ipynb #c34280d3
 class RunningStats:
@@ -121,6 +122,72 @@ def format_report(r: dict, max_bad: int = 20) -> str:
     lines.append(f"  scanned in {r['seconds']:.2f} s ({rate:,.0f} records/s)")
     return "\n".join(lines)
 
+# %% ../nbs/90_cli.ipynb #a1b2c3d5
+def _interrupted(summary: dict) -> int: return 130 if summary.get("interrupted") else 0
+
+def _write_plots(run_dir) -> Path | None:
+    "The run's plots and HTML report, once the visualiser (stage 7, `mmlit.viz`) is installed; `None` before."
+    import importlib.util
+    if importlib.util.find_spec("mmlit.viz") is None: return None
+    from mmlit.viz import write_report
+    return write_report(run_dir)                  # writes the PNGs too
+
+def cmd_demo(args) -> int:
+    "Run `mmlit demo`; returns the exit status."
+    from mmlit.recipe import format_summary, run_demo
+    try: summary = run_demo(args.run_dir, epochs=args.epochs, progress=args.progress)
+    except MmlitError as e: return (print(f"mmlit demo: error: {e}", file=sys.stderr), 2)[1]
+    print(format_summary(summary))
+    if (report := _write_plots(args.run_dir)) is not None: print(f"  report: {report}")
+    print(f"  run directory: {args.run_dir}")
+    return _interrupted(summary)
+
+def _lm_lines(history: list[dict]) -> list[str]:
+    "Validation loss and perplexity at the first and last evaluation."
+    ev = [r for r in history if "val/loss" in r]
+    if not ev: return []
+    f = lambda r: f"val/loss {r['val/loss']:.4f}" + (f"  perplexity {r['val/perplexity']:.2f}" if "val/perplexity" in r else "")
+    return [f"  first evaluation (step {ev[0]['train/step']}): {f(ev[0])}", f"  last evaluation  (step {ev[-1]['train/step']}): {f(ev[-1])}"]
+
+def cmd_train(args) -> int:
+    "Run `mmlit train CONFIG.yaml`; returns the exit status."
+    import time
+    from mmlit.recipe import RunConfig, build_run, finish_run, format_summary
+    from mmlit.train import load_config
+    t0 = time.perf_counter()
+    try:
+        cfg = load_config(RunConfig, args.config)
+        if args.run_dir: cfg.run_dir = args.run_dir
+        if args.progress is not None: cfg.log.progress = args.progress
+        run = build_run(cfg)
+        result = run.fit(args.steps)
+        summary = finish_run(run, result, time.perf_counter() - t0)
+    except MmlitError as e: return (print(f"mmlit train: error: {e}", file=sys.stderr), 2)[1]
+    if run.config.model.kind == "dual_encoder":
+        print(format_summary(summary))
+        if (report := _write_plots(run.config.run_dir)) is not None: print(f"  report: {report}")
+    else: print("\n".join([f"{summary['steps']} steps, {summary['epochs']} epochs"] + _lm_lines(run.trainer.history)))
+    print(f"  run directory: {run.config.run_dir}")
+    return _interrupted(summary)
+
+def add_run_commands(sub) -> None:
+    "Add `demo` and `train` to the `mmlit` subcommands."
+    d = sub.add_parser("demo", help="train the tiny dual encoder on the bundled demo data (CPU) and print its held-out metrics",
+                       description="Build the bundled demo data, split it by handwriting, train the tiny dual encoder on CPU, "
+                                   "evaluate on digits written by unseen hands and print the metrics table.")
+    d.add_argument("--run-dir", default="runs/demo", help="the run directory (default: runs/demo); an existing one is resumed")
+    d.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20)")
+    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar (default: on a terminal)")
+    d.set_defaults(run=cmd_demo)
+    t = sub.add_parser("train", help="train from a run config (YAML): data, model, optimiser, schedule, eval, checkpoints, logging",
+                       description="Build a whole run from one YAML config (mmlit.recipe.RunConfig) and train it; an existing "
+                                   "run directory with the same config is resumed from its newest valid checkpoint.")
+    t.add_argument("config", help="the run config, a YAML file")
+    t.add_argument("--run-dir", help="override the config's run_dir")
+    t.add_argument("--steps", type=int, help="train at most this many more optimiser steps, then save and stop")
+    t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar (default: on a terminal)")
+    t.set_defaults(run=cmd_train)
+
 # %% ../nbs/90_cli.ipynb #93123ebd
 def build_parser() -> argparse.ArgumentParser:
     "The `mmlit` argument parser."
@@ -147,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--show-bad", type=int, default=20, metavar="N", help="bad records listed in the text report")
     ins.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="tqdm bar on stderr (default: on for 1000+ records on a terminal)")
+    add_run_commands(sub)
+    add_run_view_commands(sub)
     return p
 
 def _source_kwargs(args, kind: str | None) -> dict:
@@ -232,8 +301,93 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "inspect": return cmd_inspect(args, parser)
+    if getattr(args, "run", None) is not None: return args.run(args)
     parser.print_help(sys.stderr)
     return 2
+
+# %% ../nbs/90_cli.ipynb #b81c4d2e
+def _run_view_error(command: str, e: Exception) -> int:
+    print(f"mmlit {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+
+def run_steps(run_dir: str | Path) -> int:
+    "How many optimiser steps a run took: `summary.json`'s `steps`, else the last `train/step` in its metrics."
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").is_file():
+        steps = json.loads((run_dir / "summary.json").read_text()).get("steps")
+        if steps is not None: return int(steps)
+    for name in ("metrics.csv", "metrics.jsonl"):
+        if (run_dir / name).is_file():
+            from mmlit.viz import metrics_frame
+            m = metrics_frame(run_dir / name)
+            if "train/step" in m.columns: return int(m["train/step"].max())
+    raise MmlitError(f"{run_dir} lacks summary.json (with 'steps') and metrics.csv/metrics.jsonl (with train/step): "
+                     "cannot tell where the run ended")
+
+def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]:
+    "The batch of training step `step` (as logged: 1 is the first), rebuilt from `config.yaml`'s `data` section."
+    import yaml
+    from mmlit.loader import LoaderDataModule, loader_parts, resolve_collate
+    run_dir = Path(run_dir)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    data = dict(cfg.get("data") or {})
+    if not data: raise MmlitError(f"{run_dir / 'config.yaml'} has no 'data' section: the loader cannot be rebuilt")
+    end = run_steps(run_dir)
+    if step > end: raise MmlitError(f"step {step} is beyond the run's end: {run_dir} trained steps 1 to {end}")
+    if step < 1: raise MmlitError(f"steps count from 1 (train/step in metrics.csv), got {step}")
+    tok = data.get("tokenizer")
+    if isinstance(tok, dict) and tok.get("save_dir"):    # the tokenizer the run trained and saved, not a new one
+        saved = Path(tok["save_dir"])
+        if not (saved / "tokenizer.json").is_file(): raise MmlitError(f"the run's tokenizer {saved / 'tokenizer.json'} is missing")
+        data["tokenizer"] = str(saved)
+    p = loader_parts(data)
+    dm = LoaderDataModule(p["data"], p["val_data"], val_split=p["val_split"], config=p["loader_config"], transform=p["transform"],
+                          val_transform=p.get("val_transform"), collate=resolve_collate(p["collate"], **p["collate_options"]))
+    loader = dm.train_dataloader()
+    accumulate = int((cfg.get("schedule") or {}).get("accumulate", 1) or 1)   # a step of k micro-batches: show its first
+    epoch, s = divmod(step - 1, -(-len(loader) // accumulate))                # an epoch's last window may be short
+    k = s * accumulate
+    state = loader.state_dict()
+    loader.load_state_dict({**state, "epoch": epoch, "position": k * loader.config.batch_size * state["world_size"]})
+    batch = next(iter(loader))
+    norm = (data.get("preprocessor_options") or {}).get("norm", "clip")
+    return batch, p["tokenizer"], {"run_dir": str(run_dir), "step": step, "epoch": epoch, "batch_in_epoch": k,
+                                   "micro_batches_per_step": accumulate, "norm": norm}
+
+def cmd_report(args) -> int:
+    "Run `mmlit report`: the run's PNGs and `report.html`; prints the page's path."
+    from mmlit.viz import write_report
+    try: page = write_report(args.run_dir, args.out)
+    except MmlitError as e: return _run_view_error("report", e)
+    print(page)
+    return 0
+
+def cmd_show_batch(args) -> int:
+    "Run `mmlit show-batch`: rebuild training step K's batch from the run's config and write its views."
+    from mmlit.viz import write_batch_views, require_files
+    try:
+        require_files(args.run_dir, ["config.yaml"], "mmlit show-batch")
+        batch, tokenizer, info = rebuild_step_batch(args.run_dir, args.step)
+        out = Path(args.out) if args.out else Path(args.run_dir) / "batches" / f"step_{args.step}"
+        written = write_batch_views(batch, out, tokenizer, norm=info.pop("norm", "clip"), info=info)
+    except MmlitError as e: return _run_view_error("show-batch", e)
+    for p in written.values(): print(p)
+    return 0
+
+def add_run_view_commands(sub) -> None:
+    "Add `report` and `show-batch` to the `mmlit` sub-command parsers."
+    rep = sub.add_parser("report", help="write a run directory's plots and one-page HTML report",
+                         description="Write the plots (PNG) and a self-contained report.html of a training run directory.")
+    rep.add_argument("run_dir", help="a run directory written by the mmlit trainer")
+    rep.add_argument("--out", help="where to write the HTML page (default: RUN_DIR/report.html)")
+    rep.set_defaults(run=cmd_report)
+    sb = sub.add_parser("show-batch", help="rebuild the exact batch of a training step and draw it",
+                        description="Rebuild the batch that training step K saw from the run's config.yaml and write "
+                                    "its image grid, token view and batch.json (shapes, SHA-256).")
+    sb.add_argument("run_dir", help="a run directory written by the mmlit trainer")
+    sb.add_argument("--step", type=int, required=True, metavar="K", help="the training step as logged in metrics.csv (1: the first)")
+    sb.add_argument("--out", help="directory for the views (default: RUN_DIR/batches/step_K)")
+    sb.set_defaults(run=cmd_show_batch)
 
 # %% ../nbs/90_cli.ipynb #57c3c226
 if __name__ == "__main__" and "ipykernel" not in sys.modules:   # `python -m mmlit.cli ...`; in a notebook kernel

@@ -52,6 +52,7 @@ class Stream(IntEnum):
     MRL_DIM = 9         # the Matryoshka dimension trained at a step, per (epoch, step)
     MODEL_INIT = 10     # a model's random initial weights
     TRAIN = 11          # the trainer's global generators (dropout), per (epoch, step)
+    PROJECTION = 12     # a plot's 2-D projection of embeddings (t-SNE's layout)
 
 # %% ../nbs/00_core.ipynb #8e374898
 class Rngs(NamedTuple):
@@ -132,6 +133,11 @@ def renamed_kwargs(**renames: str):
     return deco
 
 # %% ../nbs/00_core.ipynb #1d9f9ab4
+def _redefined(old, new) -> bool:
+    "Whether `new` is `old` defined again: same qualified name, one of them in a notebook (`__main__`) and one in a module."
+    mods = {getattr(old, "__module__", None), getattr(new, "__module__", None)}
+    return getattr(old, "__qualname__", 0) == getattr(new, "__qualname__", 1) and "__main__" in mods and len(mods) == 2
+
 class Registry:
     "A name → object table with a `register` decorator and metadata to select by."
     def __init__(self, kind: str):
@@ -141,7 +147,7 @@ class Registry:
         "Register `obj` under `name` with optional metadata; refuse to shadow unless `overwrite`."
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{self.kind} name must be a non-empty string, got {name!r}")
-        if name in self._items and not overwrite:
+        if name in self._items and not overwrite and not _redefined(self._items[name], obj):
             raise ConfigError(f"{self.kind} {name!r} is already registered (pass overwrite=True to replace it)")
         self._items[name], self._meta[name] = obj, dict(meta)
         return obj
