@@ -18,6 +18,7 @@ from PIL import Image
 from .core import MmlitError
 from .dataset import MMDataset
 from .formats import expand_braces, guess_kind, open_dataset, sources
+from .storage import is_uri
 
 # %% auto #0
 __all__ = ['RunningStats', 'RecordStats', 'inspect_dataset', 'inspect_source', 'format_report', 'cmd_demo', 'cmd_train',
@@ -193,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="read and decode every record of a source; report bad ones and statistics",
                          description="Read and decode every record of a Parquet, JSONL or text source; report rows, "
                                      "bad records (row/line and reason), image sizes and caption lengths.")
-    ins.add_argument("path", nargs="?", help="Parquet or tar shards (file, directory, glob, {000..009} pattern); .json/.jsonl pairs, chats or COCO; an image folder; a .txt corpus")
+    ins.add_argument("path", nargs="?", help="Parquet or tar shards (file, directory, glob, {000..009} pattern); .json/.jsonl pairs, chats or COCO; "
+                                             "an image folder; a .txt corpus (local, or a URI such as s3://bucket/prefix/*.parquet)")
     ins.add_argument("--demo", action="store_true", help="build (once, into the cache) and inspect the demo data")
     ins.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     ins.add_argument("--kind", choices=sources.names(), help="source kind (default: told from the path and its first record)")
@@ -202,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--image-root", help="JSONL: directory image paths are relative to (default: the file's)")
     ins.add_argument("--split", choices=["paragraph", "line"], default="paragraph", help="text: one document per")
     ins.add_argument("--field", help="text corpus in JSONL: the text field (default: text); tar shards: the caption field of the json member")
+    ins.add_argument("--storage-options", type=json.loads, default=None, metavar="JSON",
+                     help='for URIs: fsspec options, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\' (default: the environment)')
     ins.add_argument("--per-image", action="store_true", help="COCO: one record per image (all its captions) instead of per caption")
     ins.add_argument("--max-bad-fraction", type=float, metavar="F",
                      help="exit with status 1 when more than this fraction of records is bad")
@@ -238,6 +242,7 @@ def _guess_kind(path: str) -> str | None:
 def _check_exists(path: str) -> str | None:
     "An error message when `path` (a file, directory or glob) names nothing."
     import glob
+    if is_uri(path): return None        # the source itself names a URI that matches nothing
     if "{" in path: return next((m for p in expand_braces(path) if (m := _check_exists(p))), None)
     if any(ch in path for ch in "*?["): return None if glob.glob(path, recursive=True) else f"no files match {path}"
     return None if Path(path).exists() else f"no such file or directory: {path}"
@@ -273,7 +278,8 @@ def cmd_inspect(args, parser: argparse.ArgumentParser) -> int:
             if kind is None: return err(f"cannot tell the format of {args.path}: expected .tar shards, .parquet (file, "
                                         "directory or glob), .json/.jsonl, .txt or an image folder; pass --kind "
                                         + "|".join(sources.names()))
-            result = inspect_source(args.path, kind, progress=args.progress, **_source_kwargs(args, kind))
+            result = inspect_source(args.path, kind, progress=args.progress, storage_options=args.storage_options,
+                                    **_source_kwargs(args, kind))
     except (MmlitError, OSError) as e:  # unreadable source as a whole (e.g. not a Parquet file): no traceback
         return err(f"{args.path or 'demo'}: {type(e).__name__}: {_cli_options(' '.join(str(e).split()))}")
     except Exception as e:

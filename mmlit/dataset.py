@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .storage import Location, Store, as_location, as_store, is_uri, open_file
 from .core import (BadRecordError, ConfigError, Registry, Stream, TooManyBadRecords,
                         derive_seed, np_rng, renamed_kwargs)
 
@@ -156,13 +157,14 @@ class MMDataset(torch.utils.data.Dataset):
     source: str = "dataset"
 
     def __init__(self, *, on_error: str = "skip", max_bad_fraction: float | None = None,
-                 text_dropout: float = 0.0, seed: int = 0):
+                 text_dropout: float = 0.0, seed: int = 0, storage_options: dict | Store | None = None):
         if on_error not in ON_ERROR: raise ConfigError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if max_bad_fraction is not None and not 0 <= max_bad_fraction <= 1:
             raise ConfigError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction!r}")
         if not 0 <= text_dropout <= 1: raise ConfigError(f"text_dropout must be in [0, 1], got {text_dropout!r}")
         self.on_error, self.max_bad_fraction, self.text_dropout, self.seed = on_error, max_bad_fraction, text_dropout, seed
         self._report = SkipReport()
+        self.store = as_store(storage_options)   # how URIs (s3://...) are read: mmlit.storage
 
     def __len__(self) -> int: raise NotImplementedError(f"{type(self).__name__} must define __len__")
     def load(self, idx: int) -> dict: raise NotImplementedError(f"{type(self).__name__} must define load(idx)")
@@ -336,9 +338,9 @@ def open_image(src: bytes | str | Path, *, decode: bool = True, max_image_pixels
         if len(src) == 0: raise BadRecordError("empty image blob", **where)
         fp = io.BytesIO(bytes(src))
     else:
-        path = Path(src)
+        path = as_location(src)
         if not path.is_file(): raise BadRecordError(f"image file not found: {path}", **where)
-        fp = path
+        fp = io.BytesIO(path.read_bytes()) if isinstance(path, Location) else path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -428,7 +430,7 @@ UTF8_BOM = b"\xef\xbb\xbf"
 
 def _open_bytes(path: Path):
     "Open a JSONL or text file to read bytes: the one place those sources open files."
-    return open(path, "rb")
+    return open_file(path)
 
 def _skip_bom(f) -> int:
     "Move `f` past a UTF-8 byte-order mark at its start; the number of bytes skipped (3 or 0)."
@@ -451,8 +453,8 @@ def _read_line(path: Path, offset: int) -> bytes:
         f.seek(offset)
         return f.readline()
 
-def _check_path(path) -> Path:
-    p = Path(path)
+def _check_path(path, store: Store | None = None) -> Path | Location:
+    p = as_location(path, store)
     if not p.is_file(): raise FileNotFoundError(f"no such file: {p}")
     return p
 
@@ -464,7 +466,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 def json_array_spans(path: str | Path) -> np.ndarray:
     "`[n, 2]` byte spans of the items of a JSON array file, found in one pass (each item is parsed once, then dropped)."
-    text = Path(path).read_bytes().decode("latin-1")     # one character per byte: positions are byte offsets
+    text = as_location(path).read_bytes().decode("latin-1")     # one character per byte: positions are byte offsets
     dec, i = json.JSONDecoder(), _WS.match(text, len(UTF8_BOM) if text.startswith(UTF8_BOM.decode("latin-1")) else 0).end()
     if text[i:i + 1] != "[": raise ConfigError(f"{path}: not a JSON array (it starts with {text[i:i + 20]!r})")
     i, spans = _WS.match(text, i + 1).end(), []
@@ -581,8 +583,8 @@ class JsonlImageText(MMDataset):
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, text_field: str = AUTO,
                  image_field: str | None = AUTO, **kwargs):
         super().__init__(**kwargs)
-        self.path = _check_path(path)
-        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.path = _check_path(path, self.store)
+        self.image_root = as_location(image_root, self.store) if image_root is not None else self.path.parent
         self.decode, self.max_image_pixels = decode, max_image_pixels
         self._spans, self._lines, self.unit = json_records(self.path)
         self._offsets = self._spans[:, 0]
@@ -609,13 +611,14 @@ class JsonlImageText(MMDataset):
                            **({"video": video} if video else {}))
 
 # %% ../nbs/01_dataset.ipynb #d1fcebc3
-def expand_paths(paths, suffixes: Sequence[str] = ()) -> list[Path]:
-    "Files from a path, a directory (files with `suffixes`), a glob, or a list of those; sorted."
+def expand_paths(paths, suffixes: Sequence[str] = (), store: Store | None = None) -> list[Path | Location]:
+    "Files from a path or URI, a directory or prefix (files with `suffixes`), a glob, or a list of those; sorted."
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
     out: list[Path] = []
     for p in items:
         s = str(p)
-        if any(ch in s for ch in "*?["): hits = [Path(h) for h in sorted(_glob.glob(s, recursive=True))]
+        if is_uri(s): hits = as_store(store).glob(s, suffixes)
+        elif any(ch in s for ch in "*?["): hits = [Path(h) for h in sorted(_glob.glob(s, recursive=True))]
         elif Path(s).is_dir(): hits = sorted(f for f in Path(s).iterdir() if f.is_file() and (not suffixes or f.suffix in suffixes))
         else: hits = [Path(s)] if Path(s).is_file() else []
         if not hits: raise FileNotFoundError(f"no files match {s}")
@@ -646,7 +649,7 @@ class TextCorpus(MMDataset):
     def __init__(self, paths, *, split: str = "paragraph", field: str = "text", **kwargs):
         super().__init__(**kwargs)
         if split not in ("paragraph", "line"): raise ConfigError(f"split must be 'paragraph' or 'line', got {split!r}")
-        self.files, self.split, self.field = expand_paths(paths, (".txt", ".jsonl")), split, field
+        self.files, self.split, self.field = expand_paths(paths, (".txt", ".jsonl"), self.store), split, field
         rows = []  # (file number, start, end, line)
         for k, f in enumerate(self.files):
             if f.suffix == ".jsonl":
@@ -693,8 +696,8 @@ def open_image_cell(v, column: str = "image", *, root: Path | None = None, decod
         else: raise BadRecordError("image cell has neither bytes nor path", **where)
     if v is None: raise BadRecordError(f"image column {column!r} is null", **where)
     if isinstance(v, str) and not v: raise BadRecordError(f"image column {column!r} holds an empty path", **where)
-    if isinstance(v, (str, Path)): v = Path(v) if root is None else Path(root) / v   # an absolute path stays as it is
-    if not isinstance(v, (bytes, Path)):
+    if isinstance(v, (str, Path)): v = as_location(v) if root is None else as_location(root) / v   # an absolute path stays as it is
+    if not isinstance(v, (bytes, Path, Location)):
         raise BadRecordError(f"image column {column!r} holds {type(v).__name__}, not bytes or a path", **where)
     return open_image(v, decode=decode, max_image_pixels=max_image_pixels, where=where)
 
@@ -703,6 +706,8 @@ PARQUET_ERRORS = (OSError, pa.ArrowException)  # what pyarrow raises for a damag
 
 def _open_parquet(path, verify_checksums: bool = True, **kwargs) -> pq.ParquetFile:
     "Open one Parquet shard, checking page checksums where the writer stored them: the one place shards are opened."
+    if isinstance(path, Location):  # one ranged request per column chunk (in pieces of at most 4 MiB), never the whole object
+        path, kwargs = path.open(), {**kwargs, "buffer_size": max(kwargs.get("buffer_size", 0), 1 << 22)}
     return pq.ParquetFile(path, page_checksum_verification=verify_checksums, **kwargs)
 
 def _shard_layout(path, verify_checksums: bool = True) -> tuple[list[str], list[int]]:
@@ -753,7 +758,7 @@ class ParquetImageText(MMDataset):
                  decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                  cache_row_groups: int = 1, verify_checksums: bool = True, **kwargs):
         super().__init__(**kwargs)
-        self.files = expand_paths(paths, (".parquet",))
+        self.files = expand_paths(paths, (".parquet",), self.store)
         self.image_column, self.text_column, self.decode, self.max_image_pixels = image_column, text_column, decode, max_image_pixels
         self.negatives_column, self.task_column, self.verify_checksums = negatives_column, task_column, verify_checksums
         self.cache_row_groups = max(1, int(cache_row_groups))

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from .core import BadRecordError, ConfigError, Registry, np_rng
+from .storage import Location, Store, as_location
 from .dataset import (_WS, AUTO, CAPTION_NAMES, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_NAMES, JsonlImageText, MMDataset,
                       ParquetImageText, TextCorpus, _check_path, _line_offsets, _parse_json_line, _pick, _read_line,
                       UTF8_BOM, expand_paths, group_videos, json_records, make_record, open_image, pick_column, read_record,
@@ -52,10 +53,10 @@ def expand_braces(pattern: str) -> list[str]:
     else: items = body.split(",")
     return [name for item in items for name in expand_braces(head + item + tail)]
 
-def shard_paths(paths) -> list[Path]:
-    "Tar shards from a path, a directory (its `.tar` files), a glob, a brace pattern, or a list of those."
+def shard_paths(paths, store: Store | None = None) -> list[Path | Location]:
+    "Tar shards from a path or URI, a directory or prefix (its `.tar` files), a glob, a brace pattern, or a list of those."
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    return expand_paths([p for item in items for p in expand_braces(str(item))], (".tar",))
+    return expand_paths([p for item in items for p in expand_braces(str(item))], (".tar",), store)
 
 # %% ../nbs/01b_formats.ipynb #5e1f0a0a
 INDEX_VERSION = 1
@@ -109,10 +110,11 @@ def _end_of_archive(f, at: int, file_size: int) -> str:
 
 def index_tar(path: str | Path) -> TarIndex:
     "Walk a tar shard's headers once (member data is skipped by seeking): each sample's members, offsets and sizes."
-    path = Path(path)
-    file_size = path.stat().st_size
+    path = as_location(path)
+    remote = isinstance(path, Location)   # an object: headers read through a 4 MiB buffer (one ranged request each)
+    file_size = path.store.size(path) if remote else path.stat().st_size
     keys, first, exts, offs, sizes, damage, damaged = [], [], [], [], [], "", -1
-    with open(path, "rb") as f:
+    with (path.open(1 << 22) if remote else open(path, "rb")) as f:
         try: tf = tarfile.open(fileobj=f, mode="r:")
         except tarfile.TarError as e: tf, damage = None, f"not a readable tar file ({type(e).__name__}: {e})"
         if tf is not None:
@@ -143,9 +145,14 @@ def index_tar(path: str | Path) -> TarIndex:
 # %% ../nbs/01b_formats.ipynb #5e1f0a0c
 def load_tar_index(path: str | Path, cache_dir: str | Path | None = None) -> TarIndex:
     "The member index of shard `path`: from the cache while the shard's size and mtime match, else built and cached."
-    path = Path(path).resolve()
-    st = path.stat()
-    stamp = json.dumps(dict(version=INDEX_VERSION, path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns))
+    path = as_location(path)
+    if isinstance(path, Location):                   # an object: its size and version tag (ETag) instead of an mtime
+        size, tag = path.store.version(path)
+        stamp = json.dumps(dict(version=INDEX_VERSION, path=str(path), size=size, tag=tag))
+    else:
+        path = path.resolve()
+        st = path.stat()
+        stamp = json.dumps(dict(version=INDEX_VERSION, path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns))
     cache = Path(cache_dir) if cache_dir is not None else index_cache_dir()
     cached = cache / f"{hashlib.sha1(str(path).encode()).hexdigest()[:24]}.npz"
     if cached.is_file():
@@ -176,7 +183,7 @@ class WebDatasetShards(MMDataset):
                  decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                  index_dir: str | Path | None = None, max_open_files: int = 16, **kwargs):
         super().__init__(**kwargs)
-        self.files = shard_paths(paths)
+        self.files = shard_paths(paths, self.store)
         self.decode, self.max_image_pixels, self.max_open_files = decode, max_image_pixels, max(1, int(max_open_files))
         self.indexes = [load_tar_index(f, index_dir) for f in self.files]
         self._starts = np.cumsum([0] + [len(ix) for ix in self.indexes]).tolist()
@@ -215,13 +222,20 @@ class WebDatasetShards(MMDataset):
                                                  where=f"{where} sample {ix.keys[j]!r} json")
 
     def _read(self, k: int, offset: int, size: int, where: dict) -> bytes:
-        "`size` bytes of shard `k` from `offset`: one positional read (safe in forked workers); a few shards stay open."
+        "`size` bytes of shard `k` from `offset`: one positional read (safe in forked workers) or one ranged request; a few shards stay open."
+        if isinstance(self.files[k], Location): return self._read_object(k, offset, size, where)
         f = self._handles.get(k)
         if f is None:
             while len(self._handles) >= self.max_open_files: self._handles.popitem(last=False)[1].close()
             f = self._handles[k] = open(self.files[k], "rb", buffering=0)
         else: self._handles.move_to_end(k)
         data = os.pread(f.fileno(), size, offset)
+        if len(data) != size: raise BadRecordError(f"shard ends before byte {offset + size} (changed since it was indexed?)", **where)
+        return data
+
+    def _read_object(self, k: int, offset: int, size: int, where: dict) -> bytes:
+        "`size` bytes of the object shard `k` from `offset`, by one ranged request (retried on transient faults)."
+        data = self.files[k].store.read_range(self.files[k], offset, offset + size)
         if len(data) != size: raise BadRecordError(f"shard ends before byte {offset + size} (changed since it was indexed?)", **where)
         return data
 

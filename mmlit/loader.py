@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 from .core import ConfigError, Stream, TooManyBadRecords, derive_seed, rename_keys
 from .dataset import (BadRecord, DeterministicDataset, MMDataset, Mixture, SkipReport, Skipped,
                            as_mm_dataset, split_skipped)
+from .storage import IOStats, Location, io_stats
 
 # %% auto #0
 __all__ = ['LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'rank_steps', 'ShardedBatchSampler', 'TimedTransform', 'Samples',
@@ -216,7 +217,8 @@ class SkipAwareCollate:
         done, info = time.perf_counter(), get_worker_info()
         stats = dict(worker=info.id if info else -1, samples=len(good), fetch=getattr(samples, "fetch_s", 0.0),
                      preprocess=getattr(samples, "preprocess_s", 0.0), collate=done - t,
-                     busy=done - getattr(samples, "began", t))
+                     busy=done - getattr(samples, "began", t),
+                     io=io_stats.take())                   # object-storage requests, bytes and retries since the last batch
         return Delivery(batch, bad, stats)
 
 # %% ../nbs/04_loader.ipynb #edbcd7a0
@@ -253,7 +255,8 @@ def _describe(ds, depth: int = 0) -> dict:
     out = {"type": type(ds).__name__, "len": len(ds) if hasattr(ds, "__len__") else None}
     if depth > 8: return out                                            # deeper wrappers: their type and length only
     files = getattr(ds, "files", None) or ([ds.path] if isinstance(getattr(ds, "path", None), (str, Path)) else [])
-    if files: out["files"] = [(Path(f).name, Path(f).stat().st_size) for f in files]
+    if files: out["files"] = [(f.name, f.store.size(f)) if isinstance(f, Location) else (Path(f).name, Path(f).stat().st_size)
+                              for f in files]                       # an object's size: one cached lookup per process
     hf = getattr(getattr(ds, "ds", None), "_fingerprint", None)       # an HF dataset knows its own
     if hf is not None: out["hf"] = str(hf)
     if isinstance(getattr(ds, "indices", None), np.ndarray): out["rows"] = hashlib.sha1(ds.indices.tobytes()).hexdigest()
@@ -338,7 +341,7 @@ class ResumableLoader:
             generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 0, Stream.WORKER)))
         self.epoch, self.position = 0, 0
         self.fingerprint = data_fingerprint(self.dataset)
-        self.report, self.timings = SkipReport(), LoaderTimings()
+        self.report, self.timings, self.io = SkipReport(), LoaderTimings(), IOStats()   # io: object-storage reads and retries
         for d in _wrapped(self.dataset):                  # bad records found before loading (e.g. building LM windows)
             if isinstance(getattr(d, "report", None), SkipReport): self.report.extend(d.report)
         self.max_bad_fraction, self._bad_of = _bad_limit(self.dataset)
@@ -386,6 +389,7 @@ def __iter__(self: ResumableLoader) -> Iterator:
     for k, d in enumerate(self.dataloader):
         if self.report.extend(d.bad): self._check_bad()
         self.timings.add(d.stats)
+        self.io.add(d.stats.get("io"))
         self.epoch, self.position = epoch, ends[k]
         if d.batch is not None: yield d.batch
     self.epoch, self.position = epoch + 1, 0

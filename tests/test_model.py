@@ -88,10 +88,10 @@ def test_instruction_changes_the_query_and_unknown_task_is_named(demo):
 def test_causal_lm_takes_lm_windows_and_packed_rows():
     docs = corpus_documents()[:6]
     tok = train_tokenizer(docs, vocab_size=300)
-    wins = lm_windows(docs, tok, seq_len=24)
+    wins = lm_windows(docs, tok, max_length=24)
     lm = build_causal_lm("tiny", vocab_size=len(tok)).eval()
     plain = lm(**CausalLMCollator(tok)([wins[i] for i in range(4)]))
-    packed = lm(**PackingCollator(tok, max_tokens=64)([wins[i] for i in range(4)]))
+    packed = lm(**PackingCollator(tok, max_length=64)([wins[i] for i in range(4)]))
     assert plain.num_tokens == packed.num_tokens == 4 * 24
     assert abs(plain.loss.item() - packed.loss.item()) < 1e-4      # same windows, same targets, packed or not
 
@@ -103,7 +103,7 @@ def test_causal_lm_takes_qwen2_vl_chats_and_packed_rows(demo):
     lm = CausalLM(cfg).eval()
     with torch.no_grad():
         padded = lm(**collators.build("qwen2_vl", tok)(samples))
-        packed = lm(**PackingCollator(tok, max_tokens=128)(samples))
+        packed = lm(**PackingCollator(tok, max_length=128)(samples))
     assert torch.isfinite(padded.loss) and torch.isfinite(packed.loss)
     # packing drops each sequence's first target (it would cross a boundary); the first label of a chat is -100 anyway
     assert packed.num_tokens == padded.num_tokens
