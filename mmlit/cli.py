@@ -348,7 +348,7 @@ def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]
     state = loader.state_dict()
     loader.load_state_dict({**state, "epoch": epoch, "position": k * loader.config.batch_size * state["world_size"]})
     batch = next(iter(loader))
-    norm = (data.get("preprocessor_options") or {}).get("norm", "clip")
+    norm = (data.get("preprocessor_options") or {}).get("normalize", "clip")
     return batch, p["tokenizer"], {"run_dir": str(run_dir), "step": step, "epoch": epoch, "batch_in_epoch": k,
                                    "micro_batches_per_step": accumulate, "norm": norm}
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import default_collate
 
-from .core import ConfigError, MmlitError, Registry, Stream, derive_seed, renamed_kwargs, warn_renamed
+from .core import ConfigError, MmlitError, Registry, Stream, derive_seed
 
 # %% auto #0
 __all__ = ['collators', 'SEQ_PAD_VALUES', 'CollateError', 'EmptyBatchError', 'KeyMismatchError', 'MissingKeyError',
@@ -116,7 +116,6 @@ def stack_rest(samples: Sequence[dict], keys: Sequence[str], who: str = "collato
     return out
 
 # %% ../nbs/03_collate.ipynb #d7407ad7
-@renamed_kwargs(max_len="max_length")
 @dataclass
 class Padding:
     "How to pad a batch of sequences: mode, lengths, side and what to do with long sequences."
@@ -128,7 +127,6 @@ class Padding:
     overflow: str = "raise"          # "raise" | "truncate"
 
     def __post_init__(self):
-        if self.mode == "max_len": warn_renamed("max_len", "max_length", "pad mode", stacklevel=3); self.mode = "max_length"
         if self.mode.startswith("to_"):
             if not self.mode[3:].isdigit(): raise ConfigError(f"pad mode {self.mode!r}: expected to_<int>, e.g. to_128")
             self.mode, self.pad_to_multiple_of = "batch_max", int(self.mode[3:])
@@ -175,7 +173,6 @@ def shift_positions(idx: torch.Tensor, offset: int, length: int, what: str) -> t
         raise SequenceTooLongError(f"{what}: truncating to max_length would cut image tokens (raise max_length)")
     return out
 
-@renamed_kwargs(max_len="max_length")
 class TextCollator(Collator):
     "Pad token sequences (HF `DataCollatorWithPadding` semantics), stack the rest."
     requires = ("input_ids",)

@@ -7,8 +7,6 @@ Docs: https://mmlit.github.io/mmlit/core.html.md"""
 # %% ../nbs/00_core.ipynb #58e0d291
 from __future__ import annotations
 
-import functools
-import warnings
 from enum import IntEnum, unique
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -17,8 +15,7 @@ import torch
 
 # %% auto #0
 __all__ = ['derive_seed', 'Stream', 'Rngs', 'np_rng', 'torch_rng', 'derive_rngs', 'torch_rng_from', 'MmlitError', 'ConfigError',
-           'UnknownNameError', 'BadRecordError', 'TooManyBadRecords', 'MissingExtraError', 'warn_renamed',
-           'rename_keys', 'renamed_kwargs', 'Registry']
+           'UnknownNameError', 'BadRecordError', 'TooManyBadRecords', 'MissingExtraError', 'Registry']
 
 # %% ../nbs/00_core.ipynb #dfab4841
 def _check_key(**parts: int) -> list[int]:
@@ -106,31 +103,6 @@ class MissingExtraError(MmlitError, ImportError):
     def __init__(self, package: str, extra: str, feature: str):
         super().__init__(f"{feature} needs the optional package '{package}': "
                          f"pip install 'mmlit[{extra}]'  (or: pip install {package})")
-
-# %% ../nbs/00_core.ipynb #8b55eccb
-def warn_renamed(old: str, new: str, where: str, stacklevel: int = 2):
-    "Warn (`DeprecationWarning`) that `where` got the old name `old` of `new`, pointing at the caller `stacklevel` frames up."
-    warnings.warn(f"{where}: {old!r} is renamed {new!r}; the old name will be removed", DeprecationWarning, stacklevel=stacklevel + 1)
-
-def rename_keys(d: dict, renames: dict[str, str], where: str = "") -> dict:
-    "A copy of `d` with each old key of `renames` under its new name, warning (`DeprecationWarning`) for each."
-    out = dict(d)
-    for old, new in renames.items():
-        if old not in out: continue
-        if new in out: raise ConfigError(f"{where}: got both {old!r} and its new name {new!r}; pass only {new!r}")
-        warn_renamed(old, new, where, stacklevel=3)
-        out[new] = out.pop(old)
-    return out
-
-def renamed_kwargs(**renames: str):
-    "Decorator: a function, or a class's `__init__`, also accepts each old keyword name (`old='new'`), with a `DeprecationWarning`."
-    def deco(f):
-        target = f.__init__ if isinstance(f, type) else f
-        @functools.wraps(target)
-        def _f(*args, **kw): return target(*args, **rename_keys(kw, renames, f.__qualname__))
-        if isinstance(f, type): f.__init__ = _f; return f
-        return _f
-    return deco
 
 # %% ../nbs/00_core.ipynb #1d9f9ab4
 def _redefinition(old: Any, new: Any) -> bool:

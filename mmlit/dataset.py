@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .storage import Location, Store, as_location, as_store, is_uri, open_file
 from .core import (BadRecordError, ConfigError, Registry, Stream, TooManyBadRecords,
-                        derive_seed, np_rng, renamed_kwargs)
+                        derive_seed, np_rng)
 
 # %% auto #0
 __all__ = ['logger', 'RECORD_KEYS', 'TEXT_FIELDS', 'ON_ERROR', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'ORIENTATIONS',
@@ -218,7 +218,6 @@ DEFAULT_MAX_IMAGE_PIXELS = 2**27  # ≈134 megapixels (11585²): far beyond any 
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, struct.error,
                  Image.DecompressionBombError)
 
-@renamed_kwargs(max_pixels="max_image_pixels")
 def check_image_size(img: Image.Image, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                      where: dict | None = None) -> tuple[int, int]:
     "The header's `(width, height)`; `BadRecordError` for an empty or bomb-sized image, before decoding."
@@ -329,7 +328,6 @@ def _head(fp: io.BytesIO | Path, n: int = 4) -> bytes:
     if isinstance(fp, io.BytesIO): return fp.getvalue()[:n]
     with fp.open("rb") as f: return f.read(n)
 
-@renamed_kwargs(max_pixels="max_image_pixels")
 def open_image(src: bytes | str | Path, *, decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                where: dict | None = None) -> Image.Image:
     "Open an image from bytes or a path (decoded by `load_image` if `decode`); bad input raises `BadRecordError` naming `where`."
@@ -574,7 +572,6 @@ def jsonl_fields(path: Path, obj: dict | None, line: int, text_field: str, image
     return text, image
 
 # %% ../nbs/01_dataset.ipynb #60fa4150
-@renamed_kwargs(max_pixels="max_image_pixels")
 class JsonlImageText(MMDataset):
     "Image-text pairs from a JSONL file (or one JSON array); images open lazily when a record is read."
     source = "jsonl"
@@ -685,7 +682,6 @@ import bisect
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-@renamed_kwargs(max_pixels="max_image_pixels")
 def open_image_cell(v, column: str = "image", *, root: Path | None = None, decode: bool = True,
                     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, where: dict | None = None) -> Image.Image:
     "Open a table's image cell: an HF `{bytes, path}` struct, bytes, or a path (relative to `root` when given)."
@@ -748,7 +744,6 @@ def _column_values(col: pa.ChunkedArray) -> list:
     except UnicodeDecodeError: return [_as_text(v, col.type) for v in col.cast(_as_bytes_type(col.type)).to_pylist()]
 
 # %% ../nbs/01_dataset.ipynb #ba10c47e
-@renamed_kwargs(max_pixels="max_image_pixels")
 class ParquetImageText(MMDataset):
     "Image-text pairs from Parquet shards with embedded image bytes, read by row group."
     source = "parquet"
@@ -852,7 +847,6 @@ def _undecoded(ds, column: str | None):
 
 
 # %% ../nbs/01_dataset.ipynb #82118f58
-@renamed_kwargs(max_pixels="max_image_pixels")
 class HFDataset(MMDataset):
     "An HF `datasets.Dataset` (its `Image` feature included) as mmlit records."
     source = "hf"

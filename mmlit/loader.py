@@ -24,7 +24,7 @@ import torch
 from fastcore.basics import patch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from .core import ConfigError, Stream, TooManyBadRecords, derive_seed, rename_keys
+from .core import ConfigError, Stream, TooManyBadRecords, derive_seed
 from .dataset import (BadRecord, DeterministicDataset, MMDataset, Mixture, SkipReport, Skipped,
                            as_mm_dataset, split_skipped)
 from .storage import IOStats, Location, io_stats
@@ -589,14 +589,13 @@ def load_tokenizer(spec, data_path=None, kind: str | None = None, data_options: 
 # %% ../nbs/04_loader.ipynb #9f5e57cf
 _KNOWN_KEYS = {"data", "kind", "data_options", "val_data", "val_split", "tokenizer", "preprocessor", "preprocessor_options",
                "max_length", "task", "collate_options", "loader"}
-_RENAMED_KEYS = {"collator": "collate", "collator_options": "collate_options"}   # old names, accepted with a warning for now
 _DEFAULT_COLLATORS = {"clip": ("contrastive", dict(base="multimodal")), "qwen2_vl": ("qwen2_vl", {}),
                       "molmo": ("multimodal", {}), "lm": ("causal_lm", {})}
 
 def loader_parts(config: dict | str | Path) -> dict:
     "Parse a one-liner config into data, transform, collator and `LoaderConfig` (what `build_loader` uses)."
     from mmlit.dataset import TextCorpus, open_source
-    cfg = rename_keys(_read_config(config), _RENAMED_KEYS, "loader config")
+    cfg = _read_config(config)
     loader_keys = {f.name for f in dataclasses.fields(LoaderConfig)}
     lcfg = {**{k: cfg.pop(k) for k in list(cfg) if k in loader_keys}, **(cfg.pop("loader", None) or {})}
     unknown = sorted(set(cfg) - _KNOWN_KEYS)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .core import BadRecordError, ConfigError, Registry, renamed_kwargs
+from .core import BadRecordError, ConfigError, Registry
 from .dataset import displayed_size, group_videos, locate_error
 from .formats import VIDEO_PLACEHOLDER
 from .preprocess import ImagePreprocessor, Qwen2VLPatcher, check_aspect_ratio, image_preset, load_frames, open_checked
@@ -175,7 +175,6 @@ class ChatPreprocessor(Preprocessor):
 PREPROCESSORS = Registry("preprocessor")
 
 @PREPROCESSORS.register("clip", family="dual_encoder")
-@renamed_kwargs(norm="normalize")
 def clip_preprocessor(tokenizer, train: bool = False, size: int = 224, max_length: int = 77, normalize: str = "clip",
                       uint8: bool = False, **image_options) -> DualEncoderPreprocessor:
     "CLIP-style dual encoder: `size`² images (random-resized crops when training) + eos-terminated captions."

@@ -14,14 +14,12 @@ from fastcore.basics import patch
 
 from .collate import (CollateError, Collator, ConfigError, Padding, RaggedBatchError, SEQ_PAD_VALUES,
                            collators, stack_rest, where)
-from .core import renamed_kwargs
 from .dataset import split_skipped
 
 # %% auto #0
 __all__ = ['pack_rows', 'mrope_positions', 'PackingCollator', 'PackedRows']
 
 # %% ../nbs/03a_packing.ipynb #5ed9935d
-@renamed_kwargs(budget="max_length")
 def pack_rows(lengths: Sequence[int], max_length: int, balance: bool = True) -> list[list[int]]:
     "Indices of `lengths` per row, each row's total at most `max_length` (first-fit decreasing, then evened)."
     if max_length < 1: raise ConfigError(f"max_length must be positive, got {max_length}")
@@ -58,7 +56,6 @@ def mrope_positions(mm_token_type_ids: torch.Tensor, image_grid_thw: torch.Tenso
     return torch.cat(out, 1) if out else torch.zeros(3, 0, dtype=torch.long)
 
 # %% ../nbs/03a_packing.ipynb #27965e81
-@renamed_kwargs(max_tokens="max_length")
 class PackingCollator(Collator):
     "Pack sequences into rows of at most `max_length`, with restarting positions and per-sequence masks."
     def __init__(self, tokenizer=None, *, max_length: int, pad_token_id: int | None = None,
@@ -174,7 +171,6 @@ def collate(self: PackingCollator, samples: list[dict]) -> dict:
 collators.add("packing", PackingCollator, modality="text", task="packing")
 
 # %% ../nbs/03a_packing.ipynb #dcaadffa
-@renamed_kwargs(max_tokens="max_length")
 class PackedRows(torch.utils.data.Dataset):
     "Rows planned once over `dataset`: item `i` is the list of samples packed into row `i`."
     def __init__(self, dataset, lengths: Sequence[int], max_length: int, balance: bool = True):

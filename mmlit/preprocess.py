@@ -23,7 +23,7 @@ import simplejpeg
 import torch
 from PIL import Image, ImageEnhance
 
-from .core import BadRecordError, ConfigError, MissingExtraError, Registry, renamed_kwargs
+from .core import BadRecordError, ConfigError, MissingExtraError, Registry
 
 # %% auto #0
 __all__ = ['NORMALISATIONS', 'DEFAULT_MAX_ASPECT_RATIO', 'IMAGE_PRESETS', 'IMAGE_SUFFIXES', 'Normalisation', 'get_normalisation',
@@ -275,7 +275,6 @@ def random_resized_crop(img: Image.Image, size: int | Sequence[int], rng: np.ran
     h, w = _hw(size)
     return img.resize((w, h), resample, box=(left, top, left + cw, top + ch))
 
-@renamed_kwargs(max_pixels="max_image_pixels")
 def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (0, 0, 0),
                   max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, resample: int = Image.BICUBIC) -> Image.Image:
     "`img` centred on a square canvas of its longest side, filled with `fill`; an image whose canvas would hold over `max_image_pixels` is shrunk first."
@@ -310,7 +309,6 @@ def color_jitter(img: Image.Image, rng: np.random.Generator, brightness: float =
     return img
 
 # %% ../nbs/02_preprocess.ipynb #5c661769
-@renamed_kwargs(norm="normalize")
 @dataclass
 class ImagePreprocessor:
     "Decode → fit to `size` (→ augment when `train`) → normalised float32 (or uint8) `[3, H, W]`."
@@ -379,7 +377,6 @@ IMAGE_PRESETS.add("imagenet", dict(size=224, fit="crop", normalize="imagenet"),
 IMAGE_PRESETS.add("molmo", dict(size=336, fit="pad", normalize="clip"), train=dict(flip=0.0, jitter=0.2))
 IMAGE_PRESETS.add("cifar", dict(size=32, fit="stretch", normalize="half"), train=dict(flip=0.5))
 
-@renamed_kwargs(norm="normalize")
 def image_preset(name: str = "clip", train: bool = False, **overrides) -> ImagePreprocessor:
     "An `ImagePreprocessor` from a named preset; `train` adds the preset's augmentations."
     kw = dict(IMAGE_PRESETS.get(name), train=train)
@@ -413,7 +410,6 @@ def patchify(frames: torch.Tensor, patch_size: int = 14, merge_size: int = 2,
     return x.reshape(gt * gh * gw, C * tp * p * p), (gt, gh, gw)
 
 # %% ../nbs/02_preprocess.ipynb #f70846aa
-@renamed_kwargs(norm="normalize")
 @dataclass
 class Qwen2VLPatcher:
     "Images or video frames → Qwen2-VL `pixel_values [Σ patches, 1176]` and `grid_thw`."

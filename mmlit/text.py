@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .core import BadRecordError, ConfigError, Registry, renamed_kwargs
+from .core import BadRecordError, ConfigError, Registry
 from .formats import VIDEO_PLACEHOLDER
 
 # %% auto #0
@@ -241,7 +241,6 @@ def token_stream(docs: Iterable[str], tokenizer, eos_id: int | None = None) -> t
     for doc in docs: out += token_ids(tokenizer, doc) + [int(eos_id)]
     return torch.tensor(out, dtype=torch.int64)
 
-@renamed_kwargs(seq_len="max_length")
 class LMWindows:
     "Windows of a token stream: item i is `{input_ids, attention_mask, labels, shift_labels}`, labels shifted by one."
     def __init__(self, stream: torch.Tensor | Sequence[int], max_length: int, stride: int | None = None, drop_last: bool = True):
@@ -261,7 +260,6 @@ class LMWindows:
         return {"input_ids": x[:-1], "attention_mask": torch.ones(len(x) - 1, dtype=torch.int64), "labels": x[1:],
                 "shift_labels": x[1:].clone()}   # the same targets, for HF models that shift `labels` again
 
-@renamed_kwargs(seq_len="max_length")
 def lm_windows(docs: Iterable[str], tokenizer, max_length: int, stride: int | None = None, drop_last: bool = True,
                eos_id: int | None = None) -> LMWindows:
     "Tokenize `docs` into one eos-separated stream and cut it into shifted windows."

@@ -75,15 +75,3 @@ def test_stream_check_catches_a_bare_number():
     got = [ast.unparse(a) for a in _stream_args(tree)]
     assert got == ["4", "4", "Stream.LOADER_ORDER"]
 
-
-def test_renamed_kwargs_warns_at_the_callers_line():
-    import warnings
-    from mmlit.core import renamed_kwargs
-
-    @renamed_kwargs(seq_len="max_length")
-    def windows(max_length: int): return max_length
-
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        assert windows(seq_len=4) == 4
-    assert len(w) == 1 and w[0].category is DeprecationWarning and w[0].filename == __file__
