@@ -174,7 +174,7 @@ def add_run_commands(sub) -> None:
                        description="Build the bundled demo data, split it by handwriting, train the tiny dual encoder on CPU, "
                                    "evaluate on digits written by unseen hands and print the metrics table.")
     d.add_argument("--run-dir", default="runs/demo", help="the run directory (default: runs/demo); an existing one is resumed")
-    d.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20)")
+    d.add_argument("--epochs", type=int, default=50, help="training epochs (default: 50)")
     d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar (default: on a terminal)")
     d.set_defaults(run=cmd_demo)
     t = sub.add_parser("train", help="train from a run config (YAML): data, model, optimiser, schedule, eval, checkpoints, logging",

@@ -225,7 +225,7 @@ def split_by_group(path: str | Path, column: str, fraction: float, out_dir: str 
     return train_p, val_p
 
 # %% ../nbs/80_recipe.ipynb #34fc370d
-def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = None, epochs: int = 20, seed: int = 0) -> RunConfig:
+def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = None, epochs: int = 50, seed: int = 0) -> RunConfig:
     "The `mmlit demo` run: the bundled demo data split by handwriting, the tiny dual encoder, CPU-sized."
     from mmlit.demo import ensure_demo
     paths = ensure_demo(root)
@@ -233,13 +233,13 @@ def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = Non
     return RunConfig(
         run_dir=str(run_dir), seed=seed,
         data=dict(data=str(train), val_data=str(val), preprocessor="clip",
-                  preprocessor_options=dict(size=32, uint8=True, flip=0.0, jitter=0.0, crop_scale=[0.8, 1.0]),
+                  preprocessor_options=dict(size=40, uint8=True, flip=0.0, jitter=0.0, crop_scale=[0.5, 1.0]),
                   tokenizer=dict(train=dict(vocab_size=512), save_dir=str(Path(run_dir) / "tokenizer")),
-                  max_length=32, loader=dict(batch_size=128, seed=seed, num_workers=1)),
+                  max_length=32, loader=dict(batch_size=64, seed=seed, num_workers=1)),
         model=ModelSpec("dual_encoder", "tiny", {"hard_negative_weight": 1.0}),
-        optim=OptimConfig(lr=1.5e-3, weight_decay=0.1),
+        optim=OptimConfig(lr=3e-3, weight_decay=0.1),
         schedule=ScheduleConfig(epochs=epochs, warmup_ratio=0.1),
-        eval=EvalConfig(metric="val/zeroshot_acc", mode="max", every=38, at_epoch_end=False), threads=1,
+        eval=EvalConfig(metric="val/zeroshot_acc", mode="max", every=475, at_epoch_end=False), threads=1,
         checkpoint=CheckpointConfig(keep=2), log=LogConfig(),
         zero_shot="digits", label_column="label")
 
@@ -264,7 +264,7 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/80_recipe.ipynb #36b8c628
-def run_demo(run_dir: str | Path = "runs/demo", epochs: int = 20, progress: bool | None = None) -> dict:
+def run_demo(run_dir: str | Path = "runs/demo", epochs: int = 50, progress: bool | None = None) -> dict:
     "Build the demo data, train the tiny dual encoder on CPU, evaluate on unseen handwriting; returns the summary."
     t0 = time.perf_counter()
     cfg = demo_config(run_dir, epochs=epochs)
