@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import ConfigError
-from .losses import batch_sizes, check_mrl_dims, contrastive_losses, dist_ready, draw_mrl_dim, gather_with_grad, mrl_prefix
-from .model import (BatchError, CheckpointError, DualEncoderOutput, MeanPool, load_weights, need, same_shape,
-                         save_weights, seeded_init)
+from .losses import batch_sizes, check_mrl_dims, contrastive_losses, dist_ready, gather_with_grad, mrl_prefix
+from .model import (BatchError, CheckpointError, ContrastiveModel, DualEncoderOutput, MeanPool, load_weights, need,
+                         same_shape, save_weights, seeded_init)
 
 # %% auto #0
 __all__ = ['DEFAULT_INSTRUCTIONS', 'EmbedderConfig', 'tiny_qwen2_vl_config', 'Qwen2VLEmbedder']
@@ -78,7 +78,7 @@ def tiny_qwen2_vl_config(tokenizer, hidden: int = 64, layers: int = 2) -> dict:
                 vision_start_token_id=tid(VISION_START), vision_end_token_id=tid(VISION_END))
 
 # %% ../nbs/05c_embedder.ipynb #3dadbb12
-class Qwen2VLEmbedder(nn.Module):
+class Qwen2VLEmbedder(ContrastiveModel):
     "One Qwen2-VL backbone embedding documents (image prompts) and queries (instruction + caption) into one MRL space."
     name = "Qwen2VLEmbedder"
 
@@ -97,25 +97,7 @@ class Qwen2VLEmbedder(nn.Module):
             width = self.backbone.config.text_config.hidden_size
             self.proj = nn.Linear(width, c.embed_dim, bias=False)
         self.pool = MeanPool(width)
-        self.logit_scale = nn.Parameter(torch.tensor(float(c.init_logit_scale)))
-        if c.siglip_weight:
-            self.siglip_logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-            self.siglip_logit_bias = nn.Parameter(torch.tensor(-10.0))
-        self.epoch, self.step = 0, 0
-
-    def set_step(self, epoch: int, step: int) -> None:
-        "Set the `(epoch, step)` the next forward's MRL dimension is drawn from."
-        self.epoch, self.step = int(epoch), int(step)
-
-    @property
-    def mrl_dim(self) -> int | None:
-        if self.config.mrl_mode == "sum": return None
-        return draw_mrl_dim(self.config.mrl_dims, self.config.seed, self.epoch, self.step)
-
-    @property
-    def device(self) -> torch.device: return self.logit_scale.device
-
-    def scale(self) -> torch.Tensor: return self.logit_scale.clamp(0, self.config.max_logit_scale).exp()
+        self.init_temperatures(c)
 
     def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         "Mask-aware mean, projection, L2 norm: unit-norm top-dim embeddings."

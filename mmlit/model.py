@@ -26,8 +26,8 @@ from .preprocess import get_normalisation, normalize as normalize_uint8
 # %% auto #0
 __all__ = ['POOLINGS', 'DUAL_ENCODER_PRESETS', 'BatchError', 'CheckpointError', 'need', 'same_shape', 'tower_config',
            'build_tower', 'tower_width', 'is_conv', 'tower_tokens', 'CLSPool', 'MeanPool', 'LastPool', 'AttentionPool',
-           'MultiheadAttentionPool', 'DualEncoderConfig', 'DualEncoderOutput', 'seeded_init', 'DualEncoder',
-           'check_state', 'save_weights', 'load_weights']
+           'MultiheadAttentionPool', 'DualEncoderConfig', 'DualEncoderOutput', 'seeded_init', 'ContrastiveModel',
+           'DualEncoder', 'check_state', 'save_weights', 'load_weights']
 
 # %% ../nbs/05_model.ipynb #72e44382
 class BatchError(MmlitError, ValueError):
@@ -221,26 +221,11 @@ def seeded_init(seed: int):
         torch.manual_seed(derive_seed(seed, 0, 0, Stream.MODEL_INIT))
         yield
 
-# %% ../nbs/05_model.ipynb #f9defc82
-class DualEncoder(nn.Module):
-    "Image and text towers, pooling, projection to a unit-norm top dimension, Matryoshka prefixes and contrastive losses."
-    name = "DualEncoder"
-
-    def __init__(self, config: DualEncoderConfig):
-        super().__init__()
-        if isinstance(config, dict): config = DualEncoderConfig.from_dict(config)
-        self.config = c = config
-        with seeded_init(c.seed):
-            self.vision = build_tower(c.vision, c.vision_pretrained)
-            self.text = build_tower(c.text, c.text_pretrained)
-            if c.vision_pooling == "cls" and is_conv(self.vision):
-                raise ConfigError(f"vision_pooling 'cls' needs a tower with a [CLS] token; {self.vision.config.model_type} "
-                                  "gives a feature map: use 'mean', 'attention' or 'multihead_attention'")
-            vw, tw = tower_width(self.vision), tower_width(self.text)
-            self.vision_pool = POOLINGS.build(c.vision_pooling, vw, heads=c.pool_heads, queries=c.pool_queries)
-            self.text_pool = POOLINGS.build(c.text_pooling, tw, heads=c.pool_heads, queries=c.pool_queries)
-            self.vision_proj = nn.Linear(vw, c.embed_dim, bias=False)
-            self.text_proj = nn.Linear(tw, c.embed_dim, bias=False)
+# %% ../nbs/05_model.ipynb #e1c2d3a5
+class ContrastiveModel(nn.Module):
+    "What mmlit's contrastive models share: learnable temperatures and the MRL dimension of each step."
+    def init_temperatures(self, c) -> None:
+        "CLIP's logit scale (SigLIP's scale and bias too when `c.siglip_weight`); the step starts at `(0, 0)`."
         self.logit_scale = nn.Parameter(torch.tensor(float(c.init_logit_scale)))
         if c.siglip_weight:
             self.siglip_logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
@@ -263,6 +248,28 @@ class DualEncoder(nn.Module):
     def scale(self) -> torch.Tensor:
         "`exp(logit_scale)`, the logit scale clamped to `[0, max_logit_scale]` first."
         return self.logit_scale.clamp(0, self.config.max_logit_scale).exp()
+
+# %% ../nbs/05_model.ipynb #f9defc82
+class DualEncoder(ContrastiveModel):
+    "Image and text towers, pooling, projection to a unit-norm top dimension, Matryoshka prefixes and contrastive losses."
+    name = "DualEncoder"
+
+    def __init__(self, config: DualEncoderConfig):
+        super().__init__()
+        if isinstance(config, dict): config = DualEncoderConfig.from_dict(config)
+        self.config = c = config
+        with seeded_init(c.seed):
+            self.vision = build_tower(c.vision, c.vision_pretrained)
+            self.text = build_tower(c.text, c.text_pretrained)
+            if c.vision_pooling == "cls" and is_conv(self.vision):
+                raise ConfigError(f"vision_pooling 'cls' needs a tower with a [CLS] token; {self.vision.config.model_type} "
+                                  "gives a feature map: use 'mean', 'attention' or 'multihead_attention'")
+            vw, tw = tower_width(self.vision), tower_width(self.text)
+            self.vision_pool = POOLINGS.build(c.vision_pooling, vw, heads=c.pool_heads, queries=c.pool_queries)
+            self.text_pool = POOLINGS.build(c.text_pooling, tw, heads=c.pool_heads, queries=c.pool_queries)
+            self.vision_proj = nn.Linear(vw, c.embed_dim, bias=False)
+            self.text_proj = nn.Linear(tw, c.embed_dim, bias=False)
+        self.init_temperatures(c)
 
 # %% ../nbs/05_model.ipynb #c7836af8
 def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
