@@ -48,9 +48,10 @@ def qwen_sample(tok, grids, text: str, merge: int = 2, seed: int = 0) -> dict:
 
 
 def tiny_qwen2_vl(tok, attn: str = "eager"):
-    "A randomly initialised 2-layer Qwen2-VL whose image token is the tokenizer's <|image_pad|>."
+    "A randomly initialised 2-layer Qwen2-VL whose image (and, if it has one, video) token is the tokenizer's."
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    video = tok.get_vocab().get("<|video_pad|>", tok.unk_token_id)
     cfg = Qwen2VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
@@ -58,7 +59,7 @@ def tiny_qwen2_vl(tok, attn: str = "eager"):
                          rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])),
         vision_config=dict(depth=1, embed_dim=32, num_heads=2, hidden_size=32, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=tok.unk_token_id,
+        image_token_id=ids["<|image_pad|>"], video_token_id=video,
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     cfg._attn_implementation = attn
     torch.manual_seed(0)

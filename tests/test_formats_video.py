@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from collate_helpers import corpus
+from collate_helpers import corpus, tiny_qwen2_vl
 from mmlit.collate import MultimodalCollator, Qwen2VLCollator
 from mmlit.core import np_rng
 from mmlit.dataset import DeterministicDataset, JsonlImageText
@@ -168,24 +168,6 @@ def test_qwen2_vl_video_matches_transformers_video_processor():
         got = ours.video(frames)
         assert torch.equal(got["video_grid_thw"], ref["video_grid_thw"])
         assert (got["pixel_values_videos"] - ref["pixel_values_videos"]).abs().max() < 1e-5
-
-
-def tiny_qwen2_vl(tok):
-    "A randomly initialised 2-layer Qwen2-VL whose image and video tokens are the tokenizer's."
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-    cfg = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])),
-        vision_config=dict(depth=1, embed_dim=32, num_heads=2, hidden_size=32, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    return Qwen2VLForConditionalGeneration(cfg).eval()
 
 
 def test_video_and_image_records_share_a_batch(videos, tok):
