@@ -7,7 +7,6 @@ Docs: https://mmlit.github.io/mmlit/causal_lm.html.md"""
 # %% ../nbs/05d_causal_lm.ipynb #5305cad2
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import ConfigError, Registry
-from .model import BatchError, CheckpointError, load_weights, need, same_shape, save_weights, seeded_init
+from .model import BatchError, load_pretrained_dir, need, same_shape, save_pretrained_dir, seeded_init
 
 # %% auto #0
 __all__ = ['LM_PRESETS', 'causal_lm_config', 'CausalLMOutput', 'CausalLM', 'build_causal_lm']
@@ -93,20 +92,13 @@ class CausalLM(nn.Module):
         return out
 
     def save_pretrained(self, save_dir) -> Path:
-        "Write `config.json` and `model.safetensors`."
-        d = Path(save_dir); d.mkdir(parents=True, exist_ok=True)
-        (d / "config.json").write_text(json.dumps({"model": self.name, "seed": self.seed, "lm": self.model.config.to_dict()}, indent=1))
-        save_weights(self, d / "model.safetensors")
-        return d
+        "Write `config.json` (the seed and the full `transformers` config) and `model.safetensors`."
+        return save_pretrained_dir(self, save_dir, {"seed": self.seed, "lm": self.model.config.to_dict()})
 
     @classmethod
     def from_pretrained(cls, save_dir) -> "CausalLM":
         "A model saved by `save_pretrained`."
-        d = Path(save_dir)
-        if not (d / "config.json").is_file(): raise CheckpointError(f"{d}: no config.json (not a save_pretrained directory)")
-        cfg = json.loads((d / "config.json").read_text())
-        if cfg.get("model") != cls.name: raise CheckpointError(f"{d}: config.json is not a {cls.name}")
-        return load_weights(cls(cfg["lm"], seed=cfg.get("seed", 0)), d / "model.safetensors")
+        return load_pretrained_dir(save_dir, cls, lambda cfg: cls(cfg["lm"], seed=cfg.get("seed", 0)))
 
 def build_causal_lm(preset: str | dict = "tiny", vocab_size: int | None = None, seed: int = 0, **overrides) -> CausalLM:
     "A randomly initialised causal LM from a preset or config dict."

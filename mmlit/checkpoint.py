@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .core import ConfigError, MmlitError
+from .core import CheckpointError, ConfigError
 
 # %% auto #0
 __all__ = ['MANIFEST', 'WEIGHTS', 'STATE', 'WRITE_DELAY_ENV', 'logger', 'fsync_dir', 'atomic_write_bytes', 'atomic_write_text',
-           'sha256_file', 'rng_state', 'set_rng_state', 'CheckpointError', 'write_checkpoint', 'read_manifest',
-           'load_checkpoint', 'step_dir_name', 'CheckpointManager']
+           'sha256_file', 'rng_state', 'set_rng_state', 'write_checkpoint', 'read_manifest', 'load_checkpoint',
+           'step_dir_name', 'CheckpointManager', 'CheckpointError']
 
 # %% ../nbs/06a_checkpoint.ipynb #1a0619bd
 def fsync_dir(path: str | Path):
@@ -71,8 +71,7 @@ def set_rng_state(state: dict):
     if state["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
 
 # %% ../nbs/06a_checkpoint.ipynb #922aa3bb
-class CheckpointError(MmlitError, RuntimeError):
-    "A checkpoint that is incomplete, damaged, or belongs to another run."
+_all_ = ["CheckpointError"]   # defined in mmlit.core, shared with mmlit.model
 
 MANIFEST, WEIGHTS, STATE = "manifest.json", "model.safetensors", "state.pt"
 WRITE_DELAY_ENV = "MMLIT_CHECKPOINT_WRITE_DELAY"   # seconds to pause mid-write: lets tests kill a process inside a write

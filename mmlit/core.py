@@ -15,7 +15,8 @@ import torch
 
 # %% auto #0
 __all__ = ['derive_seed', 'Stream', 'Rngs', 'np_rng', 'torch_rng', 'derive_rngs', 'torch_rng_from', 'MmlitError', 'ConfigError',
-           'UnknownNameError', 'BadRecordError', 'TooManyBadRecords', 'MissingExtraError', 'Registry']
+           'CheckpointError', 'UnknownNameError', 'BadRecordError', 'TooManyBadRecords', 'MissingExtraError',
+           'Registry']
 
 # %% ../nbs/00_core.ipynb #dfab4841
 def _check_key(**parts: int) -> list[int]:
@@ -80,6 +81,9 @@ class MmlitError(Exception):
 
 class ConfigError(MmlitError, ValueError):
     "A configuration value is missing, of the wrong type or out of range."
+
+class CheckpointError(MmlitError, ValueError, RuntimeError):
+    "Saved weights or a training checkpoint that cannot be loaded: missing, damaged, not fitting the model, or another run's."
 
 class UnknownNameError(MmlitError, KeyError):
     "A name that a registry does not hold."

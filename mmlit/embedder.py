@@ -7,7 +7,7 @@ Docs: https://mmlit.github.io/mmlit/embedder.html.md"""
 # %% ../nbs/05c_embedder.ipynb #0039fe3b
 from __future__ import annotations
 
-import dataclasses, json, math
+import dataclasses, math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,8 @@ from torch import nn
 
 from .core import ConfigError
 from .losses import batch_sizes, check_mrl_dims, contrastive_losses, dist_ready, gather_with_grad, mrl_prefix
-from .model import (BatchError, CheckpointError, ContrastiveModel, DualEncoderOutput, MeanPool, load_weights, need,
-                         same_shape, save_weights, seeded_init)
+from .model import (BatchError, ContrastiveModel, DualEncoderOutput, MeanPool, load_pretrained_dir, need, same_shape,
+                         save_pretrained_dir, seeded_init)
 
 # %% auto #0
 __all__ = ['DEFAULT_INSTRUCTIONS', 'EmbedderConfig', 'tiny_qwen2_vl_config', 'Qwen2VLEmbedder']
@@ -182,21 +182,17 @@ def _forward(self, input_ids=None, attention_mask=None, labels=None, pixel_value
     for k, v in losses.items(): setattr(out, k, v)
     return out
 
+Qwen2VLEmbedder.forward = _forward
+
+# %% ../nbs/05c_embedder.ipynb #dcf2d050
 def _save_pretrained(self, save_dir) -> Path:
-    "Write `config.json` and `model.safetensors`."
-    d = Path(save_dir); d.mkdir(parents=True, exist_ok=True)
+    "Write `config.json` (with the backbone's full config) and `model.safetensors`."
     cfg = self.config.to_dict(); cfg.update(backbone=self.backbone.config.to_dict(), backbone_pretrained=None)
-    (d / "config.json").write_text(json.dumps({"model": type(self).__name__, **cfg}, indent=1))
-    save_weights(self, d / "model.safetensors")
-    return d
+    return save_pretrained_dir(self, save_dir, cfg)
 
 @classmethod
 def _from_pretrained(cls, save_dir) -> "Qwen2VLEmbedder":
     "A model saved by `save_pretrained`."
-    d = Path(save_dir)
-    if not (d / "config.json").is_file(): raise CheckpointError(f"{d}: no config.json (not a save_pretrained directory)")
-    cfg = json.loads((d / "config.json").read_text())
-    if cfg.pop("model", cls.__name__) != cls.__name__: raise CheckpointError(f"{d}: config.json is not a {cls.__name__}")
-    return load_weights(cls(EmbedderConfig.from_dict(cfg)), d / "model.safetensors")
+    return load_pretrained_dir(save_dir, cls, lambda cfg: cls(EmbedderConfig.from_dict(cfg)))
 
-Qwen2VLEmbedder.forward, Qwen2VLEmbedder.save_pretrained, Qwen2VLEmbedder.from_pretrained = _forward, _save_pretrained, _from_pretrained
+Qwen2VLEmbedder.save_pretrained, Qwen2VLEmbedder.from_pretrained = _save_pretrained, _from_pretrained

@@ -11,30 +11,29 @@ import dataclasses, inspect, json, math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .core import ConfigError, MmlitError, Registry, Stream, derive_seed
+from .core import CheckpointError, ConfigError, MmlitError, Registry, Stream, derive_seed
 from .losses import (batch_sizes, check_mrl_dims, contrastive_losses, dist_ready, draw_mrl_dim,
                           gather_with_grad, mrl_prefix)
 from .preprocess import get_normalisation, normalize as normalize_uint8
 
 # %% auto #0
-__all__ = ['POOLINGS', 'DUAL_ENCODER_PRESETS', 'BatchError', 'CheckpointError', 'need', 'same_shape', 'tower_config',
-           'build_tower', 'tower_width', 'is_conv', 'tower_tokens', 'CLSPool', 'MeanPool', 'LastPool', 'AttentionPool',
-           'MultiheadAttentionPool', 'DualEncoderConfig', 'DualEncoderOutput', 'seeded_init', 'ContrastiveModel',
-           'DualEncoder', 'check_state', 'save_weights', 'load_weights']
+__all__ = ['POOLINGS', 'DUAL_ENCODER_PRESETS', 'BatchError', 'need', 'same_shape', 'tower_config', 'build_tower', 'tower_width',
+           'is_conv', 'tower_tokens', 'CLSPool', 'MeanPool', 'LastPool', 'AttentionPool', 'MultiheadAttentionPool',
+           'DualEncoderConfig', 'DualEncoderOutput', 'seeded_init', 'ContrastiveModel', 'DualEncoder', 'check_state',
+           'save_weights', 'load_weights', 'save_pretrained_dir', 'load_pretrained_dir', 'CheckpointError']
 
 # %% ../nbs/05_model.ipynb #72e44382
 class BatchError(MmlitError, ValueError):
     "A batch a model cannot take: a missing key or a mismatched shape; the message names the key."
 
-class CheckpointError(MmlitError, ValueError):
-    "Saved weights that do not fit the model: missing, unexpected or mis-shaped keys, named."
+_all_ = ["CheckpointError"]   # defined in mmlit.core, shared with mmlit.checkpoint
 
 def need(key: str, value, ndim: int | tuple[int, ...], who: str) -> torch.Tensor:
     "`value` as a tensor with `ndim` dims, or a `BatchError` naming `key`."
@@ -406,22 +405,32 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     model.load_state_dict(state)
     return model
 
-def _save_pretrained(self, save_dir: str | Path) -> Path:
-    "Write `config.json` and `model.safetensors` to `save_dir`."
+def save_pretrained_dir(model: nn.Module, save_dir: str | Path, config: dict) -> Path:
+    "Write `config.json` (`{\"model\": the model's class name, **config}`) and `model.safetensors` to `save_dir`."
     d = Path(save_dir); d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"model": type(model).__name__, **config}, indent=1))
+    save_weights(model, d / "model.safetensors")
+    return d
+
+def load_pretrained_dir(save_dir: str | Path, cls: type, build: Callable[[dict], nn.Module] | None = None) -> nn.Module:
+    "The `cls` model saved in `save_dir` by `save_pretrained_dir`: `build(config)` (default `cls(config)`), its weights loaded."
+    d = Path(save_dir)
+    if not (d / "config.json").is_file(): raise CheckpointError(f"{d}: no config.json (not a save_pretrained directory)")
+    cfg = json.loads((d / "config.json").read_text())
+    if (saved := cfg.pop("model", None)) != cls.__name__:
+        raise CheckpointError(f"{d}: config.json is not a {cls.__name__} (it names {saved!r})")
+    return load_weights((build or cls)(cfg), d / "model.safetensors")
+
+# %% ../nbs/05_model.ipynb #9c03fdfc
+def _save_pretrained(self, save_dir: str | Path) -> Path:
+    "Write `config.json` (each tower's full config: loading needs no pretrained directory) and `model.safetensors`."
     cfg = self.config.to_dict()
     cfg.update(vision=self.vision.config.to_dict(), text=self.text.config.to_dict(), vision_pretrained=None, text_pretrained=None)
-    (d / "config.json").write_text(json.dumps({"model": type(self).__name__, **cfg}, indent=1))
-    save_weights(self, d / "model.safetensors")
-    return d
+    return save_pretrained_dir(self, save_dir, cfg)
 
 @classmethod
 def _from_pretrained(cls, save_dir: str | Path) -> "DualEncoder":
     "A model saved by `save_pretrained`."
-    d = Path(save_dir)
-    if not (d / "config.json").is_file(): raise CheckpointError(f"{d}: no config.json (not a save_pretrained directory)")
-    cfg = json.loads((d / "config.json").read_text())
-    if cfg.pop("model", cls.__name__) != cls.__name__: raise CheckpointError(f"{d}: config.json is not a {cls.__name__}")
-    return load_weights(cls(DualEncoderConfig.from_dict(cfg)), d / "model.safetensors")
+    return load_pretrained_dir(save_dir, cls, lambda cfg: cls(DualEncoderConfig.from_dict(cfg)))
 
 DualEncoder.save_pretrained, DualEncoder.from_pretrained = _save_pretrained, _from_pretrained

@@ -179,6 +179,18 @@ def test_checkpoint_errors_name_the_key(demo, tmp_path):
         load_weights(model, tmp_path / "broken.safetensors")
     with pytest.raises(CheckpointError, match="no config.json"):
         DualEncoder.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match=r"config.json is not a CausalLM \(it names 'DualEncoder'\)"):
+        CausalLM.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors: no such weights file"):
+        DualEncoder.from_pretrained(tmp_path)
+
+
+def test_one_checkpoint_error():
+    "Weights that do not fit and a torn training checkpoint raise the same class, a ValueError and a RuntimeError."
+    from mmlit import checkpoint, core
+    assert CheckpointError is checkpoint.CheckpointError is core.CheckpointError
+    assert issubclass(CheckpointError, ValueError) and issubclass(CheckpointError, RuntimeError)
 
 
 # --- bad input ----------------------------------------------------------------------------------------------------
