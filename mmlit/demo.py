@@ -87,9 +87,9 @@ def demo_row(i: int, seed: int = 0, image_size: int = 64) -> dict:
     other_digit = int((attrs["digit"] + rng.integers(1, 10)) % 10)
     others = [c for c in COLOURS if c != attrs["colour"]]
     other_colour = str(others[rng.integers(len(others))])
-    negatives = [caption_for(template, **{**attrs, "digit": other_digit}),
-                 caption_for(template, **{**attrs, "colour": other_colour}),
-                 caption_for(template, **{**attrs, "digit": other_digit, "colour": other_colour})]
+    negatives = [caption_for(template, **{**attrs, "digit": d}) for d in range(10) if d != attrs["digit"]]
+    negatives += [caption_for(template, **{**attrs, "colour": other_colour}),
+                  caption_for(template, **{**attrs, "digit": other_digit, "colour": other_colour})]
     image = render_digit(digits[src], COLOURS[attrs["colour"]], BACKGROUNDS[attrs["background"]], image_size, box)
     return dict(image=image, caption=caption_for(template, **attrs), negatives=negatives, task="caption",
                 label=attrs["digit"], digit_index=src, box=list(box), **{k: attrs[k] for k in
@@ -183,7 +183,7 @@ def build_demo_corpus(path: str | Path, jsonl: str | Path | None = None) -> Path
     return path
 
 # %% ../nbs/01a_demo.ipynb #fc7ac00b
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
 def demo_dir() -> Path:
     "The demo cache directory: `$MMLIT_CACHE/demo`, else `$XDG_CACHE_HOME/mmlit/demo`, else `~/.cache/mmlit/demo`."

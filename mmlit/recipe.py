@@ -233,7 +233,7 @@ def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = Non
     return RunConfig(
         run_dir=str(run_dir), seed=seed,
         data=dict(data=str(train), val_data=str(val), preprocessor="clip",
-                  preprocessor_options=dict(size=40, uint8=True, flip=0.0, jitter=0.0, crop_scale=[0.5, 1.0]),
+                  preprocessor_options=dict(size=48, uint8=True, flip=0.0, jitter=0.0, crop_scale=[0.5, 1.0]),
                   tokenizer=dict(train=dict(vocab_size=512), save_dir=str(Path(run_dir) / "tokenizer")),
                   max_length=32, loader=dict(batch_size=64, seed=seed, num_workers=1)),
         model=ModelSpec("dual_encoder", "tiny", {"hard_negative_weight": 1.0}),

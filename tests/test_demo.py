@@ -33,7 +33,7 @@ def test_demo_sources_read_by_mmlit_dataset(tmp_path):
     labels = pq.read_table(d["parquet"][0], columns=["label"])["label"].to_pylist()
     for i in (0, 1, 149):
         rec = ds.get(i)
-        assert rec["image"].size == (64, 64) and rec["task"] == "caption" and len(rec["negatives"]) == 3
+        assert rec["image"].size == (64, 64) and rec["task"] == "caption" and len(rec["negatives"]) == 11
         assert str(labels[i]) in rec["text"] or DIGIT_WORDS[labels[i]] in rec["text"]
     assert len(JsonlImageText(d["jsonl"])) == 16
     assert len(TextCorpus(d["corpus"])) == len(TextCorpus(d["corpus_jsonl"])) > 50
