@@ -23,8 +23,8 @@ from .train import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, Schedu
 
 # %% auto #0
 __all__ = ['ModelSpec', 'RunConfig', 'check_data_paths', 'model_config', 'build_model', 'resolve_run_config',
-           'labels_in_gather_order', 'Run', 'build_run', 'eval_embeddings', 'finish_run', 'split_by_group',
-           'demo_config', 'format_summary', 'run_demo']
+           'labels_in_gather_order', 'padding_in_gather_order', 'Run', 'build_run', 'eval_embeddings', 'finish_run',
+           'split_by_group', 'demo_config', 'format_summary', 'run_demo']
 
 # %% ../nbs/80_recipe.ipynb #feeda6a9
 @dataclass
@@ -103,13 +103,25 @@ def _val_labels(cfg: RunConfig) -> np.ndarray | None:
     try: return np.concatenate([pq.read_table(f, columns=[cfg.label_column])[cfg.label_column].to_numpy() for f in files])
     except KeyError: raise ConfigError(f"label_column: {files[0]} has no column {cfg.label_column!r}") from None
 
+def _gather_steps(loader):
+    from mmlit.loader import rank_steps
+    c, w = loader.config, loader.world_size
+    return [(r, s) for r in range(w) for s in rank_steps(loader.n, c.batch_size, shuffle=False, rank=r, world_size=w, drop_last=c.drop_last)]
+
 def labels_in_gather_order(labels: np.ndarray | None, loader) -> np.ndarray | None:
     "`labels` (dataset order) in the order a DDP evaluation gathers embeddings: each rank's shard, rank after rank."
     if labels is None or getattr(loader, "world_size", 1) == 1: return labels
-    from mmlit.loader import rank_steps
-    c = loader.config
-    return np.concatenate([labels[s.indices] for r in range(loader.world_size) for s in rank_steps(
-        loader.n, c.batch_size, shuffle=False, rank=r, world_size=loader.world_size, drop_last=c.drop_last)])
+    return np.concatenate([labels[s.indices] for _, s in _gather_steps(loader)])
+
+def padding_in_gather_order(loader) -> np.ndarray | None:
+    "`True` where a DDP evaluation's gathered pair repeats one to pad the last step (same order as `labels_in_gather_order`); `None` in one process."
+    if getattr(loader, "world_size", 1) == 1: return None
+    gb, w, out = loader.config.batch_size * loader.world_size, loader.world_size, []
+    for r, s in _gather_steps(loader):
+        b = len(s.indices)
+        real = s.end - (s.step // w) * gb - r * b             # this rank's pairs before the epoch's end
+        out.append(np.arange(b) >= real)
+    return np.concatenate(out)
 
 # %% ../nbs/80_recipe.ipynb #131ff6b5
 @dataclass
@@ -154,9 +166,10 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
         if prompts is not None and labels is None: raise ConfigError("zero_shot: needs label_column (the digit of each validation row)")
     val = dm.val_dataloader() or None                          # None: no validation data
     gathered = labels_in_gather_order(labels, val) if val is not None else None
+    padding = padding_in_gather_order(val) if val is not None else None
     if cfg.model.kind == "dual_encoder":
-        evaluate = lambda m, loader: evaluate_pairs(m, loader, class_prompts=prompts, tokenizer=parts["tokenizer"],
-                                                    labels=gathered, max_batches=cfg.eval.max_batches)
+        evaluate = lambda m, loader: evaluate_pairs(m, loader, class_prompts=prompts, tokenizer=parts["tokenizer"], labels=gathered,
+                                                    keep=None if padding is None else ~padding, max_batches=cfg.eval.max_batches)
     else:
         def evaluate(m, loader):
             r = evaluate_loss(m, loader, max_batches=cfg.eval.max_batches)
@@ -170,12 +183,16 @@ def eval_embeddings(run: Run, max_pairs: int = 512) -> dict[str, np.ndarray]:
     "`image`, `text` [N, D] float32 unit-norm, `label` [N] (-1: none), `caption` [N] of the first validation pairs."
     model, loader = run.model, run.trainer.val_loader
     if loader is None: return {}
-    if hasattr(loader, "set_epoch"): loader.load_state_dict(run.trainer._val_state)
+    if getattr(loader, "world_size", 1) > 1:                   # a DDP rank's loader holds its shard: read them all, in order
+        from mmlit.loader import make_loader
+        loader = make_loader(run.data.val_data, loader.config, transform=run.data.val_transform, collate=run.data.collate,
+                             rank=0, world_size=1)
+    elif hasattr(loader, "set_epoch"): loader.load_state_dict(run.trainer._val_state)
     was = model.training; model.eval()
     img, txt, cap = [], [], []
     try:
-        for batch in loader:
-            out = model(**{k: v.to(run.trainer.device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        for batch in loader:                                   # no loss: it would gather from ranks that are not here
+            out = model(**{k: v.to(run.trainer.device) if torch.is_tensor(v) else v for k, v in batch.items()}, return_loss=False)
             img.append(out.image_embeds.float().cpu()); txt.append(out.text_embeds.float().cpu())
             cap += run.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
             if len(cap) >= max_pairs: break
