@@ -147,14 +147,18 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
     model_config(cfg.model, 256, cfg.seed)                    # a bad model section fails before any data work
     resolved = config_to_dict(cfg)
     claim_run_dir(cfg.run_dir, resolved)                       # before anything is written (e.g. a trained tokenizer)
-    rank, _ = setup_distributed()
+    rank, world = setup_distributed()
     data = dict(cfg.data)
     tok = data.get("tokenizer")
-    if isinstance(tok, dict) and tok.get("save_dir"):
-        if (Path(tok["save_dir"]) / "tokenizer.json").is_file(): data["tokenizer"] = tok["save_dir"]   # trained by this run before
-        elif rank > 0: data["tokenizer"] = {k: v for k, v in tok.items() if k != "save_dir"}      # rank 0 saves it
+    saved = Path(tok["save_dir"]) if isinstance(tok, dict) and tok.get("save_dir") else None
+    shared = saved is not None and world > 1                   # rank 0 trains and saves the tokenizer, then the others load it
+    if shared and rank > 0: torch.distributed.barrier()
+    if saved is not None and (saved / "tokenizer.json").is_file(): data["tokenizer"] = str(saved)   # trained by this run before
+    elif shared and rank > 0: data["tokenizer"] = {k: v for k, v in tok.items() if k != "save_dir"}   # another node's disk: train it here
     try: parts = loader_parts(data)
     except ConfigError as e: raise ConfigError(f"data: {e}") from None
+    finally:
+        if shared and rank == 0: torch.distributed.barrier()   # also after an error: the others never wait forever
     collate = resolve_collate(parts["collate"], **parts["collate_options"])
     dm = LoaderDataModule(parts["data"], parts["val_data"], val_split=parts["val_split"], config=parts["loader_config"],
                           transform=parts["transform"], val_transform=parts.get("val_transform"), collate=collate)
