@@ -103,21 +103,22 @@ def _val_labels(cfg: RunConfig) -> np.ndarray | None:
     try: return np.concatenate([pq.read_table(f, columns=[cfg.label_column])[cfg.label_column].to_numpy() for f in files])
     except KeyError: raise ConfigError(f"label_column: {files[0]} has no column {cfg.label_column!r}") from None
 
-def _gather_steps(loader):
+def _gather_steps(loader, max_batches: int | None = None):
     from mmlit.loader import rank_steps
-    c, w = loader.config, loader.world_size
-    return [(r, s) for r in range(w) for s in rank_steps(loader.n, c.batch_size, shuffle=False, rank=r, world_size=w, drop_last=c.drop_last)]
+    c, w = loader.config, getattr(loader, "world_size", 1)
+    return [(r, s) for r in range(w) for s in rank_steps(loader.n, c.batch_size, shuffle=False, rank=r, world_size=w,
+                                                           drop_last=c.drop_last)[:max_batches]]
 
-def labels_in_gather_order(labels: np.ndarray | None, loader) -> np.ndarray | None:
-    "`labels` (dataset order) in the order a DDP evaluation gathers embeddings: each rank's shard, rank after rank."
-    if labels is None or getattr(loader, "world_size", 1) == 1: return labels
-    return np.concatenate([labels[s.indices] for _, s in _gather_steps(loader)])
+def labels_in_gather_order(labels: np.ndarray | None, loader, max_batches: int | None = None) -> np.ndarray | None:
+    "`labels` (dataset order) in the order an evaluation of `max_batches` batches a rank gathers embeddings: each rank's shard, rank after rank."
+    if labels is None or (getattr(loader, "world_size", 1) == 1 and max_batches is None): return labels
+    return np.concatenate([labels[s.indices] for _, s in _gather_steps(loader, max_batches)])
 
-def padding_in_gather_order(loader) -> np.ndarray | None:
+def padding_in_gather_order(loader, max_batches: int | None = None) -> np.ndarray | None:
     "`True` where a DDP evaluation's gathered pair repeats one to pad the last step (same order as `labels_in_gather_order`); `None` in one process."
     if getattr(loader, "world_size", 1) == 1: return None
     gb, w, out = loader.config.batch_size * loader.world_size, loader.world_size, []
-    for r, s in _gather_steps(loader):
+    for r, s in _gather_steps(loader, max_batches):
         b = len(s.indices)
         real = s.end - (s.step // w) * gb - r * b             # this rank's pairs before the epoch's end
         out.append(np.arange(b) >= real)
@@ -169,8 +170,8 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
         prompts = [ps[::10] for ps in digit_prompts()] if cfg.zero_shot == "digits" else None   # 36 prompts a digit
         if prompts is not None and labels is None: raise ConfigError("zero_shot: needs label_column (the digit of each validation row)")
     val = dm.val_dataloader() or None                          # None: no validation data
-    gathered = labels_in_gather_order(labels, val) if val is not None else None
-    padding = padding_in_gather_order(val) if val is not None else None
+    gathered = labels_in_gather_order(labels, val, cfg.eval.max_batches) if val is not None else None
+    padding = padding_in_gather_order(val, cfg.eval.max_batches) if val is not None else None
     if cfg.model.kind == "dual_encoder":
         evaluate = lambda m, loader: evaluate_pairs(m, loader, class_prompts=prompts, tokenizer=parts["tokenizer"], labels=gathered,
                                                     keep=None if padding is None else ~padding, max_batches=cfg.eval.max_batches)

@@ -175,3 +175,11 @@ def test_ddp_run_evaluates_as_one_process(tmp_path, odd_pairs):
     np.testing.assert_array_equal(ddp["label"], one["label"]); np.testing.assert_array_equal(ddp["caption"], one["caption"])
     np.testing.assert_allclose(ddp["image"], one["image"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ddp["text"], one["text"], rtol=1e-5, atol=1e-6)
+
+
+def test_eval_max_batches_scores_the_labels_of_those_batches(tmp_path, pairs):
+    "`eval.max_batches` with `label_column`: the labels of the batches evaluated, not the whole column."
+    cfg = _config(tmp_path / "run", pairs)
+    cfg["schedule"], cfg["eval"] = {"max_steps": 1}, {"metric": "val/zeroshot_acc", "mode": "max", "max_batches": 1}
+    r = build_run(cfg).fit()
+    assert 0 <= r.last_eval["val/zeroshot_acc"] <= 1 and "val/i2t_r1_label" in r.last_eval
