@@ -92,15 +92,19 @@ def zero_shot_accuracy(image_embeds: torch.Tensor, labels: torch.Tensor, classif
     pred = (mrl_prefix(image_embeds, d) @ classifier.T).argmax(1)
     return float((pred == labels).double().mean())
 
-def hard_negative_hits(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor,
-                       negative_mask: torch.Tensor) -> tuple[int, int]:
-    "`(hits, images)`: images with ≥ 1 negative, and those whose caption outscores each of them."
+def _hard_negative_rows(image, text, negatives, negative_mask) -> torch.Tensor:
+    "`[B, 2]` bool: per image, its caption outscores each of its negatives; it has ≥ 1 negative."
     pos = (image * text).sum(-1)                                     # [B]
     neg = torch.einsum("bd,bkd->bk", image, negatives)
     m = negative_mask.bool().to(neg.device)
     has = m.any(1)
-    win = ((neg < pos[:, None]) | ~m).all(1) & has
-    return int(win.sum()), int(has.sum())
+    return torch.stack([((neg < pos[:, None]) | ~m).all(1) & has, has], 1)
+
+def hard_negative_hits(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor,
+                       negative_mask: torch.Tensor) -> tuple[int, int]:
+    "`(hits, images)`: images with ≥ 1 negative, and those whose caption outscores each of them."
+    win, has = _hard_negative_rows(image, text, negatives, negative_mask).sum(0).tolist()
+    return int(win), int(has)
 
 # %% ../nbs/05b_metrics.ipynb #f2786bd6
 def _add_recalls(out: dict, prefix_suffix: tuple[str, str], q, c, ql, cl, ks, chunk) -> None:
@@ -111,12 +115,13 @@ def _add_recalls(out: dict, prefix_suffix: tuple[str, str], q, c, ql, cl, ks, ch
 @torch.no_grad()
 def evaluate(model, loader: Iterable[dict], *, dims: Sequence[int] | None = None, labels_key: str = "label",
              class_prompts: Sequence[Sequence[str]] | None = None, tokenizer=None, labels: Sequence[int] | None = None,
-             ks: Sequence[int] = (1, 5, 10), chunk: int = 1024, max_batches: int | None = None) -> dict[str, float]:
-    "Losses, retrieval recall at every MRL dim, zero-shot and hard-negative accuracy over `loader`."
+             ks: Sequence[int] = (1, 5, 10), chunk: int = 1024, max_batches: int | None = None,
+             keep: Sequence[bool] | None = None) -> dict[str, float]:
+    "Losses, retrieval recall at every MRL dim, zero-shot and hard-negative accuracy over `loader` (the gathered pairs `keep` marks)."
     was_training = model.training
     model.eval()
     try:
-        sums, n, imgs, txts, caps, labs, hn = defaultdict(float), 0, [], [], [], [], [0, 0]
+        sums, n, imgs, txts, caps, labs, hns = defaultdict(float), 0, [], [], [], [], []
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches: break
             out = model(**batch)
@@ -130,20 +135,27 @@ def evaluate(model, loader: Iterable[dict], *, dims: Sequence[int] | None = None
             caps.append(caption_keys(batch["input_ids"], m))
             if labels_key in batch: labs.append(torch.as_tensor(batch[labels_key]).view(-1))
             if getattr(out, "negative_embeds", None) is not None:
-                h, c = hard_negative_hits(out.image_embeds, out.text_embeds, out.negative_embeds, out.negative_mask)
-                hn[0] += h; hn[1] += c
+                hns.append(_hard_negative_rows(out.image_embeds, out.text_embeds, out.negative_embeds, out.negative_mask))
+            else: hns.append(torch.zeros(b, 2, dtype=torch.bool, device=out.image_embeds.device))
         if n == 0: raise ConfigError("evaluate: the loader gave no batch")
         img, txt, cap = torch.cat(imgs), torch.cat(txts), torch.cat(caps).to(imgs[0].device)
         lab = torch.cat(labs).to(img.device) if labs and len(labs) == len(imgs) else None
-        if labels is not None and lab is None: lab = torch.as_tensor(labels, device=img.device)
-        stats = torch.tensor([n, hn[0], hn[1], *sums.values()], dtype=torch.float64, device=img.device)
+        hn = torch.cat(hns).to(img.device)
+        stats = torch.tensor([n, *sums.values()], dtype=torch.float64, device=img.device)
         if dist_ready():
             dist.all_reduce(stats)
-            img, txt, cap = gather_no_grad(img), gather_no_grad(txt), gather_no_grad(cap)
+            img, txt, cap, hn = gather_no_grad(img), gather_no_grad(txt), gather_no_grad(cap), gather_no_grad(hn.to(torch.uint8)).bool()
             if lab is not None: lab = gather_no_grad(lab)
+        if labels is not None and lab is None: lab = torch.as_tensor(labels, device=img.device)   # every rank's, in gather order
         n_all = float(stats[0])
-        res = {k: float(v) / n_all for k, v in zip(sums, stats[3:].tolist())}
+        res = {k: float(v) / n_all for k, v in zip(sums, stats[1:].tolist())}   # losses: means over the batches as given
         if lab is not None and len(lab) != len(img): raise ConfigError(f"evaluate: {len(lab)} labels for {len(img)} pairs")
+        if keep is not None:                                   # e.g. without the pairs a DDP loader repeats to pad its last step
+            keep = torch.as_tensor(keep, dtype=torch.bool, device=img.device)
+            if len(keep) != len(img): raise ConfigError(f"evaluate: keep has {len(keep)} entries for {len(img)} pairs")
+            img, txt, cap, hn = img[keep], txt[keep], cap[keep], hn[keep]
+            if lab is not None: lab = lab[keep]
+        hn = hn.sum(0).tolist()
         top = model.config.embed_dim
         for d, at in [(top, ""), *((d, f"@{d}") for d in (dims or model.config.mrl_dims))]:
             q, c = mrl_prefix(img, d), mrl_prefix(txt, d)
@@ -153,7 +165,7 @@ def evaluate(model, loader: Iterable[dict], *, dims: Sequence[int] | None = None
             if class_prompts is not None and lab is not None:
                 if tokenizer is None: raise ConfigError("evaluate: class_prompts need tokenizer=")
                 res[f"zeroshot_acc{at}"] = zero_shot_accuracy(img, lab, zero_shot_classifier(model, tokenizer, class_prompts, d))
-        if stats[2] > 0: res["hardneg_acc"] = float(stats[1] / stats[2])
+        if hn[1] > 0: res["hardneg_acc"] = hn[0] / hn[1]
         return res
     finally:
         model.train(was_training)

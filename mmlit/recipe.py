@@ -23,8 +23,8 @@ from .train import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, Schedu
 
 # %% auto #0
 __all__ = ['ModelSpec', 'RunConfig', 'check_data_paths', 'model_config', 'build_model', 'resolve_run_config',
-           'labels_in_gather_order', 'Run', 'build_run', 'eval_embeddings', 'finish_run', 'split_by_group',
-           'demo_config', 'format_summary', 'run_demo']
+           'labels_in_gather_order', 'padding_in_gather_order', 'Run', 'build_run', 'eval_embeddings', 'finish_run',
+           'split_by_group', 'demo_config', 'format_summary', 'run_demo']
 
 # %% ../nbs/80_recipe.ipynb #feeda6a9
 @dataclass
@@ -103,13 +103,26 @@ def _val_labels(cfg: RunConfig) -> np.ndarray | None:
     try: return np.concatenate([pq.read_table(f, columns=[cfg.label_column])[cfg.label_column].to_numpy() for f in files])
     except KeyError: raise ConfigError(f"label_column: {files[0]} has no column {cfg.label_column!r}") from None
 
-def labels_in_gather_order(labels: np.ndarray | None, loader) -> np.ndarray | None:
-    "`labels` (dataset order) in the order a DDP evaluation gathers embeddings: each rank's shard, rank after rank."
-    if labels is None or getattr(loader, "world_size", 1) == 1: return labels
+def _gather_steps(loader, max_batches: int | None = None):
     from mmlit.loader import rank_steps
-    c = loader.config
-    return np.concatenate([labels[s.indices] for r in range(loader.world_size) for s in rank_steps(
-        loader.n, c.batch_size, shuffle=False, rank=r, world_size=loader.world_size, drop_last=c.drop_last)])
+    c, w = loader.config, getattr(loader, "world_size", 1)
+    return [(r, s) for r in range(w) for s in rank_steps(loader.n, c.batch_size, shuffle=False, rank=r, world_size=w,
+                                                           drop_last=c.drop_last)[:max_batches]]
+
+def labels_in_gather_order(labels: np.ndarray | None, loader, max_batches: int | None = None) -> np.ndarray | None:
+    "`labels` (dataset order) in the order an evaluation of `max_batches` batches a rank gathers embeddings: each rank's shard, rank after rank."
+    if labels is None or (getattr(loader, "world_size", 1) == 1 and max_batches is None): return labels
+    return np.concatenate([labels[s.indices] for _, s in _gather_steps(loader, max_batches)])
+
+def padding_in_gather_order(loader, max_batches: int | None = None) -> np.ndarray | None:
+    "`True` where a DDP evaluation's gathered pair repeats one to pad the last step (same order as `labels_in_gather_order`); `None` in one process."
+    if getattr(loader, "world_size", 1) == 1: return None
+    gb, w, out = loader.config.batch_size * loader.world_size, loader.world_size, []
+    for r, s in _gather_steps(loader, max_batches):
+        b = len(s.indices)
+        real = s.end - (s.step // w) * gb - r * b             # this rank's pairs before the epoch's end
+        out.append(np.arange(b) >= real)
+    return np.concatenate(out)
 
 # %% ../nbs/80_recipe.ipynb #131ff6b5
 @dataclass
@@ -135,14 +148,18 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
     model_config(cfg.model, 256, cfg.seed)                    # a bad model section fails before any data work
     resolved = config_to_dict(cfg)
     claim_run_dir(cfg.run_dir, resolved)                       # before anything is written (e.g. a trained tokenizer)
-    rank, _ = setup_distributed()
+    rank, world = setup_distributed()
     data = dict(cfg.data)
     tok = data.get("tokenizer")
-    if isinstance(tok, dict) and tok.get("save_dir"):
-        if (Path(tok["save_dir"]) / "tokenizer.json").is_file(): data["tokenizer"] = tok["save_dir"]   # trained by this run before
-        elif rank > 0: data["tokenizer"] = {k: v for k, v in tok.items() if k != "save_dir"}      # rank 0 saves it
+    saved = Path(tok["save_dir"]) if isinstance(tok, dict) and tok.get("save_dir") else None
+    shared = saved is not None and world > 1                   # rank 0 trains and saves the tokenizer, then the others load it
+    if shared and rank > 0: torch.distributed.barrier()
+    if saved is not None and (saved / "tokenizer.json").is_file(): data["tokenizer"] = str(saved)   # trained by this run before
+    elif shared and rank > 0: data["tokenizer"] = {k: v for k, v in tok.items() if k != "save_dir"}   # another node's disk: train it here
     try: parts = loader_parts(data)
     except ConfigError as e: raise ConfigError(f"data: {e}") from None
+    finally:
+        if shared and rank == 0: torch.distributed.barrier()   # also after an error: the others never wait forever
     collate = resolve_collate(parts["collate"], **parts["collate_options"])
     dm = LoaderDataModule(parts["data"], parts["val_data"], val_split=parts["val_split"], config=parts["loader_config"],
                           transform=parts["transform"], val_transform=parts.get("val_transform"), collate=collate)
@@ -153,10 +170,11 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
         prompts = [ps[::10] for ps in digit_prompts()] if cfg.zero_shot == "digits" else None   # 36 prompts a digit
         if prompts is not None and labels is None: raise ConfigError("zero_shot: needs label_column (the digit of each validation row)")
     val = dm.val_dataloader() or None                          # None: no validation data
-    gathered = labels_in_gather_order(labels, val) if val is not None else None
+    gathered = labels_in_gather_order(labels, val, cfg.eval.max_batches) if val is not None else None
+    padding = padding_in_gather_order(val, cfg.eval.max_batches) if val is not None else None
     if cfg.model.kind == "dual_encoder":
-        evaluate = lambda m, loader: evaluate_pairs(m, loader, class_prompts=prompts, tokenizer=parts["tokenizer"],
-                                                    labels=gathered, max_batches=cfg.eval.max_batches)
+        evaluate = lambda m, loader: evaluate_pairs(m, loader, class_prompts=prompts, tokenizer=parts["tokenizer"], labels=gathered,
+                                                    keep=None if padding is None else ~padding, max_batches=cfg.eval.max_batches)
     else:
         def evaluate(m, loader):
             r = evaluate_loss(m, loader, max_batches=cfg.eval.max_batches)
@@ -170,12 +188,16 @@ def eval_embeddings(run: Run, max_pairs: int = 512) -> dict[str, np.ndarray]:
     "`image`, `text` [N, D] float32 unit-norm, `label` [N] (-1: none), `caption` [N] of the first validation pairs."
     model, loader = run.model, run.trainer.val_loader
     if loader is None: return {}
-    if hasattr(loader, "set_epoch"): loader.load_state_dict(run.trainer._val_state)
+    if getattr(loader, "world_size", 1) > 1:                   # a DDP rank's loader holds its shard: read them all, in order
+        from mmlit.loader import make_loader
+        loader = make_loader(run.data.val_data, loader.config, transform=run.data.val_transform, collate=run.data.collate,
+                             rank=0, world_size=1)
+    elif hasattr(loader, "set_epoch"): loader.load_state_dict(run.trainer._val_state)
     was = model.training; model.eval()
     img, txt, cap = [], [], []
     try:
-        for batch in loader:
-            out = model(**{k: v.to(run.trainer.device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        for batch in loader:                                   # no loss: it would gather from ranks that are not here
+            out = model(**{k: v.to(run.trainer.device) if torch.is_tensor(v) else v for k, v in batch.items()}, return_loss=False)
             img.append(out.image_embeds.float().cpu()); txt.append(out.text_embeds.float().cpu())
             cap += run.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
             if len(cap) >= max_pairs: break

@@ -502,9 +502,15 @@ class Trainer:
                "train/lr": lr, "train/grad_norm": grad_norm, "train/nonfinite": self.nonfinite}
         return row
 
+    def sync_buffers(self):
+        "Rank 0's buffers (BatchNorm statistics) on every rank: DDP sends them before each forward, so each rank keeps its own last update."
+        if self.world > 1:
+            for b in self.model.buffers(): torch.distributed.broadcast(b, 0)
+
     def evaluate(self) -> dict:
         "Evaluate on the validation loader (its position reset first): the model's `evaluate` hook or the mean losses."
         if self.val_loader is None: return {}
+        self.sync_buffers()
         if self._val_state is not None: self.val_loader.load_state_dict(self._val_state)
         self.model.eval()
         try:
@@ -613,6 +619,7 @@ class Trainer:
                         if end: break
                 finally:
                     if hasattr(it, "close"): it.close()
+            self.sync_buffers()                                               # every rank ends with the checkpoint's weights
         finally:
             bar.close()
             if old_handler is not None: signal.signal(signal.SIGINT, old_handler)

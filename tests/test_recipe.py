@@ -1,6 +1,7 @@
 """`mmlit.recipe` and `mmlit train`: one YAML builds and trains a whole run and writes the run directory the contract
-names; bad data paths are refused before anything is written."""
-import json, subprocess, sys
+names; bad data paths are refused before anything is written; the same run as a two-process gloo DDP job evaluates
+as one process does."""
+import json, os, subprocess, sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from mmlit.demo import build_demo_parquet
 from mmlit.recipe import RunConfig, build_run, split_by_group
 
 ROOT = Path(__file__).parent.parent
+JOB = str(Path(__file__).parent / "recipe_job.py")
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +115,71 @@ def test_ctrl_c_with_a_loader_worker_saves_and_exits(tmp_path, pairs):
     steps = [json.loads(l)["train/step"] for l in mj.read_text().splitlines()]
     ck = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
     assert ck and ck[-1].name == f"step-{steps[-1]:08d}" and steps[-1] < 500
+
+
+@pytest.fixture(scope="module")
+def odd_pairs(pairs, tmp_path_factory):
+    "`pairs` with one validation row fewer: an odd count, so a two-rank evaluation pads its last step."
+    import pyarrow.parquet as pq
+    train, val = pairs
+    table = pq.read_table(val)
+    assert len(table) % 2 == 0
+    odd = tmp_path_factory.mktemp("odd") / "val.parquet"
+    pq.write_table(table.slice(0, len(table) - 1), odd)
+    return train, odd
+
+
+def test_ddp_run_evaluates_as_one_process(tmp_path, odd_pairs):
+    """`build_run` under `torchrun --nproc_per_node 2` (gloo): both ranks finish with the same tokenizer and weights, and the
+    zero-shot accuracy, hard-negative accuracy and recalls rank 0 logs are those one process computes from the final weights."""
+    import torch
+    from mmlit.recipe import labels_in_gather_order
+    from mmlit.loader import load_tokenizer
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    cfg = _config(run_dir, odd_pairs)
+    cfg["data"]["loader"]["batch_size"] = 8
+    cfg["schedule"] = {"max_steps": 4}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", JOB,
+                        str(tmp_path / "c.yaml"), str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(r["world"], r["steps"]) for r in ranks] == [(2, 4), (2, 4)]
+    saved = load_tokenizer(str(run_dir / "tokenizer")).get_vocab()          # rank 0 trained and saved it
+    assert ranks[0]["vocab"] == saved and ranks[1]["vocab"] == saved
+    w0, w1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    logged = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if "val/zeroshot_acc" in r][-1]
+    assert logged["train/step"] == 4
+    # one process, the same config: resumes the DDP run's final checkpoint (nothing left to train) and evaluates it
+    run = build_run(cfg)
+    r = run.fit()
+    assert r.resumed_from.endswith("step-00000004") and r.steps == 4
+    assert all(torch.equal(v, w0[k]) for k, v in run.model.state_dict().items())
+    assert run.trainer.val_loader.world_size == 1
+    assert labels_in_gather_order(run.val_labels, run.trainer.val_loader) is run.val_labels
+    single = {f"val/{k}": v for k, v in run.trainer.evaluate().items()}
+    # the losses are not compared: a contrastive validation loss depends on which pairs share a batch (two ranks
+    # gather theirs into one global batch); every retrieval and accuracy figure is over the whole validation set
+    keys = sorted(k for k in single if "loss" not in k)
+    assert "val/zeroshot_acc" in keys and "val/i2t_r1" in keys and "val/t2i_r5_label@32" in keys and "val/hardneg_acc" in keys
+    assert {k: logged[k] for k in keys} == pytest.approx({k: single[k] for k in keys}, rel=1e-6, abs=1e-6)
+    # finish_run on rank 0, as `mmlit train` does: every validation pair's embedding beside its own label
+    from mmlit.recipe import eval_embeddings
+    assert json.loads((run_dir / "summary.json").read_text())["val_pairs"] == len(run.val_labels)
+    ddp, one = np.load(run_dir / "eval_embeddings.npz"), eval_embeddings(run)
+    assert len(ddp["label"]) == len(run.val_labels)
+    np.testing.assert_array_equal(ddp["label"], one["label"]); np.testing.assert_array_equal(ddp["caption"], one["caption"])
+    np.testing.assert_allclose(ddp["image"], one["image"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ddp["text"], one["text"], rtol=1e-5, atol=1e-6)
+
+
+def test_eval_max_batches_scores_the_labels_of_those_batches(tmp_path, pairs):
+    "`eval.max_batches` with `label_column`: the labels of the batches evaluated, not the whole column."
+    cfg = _config(tmp_path / "run", pairs)
+    cfg["schedule"], cfg["eval"] = {"max_steps": 1}, {"metric": "val/zeroshot_acc", "mode": "max", "max_batches": 1}
+    r = build_run(cfg).fit()
+    assert 0 <= r.last_eval["val/zeroshot_acc"] <= 1 and "val/i2t_r1_label" in r.last_eval

@@ -1,4 +1,5 @@
-"""Trainer guarantees on CPU: exact resume after SIGKILL (also mid-checkpoint-write) and SIGINT, torn checkpoints never
+"""Trainer guarantees on CPU: exact resume after SIGKILL (also mid-checkpoint-write) and SIGINT, with 0, 1 or 2 loader
+workers and a per-sample augmentation, torn checkpoints never
 loaded, resume at an epoch boundary and twice in one run, DDP (gloo) equals one process, wandb offline, config errors."""
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
@@ -57,24 +58,27 @@ def _n_losses(d):
     except (FileNotFoundError, json.JSONDecodeError): return 0
 
 
-def test_sigkill_twice_then_resume_is_bit_exact(tmp_path, reference):
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_sigkill_twice_then_resume_is_bit_exact(tmp_path, reference, workers):
+    "Killed twice and interrupted once with `workers` loader workers, resumed: the run of the reference (no workers)."
     ref_w, ref_losses = reference
     d = tmp_path / "run"
+    job = [sys.executable, JOB, str(d), json.dumps({"num_workers": workers})]
     # 1. SIGKILL after 5 logged steps (mid-epoch, between checkpoints at 4 and 6)
-    p = subprocess.Popen([sys.executable, JOB, str(d)], env=_env(TRAIN_JOB_STEP_DELAY="0.03"), stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(job, env=_env(TRAIN_JOB_STEP_DELAY="0.03"), stdout=subprocess.PIPE, text=True)
     _wait_for(lambda: _n_losses(d) >= 5, p, what="5 steps")
     p.send_signal(signal.SIGKILL); p.wait()
     ck = CheckpointManager(d / "checkpoints")
     assert ck.latest() is not None and 4 <= read_manifest(ck.latest())["step"] < 24
     # 2. SIGKILL while a checkpoint is being written: the weights are in a temporary directory, no manifest yet
-    p = subprocess.Popen([sys.executable, JOB, str(d)], env=_env(**{WRITE_DELAY_ENV: "30"}), stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(job, env=_env(**{WRITE_DELAY_ENV: "30"}), stdout=subprocess.PIPE, text=True)
     tmp_dirs = lambda: [x for x in (d / "checkpoints").iterdir() if x.name.startswith(".tmp-") and (x / WEIGHTS).exists()]
     _wait_for(lambda: bool(tmp_dirs()), p, what="a checkpoint write")
     p.send_signal(signal.SIGKILL); p.wait()
     torn = tmp_dirs()[0]
     assert not (torn / MANIFEST).exists()
     # 3. SIGINT (Ctrl-C): a checkpoint at the end of the current step and a clean exit
-    p = subprocess.Popen([sys.executable, JOB, str(d)], env=_env(TRAIN_JOB_STEP_DELAY="0.03"), stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(job, env=_env(TRAIN_JOB_STEP_DELAY="0.03"), stdout=subprocess.PIPE, text=True)
     start = _n_losses(d)
     _wait_for(lambda: _n_losses(d) >= start + 3, p, what="3 more steps")
     p.send_signal(signal.SIGINT)
@@ -84,7 +88,7 @@ def test_sigkill_twice_then_resume_is_bit_exact(tmp_path, reference):
     assert res["interrupted"] and res["steps"] < 24
     assert read_manifest(ck.latest())["step"] == res["steps"]
     # 4. resume to the end in this process
-    t = build(d)
+    t = build(d, num_workers=workers)
     r = t.fit()
     assert r.resumed_from.endswith(f"step-{res['steps']:08d}") and r.steps == 24
     assert not torn.exists()                                  # the torn write was cleaned up, never loaded

@@ -26,6 +26,11 @@ class Regress(nn.Module):
         return {"loss": ((self.net(x).squeeze(-1) - y) ** 2).mean(), "loss_abs": (self.net(x).squeeze(-1) - y).abs().mean()}
 
 
+def jitter(record: dict, rng) -> dict:
+    "A per-sample augmentation drawn from the loader's `(seed, epoch, index)` generator (in the worker that loads it)."
+    return {"x": record["x"] + torch.from_numpy(rng.normal(0.0, 0.05, record["x"].shape).astype("float32")), "y": record["y"]}
+
+
 def make_data(n: int = 96) -> list[dict]:
     g = torch_rng(7)
     x = torch.randn(n, 8, generator=g)
@@ -43,13 +48,13 @@ def merge(a: dict, b: dict) -> dict:
     return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v for k, v in b.items()}}
 
 
-def build(run_dir, overrides: dict | None = None, batch_size: int = 4, dropout: float = 0.1) -> Trainer:
+def build(run_dir, overrides: dict | None = None, batch_size: int = 4, dropout: float = 0.1, num_workers: int = 0) -> Trainer:
     from mmlit.train import setup_distributed
     setup_distributed()                                    # under torchrun: before the loaders, so they shard
     cfg = config_from_dict(TrainConfig, merge(default_config(run_dir), overrides or {}))
     torch.manual_seed(derive_seed(0, 0, 0, Stream.MODEL_INIT))
     data = make_data()
-    train = make_loader(data[:64], LoaderConfig(batch_size=batch_size, seed=0))
+    train = make_loader(data[:64], LoaderConfig(batch_size=batch_size, seed=0, num_workers=num_workers), transform=jitter)
     val = make_loader(data[64:], LoaderConfig(batch_size=8, train=False))
     return Trainer(Regress(dropout), cfg, train, val)
 
