@@ -24,10 +24,12 @@ from .losses import (batch_sizes, check_mrl_dims, contrastive_losses, dist_ready
 from .preprocess import get_normalisation, normalize as normalize_uint8
 
 # %% auto #0
-__all__ = ['POOLINGS', 'DUAL_ENCODER_PRESETS', 'BatchError', 'need', 'same_shape', 'tower_config', 'build_tower', 'tower_width',
-           'is_conv', 'tower_tokens', 'CLSPool', 'MeanPool', 'LastPool', 'AttentionPool', 'MultiheadAttentionPool',
-           'DualEncoderConfig', 'DualEncoderOutput', 'seeded_init', 'ContrastiveModel', 'DualEncoder', 'check_state',
-           'save_weights', 'load_weights', 'save_pretrained_dir', 'load_pretrained_dir', 'CheckpointError']
+__all__ = ['POOLED_OUTPUT_ONLY', 'POOLINGS', 'CLASS_TOKENS', 'DUAL_ENCODER_PRESETS', 'BatchError', 'need', 'same_shape',
+           'tower_config', 'drop_pooled_output', 'build_tower', 'tower_width', 'is_conv', 'tower_tokens', 'CLSPool',
+           'MeanPool', 'LastPool', 'AttentionPool', 'MultiheadAttentionPool', 'has_class_token',
+           'first_token_sees_text', 'check_cls_pooling', 'DualEncoderConfig', 'DualEncoderOutput', 'seeded_init',
+           'ContrastiveModel', 'DualEncoder', 'check_state', 'save_weights', 'load_weights', 'save_pretrained_dir',
+           'load_pretrained_dir', 'CheckpointError']
 
 # %% ../nbs/05_model.ipynb #72e44382
 class BatchError(MmlitError, ValueError):
@@ -60,16 +62,31 @@ def tower_config(spec: dict | Any):
     try: return AutoConfig.for_model(spec["model_type"], **kw)
     except ValueError as e: raise ConfigError(f"tower config: {e}") from None
 
+POOLED_OUTPUT_ONLY = {"clip_vision_model": ("post_layernorm",), "siglip_vision_model": ("head",), "convnext": ("layernorm",)}
+
+def drop_pooled_output(tower: nn.Module) -> nn.Module:
+    "Replace the parts of `tower` that only feed its own pooled output (`POOLED_OUTPUT_ONLY`) by `nn.Identity`."
+    for path in POOLED_OUTPUT_ONLY.get(tower.config.model_type, ()):
+        parent, _, name = path.rpartition(".")
+        owner = tower.get_submodule(parent) if parent else tower
+        if not isinstance(getattr(owner, name, None), nn.Module):
+            raise ConfigError(f"{tower.config.model_type} tower: no '{path}' module to drop (has transformers changed its layout?)")
+        setattr(owner, name, nn.Identity())
+    return tower
+
 def build_tower(spec: dict | Any, pretrained: str | Path | None = None) -> nn.Module:
     "A `transformers` base model: random init from `spec`, or `from_pretrained(pretrained)` (a local directory)."
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
     if pretrained is not None:
         if not Path(pretrained).is_dir(): raise ConfigError(f"pretrained tower {str(pretrained)!r} is not a local directory (nothing downloads)")
-        return AutoModel.from_pretrained(pretrained, local_files_only=True)
-    cfg = tower_config(spec)
+        cfg = AutoConfig.from_pretrained(pretrained, local_files_only=True)
+    else: cfg = tower_config(spec)
+    if type(cfg) not in AutoModel._model_mapping:
+        raise ConfigError(f"transformers' AutoModel has no base model for model_type {cfg.model_type!r}, so it cannot be a tower")
     cls = AutoModel._model_mapping[type(cfg)]
     kw = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(cls.__init__).parameters else {}
-    return cls(cfg, **kw)
+    tower = cls.from_pretrained(pretrained, local_files_only=True, **kw) if pretrained is not None else cls(cfg, **kw)
+    return drop_pooled_output(tower)
 
 def tower_width(model: nn.Module) -> int:
     "The width of a tower's last hidden state."
@@ -132,6 +149,34 @@ POOLINGS = Registry("pooling")
 for _name, _cls in (("cls", CLSPool), ("mean", MeanPool), ("last", LastPool), ("attention", AttentionPool),
                     ("multihead_attention", MultiheadAttentionPool)):
     POOLINGS.add(_name, _cls)
+
+# %% ../nbs/05_model.ipynb #a7c31e02
+CLASS_TOKENS = ("cls_token", "class_embedding")   # ViT/DeiT/DINOv2/BEiT, CLIP
+
+def has_class_token(tower: nn.Module) -> bool:
+    "True for a sequence tower that puts a learned class token first (a parameter named like `CLASS_TOKENS`)."
+    return not is_conv(tower) and any(n.rsplit(".", 1)[-1] in CLASS_TOKENS for n, _ in tower.named_parameters())
+
+def first_token_sees_text(tower: nn.Module) -> bool:
+    "True when a text tower's first hidden state changes with a later token (False for causal towers)."
+    ids = torch.tensor([[3, 4], [3, 5]], device=next(tower.parameters()).device)
+    was = tower.training
+    tower.eval()
+    try:
+        with torch.no_grad(): h = tower(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    finally: tower.train(was)
+    return not torch.allclose(h[0, 0], h[1, 0], rtol=0, atol=1e-6)
+
+def check_cls_pooling(tower: nn.Module, side: str) -> None:
+    "Raise `ConfigError` unless the first token of `tower` (`side` 'vision' or 'text') sums up its input."
+    kind = tower.config.model_type
+    if side == "vision" and not has_class_token(tower):
+        why = "gives a feature map" if is_conv(tower) else "has no class token (its first token is a patch)"
+        raise ConfigError(f"vision_pooling 'cls' needs a tower with a [CLS] token; {kind} {why}: "
+                          "use 'mean', 'attention' or 'multihead_attention'")
+    if side == "text" and not first_token_sees_text(tower):
+        raise ConfigError(f"text_pooling 'cls' needs a tower whose first token sees the whole text; {kind}'s does not "
+                          "(a causal tower, or one without attention layers): use 'last', 'mean' or 'attention'")
 
 # %% ../nbs/05_model.ipynb #df7cf0e7
 @dataclass
@@ -260,9 +305,8 @@ class DualEncoder(ContrastiveModel):
         with seeded_init(c.seed):
             self.vision = build_tower(c.vision, c.vision_pretrained)
             self.text = build_tower(c.text, c.text_pretrained)
-            if c.vision_pooling == "cls" and is_conv(self.vision):
-                raise ConfigError(f"vision_pooling 'cls' needs a tower with a [CLS] token; {self.vision.config.model_type} "
-                                  "gives a feature map: use 'mean', 'attention' or 'multihead_attention'")
+            if c.vision_pooling == "cls": check_cls_pooling(self.vision, "vision")
+            if c.text_pooling == "cls": check_cls_pooling(self.text, "text")
             vw, tw = tower_width(self.vision), tower_width(self.text)
             self.vision_pool = POOLINGS.build(c.vision_pooling, vw, heads=c.pool_heads, queries=c.pool_queries)
             self.text_pool = POOLINGS.build(c.text_pooling, tw, heads=c.pool_heads, queries=c.pool_queries)

@@ -9,7 +9,8 @@ from mmlit.core import ConfigError
 from mmlit.dataset import ParquetImageText
 from mmlit.demo import corpus_documents, ensure_demo
 from mmlit.losses import draw_mrl_dim
-from mmlit.model import BatchError, CheckpointError, DualEncoder, DualEncoderConfig, load_weights
+from mmlit.model import (BatchError, CheckpointError, DualEncoder, DualEncoderConfig, build_tower, has_class_token, is_conv,
+                         load_weights, tower_tokens, tower_width)
 from mmlit.embedder import EmbedderConfig, Qwen2VLEmbedder, tiny_qwen2_vl_config
 from mmlit.causal_lm import CausalLM, build_causal_lm
 from mmlit.multimodal import build_preprocessor
@@ -222,3 +223,118 @@ def test_bad_configs():
         DualEncoder(DualEncoderConfig.preset("tiny", vocab_size=50, vision_pooling="cls"))
     with pytest.raises(ConfigError, match="not divisible by 3 heads"):
         DualEncoder(DualEncoderConfig.preset("tiny", vocab_size=50, vision_pooling="multihead_attention", pool_heads=3))
+
+
+# --- towers beyond ResNet, ViT and BERT ---------------------------------------------------------------------------
+# Each tower is tiny and random-init; the other side is the tiny preset's. Per tower: its side, its config, the pooling
+# it trains with, whether it gives a feature map, its width, and why `cls` pooling is refused (None: accepted).
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+TOWERS = {
+    "convnext": ("vision", dict(model_type="convnext", patch_size=4, num_stages=2, hidden_sizes=[16, 24], depths=[1, 1]),
+                 "mean", True, 24, "convnext gives a feature map"),
+    "regnet": ("vision", dict(model_type="regnet", embedding_size=16, hidden_sizes=[16, 24], depths=[1, 1], groups_width=8),
+               "attention", True, 24, "regnet gives a feature map"),
+    "clip_vision_model": ("vision", dict(model_type="clip_vision_model", image_size=32, patch_size=8, **SMALL),
+                          "cls", False, 32, None),
+    "siglip_vision_model": ("vision", dict(model_type="siglip_vision_model", image_size=32, patch_size=8, **SMALL),
+                            "multihead_attention", False, 32, r"siglip_vision_model has no class token"),
+    "clip_text_model": ("text", dict(model_type="clip_text_model", max_position_embeddings=64, **SMALL),
+                        "last", False, 32, r"clip_text_model's does not \(a causal tower"),
+    "distilbert": ("text", dict(model_type="distilbert", dim=24, hidden_dim=48, n_layers=1, n_heads=2, max_position_embeddings=64),
+                   "cls", False, 24, None),
+    "roberta": ("text", dict(model_type="roberta", max_position_embeddings=64, **SMALL), "cls", False, 32, None),
+}
+VISION_TOWERS = [k for k, v in TOWERS.items() if v[0] == "vision"]
+
+
+def tower_model(name, tok, **overrides):
+    side, spec, pooling = TOWERS[name][:3]
+    if side == "text": spec = {**spec, "vocab_size": len(tok)}
+    cfg = {side: spec, f"{side}_pooling": pooling, **overrides}
+    return DualEncoder(DualEncoderConfig.preset("tiny", vocab_size=len(tok), **cfg))
+
+
+@pytest.mark.parametrize("name", TOWERS)
+def test_tower_trains_on_a_demo_batch(demo, name):
+    ds, tok = demo
+    batch = contrastive_batch(ds, tok)
+    side, conv, width = TOWERS[name][0], TOWERS[name][3], TOWERS[name][4]
+    model = tower_model(name, tok).train()
+    tower = getattr(model, side)
+    assert tower.config.model_type == name and is_conv(tower) == conv and tower_width(tower) == width
+    with torch.no_grad():
+        out = (tower(pixel_values=batch["pixel_values"].float()) if side == "vision"
+               else tower(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+    assert tower_tokens(out).shape[-1] == width and (out.last_hidden_state.ndim == 4) == conv
+    out = model(**batch)
+    assert torch.isfinite(out.loss) and out.image_embeds.shape == out.text_embeds.shape == (6, model.config.embed_dim)
+    out.loss.backward()
+    for t in (model.vision, model.text):
+        assert sum(p.grad.abs().sum() for p in t.parameters() if p.grad is not None) > 0
+    # DDP refuses a parameter that never gets a gradient (e.g. a tower's own pooler, unused here)
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize("name", TOWERS)
+def test_tower_cls_pooling(demo, name):
+    ds, tok = demo
+    side, refused = TOWERS[name][0], TOWERS[name][5]
+    if refused is not None:
+        with pytest.raises(ConfigError, match=f"{side}_pooling 'cls' needs .*; {refused}"):
+            tower_model(name, tok, **{f"{side}_pooling": "cls"})
+        return
+    batch = contrastive_batch(ds, tok)
+    model = tower_model(name, tok, **{f"{side}_pooling": "cls"}).eval()
+    with torch.no_grad():
+        tokens = tower_tokens(model.vision(pixel_values=batch["pixel_values"].float() / 255)) if side == "vision" else \
+            model.text(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        first = model.vision_proj(tokens[:, 0]) if side == "vision" else model.text_proj(tokens[:, 0])
+        embeds = model.encode_image(batch["pixel_values"].float() / 255) if side == "vision" else \
+            model.encode_text(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(embeds, torch.nn.functional.normalize(first, dim=-1))
+    if side == "vision": assert has_class_token(model.vision)
+
+
+@pytest.mark.parametrize("name", TOWERS)
+def test_tower_save_load_identical_embeddings(demo, name, tmp_path):
+    ds, tok = demo
+    batch = contrastive_batch(ds, tok)
+    model = tower_model(name, tok).eval()
+    model.save_pretrained(tmp_path / name)
+    again = DualEncoder.from_pretrained(tmp_path / name).eval()
+    with torch.no_grad():
+        for d in (model.config.embed_dim, model.config.mrl_dims[-1]):
+            assert torch.equal(model.encode_image(batch["pixel_values"], d), again.encode_image(batch["pixel_values"], d))
+            assert torch.equal(model.encode_text(batch["input_ids"], batch["attention_mask"], d),
+                               again.encode_text(batch["input_ids"], batch["attention_mask"], d))
+
+
+@pytest.mark.parametrize("name", VISION_TOWERS)
+def test_tower_image_size(demo, name):
+    "A tower with a fixed image_size refuses other sizes with a BatchError; a convolutional one takes any size."
+    ds, tok = demo
+    pixels = contrastive_batch(ds, tok)["pixel_values"][..., :24, :24]
+    model = tower_model(name, tok).eval()
+    if TOWERS[name][3]:
+        assert model.encode_image(pixels).shape == (6, model.config.embed_dim)
+    else:
+        with pytest.raises(BatchError, match=r"'pixel_values' are \(24, 24\), the vision tower takes \(32, 32\)"):
+            model.encode_image(pixels)
+
+
+@pytest.mark.parametrize("name", ["bert", "clip_vision_model"])
+def test_pretrained_tower_drops_its_pooled_output(name, tmp_path):
+    "A tower loaded from a local directory loses the parts that only feed its own pooled output, as a built one does."
+    spec = dict(model_type="bert", vocab_size=50, **SMALL) if name == "bert" else TOWERS[name][1]
+    built = build_tower(spec)
+    built.save_pretrained(tmp_path)
+    loaded = build_tower(None, pretrained=tmp_path)
+    own = built.state_dict()
+    assert loaded.state_dict().keys() == own.keys() and all(torch.equal(v, own[k]) for k, v in loaded.state_dict().items())
+    assert not any("pooler" in k or "post_layernorm" in k for k in own)
+
+
+def test_a_config_without_a_base_model_is_named():
+    with pytest.raises(ConfigError, match="no base model for model_type 'siglip_text_model'"):
+        build_tower(dict(model_type="siglip_text_model", vocab_size=50))
