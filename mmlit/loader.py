@@ -119,14 +119,17 @@ def count_steps(n: int, batch_size: int, world_size: int = 1, start: int = 0, dr
 def rank_steps(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0,
                world_size: int = 1, start: int = 0, drop_last: bool = False, blocks: Sequence[int] | None = None,
                window: int | None = None) -> list[Step]:
-    "This rank's steps of `epoch` from global position `start` (see the padding rule above)."
+    "This rank's steps of `epoch` from global position `start` (see the split and padding rules above)."
     order, gb, steps = epoch_order(n, seed, epoch, shuffle, blocks, window), batch_size * world_size, []
     for k in range(count_steps(n, batch_size, world_size, start, drop_last)):
         begin = start + k * gb
         end = min(begin + gb, n)
         b = -(-(end - begin) // world_size)               # B for whole steps, ceil(R/W) for the last
-        pos = begin + rank * b + np.arange(b)
-        steps.append(Step(epoch, (begin // gb) * world_size + rank, order[pos % n].tolist(), end))
+        pos = begin + np.arange(world_size * b)           # the step's positions; those past `end` are padding
+        idx, pad = order[pos % n], pos >= end
+        ranked = np.lexsort((np.where(pad, pos, idx), pad))   # the step in index order, its padding last
+        mine = np.sort(ranked[rank * b:(rank + 1) * b])   # this rank's chunk, in stream order
+        steps.append(Step(epoch, (begin // gb) * world_size + rank, idx[mine].tolist(), end))
     return steps
 
 # %% ../nbs/04_loader.ipynb #217582d8
