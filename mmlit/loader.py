@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -30,14 +30,15 @@ from .dataset import (BadRecord, DeterministicDataset, MMDataset, Mixture, SkipR
 from .storage import IOStats, Location, io_stats
 
 # %% auto #0
-__all__ = ['LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'rank_steps', 'ShardedBatchSampler', 'TimedTransform', 'Samples',
-           'StepFetcher', 'Delivery', 'SkipAwareCollate', 'WorkerSeeder', 'resolve_collate', 'dist_rank_world',
-           'data_fingerprint', 'LoaderTimings', 'ResumableLoader', 'make_loader', 'LoaderProfile', 'profile_loader',
-           'DataModule', 'RowSubset', 'split_rows', 'LoaderDataModule', 'WithTask', 'load_tokenizer', 'loader_parts',
-           'build_data_module', 'build_loader']
+__all__ = ['RANK_SPLITS', 'LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'rank_steps', 'ShardedBatchSampler',
+           'TimedTransform', 'Samples', 'StepFetcher', 'Delivery', 'SkipAwareCollate', 'WorkerSeeder',
+           'resolve_collate', 'dist_rank_world', 'data_fingerprint', 'LoaderTimings', 'ResumableLoader', 'make_loader',
+           'LoaderProfile', 'profile_loader', 'DataModule', 'RowSubset', 'split_rows', 'LoaderDataModule', 'WithTask',
+           'load_tokenizer', 'loader_parts', 'build_data_module', 'build_loader']
 
 # %% ../nbs/04_loader.ipynb #cb749e57
 def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+RANK_SPLITS = ("stream", "locality")      # how a global step is shared among ranks (see `rank_steps`)
 
 @dataclass
 class LoaderConfig:
@@ -53,6 +54,7 @@ class LoaderConfig:
     collate: str | Callable | None = None   # a name in mmlit.collate's registry, a callable, or default_collate
     train: bool = True
     shuffle_window: int | None = 8          # row groups a shuffled stretch spans, for datasets with `blocks`; 0/None: full shuffle
+    rank_split: Literal["stream", "locality"] = "stream"   # which samples of a step each rank takes (see `rank_steps`)
 
     def __post_init__(self):
         if not _is_int(self.batch_size) or self.batch_size < 1: raise ConfigError(f"batch_size must be a positive int, got {self.batch_size!r}")
@@ -63,6 +65,7 @@ class LoaderConfig:
         if not isinstance(self.train, bool): raise ConfigError(f"train must be a bool, got {self.train!r}")
         if self.shuffle_window is not None and not (_is_int(self.shuffle_window) and self.shuffle_window >= 0):
             raise ConfigError(f"shuffle_window must be an int >= 0 or None, got {self.shuffle_window!r}")
+        if self.rank_split not in RANK_SPLITS: raise ConfigError(f"rank_split must be one of {RANK_SPLITS}, got {self.rank_split!r}")
         if self.prefetch_factor is not None:
             if not _is_int(self.prefetch_factor) or self.prefetch_factor < 1: raise ConfigError(f"prefetch_factor must be a positive int, got {self.prefetch_factor!r}")
             if self.num_workers == 0: raise ConfigError("prefetch_factor needs num_workers > 0 (without workers nothing is prefetched)")
@@ -118,24 +121,33 @@ def count_steps(n: int, batch_size: int, world_size: int = 1, start: int = 0, dr
 
 def rank_steps(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0,
                world_size: int = 1, start: int = 0, drop_last: bool = False, blocks: Sequence[int] | None = None,
-               window: int | None = None) -> list[Step]:
-    "This rank's steps of `epoch` from global position `start` (see the padding rule above)."
+               window: int | None = None, rank_split: str = "stream") -> list[Step]:
+    "This rank's steps of `epoch` from global position `start` (see the split and padding rules above)."
+    if rank_split not in RANK_SPLITS: raise ConfigError(f"rank_split must be one of {RANK_SPLITS}, got {rank_split!r}")
     order, gb, steps = epoch_order(n, seed, epoch, shuffle, blocks, window), batch_size * world_size, []
     for k in range(count_steps(n, batch_size, world_size, start, drop_last)):
         begin = start + k * gb
         end = min(begin + gb, n)
         b = -(-(end - begin) // world_size)               # B for whole steps, ceil(R/W) for the last
-        pos = begin + rank * b + np.arange(b)
-        steps.append(Step(epoch, (begin // gb) * world_size + rank, order[pos % n].tolist(), end))
+        if rank_split == "stream" or not shuffle:         # the r-th slice of the step (unshuffled: the stream itself)
+            pos = begin + rank * b + np.arange(b)
+            steps.append(Step(epoch, (begin // gb) * world_size + rank, order[pos % n].tolist(), end))
+            continue
+        pos = begin + np.arange(world_size * b)           # "locality": the step's positions; those past `end` are padding
+        idx, pad = order[pos % n], pos >= end
+        ranked = np.lexsort((np.where(pad, pos, idx), pad))   # the step in index order, its padding last
+        mine = np.sort(ranked[rank * b:(rank + 1) * b])   # this rank's chunk, in stream order
+        steps.append(Step(epoch, (begin // gb) * world_size + rank, idx[mine].tolist(), end))
     return steps
 
 # %% ../nbs/04_loader.ipynb #217582d8
 class ShardedBatchSampler(torch.utils.data.Sampler):
     "Yields this rank's `Step`s of one epoch from a global start position."
     def __init__(self, n: int, batch_size: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False, blocks: Sequence[int] | None = None, window: int | None = None):
+                 world_size: int = 1, drop_last: bool = False, blocks: Sequence[int] | None = None, window: int | None = None,
+                 rank_split: str = "stream"):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
-        self.blocks, self.window = blocks, window
+        self.blocks, self.window, self.rank_split = blocks, window, rank_split
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch, self.start = 0, 0
 
@@ -148,7 +160,7 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
     def steps(self) -> list[Step]:
         return rank_steps(self.n, self.batch_size, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank,
                           world_size=self.world_size, start=self.start, drop_last=self.drop_last, blocks=self.blocks,
-                          window=self.window)
+                          window=self.window, rank_split=self.rank_split)
 
     def __iter__(self) -> Iterator[Step]: return iter(self.steps())
     def __len__(self) -> int: return count_steps(self.n, self.batch_size, self.world_size, self.start, self.drop_last)
@@ -326,9 +338,10 @@ class ResumableLoader:
         self.blocks = None if blocks is None else np.asarray(blocks, dtype=np.int64)
         self.window = cfg.shuffle_window if self.blocks is not None else 0   # 0: a full shuffle (or none)
         if self.window and hasattr(self.dataset, "cache_blocks"): self.dataset.cache_blocks(self.window)
+        self.rank_split = cfg.rank_split if cfg.shuffle else "stream"   # unshuffled, both splits are the r-th slice
         self.sampler = ShardedBatchSampler(len(self.dataset), cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle,
                                            rank=self.rank, world_size=self.world_size, drop_last=cfg.drop_last,
-                                           blocks=self.blocks, window=self.window)
+                                           blocks=self.blocks, window=self.window, rank_split=self.rank_split)
         if len(self.dataset) and count_steps(len(self.dataset), cfg.batch_size, self.world_size, 0, cfg.drop_last) == 0:
             raise ConfigError(f"{len(self.dataset)} samples make no whole step of {self.world_size} x {cfg.batch_size} "
                               "with drop_last; lower batch_size or set drop_last=False")
@@ -404,7 +417,7 @@ def _check_bad(self: ResumableLoader):
 
 # %% ../nbs/04_loader.ipynb #2a78b469
 _STATE_KEYS = ("seed", "epoch", "position", "world_size", "batch_size", "shuffle", "drop_last", "n", "shuffle_window",
-               "fingerprint")
+               "rank_split", "fingerprint")
 
 @patch
 def state_dict(self: ResumableLoader) -> dict:
@@ -413,14 +426,18 @@ def state_dict(self: ResumableLoader) -> dict:
     c = self.config
     return dict(seed=c.seed, epoch=self.epoch, position=self.position, world_size=self.world_size,
                 batch_size=c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, n=self.n, shuffle_window=self.window,
-                fingerprint=self.fingerprint)
+                rank_split=self.rank_split, fingerprint=self.fingerprint)
 
 @patch
 def load_state_dict(self: ResumableLoader, state: dict):
     "Continue from `state` (saved with any world size); the next batch is the first one not consumed."
     missing = [k for k in ("seed", "epoch", "position", "n", "shuffle") if k not in state]
     if missing: raise ConfigError(f"loader state lacks {missing}")
-    state = {"shuffle_window": 0, **state}            # states saved before block shuffling: a full shuffle
+    state = {"shuffle_window": 0, "rank_split": "stream", **state}   # states saved before these options: their defaults
+    # rank_split is not compared with this loader's: it only decides which rank takes which sample of a global
+    # step, never which samples a step holds or where it ends, so a state resumes under either split on the same
+    # global steps (a rank's batches then come from the other split, which is all that changes).
+    if state["rank_split"] not in RANK_SPLITS: raise ConfigError(f"loader state has rank_split={state['rank_split']!r}; known: {RANK_SPLITS}")
     for k, mine in (("seed", self.config.seed), ("shuffle", self.config.shuffle), ("n", self.n), ("shuffle_window", self.window)):
         if state[k] != mine and (k != "shuffle_window" or self.config.shuffle): raise ConfigError(f"loader state has {k}={state[k]!r} but this loader has {k}={mine!r}; "
                                                "the global order would differ")

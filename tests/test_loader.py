@@ -143,29 +143,112 @@ def test_a_step_reads_each_of_its_row_groups_once(files, reference, monkeypatch)
     groups = [len({i // 7 for i in s.indices}) for e in range(2) for s in rank_steps(N, 4, seed=3, epoch=e)]  # 7 rows a group
     assert len(reads) <= sum(groups) < 2 * N            # in step order (one group cached) it is 49 reads
 
-def _stream(loaders, steps: int) -> list:
-    "Interleave lock-stepped ranks' samples step by step: the global stream."
+def _steps(loaders, steps: int) -> list[list]:
+    "Lock-stepped ranks' samples, step by step: the global steps (each rank's share, rank after rank)."
     def epochs(l):
         while True: yield from l
-    its, out = [epochs(l) for l in loaders], []
-    for _ in range(steps):
-        for it in its: out += samples(next(it))
-    return out
+    its = [epochs(l) for l in loaders]
+    return [[s for it in its for s in samples(next(it))] for _ in range(steps)]
+
+
+def _stream(loaders, steps: int) -> list:
+    "Interleave lock-stepped ranks' samples step by step: the global stream."
+    return [s for step in _steps(loaders, steps) for s in step]
+
+
+def _same_steps(got: list[list], stream: list) -> bool:
+    "Each global step holds the same samples as the stretch of the single-process `stream` it covers (in any order)."
+    ends = np.cumsum([len(s) for s in got])
+    return ends[-1] == len(stream) and all(sorted(s) == sorted(stream[e - len(s):e]) for s, e in zip(got, ends))
+
+
+@pytest.mark.parametrize("shuffle,blocks,window", [(True, None, 0), (True, [7, 7, 7, 7, 2], 2), (True, [7, 7, 7, 7, 2], 8),
+                                                     (False, None, 0)])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("split", ["stream", "locality"])
+def test_rank_split_keeps_each_global_step(shuffle, blocks, window, world, drop_last, split):
+    """Each global step holds the same samples for any world size and split; "stream": rank r takes the r-th slice, in
+    order; "locality": rank r takes the r-th B of them by index, in stream order."""
+    order = epoch_order(N, 3, 1, shuffle, blocks, window)
+    ranks = [rank_steps(N, 4, seed=3, epoch=1, shuffle=shuffle, rank=r, world_size=world, drop_last=drop_last, blocks=blocks,
+                        window=window, rank_split=split) for r in range(world)]
+    assert len({len(steps) for steps in ranks}) == 1
+    at = {int(i): p for p, i in enumerate(order)}            # each sample's position in the stream
+    for k, steps in enumerate(zip(*ranks)):
+        begin, b = k * 4 * world, len(steps[0].indices)
+        assert [(len(s.indices), s.end, s.step) for s in steps] == [(b, steps[0].end, k * world + r) for r in range(world)]
+        pos = np.arange(begin, begin + world * b)             # the step's positions; past the epoch's end: padding
+        assert sorted(i for s in steps for i in s.indices) == sorted(order[pos % N].tolist())
+        if split == "stream" or not shuffle:                  # the r-th slice of the step, in order (padding included)
+            assert [s.indices for s in steps] == [order[pos[r * b:(r + 1) * b] % N].tolist() for r in range(world)]
+        elif begin + world * b <= N:                          # "locality", no padding: ranks by index, each in stream order
+            assert all(max(x.indices) < min(y.indices) for x, y in zip(steps, steps[1:]))
+            assert all([at[i] for i in s.indices] == sorted(at[i] for i in s.indices) for s in steps)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rank_split_keeps_ranks_on_their_row_groups(seed):
+    """Block shuffle over 32 row groups of the per-rank batch: with "locality" a rank reads about its share of them per
+    window; with the default "stream" every rank reads all of them."""
+    n, rg, window, blocks = 1024, 32, 8, [32] * 32
+    def touched(indices_per_step, world):                   # row groups read per window (the loader caches a window)
+        per = window * rg // (rg * world)                     # steps per window
+        return sum(len({i // rg for s in indices_per_step[w:w + per] for i in s}) for w in range(0, len(indices_per_step), per))
+    def ratios(world, split):                                 # row groups each rank reads over its share of them
+        share = n // rg // world
+        return [touched([s.indices for s in rank_steps(n, rg, seed=seed, rank=r, world_size=world, drop_last=True, blocks=blocks,
+                                                       window=window, rank_split=split)], world) / share for r in range(world)]
+    for world, most in ((1, 1.0), (2, 1.25), (4, 2.0)):
+        got = ratios(world, "locality")
+        assert max(got) <= most and got[0] <= 1 + (world - 1) / 4, got
+        assert min(ratios(world, "stream")) == world          # contiguous slices of each step: every rank reads all of them
 
 
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_elastic_resume(files, before, after):
+@pytest.mark.parametrize("split", ["stream", "locality"])
+def test_elastic_resume(files, before, after, split):
     ref = run(loader(files["clean"], batch_size=3), 2, fn=samples)
     ref = [s for b in ref for s in b]
-    first = [loader(files["clean"], batch_size=3, rank=r, world_size=before) for r in range(before)]
-    got = _stream(first, 12 // (3 * before))           # 12 global samples
+    first = [loader(files["clean"], batch_size=3, rank=r, world_size=before, rank_split=split) for r in range(before)]
+    got = _steps(first, 12 // (3 * before))           # 12 global samples
     state = first[0].state_dict()
     assert state["position"] == 12 and all(l.state_dict() == state for l in first)
-    second = [loader(files["clean"], batch_size=3, rank=r, world_size=after) for r in range(after)]
+    second = [loader(files["clean"], batch_size=3, rank=r, world_size=after, rank_split=split) for r in range(after)]
     for l in second: l.load_state_dict(state)
     steps_left = -(-(N - 12) // (3 * after)) + -(-N // (3 * after))
-    got += _stream(second, steps_left)
-    assert got == ref
+    got += _steps(second, steps_left)
+    if split == "stream": assert [s for st in got for s in st] == ref   # the single process's stream, in order
+    else:
+        assert _same_steps(got, ref)                   # the same samples in every global step...
+        if before == 1: assert [x for st in got[:4] for x in st] == ref[:12]   # ...and one process keeps the stream's order
+
+
+@pytest.mark.parametrize("saved,resumed", [("stream", "locality"), ("locality", "stream"), (None, "locality")])
+def test_resume_under_another_rank_split(files, saved, resumed):
+    "The split decides only which rank takes which sample of a step: a state resumes under the other on the same global steps."
+    ref = [s for b in run(loader(files["clean"], batch_size=4), 1, fn=samples) for s in b]
+    first = [loader(files["clean"], batch_size=2, rank=r, world_size=2, rank_split=saved or "stream") for r in range(2)]
+    got = _steps(first, 2)
+    state = first[0].state_dict()
+    if saved is None: del state["rank_split"]          # a state saved before the option: the default split
+    assert state.get("rank_split") == saved
+    second = [loader(files["clean"], batch_size=2, rank=r, world_size=2, rank_split=resumed) for r in range(2)]
+    for l in second: l.load_state_dict(state)
+    got += _steps(second, -(-(N - 8) // 4))
+    assert _same_steps(got, ref)
+    with pytest.raises(ConfigError, match="rank_split='index'"): second[0].load_state_dict({**state, "rank_split": "index"})
+
+
+def test_rank_split_is_checked_and_ignored_without_shuffle(files):
+    with pytest.raises(ConfigError, match=r"rank_split must be one of \('stream', 'locality'\), got 'index'"):
+        LoaderConfig(rank_split="index")
+    with pytest.raises(ConfigError, match="rank_split must be one of"): rank_steps(8, 2, rank_split="by index")
+    plain = [loader(files["clean"], shuffle=False, drop_last=True, rank=r, world_size=2) for r in range(2)]
+    local = [loader(files["clean"], shuffle=False, drop_last=True, rank=r, world_size=2, rank_split="locality") for r in range(2)]
+    assert all(l.rank_split == "stream" and l.state_dict()["rank_split"] == "stream" for l in local)
+    assert [[as_bytes(b) for b in l] for l in local] == [[as_bytes(b) for b in l] for l in plain]
+    assert [int(i) for b in plain[0] for i in b["index"]] == [i for k in (0, 8, 16) for i in range(k, k + 4)]
 
 
 def test_persistent_workers_follow_epochs(files):
@@ -238,6 +321,17 @@ def test_build_loader_from_yaml_with_local_tokenizer(files, tmp_path):
     assert [b["input_ids"].tolist() for b in again] == [b["input_ids"].tolist() for b in batches]
     dm = build_data_module(dict(cfg, val_split=0.2))
     assert len(dm.val_data) == 6 and len(dm.train_data) == 24
+
+
+def test_one_liner_config_takes_rank_split(files):
+    from mmlit.loader import build_loader, loader_parts
+    cfg = dict(data=str(files["clean"]), tokenizer=dict(train=dict(vocab_size=300, min_frequency=1)),
+               preprocessor_options=dict(size=16), max_length=8, batch_size=4)
+    assert loader_parts(cfg)["loader_config"].rank_split == "stream"        # the default
+    assert loader_parts({**cfg, "rank_split": "locality"})["loader_config"].rank_split == "locality"
+    lds = [build_loader({**cfg, "loader": dict(rank_split="locality")}, rank=r, world_size=2) for r in range(2)]
+    assert [l.sampler.rank_split for l in lds] == ["locality"] * 2 and lds[0].state_dict()["rank_split"] == "locality"
+    with pytest.raises(ConfigError, match="rank_split must be one of"): loader_parts({**cfg, "rank_split": "index"})
 
 
 def test_build_loader_lm_windows(tmp_path):
@@ -324,10 +418,12 @@ def test_block_shuffle_resume(files, blocked, cut):
 
 def test_block_shuffle_elastic_resume(files):
     ref = [s for b in run(loader(files["clean"], batch_size=3, shuffle_window=2), 2, fn=samples) for s in b]
-    first = [loader(files["clean"], batch_size=3, shuffle_window=2, rank=r, world_size=2) for r in range(2)]
-    got = _stream(first, 2)
-    second = loader(files["clean"], batch_size=3, shuffle_window=2); second.load_state_dict(first[0].state_dict())
-    assert got + [s for b in run(second, 2, fn=samples) for s in b] == ref
+    for split in ("stream", "locality"):
+        first = [loader(files["clean"], batch_size=3, shuffle_window=2, rank=r, world_size=2, rank_split=split) for r in range(2)]
+        got = _steps(first, 2)
+        second = loader(files["clean"], batch_size=3, shuffle_window=2); second.load_state_dict(first[0].state_dict())
+        if split == "stream": assert [s for st in got for s in st] + [s for b in run(second, 2, fn=samples) for s in b] == ref
+        else: assert _same_steps(got + run(second, 2, fn=samples), ref)
 
 
 def test_wrappers_without_blocks_get_a_full_shuffle(files):
