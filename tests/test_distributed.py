@@ -2,13 +2,10 @@
 is the whole epoch and every rank makes the same number of steps; a state saved by the two
 ranks resumes in one process on the same global stream."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from torchrun_helpers import torchrun
 import torch
 
 from mmlit.dataset import TensorList
@@ -51,10 +48,7 @@ def torchrun_result(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     script, out = d / "worker.py", d / "out.json"
     script.write_text(SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out), str(N)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(script, out, N, timeout=240)
     return json.loads(out.read_text())
 
 

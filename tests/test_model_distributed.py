@@ -2,13 +2,11 @@
 Loss and DDP-averaged gradients of two ranks (uneven local batches, different numbers of hard negatives)
 equal one process over the same global batch; `evaluate` gives every rank the figures of the whole set."""
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from torchrun_helpers import torchrun
 import torch
 
 COMMON = textwrap.dedent("""
@@ -76,10 +74,7 @@ def two_ranks(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist_model")
     script, out = d / "worker.py", d / "out.json"
     script.write_text(WORKER)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(script, out, timeout=300)
     return json.loads(out.read_text()), json.loads(Path(str(out) + ".1").read_text())
 
 

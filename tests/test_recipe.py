@@ -1,11 +1,12 @@
 """`mmlit.recipe` and `mmlit train`: one YAML builds and trains a whole run and writes the run directory the contract
 names; bad data paths are refused before anything is written; the same run as a two-process gloo DDP job evaluates
 as one process does."""
-import json, os, subprocess, sys
+import json, subprocess, sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from torchrun_helpers import torchrun
 import yaml
 
 from mmlit.core import ConfigError
@@ -141,10 +142,7 @@ def test_ddp_run_evaluates_as_one_process(tmp_path, odd_pairs):
     cfg["data"]["loader"]["batch_size"] = 8
     cfg["schedule"] = {"max_steps": 4}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", JOB,
-                        str(tmp_path / "c.yaml"), str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    torchrun(JOB, tmp_path / "c.yaml", out, timeout=300)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["world"], r["steps"]) for r in ranks] == [(2, 4), (2, 4)]
     saved = load_tokenizer(str(run_dir / "tokenizer")).get_vocab()          # rank 0 trained and saved it

@@ -5,6 +5,7 @@ import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
 import pytest
+from torchrun_helpers import torchrun
 import torch
 import yaml
 
@@ -132,10 +133,7 @@ def test_torn_checkpoint_is_never_loaded(tmp_path):
 def test_ddp_gloo_matches_single_process(tmp_path):
     single = build(tmp_path / "single", {"checkpoint": {"every": None}}, batch_size=8, dropout=0.0)
     single.fit()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", JOB, str(tmp_path / "ddp"),
-           json.dumps({"config": {"checkpoint": {"every": None}}, "batch_size": 4, "dropout": 0.0})]
-    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
-    assert p.returncode == 0, p.stderr[-3000:]
+    torchrun(JOB, tmp_path / "ddp", json.dumps({"config": {"checkpoint": {"every": None}}, "batch_size": 4, "dropout": 0.0}), timeout=240)
     t = build(tmp_path / "ddp", {"checkpoint": {"every": None}}, batch_size=8, dropout=0.0)   # loads the DDP run's last checkpoint
     r = t.fit()
     assert r.resumed_from is not None and r.steps == 12   # nothing left to train: only loaded
