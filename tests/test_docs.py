@@ -32,7 +32,7 @@ def site(tmp_path_factory):
     if os.environ.get("MMLIT_DOCS_SITE"): return Path(os.environ["MMLIT_DOCS_SITE"])
     out = tmp_path_factory.mktemp("site")
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "build_docs.py"), str(out), "--workers", "2"],
-                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+                       capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert r.returncode == 0, f"the docs build failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return out
 
