@@ -2,7 +2,7 @@
 holding an import anywhere (nbdev's `_do_eval`). Such a cell must not use a name that only a skipped cell defines.
 
 Two checks. A static one, per notebook (a second or so): nbdev's own `_do_eval` picks the cells; a name a picked cell reads must be a builtin,
-bound in that cell, or bound by an earlier picked cell (or be nbdev's `show_doc`). And the real thing: `nbdev-proc-nbs` over a copy of
+bound in that cell, or bound by an earlier picked cell (or be nbdev's `show_doc`). And the real thing: nbdev's `proc_nbs` (what `nbdev-proc-nbs` runs) over a copy of
 `nbs/` (about 10-20 s), which also catches what a static check cannot (a path relative to the working directory)."""
 import ast
 import builtins
@@ -82,13 +82,14 @@ def test_docs_cells_run_alone(nb):
 
 
 def test_nbdev_docs_processors_run(tmp_path):
-    "nbdev's own docs step (`nbdev-proc-nbs`: `exec_show_docs` and the other processors) over every notebook, in a copy."
+    """nbdev's own docs step (`exec_show_docs` and the other processors) over every notebook, in a copy: the `proc_nbs`
+    that `nbdev-proc-nbs` runs, called directly because `nbdev-proc-nbs` first tries to install Quarto (with sudo)."""
     import os, shutil, subprocess, sys
     root = NBS.parent
     shutil.copytree(NBS, tmp_path / "nbs"); shutil.copy(root / "pyproject.toml", tmp_path)
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "MPLBACKEND": "Agg",
            "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([str(Path(sys.executable).with_name("nbdev-proc-nbs")), "--n-workers", "2", "--force"],
+    r = subprocess.run([sys.executable, "-c", "from nbdev.serve import proc_nbs; proc_nbs(n_workers=2, force=True)"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-6000:]
     assert {p.name for p in (tmp_path / "_proc").glob("*.ipynb")} == {p.name for p in NBS.glob("*.ipynb")}

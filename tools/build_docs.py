@@ -7,7 +7,10 @@ Every notebook in `nbs/` becomes one page, executed (cells flagged `slow`/`notes
 processors (hidden cells dropped, directives removed, a `show_doc` entry for every exported
 function and class) and rendered with `jupyter nbconvert`'s HTML exporter. Each page gets a
 sidebar linking every page; `index.ipynb` is `index.html`. Page names follow nbdev's: the
-numeric prefix is dropped (`07_viz.ipynb` → `viz.html`).
+numeric prefix is dropped (`07_viz.ipynb` → `viz.html`). A notebook's title cell should hold only
+`# title` and `> summary`: nbdev takes that cell as the page's front matter and drops it whole, so
+anything else in it is moved to a cell of its own here (with a warning). `tools/readme.py` builds
+README.md from `index.ipynb` with the same steps.
 
 On a machine with Quarto, `nbdev-docs` builds the published site from `nbs/_quarto.yml` instead.
 """
@@ -53,26 +56,47 @@ def _frontmatter(nb) -> dict:
     return {}
 
 
-def build_page(args: tuple[str, str, str]) -> dict:
-    "Execute, process and render one notebook (run in a worker process)."
-    src, work, out = map(Path, args)
+def split_title_cell(nb, name: str = "") -> bool:
+    """Leave only `# title` and `> summary` in the notebook's title cell, the rest in a markdown cell right after it.
+
+    nbdev reads the first markdown cell with a `# title` line as the page's front matter and drops that whole cell
+    (`nbdev-docs` and `nbdev-readme` alike), so any other text in it would be missing from the page."""
+    from fastcore.nbio import md_frontmatter, mk_cell
+    i = next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and md_frontmatter(c.source)), None)
+    if i is None: return False
+    lines = nb.cells[i].source.splitlines()
+    t = next(k for k, l in enumerate(lines) if re.match(r"#\s+\S", l))
+    end = t + 1
+    while end < len(lines) and not lines[end].strip(): end += 1
+    while end < len(lines) and lines[end].startswith(">"): end += 1
+    head, rest = lines[t:end], lines[:t] + lines[end:]
+    if not "".join(rest).strip(): return False
+    print(f"{name}: its title cell holds more than `# title` and `> summary`; nbdev drops that whole cell, so the rest "
+          "is put in a cell of its own here: do the same in the notebook", file=sys.stderr)
+    nb.cells[i].source = "\n".join(head).rstrip()
+    nb.cells.insert(i + 1, mk_cell("\n".join(rest).strip("\n"), "markdown"))
+    return True
+
+
+def process_notebook(src: Path, work: Path):
+    """Execute the notebook `src` (a copy: it is overwritten) and pass it through nbdev's docs processors.
+
+    `work` holds `pyproject.toml` (nbdev reads its settings from there). Returns `(meta, nb)`: the page's title and
+    summary, and the processed notebook with its outputs, directives removed and hidden cells dropped."""
     os.environ.setdefault("MPLBACKEND", "Agg")
-    from fastcore.nbio import read_nb, write_nb
+    from fastcore.nbio import mk_cell, read_nb, write_nb
     from nbdev.test import test_nb
-    from nbdev.processors import FilterDefaults
-    import nbconvert, nbformat
-    t0 = time.perf_counter()
     from nbdev.process import NBProcessor
-    from nbdev.processors import add_show_docs, exec_show_docs, populate_language
+    from nbdev.processors import FilterDefaults, add_show_docs, exec_show_docs, populate_language
     meta = _frontmatter(json.loads(src.read_text()))
     cwd = os.getcwd()
     os.chdir(work)                          # nbdev's processors read pyproject.toml from here
     try:
         nb = read_nb(src)                   # 1. a show_doc cell for every exported name that has none
+        split_title_cell(nb, src.name)
         NBProcessor(nb=nb, procs=[populate_language, add_show_docs], rm_directives=False).process()
         for c in nb.cells:
             for k in [k for k in c if k.endswith("_") or k in ("has_sd", "idx_")]: del c[k]
-        from fastcore.nbio import mk_cell
         nb.cells.insert(0, mk_cell("#| hide\nfrom nbdev.showdoc import show_doc", "code"))   # as nbdev's exec_show_docs does
         write_nb(nb, src)
         # 2. run the whole notebook, as nbdev-test does, keeping the outputs (in `src`, a copy)
@@ -94,9 +118,20 @@ def build_page(args: tuple[str, str, str]) -> dict:
         for k in [k for k in c if k not in ("cell_type", "id", "metadata", "source", "outputs", "execution_count", "attachments")]:
             del c[k]                        # nbdev's working keys (directives_, has_sd, ...) are not notebook format
         c.metadata.pop("execution", None)   # execnb's timings (not in the notebook schema's form)
+    nb.cells = [c for c in nb.cells if c.get("source") or c.get("outputs")]
+    return meta, nb
+
+
+def build_page(args: tuple[str, str, str]) -> dict:
+    "Execute, process and render one notebook as an HTML page (run in a worker process)."
+    src, work, out = map(Path, args)
+    import nbconvert, nbformat
+    from fastcore.nbio import write_nb
+    from traitlets.config import Config
+    t0 = time.perf_counter()
+    meta, nb = process_notebook(src, work)
     write_nb(nb, work / "processed" / src.name)
     node = nbformat.read(work / "processed" / src.name, as_version=4)
-    from traitlets.config import Config
     cfg = Config()
     cfg.TagRemovePreprocessor.enabled = True
     cfg.TagRemovePreprocessor.remove_input_tags = {"remove_input"}
