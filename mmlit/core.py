@@ -165,7 +165,7 @@ class Registry:
     def __len__(self) -> int: return len(self._items)
     def __repr__(self) -> str: return f"Registry({self.kind!r}, {self.names()})"
 
-# %% ../nbs/00_core.ipynb #8a24db03
+# %% ../nbs/00_core.ipynb #1473c928
 def check_keys(d: Mapping, known: Iterable[str], path: str = "") -> None:
     "Raise `ConfigError` naming each key of `d` not in `known` by its path in the config, and the keys allowed there."
     known = list(known)
@@ -173,7 +173,7 @@ def check_keys(d: Mapping, known: Iterable[str], path: str = "") -> None:
         names = ", ".join(f"{path}.{k}" if path else str(k) for k in unknown)
         raise ConfigError(f"unknown config key(s) {names}; known{' in ' + path if path else ''}: {', '.join(map(str, known))}")
 
-# %% ../nbs/00_core.ipynb #861e47ff
+# %% ../nbs/00_core.ipynb #e6be3993
 def _type_name(t) -> str: return getattr(t, "__name__", None) or str(t).replace("typing.", "")
 
 def _coerce(hint, v, path: str):
@@ -208,7 +208,7 @@ def _coerce(hint, v, path: str):
     else: return v
     raise ConfigError(f"{path}: expected {_type_name(origin or hint)}, got {type(v).__name__} {v!r}")
 
-# %% ../nbs/00_core.ipynb #831cc9d8
+# %% ../nbs/00_core.ipynb #cb6fe5c9
 def config_from_dict(cls, d: Mapping | None, path: str = ""):
     "An instance of dataclass `cls` from a dict: unknown keys and wrong types are `ConfigError`s naming the field."
     if isinstance(d, cls): return d
@@ -222,7 +222,7 @@ def config_from_dict(cls, d: Mapping | None, path: str = ""):
     except ConfigError as e:
         raise ConfigError(f"{where}{e}") if path and not str(e).startswith(path) else e
 
-# %% ../nbs/00_core.ipynb #2177975d
+# %% ../nbs/00_core.ipynb #48d602d4
 def config_to_dict(cfg) -> dict:
     "A plain dict (lists for tuples) of a config dataclass, ready for YAML or JSON; `config_from_dict` reads it back."
     def plain(v):

@@ -57,10 +57,12 @@ class EmbedderConfig:
         "A JSON-ready dict (`from_dict` reads it back)."
         return config_to_dict(self)
 
-    def with_instructions(self, tokenizer, instructions: dict[str, str] = DEFAULT_INSTRUCTIONS) -> "EmbedderConfig":
-        "A copy whose instruction prefixes are `instructions` encoded by `tokenizer`."
-        ids = {k: tokenizer(v, add_special_tokens=False)["input_ids"] for k, v in instructions.items()}
-        return dataclasses.replace(self, instruction_ids=ids)
+# %% ../nbs/05c_embedder.ipynb #00a16ed9
+@patch
+def with_instructions(self: EmbedderConfig, tokenizer, instructions: dict[str, str] = DEFAULT_INSTRUCTIONS) -> EmbedderConfig:
+    "A copy whose instruction prefixes are `instructions` encoded by `tokenizer`."
+    ids = {k: tokenizer(v, add_special_tokens=False)["input_ids"] for k, v in instructions.items()}
+    return dataclasses.replace(self, instruction_ids=ids)
 
 # %% ../nbs/05c_embedder.ipynb #62e76009
 def tiny_qwen2_vl_config(tokenizer, hidden: int = 64, layers: int = 2) -> dict:
@@ -99,17 +101,21 @@ class Qwen2VLEmbedder(ContrastiveModel):
         self.pool = MeanPool(width)
         self.init_temperatures(c)
 
-    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        "Mask-aware mean, projection, L2 norm: unit-norm top-dim embeddings."
-        return F.normalize(self.proj(self.pool(hidden, mask)), dim=-1)
+# %% ../nbs/05c_embedder.ipynb #a3723c90
+@patch
+def head(self: Qwen2VLEmbedder, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    "Mask-aware mean, projection, L2 norm: unit-norm top-dim embeddings."
+    return F.normalize(self.proj(self.pool(hidden, mask)), dim=-1)
 
-    def instruction(self, task: str | None) -> list[int]:
-        "The instruction prefix ids of `task` (or of `default`)."
-        ids = self.config.instruction_ids
-        if task in ids: return ids[task]
-        if "default" in ids: return ids["default"]
-        if not ids: return []
-        raise BatchError(f"{self.name}: no instruction for task {task!r} and no 'default'; known: {sorted(ids)}")
+# %% ../nbs/05c_embedder.ipynb #66dc6ca6
+@patch
+def instruction(self: Qwen2VLEmbedder, task: str | None) -> list[int]:
+    "The instruction prefix ids of `task` (or of `default`)."
+    ids = self.config.instruction_ids
+    if task in ids: return ids[task]
+    if "default" in ids: return ids["default"]
+    if not ids: return []
+    raise BatchError(f"{self.name}: no instruction for task {task!r} and no 'default'; known: {sorted(ids)}")
 
 # %% ../nbs/05c_embedder.ipynb #63f70611
 @patch

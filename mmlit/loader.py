@@ -73,19 +73,21 @@ class LoaderConfig:
         if self.collate is not None and not (isinstance(self.collate, str) or callable(self.collate)):
             raise ConfigError(f"collate must be a collator name or a callable, got {type(self.collate).__name__}")
 
-    def resolved(self) -> LoaderConfig:
-        "A copy with every automatic choice made."
-        w = self.num_workers > 0
-        pick = lambda v, auto: auto if v is None else v
-        return dataclasses.replace(
-            self, shuffle=pick(self.shuffle, self.train), drop_last=pick(self.drop_last, self.train),
-            pin_memory=pick(self.pin_memory, torch.cuda.is_available()),
-            persistent_workers=pick(self.persistent_workers, w), prefetch_factor=pick(self.prefetch_factor, 2 if w else None))
+# %% ../nbs/04_loader.ipynb #3d4eb307
+@patch
+def resolved(self: LoaderConfig) -> LoaderConfig:
+    "A copy with every automatic choice made."
+    w = self.num_workers > 0
+    pick = lambda v, auto: auto if v is None else v
+    return dataclasses.replace(
+        self, shuffle=pick(self.shuffle, self.train), drop_last=pick(self.drop_last, self.train),
+        pin_memory=pick(self.pin_memory, torch.cuda.is_available()),
+        persistent_workers=pick(self.persistent_workers, w), prefetch_factor=pick(self.prefetch_factor, 2 if w else None))
 
-    @classmethod
-    def from_dict(cls, d: dict) -> LoaderConfig:
-        "A config from a dict, through `config_from_dict`: an unknown key or a wrong type is a `ConfigError` naming it."
-        return config_from_dict(cls, d)
+@patch(cls_method=True)
+def from_dict(cls: LoaderConfig, d: dict) -> LoaderConfig:
+    "A config from a dict, through `config_from_dict`: an unknown key or a wrong type is a `ConfigError` naming it."
+    return config_from_dict(cls, d)
 
 # %% ../nbs/04_loader.ipynb #1ec99a1b
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, blocks: Sequence[int] | None = None,
@@ -158,14 +160,18 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
         "Make the next iteration cover `epoch` from its start."
         self.seek(epoch, 0)
 
-    def steps(self) -> list[Step]:
-        "This rank's steps from the current epoch and start position."
-        return rank_steps(self.n, self.batch_size, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank,
-                          world_size=self.world_size, start=self.start, drop_last=self.drop_last, blocks=self.blocks,
-                          window=self.window, rank_split=self.rank_split)
+# %% ../nbs/04_loader.ipynb #cc86218e
+@patch
+def steps(self: ShardedBatchSampler) -> list[Step]:
+    "This rank's steps from the current epoch and start position."
+    return rank_steps(self.n, self.batch_size, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank,
+                      world_size=self.world_size, start=self.start, drop_last=self.drop_last, blocks=self.blocks,
+                      window=self.window, rank_split=self.rank_split)
 
-    def __iter__(self) -> Iterator[Step]: return iter(self.steps())
-    def __len__(self) -> int: return count_steps(self.n, self.batch_size, self.world_size, self.start, self.drop_last)
+@patch
+def __iter__(self: ShardedBatchSampler) -> Iterator[Step]: return iter(self.steps())
+@patch
+def __len__(self: ShardedBatchSampler) -> int: return count_steps(self.n, self.batch_size, self.world_size, self.start, self.drop_last)
 
 # %% ../nbs/04_loader.ipynb #004073b0
 class TimedTransform:
@@ -196,19 +202,22 @@ class StepFetcher(Dataset):
     def __len__(self) -> int: return len(self.dataset)
     def __getitem__(self, idx: int): return self.dataset[idx]
 
-    def __getitems__(self, step: Step) -> Samples:
-        if hasattr(self.dataset, "set_epoch") and getattr(self.dataset, "epoch", None) != step.epoch:
-            self.dataset.set_epoch(step.epoch)
-        pre0, t0 = self.timer.seconds if self.timer else 0.0, time.perf_counter()
-        idx = step.indices
-        if self.in_index_order:
-            order = sorted(range(len(idx)), key=idx.__getitem__)
-            out = Samples([None] * len(idx))
-            for k, sample in zip(order, self.dataset.__getitems__([idx[k] for k in order])): out[k] = sample
-        else: out = Samples(self.dataset[i] for i in idx)
-        pre = (self.timer.seconds if self.timer else 0.0) - pre0
-        out.step, out.preprocess_s, out.fetch_s, out.began = step, pre, time.perf_counter() - t0 - pre, t0
-        return out
+# %% ../nbs/04_loader.ipynb #8085dc81
+@patch
+def __getitems__(self: StepFetcher, step: Step) -> Samples:
+    "The samples of `step`, at its epoch, in step order (a `DeterministicDataset`'s fetched in index order), timed."
+    if hasattr(self.dataset, "set_epoch") and getattr(self.dataset, "epoch", None) != step.epoch:
+        self.dataset.set_epoch(step.epoch)
+    pre0, t0 = self.timer.seconds if self.timer else 0.0, time.perf_counter()
+    idx = step.indices
+    if self.in_index_order:
+        order = sorted(range(len(idx)), key=idx.__getitem__)
+        out = Samples([None] * len(idx))
+        for k, sample in zip(order, self.dataset.__getitems__([idx[k] for k in order])): out[k] = sample
+    else: out = Samples(self.dataset[i] for i in idx)
+    pre = (self.timer.seconds if self.timer else 0.0) - pre0
+    out.step, out.preprocess_s, out.fetch_s, out.began = step, pre, time.perf_counter() - t0 - pre, t0
+    return out
 
 # %% ../nbs/04_loader.ipynb #22902bc5
 class Delivery(NamedTuple):
@@ -217,6 +226,7 @@ class Delivery(NamedTuple):
     bad: list
     stats: dict
 
+# %% ../nbs/04_loader.ipynb #39926ecf
 class SkipAwareCollate:
     "Drop `Skipped` samples, collate the rest, and return a `Delivery` carrying the `BadRecord`s."
     def __init__(self, collate_fn: Callable): self.collate_fn = collate_fn
@@ -283,6 +293,7 @@ def _describe(ds, depth: int = 0) -> dict:
         out["weights"] = np.asarray(getattr(ds, "weights", [])).round(12).tolist()
     return out
 
+# %% ../nbs/04_loader.ipynb #3b0f827e
 def data_fingerprint(dataset) -> str:
     "A short hash of the data: files (names, sizes), row counts and wrappers; no record is read."
     return hashlib.sha1(json.dumps(_describe(dataset), sort_keys=True).encode()).hexdigest()[:16]
@@ -320,6 +331,7 @@ def _as_dataset(dataset, transform: Callable | None, seed: int):
         raise ConfigError(f"the loader needs a map-style dataset (len and []), got {type(dataset).__name__}")
     return dataset
 
+# %% ../nbs/04_loader.ipynb #18e91743
 def _wrapped(dataset) -> Iterator:
     "The dataset and those it wraps (`dataset`, `parent`, `ds` attributes), outermost first."
     for _ in range(10):                                   # wrappers of wrappers, not a cycle
@@ -410,6 +422,7 @@ def set_epoch(self: ResumableLoader, epoch: int):
 # %% ../nbs/04_loader.ipynb #9d8cabcb
 @patch
 def __iter__(self: ResumableLoader) -> Iterator:
+    "The batches of the current epoch from the current position; the position follows each batch handed out."
     self._roll()
     epoch = self.epoch
     self.sampler.seek(epoch, self.position)
@@ -423,6 +436,7 @@ def __iter__(self: ResumableLoader) -> Iterator:
         if d.batch is not None: yield d.batch
     self.epoch, self.position = epoch + 1, 0
 
+# %% ../nbs/04_loader.ipynb #510adda9
 @patch
 def _check_bad(self: ResumableLoader):
     "Enforce `max_bad_fraction` on the bad records of all workers together (each worker sees only its share)."
@@ -603,6 +617,7 @@ def val_dataloader(self: LoaderDataModule) -> ResumableLoader | list:
         self._val = make_loader(self.val_data, c, transform=self.val_transform, collate=self.collate, **self.dist)
     return self._val
 
+# %% ../nbs/04_loader.ipynb #72fea58b
 @patch
 def state_dict(self: LoaderDataModule) -> dict:
     "The training loader's state, under `train`."
@@ -654,6 +669,7 @@ _KNOWN_KEYS = {"data", "kind", "data_options", "val_data", "val_split", "tokeniz
 _DEFAULT_COLLATORS = {"clip": ("contrastive", dict(base="multimodal")), "qwen2_vl": ("qwen2_vl", {}),
                       "molmo": ("multimodal", {}), "lm": ("causal_lm", {})}
 
+# %% ../nbs/04_loader.ipynb #eea2df9d
 def loader_parts(config: dict | str | Path) -> dict:
     "Parse a one-liner config into data, transform, collator and `LoaderConfig` (what `build_loader` uses)."
     from mmlit.dataset import TextCorpus, open_source

@@ -46,6 +46,7 @@ def need(key: str, value, ndim: int | tuple[int, ...], who: str) -> torch.Tensor
     if value.ndim not in ok: raise BatchError(f"{who}: '{key}' must have {' or '.join(map(str, ok))} dims, got shape {tuple(value.shape)}")
     return value
 
+# %% ../nbs/05_model.ipynb #66530aeb
 def same_shape(who: str, **tensors: torch.Tensor) -> None:
     "Raise `BatchError` naming the keys unless all `tensors` have one shape."
     (k0, t0), *rest = tensors.items()
@@ -76,6 +77,7 @@ def drop_pooled_output(tower: nn.Module) -> nn.Module:
         setattr(owner, name, nn.Identity())
     return tower
 
+# %% ../nbs/05_model.ipynb #a2f04b0c
 def build_tower(spec: dict | Any, pretrained: str | Path | None = None) -> nn.Module:
     "A `transformers` base model: random init from `spec`, or `from_pretrained(pretrained)` (a local directory)."
     from transformers import AutoConfig, AutoModel
@@ -121,6 +123,7 @@ class MeanPool(nn.Module):
         m = mask.to(x.dtype).unsqueeze(-1)
         return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
+# %% ../nbs/05_model.ipynb #569f9aed
 class LastPool(nn.Module):
     "The last real token (right or left padding)."
     def __init__(self, width: int, **_): super().__init__()
@@ -141,6 +144,7 @@ class AttentionPool(nn.Module):
         w = s.masked_fill(~mask.bool(), float("-inf")).softmax(-1)
         return (w.unsqueeze(-1) * x).sum(1)
 
+# %% ../nbs/05_model.ipynb #96705713
 class MultiheadAttentionPool(nn.Module):
     "`queries` learnable queries, multi-head attention over real tokens, averaged and layer-normalised."
     def __init__(self, width: int, heads: int = 4, queries: int = 4, **_):
@@ -155,6 +159,7 @@ class MultiheadAttentionPool(nn.Module):
         out, _ = self.attn(q, x, x, key_padding_mask=~mask.bool(), need_weights=False)
         return self.norm(out.mean(1))
 
+# %% ../nbs/05_model.ipynb #bcd0ff13
 POOLINGS = Registry("pooling")
 for _name, _cls in (("cls", CLSPool), ("mean", MeanPool), ("last", LastPool), ("attention", AttentionPool),
                     ("multihead_attention", MultiheadAttentionPool)):
@@ -177,6 +182,7 @@ def first_token_sees_text(tower: nn.Module) -> bool:
     finally: tower.train(was)
     return not torch.allclose(h[0, 0], h[1, 0], rtol=0, atol=1e-6)
 
+# %% ../nbs/05_model.ipynb #47981867
 def check_cls_pooling(tower: nn.Module, side: str) -> None:
     "Raise `ConfigError` unless the first token of `tower` (`side` 'vision' or 'text') sums up its input."
     kind = tower.config.model_type
@@ -266,6 +272,7 @@ class DualEncoderOutput:
     logit_scale: torch.Tensor | None = None
     mrl_dim: int | None = None
 
+# %% ../nbs/05_model.ipynb #001a2a8d
 @contextmanager
 def seeded_init(seed: int):
     "A context in which torch's global generator is seeded from `(seed, Stream.MODEL_INIT)`, restored after."
@@ -452,6 +459,7 @@ def check_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) ->
                ([f"mismatched shapes {shapes}"] if shapes else [])
     if problems: raise CheckpointError(f"{where}: weights do not fit {type(model).__name__}: " + "; ".join(problems))
 
+# %% ../nbs/05_model.ipynb #0472933b
 def save_weights(model: nn.Module, path: str | Path) -> None:
     "The model's state dict as safetensors (tensors made contiguous, shared storage copied)."
     from safetensors.torch import save_file
