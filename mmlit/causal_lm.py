@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import nn
 
 from .core import ConfigError, Registry
@@ -62,44 +63,51 @@ class CausalLM(nn.Module):
             cfg._attn_implementation = attn_implementation
             auto = AutoModelForCausalLM if type(cfg) in AutoModelForCausalLM._model_mapping else AutoModelForImageTextToText
             self.model = auto.from_pretrained(pretrained, config=cfg, local_files_only=True) if pretrained else auto.from_config(cfg)
-        self.epoch, self.step = 0, 0
+        self.epoch, self.micro_batch = 0, 0
 
     @property
-    def config(self): return self.model.config
+    def config(self):
+        "The `transformers` config of the wrapped model."
+        return self.model.config
 
-    def set_step(self, epoch: int, step: int) -> None:
-        "Record the trainer's `(epoch, step)` (nothing in a causal LM's forward is drawn from it)."
-        self.epoch, self.step = int(epoch), int(step)
+    def set_step(self, epoch: int, micro_batch: int) -> None:
+        "Record the trainer's `(epoch, micro_batch)` (nothing in a causal LM's forward is drawn from it)."
+        self.epoch, self.micro_batch = int(epoch), int(micro_batch)
 
-    def forward(self, input_ids=None, labels=None, shift_labels=None, return_loss: bool = True, **batch) -> CausalLMOutput:
-        "Logits and, with `labels` or `shift_labels`, the mean next-token cross-entropy."
-        ids = need("input_ids", input_ids, 2, self.name)
-        vocab = self.model.get_input_embeddings().num_embeddings
-        if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
-            raise BatchError(f"{self.name}: 'input_ids' holds token id {int(ids.max())} outside the model's vocabulary of {vocab}")
-        for k, v in (("labels", labels), ("shift_labels", shift_labels), ("attention_mask", batch.get("attention_mask"))):
-            if v is not None and v.ndim == 2: same_shape(self.name, input_ids=ids, **{k: v})
-        kw = {k: v.to(self.model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k in self._MODEL_KEYS}
-        if "attention_mask" in kw and kw["attention_mask"].ndim == 4: kw["attention_mask"] = kw["attention_mask"].to(self.model.dtype)
-        logits = self.model(input_ids=ids.to(self.model.device), use_cache=False, **kw).logits
-        out = CausalLMOutput(logits=logits)
-        if not return_loss or (labels is None and shift_labels is None): return out
-        if shift_labels is not None: lg, tg = logits, shift_labels.to(logits.device)
-        else: lg, tg = logits[:, :-1], labels[:, 1:].to(logits.device)
-        out.num_tokens = int((tg != -100).sum())
-        if out.num_tokens == 0: raise BatchError(f"{self.name}: every target of the batch is -100 (nothing to learn from)")
-        out.loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), tg.reshape(-1), ignore_index=-100)
-        return out
-
-    def save_pretrained(self, save_dir) -> Path:
-        "Write `config.json` (the seed and the full `transformers` config) and `model.safetensors`."
-        return save_pretrained_dir(self, save_dir, {"seed": self.seed, "lm": self.model.config.to_dict()})
-
-    @classmethod
-    def from_pretrained(cls, save_dir) -> "CausalLM":
-        "A model saved by `save_pretrained`."
-        return load_pretrained_dir(save_dir, cls, lambda cfg: cls(cfg["lm"], seed=cfg.get("seed", 0)))
-
+# %% ../nbs/05d_causal_lm.ipynb #29e2ab1c
 def build_causal_lm(preset: str | dict = "tiny", vocab_size: int | None = None, seed: int = 0, **overrides) -> CausalLM:
     "A randomly initialised causal LM from a preset or config dict."
     return CausalLM(causal_lm_config(preset, vocab_size, **overrides), seed=seed)
+
+# %% ../nbs/05d_causal_lm.ipynb #7f91a63c
+@patch
+def forward(self: CausalLM, input_ids=None, labels=None, shift_labels=None, return_loss: bool = True, **batch) -> CausalLMOutput:
+    "Logits and, with `labels` or `shift_labels`, the mean next-token cross-entropy."
+    ids = need("input_ids", input_ids, 2, self.name)
+    vocab = self.model.get_input_embeddings().num_embeddings
+    if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+        raise BatchError(f"{self.name}: 'input_ids' holds token id {int(ids.max())} outside the model's vocabulary of {vocab}")
+    for k, v in (("labels", labels), ("shift_labels", shift_labels), ("attention_mask", batch.get("attention_mask"))):
+        if v is not None and v.ndim == 2: same_shape(self.name, input_ids=ids, **{k: v})
+    kw = {k: v.to(self.model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k in self._MODEL_KEYS}
+    if "attention_mask" in kw and kw["attention_mask"].ndim == 4: kw["attention_mask"] = kw["attention_mask"].to(self.model.dtype)
+    logits = self.model(input_ids=ids.to(self.model.device), use_cache=False, **kw).logits
+    out = CausalLMOutput(logits=logits)
+    if not return_loss or (labels is None and shift_labels is None): return out
+    if shift_labels is not None: lg, tg = logits, shift_labels.to(logits.device)
+    else: lg, tg = logits[:, :-1], labels[:, 1:].to(logits.device)
+    out.num_tokens = int((tg != -100).sum())
+    if out.num_tokens == 0: raise BatchError(f"{self.name}: every target of the batch is -100 (nothing to learn from)")
+    out.loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), tg.reshape(-1), ignore_index=-100)
+    return out
+
+# %% ../nbs/05d_causal_lm.ipynb #2f213ab7
+@patch
+def save_pretrained(self: CausalLM, save_dir) -> Path:
+    "Write `config.json` (the seed and the full `transformers` config) and `model.safetensors`."
+    return save_pretrained_dir(self, save_dir, {"seed": self.seed, "lm": self.model.config.to_dict()})
+
+@patch(cls_method=True)
+def from_pretrained(cls: CausalLM, save_dir) -> CausalLM:
+    "A model saved by `save_pretrained`."
+    return load_pretrained_dir(save_dir, cls, lambda cfg: cls(cfg["lm"], seed=cfg.get("seed", 0)))

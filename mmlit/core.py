@@ -1,4 +1,4 @@
-"""Seeded generators, a small registry and the error types every later stage uses.
+"""Seeded generators, a small registry, the error types and the typed config parser every later stage uses.
 
 Docs: https://mmlit.github.io/mmlit/core.html.md"""
 
@@ -7,8 +7,10 @@ Docs: https://mmlit.github.io/mmlit/core.html.md"""
 # %% ../nbs/00_core.ipynb #58e0d291
 from __future__ import annotations
 
+import dataclasses, types, typing
+from collections.abc import Iterable, Mapping
 from enum import IntEnum, unique
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -16,7 +18,7 @@ import torch
 # %% auto #0
 __all__ = ['derive_seed', 'Stream', 'Rngs', 'np_rng', 'torch_rng', 'derive_rngs', 'torch_rng_from', 'MmlitError', 'ConfigError',
            'CheckpointError', 'UnknownNameError', 'BadRecordError', 'TooManyBadRecords', 'MissingExtraError',
-           'Registry']
+           'Registry', 'check_keys', 'config_from_dict', 'config_to_dict']
 
 # %% ../nbs/00_core.ipynb #dfab4841
 def _check_key(**parts: int) -> list[int]:
@@ -154,8 +156,77 @@ class Registry:
         "Names whose metadata match every given key (in registration order)."
         return [n for n, m in self._meta.items() if all(m.get(k) == v for k, v in meta.items())]
 
-    def names(self) -> list[str]: return list(self._items)
+    def names(self) -> list[str]:
+        "Every registered name, in registration order."
+        return list(self._items)
+
     def __contains__(self, name) -> bool: return name in self._items
     def __iter__(self) -> Iterator[str]: return iter(self._items)
     def __len__(self) -> int: return len(self._items)
     def __repr__(self) -> str: return f"Registry({self.kind!r}, {self.names()})"
+
+# %% ../nbs/00_core.ipynb #1473c928
+def check_keys(d: Mapping, known: Iterable[str], path: str = "") -> None:
+    "Raise `ConfigError` naming each key of `d` not in `known` by its path in the config, and the keys allowed there."
+    known = list(known)
+    if unknown := sorted((k for k in d if k not in known), key=str):
+        names = ", ".join(f"{path}.{k}" if path else str(k) for k in unknown)
+        raise ConfigError(f"unknown config key(s) {names}; known{' in ' + path if path else ''}: {', '.join(map(str, known))}")
+
+# %% ../nbs/00_core.ipynb #e6be3993
+def _type_name(t) -> str: return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+def _coerce(hint, v, path: str):
+    "`v` checked against the type `hint` (converted where lossless: int → float, list → tuple); `ConfigError` naming `path`."
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any: return v
+    if dataclasses.is_dataclass(hint): return config_from_dict(hint, v, path)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args: return None
+        errs = []
+        for a in (a for a in args if a is not type(None)):
+            try: return _coerce(a, v, path)
+            except ConfigError as e: errs.append(e)
+        raise errs[0] if len(errs) == 1 else ConfigError(f"{path}: expected {_type_name(hint)}, got {type(v).__name__} {v!r}")
+    if origin is Literal:
+        if v in args: return v
+        raise ConfigError(f"{path}: expected one of {list(args)}, got {v!r}")
+    if origin is tuple:
+        if not isinstance(v, (list, tuple)) or len(v) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {v!r}")
+        return tuple(_coerce(a, x, f"{path}[{i}]") for i, (a, x) in enumerate(zip(args, v)))
+    if origin is dict or hint is dict:
+        if isinstance(v, dict): return dict(v)
+    elif hint is bool:
+        if isinstance(v, bool): return v
+    elif hint is int:
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool): return int(v)
+    elif hint is float:
+        if isinstance(v, (int, float, np.number)) and not isinstance(v, bool): return float(v)
+    elif hint is str:
+        if isinstance(v, str): return v
+    else: return v
+    raise ConfigError(f"{path}: expected {_type_name(origin or hint)}, got {type(v).__name__} {v!r}")
+
+# %% ../nbs/00_core.ipynb #cb6fe5c9
+def config_from_dict(cls, d: Mapping | None, path: str = ""):
+    "An instance of dataclass `cls` from a dict: unknown keys and wrong types are `ConfigError`s naming the field."
+    if isinstance(d, cls): return d
+    where = f"{path}: " if path else ""
+    if d is None: d = {}
+    if not isinstance(d, Mapping): raise ConfigError(f"{where}expected a mapping for {cls.__name__}, got {type(d).__name__} {d!r}")
+    fields, hints = [f.name for f in dataclasses.fields(cls)], typing.get_type_hints(cls)
+    check_keys(d, fields, path)
+    kw = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in d.items()}
+    try: return cls(**kw)
+    except ConfigError as e:
+        raise ConfigError(f"{where}{e}") if path and not str(e).startswith(path) else e
+
+# %% ../nbs/00_core.ipynb #48d602d4
+def config_to_dict(cfg) -> dict:
+    "A plain dict (lists for tuples) of a config dataclass, ready for YAML or JSON; `config_from_dict` reads it back."
+    def plain(v):
+        if isinstance(v, (list, tuple)): return [plain(x) for x in v]
+        if isinstance(v, dict): return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import nn
 
-from .core import ConfigError
+from .core import ConfigError, config_from_dict, config_to_dict
 from .losses import batch_sizes, check_mrl_dims, contrastive_losses, dist_ready, gather_with_grad, mrl_prefix
 from .model import (BatchError, ContrastiveModel, DualEncoderOutput, MeanPool, load_pretrained_dir, need, same_shape,
                          save_pretrained_dir, seeded_init)
@@ -49,20 +50,21 @@ class EmbedderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EmbedderConfig":
-        "A config from a dict; unknown keys raise `ConfigError` naming them."
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(d) - known): raise ConfigError(f"unknown EmbedderConfig key(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        "A config from a dict, through `config_from_dict`: an unknown key or a wrong type is a `ConfigError` naming it."
+        return config_from_dict(cls, d)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self); d["mrl_dims"] = list(self.mrl_dims)
-        return d
+        "A JSON-ready dict (`from_dict` reads it back)."
+        return config_to_dict(self)
 
-    def with_instructions(self, tokenizer, instructions: dict[str, str] = DEFAULT_INSTRUCTIONS) -> "EmbedderConfig":
-        "A copy whose instruction prefixes are `instructions` encoded by `tokenizer`."
-        ids = {k: tokenizer(v, add_special_tokens=False)["input_ids"] for k, v in instructions.items()}
-        return dataclasses.replace(self, instruction_ids=ids)
+# %% ../nbs/05c_embedder.ipynb #00a16ed9
+@patch
+def with_instructions(self: EmbedderConfig, tokenizer, instructions: dict[str, str] = DEFAULT_INSTRUCTIONS) -> EmbedderConfig:
+    "A copy whose instruction prefixes are `instructions` encoded by `tokenizer`."
+    ids = {k: tokenizer(v, add_special_tokens=False)["input_ids"] for k, v in instructions.items()}
+    return dataclasses.replace(self, instruction_ids=ids)
 
+# %% ../nbs/05c_embedder.ipynb #62e76009
 def tiny_qwen2_vl_config(tokenizer, hidden: int = 64, layers: int = 2) -> dict:
     "A small Qwen2-VL backbone config whose special tokens are `tokenizer`'s (from mmlit.text)."
     from mmlit.text import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
@@ -99,43 +101,50 @@ class Qwen2VLEmbedder(ContrastiveModel):
         self.pool = MeanPool(width)
         self.init_temperatures(c)
 
-    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        "Mask-aware mean, projection, L2 norm: unit-norm top-dim embeddings."
-        return F.normalize(self.proj(self.pool(hidden, mask)), dim=-1)
+# %% ../nbs/05c_embedder.ipynb #a3723c90
+@patch
+def head(self: Qwen2VLEmbedder, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    "Mask-aware mean, projection, L2 norm: unit-norm top-dim embeddings."
+    return F.normalize(self.proj(self.pool(hidden, mask)), dim=-1)
 
-    def instruction(self, task: str | None) -> list[int]:
-        "The instruction prefix ids of `task` (or of `default`)."
-        ids = self.config.instruction_ids
-        if task in ids: return ids[task]
-        if "default" in ids: return ids["default"]
-        if not ids: return []
-        raise BatchError(f"{self.name}: no instruction for task {task!r} and no 'default'; known: {sorted(ids)}")
+# %% ../nbs/05c_embedder.ipynb #66dc6ca6
+@patch
+def instruction(self: Qwen2VLEmbedder, task: str | None) -> list[int]:
+    "The instruction prefix ids of `task` (or of `default`)."
+    ids = self.config.instruction_ids
+    if task in ids: return ids[task]
+    if "default" in ids: return ids["default"]
+    if not ids: return []
+    raise BatchError(f"{self.name}: no instruction for task {task!r} and no 'default'; known: {sorted(ids)}")
 
 # %% ../nbs/05c_embedder.ipynb #63f70611
-def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, dim: int | None = None,
-                 tasks: list | None = None) -> torch.Tensor:
+@patch
+def encode_text(self: Qwen2VLEmbedder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, dim: int | None = None,
+                tasks: list | None = None) -> torch.Tensor:
     "Unit-norm query embeddings: the task's instruction prefix + the tokens, mean-pooled."
     ids = need("input_ids", input_ids, 2, self.name)
-    am = torch.ones_like(ids) if attention_mask is None else need("attention_mask", attention_mask, 2, self.name)
-    same_shape(self.name, input_ids=ids, attention_mask=am)
+    attention_mask = torch.ones_like(ids) if attention_mask is None else need("attention_mask", attention_mask, 2, self.name)
+    same_shape(self.name, input_ids=ids, attention_mask=attention_mask)
     tasks = tasks or [None] * len(ids)
-    rows = [self.instruction(t) + r[m.bool()].tolist() for t, r, m in zip(tasks, ids, am)]
+    rows = [self.instruction(t) + r[real.bool()].tolist() for t, r, real in zip(tasks, ids, attention_mask)]
     L = max(len(r) for r in rows)
     pad = self.backbone.config.text_config.pad_token_id or 0
     x = torch.full((len(rows), L), pad, dtype=torch.long)
-    m = torch.zeros(len(rows), L, dtype=torch.long)
-    for i, r in enumerate(rows): x[i, :len(r)] = torch.tensor(r, dtype=torch.long); m[i, :len(r)] = 1
-    x, m = x.to(self.device), m.to(self.device)
-    h = self.backbone(input_ids=x, attention_mask=m, mm_token_type_ids=torch.zeros_like(x)).last_hidden_state
-    return mrl_prefix(self.head(h, m), dim or self.config.embed_dim)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows): x[i, :len(r)] = torch.tensor(r, dtype=torch.long); mask[i, :len(r)] = 1
+    x, mask = x.to(self.device), mask.to(self.device)
+    h = self.backbone(input_ids=x, attention_mask=mask, mm_token_type_ids=torch.zeros_like(x)).last_hidden_state
+    return mrl_prefix(self.head(h, mask), dim or self.config.embed_dim)
 
-def _encode_documents(self, input_ids, attention_mask, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None,
-                      doc_mask=None, dim: int | None = None, **unused) -> torch.Tensor:
+# %% ../nbs/05c_embedder.ipynb #6961bd7e
+@patch
+def encode_documents(self: Qwen2VLEmbedder, input_ids, attention_mask, pixel_values=None, image_grid_thw=None,
+                     mm_token_type_ids=None, doc_mask=None, dim: int | None = None, **unused) -> torch.Tensor:
     "Unit-norm document embeddings: the rows (with images) mean-pooled over `doc_mask` (default: every real token)."
     ids = need("input_ids", input_ids, 2, self.name)
-    am = need("attention_mask", attention_mask, 2, self.name)
-    same_shape(self.name, input_ids=ids, attention_mask=am)
-    kw = dict(input_ids=ids.to(self.device), attention_mask=am.to(self.device))
+    attention_mask = need("attention_mask", attention_mask, 2, self.name)
+    same_shape(self.name, input_ids=ids, attention_mask=attention_mask)
+    kw = dict(input_ids=ids.to(self.device), attention_mask=attention_mask.to(self.device))
     if mm_token_type_ids is not None: kw["mm_token_type_ids"] = mm_token_type_ids.to(self.device)
     if pixel_values is not None:
         if image_grid_thw is None: raise BatchError(f"{self.name}: 'pixel_values' without 'image_grid_thw'")
@@ -143,21 +152,20 @@ def _encode_documents(self, input_ids, attention_mask, pixel_values=None, image_
         if n != len(pixel_values): raise BatchError(f"{self.name}: 'image_grid_thw' gives {n} patches, 'pixel_values' holds {len(pixel_values)}")
         kw.update(pixel_values=pixel_values.to(self.device), image_grid_thw=image_grid_thw.to(self.device))
     h = self.backbone(**kw).last_hidden_state
-    mask = (am if doc_mask is None else doc_mask).to(self.device)
+    mask = (attention_mask if doc_mask is None else doc_mask).to(self.device)
     return mrl_prefix(self.head(h, mask), dim or self.config.embed_dim)
 
-Qwen2VLEmbedder.encode_text, Qwen2VLEmbedder.encode_documents = _encode_text, _encode_documents
-
 # %% ../nbs/05c_embedder.ipynb #2dd0e5e1
-def _forward(self, input_ids=None, attention_mask=None, labels=None, pixel_values=None, image_grid_thw=None,
-             mm_token_type_ids=None, task_labels=None, return_loss: bool = True, **unused) -> DualEncoderOutput:
+@patch
+def forward(self: Qwen2VLEmbedder, input_ids=None, attention_mask=None, labels=None, pixel_values=None, image_grid_thw=None,
+            mm_token_type_ids=None, task_labels=None, return_loss: bool = True, **unused) -> DualEncoderOutput:
     "Embed a Qwen2-VL chat batch as (document, query) pairs and compute the contrastive losses."
     ids = need("input_ids", input_ids, 2, self.name)
     if attention_mask is None: raise BatchError(f"{self.name}: the batch has no 'attention_mask'")
-    lab = need("labels", labels, 2, self.name)
-    same_shape(self.name, input_ids=ids, attention_mask=attention_mask, labels=lab)
+    labels = need("labels", labels, 2, self.name)
+    same_shape(self.name, input_ids=ids, attention_mask=attention_mask, labels=labels)
     real = attention_mask.bool()
-    doc, query = real & (lab == -100), real & (lab != -100)
+    doc, query = real & (labels == -100), real & (labels != -100)
     for i in range(len(ids)):
         if not doc[i].any() or not query[i].any():
             raise BatchError(f"{self.name}: row {i} needs unlabelled (document) and labelled (query) tokens; "
@@ -168,13 +176,14 @@ def _forward(self, input_ids=None, attention_mask=None, labels=None, pixel_value
     out = DualEncoderOutput(image_embeds=image, text_embeds=text, logit_scale=scale.detach(),
                             mrl_dim=self.mrl_dim if self.training else None)
     if not return_loss: return out
-    gi, gt = image, text
+    all_image, all_text = image, text                  # every rank's under torch.distributed
     if dist_ready():
         sizes = batch_sizes(len(image), image.device)
-        gi, gt = gather_with_grad(image, sizes), gather_with_grad(text, sizes)
+        all_image, all_text = gather_with_grad(image, sizes), gather_with_grad(text, sizes)
     kw = dict(clip_weight=self.config.clip_weight, mrl_weight=self.config.mrl_weight, siglip_weight=self.config.siglip_weight)
     if self.config.siglip_weight: kw.update(siglip_scale=self.siglip_logit_scale.exp(), siglip_bias=self.siglip_logit_bias)
-    losses = contrastive_losses(gi, gt, scale, mrl_dims=self.config.mrl_dims, mrl_dim=out.mrl_dim if self.training else None, **kw)
+    losses = contrastive_losses(all_image, all_text, scale, mrl_dims=self.config.mrl_dims,
+                                mrl_dim=out.mrl_dim if self.training else None, **kw)
     if not self.training:                              # eval: the MRL loss averaged over every dimension
         n = len(self.config.mrl_dims)
         losses["loss"] = losses["loss"] - self.config.mrl_weight * losses["loss_mrl"] * (1 - 1 / n)
@@ -182,17 +191,14 @@ def _forward(self, input_ids=None, attention_mask=None, labels=None, pixel_value
     for k, v in losses.items(): setattr(out, k, v)
     return out
 
-Qwen2VLEmbedder.forward = _forward
-
 # %% ../nbs/05c_embedder.ipynb #dcf2d050
-def _save_pretrained(self, save_dir) -> Path:
+@patch
+def save_pretrained(self: Qwen2VLEmbedder, save_dir) -> Path:
     "Write `config.json` (with the backbone's full config) and `model.safetensors`."
     cfg = self.config.to_dict(); cfg.update(backbone=self.backbone.config.to_dict(), backbone_pretrained=None)
     return save_pretrained_dir(self, save_dir, cfg)
 
-@classmethod
-def _from_pretrained(cls, save_dir) -> "Qwen2VLEmbedder":
+@patch(cls_method=True)
+def from_pretrained(cls: Qwen2VLEmbedder, save_dir) -> Qwen2VLEmbedder:
     "A model saved by `save_pretrained`."
     return load_pretrained_dir(save_dir, cls, lambda cfg: cls(EmbedderConfig.from_dict(cfg)))
-
-Qwen2VLEmbedder.save_pretrained, Qwen2VLEmbedder.from_pretrained = _save_pretrained, _from_pretrained

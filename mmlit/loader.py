@@ -24,7 +24,7 @@ import torch
 from fastcore.basics import patch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from .core import ConfigError, Stream, TooManyBadRecords, derive_seed
+from .core import ConfigError, Stream, TooManyBadRecords, check_keys, config_from_dict, derive_seed
 from .dataset import (BadRecord, DeterministicDataset, MMDataset, Mixture, SkipReport, Skipped,
                            as_mm_dataset, split_skipped)
 from .storage import IOStats, Location, io_stats
@@ -32,9 +32,9 @@ from .storage import IOStats, Location, io_stats
 # %% auto #0
 __all__ = ['RANK_SPLITS', 'LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'rank_steps', 'ShardedBatchSampler',
            'TimedTransform', 'Samples', 'StepFetcher', 'Delivery', 'SkipAwareCollate', 'WorkerSeeder',
-           'resolve_collate', 'dist_rank_world', 'data_fingerprint', 'LoaderTimings', 'ResumableLoader', 'make_loader',
-           'LoaderProfile', 'profile_loader', 'DataModule', 'RowSubset', 'split_rows', 'LoaderDataModule', 'WithTask',
-           'load_tokenizer', 'loader_parts', 'build_data_module', 'build_loader']
+           'resolve_collate', 'rank_and_world_size', 'data_fingerprint', 'LoaderTimings', 'ResumableLoader',
+           'make_loader', 'LoaderProfile', 'profile_loader', 'DataModule', 'RowSubset', 'split_rows',
+           'LoaderDataModule', 'WithTask', 'load_tokenizer', 'loader_parts', 'build_data_module', 'build_loader']
 
 # %% ../nbs/04_loader.ipynb #cb749e57
 def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
@@ -73,22 +73,21 @@ class LoaderConfig:
         if self.collate is not None and not (isinstance(self.collate, str) or callable(self.collate)):
             raise ConfigError(f"collate must be a collator name or a callable, got {type(self.collate).__name__}")
 
-    def resolved(self) -> LoaderConfig:
-        "A copy with every automatic choice made."
-        w = self.num_workers > 0
-        pick = lambda v, auto: auto if v is None else v
-        return dataclasses.replace(
-            self, shuffle=pick(self.shuffle, self.train), drop_last=pick(self.drop_last, self.train),
-            pin_memory=pick(self.pin_memory, torch.cuda.is_available()),
-            persistent_workers=pick(self.persistent_workers, w), prefetch_factor=pick(self.prefetch_factor, 2 if w else None))
+# %% ../nbs/04_loader.ipynb #3d4eb307
+@patch
+def resolved(self: LoaderConfig) -> LoaderConfig:
+    "A copy with every automatic choice made."
+    w = self.num_workers > 0
+    pick = lambda v, auto: auto if v is None else v
+    return dataclasses.replace(
+        self, shuffle=pick(self.shuffle, self.train), drop_last=pick(self.drop_last, self.train),
+        pin_memory=pick(self.pin_memory, torch.cuda.is_available()),
+        persistent_workers=pick(self.persistent_workers, w), prefetch_factor=pick(self.prefetch_factor, 2 if w else None))
 
-    @classmethod
-    def from_dict(cls, d: dict) -> LoaderConfig:
-        "A config from a dict; unknown keys are an error."
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown: raise ConfigError(f"unknown loader option(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
+@patch(cls_method=True)
+def from_dict(cls: LoaderConfig, d: dict) -> LoaderConfig:
+    "A config from a dict, through `config_from_dict`: an unknown key or a wrong type is a `ConfigError` naming it."
+    return config_from_dict(cls, d)
 
 # %% ../nbs/04_loader.ipynb #1ec99a1b
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, blocks: Sequence[int] | None = None,
@@ -107,6 +106,7 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, blocks: Seq
     win = np.repeat(np.arange(len(sizes)) // window, sizes)                     # the window each row falls in
     return rows[np.lexsort((rng.random(n), win))].astype(np.int64)             # shuffled within its window
 
+# %% ../nbs/04_loader.ipynb #b6d48db5
 class Step(NamedTuple):
     "One rank's share of a global step: its batch number `step` in the epoch, dataset `indices`, the global position `end` after it."
     epoch: int
@@ -119,6 +119,7 @@ def count_steps(n: int, batch_size: int, world_size: int = 1, start: int = 0, dr
     left, gb = max(n - start, 0), batch_size * world_size
     return left // gb if drop_last else -(-left // gb)
 
+# %% ../nbs/04_loader.ipynb #ca165857
 def rank_steps(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0,
                world_size: int = 1, start: int = 0, drop_last: bool = False, blocks: Sequence[int] | None = None,
                window: int | None = None, rank_split: str = "stream") -> list[Step]:
@@ -155,15 +156,22 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
         "Make the next iteration cover `epoch` from global position `start`."
         self.epoch, self.start = int(epoch), int(start)
 
-    def set_epoch(self, epoch: int): self.seek(epoch, 0)
+    def set_epoch(self, epoch: int):
+        "Make the next iteration cover `epoch` from its start."
+        self.seek(epoch, 0)
 
-    def steps(self) -> list[Step]:
-        return rank_steps(self.n, self.batch_size, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank,
-                          world_size=self.world_size, start=self.start, drop_last=self.drop_last, blocks=self.blocks,
-                          window=self.window, rank_split=self.rank_split)
+# %% ../nbs/04_loader.ipynb #cc86218e
+@patch
+def steps(self: ShardedBatchSampler) -> list[Step]:
+    "This rank's steps from the current epoch and start position."
+    return rank_steps(self.n, self.batch_size, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank,
+                      world_size=self.world_size, start=self.start, drop_last=self.drop_last, blocks=self.blocks,
+                      window=self.window, rank_split=self.rank_split)
 
-    def __iter__(self) -> Iterator[Step]: return iter(self.steps())
-    def __len__(self) -> int: return count_steps(self.n, self.batch_size, self.world_size, self.start, self.drop_last)
+@patch
+def __iter__(self: ShardedBatchSampler) -> Iterator[Step]: return iter(self.steps())
+@patch
+def __len__(self: ShardedBatchSampler) -> int: return count_steps(self.n, self.batch_size, self.world_size, self.start, self.drop_last)
 
 # %% ../nbs/04_loader.ipynb #004073b0
 class TimedTransform:
@@ -181,6 +189,7 @@ class Samples(list):
     preprocess_s: float = 0.0
     began: float = 0.0
 
+# %% ../nbs/04_loader.ipynb #3bce5bcb
 class StepFetcher(Dataset):
     "The `DataLoader`'s view of a dataset: fetches a whole `Step` at its epoch and times it."
     def __init__(self, dataset):
@@ -193,19 +202,22 @@ class StepFetcher(Dataset):
     def __len__(self) -> int: return len(self.dataset)
     def __getitem__(self, idx: int): return self.dataset[idx]
 
-    def __getitems__(self, step: Step) -> Samples:
-        if hasattr(self.dataset, "set_epoch") and getattr(self.dataset, "epoch", None) != step.epoch:
-            self.dataset.set_epoch(step.epoch)
-        pre0, t0 = self.timer.seconds if self.timer else 0.0, time.perf_counter()
-        idx = step.indices
-        if self.in_index_order:
-            order = sorted(range(len(idx)), key=idx.__getitem__)
-            out = Samples([None] * len(idx))
-            for k, sample in zip(order, self.dataset.__getitems__([idx[k] for k in order])): out[k] = sample
-        else: out = Samples(self.dataset[i] for i in idx)
-        pre = (self.timer.seconds if self.timer else 0.0) - pre0
-        out.step, out.preprocess_s, out.fetch_s, out.began = step, pre, time.perf_counter() - t0 - pre, t0
-        return out
+# %% ../nbs/04_loader.ipynb #8085dc81
+@patch
+def __getitems__(self: StepFetcher, step: Step) -> Samples:
+    "The samples of `step`, at its epoch, in step order (a `DeterministicDataset`'s fetched in index order), timed."
+    if hasattr(self.dataset, "set_epoch") and getattr(self.dataset, "epoch", None) != step.epoch:
+        self.dataset.set_epoch(step.epoch)
+    pre0, t0 = self.timer.seconds if self.timer else 0.0, time.perf_counter()
+    idx = step.indices
+    if self.in_index_order:
+        order = sorted(range(len(idx)), key=idx.__getitem__)
+        out = Samples([None] * len(idx))
+        for k, sample in zip(order, self.dataset.__getitems__([idx[k] for k in order])): out[k] = sample
+    else: out = Samples(self.dataset[i] for i in idx)
+    pre = (self.timer.seconds if self.timer else 0.0) - pre0
+    out.step, out.preprocess_s, out.fetch_s, out.began = step, pre, time.perf_counter() - t0 - pre, t0
+    return out
 
 # %% ../nbs/04_loader.ipynb #22902bc5
 class Delivery(NamedTuple):
@@ -214,6 +226,7 @@ class Delivery(NamedTuple):
     bad: list
     stats: dict
 
+# %% ../nbs/04_loader.ipynb #39926ecf
 class SkipAwareCollate:
     "Drop `Skipped` samples, collate the rest, and return a `Delivery` carrying the `BadRecord`s."
     def __init__(self, collate_fn: Callable): self.collate_fn = collate_fn
@@ -241,6 +254,7 @@ class WorkerSeeder:
         s = derive_seed(self.seed, 0, worker_id, Stream.WORKER)
         random.seed(s); np.random.seed(s % 2**32); torch.manual_seed(s)
 
+# %% ../nbs/04_loader.ipynb #673a93d7
 def resolve_collate(collate: str | Callable | None, **options) -> Callable:
     "A collate callable: `default_collate`, the callable itself, or `mmlit.collate`'s collator `collate` built with `options`."
     if collate is None: return default_collate
@@ -250,7 +264,7 @@ def resolve_collate(collate: str | Callable | None, **options) -> Callable:
     return collators.build(collate, **options)
 
 # %% ../nbs/04_loader.ipynb #fb9053cf
-def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+def rank_and_world_size(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
     "`(rank, world_size)`: the explicit ones, else torch.distributed's when initialised, else `(0, 1)`."
     if (rank is None) != (world_size is None): raise ConfigError("give both rank and world_size, or neither")
     if rank is None:
@@ -279,6 +293,7 @@ def _describe(ds, depth: int = 0) -> dict:
         out["weights"] = np.asarray(getattr(ds, "weights", [])).round(12).tolist()
     return out
 
+# %% ../nbs/04_loader.ipynb #3b0f827e
 def data_fingerprint(dataset) -> str:
     "A short hash of the data: files (names, sizes), row counts and wrappers; no record is read."
     return hashlib.sha1(json.dumps(_describe(dataset), sort_keys=True).encode()).hexdigest()[:16]
@@ -295,12 +310,15 @@ class LoaderTimings:
     busy: dict = field(default_factory=dict)
 
     def add(self, stats: dict):
+        "Count one batch's worker statistics."
         self.batches += 1
         self.samples += stats["samples"]
         self.fetch += stats["fetch"]; self.preprocess += stats["preprocess"]; self.collate += stats["collate"]
         self.busy[stats["worker"]] = self.busy.get(stats["worker"], 0.0) + stats["busy"]
 
-    def reset(self): self.__init__()
+    def reset(self):
+        "Back to zero."
+        self.__init__()
 
 # %% ../nbs/04_loader.ipynb #f5c0724c
 def _as_dataset(dataset, transform: Callable | None, seed: int):
@@ -313,6 +331,7 @@ def _as_dataset(dataset, transform: Callable | None, seed: int):
         raise ConfigError(f"the loader needs a map-style dataset (len and []), got {type(dataset).__name__}")
     return dataset
 
+# %% ../nbs/04_loader.ipynb #18e91743
 def _wrapped(dataset) -> Iterator:
     "The dataset and those it wraps (`dataset`, `parent`, `ds` attributes), outermost first."
     for _ in range(10):                                   # wrappers of wrappers, not a cycle
@@ -332,7 +351,7 @@ class ResumableLoader:
                  collate: str | Callable | None = None, collate_options: dict | None = None,
                  rank: int | None = None, world_size: int | None = None):
         self.config = cfg = (config or LoaderConfig()).resolved()
-        self.rank, self.world_size = dist_rank_world(rank, world_size)
+        self.rank, self.world_size = rank_and_world_size(rank, world_size)
         self.dataset = _as_dataset(dataset, transform, cfg.seed)
         blocks = getattr(self.dataset, "blocks", None) if cfg.shuffle and cfg.shuffle_window else None
         self.blocks = None if blocks is None else np.asarray(blocks, dtype=np.int64)
@@ -359,21 +378,29 @@ class ResumableLoader:
             if isinstance(getattr(d, "report", None), SkipReport): self.report.extend(d.report)
         self.max_bad_fraction, self._bad_of = _bad_limit(self.dataset)
 
-    @property
-    def n(self) -> int: return len(self.dataset)
-    def __len__(self) -> int:
-        "Batches per epoch on this rank."
-        return count_steps(self.n, self.config.batch_size, self.world_size, 0, self.config.drop_last)
-    @property
-    def remaining(self) -> int:
-        "Batches left in the current epoch on this rank."
-        return count_steps(self.n, self.config.batch_size, self.world_size, self.position, self.config.drop_last)
+# %% ../nbs/04_loader.ipynb #c4742893
+@patch(as_prop=True)
+def n(self: ResumableLoader) -> int:
+    "The number of samples in the dataset."
+    return len(self.dataset)
 
-    def __repr__(self) -> str:
-        c = self.config
-        return (f"ResumableLoader(n={self.n}, batch_size={c.batch_size}, rank={self.rank}/{self.world_size}, "
-                f"workers={c.num_workers}, epoch={self.epoch}, position={self.position})")
+@patch
+def __len__(self: ResumableLoader) -> int:
+    "Batches per epoch on this rank."
+    return count_steps(self.n, self.config.batch_size, self.world_size, 0, self.config.drop_last)
 
+@patch(as_prop=True)
+def remaining(self: ResumableLoader) -> int:
+    "Batches left in the current epoch on this rank."
+    return count_steps(self.n, self.config.batch_size, self.world_size, self.position, self.config.drop_last)
+
+@patch
+def __repr__(self: ResumableLoader) -> str:
+    c = self.config
+    return (f"ResumableLoader(n={self.n}, batch_size={c.batch_size}, rank={self.rank}/{self.world_size}, "
+            f"workers={c.num_workers}, epoch={self.epoch}, position={self.position})")
+
+# %% ../nbs/04_loader.ipynb #fc922b37
 def make_loader(dataset, config: LoaderConfig | dict | None = None, **kwargs) -> ResumableLoader:
     "A `ResumableLoader` (its `.dataloader` is the torch `DataLoader`) from a dataset and a config."
     if isinstance(config, dict): config = LoaderConfig.from_dict(config)
@@ -392,8 +419,10 @@ def set_epoch(self: ResumableLoader, epoch: int):
     self._roll()
     if int(epoch) != self.epoch: self.epoch, self.position = int(epoch), 0
 
+# %% ../nbs/04_loader.ipynb #9d8cabcb
 @patch
 def __iter__(self: ResumableLoader) -> Iterator:
+    "The batches of the current epoch from the current position; the position follows each batch handed out."
     self._roll()
     epoch = self.epoch
     self.sampler.seek(epoch, self.position)
@@ -407,6 +436,7 @@ def __iter__(self: ResumableLoader) -> Iterator:
         if d.batch is not None: yield d.batch
     self.epoch, self.position = epoch + 1, 0
 
+# %% ../nbs/04_loader.ipynb #510adda9
 @patch
 def _check_bad(self: ResumableLoader):
     "Enforce `max_bad_fraction` on the bad records of all workers together (each worker sees only its share)."
@@ -428,6 +458,7 @@ def state_dict(self: ResumableLoader) -> dict:
                 batch_size=c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, n=self.n, shuffle_window=self.window,
                 rank_split=self.rank_split, fingerprint=self.fingerprint)
 
+# %% ../nbs/04_loader.ipynb #f398d1cf
 @patch
 def load_state_dict(self: ResumableLoader, state: dict):
     "Continue from `state` (saved with any world size); the next batch is the first one not consumed."
@@ -475,6 +506,7 @@ class LoaderProfile:
                 f"collate {self.collate_s / work:.0%}; utilisation {self.worker_utilisation:.0%}\n"
                 f"loader overhead: {self.overhead:.1%} of step time (waited {self.wait_s:.2f}s, stepped {self.step_s:.2f}s)")
 
+# %% ../nbs/04_loader.ipynb #aeabac1b
 def profile_loader(loader: ResumableLoader, steps: int | None = None, step_fn: Callable | None = None,
                    warmup: int = 1, progress: bool = True) -> LoaderProfile:
     "Iterate `loader` for `steps` batches (default: the rest of the epoch) and measure it; its state is restored."
@@ -506,9 +538,12 @@ def profile_loader(loader: ResumableLoader, steps: int | None = None, step_fn: C
 @runtime_checkable
 class DataModule(Protocol):
     "Anything with `train_dataloader()` and `val_dataloader()` (what Lightning's Trainer calls)."
-    def train_dataloader(self) -> Iterable: ...
-    def val_dataloader(self) -> Iterable: ...
+    def train_dataloader(self) -> Iterable:
+        "The training loader."
+    def val_dataloader(self) -> Iterable:
+        "The validation loader (empty without validation data)."
 
+# %% ../nbs/04_loader.ipynb #e57b4cc0
 class RowSubset(MMDataset):
     "Rows `indices` of a dataset as a dataset; bad records go to the parent's policy and report."
     def __init__(self, dataset, indices: Sequence[int]):
@@ -517,13 +552,25 @@ class RowSubset(MMDataset):
         self.indices, self.source = np.asarray(indices, dtype=np.int64), self.parent.source
 
     def __len__(self) -> int: return len(self.indices)
-    @property
-    def report(self) -> SkipReport: return self.parent.report
-    @report.setter
-    def report(self, value): pass
-    def get(self, idx: int, rng=None): return self.parent.get(int(self.indices[self._check_index(idx)]), rng)
-    def handle_bad(self, err, idx: int): return self.parent.handle_bad(err, int(self.indices[idx]))
 
+    @property
+    def report(self) -> SkipReport:
+        "The parent's report: bad records are counted where the rows come from."
+        return self.parent.report
+
+    @report.setter
+    def report(self, value):
+        "Ignored: the parent's report is the one that counts."
+
+    def get(self, idx: int, rng=None):
+        "Row `indices[idx]` of the parent."
+        return self.parent.get(int(self.indices[self._check_index(idx)]), rng)
+
+    def handle_bad(self, err, idx: int):
+        "The parent's policy for its row `indices[idx]`."
+        return self.parent.handle_bad(err, int(self.indices[idx]))
+
+# %% ../nbs/04_loader.ipynb #483a9eab
 def split_rows(n: int, val_split: float | int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     "`(train, val)` row numbers: a seeded split of `range(n)`, `val_split` a fraction in (0, 1) or a count."
     k = int(round(n * val_split)) if isinstance(val_split, float) else val_split
@@ -552,23 +599,34 @@ class LoaderDataModule:
         self.train_data, self.val_data = train_data, val_data
         self._train = self._val = None
 
-    def train_dataloader(self) -> ResumableLoader:
-        "The training loader (one object, so its state carries across calls)."
-        if self._train is None:
-            self._train = make_loader(self.train_data, dataclasses.replace(self.config, train=True),
-                                      transform=self.transform, collate=self.collate, **self.dist)
-        return self._train
+# %% ../nbs/04_loader.ipynb #f88ba213
+@patch
+def train_dataloader(self: LoaderDataModule) -> ResumableLoader:
+    "The training loader (one object, so its state carries across calls)."
+    if self._train is None:
+        self._train = make_loader(self.train_data, dataclasses.replace(self.config, train=True),
+                                  transform=self.transform, collate=self.collate, **self.dist)
+    return self._train
 
-    def val_dataloader(self) -> ResumableLoader | list:
-        "The evaluation loader (in order, nothing dropped), or `[]` without validation data."
-        if self.val_data is None: return []
-        if self._val is None:
-            c = dataclasses.replace(self.config, train=False, shuffle=None, drop_last=None)
-            self._val = make_loader(self.val_data, c, transform=self.val_transform, collate=self.collate, **self.dist)
-        return self._val
+@patch
+def val_dataloader(self: LoaderDataModule) -> ResumableLoader | list:
+    "The evaluation loader (in order, nothing dropped), or `[]` without validation data."
+    if self.val_data is None: return []
+    if self._val is None:
+        c = dataclasses.replace(self.config, train=False, shuffle=None, drop_last=None)
+        self._val = make_loader(self.val_data, c, transform=self.val_transform, collate=self.collate, **self.dist)
+    return self._val
 
-    def state_dict(self) -> dict: return {"train": self.train_dataloader().state_dict()}
-    def load_state_dict(self, state: dict): self.train_dataloader().load_state_dict(state["train"])
+# %% ../nbs/04_loader.ipynb #72fea58b
+@patch
+def state_dict(self: LoaderDataModule) -> dict:
+    "The training loader's state, under `train`."
+    return {"train": self.train_dataloader().state_dict()}
+
+@patch
+def load_state_dict(self: LoaderDataModule, state: dict):
+    "Continue the training loader from a `state_dict()`."
+    self.train_dataloader().load_state_dict(state["train"])
 
 # %% ../nbs/04_loader.ipynb #0f0f21c5
 class WithTask:
@@ -580,12 +638,14 @@ class WithTask:
 
 # %% ../nbs/04_loader.ipynb #b6f15828
 def _read_config(config: dict | str | Path) -> dict:
+    "A one-liner config as a new dict, from a dict or a YAML file."
     if isinstance(config, (str, Path)):
         import yaml
         with open(config) as f: config = yaml.safe_load(f)
     if not isinstance(config, dict): raise ConfigError(f"a loader config is a dict or a YAML file of one, got {type(config).__name__}")
     return dict(config)
 
+# %% ../nbs/04_loader.ipynb #72ae7460
 def load_tokenizer(spec, data_path=None, kind: str | None = None, data_options: dict | None = None):
     "A tokenizer from a local directory, or trained offline (`{train: {...}, save_dir: ...}`) on the data's texts."
     if isinstance(spec, (str, Path)):
@@ -609,18 +669,19 @@ _KNOWN_KEYS = {"data", "kind", "data_options", "val_data", "val_split", "tokeniz
 _DEFAULT_COLLATORS = {"clip": ("contrastive", dict(base="multimodal")), "qwen2_vl": ("qwen2_vl", {}),
                       "molmo": ("multimodal", {}), "lm": ("causal_lm", {})}
 
+# %% ../nbs/04_loader.ipynb #eea2df9d
 def loader_parts(config: dict | str | Path) -> dict:
     "Parse a one-liner config into data, transform, collator and `LoaderConfig` (what `build_loader` uses)."
     from mmlit.dataset import TextCorpus, open_source
     cfg = _read_config(config)
-    loader_keys = {f.name for f in dataclasses.fields(LoaderConfig)}
+    loader_keys = [f.name for f in dataclasses.fields(LoaderConfig)]
+    check_keys(cfg.get("loader") or {}, loader_keys, "loader")
     lcfg = {**{k: cfg.pop(k) for k in list(cfg) if k in loader_keys}, **(cfg.pop("loader", None) or {})}
-    unknown = sorted(set(cfg) - _KNOWN_KEYS)
-    if unknown: raise ConfigError(f"unknown config key(s) {unknown}; known: {sorted(_KNOWN_KEYS | loader_keys)}")
+    check_keys(cfg, sorted(_KNOWN_KEYS | set(loader_keys)))
     if "data" not in cfg: raise ConfigError("the config needs 'data': a Parquet, JSONL or text path")
     task, kind, opts = cfg.get("task"), cfg.get("kind"), dict(cfg.get("data_options") or {})
     tok = load_tokenizer(cfg.get("tokenizer"), cfg["data"], kind, opts)
-    parts = dict(loader_config=LoaderConfig.from_dict(lcfg), val_split=cfg.get("val_split"))
+    parts = dict(loader_config=config_from_dict(LoaderConfig, lcfg), val_split=cfg.get("val_split"))
     if task == "lm":
         from mmlit.text import lm_windows
         if not cfg.get("max_length"): raise ConfigError("task 'lm' needs max_length (the window length)")
@@ -646,6 +707,7 @@ def loader_parts(config: dict | str | Path) -> dict:
     parts.update(collate=name, collate_options=copts, tokenizer=tok)
     return parts
 
+# %% ../nbs/04_loader.ipynb #97df9851
 def build_data_module(config: dict | str | Path, rank: int | None = None, world_size: int | None = None) -> LoaderDataModule:
     "A `LoaderDataModule` from a one-liner config (dict or YAML path)."
     p = loader_parts(config)

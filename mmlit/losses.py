@@ -34,10 +34,10 @@ def check_mrl_dims(dims: Sequence[int], top: int) -> tuple[int, ...]:
         raise ConfigError(f"mrl_dims must be distinct dimensions in 1..{top} (the top dim), got {list(dims)}")
     return tuple(sorted(dims, reverse=True))
 
-def draw_mrl_dim(dims: Sequence[int], seed: int, epoch: int, step: int) -> int:
-    "The MRL dimension trained at `(epoch, step)`: a pure function of `(seed, epoch, step)`."
+def draw_mrl_dim(dims: Sequence[int], seed: int, epoch: int, micro_batch: int) -> int:
+    "The MRL dimension trained at `(epoch, micro_batch)`: a pure function of `(seed, epoch, micro_batch)`."
     if not dims: raise ConfigError("no MRL dimensions to draw from")
-    s = derive_seed(seed, epoch, step, Stream.MRL_DIM)
+    s = derive_seed(seed, epoch, micro_batch, Stream.MRL_DIM)
     return int(dims[s % len(dims)])
 
 # %% ../nbs/05a_losses.ipynb #123c5fa1

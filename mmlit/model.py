@@ -16,9 +16,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import nn
 
-from .core import CheckpointError, ConfigError, MmlitError, Registry, Stream, derive_seed
+from .core import CheckpointError, ConfigError, MmlitError, Registry, Stream, config_from_dict, config_to_dict, derive_seed
 from .losses import (batch_sizes, check_mrl_dims, contrastive_losses, dist_ready, draw_mrl_dim,
                           gather_with_grad, mrl_prefix)
 from .preprocess import get_normalisation, normalize as normalize_uint8
@@ -45,6 +46,7 @@ def need(key: str, value, ndim: int | tuple[int, ...], who: str) -> torch.Tensor
     if value.ndim not in ok: raise BatchError(f"{who}: '{key}' must have {' or '.join(map(str, ok))} dims, got shape {tuple(value.shape)}")
     return value
 
+# %% ../nbs/05_model.ipynb #66530aeb
 def same_shape(who: str, **tensors: torch.Tensor) -> None:
     "Raise `BatchError` naming the keys unless all `tensors` have one shape."
     (k0, t0), *rest = tensors.items()
@@ -62,6 +64,7 @@ def tower_config(spec: dict | Any):
     try: return AutoConfig.for_model(spec["model_type"], **kw)
     except ValueError as e: raise ConfigError(f"tower config: {e}") from None
 
+# %% ../nbs/05_model.ipynb #e5afb053
 POOLED_OUTPUT_ONLY = {"clip_vision_model": ("post_layernorm",), "siglip_vision_model": ("head",), "convnext": ("layernorm",)}
 
 def drop_pooled_output(tower: nn.Module) -> nn.Module:
@@ -74,6 +77,7 @@ def drop_pooled_output(tower: nn.Module) -> nn.Module:
         setattr(owner, name, nn.Identity())
     return tower
 
+# %% ../nbs/05_model.ipynb #a2f04b0c
 def build_tower(spec: dict | Any, pretrained: str | Path | None = None) -> nn.Module:
     "A `transformers` base model: random init from `spec`, or `from_pretrained(pretrained)` (a local directory)."
     from transformers import AutoConfig, AutoModel
@@ -88,6 +92,7 @@ def build_tower(spec: dict | Any, pretrained: str | Path | None = None) -> nn.Mo
     tower = cls.from_pretrained(pretrained, local_files_only=True, **kw) if pretrained is not None else cls(cfg, **kw)
     return drop_pooled_output(tower)
 
+# %% ../nbs/05_model.ipynb #347f8cc4
 def tower_width(model: nn.Module) -> int:
     "The width of a tower's last hidden state."
     cfg = model.config
@@ -106,32 +111,40 @@ def tower_tokens(out) -> torch.Tensor:
 class CLSPool(nn.Module):
     "The first token."
     def __init__(self, width: int, **_): super().__init__()
-    def forward(self, x, mask): return x[:, 0]
+    def forward(self, x, mask):
+        "`[B, H]`: the first token of `x [B, T, H]`."
+        return x[:, 0]
 
 class MeanPool(nn.Module):
     "The mean over real tokens."
     def __init__(self, width: int, **_): super().__init__()
     def forward(self, x, mask):
+        "`[B, H]`: the mean of `x [B, T, H]` over the tokens where `mask [B, T]` is 1."
         m = mask.to(x.dtype).unsqueeze(-1)
         return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
+# %% ../nbs/05_model.ipynb #569f9aed
 class LastPool(nn.Module):
     "The last real token (right or left padding)."
     def __init__(self, width: int, **_): super().__init__()
     def forward(self, x, mask):
+        "`[B, H]`: the last token of `x [B, T, H]` where `mask [B, T]` is 1."
         idx = (mask.long() * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(1)
         return x[torch.arange(len(x), device=x.device), idx]
 
+# %% ../nbs/05_model.ipynb #458f7f52
 class AttentionPool(nn.Module):
     "One learnable query; softmax over real tokens of `tokens · query / √H` weighs the tokens."
     def __init__(self, width: int, **_):
         super().__init__()
         self.query = nn.Parameter(torch.randn(width) / math.sqrt(width))
     def forward(self, x, mask):
+        "`[B, H]`: the tokens of `x [B, T, H]` weighed by their softmaxed scores over the real ones (`mask [B, T]`)."
         s = (x @ self.query) / math.sqrt(x.shape[-1])
         w = s.masked_fill(~mask.bool(), float("-inf")).softmax(-1)
         return (w.unsqueeze(-1) * x).sum(1)
 
+# %% ../nbs/05_model.ipynb #96705713
 class MultiheadAttentionPool(nn.Module):
     "`queries` learnable queries, multi-head attention over real tokens, averaged and layer-normalised."
     def __init__(self, width: int, heads: int = 4, queries: int = 4, **_):
@@ -141,10 +154,12 @@ class MultiheadAttentionPool(nn.Module):
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.norm = nn.LayerNorm(width)
     def forward(self, x, mask):
+        "`[B, H]`: the queries' attention over the real tokens of `x [B, T, H]` (`mask [B, T]`), averaged and normalised."
         q = self.queries.unsqueeze(0).expand(len(x), -1, -1)
         out, _ = self.attn(q, x, x, key_padding_mask=~mask.bool(), need_weights=False)
         return self.norm(out.mean(1))
 
+# %% ../nbs/05_model.ipynb #bcd0ff13
 POOLINGS = Registry("pooling")
 for _name, _cls in (("cls", CLSPool), ("mean", MeanPool), ("last", LastPool), ("attention", AttentionPool),
                     ("multihead_attention", MultiheadAttentionPool)):
@@ -167,6 +182,7 @@ def first_token_sees_text(tower: nn.Module) -> bool:
     finally: tower.train(was)
     return not torch.allclose(h[0, 0], h[1, 0], rtol=0, atol=1e-6)
 
+# %% ../nbs/05_model.ipynb #47981867
 def check_cls_pooling(tower: nn.Module, side: str) -> None:
     "Raise `ConfigError` unless the first token of `tower` (`side` 'vision' or 'text') sums up its input."
     kind = tower.config.model_type
@@ -211,15 +227,12 @@ class DualEncoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DualEncoderConfig":
-        "A config from a dict; unknown keys raise `ConfigError` naming them."
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(d) - known): raise ConfigError(f"unknown DualEncoderConfig key(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        "A config from a dict, through `config_from_dict`: an unknown key or a wrong type is a `ConfigError` naming it."
+        return config_from_dict(cls, d)
 
     def to_dict(self) -> dict:
         "A JSON-ready dict (`from_dict` reads it back)."
-        d = dataclasses.asdict(self); d["mrl_dims"] = list(self.mrl_dims)
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def preset(cls, name: str, vocab_size: int | None = None, **overrides) -> "DualEncoderConfig":
@@ -228,6 +241,7 @@ class DualEncoderConfig:
         if vocab_size is not None: d["text"]["vocab_size"] = int(vocab_size)
         return cls.from_dict({**d, **overrides})
 
+# %% ../nbs/05_model.ipynb #be41e716
 DUAL_ENCODER_PRESETS = Registry("dual encoder preset")
 DUAL_ENCODER_PRESETS.add("tiny", dict(
     vision=dict(model_type="resnet", num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1],
@@ -258,6 +272,7 @@ class DualEncoderOutput:
     logit_scale: torch.Tensor | None = None
     mrl_dim: int | None = None
 
+# %% ../nbs/05_model.ipynb #001a2a8d
 @contextmanager
 def seeded_init(seed: int):
     "A context in which torch's global generator is seeded from `(seed, Stream.MODEL_INIT)`, restored after."
@@ -274,20 +289,22 @@ class ContrastiveModel(nn.Module):
         if c.siglip_weight:
             self.siglip_logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
             self.siglip_logit_bias = nn.Parameter(torch.tensor(-10.0))
-        self.epoch, self.step = 0, 0
+        self.epoch, self.micro_batch = 0, 0
 
-    def set_step(self, epoch: int, step: int) -> None:
-        "Set the `(epoch, step)` the next forward's MRL dimension is drawn from."
-        self.epoch, self.step = int(epoch), int(step)
+    def set_step(self, epoch: int, micro_batch: int) -> None:
+        "Set the `(epoch, micro_batch)` the next forward's MRL dimension is drawn from."
+        self.epoch, self.micro_batch = int(epoch), int(micro_batch)
 
     @property
     def mrl_dim(self) -> int | None:
         "The MRL dimension of the current step (None: every dimension)."
         if self.config.mrl_mode == "sum": return None
-        return draw_mrl_dim(self.config.mrl_dims, self.config.seed, self.epoch, self.step)
+        return draw_mrl_dim(self.config.mrl_dims, self.config.seed, self.epoch, self.micro_batch)
 
     @property
-    def device(self) -> torch.device: return self.logit_scale.device
+    def device(self) -> torch.device:
+        "The device of the model's parameters."
+        return self.logit_scale.device
 
     def scale(self) -> torch.Tensor:
         "`exp(logit_scale)`, the logit scale clamped to `[0, max_logit_scale]` first."
@@ -315,7 +332,8 @@ class DualEncoder(ContrastiveModel):
         self.init_temperatures(c)
 
 # %% ../nbs/05_model.ipynb #c7836af8
-def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+@patch
+def image_features(self: DualEncoder, pixel_values: torch.Tensor) -> torch.Tensor:
     "Unit-norm top-dim image embeddings `[B, embed_dim]` (uint8 pixels are normalised here)."
     x = need("pixel_values", pixel_values, 4, self.name)
     if x.shape[1] != 3: raise BatchError(f"{self.name}: 'pixel_values' must be [B, 3, H, W], got {tuple(x.shape)}")
@@ -329,11 +347,13 @@ def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
     mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
     return F.normalize(self.vision_proj(self.vision_pool(tokens, mask)), dim=-1)
 
-def _text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+# %% ../nbs/05_model.ipynb #84c1323a
+@patch
+def text_features(self: DualEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     "Unit-norm top-dim text embeddings `[B, embed_dim]`."
     ids = need("input_ids", input_ids, 2, self.name)
-    am = torch.ones_like(ids) if attention_mask is None else need("attention_mask", attention_mask, 2, self.name)
-    same_shape(self.name, input_ids=ids, attention_mask=am)
+    attention_mask = torch.ones_like(ids) if attention_mask is None else need("attention_mask", attention_mask, 2, self.name)
+    same_shape(self.name, input_ids=ids, attention_mask=attention_mask)
     vocab = self.text.config.vocab_size
     if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
         raise BatchError(f"{self.name}: 'input_ids' holds token id {int(ids.max())} outside the text tower's vocab_size {vocab} "
@@ -341,87 +361,92 @@ def _text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     maxpos = getattr(self.text.config, "max_position_embeddings", None)
     if maxpos is not None and ids.shape[1] > maxpos:
         raise BatchError(f"{self.name}: 'input_ids' has {ids.shape[1]} tokens > the text tower's max_position_embeddings {maxpos}")
-    ids, am = ids.to(self.device), am.to(self.device)
-    tokens = self.text(input_ids=ids, attention_mask=am).last_hidden_state
-    return F.normalize(self.text_proj(self.text_pool(tokens, am)), dim=-1)
+    ids, attention_mask = ids.to(self.device), attention_mask.to(self.device)
+    tokens = self.text(input_ids=ids, attention_mask=attention_mask).last_hidden_state
+    return F.normalize(self.text_proj(self.text_pool(tokens, attention_mask)), dim=-1)
 
-def _encode_image(self, pixel_values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+# %% ../nbs/05_model.ipynb #8d992171
+@patch
+def encode_image(self: DualEncoder, pixel_values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     "Unit-norm image embeddings at `dim` (default: the top dimension)."
     return mrl_prefix(self.image_features(pixel_values), dim or self.config.embed_dim)
 
-def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, dim: int | None = None) -> torch.Tensor:
+@patch
+def encode_text(self: DualEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, dim: int | None = None) -> torch.Tensor:
     "Unit-norm text embeddings at `dim` (default: the top dimension)."
     return mrl_prefix(self.text_features(input_ids, attention_mask), dim or self.config.embed_dim)
 
-DualEncoder.image_features, DualEncoder.text_features = _image_features, _text_features
-DualEncoder.encode_image, DualEncoder.encode_text = _encode_image, _encode_text
-
 # %% ../nbs/05_model.ipynb #06ef8701
-def _negatives(self, ids, am, nmask) -> torch.Tensor:
-    "Unit-norm top-dim embeddings `[B, K, D]` of the hard negatives (zeros on padding, which is never encoded)."
-    B, K = ids.shape[:2]
-    out = torch.zeros(B, K, self.config.embed_dim, device=self.device)
-    keep = nmask.bool().to(self.device)
+@patch
+def _negatives(self: DualEncoder, batch_size: int, negative_input_ids: torch.Tensor,
+               negative_attention_mask: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None):
+    "The checked hard negatives: unit-norm top-dim embeddings `[B, K, D]` (zeros on padding, never encoded) and the mask `[B, K]`."
+    need("negative_input_ids", negative_input_ids, 3, self.name)
+    attention_mask = (torch.ones_like(negative_input_ids) if negative_attention_mask is None
+                      else need("negative_attention_mask", negative_attention_mask, 3, self.name))
+    same_shape(self.name, negative_input_ids=negative_input_ids, negative_attention_mask=attention_mask)
+    mask = (negative_input_ids.new_ones(negative_input_ids.shape[:2], dtype=torch.bool) if negative_mask is None
+            else need("negative_mask", negative_mask, 2, self.name))
+    if tuple(mask.shape) != tuple(negative_input_ids.shape[:2]) or len(mask) != batch_size:
+        raise BatchError(f"{self.name}: 'negative_mask' has shape {tuple(mask.shape)}, expected "
+                         f"({batch_size}, {negative_input_ids.shape[1]}) like 'negative_input_ids' [B, K, L]")
+    B, K = negative_input_ids.shape[:2]
+    embeds = torch.zeros(B, K, self.config.embed_dim, device=self.device)
+    keep = mask.bool().to(self.device)
     if keep.any():
-        flat = self.text_features(ids.to(self.device)[keep], am.to(self.device)[keep])
-        out = out.masked_scatter(keep.unsqueeze(-1), flat.to(out.dtype))
-    return out
+        flat = self.text_features(negative_input_ids.to(self.device)[keep], attention_mask.to(self.device)[keep])
+        embeds = embeds.masked_scatter(keep.unsqueeze(-1), flat.to(embeds.dtype))
+    return embeds, keep
 
-def _forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-             attention_mask: torch.Tensor | None = None, negative_input_ids: torch.Tensor | None = None,
-             negative_attention_mask: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None,
-             return_loss: bool = True, **unused) -> DualEncoderOutput:
-    "Embed a contrastive batch and compute its losses (over the global batch under `torch.distributed`)."
-    need("pixel_values", pixel_values, 4, self.name); need("input_ids", input_ids, 2, self.name)
-    if attention_mask is None: raise BatchError(f"{self.name}: the batch has no 'attention_mask'")
-    if len(pixel_values) != len(input_ids):
-        raise BatchError(f"{self.name}: 'pixel_values' holds {len(pixel_values)} images but 'input_ids' {len(input_ids)} captions")
-    negs = None
-    if negative_input_ids is not None:
-        need("negative_input_ids", negative_input_ids, 3, self.name)
-        nam = torch.ones_like(negative_input_ids) if negative_attention_mask is None else need("negative_attention_mask", negative_attention_mask, 3, self.name)
-        same_shape(self.name, negative_input_ids=negative_input_ids, negative_attention_mask=nam)
-        nmask = negative_input_ids.new_ones(negative_input_ids.shape[:2], dtype=torch.bool) if negative_mask is None else need("negative_mask", negative_mask, 2, self.name)
-        if tuple(nmask.shape) != tuple(negative_input_ids.shape[:2]) or len(nmask) != len(input_ids):
-            raise BatchError(f"{self.name}: 'negative_mask' has shape {tuple(nmask.shape)}, expected "
-                             f"({len(input_ids)}, {negative_input_ids.shape[1]}) like 'negative_input_ids' [B, K, L]")
-        negs = (self._negatives(negative_input_ids, nam, nmask), nmask.bool().to(self.device))
-    image, text = self.image_features(pixel_values), self.text_features(input_ids, attention_mask)
-    scale = self.scale()
-    out = DualEncoderOutput(image_embeds=image, text_embeds=text, negative_embeds=None if negs is None else negs[0],
-                            negative_mask=None if negs is None else negs[1],
-                            logit_scale=scale.detach(), mrl_dim=self.mrl_dim if self.training else None)
-    if not return_loss: return out
-    gi, gt, gn = image, text, negs
-    if dist_ready():
-        sizes = batch_sizes(len(image), image.device)
-        gi, gt = gather_with_grad(image, sizes), gather_with_grad(text, sizes)
-        if negs is not None: gn = _gather_negatives(*negs, sizes)
-    kw = dict(negatives=None if gn is None else gn[0], negative_mask=None if gn is None else gn[1],
-              clip_weight=self.config.clip_weight, mrl_weight=self.config.mrl_weight, siglip_weight=self.config.siglip_weight,
-              hard_negative_weight=self.config.hard_negative_weight)
-    if self.config.siglip_weight:
-        kw.update(siglip_scale=self.siglip_logit_scale.exp(), siglip_bias=self.siglip_logit_bias)
-    if self.training: losses = contrastive_losses(gi, gt, scale, mrl_dims=self.config.mrl_dims, mrl_dim=out.mrl_dim, **kw)
-    else:
-        losses = contrastive_losses(gi, gt, scale, mrl_dims=self.config.mrl_dims, mrl_dim=None, **kw)
-        n = len(self.config.mrl_dims)
-        losses["loss"] = losses["loss"] - self.config.mrl_weight * losses["loss_mrl"] * (1 - 1 / n)
-        losses["loss_mrl"] = losses["loss_mrl"] / n
-    for k, v in losses.items(): setattr(out, k, v)
-    return out
-
-def _gather_negatives(neg: torch.Tensor, nmask: torch.Tensor, sizes) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_negatives(neg: torch.Tensor, neg_mask: torch.Tensor, sizes) -> tuple[torch.Tensor, torch.Tensor]:
     "Negatives of every rank, padded to the largest K of any rank."
     k = torch.tensor([neg.shape[1]], device=neg.device)
     dist.all_reduce(k, op=dist.ReduceOp.MAX)
     pad = int(k) - neg.shape[1]
     if pad:
         neg = torch.cat([neg, neg.new_zeros(len(neg), pad, neg.shape[2])], 1)
-        nmask = torch.cat([nmask, nmask.new_zeros(len(nmask), pad)], 1)
-    return gather_with_grad(neg, sizes), gather_with_grad(nmask.to(neg.dtype), sizes).bool()
+        neg_mask = torch.cat([neg_mask, neg_mask.new_zeros(len(neg_mask), pad)], 1)
+    return gather_with_grad(neg, sizes), gather_with_grad(neg_mask.to(neg.dtype), sizes).bool()
 
-DualEncoder._negatives, DualEncoder.forward = _negatives, _forward
+# %% ../nbs/05_model.ipynb #f3e35866
+@patch
+def forward(self: DualEncoder, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None, negative_input_ids: torch.Tensor | None = None,
+            negative_attention_mask: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None,
+            return_loss: bool = True, **unused) -> DualEncoderOutput:
+    "Embed a contrastive batch and compute its losses (over the global batch under `torch.distributed`)."
+    need("pixel_values", pixel_values, 4, self.name); need("input_ids", input_ids, 2, self.name)
+    if attention_mask is None: raise BatchError(f"{self.name}: the batch has no 'attention_mask'")
+    if len(pixel_values) != len(input_ids):
+        raise BatchError(f"{self.name}: 'pixel_values' holds {len(pixel_values)} images but 'input_ids' {len(input_ids)} captions")
+    negatives = None                      # (embeddings [B, K, D], mask [B, K]) of the hard negatives
+    if negative_input_ids is not None:
+        negatives = self._negatives(len(input_ids), negative_input_ids, negative_attention_mask, negative_mask)
+    image, text = self.image_features(pixel_values), self.text_features(input_ids, attention_mask)
+    scale = self.scale()
+    out = DualEncoderOutput(image_embeds=image, text_embeds=text, negative_embeds=None if negatives is None else negatives[0],
+                            negative_mask=None if negatives is None else negatives[1],
+                            logit_scale=scale.detach(), mrl_dim=self.mrl_dim if self.training else None)
+    if not return_loss: return out
+    all_image, all_text, all_negatives = image, text, negatives        # every rank's under torch.distributed
+    if dist_ready():
+        sizes = batch_sizes(len(image), image.device)
+        all_image, all_text = gather_with_grad(image, sizes), gather_with_grad(text, sizes)
+        if negatives is not None: all_negatives = _gather_negatives(*negatives, sizes)
+    kw = dict(negatives=None if all_negatives is None else all_negatives[0],
+              negative_mask=None if all_negatives is None else all_negatives[1],
+              clip_weight=self.config.clip_weight, mrl_weight=self.config.mrl_weight, siglip_weight=self.config.siglip_weight,
+              hard_negative_weight=self.config.hard_negative_weight)
+    if self.config.siglip_weight:
+        kw.update(siglip_scale=self.siglip_logit_scale.exp(), siglip_bias=self.siglip_logit_bias)
+    if self.training: losses = contrastive_losses(all_image, all_text, scale, mrl_dims=self.config.mrl_dims, mrl_dim=out.mrl_dim, **kw)
+    else:
+        losses = contrastive_losses(all_image, all_text, scale, mrl_dims=self.config.mrl_dims, mrl_dim=None, **kw)
+        n = len(self.config.mrl_dims)
+        losses["loss"] = losses["loss"] - self.config.mrl_weight * losses["loss_mrl"] * (1 - 1 / n)
+        losses["loss_mrl"] = losses["loss_mrl"] / n
+    for k, v in losses.items(): setattr(out, k, v)
+    return out
 
 # %% ../nbs/05_model.ipynb #14806bd8
 def check_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -434,6 +459,7 @@ def check_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) ->
                ([f"mismatched shapes {shapes}"] if shapes else [])
     if problems: raise CheckpointError(f"{where}: weights do not fit {type(model).__name__}: " + "; ".join(problems))
 
+# %% ../nbs/05_model.ipynb #0472933b
 def save_weights(model: nn.Module, path: str | Path) -> None:
     "The model's state dict as safetensors (tensors made contiguous, shared storage copied)."
     from safetensors.torch import save_file
@@ -449,6 +475,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     model.load_state_dict(state)
     return model
 
+# %% ../nbs/05_model.ipynb #053663b1
 def save_pretrained_dir(model: nn.Module, save_dir: str | Path, config: dict) -> Path:
     "Write `config.json` (`{\"model\": the model's class name, **config}`) and `model.safetensors` to `save_dir`."
     d = Path(save_dir); d.mkdir(parents=True, exist_ok=True)
@@ -466,15 +493,14 @@ def load_pretrained_dir(save_dir: str | Path, cls: type, build: Callable[[dict],
     return load_weights((build or cls)(cfg), d / "model.safetensors")
 
 # %% ../nbs/05_model.ipynb #9c03fdfc
-def _save_pretrained(self, save_dir: str | Path) -> Path:
+@patch
+def save_pretrained(self: DualEncoder, save_dir: str | Path) -> Path:
     "Write `config.json` (each tower's full config: loading needs no pretrained directory) and `model.safetensors`."
     cfg = self.config.to_dict()
     cfg.update(vision=self.vision.config.to_dict(), text=self.text.config.to_dict(), vision_pretrained=None, text_pretrained=None)
     return save_pretrained_dir(self, save_dir, cfg)
 
-@classmethod
-def _from_pretrained(cls, save_dir: str | Path) -> "DualEncoder":
+@patch(cls_method=True)
+def from_pretrained(cls: DualEncoder, save_dir: str | Path) -> DualEncoder:
     "A model saved by `save_pretrained`."
     return load_pretrained_dir(save_dir, cls, lambda cfg: cls(DualEncoderConfig.from_dict(cfg)))
-
-DualEncoder.save_pretrained, DualEncoder.from_pretrained = _save_pretrained, _from_pretrained

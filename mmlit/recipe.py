@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import ConfigError, Stream, derive_seed
+from .core import ConfigError, Stream, check_keys, config_from_dict, config_to_dict, derive_seed
 from .loader import LoaderDataModule, loader_parts, resolve_collate
 from .train import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, ScheduleConfig, TrainConfig, Trainer,
-                         claim_run_dir, config_from_dict, config_to_dict, evaluate_loss, load_config, setup_distributed)
+                         claim_run_dir, evaluate_loss, load_config, setup_distributed)
 
 # %% auto #0
 __all__ = ['ModelSpec', 'RunConfig', 'check_data_paths', 'model_config', 'build_model', 'resolve_run_config',
@@ -63,6 +63,7 @@ def model_config(spec: ModelSpec, vocab_size: int, seed: int = 0):
     "The model's config (a `DualEncoderConfig`, or a causal LM's config dict); errors name `model.preset` / `model.options`."
     if spec.kind == "dual_encoder":
         from mmlit.model import DualEncoderConfig
+        check_keys(spec.options, [f.name for f in dataclasses.fields(DualEncoderConfig)], "model.options")
         try: return DualEncoderConfig.preset(spec.preset or "tiny", vocab_size=vocab_size, **{"seed": seed, **spec.options})
         except (ConfigError, TypeError, KeyError) as e: raise ConfigError(f"model.options / model.preset: {e}") from None
     from transformers import AutoConfig
@@ -70,9 +71,10 @@ def model_config(spec: ModelSpec, vocab_size: int, seed: int = 0):
     try: d = causal_lm_config(spec.preset or "tiny", vocab_size, **spec.options)
     except (ConfigError, KeyError) as e: raise ConfigError(f"model.preset: {e}") from None
     known = set(AutoConfig.for_model(d["model_type"]).to_dict()) | {"model_type"}
-    if unknown := sorted(set(spec.options) - known): raise ConfigError(f"model.options: unknown {d['model_type']} config key(s) {unknown}")
+    check_keys(spec.options, sorted(known), "model.options")
     return d
 
+# %% ../nbs/80_recipe.ipynb #2f678061
 def build_model(spec: ModelSpec, tokenizer, seed: int = 0) -> nn.Module:
     "The model a `ModelSpec` names, its vocabulary sized to `tokenizer`, initialised from `(seed, Stream.MODEL_INIT)`."
     cfg = model_config(spec, len(tokenizer), seed)
@@ -92,6 +94,7 @@ def resolve_run_config(cfg: RunConfig) -> RunConfig:
     if loader: data["loader"] = loader
     return dataclasses.replace(cfg, data=data)
 
+# %% ../nbs/80_recipe.ipynb #a6c9f388
 def _val_labels(cfg: RunConfig) -> np.ndarray | None:
     "The validation data's `label_column`, in its row order (Parquet files only)."
     if cfg.label_column is None: return None
@@ -103,11 +106,13 @@ def _val_labels(cfg: RunConfig) -> np.ndarray | None:
     try: return np.concatenate([pq.read_table(f, columns=[cfg.label_column])[cfg.label_column].to_numpy() for f in files])
     except KeyError: raise ConfigError(f"label_column: {files[0]} has no column {cfg.label_column!r}") from None
 
+# %% ../nbs/80_recipe.ipynb #d6722c75
 def _gather_steps(loader, max_batches: int | None = None):
+    "`(rank, step)` of every rank's evaluation steps, rank after rank (the first `max_batches` of each)."
     from mmlit.loader import rank_steps
-    c, w = loader.config, getattr(loader, "world_size", 1)
-    return [(r, s) for r in range(w) for s in rank_steps(loader.n, c.batch_size, shuffle=False, rank=r, world_size=w,
-                                                           drop_last=c.drop_last)[:max_batches]]
+    c, world_size = loader.config, getattr(loader, "world_size", 1)
+    return [(r, s) for r in range(world_size) for s in rank_steps(loader.n, c.batch_size, shuffle=False, rank=r, world_size=world_size,
+                                                                    drop_last=c.drop_last)[:max_batches]]
 
 def labels_in_gather_order(labels: np.ndarray | None, loader, max_batches: int | None = None) -> np.ndarray | None:
     "`labels` (dataset order) in the order an evaluation of `max_batches` batches a rank gathers embeddings: each rank's shard, rank after rank."
@@ -117,10 +122,11 @@ def labels_in_gather_order(labels: np.ndarray | None, loader, max_batches: int |
 def padding_in_gather_order(loader, max_batches: int | None = None) -> np.ndarray | None:
     "`True` where a DDP evaluation's gathered pair repeats one to pad the last step (same order as `labels_in_gather_order`); `None` in one process."
     if getattr(loader, "world_size", 1) == 1: return None
-    gb, w, out = loader.config.batch_size * loader.world_size, loader.world_size, []
+    world_size, out = loader.world_size, []
+    gb = loader.config.batch_size * world_size
     for r, s in _gather_steps(loader, max_batches):
         b = len(s.indices)
-        real = s.end - (s.step // w) * gb - r * b             # this rank's pairs before the epoch's end
+        real = s.end - (s.step // world_size) * gb - r * b    # this rank's pairs before the epoch's end
         out.append(np.arange(b) >= real)
     return np.concatenate(out)
 
@@ -136,7 +142,9 @@ class Run:
     val_labels: np.ndarray | None = None
     build_s: float = 0.0
 
-    def fit(self, steps: int | None = None): return self.trainer.fit(steps)
+    def fit(self, steps: int | None = None):
+        "Train: the trainer's `fit` (`steps` more optimiser steps, or to the end of the schedule)."
+        return self.trainer.fit(steps)
 
 # %% ../nbs/80_recipe.ipynb #28dfd3b9
 def build_run(config: RunConfig | dict | str | Path) -> Run:
@@ -148,11 +156,11 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
     model_config(cfg.model, 256, cfg.seed)                    # a bad model section fails before any data work
     resolved = config_to_dict(cfg)
     claim_run_dir(cfg.run_dir, resolved)                       # before anything is written (e.g. a trained tokenizer)
-    rank, world = setup_distributed()
+    rank, world_size = setup_distributed()
     data = dict(cfg.data)
     tok = data.get("tokenizer")
     saved = Path(tok["save_dir"]) if isinstance(tok, dict) and tok.get("save_dir") else None
-    shared = saved is not None and world > 1                   # rank 0 trains and saves the tokenizer, then the others load it
+    shared = saved is not None and world_size > 1                   # rank 0 trains and saves the tokenizer, then the others load it
     if shared and rank > 0: torch.distributed.barrier()
     if saved is not None and (saved / "tokenizer.json").is_file(): data["tokenizer"] = str(saved)   # trained by this run before
     elif shared and rank > 0: data["tokenizer"] = {k: v for k, v in tok.items() if k != "save_dir"}   # another node's disk: train it here

@@ -7,27 +7,27 @@ Docs: https://mmlit.github.io/mmlit/train.html.md"""
 # %% ../nbs/06_train.ipynb #8da9f841
 from __future__ import annotations
 
-import contextlib, dataclasses, json, hashlib, logging, math, os, signal, sys, time, types, typing
+import contextlib, dataclasses, json, hashlib, logging, math, os, signal, sys, time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Callable, Iterable, Literal
 
-import numpy as np
 import torch
+from fastcore.basics import patch
 from torch import nn
 
-from .core import ConfigError, MmlitError, Stream, derive_seed
+from .core import ConfigError, MmlitError, Stream, config_from_dict, config_to_dict, derive_seed
 from .checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 
 logger = logging.getLogger("mmlit.train")
 
 # %% auto #0
 __all__ = ['logger', 'OptimConfig', 'ScheduleConfig', 'EvalConfig', 'CheckpointConfig', 'LogConfig', 'TrainConfig',
-           'config_from_dict', 'config_to_dict', 'config_to_yaml', 'load_config', 'no_decay', 'build_optimizer',
-           'warmup_cosine', 'build_scheduler', 'resolve_device', 'resolve_precision', 'autocast', 'setup_distributed',
-           'output_losses', 'to_device', 'batch_size_of', 'evaluate_loss', 'MetricsLog', 'fingerprint', 'claim_run_dir',
-           'NonFiniteLossError', 'TrainResult', 'threading_main', 'Trainer']
+           'config_to_yaml', 'load_config', 'no_decay', 'build_optimizer', 'warmup_cosine', 'build_scheduler',
+           'resolve_device', 'resolve_precision', 'autocast', 'setup_distributed', 'wrap_model', 'output_losses',
+           'to_device', 'batch_size_of', 'evaluate_loss', 'MetricsLog', 'fingerprint', 'claim_run_dir',
+           'NonFiniteLossError', 'TrainResult', 'Trainer', 'threading_main']
 
 # %% ../nbs/06_train.ipynb #a5d92445
 @dataclass
@@ -45,6 +45,7 @@ class OptimConfig:
         if not all(0 <= b < 1 for b in self.betas): raise ConfigError(f"optim.betas must be in [0, 1), got {self.betas}")
         if self.clip_grad is not None and self.clip_grad <= 0: raise ConfigError(f"optim.clip_grad must be > 0 or null, got {self.clip_grad}")
 
+# %% ../nbs/06_train.ipynb #9c670c60
 @dataclass
 class ScheduleConfig:
     "How long to train, warmup + cosine decay, gradient accumulation."
@@ -61,6 +62,7 @@ class ScheduleConfig:
         if not 0 <= self.min_lr_ratio <= 1: raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.accumulate < 1: raise ConfigError(f"schedule.accumulate must be >= 1, got {self.accumulate}")
 
+# %% ../nbs/06_train.ipynb #2c4dfb88
 @dataclass
 class EvalConfig:
     "When to evaluate and which metric picks the best checkpoint."
@@ -87,6 +89,7 @@ class LogConfig:
     wandb_project: str = "mmlit"
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
 
+# %% ../nbs/06_train.ipynb #937bc09e
 @dataclass
 class TrainConfig:
     "Everything the trainer needs besides the model and the loaders."
@@ -103,65 +106,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
-# %% ../nbs/06_train.ipynb #b3acf387
-def _type_name(t) -> str: return getattr(t, "__name__", None) or str(t).replace("typing.", "")
-
-def _coerce(hint, v, path: str):
-    "`v` checked against the type `hint` (converted where lossless: int → float, list → tuple); `ConfigError` naming `path`."
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any: return v
-    if dataclasses.is_dataclass(hint): return config_from_dict(hint, v, path)
-    if origin in (typing.Union, types.UnionType):
-        if v is None and type(None) in args: return None
-        errs = []
-        for a in (a for a in args if a is not type(None)):
-            try: return _coerce(a, v, path)
-            except ConfigError as e: errs.append(e)
-        raise errs[0] if len(errs) == 1 else ConfigError(f"{path}: expected {_type_name(hint)}, got {type(v).__name__} {v!r}")
-    if origin is Literal:
-        if v in args: return v
-        raise ConfigError(f"{path}: expected one of {list(args)}, got {v!r}")
-    if origin is tuple:
-        if not isinstance(v, (list, tuple)) or len(v) != len(args):
-            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {v!r}")
-        return tuple(_coerce(a, x, f"{path}[{i}]") for i, (a, x) in enumerate(zip(args, v)))
-    if origin is dict or hint is dict:
-        if isinstance(v, dict): return dict(v)
-    elif hint is bool:
-        if isinstance(v, bool): return v
-    elif hint is int:
-        if isinstance(v, (int, np.integer)) and not isinstance(v, bool): return int(v)
-    elif hint is float:
-        if isinstance(v, (int, float, np.number)) and not isinstance(v, bool): return float(v)
-    elif hint is str:
-        if isinstance(v, str): return v
-    else: return v
-    raise ConfigError(f"{path}: expected {_type_name(origin or hint)}, got {type(v).__name__} {v!r}")
-
-def config_from_dict(cls, d: Mapping | None, path: str = ""):
-    "An instance of dataclass `cls` from a dict: unknown keys and wrong types are `ConfigError`s naming the field."
-    if isinstance(d, cls): return d
-    where = f"{path}: " if path else ""
-    if d is None: d = {}
-    if not isinstance(d, Mapping): raise ConfigError(f"{where}expected a mapping for {cls.__name__}, got {type(d).__name__} {d!r}")
-    fields, hints = {f.name: f for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        names = ", ".join(f"{path}.{k}" if path else str(k) for k in unknown)
-        raise ConfigError(f"unknown config key(s) {names}; known{' in ' + path if path else ''}: {', '.join(fields)}")
-    kw = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in d.items()}
-    try: return cls(**kw)
-    except ConfigError as e:
-        raise ConfigError(f"{where}{e}") if path and not str(e).startswith(path) else e
-
-def config_to_dict(cfg) -> dict:
-    "A plain dict (lists for tuples) of a config dataclass, ready for YAML or JSON."
-    def plain(v):
-        if isinstance(v, (list, tuple)): return [plain(x) for x in v]
-        if isinstance(v, dict): return {k: plain(x) for k, x in v.items()}
-        return v
-    return plain(dataclasses.asdict(cfg))
-
+# %% ../nbs/06_train.ipynb #455e592c
 def config_to_yaml(cfg) -> str:
     "The config as YAML (sections in field order)."
     import yaml
@@ -189,6 +134,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
               {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
+# %% ../nbs/06_train.ipynb #caa50fdc
 def warmup_cosine(total_steps: int, warmup_ratio: float = 0.1, min_lr_ratio: float = 0.0) -> Callable[[int], float]:
     "The LR factor of step `s` (0-based): linear warmup over `ceil(warmup_ratio * total)` steps, then cosine to `min_lr_ratio`."
     warmup = math.ceil(warmup_ratio * total_steps)
@@ -217,6 +163,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda": return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
 
+# %% ../nbs/06_train.ipynb #dab74082
 def autocast(device: torch.device, precision: str):
     "The autocast context of a precision (a no-op for fp32)."
     if precision == "fp32": return contextlib.nullcontext()
@@ -225,14 +172,22 @@ def autocast(device: torch.device, precision: str):
 # %% ../nbs/06_train.ipynb #34187662
 def setup_distributed() -> tuple[int, int]:
     "Join the process group `torchrun` describes (if any, once); returns `(rank, world_size)`."
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not torch.distributed.is_initialized():
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl": torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.distributed.init_process_group(backend)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+# %% ../nbs/06_train.ipynb #493b0c63
+def wrap_model(model: nn.Module, device: torch.device, world_size: int, compile: bool = False) -> nn.Module:
+    "The module a training step calls: `model`, in `DistributedDataParallel` with several processes, compiled on request."
+    wrapped = model
+    if world_size > 1:
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(wrapped) if compile else wrapped
 
 # %% ../nbs/06_train.ipynb #f56e8194
 def output_losses(out) -> dict[str, torch.Tensor]:
@@ -245,6 +200,7 @@ def output_losses(out) -> dict[str, torch.Tensor]:
     if "loss" not in losses: raise MmlitError(f"the model output has no scalar 'loss' (keys: {sorted(items)})")
     return losses
 
+# %% ../nbs/06_train.ipynb #e3709200
 def to_device(batch, device: torch.device):
     "`batch` with every tensor on `device` (non-blocking from pinned memory); other values as they are."
     if torch.is_tensor(batch): return batch.to(device, non_blocking=batch.is_pinned())
@@ -258,7 +214,9 @@ def batch_size_of(batch) -> int:
         if torch.is_tensor(v) and v.ndim: return int(v.shape[0])
     return 1
 
+# %% ../nbs/06_train.ipynb #4cd6b9c1
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    "`t` summed (or `op`) over the ranks, in place; `t` itself outside `torch.distributed`."
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
     return t
@@ -301,15 +259,17 @@ class MetricsLog:
         atomic_write_text(self.dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
         atomic_write_text(self.dir / "metrics.csv", ",".join(self.columns) + "\n" + "".join(self._csv_line(r) for r in self.rows))
 
-    def add(self, row: dict):
-        "Append a row to both files."
-        self.rows.append(row)
-        grew = self._grow(row)
-        if not self.write: return
-        with open(self.dir / "metrics.jsonl", "a") as f: f.write(json.dumps(row) + "\n")
-        if grew: self._rewrite()
-        else:
-            with open(self.dir / "metrics.csv", "a") as f: f.write(self._csv_line(row))
+# %% ../nbs/06_train.ipynb #0235ba3f
+@patch
+def add(self: MetricsLog, row: dict):
+    "Append a row to both files."
+    self.rows.append(row)
+    grew = self._grow(row)
+    if not self.write: return
+    with open(self.dir / "metrics.jsonl", "a") as f: f.write(json.dumps(row) + "\n")
+    if grew: self._rewrite()
+    else:
+        with open(self.dir / "metrics.csv", "a") as f: f.write(self._csv_line(row))
 
 # %% ../nbs/06_train.ipynb #238f82f6
 _VOLATILE = ("run_dir", "device", "threads", "log.progress", "log.wandb_mode", "checkpoint.resume")
@@ -324,7 +284,9 @@ def fingerprint(config: dict) -> str:
         if isinstance(node, dict): node.pop(last, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+# %% ../nbs/06_train.ipynb #81934fb1
 def _diff(a, b, path="") -> list[str]:
+    "The dotted paths where two nested dicts differ."
     if isinstance(a, dict) and isinstance(b, dict):
         return [x for k in sorted(set(a) | set(b)) for x in _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)]
     return [] if a == b else [path]
@@ -365,15 +327,7 @@ class TrainResult:
     resumed_from: str | None
     seconds: float
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
 # %% ../nbs/06_train.ipynb #d9838968
-def threading_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
-
 class Trainer:
     "Train `model` on `train_loader` (a stage 4 `ResumableLoader` or anything with `state_dict`) under a `TrainConfig`."
     def __init__(self, model: nn.Module, config: TrainConfig | dict, train_loader, val_loader=None, *,
@@ -382,24 +336,18 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.run_config = run_config if run_config is not None else config_to_dict(cfg)
         self.fingerprint = claim_run_dir(self.run_dir, self.run_config)       # refuses a foreign run dir; writes nothing
-        self.rank, self.world = setup_distributed()
+        self.rank, self.world_size = setup_distributed()
         self.main = self.rank == 0
         if cfg.threads is not None: torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.model = model.to(self.device)
-        self.train_loader, self.val_loader = train_loader, val_loader
-        self.evaluate_fn = evaluate
-        self.forward_model = self.model
-        if self.world > 1:
-            self.forward_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.compile: self.forward_model = torch.compile(self.forward_model)
+        self.train_loader, self.val_loader, self.evaluate_fn = train_loader, val_loader, evaluate
+        self.forward_model = wrap_model(self.model, self.device, self.world_size, cfg.compile)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        per_epoch = math.ceil(len(train_loader) / cfg.schedule.accumulate)
-        if per_epoch == 0: raise ConfigError("the training loader yields no batches")
-        self.steps_per_epoch = per_epoch
-        self.total_steps = cfg.schedule.max_steps or per_epoch * cfg.schedule.epochs
+        self.steps_per_epoch = math.ceil(len(train_loader) / cfg.schedule.accumulate)
+        if self.steps_per_epoch == 0: raise ConfigError("the training loader yields no batches")
+        self.total_steps = cfg.schedule.max_steps or self.steps_per_epoch * cfg.schedule.epochs
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.fingerprint)
@@ -410,220 +358,288 @@ class Trainer:
         self._val_state = val_loader.state_dict() if hasattr(val_loader, "state_dict") else None
         self._wandb = None
 
-    def _start(self) -> str | None:
-        "Write the config (rank 0), resume from the newest valid checkpoint; returns its path or `None`."
-        resumed = None
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            import yaml
-            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
-            self.checkpoints.clean_temporaries()
-        if self.world > 1: torch.distributed.barrier()
-        latest = self.checkpoints.latest() if self.config.checkpoint.resume else None
-        if latest is not None:
-            manifest, state = load_checkpoint(latest, self.model, map_location=self.device)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
-            self.train_loader.load_state_dict(state["loader"])
-            set_rng_state(state["rng"])
-            t = state["trainer"]
-            self.step, self.epoch, self.micro, self.samples = t["step"], t["epoch"], t["micro"], t["samples"]
-            self.nonfinite, self.nonfinite_run, self.best_value = t["nonfinite"], t["nonfinite_run"], t["best_value"]
-            self.last_eval, self.history = dict(t["last_eval"]), list(state["history"])
-            resumed = str(latest)
-            if self.main: logger.info("resumed from %s (step %d, epoch %d)", latest, self.step, self.epoch)
-        self.metrics = MetricsLog(self.run_dir, self.history, write=self.main)
-        self.history = self.metrics.rows
-        if self.main and self.config.log.wandb: self._wandb = self._wandb_init()
-        return resumed
+# %% ../nbs/06_train.ipynb #6de4bfeb
+@patch
+def state_dict(self: Trainer) -> dict:
+    "Everything but the weights that a resume needs (plain types and tensors: `torch.load(weights_only=True)` reads it)."
+    t = dict(step=self.step, epoch=self.epoch, micro=self.micro, samples=self.samples, nonfinite=self.nonfinite,
+             nonfinite_run=self.nonfinite_run, best_value=self.best_value, last_eval=self.last_eval)
+    return {"trainer": t, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rng_state(), "loader": self.train_loader.state_dict(),
+            "history": self.history}
 
-    def _wandb_init(self):
-        "A wandb run in the run directory, offline unless the config says otherwise, resumed under the same id."
-        try: import wandb
-        except ImportError:
-            from mmlit.core import MissingExtraError
-            raise MissingExtraError("wandb", "dev", "log.wandb") from None
-        c = self.config.log
-        return wandb.init(project=c.wandb_project, dir=str(self.run_dir), mode=c.wandb_mode, config=self.run_config,
-                          id=f"mmlit-{self.fingerprint}", resume="allow", reinit=True)
+# %% ../nbs/06_train.ipynb #68752cb9
+@patch
+def load_state_dict(self: Trainer, state: dict) -> None:
+    "Continue from a `state_dict()`: optimiser, scheduler, grad scaler, loader position, every RNG, counters and history."
+    self.optimizer.load_state_dict(state["optimizer"])
+    self.scheduler.load_state_dict(state["scheduler"])
+    self.scaler.load_state_dict(state["scaler"])
+    self.train_loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"])
+    t = state["trainer"]
+    self.step, self.epoch, self.micro, self.samples = t["step"], t["epoch"], t["micro"], t["samples"]
+    self.nonfinite, self.nonfinite_run, self.best_value = t["nonfinite"], t["nonfinite_run"], t["best_value"]
+    self.last_eval, self.history = dict(t["last_eval"]), list(state["history"])
 
-    def _seed_micro(self):
-        "Seed torch's global generator and the model's step from where the run is: `(seed, epoch, micro-batch)`."
-        torch.manual_seed(derive_seed(self.config.seed, self.epoch, self.micro * self.world + self.rank, Stream.TRAIN))
-        if (set_step := getattr(self.model, "set_step", None)) is not None: set_step(self.epoch, self.micro)
+# %% ../nbs/06_train.ipynb #f31e33ae
+@patch
+def _wandb_init(self: Trainer):
+    "A wandb run in the run directory, offline unless the config says otherwise, resumed under the same id."
+    try: import wandb
+    except ImportError:
+        from mmlit.core import MissingExtraError
+        raise MissingExtraError("wandb", "dev", "log.wandb") from None
+    c = self.config.log
+    return wandb.init(project=c.wandb_project, dir=str(self.run_dir), mode=c.wandb_mode, config=self.run_config,
+                      id=f"mmlit-{self.fingerprint}", resume="allow", reinit=True)
 
-    def _window(self, it, size: int) -> tuple[dict, int, bool]:
-        "Forward and backward `size` micro-batches; returns (summed losses, batches done, loader exhausted)."
-        sums, done, t0 = {}, 0, time.perf_counter()
-        for j in range(size):
-            tw = time.perf_counter()
-            batch = next(it, None)
-            self.wait_s += time.perf_counter() - tw
-            if batch is None: return sums, done, True
-            batch = to_device(batch, self.device)
-            self._seed_micro()
-            last = j == size - 1
-            sync = contextlib.nullcontext() if last or self.world == 1 else self.forward_model.no_sync()
-            with sync:
-                with autocast(self.device, self.precision): losses = output_losses(self.forward_model(**batch))
-                self.scaler.scale(losses["loss"] / size).backward()   # also when non-finite: DDP ranks must stay in step
-            for k, v in losses.items(): sums[k] = sums.get(k, 0.0) + v.detach().float()
-            self.micro += 1; done += 1
-            self.samples += batch_size_of(batch) * self.world
-        self.step_s += time.perf_counter() - t0
-        return sums, done, False
+# %% ../nbs/06_train.ipynb #a06863b7
+@patch
+def _start(self: Trainer) -> str | None:
+    "Write the config (rank 0), resume from the newest valid checkpoint; returns its path or `None`."
+    resumed = None
+    if self.main:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
+        self.checkpoints.clean_temporaries()
+    if self.world_size > 1: torch.distributed.barrier()
+    latest = self.checkpoints.latest() if self.config.checkpoint.resume else None
+    if latest is not None:
+        _, state = load_checkpoint(latest, self.model, map_location=self.device)
+        self.load_state_dict(state)
+        resumed = str(latest)
+        if self.main: logger.info("resumed from %s (step %d, epoch %d)", latest, self.step, self.epoch)
+    self.metrics = MetricsLog(self.run_dir, self.history, write=self.main)
+    self.history = self.metrics.rows
+    if self.main and self.config.log.wandb: self._wandb = self._wandb_init()
+    return resumed
 
-    def _update(self, sums: dict, done: int) -> dict:
-        "One optimiser step from the accumulated gradients (skipped when any rank saw a non-finite loss); the log row."
-        keys = sorted(sums)
-        vals = _all_reduce(torch.stack([sums[k] for k in keys]).double() / done) / self.world
-        losses = dict(zip(keys, vals.tolist()))
-        finite = bool(_all_reduce(torch.tensor(float(not math.isfinite(losses["loss"])))) == 0)
-        lr, grad_norm = self.scheduler.get_last_lr()[0], None
-        if finite:
-            if self.config.optim.clip_grad is not None:
-                self.scaler.unscale_(self.optimizer)
-                grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad))
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.nonfinite_run = 0
-        else:
-            self.nonfinite += 1; self.nonfinite_run += 1
-            logger.warning("step %d: non-finite loss %s, step skipped (%d in a row, %d in all)", self.step + 1,
-                        losses["loss"], self.nonfinite_run, self.nonfinite)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.step += 1
-        if self.nonfinite_run >= self.config.max_nonfinite:
-            raise NonFiniteLossError(f"{self.nonfinite_run} optimiser steps in a row had a non-finite loss (last at step "
-                                     f"{self.step}, epoch {self.epoch}); lower optim.lr, use bf16/fp32, or check the data")
-        row = {"train/step": self.step, "train/epoch": self.epoch, **{f"train/{k}": v for k, v in losses.items()},
-               "train/lr": lr, "train/grad_norm": grad_norm, "train/nonfinite": self.nonfinite}
-        return row
+# %% ../nbs/06_train.ipynb #65eb3f95
+@patch
+def _seed_micro(self: Trainer):
+    "Seed torch's global generator and the model's step from where the run is: `(seed, epoch, micro-batch)`."
+    torch.manual_seed(derive_seed(self.config.seed, self.epoch, self.micro * self.world_size + self.rank, Stream.TRAIN))
+    if (set_step := getattr(self.model, "set_step", None)) is not None: set_step(self.epoch, self.micro)
 
-    def sync_buffers(self):
-        "Rank 0's buffers (BatchNorm statistics) on every rank: DDP sends them before each forward, so each rank keeps its own last update."
-        if self.world > 1:
-            for b in self.model.buffers(): torch.distributed.broadcast(b, 0)
+# %% ../nbs/06_train.ipynb #f0635c44
+@patch
+def _window(self: Trainer, it, size: int) -> tuple[dict, int, bool]:
+    "Forward and backward `size` micro-batches; returns (summed losses, batches done, loader exhausted)."
+    sums, done, t0 = {}, 0, time.perf_counter()
+    for j in range(size):
+        tw = time.perf_counter()
+        batch = next(it, None)
+        self.wait_s += time.perf_counter() - tw
+        if batch is None: return sums, done, True
+        batch = to_device(batch, self.device)
+        self._seed_micro()
+        last = j == size - 1
+        sync = contextlib.nullcontext() if last or self.world_size == 1 else self.forward_model.no_sync()
+        with sync:
+            with autocast(self.device, self.precision): losses = output_losses(self.forward_model(**batch))
+            self.scaler.scale(losses["loss"] / size).backward()   # also when non-finite: DDP ranks must stay in step
+        for k, v in losses.items(): sums[k] = sums.get(k, 0.0) + v.detach().float()
+        self.micro += 1; done += 1
+        self.samples += batch_size_of(batch) * self.world_size
+    self.step_s += time.perf_counter() - t0
+    return sums, done, False
 
-    def evaluate(self) -> dict:
-        "Evaluate on the validation loader (its position reset first): the model's `evaluate` hook or the mean losses."
-        if self.val_loader is None: return {}
-        self.sync_buffers()
-        if self._val_state is not None: self.val_loader.load_state_dict(self._val_state)
-        self.model.eval()
-        try:
-            with torch.no_grad(), autocast(self.device, self.precision):
-                if self.evaluate_fn is not None: r = self.evaluate_fn(self.model, self.val_loader)
-                else: r = evaluate_loss(self.model, self.val_loader, self.device, self.config.eval.max_batches)
-        finally: self.model.train()
-        return {k: float(v) for k, v in r.items()}
+# %% ../nbs/06_train.ipynb #59269eaf
+@patch
+def _apply_gradients(self: Trainer) -> float | None:
+    "Clip (with `optim.clip_grad`) and apply the accumulated gradients; returns the norm before clipping."
+    grad_norm = None
+    if self.config.optim.clip_grad is not None:
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad))
+    self.scaler.step(self.optimizer)
+    self.scaler.update()
+    self.nonfinite_run = 0
+    return grad_norm
 
-    def _log(self, row: dict):
-        if not self.main: return
-        self.metrics.add(row)
-        if self._wandb is not None: self._wandb.log({k: v for k, v in row.items() if v is not None}, step=self.step)
+# %% ../nbs/06_train.ipynb #11856516
+@patch
+def _update(self: Trainer, sums: dict, done: int) -> dict:
+    "One optimiser step from the accumulated gradients (skipped when any rank saw a non-finite loss); the log row."
+    keys = sorted(sums)
+    vals = _all_reduce(torch.stack([sums[k] for k in keys]).double() / done) / self.world_size
+    losses = dict(zip(keys, vals.tolist()))
+    finite = bool(_all_reduce(torch.tensor(float(not math.isfinite(losses["loss"])))) == 0)
+    lr, grad_norm = self.scheduler.get_last_lr()[0], None
+    if finite: grad_norm = self._apply_gradients()
+    else:
+        self.nonfinite += 1; self.nonfinite_run += 1
+        logger.warning("step %d: non-finite loss %s, step skipped (%d in a row, %d in all)", self.step + 1,
+                       losses["loss"], self.nonfinite_run, self.nonfinite)
+    self.optimizer.zero_grad(set_to_none=True)
+    self.scheduler.step()
+    self.step += 1
+    if self.nonfinite_run >= self.config.max_nonfinite:
+        raise NonFiniteLossError(f"{self.nonfinite_run} optimiser steps in a row had a non-finite loss (last at step "
+                                 f"{self.step}, epoch {self.epoch}); lower optim.lr, use bf16/fp32, or check the data")
+    return {"train/step": self.step, "train/epoch": self.epoch, **{f"train/{k}": v for k, v in losses.items()},
+            "train/lr": lr, "train/grad_norm": grad_norm, "train/nonfinite": self.nonfinite}
 
-    def _better(self, value: float) -> bool:
-        if value is None or not math.isfinite(value): return False
-        if self.best_value is None: return True
-        return value < self.best_value if self.config.eval.mode == "min" else value > self.best_value
+# %% ../nbs/06_train.ipynb #0fbcc8b8
+@patch
+def sync_buffers(self: Trainer):
+    "Rank 0's buffers (BatchNorm statistics) on every rank: DDP sends them before each forward, so each rank keeps its own last update."
+    if self.world_size > 1:
+        for b in self.model.buffers(): torch.distributed.broadcast(b, 0)
 
-    def state_dict(self) -> dict:
-        "Everything but the weights that a resume needs (plain types and tensors: `torch.load(weights_only=True)` reads it)."
-        t = dict(step=self.step, epoch=self.epoch, micro=self.micro, samples=self.samples, nonfinite=self.nonfinite,
-                 nonfinite_run=self.nonfinite_run, best_value=self.best_value, last_eval=self.last_eval)
-        return {"trainer": t, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng_state(), "loader": self.train_loader.state_dict(),
-                "history": self.history}
+# %% ../nbs/06_train.ipynb #3ffa8904
+@patch
+def evaluate(self: Trainer) -> dict:
+    "Evaluate on the validation loader (its position reset first): the model's `evaluate` hook or the mean losses."
+    if self.val_loader is None: return {}
+    self.sync_buffers()
+    if self._val_state is not None: self.val_loader.load_state_dict(self._val_state)
+    self.model.eval()
+    try:
+        with torch.no_grad(), autocast(self.device, self.precision):
+            if self.evaluate_fn is not None: r = self.evaluate_fn(self.model, self.val_loader)
+            else: r = evaluate_loss(self.model, self.val_loader, self.device, self.config.eval.max_batches)
+    finally: self.model.train()
+    return {k: float(v) for k, v in r.items()}
 
-    def save(self, best: bool = False):
-        "Write a checkpoint of this step (rank 0) and the loader report and profile."
-        if self.main:
-            b = (self.config.eval.metric, self.best_value) if best else None
-            self.checkpoints.save(self.model, self.state_dict(), {"step": self.step, "epoch": self.epoch}, best=b)
-            self._write_loader_files()
-        if self.world > 1: torch.distributed.barrier()
+# %% ../nbs/06_train.ipynb #c6e952f6
+@patch
+def _log(self: Trainer, row: dict):
+    "Append `row` to the metrics log and the wandb run (rank 0)."
+    if not self.main: return
+    self.metrics.add(row)
+    if self._wandb is not None: self._wandb.log({k: v for k, v in row.items() if v is not None}, step=self.step)
 
-    def _write_loader_files(self):
-        "`loader_report.json` (bad records of the train and validation loaders) and `loader_profile.json`."
-        rep = {name: [b.to_dict() for b in getattr(l, "report", [])] for name, l in (("train", self.train_loader), ("val", self.val_loader)) if l is not None}
-        atomic_write_text(self.run_dir / "loader_report.json", json.dumps({"bad": sum(map(len, rep.values())), **rep}, indent=1, default=str))
-        t = getattr(self.train_loader, "timings", None)
-        prof = dataclasses.asdict(t) if dataclasses.is_dataclass(t) else {}
-        busy = self.wait_s + self.step_s
-        prof.update(wait_s=self.wait_s, step_s=self.step_s, wait_fraction=self.wait_s / busy if busy else 0.0, note=
-                    "fetch/preprocess/collate: seconds inside the loader (workers); wait_s: the training loop blocked on the "
-                    "next batch; step_s: forward+backward; since this process started")
-        atomic_write_text(self.run_dir / "loader_profile.json", json.dumps(prof, indent=1, default=str))
+@patch
+def _better(self: Trainer, value: float) -> bool:
+    "Whether `value` beats the best evaluation so far (a non-finite value never does)."
+    if value is None or not math.isfinite(value): return False
+    if self.best_value is None: return True
+    return value < self.best_value if self.config.eval.mode == "min" else value > self.best_value
 
-    def _boundary(self, row: dict | None, end_of_epoch: bool) -> None:
-        "After an optimiser step (or at an epoch's end): log, evaluate, checkpoint, as the config says."
-        c, final = self.config, self.step >= self.total_steps
-        if self._stop_at is not None and self.step >= self._stop_at: self._stop = True
-        if row is not None and (self.step % c.log.every == 0 or final or end_of_epoch): self._log(row)
-        if end_of_epoch: self.epoch, self.micro = self.epoch + 1, 0
-        due_eval = self.val_loader is not None and (
-            (c.eval.every and self.step % c.eval.every == 0) or (end_of_epoch and c.eval.at_epoch_end) or final)
-        best = False
-        if due_eval:
-            self.last_eval = {f"val/{k}": v for k, v in self.evaluate().items()}
-            self._log({"train/step": self.step, "train/epoch": self.epoch, **self.last_eval})
-            if c.eval.metric not in self.last_eval:
-                raise ConfigError(f"eval.metric {c.eval.metric!r} is not among the evaluation's metrics: {sorted(self.last_eval)}")
-            if (best := self._better(self.last_eval[c.eval.metric])): self.best_value = self.last_eval[c.eval.metric]
-        if self.world > 1:
-            self._stop = bool(_all_reduce(torch.tensor(float(self._stop))) > 0)
-        due_ckpt = ((c.checkpoint.every and self.step % c.checkpoint.every == 0) or (end_of_epoch and c.checkpoint.at_epoch_end)
-                    or final or best or self._stop)
-        if due_ckpt: self.save(best=best)
+# %% ../nbs/06_train.ipynb #b70d42f3
+@patch
+def _write_loader_files(self: Trainer):
+    "`loader_report.json` (bad records of the train and validation loaders) and `loader_profile.json`."
+    rep = {name: [b.to_dict() for b in getattr(l, "report", [])] for name, l in (("train", self.train_loader), ("val", self.val_loader)) if l is not None}
+    atomic_write_text(self.run_dir / "loader_report.json", json.dumps({"bad": sum(map(len, rep.values())), **rep}, indent=1, default=str))
+    t = getattr(self.train_loader, "timings", None)
+    prof = dataclasses.asdict(t) if dataclasses.is_dataclass(t) else {}
+    busy = self.wait_s + self.step_s
+    prof.update(wait_s=self.wait_s, step_s=self.step_s, wait_fraction=self.wait_s / busy if busy else 0.0, note=
+                "fetch/preprocess/collate: seconds inside the loader (workers); wait_s: the training loop blocked on the "
+                "next batch; step_s: forward+backward; since this process started")
+    atomic_write_text(self.run_dir / "loader_profile.json", json.dumps(prof, indent=1, default=str))
 
-    def fit(self, steps: int | None = None) -> TrainResult:
-        "Train to `schedule.max_steps` / `schedule.epochs` (or `steps` more optimiser steps, then save), resuming from the newest valid checkpoint."
-        t_start = time.perf_counter()
-        resumed = self._start()
-        first_step = self.step
-        self._stop_at = None if steps is None else self.step + steps
-        old_handler = None
-        pid = os.getpid()
-        def on_sigint(signum, frame):
-            if os.getpid() != pid: return                 # a forked loader worker: the training process decides
-            if self._stop: raise KeyboardInterrupt        # a second Ctrl-C: stop now
-            self._stop = True
-            logger.warning("interrupted: saving a checkpoint at the end of this step (Ctrl-C again to stop at once)")
-        if threading_main():                              # before the loader's workers start: they inherit it
-            old_handler = signal.signal(signal.SIGINT, on_sigint)
-        from tqdm.auto import tqdm
-        progress = self.config.log.progress if self.config.log.progress is not None else sys.stderr.isatty()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not (progress and self.main),
-                   dynamic_ncols=True, leave=False)
-        self.model.train()
-        try:
-            while self.step < self.total_steps and not self._stop:
-                self.train_loader.set_epoch(self.epoch)                       # a no-op when resuming inside this epoch
-                it, exhausted = iter(self.train_loader), False
-                try:
-                    while not exhausted and self.step < self.total_steps and not self._stop:
-                        left = self.train_loader.remaining
-                        if left == 0: break
-                        t0, s0 = time.perf_counter(), self.samples
-                        sums, done, exhausted = self._window(it, min(self.config.schedule.accumulate, left))
-                        row = self._update(sums, done) if done else None
-                        end = exhausted or self.train_loader.remaining == 0
-                        if row is not None:
-                            bar.update(1)
-                            row["train/samples_per_s"] = (self.samples - s0) / max(time.perf_counter() - t0, 1e-9)
-                            bar.set_postfix(loss=f"{row['train/loss']:.4f}", sps=f"{row['train/samples_per_s']:.0f}")
-                        self._boundary(row, end)
-                        if end: break
-                finally:
-                    if hasattr(it, "close"): it.close()
-            self.sync_buffers()                                               # every rank ends with the checkpoint's weights
-        finally:
-            bar.close()
-            if old_handler is not None: signal.signal(signal.SIGINT, old_handler)
-            if self.main and self.step > first_step: self._write_loader_files()   # a finished run started again keeps its files
-            if self._wandb is not None: self._wandb.finish(); self._wandb = None
-        return TrainResult(self.step, self.epoch, self._stop, self.nonfinite, self.checkpoints.best() if self.main else None,
-                           self.last_eval, resumed, time.perf_counter() - t_start)
+# %% ../nbs/06_train.ipynb #48bcffbd
+@patch
+def save(self: Trainer, best: bool = False):
+    "Write a checkpoint of this step (rank 0) and the loader report and profile."
+    if self.main:
+        b = (self.config.eval.metric, self.best_value) if best else None
+        self.checkpoints.save(self.model, self.state_dict(), {"step": self.step, "epoch": self.epoch}, best=b)
+        self._write_loader_files()
+    if self.world_size > 1: torch.distributed.barrier()
+
+# %% ../nbs/06_train.ipynb #5ad0c83c
+@patch
+def _maybe_evaluate(self: Trainer, end_of_epoch: bool, final: bool) -> bool:
+    "Evaluate and log when the config says so; returns whether it is the best evaluation so far."
+    c = self.config
+    due = self.val_loader is not None and (
+        (c.eval.every and self.step % c.eval.every == 0) or (end_of_epoch and c.eval.at_epoch_end) or final)
+    if not due: return False
+    self.last_eval = {f"val/{k}": v for k, v in self.evaluate().items()}
+    self._log({"train/step": self.step, "train/epoch": self.epoch, **self.last_eval})
+    if c.eval.metric not in self.last_eval:
+        raise ConfigError(f"eval.metric {c.eval.metric!r} is not among the evaluation's metrics: {sorted(self.last_eval)}")
+    if (best := self._better(self.last_eval[c.eval.metric])): self.best_value = self.last_eval[c.eval.metric]
+    return best
+
+# %% ../nbs/06_train.ipynb #915d0e9a
+@patch
+def _boundary(self: Trainer, row: dict | None, end_of_epoch: bool) -> None:
+    "After an optimiser step (or at an epoch's end): log, evaluate, checkpoint, as the config says."
+    c, final = self.config, self.step >= self.total_steps
+    if self._stop_at is not None and self.step >= self._stop_at: self._stop = True
+    if row is not None and (self.step % c.log.every == 0 or final or end_of_epoch): self._log(row)
+    if end_of_epoch: self.epoch, self.micro = self.epoch + 1, 0
+    best = self._maybe_evaluate(end_of_epoch, final)
+    if self.world_size > 1:
+        self._stop = bool(_all_reduce(torch.tensor(float(self._stop))) > 0)
+    due_ckpt = ((c.checkpoint.every and self.step % c.checkpoint.every == 0) or (end_of_epoch and c.checkpoint.at_epoch_end)
+                or final or best or self._stop)
+    if due_ckpt: self.save(best=best)
+
+# %% ../nbs/06_train.ipynb #6515cab7
+def threading_main() -> bool:
+    "Whether this is the main thread (the only one that may set signal handlers)."
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+@patch
+def _catch_sigint(self: Trainer):
+    "Make Ctrl-C stop the run at the end of the step (a second one at once); returns the handler it replaced."
+    pid = os.getpid()
+    def on_sigint(signum, frame):
+        if os.getpid() != pid: return                 # a forked loader worker: the training process decides
+        if self._stop: raise KeyboardInterrupt        # a second Ctrl-C: stop now
+        self._stop = True
+        logger.warning("interrupted: saving a checkpoint at the end of this step (Ctrl-C again to stop at once)")
+    return signal.signal(signal.SIGINT, on_sigint) if threading_main() else None
+
+# %% ../nbs/06_train.ipynb #5b35470b
+@patch
+def _progress_bar(self: Trainer):
+    "A tqdm bar over the optimiser steps (rank 0; shown when `log.progress`, or by default when stderr is a terminal)."
+    from tqdm.auto import tqdm
+    progress = self.config.log.progress if self.config.log.progress is not None else sys.stderr.isatty()
+    return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not (progress and self.main),
+                dynamic_ncols=True, leave=False)
+
+# %% ../nbs/06_train.ipynb #2adcdec5
+@patch
+def _train_epoch(self: Trainer, bar) -> None:
+    "Optimiser steps over the rest of this epoch's batches, until the epoch or the run ends or it is stopped."
+    self.train_loader.set_epoch(self.epoch)                       # a no-op when resuming inside this epoch
+    it, exhausted = iter(self.train_loader), False
+    try:
+        while not exhausted and self.step < self.total_steps and not self._stop:
+            left = self.train_loader.remaining
+            if left == 0: break
+            t0, s0 = time.perf_counter(), self.samples
+            sums, done, exhausted = self._window(it, min(self.config.schedule.accumulate, left))
+            row = self._update(sums, done) if done else None
+            end = exhausted or self.train_loader.remaining == 0
+            if row is not None:
+                bar.update(1)
+                row["train/samples_per_s"] = (self.samples - s0) / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{row['train/loss']:.4f}", sps=f"{row['train/samples_per_s']:.0f}")
+            self._boundary(row, end)
+            if end: break
+    finally:
+        if hasattr(it, "close"): it.close()
+
+# %% ../nbs/06_train.ipynb #603a9589
+@patch
+def fit(self: Trainer, steps: int | None = None) -> TrainResult:
+    "Train to `schedule.max_steps` / `schedule.epochs` (or `steps` more optimiser steps, then save), resuming from the newest valid checkpoint."
+    t_start = time.perf_counter()
+    resumed = self._start()
+    first_step = self.step
+    self._stop_at = None if steps is None else self.step + steps
+    old_handler = self._catch_sigint()                                # before the loader's workers start: they inherit it
+    bar = self._progress_bar()
+    self.model.train()
+    try:
+        while self.step < self.total_steps and not self._stop: self._train_epoch(bar)
+        self.sync_buffers()                                           # every rank ends with the checkpoint's weights
+    finally:
+        bar.close()
+        if old_handler is not None: signal.signal(signal.SIGINT, old_handler)
+        if self.main and self.step > first_step: self._write_loader_files()   # a finished run started again keeps its files
+        if self._wandb is not None: self._wandb.finish(); self._wandb = None
+    return TrainResult(self.step, self.epoch, self._stop, self.nonfinite, self.checkpoints.best() if self.main else None,
+                       self.last_eval, resumed, time.perf_counter() - t_start)

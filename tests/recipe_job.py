@@ -15,6 +15,6 @@ if __name__ == "__main__":
     finish_run(run, result)
     rank = run.trainer.rank
     torch.save(run.model.state_dict(), out / f"rank{rank}.pt")
-    (out / f"rank{rank}.json").write_text(json.dumps({"world": run.trainer.world, "steps": result.steps,
+    (out / f"rank{rank}.json").write_text(json.dumps({"world_size": run.trainer.world_size, "steps": result.steps,
                                                         "vocab": run.tokenizer.get_vocab(), "last_eval": result.last_eval}))
     if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()

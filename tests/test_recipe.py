@@ -144,7 +144,7 @@ def test_ddp_run_evaluates_as_one_process(tmp_path, odd_pairs):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     torchrun(JOB, tmp_path / "c.yaml", out, timeout=300)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [(r["world"], r["steps"]) for r in ranks] == [(2, 4), (2, 4)]
+    assert [(r["world_size"], r["steps"]) for r in ranks] == [(2, 4), (2, 4)]
     saved = load_tokenizer(str(run_dir / "tokenizer")).get_vocab()          # rank 0 trained and saved it
     assert ranks[0]["vocab"] == saved and ranks[1]["vocab"] == saved
     w0, w1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))

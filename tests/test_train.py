@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_job import build, losses  # noqa: E402
 
 from mmlit.checkpoint import MANIFEST, STATE, WEIGHTS, WRITE_DELAY_ENV, CheckpointManager, read_manifest, CheckpointError
-from mmlit.core import ConfigError
-from mmlit.train import TrainConfig, config_from_dict, config_to_yaml, load_config
+from mmlit.core import ConfigError, config_from_dict
+from mmlit.train import TrainConfig, config_to_yaml, load_config
 
 JOB = str(Path(__file__).parent / "train_job.py")
 ROOT = Path(__file__).parent.parent

@@ -6,20 +6,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmlit.core import Stream, derive_seed, torch_rng
+from mmlit.core import Stream, config_from_dict, derive_seed, torch_rng
 from mmlit.loader import LoaderConfig, make_loader
-from mmlit.train import Trainer, config_from_dict, TrainConfig
+from mmlit.train import Trainer, TrainConfig
 
 
 class Regress(nn.Module):
-    "Predicts `y` from `x` through a small MLP with dropout; records the steps `set_step` saw."
+    "Predicts `y` from `x` through a small MLP with dropout; records the `(epoch, micro_batch)` pairs `set_step` saw."
     def __init__(self, dropout: float = 0.1):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Dropout(dropout), nn.Linear(16, 1))
         self.delay = float(os.environ.get("TRAIN_JOB_STEP_DELAY", 0) or 0)
         self.steps = []
 
-    def set_step(self, epoch: int, step: int): self.steps.append((epoch, step))
+    def set_step(self, epoch: int, micro_batch: int): self.steps.append((epoch, micro_batch))
 
     def forward(self, x, y, **_):
         if self.delay and self.training: time.sleep(self.delay)
