@@ -7,7 +7,7 @@ from PIL import Image
 
 from mmlit.collate import Padding, TextCollator
 from mmlit.core import ConfigError
-from mmlit.dataset import check_image_size, open_image
+from mmlit.images import check_image_size, open_image
 from mmlit.packing import PackedRows, PackingCollator, pack_rows
 from mmlit.preprocess import ImagePreprocessor, Qwen2VLPatcher, image_preset, pad_to_square
 from mmlit.text import LMWindows
