@@ -226,7 +226,7 @@ class WebDatasetShards(MMDataset):
         "The `json` member at `span` of shard `k`, parsed."
         return _parse_json_line(self._read(k, *span, where), {**where, "source": self.source})
 
-# %% ../nbs/01f_formats.ipynb #a97eeb78
+# %% ../nbs/01f_formats.ipynb #bc9838cd
 @patch
 def _detect(self: WebDatasetShards, image_key, text_key, text_field) -> tuple[tuple[str, ...], str, str | None]:
     "The image extension(s), caption extension and JSON caption field, from the first samples when `'auto'`."
@@ -254,14 +254,14 @@ def _detect(self: WebDatasetShards, image_key, text_key, text_field) -> tuple[tu
     return image_keys, text_key, pick_column(list(obj), AUTO, CAPTION_NAMES, what="caption", option="text_field",
                                              where=f"{where} sample {ix.keys[j]!r} json")
 
-# %% ../nbs/01f_formats.ipynb #57c2abfd
+# %% ../nbs/01f_formats.ipynb #31223d3d
 @patch
 def locate(self: WebDatasetShards, idx: int) -> tuple[int, int]:
     "(shard number, sample number in that shard) of index `idx`."
     k = bisect.bisect_right(self._starts, idx) - 1
     return k, idx - self._starts[k]
 
-# %% ../nbs/01f_formats.ipynb #d66e2711
+# %% ../nbs/01f_formats.ipynb #58659ea9
 @patch
 def load(self: WebDatasetShards, idx: int) -> dict:
     "Sample `idx`: its image and caption members read by byte range; a sample that cannot be read raises `BadRecordError`."

@@ -455,19 +455,19 @@ class ParquetImageText(MMDataset):
     def __getstate__(self):  # open handles and cached row groups stay in the process that made them
         return {**self.__dict__, "_handles": {}, "_cache": OrderedDict()}
 
-# %% ../nbs/01c_sources.ipynb #5107ec08
+# %% ../nbs/01c_sources.ipynb #bc1aedef
 @patch(as_prop=True)
 def blocks(self: ParquetImageText) -> np.ndarray:
     "Rows per row group in index order: the contiguous index ranges that one read decodes together."
     return np.diff(self._starts).astype(np.int64)
 
-# %% ../nbs/01c_sources.ipynb #3a09ae84
+# %% ../nbs/01c_sources.ipynb #1b0ff40d
 @patch
 def cache_blocks(self: ParquetImageText, k: int):
     "Cache at least `k` row groups (a block-shuffled order revisits up to `k` of them); the default, 1, suits reading in order."
     self.cache_row_groups = max(self.cache_row_groups, int(k))
 
-# %% ../nbs/01c_sources.ipynb #f645c70d
+# %% ../nbs/01c_sources.ipynb #925890f4
 @patch
 def _row_group(self: ParquetImageText, g: int) -> dict[str, list]:
     "Row group `g` (global number) as `{column: list of values}`, through a small LRU cache."
@@ -485,7 +485,7 @@ def _row_group(self: ParquetImageText, g: int) -> dict[str, list]:
     pa.default_memory_pool().release_unused()         # the decoder's scratch space, back to the OS
     return cols
 
-# %% ../nbs/01c_sources.ipynb #77a912b5
+# %% ../nbs/01c_sources.ipynb #3bf0da6f
 @patch
 def load(self: ParquetImageText, idx: int) -> dict:
     "Record `idx`, read from its row group and checked; a record that cannot be read raises `BadRecordError`."
