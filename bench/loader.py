@@ -297,7 +297,7 @@ def measure_one(name: str, path: Path, bs: int, cache_dir: Path, interval: float
     from datasets import load_dataset
     from PIL import Image
     from torch.utils.data import DataLoader, default_collate
-    from mmlit.dataset import ParquetImageText
+    from mmlit.sources import ParquetImageText
     from mmlit.loader import LoaderConfig, make_loader
     from mmlit.preprocess import ImagePreprocessor
 

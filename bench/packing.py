@@ -1,7 +1,7 @@
 """Packing vs padding on the bundled text corpus: fraction of real (non-pad) tokens and collate time per batch.
 
 Corpus: mmlit's bundled LM corpus (`mmlit.demo.build_demo_corpus`: the documentation topics the
-Python standard library ships in `pydoc_data`), read with `mmlit.dataset.TextCorpus` and tokenized
+Python standard library ships in `pydoc_data`), read with `mmlit.sources.TextCorpus` and tokenized
 with a byte-level BPE trained on it here by `mmlit.text.train_tokenizer` (nothing downloaded). Two
 sample sets: lines (`split="line"`: short, very uneven samples, like captions or chat turns) and
 documents (`split="paragraph"`: one topic each) cut into `--max-length` windows (LM-style: most
@@ -24,7 +24,7 @@ import torch
 
 from mmlit.collate import TextCollator
 from mmlit.core import np_rng
-from mmlit.dataset import TextCorpus
+from mmlit.sources import TextCorpus
 from mmlit.demo import build_demo_corpus
 from mmlit.packing import PackedRows, PackingCollator
 from mmlit.text import token_ids, train_tokenizer

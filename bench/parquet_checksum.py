@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from mmlit.dataset import ParquetImageText
+from mmlit.sources import ParquetImageText
 from mmlit.demo import build_demo_parquet
 
 

@@ -28,7 +28,8 @@ def peak_rss_mb() -> float:
 
 def child(path: str, reader: str) -> None:
     "Read and decode every record of `path`; print one JSON line with counts and peak RSS."
-    from mmlit.dataset import ParquetImageText, open_image
+    from mmlit.images import open_image
+    from mmlit.sources import ParquetImageText
     before = peak_rss_mb()
     t0, good, pixels = time.perf_counter(), 0, 0
     if reader == "mmlit":

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from s3_server import FaultProxy, make_bucket, moto_s3, s3_options   # loopback only  # noqa: E402
 
-from mmlit.dataset import ParquetImageText  # noqa: E402
+from mmlit.sources import ParquetImageText  # noqa: E402
 from mmlit.loader import LoaderConfig, make_loader  # noqa: E402
 from mmlit.storage import RangeCache, Store, io_stats  # noqa: E402
 

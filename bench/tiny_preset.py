@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from mmlit.dataset import ParquetImageText
+from mmlit.sources import ParquetImageText
 from mmlit.demo import ensure_demo
 from mmlit.loader import LoaderConfig, RowSubset, make_loader
 from mmlit.model import DualEncoder, DualEncoderConfig

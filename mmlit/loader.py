@@ -25,8 +25,9 @@ from fastcore.basics import patch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from .core import ConfigError, Stream, TooManyBadRecords, check_keys, config_from_dict, derive_seed
-from .dataset import (BadRecord, DeterministicDataset, MMDataset, Mixture, SkipReport, Skipped,
-                           as_mm_dataset, split_skipped)
+from .dataset import BadRecord, MMDataset, SkipReport, Skipped, split_skipped
+from .mixture import DeterministicDataset, Mixture
+from .sources import as_mm_dataset
 from .storage import IOStats, Location, io_stats
 
 # %% auto #0
@@ -654,7 +655,7 @@ def load_tokenizer(spec, data_path=None, kind: str | None = None, data_options: 
         return AutoTokenizer.from_pretrained(str(spec), local_files_only=True)
     if isinstance(spec, dict) and "train" in spec:
         from mmlit.text import train_tokenizer
-        from mmlit.dataset import open_source
+        from mmlit.sources import open_source
         opts = dict(data_options or {})
         src = open_source(data_path, kind, **opts)
         if hasattr(src, "decode"): src.decode = False           # texts only: leave images undecoded
@@ -672,7 +673,7 @@ _DEFAULT_COLLATORS = {"clip": ("contrastive", dict(base="multimodal")), "qwen2_v
 # %% ../nbs/04_loader.ipynb #eea2df9d
 def loader_parts(config: dict | str | Path) -> dict:
     "Parse a one-liner config into data, transform, collator and `LoaderConfig` (what `build_loader` uses)."
-    from mmlit.dataset import TextCorpus, open_source
+    from mmlit.sources import TextCorpus, open_source
     cfg = _read_config(config)
     loader_keys = [f.name for f in dataclasses.fields(LoaderConfig)]
     check_keys(cfg.get("loader") or {}, loader_keys, "loader")

@@ -61,9 +61,9 @@ def caption_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch
 # %% ../nbs/05b_metrics.ipynb #4567aeb2
 def digit_prompts(positions: Sequence[str] = ("centre",)) -> list[list[str]]:
     "Prompts per digit 0-9 for the bundled demo: every template, colour, background and size."
-    from mmlit.demo import BACKGROUNDS, COLOURS, TEMPLATES, caption_for
+    from mmlit.demo import BACKGROUNDS, COLORS, TEMPLATES, caption_for
     return [[caption_for(t, digit=d, colour=c, background=b, size=s, position=p) for t in range(len(TEMPLATES))
-             for c in COLOURS for b in BACKGROUNDS for s in ("small", "medium", "large") for p in positions] for d in range(10)]
+             for c in COLORS for b in BACKGROUNDS for s in ("small", "medium", "large") for p in positions] for d in range(10)]
 
 def encode_prompts(model, tokenizer, prompts: Sequence[str], dim: int | None = None, batch_size: int = 512) -> torch.Tensor:
     "Unit-norm text embeddings of `prompts`, tokenized as stage 2 tokenizes captions."

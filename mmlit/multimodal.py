@@ -15,10 +15,12 @@ import numpy as np
 import torch
 
 from .core import BadRecordError, ConfigError, Registry
-from .dataset import displayed_size, group_videos, locate_error
-from .formats import VIDEO_PLACEHOLDER
+from .dataset import locate_error
+from .images import displayed_size
+from .sources import group_videos
+from .formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from .preprocess import ImagePreprocessor, Qwen2VLPatcher, check_aspect_ratio, image_preset, load_frames, open_checked
-from .text import IMAGE_PLACEHOLDER, VIDEO_PAD, ImageTokens, encode_chat, encode_text
+from .text import VIDEO_PAD, ImageTokens, encode_chat, encode_text
 
 # %% auto #0
 __all__ = ['PREPROCESSORS', 'record_images', 'record_messages', 'record_videos', 'frames_as_images', 'Preprocessor',

@@ -26,8 +26,8 @@ from PIL import Image, ImageEnhance
 from .core import BadRecordError, ConfigError, MissingExtraError, Registry
 
 # %% auto #0
-__all__ = ['NORMALISATIONS', 'DEFAULT_MAX_ASPECT_RATIO', 'IMAGE_PRESETS', 'IMAGE_SUFFIXES', 'Normalisation', 'get_normalisation',
-           'normalize', 'to_rgb', 'open_checked', 'pil_to_tensor', 'pil_to_chw', 'decode_rgb', 'check_aspect_ratio',
+__all__ = ['NORMALISATIONS', 'DEFAULT_MAX_ASPECT_RATIO', 'IMAGE_PRESETS', 'Normalisation', 'get_normalisation', 'normalize',
+           'to_rgb', 'open_checked', 'pil_to_tensor', 'pil_to_chw', 'decode_rgb', 'check_aspect_ratio',
            'shortest_side_size', 'cover_size', 'resize_shortest', 'resize', 'center_crop', 'center_crop_box',
            'resize_center_crop', 'random_crop', 'resize_crop', 'random_resized_crop', 'pad_to_square', 'hflip',
            'color_jitter', 'ImagePreprocessor', 'image_preset', 'smart_resize', 'patchify', 'Qwen2VLPatcher',
@@ -75,8 +75,8 @@ def normalize(x: torch.Tensor, norm: str | Normalisation = "clip") -> torch.Tens
 # %% ../nbs/02_preprocess.ipynb #aaf5c331
 # Stage 1 owns opening, header checks and decoding (`open_image`, `check_image_size`, `load_image`: the bomb
 # limit, strict JPEG, EXIF orientation, 8-bit scaling); stage 2 reuses them.
-from .dataset import (DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, check_image_size, displayed_size, load_image,
-                           open_image, to_8bit)
+from .images import (DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, check_image_size, displayed_size,
+                          load_image, open_image, to_8bit)
 
 def to_rgb(img: Image.Image) -> Image.Image:
     "`img` as RGB: 16-bit and float scaled by `to_8bit`, grayscale and palette converted, transparency composited on white."
@@ -517,8 +517,6 @@ def sample_frame_indices(num_frames: int, max_frames: int = 16, mode: str = "uni
     raise ConfigError(f"frame sampling must be 'uniform' or 'random', got {mode!r}")
 
 # %% ../nbs/02_preprocess.ipynb #79156682
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
 def _natural_key(name: str) -> list:
     "Sort key comparing digit runs as numbers (frame_2 < frame_10)."
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]

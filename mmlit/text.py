@@ -16,12 +16,12 @@ import numpy as np
 import torch
 
 from .core import BadRecordError, ConfigError, Registry
-from .formats import VIDEO_PLACEHOLDER
+from .formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 # %% auto #0
 __all__ = ['EOS', 'IM_START', 'IM_END', 'VISION_START', 'VISION_END', 'IMAGE_PAD', 'VIDEO_PAD', 'SPECIAL_TOKENS',
-           'CHAT_TEMPLATES', 'TOKENIZER_KINDS', 'IMAGE_PLACEHOLDER', 'byte_level_bpe', 'train_tokenizer', 'token_ids',
-           'ImageTokens', 'image_input_idx', 'encode_chat', 'encode_text', 'token_stream', 'LMWindows', 'lm_windows']
+           'CHAT_TEMPLATES', 'TOKENIZER_KINDS', 'byte_level_bpe', 'train_tokenizer', 'token_ids', 'ImageTokens',
+           'image_input_idx', 'encode_chat', 'encode_text', 'token_stream', 'LMWindows', 'lm_windows']
 
 # %% ../nbs/02a_text.ipynb #f16ccf62
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -81,8 +81,6 @@ def token_ids(tokenizer: Any, text: str) -> list[int]:
     except TypeError: return _as_ids(tokenizer(text))
 
 # %% ../nbs/02a_text.ipynb #e1607d49
-IMAGE_PLACEHOLDER = "<image>"
-
 @dataclass
 class ImageTokens:
     "How an image appears in the text: `start + token × n + end` (Qwen2-VL: vision_start, image_pad, vision_end)."

@@ -29,7 +29,7 @@ from .core import MmlitError, Stream, derive_seed
 from .preprocess import Normalisation, get_normalisation
 
 # %% auto #0
-__all__ = ['STEP_KEYS', 'LOSS_PARTS', 'TOKEN_COLOURS', 'REPORT_FILES', 'PLOT_BORDER', 'RunDirError', 'metrics_frame', 'finish',
+__all__ = ['STEP_KEYS', 'LOSS_PARTS', 'TOKEN_COLORS', 'REPORT_FILES', 'PLOT_BORDER', 'RunDirError', 'metrics_frame', 'finish',
            'plot_training_curves', 'plot_loss_components', 'plot_lr_schedule', 'read_embeddings', 'project_2d',
            'plot_embedding_space', 'plot_similarity_matrix', 'mrl_table', 'plot_mrl_performance', 'require_files',
            'save_run_plots', 'unnormalize', 'unpatchify', 'batch_images', 'decode_text', 'batch_captions',
@@ -357,7 +357,7 @@ def _wrap(text: str, width: int) -> list[str]:
     return textwrap.wrap(text, width) or [""]
 
 # %% ../nbs/07_viz.ipynb #2ed1c869
-TOKEN_COLOURS = {"trained": "#74c476", "context": "#c6dbef", "image": "#bcbddc", "padding": "#f0f0f0"}
+TOKEN_COLORS = {"trained": "#74c476", "context": "#c6dbef", "image": "#bcbddc", "padding": "#f0f0f0"}
 
 def _segments(batch: Mapping, row: int, L: int) -> np.ndarray:
     "Sequence number of every token of a row (−1 for padding) of a packed batch, else 0 where attended."
@@ -406,7 +406,7 @@ def plot_tokens(batch: Mapping, row: int = 0, tokenizer=None, *, per_line: int =
     prev_kind, prev_seg = None, None
     for i, r in enumerate(shown.itertuples()):
         x, y = i % per_line, -(i // per_line)
-        ax.add_patch(matplotlib.patches.Rectangle((x, y), 0.96, 0.9, facecolor=TOKEN_COLOURS[r.kind], edgecolor="white", lw=0.5))
+        ax.add_patch(matplotlib.patches.Rectangle((x, y), 0.96, 0.9, facecolor=TOKEN_COLORS[r.kind], edgecolor="white", lw=0.5))
         text = r.token if r.kind != "image" else ("img" if prev_kind != "image" else "")
         if r.kind == "padding": text = "pad" if prev_kind != "padding" else ""
         ax.text(x + 0.48, y + 0.45, text[:7], ha="center", va="center", fontsize=6.5, family="monospace")
@@ -414,7 +414,7 @@ def plot_tokens(batch: Mapping, row: int = 0, tokenizer=None, *, per_line: int =
             ax.plot([x - 0.02, x - 0.02], [y - 0.05, y + 0.95], color="#d62728", lw=2.5)
         prev_kind, prev_seg = r.kind, r.segment
     counts = t.kind.value_counts()
-    handles = [matplotlib.patches.Patch(color=c, label=f"{k} ({counts.get(k, 0)})") for k, c in TOKEN_COLOURS.items()]
+    handles = [matplotlib.patches.Patch(color=c, label=f"{k} ({counts.get(k, 0)})") for k, c in TOKEN_COLORS.items()]
     handles.append(matplotlib.lines.Line2D([], [], color="#d62728", lw=2.5, label="packed sequence start"))
     ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=5, fontsize=8, frameon=False)
     n_seq = len(set(t.segment) - {-1})

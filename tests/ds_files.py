@@ -1,4 +1,4 @@
-"""Real files for the mmlit.dataset tests: images made with Pillow, JSONL, text and Parquet sources."""
+"""Real files for the stage 1 tests (mmlit.dataset, mmlit.images, mmlit.sources): images made with Pillow, JSONL, text and Parquet sources."""
 import io
 import json
 import struct
@@ -10,16 +10,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-# (size, mode, colour) of the good images the fixtures write; sizes all differ so a record's image identifies it
+# (size, mode, color) of the good images the fixtures write; sizes all differ so a record's image identifies it
 SPECS = [((32 + 4 * i, 24 + 2 * i), "RGB" if i % 3 else "L", (17 * i % 256, 90, 200)) for i in range(12)]
 
 
-def make_image(size=(32, 24), mode="RGB", colour=(10, 90, 200), noise_seed=None) -> Image.Image:
+def make_image(size=(32, 24), mode="RGB", color=(10, 90, 200), noise_seed=None) -> Image.Image:
     "A real image; with `noise_seed` its pixels are noise (so a JPEG of it is big enough to truncate)."
     if noise_seed is not None:
         a = np.random.default_rng(noise_seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
         return Image.fromarray(a, "RGB").convert(mode)
-    c = colour if mode == "RGB" else colour[0]
+    c = color if mode == "RGB" else color[0]
     return Image.new(mode, size, c)
 
 
@@ -29,8 +29,8 @@ def image_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-def png_bytes(size=(32, 24), mode="RGB", colour=(10, 90, 200)) -> bytes:
-    return image_bytes(make_image(size, mode, colour), "PNG")
+def png_bytes(size=(32, 24), mode="RGB", color=(10, 90, 200)) -> bytes:
+    return image_bytes(make_image(size, mode, color), "PNG")
 
 
 def truncated_jpeg() -> bytes:

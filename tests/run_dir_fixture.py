@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mmlit.dataset import ParquetImageText
+from mmlit.sources import ParquetImageText
 from mmlit.demo import build_demo_parquet
 from mmlit.loader import build_data_module, load_tokenizer, profile_loader
 from mmlit.viz import batch_digest

@@ -10,8 +10,9 @@ import pytest
 from ds_files import (SPECS, bomb_png, corrupt_bytes, image_bytes, make_image, pixels, png_bytes, truncated_jpeg,
                       write_jsonl, write_parquet)
 from mmlit.core import BadRecordError, ConfigError, TooManyBadRecords
-from mmlit.dataset import (BadRecord, DeterministicDataset, HFDataset, JsonlImageText, ParquetImageText,
-                           SkipReport, Skipped, TextCorpus, split_skipped)
+from mmlit.dataset import BadRecord, SkipReport, Skipped, split_skipped
+from mmlit.sources import HFDataset, JsonlImageText, ParquetImageText, TextCorpus
+from mmlit.mixture import DeterministicDataset
 
 # ---------------------------------------------------------------- JSONL: one bad line between good ones
 

@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader
 
 from ds_files import SPECS, corrupt_bytes, make_image, png_bytes, write_jsonl, write_parquet
 from mmlit.core import ConfigError, np_rng
-from mmlit.dataset import (DeterministicDataset, JsonlImageText, Mixture, ParquetImageText, Skipped, TensorList,
-                           TextCorpus, split_skipped)
+from mmlit.dataset import Skipped, split_skipped
+from mmlit.sources import JsonlImageText, ParquetImageText, TensorList, TextCorpus
+from mmlit.mixture import DeterministicDataset, Mixture
 
 set_hypothesis_home_dir(tempfile.mkdtemp(prefix="mmlit-hypothesis-"))  # nothing written into the repo
 

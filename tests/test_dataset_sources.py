@@ -1,4 +1,4 @@
-"""Every mmlit.dataset source reads the right records from real files; images open lazily."""
+"""Every mmlit.sources source reads the right records from real files; images open lazily."""
 import json
 
 import numpy as np
@@ -9,9 +9,11 @@ from PIL import Image
 
 from ds_files import (SPECS, image_bytes, make_image, pixels, png_bytes, write_jsonl, write_parquet)
 from mmlit.core import ConfigError, UnknownNameError
-from mmlit.dataset import (RECORD_KEYS, DeterministicDataset, HFDataset, JsonlImageText, ParquetImageText,
-                           Skipped, TensorList, TextCorpus, TorchDataset, as_mm_dataset, format_messages,
-                           make_record, open_source, task_formats)
+from mmlit.dataset import RECORD_KEYS, Skipped, make_record
+from mmlit.sources import (HFDataset, JsonlImageText, ParquetImageText, TensorList, TextCorpus, TorchDataset,
+                           as_mm_dataset, open_source)
+from mmlit.mixture import DeterministicDataset
+from mmlit.tasks import format_messages, task_formats
 
 
 def check_schema(rec):

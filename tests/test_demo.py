@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from mmlit.dataset import ParquetImageText, JsonlImageText, TextCorpus
+from mmlit.sources import ParquetImageText, JsonlImageText, TextCorpus
 from mmlit.demo import DIGIT_WORDS, build_demo_parquet, ensure_demo
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 from torchrun_helpers import torchrun
 import torch
 
-from mmlit.dataset import TensorList
+from mmlit.sources import TensorList
 from mmlit.loader import LoaderConfig, make_loader
 
 N = 23  # not a multiple of 2 x 4: the last step is padded (or dropped)
@@ -16,7 +16,7 @@ N = 23  # not a multiple of 2 x 4: the last step is padded (or dropped)
 SCRIPT = textwrap.dedent("""
     import json, sys
     import torch, torch.distributed as dist
-    from mmlit.dataset import TensorList
+    from mmlit.sources import TensorList
     from mmlit.loader import LoaderConfig, make_loader
 
     out, n = sys.argv[1], int(sys.argv[2])

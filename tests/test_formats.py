@@ -11,7 +11,7 @@ from PIL import Image
 
 from mmlit.cli import main
 from mmlit.core import ConfigError
-from mmlit.dataset import ParquetImageText
+from mmlit.sources import ParquetImageText
 from mmlit.formats import (CocoCaptions, Conversations, ImageFolder, WebDatasetShards, guess_kind, index_tar,
                            open_dataset)
 from mmlit.loader import LoaderConfig, make_loader

@@ -12,7 +12,8 @@ from transformers import PreTrainedTokenizerFast
 from collate_helpers import corpus, tiny_qwen2_vl
 from mmlit.collate import MultimodalCollator, Qwen2VLCollator
 from mmlit.core import np_rng
-from mmlit.dataset import DeterministicDataset, JsonlImageText
+from mmlit.sources import JsonlImageText
+from mmlit.mixture import DeterministicDataset
 from mmlit.formats import Conversations, open_dataset
 from mmlit.multimodal import ChatPreprocessor, build_preprocessor
 from mmlit.preprocess import Qwen2VLPatcher, image_preset, load_frames

@@ -15,7 +15,9 @@ from PIL import ExifTags, Image, ImageFile, ImageOps
 
 from mmlit.cli import main
 from mmlit.core import BadRecordError, np_rng
-from mmlit.dataset import HFDataset, JsonlImageText, ParquetImageText, Skipped, displayed_size, load_image, open_image, to_8bit
+from mmlit.dataset import Skipped
+from mmlit.images import displayed_size, load_image, open_image, to_8bit
+from mmlit.sources import HFDataset, JsonlImageText, ParquetImageText
 from mmlit.loader import LoaderConfig, make_loader
 from mmlit.multimodal import build_preprocessor
 from mmlit.preprocess import Qwen2VLPatcher, decode_rgb, image_preset, pad_to_square
@@ -409,9 +411,9 @@ def test_loader_counts_every_hostile_record(tok, sources, kind, preset, workers)
 
 
 def test_banners_are_refused_before_decoding(tok, monkeypatch):
-    import mmlit.dataset, mmlit.preprocess
+    import mmlit.images, mmlit.preprocess
     def no_decode(*a, **k): raise AssertionError("decoded a refused image")
-    monkeypatch.setattr(mmlit.dataset, "_load", no_decode)
+    monkeypatch.setattr(mmlit.images, "_load", no_decode)
     monkeypatch.setattr(mmlit.preprocess, "load_image", no_decode)
     png = THIN["thin_png_2000_to_1"]                     # a PNG: its EXIF could follow the pixels, yet no decode
     for pre in (image_preset("molmo"), image_preset("clip"), Qwen2VLPatcher()):

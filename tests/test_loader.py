@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from mmlit.core import BadRecordError, ConfigError
-from mmlit.dataset import DeterministicDataset, Mixture, ParquetImageText
+from mmlit.sources import ParquetImageText
+from mmlit.mixture import DeterministicDataset, Mixture
 from mmlit.core import Stream, derive_seed
-from mmlit.dataset import TensorList
+from mmlit.sources import TensorList
 from mmlit.loader import LoaderConfig, RowSubset, epoch_order, make_loader, rank_steps
 
 N = 30
@@ -471,7 +472,7 @@ def _encode(rec, rng):
 
 def _mlm_loader(path, workers):
     from collate_helpers import tiny_tokenizer
-    from mmlit.dataset import TextCorpus
+    from mmlit.sources import TextCorpus
     return make_loader(TextCorpus(path, split="line"), LoaderConfig(batch_size=4, seed=3, num_workers=workers),
                        transform=_encode, collate="masked_lm", collate_options=dict(tokenizer=tiny_tokenizer(), seed=7))
 

@@ -6,7 +6,7 @@ import torch
 
 from mmlit.collate import CausalLMCollator, collators
 from mmlit.core import ConfigError
-from mmlit.dataset import ParquetImageText
+from mmlit.sources import ParquetImageText
 from mmlit.demo import corpus_documents, ensure_demo
 from mmlit.losses import draw_mrl_dim
 from mmlit.model import (BatchError, CheckpointError, DualEncoder, DualEncoderConfig, build_tower, has_class_token, is_conv,

@@ -17,7 +17,7 @@ pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
 from s3_server import CREDS, HOST, free_port, make_bucket, moto_s3
-from mmlit.dataset import open_source
+from mmlit.sources import open_source
 from mmlit.loader import LoaderConfig, make_loader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ CFG = dict(batch_size=B, seed=SEED, drop_last=True, shuffle_window=2)
 SCRIPT = textwrap.dedent("""
     import json, sys
     import torch.distributed as dist
-    from mmlit.dataset import open_source
+    from mmlit.sources import open_source
     from mmlit.loader import LoaderConfig, make_loader
 
     source, cfg, out, mode = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]

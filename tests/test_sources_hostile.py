@@ -17,8 +17,9 @@ import torch
 from ds_files import make_image, pixels, png_bytes, write_jsonl, write_parquet
 from mmlit.cli import main
 from mmlit.core import BadRecordError, ConfigError
-from mmlit.dataset import (MAX_JSON_DEPTH, HFDataset, JsonlImageText, ParquetImageText, TextCorpus, TorchDataset,
-                           check_unicode, json_depth, make_record)
+from mmlit.dataset import check_unicode, make_record
+from mmlit.sources import (MAX_JSON_DEPTH, HFDataset, JsonlImageText, ParquetImageText, TextCorpus, TorchDataset,
+                           json_depth)
 from mmlit.loader import LoaderConfig, make_loader
 
 LONE = "\ud800"                                    # half of a surrogate pair: what JSON's "\ud800" escape gives

@@ -20,7 +20,7 @@ pytest.importorskip("s3fs")
 
 from ds_files import SPECS, make_image, png_bytes, write_jsonl, write_parquet, image_bytes
 from s3_server import CREDS, FaultProxy, make_bucket, moto_s3, s3_options
-from mmlit.dataset import JsonlImageText, ParquetImageText, TextCorpus, open_source
+from mmlit.sources import JsonlImageText, ParquetImageText, TextCorpus, open_source
 from mmlit.formats import WebDatasetShards
 from mmlit.loader import LoaderConfig, make_loader
 from mmlit.storage import AccessDenied, Retry, StorageError, Store, io_stats
@@ -48,8 +48,8 @@ def data(tmp_path_factory):
         write_parquet(d / "shards" / f"part-{k}.parquet", [f"shard {k} row {i}" for i in range(n)], imgs, row_group_size=6)
     (d / "img").mkdir()
     rows = []
-    for i, (size, mode, colour) in enumerate(SPECS):
-        (d / "img" / f"{i}.png").write_bytes(png_bytes(size, mode, colour))
+    for i, (size, mode, color) in enumerate(SPECS):
+        (d / "img" / f"{i}.png").write_bytes(png_bytes(size, mode, color))
         rows.append({"image": f"img/{i}.png", "text": f"picture {i}"})
     write_jsonl(d / "pairs.jsonl", rows)
     (d / "corpus.txt").write_text("".join(f"document {i}\nsecond line of {i}\n\n" for i in range(40)))
