@@ -21,7 +21,7 @@ configuration runs twice: images/s from a run without the sampler, peak PSS from
 Linux only (reads /proc).
 
 A line after the goals compares shuffled training reads (0 workers, `train=True`: the
-row-group-aware shuffle with `shuffle_window=8`, and a full shuffle, `shuffle_window=0`) with the
+row-group-aware shuffle with `shuffle_span=8`, and a full shuffle, `shuffle_span=0`) with the
 sequential 0-worker figure (timing only, no memory run).
 
 Below the table, lines that explain the ratios: the CPU seconds each configuration spent per image
@@ -62,7 +62,7 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 CONFIGS = {"decode": "decode only (1 core)", "hf-plain": "HF plain, 0 workers", "hf-tuned": "HF hand-tuned, 0 workers",
            "mmlit-0": "mmlit, 0 workers", "mmlit-2": "mmlit, 2 workers"}   # --only NAME -> printed label
-SHUFFLED = {"mmlit-0-shuffle": 8, "mmlit-0-fullshuffle": 0}   # mmlit 0 workers, train mode: shuffle_window (timing only)
+SHUFFLED = {"mmlit-0-shuffle": 8, "mmlit-0-fullshuffle": 0}   # mmlit 0 workers, train mode: shuffle_span (timing only)
 WDS = {"wds-mmlit-0": "mmlit tar shards, 0 workers", "wds-mmlit-2": "mmlit tar shards, 2 workers",
        "wds-plain-0": "webdataset plain, 0 workers", "wds-plain-2": "webdataset plain, 2 workers",
        "wds-tuned-0": "webdataset hand-tuned, 0 w", "wds-tuned-2": "webdataset hand-tuned, 2 w"}   # timing only
@@ -334,7 +334,7 @@ def measure_one(name: str, path: Path, bs: int, cache_dir: Path, interval: float
             fn = hf_plain if name == "hf-plain" else hf_tuned
             n, secs, cpu = timed_cpu(lambda: drain(DataLoader(hf.with_transform(fn), batch_size=bs, collate_fn=default_collate)))
         else:
-            ld = mmlit_loader(0, shuffle_window=SHUFFLED[name]) if name in SHUFFLED else mmlit_loader(int(name.removeprefix("mmlit-")))
+            ld = mmlit_loader(0, shuffle_span=SHUFFLED[name]) if name in SHUFFLED else mmlit_loader(int(name.removeprefix("mmlit-")))
             n, secs, cpu = timed_cpu(lambda: drain(ld))   # persistent workers: still alive when it returns
             t = ld.timings                                # measured inside the workers, shipped with each batch
             extra = {"fetch_s": t.fetch, "preprocess_s": t.preprocess, "collate_s": t.collate}
@@ -410,7 +410,7 @@ def main():
               + ", ".join(f"{k} {v:.0f}" for k, v in split.items()))
     sb, sf = shuffled["mmlit-0-shuffle"]["images_per_s"], shuffled["mmlit-0-fullshuffle"]["images_per_s"]
     print(f"  mmlit 0 workers shuffled (train) / sequential  {sb / m0:5.2f}x ({sb:.0f} images/s, row-group shuffle, "
-          f"window 8; full shuffle: {sf / m0:.2f}x, {sf:.0f} images/s)")
+          f"span 8; full shuffle: {sf / m0:.2f}x, {sf:.0f} images/s)")
     print(f"  2-process ceiling now: decode-only in 2 processes at once = "
           f"{ceiling['images_per_s'] / ceiling['one_process_per_s']:.2f}x one process (bounds mmlit 2 workers / 0 workers)")
     print_wds(wds_figures, args.n, bs)

@@ -2,12 +2,12 @@
 
 1. Bytes one rank of N fetches in an epoch, against its share of the data (the column chunks of
    the row groups, divided by N) plus the footers: rank 0, and the mean and the most over all N
-   ranks. Two orders: row-group-aligned (shuffle_window=1, row groups of the per-rank batch size:
-   each rank's part of a step is whole row groups) and the default block shuffle (shuffle_window=8:
+   ranks. Two orders: row-group-aligned (shuffle_span=1, row groups of the per-rank batch size:
+   each rank's part of a step is whole row groups) and the default block shuffle (shuffle_span=8:
    a step mixes rows of 8 row groups). The block shuffle is measured with both rank splits: the
    default "stream" (rank r takes the r-th slice of each step, so every rank reads nearly every row
-   group of the window) and "locality" (rank r takes the r-th part of the step by index, so it reads
-   mostly its own row groups of the window, plus one or two that it shares with a neighbour).
+   group of the span) and "locality" (rank r takes the r-th part of the step by index, so it reads
+   mostly its own row groups of the span, plus one or two that it shares with a neighbour).
    A third order shows row groups twice the per-rank batch: ranks share them.
 2. The local range cache: what the first epoch pays to fill it and what the second saves
    (median wall time of 5 runs, and bytes over the wire), against the same two epochs without a cache.
@@ -65,12 +65,12 @@ def data_bytes(files: dict) -> int:
 def collate(recs): return [r["meta"]["index"] for r in recs]
 
 
-def one_rank(uri: str, store: Store, rank: int, world: int, batch: int, window: int, epochs: int = 1, split: str = "stream"):
+def one_rank(uri: str, store: Store, rank: int, world: int, batch: int, span: int, epochs: int = 1, split: str = "stream"):
     "Footer bytes at open, then (bytes, requests, seconds) per epoch of rank `rank` of `world`."
     io_stats.reset()
     ds = ParquetImageText(uri, image_column="image", decode=False, storage_options=store)
     footer = io_stats.take()
-    ld = make_loader(ds, LoaderConfig(batch_size=batch, seed=0, shuffle_window=window, drop_last=True, rank_split=split),
+    ld = make_loader(ds, LoaderConfig(batch_size=batch, seed=0, shuffle_span=span, drop_last=True, rank_split=split),
                      collate=collate, rank=rank, world_size=world)
     out = []
     for e in range(epochs):
@@ -97,21 +97,21 @@ def main():
     with moto_s3() as endpoint:
         make_bucket(endpoint, "mmlit-bench", files)
         print("\n1. bytes fetched in one epoch by rank 0 of N (read by range: footer, then the row groups it needs)")
-        print(f"{'N':>3} {'order':<31} {'share':>11} {'footers':>9} {'fetched':>11} {'fetched/share':>14} {'(share+footers)':>16} "
+        print(f"{'N':>3} {'order':<32} {'share':>11} {'footers':>9} {'fetched':>11} {'fetched/share':>14} {'(share+footers)':>16} "
               f"{'on the wire':>12} {'all ranks: mean':>16} {'most':>6}")
         for world in (1, 2, 4):
-            for window, batch, split, name in ((1, args.row_group, "stream", "aligned (window=1)"),
-                                               (1, args.row_group // 2, "stream", "window=1, batch=rg/2"),
-                                               (8, args.row_group, "stream", "block shuffle (w=8)"),
-                                               (8, args.row_group, "locality", "block shuffle (w=8), locality")):
+            for span, batch, split, name in ((1, args.row_group, "stream", "aligned (span=1)"),
+                                             (1, args.row_group // 2, "stream", "span=1, batch=rg/2"),
+                                             (8, args.row_group, "stream", "block shuffle (span=8)"),
+                                             (8, args.row_group, "locality", "block shuffle (span=8), locality")):
                 share, ratios = share_all / world, []
                 for rank in range(world):
                     with FaultProxy(endpoint, lifetime=600) as proxy:    # no faults: counts the bytes leaving the server
                         store = Store(s3_options(proxy.endpoint))
-                        f, (e,) = one_rank(uri, store, rank, world, batch, window, split=split)
+                        f, (e,) = one_rank(uri, store, rank, world, batch, span, split=split)
                         if rank == 0: footer, ep, wire = f, e, proxy.down_bytes
                     ratios.append(e["bytes"] / share)
-                print(f"{world:>3} {name:<31} {share:>11,.0f} {footer['bytes']:>9,} {ep['bytes']:>11,} {ep['bytes'] / share:>14.3f} "
+                print(f"{world:>3} {name:<32} {share:>11,.0f} {footer['bytes']:>9,} {ep['bytes']:>11,} {ep['bytes'] / share:>14.3f} "
                       f"{(ep['bytes'] + footer['bytes']) / (share + footer['bytes']):>16.3f} {wire:>12,} "
                       f"{np.mean(ratios):>16.3f} {max(ratios):>6.3f}")
         print("   fetched/share: 1.000 means the rank read exactly its share; the goal is <= 1.10 (plus footers)")

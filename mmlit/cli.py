@@ -1,4 +1,4 @@
-"""The `mmlit` command: `mmlit inspect` scans a Parquet, JSONL or text source, decoding every record, and reports what is bad.
+"""The `mmlit` command: `inspect` a data source for bad records, `train` from a run config, the CPU `demo`, a run's `report` and `show-batch`.
 
 Docs: https://mmlit.github.io/mmlit/cli.html.md"""
 

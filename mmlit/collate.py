@@ -17,10 +17,10 @@ from .core import ConfigError, MmlitError, Registry, Stream, derive_seed
 
 # %% auto #0
 __all__ = ['collators', 'SEQ_PAD_VALUES', 'CollateError', 'EmptyBatchError', 'KeyMismatchError', 'MissingKeyError',
-           'RaggedBatchError', 'SequenceTooLongError', 'where', 'check_same_keys', 'Collator', 'stack_rest', 'Padding',
-           'pad_stack', 'shift_positions', 'TextCollator', 'CausalLMCollator', 'MaskedLMCollator', 'VisionCollator',
-           'MultimodalCollator', 'Qwen2VLCollator', 'ContrastiveCollator', 'DefaultCollator', 'collator_name_for',
-           'collator_for']
+           'RaggedBatchError', 'SequenceTooLongError', 'describe_sample', 'check_same_keys', 'Collator', 'stack_rest',
+           'Padding', 'pad_stack', 'shift_positions', 'TextCollator', 'CausalLMCollator', 'MaskedLMCollator',
+           'VisionCollator', 'MultimodalCollator', 'Qwen2VLCollator', 'ContrastiveCollator', 'DefaultCollator',
+           'collator_name_for', 'collator_for']
 
 # %% ../nbs/03_collate.ipynb #62d52803
 class CollateError(MmlitError, ValueError):
@@ -45,8 +45,8 @@ class SequenceTooLongError(CollateError):
 from .dataset import BadRecord, Skipped, split_skipped
 
 # %% ../nbs/03_collate.ipynb #ed218564
-def where(sample: dict, i: int) -> str:
-    "Where a sample comes from, for error messages: its batch position and, if known, its source."
+def describe_sample(sample: dict, i: int) -> str:
+    "A sample described for error messages: its batch position and, if known, where it comes from."
     meta = sample.get("meta") if isinstance(sample, dict) else None
     if not isinstance(meta, dict) or meta.get("index") is None: return f"sample {i}"
     parts = [meta.get("source"), meta.get("file"), f"{meta.get('unit', 'row')} {meta['index']}"]
@@ -56,10 +56,10 @@ def check_same_keys(samples: Sequence[dict]) -> None:
     "Raise `KeyMismatchError` unless every sample has the keys of the first."
     ref = set(samples[0])
     for i, s in enumerate(samples[1:], 1):
-        if not isinstance(s, dict): raise CollateError(f"{where({}, i)} is a {type(s).__name__}, not a dict")
+        if not isinstance(s, dict): raise CollateError(f"{describe_sample({}, i)} is a {type(s).__name__}, not a dict")
         missing, extra = sorted(ref - set(s)), sorted(set(s) - ref)
         if missing or extra:
-            raise KeyMismatchError(f"{where(s, i)} has keys that differ from sample 0: "
+            raise KeyMismatchError(f"{describe_sample(s, i)} has keys that differ from sample 0: "
                                    f"missing {missing}, extra {extra}")
 
 class Collator:
@@ -85,7 +85,7 @@ class Collator:
         if isinstance(good[0], dict):
             check_same_keys(good)
             missing = [k for k in self.required_keys(good[0]) if k not in good[0]]
-            if missing: raise MissingKeyError(f"{type(self).__name__} needs {missing} but {where(good[0], 0)} has only "
+            if missing: raise MissingKeyError(f"{type(self).__name__} needs {missing} but {describe_sample(good[0], 0)} has only "
                                               f"{sorted(good[0])}")
         return self.collate(good), self.last_bad
 
@@ -109,7 +109,7 @@ def stack_rest(samples: Sequence[dict], keys: Sequence[str], who: str = "collato
             if len(set(shapes)) > 1:
                 i = next(j for j, s in enumerate(shapes) if s != shapes[0])
                 raise RaggedBatchError(f"{who}: '{k}' has shape {shapes[0]} in sample 0 but {shapes[i]} in "
-                    f"{where(samples[i], i)}; this collator does not pad '{k}' (add it to pad_values to pad dim 0)")
+                    f"{describe_sample(samples[i], i)}; this collator does not pad '{k}' (add it to pad_values to pad dim 0)")
             out[k] = torch.stack(vals)
         elif all(isinstance(v, (bool, int, float)) for v in vals): out[k] = torch.tensor(vals)
         else: out["task_labels" if k == "task" else k] = list(vals)
@@ -197,9 +197,9 @@ class TextCollator(Collator):
             n = len(s["input_ids"])
             for k in keys:
                 if not isinstance(s[k], torch.Tensor) or s[k].ndim != 1 or len(s[k]) != n:
-                    raise RaggedBatchError(f"{where(s, i)}: '{k}' must be a 1-D tensor as long as input_ids ({n}), "
+                    raise RaggedBatchError(f"{describe_sample(s, i)}: '{k}' must be a 1-D tensor as long as input_ids ({n}), "
                                            f"got {getattr(s[k], 'shape', type(s[k]).__name__)}")
-            keep = p.cut(n, f"{where(s, i)} 'input_ids'")
+            keep = p.cut(n, f"{describe_sample(s, i)} 'input_ids'")
             for k in keys: cols[k].append(s[k][keep])
             offsets.append(-keep.start)
         L = p.length([len(x) for x in cols["input_ids"]])
@@ -207,10 +207,11 @@ class TextCollator(Collator):
         if "image_input_idx" in samples[0]:
             lens = [len(x) for x in cols["input_ids"]]
             out["image_input_idx"] = [shift_positions(s["image_input_idx"], off + (L - n if p.side == "left" else 0),
-                                                      L, where(s, i)) for i, (s, off, n) in enumerate(zip(samples, offsets, lens))]
+                                                      L, describe_sample(s, i)) for i, (s, off, n) in enumerate(zip(samples, offsets, lens))]
         return out
 
     def collate(self, samples: list[dict]) -> dict:
+        "Pad the token keys to one length and stack every other key."
         batch = self.pad_sequences(samples)
         return {**batch, **stack_rest(samples, [k for k in samples[0] if k not in batch], type(self).__name__)}
 
@@ -220,6 +221,7 @@ collators.add("text", TextCollator, modality="text")
 class CausalLMCollator(TextCollator):
     "Pad for next-token prediction; labels from stage 2 or copied from `input_ids`, -100 on padding only."
     def collate(self, samples: list[dict]) -> dict:
+        "The padded batch, with `labels` copied from `input_ids` when the samples have none."
         if "labels" not in samples[0]: samples = [dict(s, labels=s["input_ids"].clone()) for s in samples]
         return super().collate(samples)
 
@@ -267,6 +269,7 @@ class MaskedLMCollator(TextCollator):
         return ids, labels
 
     def collate(self, samples: list[dict]) -> dict:
+        "The padded batch with tokens masked by this batch's generator; `labels` hold the picked tokens, -100 elsewhere."
         samples = [{k: v for k, v in s.items() if k != "labels"} for s in samples]
         batch = super().collate(samples)
         g = self.generator(); self.step += 1
@@ -289,9 +292,12 @@ class VisionCollator(Collator):
     def __init__(self, normalize: bool | str | tuple = False, image_key: str = "pixel_values"):
         self.norm, self.image_key = _norm_stats(normalize), image_key
 
-    def required_keys(self, sample: dict) -> list[str]: return [self.image_key]
+    def required_keys(self, sample: dict) -> list[str]:
+        "The image key."
+        return [self.image_key]
 
     def collate(self, samples: list[dict]) -> dict:
+        "Stack every key; normalise uint8 images when `normalize` asks for it."
         batch = stack_rest(samples, list(samples[0]), type(self).__name__)
         x = batch[self.image_key]
         if self.norm and x.dtype == torch.uint8: batch[self.image_key] = normalize_uint8(x, self.norm)
@@ -307,6 +313,7 @@ class MultimodalCollator(TextCollator):
         self.max_images, self.norm = max_images, _norm_stats(normalize)
 
     def required_keys(self, sample: dict) -> list[str]:
+        "`input_ids`, and `image_input_idx` when the sample has `images`."
         return ["input_ids"] + (["image_input_idx"] if "images" in sample else [])
 
     def pad_images(self, samples: Sequence[dict], idx: Sequence[torch.Tensor]) -> dict:
@@ -314,11 +321,11 @@ class MultimodalCollator(TextCollator):
         ims = [s["images"] for s in samples]
         for i, (s, x) in enumerate(zip(samples, ims)):
             if x.ndim != 4 or x.shape[1:] != ims[0].shape[1:]:
-                raise RaggedBatchError(f"{where(s, i)}: 'images' has shape {tuple(x.shape)}, expected [n, *{tuple(ims[0].shape[1:])}] "
+                raise RaggedBatchError(f"{describe_sample(s, i)}: 'images' has shape {tuple(x.shape)}, expected [n, *{tuple(ims[0].shape[1:])}] "
                                        "like sample 0 (resize in stage 2, or use the qwen2_vl collator)")
-            if len(idx[i]) != len(x): raise RaggedBatchError(f"{where(s, i)}: {len(x)} images but {len(idx[i])} rows of image_input_idx")
+            if len(idx[i]) != len(x): raise RaggedBatchError(f"{describe_sample(s, i)}: {len(x)} images but {len(idx[i])} rows of image_input_idx")
             if self.max_images is not None and len(x) > self.max_images:
-                raise CollateError(f"{where(s, i)} has {len(x)} images > max_images={self.max_images}")
+                raise CollateError(f"{describe_sample(s, i)} has {len(x)} images > max_images={self.max_images}")
         n = self.max_images if self.max_images is not None else max(len(x) for x in ims)
         T = max((t.shape[1] for t in idx), default=0)
         idx = [torch.nn.functional.pad(t, (0, T - t.shape[1]), value=-1) for t in idx]
@@ -328,6 +335,7 @@ class MultimodalCollator(TextCollator):
         return dict(images=images, image_masks=masks, image_input_idx=pad_stack(idx, n, -1))
 
     def collate(self, samples: list[dict]) -> dict:
+        "Pad the tokens, pad or stack the images, stack the rest."
         batch = self.pad_sequences(samples)
         if "images" in samples[0]:
             batch.update(self.pad_images(samples, batch.pop("image_input_idx")))
@@ -350,23 +358,23 @@ class Qwen2VLCollator(TextCollator):
         "Patches, grids and image tokens of one sample agree."
         pv, thw = s["pixel_values"], s["image_grid_thw"]
         if pv.ndim != 2 or thw.ndim != 2 or thw.shape[1] != 3:
-            raise RaggedBatchError(f"{where(s, i)}: expected pixel_values [patches, dim] and image_grid_thw [n, 3], "
+            raise RaggedBatchError(f"{describe_sample(s, i)}: expected pixel_values [patches, dim] and image_grid_thw [n, 3], "
                                    f"got {tuple(pv.shape)} and {tuple(thw.shape)}")
         if int(thw.prod(-1).sum()) != len(pv):
-            raise RaggedBatchError(f"{where(s, i)}: image_grid_thw {thw.tolist()} gives {int(thw.prod(-1).sum())} patches, pixel_values has {len(pv)}")
+            raise RaggedBatchError(f"{describe_sample(s, i)}: image_grid_thw {thw.tolist()} gives {int(thw.prod(-1).sum())} patches, pixel_values has {len(pv)}")
         n_tok = int(thw.prod(-1).sum()) // self.merge**2
         if "mm_token_type_ids" in s and int((s["mm_token_type_ids"] == 1).sum()) != n_tok:
-            raise RaggedBatchError(f"{where(s, i)}: {int((s['mm_token_type_ids'] == 1).sum())} image tokens in mm_token_type_ids, "
+            raise RaggedBatchError(f"{describe_sample(s, i)}: {int((s['mm_token_type_ids'] == 1).sum())} image tokens in mm_token_type_ids, "
                                    f"image_grid_thw needs {n_tok}")
 
     def check_videos(self, s: dict, i: int) -> None:
         "Video patches, grids and video tokens (`mm_token_type_ids` 2) of one sample agree."
         pv, thw = s["pixel_values_videos"], s["video_grid_thw"]
         if pv.ndim != 2 or thw.ndim != 2 or thw.shape[1] != 3 or int(thw.prod(-1).sum()) != len(pv):
-            raise RaggedBatchError(f"{where(s, i)}: pixel_values_videos {tuple(pv.shape)} does not match video_grid_thw {thw.tolist()}")
+            raise RaggedBatchError(f"{describe_sample(s, i)}: pixel_values_videos {tuple(pv.shape)} does not match video_grid_thw {thw.tolist()}")
         n_tok = int(thw.prod(-1).sum()) // self.merge**2
         if "mm_token_type_ids" in s and int((s["mm_token_type_ids"] == 2).sum()) != n_tok:
-            raise RaggedBatchError(f"{where(s, i)}: {int((s['mm_token_type_ids'] == 2).sum())} video tokens in mm_token_type_ids, "
+            raise RaggedBatchError(f"{describe_sample(s, i)}: {int((s['mm_token_type_ids'] == 2).sum())} video tokens in mm_token_type_ids, "
                                    f"video_grid_thw needs {n_tok}")
 
     def collate_with_bad(self, samples: Sequence) -> tuple[dict | None, list]:
@@ -378,6 +386,7 @@ class Qwen2VLCollator(TextCollator):
         return super().collate_with_bad(samples)
 
     def collate(self, samples: list[dict]) -> dict:
+        "Check each sample's patches, pad the tokens and concatenate the image (and video) patches and grids."
         for i, s in enumerate(samples):
             self.check_images(s, i)
             if "video_grid_thw" in s: self.check_videos(s, i)
@@ -386,7 +395,7 @@ class Qwen2VLCollator(TextCollator):
             n_img = [int((s["mm_token_type_ids"] > 0).sum()) for s in samples]
             kept = (batch["mm_token_type_ids"] > 0).sum(-1).tolist()
             for i, (a, b) in enumerate(zip(n_img, kept)):
-                if a != b: raise SequenceTooLongError(f"{where(samples[i], i)}: truncating to max_length would cut image or video tokens (raise max_length)")
+                if a != b: raise SequenceTooLongError(f"{describe_sample(samples[i], i)}: truncating to max_length would cut image or video tokens (raise max_length)")
         batch.pop("image_input_idx", None)
         if sum(len(s["image_grid_thw"]) for s in samples):
             batch["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])
@@ -407,6 +416,7 @@ class ContrastiveCollator(Collator):
         if not isinstance(self.base, TextCollator): raise ConfigError(f"contrastive base must pad text, got {type(self.base).__name__}")
 
     def required_keys(self, sample: dict) -> list[str]:
+        "The base collator's keys for the anchor, and `negative_input_ids`."
         anchor = {k: v for k, v in sample.items() if not k.startswith("negative_")}
         return self.base.required_keys(anchor) + ["negative_input_ids"]
 
@@ -415,6 +425,7 @@ class ContrastiveCollator(Collator):
         if hasattr(self.base, "set_step"): self.base.set_step(epoch, step)
 
     def collate(self, samples: list[dict]) -> dict:
+        "The anchors' batch from the base collator, plus the negatives padded to `[B, K, Ln]`."
         negs = [list(s["negative_input_ids"]) for s in samples]
         masks = [list(s.get("negative_attention_mask", [torch.ones_like(n) for n in ng])) for s, ng in zip(samples, negs)]
         flat = [dict(input_ids=n, attention_mask=m) for ng, ms in zip(negs, masks) for n, m in zip(ng, ms)]
@@ -437,7 +448,9 @@ collators.add("contrastive", ContrastiveCollator, task="contrastive")
 # %% ../nbs/03_collate.ipynb #26a5170d
 class DefaultCollator(Collator):
     "Drop bad records, then `torch.utils.data.default_collate`."
-    def collate(self, samples: list) -> Any: return default_collate(samples)
+    def collate(self, samples: list) -> Any:
+        "`default_collate` of the good samples."
+        return default_collate(samples)
 
 collators.add("default", DefaultCollator)
 

@@ -54,7 +54,7 @@ class LoaderConfig:
     drop_last: bool | None = None           # None: drop the ragged tail when training
     collate: str | Callable | None = None   # a name in mmlit.collate's registry, a callable, or default_collate
     train: bool = True
-    shuffle_window: int | None = 8          # row groups a shuffled stretch spans, for datasets with `blocks`; 0/None: full shuffle
+    shuffle_span: int | None = 8            # row groups shuffled together, for datasets with `blocks`; 0/None: full shuffle
     rank_split: Literal["stream", "locality"] = "stream"   # which samples of a step each rank takes (see `rank_steps`)
 
     def __post_init__(self):
@@ -64,8 +64,8 @@ class LoaderConfig:
         for k in ("shuffle", "pin_memory", "persistent_workers", "drop_last"):
             if getattr(self, k) not in (None, True, False): raise ConfigError(f"{k} must be True, False or None, got {getattr(self, k)!r}")
         if not isinstance(self.train, bool): raise ConfigError(f"train must be a bool, got {self.train!r}")
-        if self.shuffle_window is not None and not (_is_int(self.shuffle_window) and self.shuffle_window >= 0):
-            raise ConfigError(f"shuffle_window must be an int >= 0 or None, got {self.shuffle_window!r}")
+        if self.shuffle_span is not None and not (_is_int(self.shuffle_span) and self.shuffle_span >= 0):
+            raise ConfigError(f"shuffle_span must be an int >= 0 or None, got {self.shuffle_span!r}")
         if self.rank_split not in RANK_SPLITS: raise ConfigError(f"rank_split must be one of {RANK_SPLITS}, got {self.rank_split!r}")
         if self.prefetch_factor is not None:
             if not _is_int(self.prefetch_factor) or self.prefetch_factor < 1: raise ConfigError(f"prefetch_factor must be a positive int, got {self.prefetch_factor!r}")
@@ -92,20 +92,20 @@ def from_dict(cls: LoaderConfig, d: dict) -> LoaderConfig:
 
 # %% ../nbs/04_loader.ipynb #1ec99a1b
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, blocks: Sequence[int] | None = None,
-                window: int | None = 8) -> np.ndarray:
+                span: int | None = 8) -> np.ndarray:
     "The global sample order of `epoch`: a permutation of `range(n)` seeded by `(seed, epoch)` (block-local with `blocks`), or the identity."
     if not shuffle: return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(derive_seed(seed, epoch, 0, Stream.LOADER_ORDER))
-    if blocks is None or not window: return rng.permutation(n).astype(np.int64)
+    if blocks is None or not span: return rng.permutation(n).astype(np.int64)
     sizes = np.asarray(blocks, dtype=np.int64)
     if sizes.ndim != 1 or (sizes < 0).any() or sizes.sum() != n:
         raise ConfigError(f"blocks must be non-negative sizes summing to n={n}, got {len(sizes)} summing to {sizes.sum()}")
-    if not (_is_int(window) and window > 0): raise ConfigError(f"window must be a positive int, got {window!r}")
+    if not (_is_int(span) and span > 0): raise ConfigError(f"span must be a positive int, got {span!r}")
     perm = rng.permutation(len(sizes))                     # the blocks in a random order...
     first, sizes = (np.cumsum(sizes) - sizes)[perm], sizes[perm]
     rows = np.repeat(first - (np.cumsum(sizes) - sizes), sizes) + np.arange(n)   # ...laid end to end
-    win = np.repeat(np.arange(len(sizes)) // window, sizes)                     # the window each row falls in
-    return rows[np.lexsort((rng.random(n), win))].astype(np.int64)             # shuffled within its window
+    span_of = np.repeat(np.arange(len(sizes)) // span, sizes)                   # the span each row falls in
+    return rows[np.lexsort((rng.random(n), span_of))].astype(np.int64)         # shuffled within its span
 
 # %% ../nbs/04_loader.ipynb #b6d48db5
 class Step(NamedTuple):
@@ -123,10 +123,10 @@ def count_steps(n: int, batch_size: int, world_size: int = 1, start: int = 0, dr
 # %% ../nbs/04_loader.ipynb #ca165857
 def rank_steps(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0,
                world_size: int = 1, start: int = 0, drop_last: bool = False, blocks: Sequence[int] | None = None,
-               window: int | None = None, rank_split: str = "stream") -> list[Step]:
+               span: int | None = None, rank_split: str = "stream") -> list[Step]:
     "This rank's steps of `epoch` from global position `start` (see the split and padding rules above)."
     if rank_split not in RANK_SPLITS: raise ConfigError(f"rank_split must be one of {RANK_SPLITS}, got {rank_split!r}")
-    order, gb, steps = epoch_order(n, seed, epoch, shuffle, blocks, window), batch_size * world_size, []
+    order, gb, steps = epoch_order(n, seed, epoch, shuffle, blocks, span), batch_size * world_size, []
     for k in range(count_steps(n, batch_size, world_size, start, drop_last)):
         begin = start + k * gb
         end = min(begin + gb, n)
@@ -146,10 +146,10 @@ def rank_steps(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffl
 class ShardedBatchSampler(torch.utils.data.Sampler):
     "Yields this rank's `Step`s of one epoch from a global start position."
     def __init__(self, n: int, batch_size: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False, blocks: Sequence[int] | None = None, window: int | None = None,
+                 world_size: int = 1, drop_last: bool = False, blocks: Sequence[int] | None = None, span: int | None = None,
                  rank_split: str = "stream"):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
-        self.blocks, self.window, self.rank_split = blocks, window, rank_split
+        self.blocks, self.span, self.rank_split = blocks, span, rank_split
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch, self.start = 0, 0
 
@@ -167,7 +167,7 @@ def steps(self: ShardedBatchSampler) -> list[Step]:
     "This rank's steps from the current epoch and start position."
     return rank_steps(self.n, self.batch_size, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank,
                       world_size=self.world_size, start=self.start, drop_last=self.drop_last, blocks=self.blocks,
-                      window=self.window, rank_split=self.rank_split)
+                      span=self.span, rank_split=self.rank_split)
 
 @patch
 def __iter__(self: ShardedBatchSampler) -> Iterator[Step]: return iter(self.steps())
@@ -354,14 +354,14 @@ class ResumableLoader:
         self.config = cfg = (config or LoaderConfig()).resolved()
         self.rank, self.world_size = rank_and_world_size(rank, world_size)
         self.dataset = _as_dataset(dataset, transform, cfg.seed)
-        blocks = getattr(self.dataset, "blocks", None) if cfg.shuffle and cfg.shuffle_window else None
+        blocks = getattr(self.dataset, "blocks", None) if cfg.shuffle and cfg.shuffle_span else None
         self.blocks = None if blocks is None else np.asarray(blocks, dtype=np.int64)
-        self.window = cfg.shuffle_window if self.blocks is not None else 0   # 0: a full shuffle (or none)
-        if self.window and hasattr(self.dataset, "cache_blocks"): self.dataset.cache_blocks(self.window)
+        self.shuffle_span = cfg.shuffle_span if self.blocks is not None else 0   # 0: a full shuffle (or none)
+        if self.shuffle_span and hasattr(self.dataset, "cache_blocks"): self.dataset.cache_blocks(self.shuffle_span)
         self.rank_split = cfg.rank_split if cfg.shuffle else "stream"   # unshuffled, both splits are the r-th slice
         self.sampler = ShardedBatchSampler(len(self.dataset), cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle,
                                            rank=self.rank, world_size=self.world_size, drop_last=cfg.drop_last,
-                                           blocks=self.blocks, window=self.window, rank_split=self.rank_split)
+                                           blocks=self.blocks, span=self.shuffle_span, rank_split=self.rank_split)
         if len(self.dataset) and count_steps(len(self.dataset), cfg.batch_size, self.world_size, 0, cfg.drop_last) == 0:
             raise ConfigError(f"{len(self.dataset)} samples make no whole step of {self.world_size} x {cfg.batch_size} "
                               "with drop_last; lower batch_size or set drop_last=False")
@@ -447,7 +447,7 @@ def _check_bad(self: ResumableLoader):
                                 f"max_bad_fraction={f}\n{self.report.table()}")
 
 # %% ../nbs/04_loader.ipynb #2a78b469
-_STATE_KEYS = ("seed", "epoch", "position", "world_size", "batch_size", "shuffle", "drop_last", "n", "shuffle_window",
+_STATE_KEYS = ("seed", "epoch", "position", "world_size", "batch_size", "shuffle", "drop_last", "n", "shuffle_span",
                "rank_split", "fingerprint")
 
 @patch
@@ -456,7 +456,7 @@ def state_dict(self: ResumableLoader) -> dict:
     self._roll()
     c = self.config
     return dict(seed=c.seed, epoch=self.epoch, position=self.position, world_size=self.world_size,
-                batch_size=c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, n=self.n, shuffle_window=self.window,
+                batch_size=c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, n=self.n, shuffle_span=self.shuffle_span,
                 rank_split=self.rank_split, fingerprint=self.fingerprint)
 
 # %% ../nbs/04_loader.ipynb #f398d1cf
@@ -465,16 +465,17 @@ def load_state_dict(self: ResumableLoader, state: dict):
     "Continue from `state` (saved with any world size); the next batch is the first one not consumed."
     missing = [k for k in ("seed", "epoch", "position", "n", "shuffle") if k not in state]
     if missing: raise ConfigError(f"loader state lacks {missing}")
-    state = {"shuffle_window": 0, "rank_split": "stream", **state}   # states saved before these options: their defaults
+    # a state may lack shuffle_span (then: a full shuffle; it may also carry it as shuffle_window) and rank_split ("stream")
+    state = {"shuffle_span": state.get("shuffle_window", 0), "rank_split": "stream", **state}
     # rank_split is not compared with this loader's: it only decides which rank takes which sample of a global
     # step, never which samples a step holds or where it ends, so a state resumes under either split on the same
     # global steps (a rank's batches then come from the other split, which is all that changes).
     if state["rank_split"] not in RANK_SPLITS: raise ConfigError(f"loader state has rank_split={state['rank_split']!r}; known: {RANK_SPLITS}")
-    for k, mine in (("seed", self.config.seed), ("shuffle", self.config.shuffle), ("n", self.n), ("shuffle_window", self.window)):
-        if state[k] != mine and (k != "shuffle_window" or self.config.shuffle): raise ConfigError(f"loader state has {k}={state[k]!r} but this loader has {k}={mine!r}; "
+    for k, mine in (("seed", self.config.seed), ("shuffle", self.config.shuffle), ("n", self.n), ("shuffle_span", self.shuffle_span)):
+        if state[k] != mine and (k != "shuffle_span" or self.config.shuffle): raise ConfigError(f"loader state has {k}={state[k]!r} but this loader has {k}={mine!r}; "
                                                "the global order would differ")
     if "fingerprint" not in state:
-        raise ConfigError("loader state has no data fingerprint (saved by an older mmlit), so nothing shows it belongs to "
+        raise ConfigError("loader state has no data fingerprint, so nothing shows it belongs to "
                           "this data; if you are sure it does, set state['fingerprint'] = loader.state_dict()['fingerprint'] "
                           "and load it again")
     if state["fingerprint"] != self.fingerprint:

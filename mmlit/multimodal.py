@@ -89,7 +89,9 @@ class Preprocessor:
         try: return self.process(record, rng)
         except BadRecordError as e: raise locate_error(e, record) from e
 
-    def process(self, record: dict, rng: np.random.Generator | None) -> dict[str, Any]: raise NotImplementedError
+    def process(self, record: dict, rng: np.random.Generator | None) -> dict[str, Any]:
+        "The model inputs for one record (subclasses implement this)."
+        raise NotImplementedError
 
 @dataclass
 class DualEncoderPreprocessor(Preprocessor):
@@ -99,6 +101,7 @@ class DualEncoderPreprocessor(Preprocessor):
     max_length: int = 77
 
     def process(self, record, rng):
+        "Caption tokens, the image's `pixel_values` and the negatives' tokens."
         ims = record_images(record)
         if len(ims) != 1: raise BadRecordError(f"a dual-encoder record needs exactly one image, got {len(ims)}")
         if record.get("text") is None: raise BadRecordError("a dual-encoder record needs a text")
@@ -150,6 +153,7 @@ class ChatPreprocessor(Preprocessor):
         return out
 
     def process(self, record, rng):
+        "Chat tokens with image (and video) runs, role-based labels, and the pixels of the images kept."
         images = [open_checked(im, self.vision.max_image_pixels) for im in record_images(record)]
         frames = self.video_frames(record, rng)
         messages = record_messages(record, len(images), len(frames))

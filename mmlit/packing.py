@@ -13,7 +13,7 @@ import torch
 from fastcore.basics import patch
 
 from .collate import (CollateError, Collator, ConfigError, Padding, RaggedBatchError, SEQ_PAD_VALUES,
-                           collators, stack_rest, where)
+                           collators, stack_rest, describe_sample)
 from .dataset import split_skipped
 
 # %% auto #0
@@ -124,9 +124,9 @@ def _cut(self: PackingCollator, samples: list[dict], seq_keys: list[str]) -> lis
     "The samples with their sequence keys cut to `max_length` (as `overflow` says); one with images is never cut."
     cut = []
     for i, s in enumerate(samples):
-        keep = self.padding.cut(len(s["input_ids"]), f"{where(s, i)} 'input_ids'")
+        keep = self.padding.cut(len(s["input_ids"]), f"{describe_sample(s, i)} 'input_ids'")
         if "image_grid_thw" in s and keep.stop - keep.start < len(s["input_ids"]):
-            raise CollateError(f"{where(s, i)}: cannot truncate a sequence with images to fit max_length")
+            raise CollateError(f"{describe_sample(s, i)}: cannot truncate a sequence with images to fit max_length")
         cut.append({**s, **{k: s[k][keep] for k in seq_keys}})
     return cut
 

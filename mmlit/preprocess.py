@@ -439,9 +439,13 @@ class Qwen2VLPatcher:
         self._offset = (-mean / std).repeat_interleave(per_band)
 
     @property
-    def factor(self) -> int: return self.patch_size * self.merge_size
+    def factor(self) -> int:
+        "Pixels per side of one merged token: resized sides are multiples of it."
+        return self.patch_size * self.merge_size
     @property
-    def patch_dim(self) -> int: return 3 * self.temporal_patch_size * self.patch_size ** 2
+    def patch_dim(self) -> int:
+        "Values in one patch row: 3 bands x temporal slots x patch pixels."
+        return 3 * self.temporal_patch_size * self.patch_size ** 2
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         "The `(h, w)` an image of this size is resized to."

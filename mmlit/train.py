@@ -27,7 +27,7 @@ __all__ = ['logger', 'OptimConfig', 'ScheduleConfig', 'EvalConfig', 'CheckpointC
            'config_to_yaml', 'load_config', 'no_decay', 'build_optimizer', 'warmup_cosine', 'build_scheduler',
            'resolve_device', 'resolve_precision', 'autocast', 'setup_distributed', 'wrap_model', 'output_losses',
            'to_device', 'batch_size_of', 'evaluate_loss', 'MetricsLog', 'fingerprint', 'claim_run_dir',
-           'NonFiniteLossError', 'TrainResult', 'Trainer', 'threading_main']
+           'NonFiniteLossError', 'TrainResult', 'Trainer', 'on_main_thread']
 
 # %% ../nbs/06_train.ipynb #a5d92445
 @dataclass
@@ -425,7 +425,7 @@ def _seed_micro(self: Trainer):
 
 # %% ../nbs/06_train.ipynb #f0635c44
 @patch
-def _window(self: Trainer, it, size: int) -> tuple[dict, int, bool]:
+def _accumulate(self: Trainer, it, size: int) -> tuple[dict, int, bool]:
     "Forward and backward `size` micro-batches; returns (summed losses, batches done, loader exhausted)."
     sums, done, t0 = {}, 0, time.perf_counter()
     for j in range(size):
@@ -574,7 +574,7 @@ def _boundary(self: Trainer, row: dict | None, end_of_epoch: bool) -> None:
     if due_ckpt: self.save(best=best)
 
 # %% ../nbs/06_train.ipynb #6515cab7
-def threading_main() -> bool:
+def on_main_thread() -> bool:
     "Whether this is the main thread (the only one that may set signal handlers)."
     import threading
     return threading.current_thread() is threading.main_thread()
@@ -588,7 +588,7 @@ def _catch_sigint(self: Trainer):
         if self._stop: raise KeyboardInterrupt        # a second Ctrl-C: stop now
         self._stop = True
         logger.warning("interrupted: saving a checkpoint at the end of this step (Ctrl-C again to stop at once)")
-    return signal.signal(signal.SIGINT, on_sigint) if threading_main() else None
+    return signal.signal(signal.SIGINT, on_sigint) if on_main_thread() else None
 
 # %% ../nbs/06_train.ipynb #5b35470b
 @patch
@@ -610,7 +610,7 @@ def _train_epoch(self: Trainer, bar) -> None:
             left = self.train_loader.remaining
             if left == 0: break
             t0, s0 = time.perf_counter(), self.samples
-            sums, done, exhausted = self._window(it, min(self.config.schedule.accumulate, left))
+            sums, done, exhausted = self._accumulate(it, min(self.config.schedule.accumulate, left))
             row = self._update(sums, done) if done else None
             end = exhausted or self.train_loader.remaining == 0
             if row is not None:

@@ -128,7 +128,7 @@ def test_resume_does_not_replay_preprocessing(files):
     a = loader(files["clean"]); run(a, 1, limit=5)
     b = loader(files["clean"], transform=counting); b.load_state_dict(a.state_dict())
     run(b, 1)
-    rest = [i for s in rank_steps(N, 4, seed=3, start=20, blocks=b.blocks, window=b.window)
+    rest = [i for s in rank_steps(N, 4, seed=3, start=20, blocks=b.blocks, span=b.shuffle_span)
             for i in sorted(s.indices)]                 # a step is fetched in index order
     assert seen == rest
 
@@ -137,10 +137,10 @@ def test_resume_does_not_replay_preprocessing(files):
 def test_a_step_reads_each_of_its_row_groups_once(files, reference, monkeypatch):
     "Fully shuffled steps jump between row groups; fetched in index order, a step reads each of them once, same batches."
     reads = []
-    full = run(loader(files["clean"], shuffle_window=0), 2)
+    full = run(loader(files["clean"], shuffle_span=0), 2)
     real = pq.ParquetFile.read_row_group
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **k: reads.append(i) or real(self, i, **k))
-    assert run(loader(files["clean"], shuffle_window=0), 2) == full
+    assert run(loader(files["clean"], shuffle_span=0), 2) == full
     groups = [len({i // 7 for i in s.indices}) for e in range(2) for s in rank_steps(N, 4, seed=3, epoch=e)]  # 7 rows a group
     assert len(reads) <= sum(groups) < 2 * N            # in step order (one group cached) it is 49 reads
 
@@ -163,17 +163,17 @@ def _same_steps(got: list[list], stream: list) -> bool:
     return ends[-1] == len(stream) and all(sorted(s) == sorted(stream[e - len(s):e]) for s, e in zip(got, ends))
 
 
-@pytest.mark.parametrize("shuffle,blocks,window", [(True, None, 0), (True, [7, 7, 7, 7, 2], 2), (True, [7, 7, 7, 7, 2], 8),
+@pytest.mark.parametrize("shuffle,blocks,span", [(True, None, 0), (True, [7, 7, 7, 7, 2], 2), (True, [7, 7, 7, 7, 2], 8),
                                                      (False, None, 0)])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("drop_last", [False, True])
 @pytest.mark.parametrize("split", ["stream", "locality"])
-def test_rank_split_keeps_each_global_step(shuffle, blocks, window, world, drop_last, split):
+def test_rank_split_keeps_each_global_step(shuffle, blocks, span, world, drop_last, split):
     """Each global step holds the same samples for any world size and split; "stream": rank r takes the r-th slice, in
     order; "locality": rank r takes the r-th B of them by index, in stream order."""
-    order = epoch_order(N, 3, 1, shuffle, blocks, window)
+    order = epoch_order(N, 3, 1, shuffle, blocks, span)
     ranks = [rank_steps(N, 4, seed=3, epoch=1, shuffle=shuffle, rank=r, world_size=world, drop_last=drop_last, blocks=blocks,
-                        window=window, rank_split=split) for r in range(world)]
+                        span=span, rank_split=split) for r in range(world)]
     assert len({len(steps) for steps in ranks}) == 1
     at = {int(i): p for p, i in enumerate(order)}            # each sample's position in the stream
     for k, steps in enumerate(zip(*ranks)):
@@ -191,15 +191,15 @@ def test_rank_split_keeps_each_global_step(shuffle, blocks, window, world, drop_
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_rank_split_keeps_ranks_on_their_row_groups(seed):
     """Block shuffle over 32 row groups of the per-rank batch: with "locality" a rank reads about its share of them per
-    window; with the default "stream" every rank reads all of them."""
-    n, rg, window, blocks = 1024, 32, 8, [32] * 32
-    def touched(indices_per_step, world):                   # row groups read per window (the loader caches a window)
-        per = window * rg // (rg * world)                     # steps per window
+    span; with the default "stream" every rank reads all of them."""
+    n, rg, span, blocks = 1024, 32, 8, [32] * 32
+    def touched(indices_per_step, world):                   # row groups read per span (the loader caches a span)
+        per = span * rg // (rg * world)                     # steps per span
         return sum(len({i // rg for s in indices_per_step[w:w + per] for i in s}) for w in range(0, len(indices_per_step), per))
     def ratios(world, split):                                 # row groups each rank reads over its share of them
         share = n // rg // world
         return [touched([s.indices for s in rank_steps(n, rg, seed=seed, rank=r, world_size=world, drop_last=True, blocks=blocks,
-                                                       window=window, rank_split=split)], world) / share for r in range(world)]
+                                                       span=span, rank_split=split)], world) / share for r in range(world)]
     for world, most in ((1, 1.0), (2, 1.25), (4, 2.0)):
         got = ratios(world, "locality")
         assert max(got) <= most and got[0] <= 1 + (world - 1) / 4, got
@@ -232,7 +232,7 @@ def test_resume_under_another_rank_split(files, saved, resumed):
     first = [loader(files["clean"], batch_size=2, rank=r, world_size=2, rank_split=saved or "stream") for r in range(2)]
     got = _steps(first, 2)
     state = first[0].state_dict()
-    if saved is None: del state["rank_split"]          # a state saved before the option: the default split
+    if saved is None: del state["rank_split"]          # a state without rank_split: the default split
     assert state.get("rank_split") == saved
     second = [loader(files["clean"], batch_size=2, rank=r, world_size=2, rank_split=resumed) for r in range(2)]
     for l in second: l.load_state_dict(state)
@@ -349,12 +349,12 @@ def test_build_loader_lm_windows(tmp_path):
 
 # --- row-group-aware shuffle ---
 
-def _windows_needed(order, block_of, window: int) -> int:
-    "Fewest consecutive stretches of `order` that each touch at most `window` blocks (greedy)."
+def _spans_needed(order, block_of, span: int) -> int:
+    "Fewest consecutive stretches of `order` that each touch at most `span` blocks (greedy)."
     count, seen = 0, set()
     for i in order:
         b = block_of[i]
-        if b not in seen and len(seen) == window: count, seen = count + 1, set()
+        if b not in seen and len(seen) == span: count, seen = count + 1, set()
         seen.add(b)
     return count + bool(seen)
 
@@ -363,67 +363,70 @@ def _windows_needed(order, block_of, window: int) -> int:
 def test_block_order_is_a_pure_permutation(seed, epoch):
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 12, 40); n = int(blocks.sum())
-    o = epoch_order(n, seed, epoch, blocks=blocks, window=4)
+    o = epoch_order(n, seed, epoch, blocks=blocks, span=4)
     assert o.dtype == np.int64 and sorted(o.tolist()) == list(range(n))
-    assert np.array_equal(o, epoch_order(n, seed, epoch, blocks=blocks, window=4))
-    assert not np.array_equal(o, epoch_order(n, seed, epoch + 1, blocks=blocks, window=4))
+    assert np.array_equal(o, epoch_order(n, seed, epoch, blocks=blocks, span=4))
+    assert not np.array_equal(o, epoch_order(n, seed, epoch + 1, blocks=blocks, span=4))
     old = np.random.default_rng(derive_seed(seed, epoch, 0, Stream.LOADER_ORDER)).permutation(n)   # the pinned full shuffle
     assert np.array_equal(epoch_order(n, seed, epoch), old)
-    assert np.array_equal(epoch_order(n, seed, epoch, blocks=blocks, window=0), old)
-    with pytest.raises(ConfigError, match="summing to"): epoch_order(n + 1, seed, epoch, blocks=blocks, window=4)
+    assert np.array_equal(epoch_order(n, seed, epoch, blocks=blocks, span=0), old)
+    with pytest.raises(ConfigError, match="summing to"): epoch_order(n + 1, seed, epoch, blocks=blocks, span=4)
 
 
-@pytest.mark.parametrize("window", [1, 3, 8])
-def test_each_window_spans_at_most_window_blocks(window):
-    blocks = np.random.default_rng(window).integers(1, 20, 33); n = int(blocks.sum())
+@pytest.mark.parametrize("span", [1, 3, 8])
+def test_each_span_holds_at_most_span_blocks(span):
+    blocks = np.random.default_rng(span).integers(1, 20, 33); n = int(blocks.sum())
     block_of = np.repeat(np.arange(len(blocks)), blocks)
-    o = epoch_order(n, 1, 2, blocks=blocks, window=window)
-    assert _windows_needed(o, block_of, window) == -(-len(blocks) // window)       # windows of `window` blocks each
-    cut = np.cumsum(np.bincount(np.arange(len(blocks)) // window, weights=blocks[np.random.default_rng(
+    o = epoch_order(n, 1, 2, blocks=blocks, span=span)
+    assert _spans_needed(o, block_of, span) == -(-len(blocks) // span)       # spans of `span` blocks each
+    cut = np.cumsum(np.bincount(np.arange(len(blocks)) // span, weights=blocks[np.random.default_rng(
         derive_seed(1, 2, 0, Stream.LOADER_ORDER)).permutation(len(blocks))]).astype(int))
-    for a, b in zip(np.r_[0, cut[:-1]], cut): assert len(set(block_of[o[a:b]])) <= window
-    if window < len(blocks): assert _windows_needed(epoch_order(n, 1, 2), block_of, window) > 2 * -(-len(blocks) // window)
+    for a, b in zip(np.r_[0, cut[:-1]], cut): assert len(set(block_of[o[a:b]])) <= span
+    if span < len(blocks): assert _spans_needed(epoch_order(n, 1, 2), block_of, span) > 2 * -(-len(blocks) // span)
 
 
 @pytest.fixture(scope="module")
 def blocked(files):
-    "Two epochs of a block-shuffled loader (windows of 2 row groups of 7 rows)."
-    return run(loader(files["clean"], shuffle_window=2), 2)
+    "Two epochs of a block-shuffled loader (spans of 2 row groups of 7 rows)."
+    return run(loader(files["clean"], shuffle_span=2), 2)
 
 
 def test_block_shuffle_follows_the_blocked_order(files, blocked):
-    ld = loader(files["clean"], shuffle_window=2)
-    assert ld.blocks.tolist() == [7, 7, 7, 7, 2] and ld.window == 2 and ld.dataset.dataset.cache_row_groups == 2
-    got = [i for e in range(2) for b in run(loader(files["clean"], shuffle_window=2), e + 1, fn=samples)[8 * e:] for i, *_ in b]
-    want = [i for e in range(2) for s in rank_steps(N, 4, seed=3, epoch=e, blocks=[7, 7, 7, 7, 2], window=2)
+    ld = loader(files["clean"], shuffle_span=2)
+    assert ld.blocks.tolist() == [7, 7, 7, 7, 2] and ld.shuffle_span == 2 and ld.dataset.dataset.cache_row_groups == 2
+    got = [i for e in range(2) for b in run(loader(files["clean"], shuffle_span=2), e + 1, fn=samples)[8 * e:] for i, *_ in b]
+    want = [i for e in range(2) for s in rank_steps(N, 4, seed=3, epoch=e, blocks=[7, 7, 7, 7, 2], span=2)
             for i in s.indices]
-    assert got == want and got != [i for b in run(loader(files["clean"], shuffle_window=0), 2, fn=samples) for i, *_ in b]
+    assert got == want and got != [i for b in run(loader(files["clean"], shuffle_span=0), 2, fn=samples) for i, *_ in b]
     seq = loader(files["clean"], train=False)
-    assert seq.window == 0 and seq.dataset.dataset.cache_row_groups == 1   # reading in order: one row group cached
+    assert seq.shuffle_span == 0 and seq.dataset.dataset.cache_row_groups == 1   # reading in order: one row group cached
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_block_shuffle_byte_identical_across_workers(files, blocked, workers):
-    assert run(loader(files["clean"], shuffle_window=2, num_workers=workers), 2) == blocked
+    assert run(loader(files["clean"], shuffle_span=2, num_workers=workers), 2) == blocked
 
 
 @pytest.mark.parametrize("cut", [3, 11])
 def test_block_shuffle_resume(files, blocked, cut):
-    a = loader(files["clean"], shuffle_window=2)
+    a = loader(files["clean"], shuffle_span=2)
     got = run(a, 2, limit=cut)
     state = a.state_dict()
-    assert state["shuffle_window"] == 2
-    b = loader(files["clean"], shuffle_window=2, num_workers=2); b.load_state_dict(state)
+    assert state["shuffle_span"] == 2
+    b = loader(files["clean"], shuffle_span=2, num_workers=2); b.load_state_dict(state)
     assert got + run(b, 2) == blocked
-    with pytest.raises(ConfigError, match="shuffle_window=2"): loader(files["clean"], shuffle_window=3).load_state_dict(state)
+    with pytest.raises(ConfigError, match="shuffle_span=2"): loader(files["clean"], shuffle_span=3).load_state_dict(state)
+    named = {("shuffle_window" if k == "shuffle_span" else k): v for k, v in state.items()}   # the span under its other key
+    c = loader(files["clean"], shuffle_span=2); c.load_state_dict(named)
+    assert got + run(c, 2) == blocked
 
 
 def test_block_shuffle_elastic_resume(files):
-    ref = [s for b in run(loader(files["clean"], batch_size=3, shuffle_window=2), 2, fn=samples) for s in b]
+    ref = [s for b in run(loader(files["clean"], batch_size=3, shuffle_span=2), 2, fn=samples) for s in b]
     for split in ("stream", "locality"):
-        first = [loader(files["clean"], batch_size=3, shuffle_window=2, rank=r, world_size=2, rank_split=split) for r in range(2)]
+        first = [loader(files["clean"], batch_size=3, shuffle_span=2, rank=r, world_size=2, rank_split=split) for r in range(2)]
         got = _steps(first, 2)
-        second = loader(files["clean"], batch_size=3, shuffle_window=2); second.load_state_dict(first[0].state_dict())
+        second = loader(files["clean"], batch_size=3, shuffle_span=2); second.load_state_dict(first[0].state_dict())
         if split == "stream": assert [s for st in got for s in st] + [s for b in run(second, 2, fn=samples) for s in b] == ref
         else: assert _same_steps(got + run(second, 2, fn=samples), ref)
 
@@ -432,7 +435,7 @@ def test_wrappers_without_blocks_get_a_full_shuffle(files):
     mix = make_loader(_mixture(files), LoaderConfig(batch_size=4), transform=augment)
     sub = make_loader(RowSubset(ParquetImageText(files["clean"]), range(0, N, 2)), LoaderConfig(batch_size=4), transform=augment)
     plain = make_loader(TensorList([torch.tensor([i]) for i in range(10)]), LoaderConfig(batch_size=4))
-    assert [(l.blocks, l.window) for l in (mix, sub, plain)] == [(None, 0)] * 3
+    assert [(l.blocks, l.shuffle_span) for l in (mix, sub, plain)] == [(None, 0)] * 3
 
 
 def test_block_shuffle_reads_far_fewer_row_groups(tmp_path, monkeypatch):
@@ -444,10 +447,10 @@ def test_block_shuffle_reads_far_fewer_row_groups(tmp_path, monkeypatch):
     real = pq.ParquetFile.read_row_group
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **k: reads.append(i) or real(self, i, **k))
     counts = {}
-    for window in (0, 4):
+    for span in (0, 4):
         reads.clear()
-        run(loader(path, transform=augment, batch_size=8, shuffle_window=window), 1)
-        counts[window] = len(reads)
+        run(loader(path, transform=augment, batch_size=8, shuffle_span=span), 1)
+        counts[span] = len(reads)
     print(counts)
     assert counts[4] <= 2 * 20 and counts[0] >= 4 * counts[4], counts
 
@@ -515,13 +518,13 @@ def test_lm_one_liner_reports_bad_paragraphs(tmp_path):
 def test_max_bad_fraction_counts_all_workers(files):
     "3 bad rows of 30; with 2 workers neither sees more than 2 of them, yet 3 > 0.08 * 30 is refused."
     from mmlit.core import TooManyBadRecords
-    steps = rank_steps(N, 4, seed=3, blocks=[7, 7, 7, 7, 2], window=8)
+    steps = rank_steps(N, 4, seed=3, blocks=[7, 7, 7, 7, 2], span=8)
     per_worker = [sum(i in (4, 17, BAD_CAPTION_ROW) for s in steps[w::2] for i in s.indices) for w in range(2)]
     assert max(per_worker) <= 2                                      # no worker alone is over the limit
     for workers in (0, 2):
         ld = make_loader(ParquetImageText(files["bad"], max_bad_fraction=0.08),
                          LoaderConfig(batch_size=4, seed=3, num_workers=workers, drop_last=False), transform=augment)
-        assert ld.window == 8 and ld.blocks.tolist() == [7, 7, 7, 7, 2]
+        assert ld.shuffle_span == 8 and ld.blocks.tolist() == [7, 7, 7, 7, 2]
         with pytest.raises(TooManyBadRecords, match=r"3 of 30 records are bad"):
             list(ld)
     ok = make_loader(ParquetImageText(files["bad"], max_bad_fraction=0.1),

@@ -22,7 +22,7 @@ from mmlit.loader import LoaderConfig, make_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 N, B, SEED = 90, 4, 5          # 90 rows in 3 shards of row groups of 10; 2 ranks x 4 per global step
-CFG = dict(batch_size=B, seed=SEED, drop_last=True, shuffle_window=2)
+CFG = dict(batch_size=B, seed=SEED, drop_last=True, shuffle_span=2)
 
 SCRIPT = textwrap.dedent("""
     import json, sys
