@@ -23,9 +23,10 @@ def make_image(size=(32, 24), mode="RGB", color=(10, 90, 200), noise_seed=None) 
     return Image.new(mode, size, c)
 
 
-def image_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+def image_bytes(img: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    "`img` encoded as `fmt` by Pillow (`options` go to `Image.save`, e.g. `quality=`)."
     buf = io.BytesIO()
-    img.save(buf, fmt)
+    img.save(buf, fmt, **options)
     return buf.getvalue()
 
 

@@ -3,30 +3,15 @@ glob, directory), JSONL with every kind of bad line, text corpora, usage errors,
 import contextlib, io, json, os, shutil, subprocess, sys
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
+from cli_helpers import inspect_json, run_cli
+from ds_files import write_parquet
 from mmlit.cli import main
 from mmlit.demo import build_demo_corpus, build_demo_jsonl, build_demo_parquet, demo_row, encode_image
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*argv) -> tuple[int, str, str]:
-    "`main(argv)` in-process: exit status, stdout, stderr."
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def inspect_json(*argv) -> dict:
-    rc, out, err = run("inspect", *argv, "--json")
-    assert rc == 0, err
-    assert out.count("\n") == 1, "--json prints exactly one line: one JSON object"
-    return json.loads(out)
 
 
 def bad_pairs(r: dict) -> list[tuple[int, str]]:
@@ -35,17 +20,6 @@ def bad_pairs(r: dict) -> list[tuple[int, str]]:
 
 def png(i: int) -> bytes: return encode_image(demo_row(i)["image"], "png")
 def jpeg(i: int) -> bytes: return encode_image(demo_row(i)["image"], "jpeg")
-
-
-IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-
-
-def write_parquet(path: Path, rows: list[tuple], row_group_size: int = 4) -> Path:
-    "Rows of (image bytes | None, caption | None) in the HF struct layout."
-    images = [None if b is None else {"bytes": b, "path": f"{i}.png"} for i, (b, _) in enumerate(rows)]
-    table = pa.table({"image": pa.array(images, IMAGE_TYPE), "caption": pa.array([c for _, c in rows], pa.string())})
-    pq.write_table(table, path, row_group_size=row_group_size)
-    return path
 
 
 # ---------------------------------------------------------------- Parquet
@@ -74,7 +48,8 @@ def test_parquet_with_bad_rows(tmp_path):
             (good, None),                                # 6: no caption
             (jpeg(3)[:-200], "truncated jpeg"),          # 7
             (good, "the last good one")]                 # 8
-    f = write_parquet(tmp_path / "bad.parquet", rows)
+    images, captions = zip(*rows)
+    f = write_parquet(tmp_path / "bad.parquet", captions, images)
     r = inspect_json(f)
     assert (r["rows"], r["good"]) == (9, 3)
     assert [i for i, _ in bad_pairs(r)] == [1, 2, 4, 5, 6, 7]
@@ -88,14 +63,14 @@ def test_parquet_with_bad_rows(tmp_path):
     assert {b["file"] for b in r["bad"]} == {str(f)} and {b["unit"] for b in r["bad"]} == {"row"}
     assert r["images"]["formats"] == {"JPEG": 1, "PNG": 2}
     # the text report lists the same records, one line each
-    rc, out, _ = run("inspect", f)
+    rc, out, _ = run_cli("inspect", f)
     assert rc == 0 and "bad       6" in out and f"{f} row 7: cannot decode image" in out
 
 
 def test_parquet_shards_dir_and_glob(tmp_path):
     d = tmp_path / "shards"; d.mkdir()
-    write_parquet(d / "part-0.parquet", [(png(i), f"c{i}") for i in range(5)])
-    second = write_parquet(d / "part-1.parquet", [(png(5), "c5"), (png(6), "c6"), (b"", "empty"), (png(7), "c7")])
+    write_parquet(d / "part-0.parquet", [f"c{i}" for i in range(5)], [png(i) for i in range(5)])
+    second = write_parquet(d / "part-1.parquet", ["c5", "c6", "empty", "c7"], [png(5), png(6), b"", png(7)])
     by_dir, by_glob = inspect_json(d), inspect_json(d / "part-*.parquet")
     for r in by_dir, by_glob:
         assert (r["rows"], r["good"], len(r["files"])) == (9, 8, 2)
@@ -104,9 +79,9 @@ def test_parquet_shards_dir_and_glob(tmp_path):
 
 
 def test_max_bad_fraction_sets_exit_status(tmp_path):
-    f = write_parquet(tmp_path / "b.parquet", [(png(0), "ok"), (b"", "bad"), (png(1), "ok"), (png(2), "ok")])
-    assert run("inspect", f, "--max-bad-fraction", "0.25")[0] == 0
-    rc, out, err = run("inspect", f, "--max-bad-fraction", "0.2", "--json")
+    f = write_parquet(tmp_path / "b.parquet", ["ok", "bad", "ok", "ok"], [png(0), b"", png(1), png(2)])
+    assert run_cli("inspect", f, "--max-bad-fraction", "0.25")[0] == 0
+    rc, out, err = run_cli("inspect", f, "--max-bad-fraction", "0.2", "--json")
     assert rc == 1 and json.loads(out)["bad"][0]["index"] == 1   # the report is still printed
     assert "1 of 4 records are bad" in err
 
@@ -175,14 +150,14 @@ def test_demo_corpus(tmp_path):
     (lambda p: (p / "x.parquet").write_bytes(b"PAR1 nope") and p / "x.parquet", "x.parquet"),
 ])
 def test_usage_errors_exit_2_without_traceback(tmp_path, make, msg):
-    rc, out, err = run("inspect", make(tmp_path))
+    rc, out, err = run_cli("inspect", make(tmp_path))
     assert rc == 2 and out == "" and msg in err and "Traceback" not in err
     assert err.startswith("mmlit inspect: error: ") and err.count("\n") == 1
 
 
 def test_argument_errors(tmp_path):
-    assert run("inspect")[0] == 2                                   # neither PATH nor --demo
-    assert run()[0] == 2                                            # no command: help, status 2
+    assert run_cli("inspect")[0] == 2                                   # neither PATH nor --demo
+    assert run_cli()[0] == 2                                            # no command: help, status 2
     with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()):
         main(["inspect", "x.parquet", "--kind", "csv"])             # argparse's own errors exit 2
     assert e.value.code == 2
@@ -191,9 +166,9 @@ def test_argument_errors(tmp_path):
 # ---------------------------------------------------------------- progress bar, subprocess, demo
 def test_progress_bar_on_stderr(tmp_path):
     f = build_demo_parquet(tmp_path / "p.parquet", n=20)[0]
-    rc, out, err = run("inspect", f, "--json", "--progress")
+    rc, out, err = run_cli("inspect", f, "--json", "--progress")
     assert rc == 0 and json.loads(out)["rows"] == 20 and "rec" in err
-    assert run("inspect", f, "--json")[2] == ""                     # tiny source, not a tty: no bar
+    assert run_cli("inspect", f, "--json")[2] == ""                     # tiny source, not a tty: no bar
 
 
 def _env(tmp_path) -> dict:
@@ -202,7 +177,7 @@ def _env(tmp_path) -> dict:
 
 
 def test_python_dash_m_matches_main(tmp_path):
-    f = write_parquet(tmp_path / "b.parquet", [(png(0), "ok"), (b"", "bad"), (png(1), "ok")])
+    f = write_parquet(tmp_path / "b.parquet", ["ok", "bad", "ok"], [png(0), b"", png(1)])
     p = subprocess.run([sys.executable, "-m", "mmlit.cli", "inspect", str(f), "--json"],
                        capture_output=True, text=True, env=_env(tmp_path), timeout=120)
     assert p.returncode == 0, p.stderr
@@ -239,7 +214,7 @@ def test_damaged_parquet_pages_are_reported_row_by_row(tmp_path):
     off = pq.ParquetFile(f).metadata.row_group(1).column(0).data_page_offset
     b[off + 10: off + 4000] = b"\x55" * 3990
     f.write_bytes(bytes(b))
-    rc, out, err = run("inspect", f, "--json")
+    rc, out, err = run_cli("inspect", f, "--json")
     rep = json.loads(out)
     assert rc == 0 and "Traceback" not in err
     assert (rep["rows"], rep["good"]) == (600, 600 - 256)

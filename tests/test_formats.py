@@ -1,7 +1,6 @@
 """mmlit.formats on files written by other people's tools: `webdataset.ShardWriter` shards (one cut short, one
 sample without its image, one image that does not decode), an HF `Dataset.to_parquet` file, LLaVA / ShareGPT
 conversation files, a COCO captions file and an HF-style image folder (cross-checked with `datasets`)."""
-import io
 import json
 
 import numpy as np
@@ -9,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmlit.cli import main
+from cli_helpers import inspect_json, run_cli
+from ds_files import image_bytes
 from mmlit.core import ConfigError
 from mmlit.sources import ParquetImageText
 from mmlit.formats import (CocoCaptions, Conversations, ImageFolder, WebDatasetShards, guess_kind, index_tar,
@@ -27,12 +27,6 @@ def photo(i: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(i).integers(0, 256, (24, 24, 3), dtype=np.uint8))
 
 
-def png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     "Four shards written by webdataset's ShardWriter; shard 2 is then cut inside sample 20's image."
@@ -41,7 +35,7 @@ def shards(tmp_path_factory):
         for i in range(N):
             sample = {"__key__": f"{i:06d}", "txt": f"photo {i}", "json": {"n": i, "caption": f"json caption {i}"}}
             if i == BAD_IMAGE: sample["png"] = b"this is not an image"
-            elif i != NO_IMAGE: sample["png"] = png(photo(i))
+            elif i != NO_IMAGE: sample["png"] = image_bytes(photo(i))
             sink.write(sample)
     paths = sorted(d.glob("shard-*.tar"))
     assert len(paths) == 4
@@ -129,7 +123,7 @@ def test_reads_are_byte_ranges(shards, monkeypatch):
     real = WebDatasetShards._read
     monkeypatch.setattr(WebDatasetShards, "_read", lambda self, k, off, size, where: reads.append(size) or real(self, k, off, size, where))
     r = ds.get(1)
-    assert sum(reads) == len(png(photo(1))) + len("photo 1")                       # the image and caption members only
+    assert sum(reads) == len(image_bytes(photo(1))) + len("photo 1")               # the image and caption members only
     assert sum(reads) < shards[0].stat().st_size / 5
 
 
@@ -181,14 +175,6 @@ def test_mid_epoch_resume_is_exact(shards, reference, cut):
 
 # --- Parquet written by HF datasets; column detection -----------------------------------------------
 
-def _inspect(*argv) -> tuple[int, dict | None, str]:
-    import contextlib
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(["inspect", *argv])
-    return rc, (json.loads(out.getvalue()) if rc == 0 and "--json" in argv else None), err.getvalue()
-
-
 def test_hf_to_parquet_just_works(tmp_path):
     datasets = pytest.importorskip("datasets")
     hf = datasets.Dataset.from_dict({"image": [photo(i) for i in range(5)], "text": [f"photo {i}" for i in range(5)]})
@@ -198,25 +184,25 @@ def test_hf_to_parquet_just_works(tmp_path):
     ds = ParquetImageText(path)
     assert (ds.text_column, ds.image_column, ds[3]["text"]) == ("text", "image", "photo 3")
     assert np.array_equal(np.asarray(ds[3]["image"]), np.asarray(photo(3)))
-    rc, r, _ = _inspect(str(path), "--json")
-    assert (rc, r["kind"], r["rows"], r["good"], r["captions"]["count"]) == (0, "parquet", 5, 5, 5)
+    r = inspect_json(str(path))
+    assert (r["kind"], r["rows"], r["good"], r["captions"]["count"]) == ("parquet", 5, 5, 5)
 
     both = datasets.Dataset.from_dict({"image": [photo(0)], "text": ["a"], "caption": ["b"]}).cast_column("image", datasets.Image())
     both.to_parquet(str(tmp_path / "both.parquet"))
     with pytest.raises(ConfigError, match=r"several columns could be the caption: \['text', 'caption'\]; columns are "
                                           r"\['image', 'text', 'caption'\]; pick one with text_column="):
         ParquetImageText(tmp_path / "both.parquet")
-    rc, _, err = _inspect(str(tmp_path / "both.parquet"))
+    rc, _, err = run_cli("inspect", str(tmp_path / "both.parquet"))
     assert rc == 2 and "pick one with --text-column" in err
-    rc, r, _ = _inspect(str(tmp_path / "both.parquet"), "--text-column", "caption", "--json")
-    assert (rc, r["good"]) == (0, 1)
+    r = inspect_json(str(tmp_path / "both.parquet"), "--text-column", "caption")
+    assert r["good"] == 1
 
 
 def test_inspect_tar_shards_and_errors(shards):
-    rc, r, _ = _inspect(str(shards[0].parent / "shard-{000000..000003}.tar"), "--json")
-    assert (rc, r["kind"], r["rows"], r["good"], len(r["bad"])) == (0, "webdataset", 27, 24, 3)
+    r = inspect_json(str(shards[0].parent / "shard-{000000..000003}.tar"))
+    assert (r["kind"], r["rows"], r["good"], len(r["bad"])) == ("webdataset", 27, 24, 3)
     assert r["images"]["count"] == 24 and r["captions"]["count"] == 24
-    rc, _, err = _inspect(str(shards[0]), "--text-column", "caption")
+    rc, _, err = run_cli("inspect", str(shards[0]), "--text-column", "caption")
     assert rc == 2 and "no column 'caption'" in err and "pick one with --text-column" in err
 
 
@@ -258,8 +244,8 @@ def test_llava_json_array_and_sharegpt_jsonl(chat_files):
     assert isinstance(sg, Conversations)
     assert [im.size for im in sg[0]["image"]] == [sizes["a.png"], sizes["c.png"]]
     assert sg[1]["messages"][0]["content"] == "<image>Size?"
-    rc, r, _ = _inspect(str(d / "llava.json"), "--json")
-    assert (rc, r["kind"], r["rows"], r["good"], r["images"]["count"]) == (0, "conversations", 3, 2, 3)
+    r = inspect_json(str(d / "llava.json"))
+    assert (r["kind"], r["rows"], r["good"], r["images"]["count"]) == ("conversations", 3, 2, 3)
 
 
 def test_conversations_feed_the_chat_preprocessor(chat_files):
@@ -293,10 +279,10 @@ def test_coco_captions(tmp_path):
     assert (cc[3]["text"], cc[3]["meta"]["image_id"], cc[3]["image"].size) == ("caption 3", 2, (24, 24))
     per = CocoCaptions(ann, image_root=tmp_path / "val2017", per_image=True)
     assert len(per) == 2 and per[0]["captions"] == ["caption 0", "caption 2", "caption 4"]
-    rc, r, _ = _inspect(str(ann), "--image-root", str(tmp_path / "val2017"), "--json")
-    assert (rc, r["kind"], r["good"]) == (0, "coco", 5)
-    rc, r, _ = _inspect(str(ann), "--image-root", str(tmp_path / "val2017"), "--per-image", "--json")
-    assert (rc, r["rows"], r["good"]) == (0, 2, 2)
+    r = inspect_json(str(ann), "--image-root", str(tmp_path / "val2017"))
+    assert (r["kind"], r["good"]) == ("coco", 5)
+    r = inspect_json(str(ann), "--image-root", str(tmp_path / "val2017"), "--per-image")
+    assert (r["rows"], r["good"]) == (2, 2)
 
 
 def test_image_folder_matches_hf_imagefolder(tmp_path):
@@ -328,8 +314,8 @@ def test_image_folder_matches_hf_imagefolder(tmp_path):
     theirs = datasets.load_dataset("imagefolder", data_dir=str(meta), split="train")
     assert [r["text"] for r in ours.records()] == theirs["text"]
     assert [np.asarray(r["image"]).tobytes() for r in ours.records()] == [np.asarray(im).tobytes() for im in theirs["image"]]
-    rc, r, _ = _inspect(str(meta), "--json")
-    assert (rc, r["kind"], r["good"]) == (0, "imagefolder", 3)
+    r = inspect_json(str(meta))
+    assert (r["kind"], r["good"]) == ("imagefolder", 3)
 
 
 def test_llava_jsonl_in_mmlit_inspect(chat_files):
@@ -337,14 +323,14 @@ def test_llava_jsonl_in_mmlit_inspect(chat_files):
     d, _ = chat_files
     rows = json.loads((d / "llava.json").read_text())
     (d / "llava.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    rc, r, _ = _inspect(str(d / "llava.jsonl"), "--json")
-    assert (rc, r["kind"], r["rows"], r["good"]) == (0, "conversations", 3, 2)
+    r = inspect_json(str(d / "llava.jsonl"))
+    assert (r["kind"], r["rows"], r["good"]) == ("conversations", 3, 2)
     assert [(b["unit"], b["index"]) for b in r["bad"]] == [("line", 2)]
-    rc, _, err = _inspect(str(d / "llava.jsonl"), "--kind", "jsonl")
+    rc, _, err = run_cli("inspect", str(d / "llava.jsonl"), "--kind", "jsonl")
     assert rc == 2 and "no column looks like the caption" in err and "pick one with --text-column" in err
     assert "a conversation file? open it with mmlit.formats.Conversations" in err
-    rc, r, _ = _inspect(str(d / "llava.json"), "--kind", "conversations", "--json")
-    assert (rc, r["good"]) == (0, 2)
+    r = inspect_json(str(d / "llava.json"), "--kind", "conversations")
+    assert r["good"] == 2
 
 
 def test_image_text_pairs_in_one_json_array(tmp_path):
@@ -355,5 +341,5 @@ def test_image_text_pairs_in_one_json_array(tmp_path):
     assert type(ds).__name__ == "JsonlImageText" and ds.text_fields == ("caption",)
     assert [r["text"] for r in ds.records()] == ["photo 0", "photo 1", "photo 2"]
     assert [(b.unit, b.index) for b in ds.report] == [("item", 3)]
-    rc, r, _ = _inspect(str(tmp_path / "pairs.json"), "--json")
-    assert (rc, r["kind"], r["rows"], r["good"]) == (0, "jsonl", 4, 3)
+    r = inspect_json(str(tmp_path / "pairs.json"))
+    assert (r["kind"], r["rows"], r["good"]) == ("jsonl", 4, 3)

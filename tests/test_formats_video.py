@@ -6,10 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
-from collate_helpers import corpus, tiny_qwen2_vl
+from collate_helpers import tiny_qwen2_vl
 from mmlit.collate import MultimodalCollator, Qwen2VLCollator
 from mmlit.core import np_rng
 from mmlit.sources import JsonlImageText
@@ -55,16 +53,6 @@ def videos(tmp_path_factory):
     Image.fromarray(clip_frames(1, 5)[0]).save(d / "still.png")
     (d / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in chats) + "\n")
     return d
-
-
-@pytest.fixture(scope="module")
-def tok():
-    specials = ["[PAD]", "[UNK]", "<eos>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
-    t = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    t.train_from_iterator(corpus(20) + ["a pattern drifts right shorter clip third what moves the pattern compare with same colours"],
-                          trainers.WordLevelTrainer(vocab_size=500, special_tokens=specials))
-    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="[PAD]", unk_token="[UNK]", eos_token="<eos>")
 
 
 def test_video_records_from_jsonl_and_conversations(videos):

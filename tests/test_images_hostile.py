@@ -3,7 +3,7 @@ extreme aspect ratios, JPEGs with valid headers and garbage scan data. Each one 
 pixels or a counted skip whose reason names the row and the problem — the same through stage 1
 (`decode=True`), the reduced-size stage 2 path (`decode=False`), every preprocessor preset,
 `mmlit inspect`, and the loader with 0 and 2 workers."""
-import contextlib, io, json, warnings
+import io, json, warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import ExifTags, Image, ImageFile, ImageOps
 
-from mmlit.cli import main
+from cli_helpers import inspect_json
+from ds_files import image_bytes as encode
 from mmlit.core import BadRecordError, np_rng
 from mmlit.dataset import Skipped
 from mmlit.images import displayed_size, load_image, open_image, to_8bit
@@ -26,10 +27,6 @@ H, W = 24, 40   # stored size of the test images: landscape, so a quarter turn s
 
 
 # --- builders -----------------------------------------------------------------------------------
-
-def encode(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO(); im.save(buf, fmt, **kw); return buf.getvalue()
-
 
 def rgb8(a: np.ndarray) -> np.ndarray:
     "The expected RGB pixels of a greyscale uint8 array."
@@ -269,16 +266,6 @@ def test_aspect_limit_is_configurable_through_the_presets(tok):
 
 # --- presets, sources, inspect, loader ---------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    import pydoc_data.topics
-    from transformers import AutoTokenizer
-    from mmlit.text import train_tokenizer
-    d = tmp_path_factory.mktemp("tok")
-    train_tokenizer(list(pydoc_data.topics.topics.values())[:200], vocab_size=600, save_dir=d)
-    return AutoTokenizer.from_pretrained(d)
-
-
 def record(images, index, file="t.parquet"):
     return {"text": "a picture", "image": images, "negatives": [], "task": "caption", "messages": None,
             "meta": {"source": "t", "file": file, "index": index, "unit": "row"}}
@@ -325,14 +312,6 @@ def sources(tmp_path_factory):
 def open_src(sources, kind, decode=True):
     if kind == "jsonl": return JsonlImageText(sources["jsonl"], decode=decode)
     return ParquetImageText(sources["parquet"], decode=decode)
-
-
-def inspect_json(path) -> dict:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(["inspect", str(path), "--json"])
-    assert rc == 0, err.getvalue()
-    return json.loads(out.getvalue())
 
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])

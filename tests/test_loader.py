@@ -1,7 +1,5 @@
 """mmlit.loader: determinism across workers, exact resume, elastic resume, persistent workers,
 bad records skipped inside workers, mixtures. Real Parquet files with PNG images, written here."""
-import io
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -9,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ds_files import image_bytes, write_parquet
 from mmlit.core import BadRecordError, ConfigError
 from mmlit.sources import ParquetImageText
 from mmlit.mixture import DeterministicDataset, Mixture
@@ -22,9 +21,8 @@ BAD_CAPTION_ROW = 23                                  # the transform rejects th
 
 
 def _png(rng: np.random.Generator) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
+    "A 24x24 PNG of noise drawn from `rng`."
+    return image_bytes(Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)))
 
 
 def _write(path, n: int, bad: bool, seed: int):
@@ -35,8 +33,7 @@ def _write(path, n: int, bad: bool, seed: int):
         if bad and i in BAD_ROWS: img = img[:60] if BAD_ROWS[i] == "truncated" else BAD_ROWS[i]
         images.append(img)
         captions.append("BAD" if bad and i == BAD_CAPTION_ROW else f"photo {i}")
-    pq.write_table(pa.table(dict(image=images, caption=captions)), path, row_group_size=7)
-    return path
+    return write_parquet(path, captions, images, struct_images=False, row_group_size=7)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,7 @@ batches, laid side by side, are a single-process run's global batches (disjoint 
 state saved by 2 nodes x 1 process resumes under 1 node x 2 processes on the same global order."""
 import json
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,10 +14,10 @@ pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
 from s3_server import CREDS, HOST, free_port, make_bucket, moto_s3
+from torchrun_helpers import launch, torchrun, wait_all
 from mmlit.sources import open_source
 from mmlit.loader import LoaderConfig, make_loader
 
-ROOT = Path(__file__).resolve().parents[1]
 N, B, SEED = 90, 4, 5          # 90 rows in 3 shards of row groups of 10; 2 ranks x 4 per global step
 CFG = dict(batch_size=B, seed=SEED, drop_last=True, shuffle_span=2)
 
@@ -68,24 +65,8 @@ def cluster(tmp_path_factory):
     (d / "worker.py").write_text(SCRIPT)
     with moto_s3() as endpoint:
         make_bucket(endpoint, "mmlit-nodes", {f"train/part-{k}.parquet": shard(k) for k in range(3)})
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
-                   GLOO_SOCKET_IFNAME="lo", AWS_ENDPOINT_URL=endpoint, **CREDS)   # credentials and endpoint from the environment
+        env = dict(GLOO_SOCKET_IFNAME="lo", AWS_ENDPOINT_URL=endpoint, **CREDS)   # credentials and endpoint from the environment
         yield d, env, "s3://mmlit-nodes/train/*.parquet"
-
-
-def torchrun(args: list[str], env: dict, timeout: float = 180) -> list[subprocess.Popen]:
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def wait_all(procs: list[subprocess.Popen], timeout: float = 240):
-    outs = []
-    try:
-        for p in procs: outs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None: p.kill(); p.wait(10)
-    for p, o in zip(procs, outs): assert p.returncode == 0, o[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +75,9 @@ def two_nodes(cluster):
     port, out = free_port(), d / "two_nodes.json"
     common = ["--nnodes", "2", "--nproc_per_node", "1", "--master_addr", HOST, "--master_port", str(port),
               "--local_addr", HOST]
-    procs = [torchrun([*common, "--node_rank", str(i), str(d / "worker.py"), source, json.dumps(CFG), str(out), "train", f"node{i}"], env)
-             for i in range(2)]
-    wait_all(procs)
+    procs = [launch(d / "worker.py", source, json.dumps(CFG), out, "train", f"node{i}", launcher=[*common, "--node_rank", str(i)],
+                    env=env) for i in range(2)]
+    wait_all(procs, timeout=240)
     return json.loads(out.read_text())
 
 
@@ -139,9 +120,7 @@ def test_resume_two_nodes_state_on_one_node_with_two_processes(cluster, two_node
     assert state == two_nodes[1]["state"] and (state["epoch"], state["position"], state["world_size"]) == (1, 3 * 2 * B, 2)
     (d / "state.json").write_text(json.dumps(state))
     out = d / "resumed.json"
-    proc = torchrun(["--standalone", "--nnodes", "1", "--nproc_per_node", "2", str(d / "worker.py"), source, json.dumps(CFG),
-                     str(out), str(d / "state.json"), "single"], env)
-    wait_all([proc])
+    torchrun(d / "worker.py", source, json.dumps(CFG), out, d / "state.json", "single", nproc=2, env=env, timeout=240)
     r0, r1 = sorted(json.loads(out.read_text()), key=lambda r: r["rank"])
     ref1 = reference(source, env, 1)
     assert [x + y for x, y in zip(r0["epochs"][0], r1["epochs"][0])] == ref1[3:]

@@ -9,15 +9,14 @@ import skimage.data
 import torch
 from PIL import Image
 
-from ds_files import bomb_png
+from ds_files import bomb_png, image_bytes
 from mmlit.core import BadRecordError, np_rng
 from hypothesis import given, settings, strategies as st
 
 from mmlit.preprocess import Qwen2VLPatcher, VideoPreprocessor, image_preset, resize_crop
 
 
-def _jpeg(arr, quality=92):
-    buf = io.BytesIO(); Image.fromarray(arr).save(buf, "JPEG", quality=quality); return buf.getvalue()
+def _jpeg(arr, quality=92): return image_bytes(Image.fromarray(arr), "JPEG", quality=quality)
 
 # Real photos of several shapes: square, landscape, portrait, grayscale, over Qwen's max_pixels.
 PHOTOS = {
@@ -141,16 +140,7 @@ def test_bomb_is_rejected_before_decoding(monkeypatch):
 
 # ---- text and the multimodal preprocessor -------------------------------------------------------
 from mmlit.multimodal import build_preprocessor  # noqa: E402
-from mmlit.text import IMAGE_PAD, encode_chat, train_tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    import pydoc_data.topics
-    from transformers import AutoTokenizer
-    d = tmp_path_factory.mktemp("tok")
-    train_tokenizer(list(pydoc_data.topics.topics.values()), vocab_size=2000, save_dir=d)
-    return AutoTokenizer.from_pretrained(d)            # the saved form, as a user would load it
+from mmlit.text import IMAGE_PAD, encode_chat  # noqa: E402
 
 
 _turns = st.lists(st.tuples(st.integers(0, 2), st.text("abc xyz.?", min_size=1, max_size=30),

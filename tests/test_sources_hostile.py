@@ -3,8 +3,6 @@ not valid Unicode in every field and source, byte-order marks, damaged shards am
 different schemas, image paths read from another working directory and page checksums that do not match.
 Each goes through the dataset under both policies, `mmlit inspect` (text and `--json`) and the loader with
 0 and 2 workers: a good record, or a counted bad record naming its file and row/line — never a traceback."""
-import contextlib
-import io
 import json
 import sys
 
@@ -14,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cli_helpers import inspect_json, run_cli
 from ds_files import make_image, pixels, png_bytes, write_jsonl, write_parquet
-from mmlit.cli import main
 from mmlit.core import BadRecordError, ConfigError
 from mmlit.dataset import check_unicode, make_record
 from mmlit.sources import (MAX_JSON_DEPTH, HFDataset, JsonlImageText, ParquetImageText, TextCorpus, TorchDataset,
@@ -23,19 +21,6 @@ from mmlit.sources import (MAX_JSON_DEPTH, HFDataset, JsonlImageText, ParquetIma
 from mmlit.loader import LoaderConfig, make_loader
 
 LONE = "\ud800"                                    # half of a surrogate pair: what JSON's "\ud800" escape gives
-
-
-def run_cli(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(["inspect", *map(str, argv)])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def inspect_json(path, *argv) -> dict:
-    rc, out, err = run_cli(path, "--json", *argv)
-    assert rc == 0 and "Traceback" not in err, err
-    return json.loads(out)
 
 
 def texts_of(rec, rng=None): return rec["text"]
@@ -137,7 +122,7 @@ def test_deep_lines_through_inspect(tmp_path):
     f.write_text('{"text": "a"}\n%s\n{"text": "b", "x": %s}\n' % (nested(100_000), nested(MAX_JSON_DEPTH - 1)))
     r = inspect_json(f)
     assert (r["rows"], r["good"]) == (3, 2) and [(b["index"], b["unit"]) for b in r["bad"]] == [(1, "line")]
-    rc, out, err = run_cli(f)
+    rc, out, err = run_cli("inspect", f)
     assert rc == 0 and "line 1: JSON nested 100000 levels deep" in out and "Traceback" not in err
 
 
@@ -398,9 +383,9 @@ def test_damaged_shard_through_inspect(shards, how):
     assert (r["rows"], r["good"]) == (12, 12) and len(r["files"]) == 3
     (b,) = r["bad"]
     assert (b["file"], b["unit"]) == (str(shards[1]), "file") and "rows are unknown" in b["reason"]
-    rc, out, err = run_cli(str(shards[0].parent / "*.parquet"))
+    rc, out, err = run_cli("inspect", str(shards[0].parent / "*.parquet"))
     assert rc == 0 and "Traceback" not in err and f"{shards[1]}: not a readable Parquet file" in out
-    assert run_cli(shards[0].parent, "--max-bad-fraction", "0.01")[0] == 1
+    assert run_cli("inspect", shards[0].parent, "--max-bad-fraction", "0.01")[0] == 1
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -547,7 +532,7 @@ def test_required_column_missing_in_one_shard_names_it(tmp_path):
     for policy in ("skip", "raise"):
         with pytest.raises(ConfigError, match=r"b\.parquet: no column 'caption'"):
             ParquetImageText(tmp_path, on_error=policy)
-    rc, out, err = run_cli(tmp_path)
+    rc, out, err = run_cli("inspect", tmp_path)
     assert rc == 2 and "b.parquet: no column 'caption'" in err and "Traceback" not in err
 
 

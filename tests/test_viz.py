@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
+from ds_files import image_bytes  # noqa: E402
 from run_dir_fixture import make_run_dir  # noqa: E402
 
 from mmlit.cli import main  # noqa: E402
@@ -83,9 +84,9 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
 
 def test_screenshot_check_catches_a_blank_plot(run_dir, tmp_path):
     "The check above can fail: a report whose plots are white images shows blank frames."
-    import base64, io, re
-    blank = io.BytesIO(); Image.new("RGB", (700, 400), "white").save(blank, format="PNG")
-    uri = "data:image/png;base64," + base64.b64encode(blank.getvalue()).decode()
+    import base64, re
+    blank = image_bytes(Image.new("RGB", (700, 400), "white"))
+    uri = "data:image/png;base64," + base64.b64encode(blank).decode()
     text = write_report(run_dir, tmp_path / "r.html").read_text()
     blanked = re.sub(r'(<figure class="plot[a-z ]*"><img alt="[a-z_]+" src=")[^"]+', lambda m: m.group(1) + uri, text)
     (tmp_path / "blank.html").write_text(blanked)
