@@ -92,19 +92,19 @@ def from_dict(cls: LoaderConfig, d: dict) -> LoaderConfig:
 
 # %% ../nbs/04_loader.ipynb #1ec99a1b
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, blocks: Sequence[int] | None = None,
-                span: int | None = 8) -> np.ndarray:
+                shuffle_span: int | None = 8) -> np.ndarray:
     "The global sample order of `epoch`: a permutation of `range(n)` seeded by `(seed, epoch)` (block-local with `blocks`), or the identity."
     if not shuffle: return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(derive_seed(seed, epoch, 0, Stream.LOADER_ORDER))
-    if blocks is None or not span: return rng.permutation(n).astype(np.int64)
+    if blocks is None or not shuffle_span: return rng.permutation(n).astype(np.int64)
     sizes = np.asarray(blocks, dtype=np.int64)
     if sizes.ndim != 1 or (sizes < 0).any() or sizes.sum() != n:
         raise ConfigError(f"blocks must be non-negative sizes summing to n={n}, got {len(sizes)} summing to {sizes.sum()}")
-    if not (_is_int(span) and span > 0): raise ConfigError(f"span must be a positive int, got {span!r}")
+    if not (_is_int(shuffle_span) and shuffle_span > 0): raise ConfigError(f"shuffle_span must be a positive int, got {shuffle_span!r}")
     perm = rng.permutation(len(sizes))                     # the blocks in a random order...
     first, sizes = (np.cumsum(sizes) - sizes)[perm], sizes[perm]
     rows = np.repeat(first - (np.cumsum(sizes) - sizes), sizes) + np.arange(n)   # ...laid end to end
-    span_of = np.repeat(np.arange(len(sizes)) // span, sizes)                   # the span each row falls in
+    span_of = np.repeat(np.arange(len(sizes)) // shuffle_span, sizes)           # the span each row falls in
     return rows[np.lexsort((rng.random(n), span_of))].astype(np.int64)         # shuffled within its span
 
 # %% ../nbs/04_loader.ipynb #b6d48db5
@@ -123,10 +123,10 @@ def count_steps(n: int, batch_size: int, world_size: int = 1, start: int = 0, dr
 # %% ../nbs/04_loader.ipynb #ca165857
 def rank_steps(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0,
                world_size: int = 1, start: int = 0, drop_last: bool = False, blocks: Sequence[int] | None = None,
-               span: int | None = None, rank_split: str = "stream") -> list[Step]:
+               shuffle_span: int | None = None, rank_split: str = "stream") -> list[Step]:
     "This rank's steps of `epoch` from global position `start` (see the split and padding rules above)."
     if rank_split not in RANK_SPLITS: raise ConfigError(f"rank_split must be one of {RANK_SPLITS}, got {rank_split!r}")
-    order, gb, steps = epoch_order(n, seed, epoch, shuffle, blocks, span), batch_size * world_size, []
+    order, gb, steps = epoch_order(n, seed, epoch, shuffle, blocks, shuffle_span), batch_size * world_size, []
     for k in range(count_steps(n, batch_size, world_size, start, drop_last)):
         begin = start + k * gb
         end = min(begin + gb, n)
@@ -146,10 +146,10 @@ def rank_steps(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffl
 class ShardedBatchSampler(torch.utils.data.Sampler):
     "Yields this rank's `Step`s of one epoch from a global start position."
     def __init__(self, n: int, batch_size: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False, blocks: Sequence[int] | None = None, span: int | None = None,
-                 rank_split: str = "stream"):
+                 world_size: int = 1, drop_last: bool = False, blocks: Sequence[int] | None = None,
+                 shuffle_span: int | None = None, rank_split: str = "stream"):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
-        self.blocks, self.span, self.rank_split = blocks, span, rank_split
+        self.blocks, self.shuffle_span, self.rank_split = blocks, shuffle_span, rank_split
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch, self.start = 0, 0
 
@@ -167,7 +167,7 @@ def steps(self: ShardedBatchSampler) -> list[Step]:
     "This rank's steps from the current epoch and start position."
     return rank_steps(self.n, self.batch_size, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank,
                       world_size=self.world_size, start=self.start, drop_last=self.drop_last, blocks=self.blocks,
-                      span=self.span, rank_split=self.rank_split)
+                      shuffle_span=self.shuffle_span, rank_split=self.rank_split)
 
 @patch
 def __iter__(self: ShardedBatchSampler) -> Iterator[Step]: return iter(self.steps())
@@ -361,7 +361,7 @@ class ResumableLoader:
         self.rank_split = cfg.rank_split if cfg.shuffle else "stream"   # unshuffled, both splits are the r-th slice
         self.sampler = ShardedBatchSampler(len(self.dataset), cfg.batch_size, seed=cfg.seed, shuffle=cfg.shuffle,
                                            rank=self.rank, world_size=self.world_size, drop_last=cfg.drop_last,
-                                           blocks=self.blocks, span=self.shuffle_span, rank_split=self.rank_split)
+                                           blocks=self.blocks, shuffle_span=self.shuffle_span, rank_split=self.rank_split)
         if len(self.dataset) and count_steps(len(self.dataset), cfg.batch_size, self.world_size, 0, cfg.drop_last) == 0:
             raise ConfigError(f"{len(self.dataset)} samples make no whole step of {self.world_size} x {cfg.batch_size} "
                               "with drop_last; lower batch_size or set drop_last=False")

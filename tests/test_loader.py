@@ -125,7 +125,7 @@ def test_resume_does_not_replay_preprocessing(files):
     a = loader(files["clean"]); run(a, 1, limit=5)
     b = loader(files["clean"], transform=counting); b.load_state_dict(a.state_dict())
     run(b, 1)
-    rest = [i for s in rank_steps(N, 4, seed=3, start=20, blocks=b.blocks, span=b.shuffle_span)
+    rest = [i for s in rank_steps(N, 4, seed=3, start=20, blocks=b.blocks, shuffle_span=b.shuffle_span)
             for i in sorted(s.indices)]                 # a step is fetched in index order
     assert seen == rest
 
@@ -170,7 +170,7 @@ def test_rank_split_keeps_each_global_step(shuffle, blocks, span, world, drop_la
     order; "locality": rank r takes the r-th B of them by index, in stream order."""
     order = epoch_order(N, 3, 1, shuffle, blocks, span)
     ranks = [rank_steps(N, 4, seed=3, epoch=1, shuffle=shuffle, rank=r, world_size=world, drop_last=drop_last, blocks=blocks,
-                        span=span, rank_split=split) for r in range(world)]
+                        shuffle_span=span, rank_split=split) for r in range(world)]
     assert len({len(steps) for steps in ranks}) == 1
     at = {int(i): p for p, i in enumerate(order)}            # each sample's position in the stream
     for k, steps in enumerate(zip(*ranks)):
@@ -196,7 +196,7 @@ def test_rank_split_keeps_ranks_on_their_row_groups(seed):
     def ratios(world, split):                                 # row groups each rank reads over its share of them
         share = n // rg // world
         return [touched([s.indices for s in rank_steps(n, rg, seed=seed, rank=r, world_size=world, drop_last=True, blocks=blocks,
-                                                       span=span, rank_split=split)], world) / share for r in range(world)]
+                                                       shuffle_span=span, rank_split=split)], world) / share for r in range(world)]
     for world, most in ((1, 1.0), (2, 1.25), (4, 2.0)):
         got = ratios(world, "locality")
         assert max(got) <= most and got[0] <= 1 + (world - 1) / 4, got
@@ -360,21 +360,21 @@ def _spans_needed(order, block_of, span: int) -> int:
 def test_block_order_is_a_pure_permutation(seed, epoch):
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 12, 40); n = int(blocks.sum())
-    o = epoch_order(n, seed, epoch, blocks=blocks, span=4)
+    o = epoch_order(n, seed, epoch, blocks=blocks, shuffle_span=4)
     assert o.dtype == np.int64 and sorted(o.tolist()) == list(range(n))
-    assert np.array_equal(o, epoch_order(n, seed, epoch, blocks=blocks, span=4))
-    assert not np.array_equal(o, epoch_order(n, seed, epoch + 1, blocks=blocks, span=4))
+    assert np.array_equal(o, epoch_order(n, seed, epoch, blocks=blocks, shuffle_span=4))
+    assert not np.array_equal(o, epoch_order(n, seed, epoch + 1, blocks=blocks, shuffle_span=4))
     old = np.random.default_rng(derive_seed(seed, epoch, 0, Stream.LOADER_ORDER)).permutation(n)   # the pinned full shuffle
     assert np.array_equal(epoch_order(n, seed, epoch), old)
-    assert np.array_equal(epoch_order(n, seed, epoch, blocks=blocks, span=0), old)
-    with pytest.raises(ConfigError, match="summing to"): epoch_order(n + 1, seed, epoch, blocks=blocks, span=4)
+    assert np.array_equal(epoch_order(n, seed, epoch, blocks=blocks, shuffle_span=0), old)
+    with pytest.raises(ConfigError, match="summing to"): epoch_order(n + 1, seed, epoch, blocks=blocks, shuffle_span=4)
 
 
 @pytest.mark.parametrize("span", [1, 3, 8])
 def test_each_span_holds_at_most_span_blocks(span):
     blocks = np.random.default_rng(span).integers(1, 20, 33); n = int(blocks.sum())
     block_of = np.repeat(np.arange(len(blocks)), blocks)
-    o = epoch_order(n, 1, 2, blocks=blocks, span=span)
+    o = epoch_order(n, 1, 2, blocks=blocks, shuffle_span=span)
     assert _spans_needed(o, block_of, span) == -(-len(blocks) // span)       # spans of `span` blocks each
     cut = np.cumsum(np.bincount(np.arange(len(blocks)) // span, weights=blocks[np.random.default_rng(
         derive_seed(1, 2, 0, Stream.LOADER_ORDER)).permutation(len(blocks))]).astype(int))
@@ -392,7 +392,7 @@ def test_block_shuffle_follows_the_blocked_order(files, blocked):
     ld = loader(files["clean"], shuffle_span=2)
     assert ld.blocks.tolist() == [7, 7, 7, 7, 2] and ld.shuffle_span == 2 and ld.dataset.dataset.cache_row_groups == 2
     got = [i for e in range(2) for b in run(loader(files["clean"], shuffle_span=2), e + 1, fn=samples)[8 * e:] for i, *_ in b]
-    want = [i for e in range(2) for s in rank_steps(N, 4, seed=3, epoch=e, blocks=[7, 7, 7, 7, 2], span=2)
+    want = [i for e in range(2) for s in rank_steps(N, 4, seed=3, epoch=e, blocks=[7, 7, 7, 7, 2], shuffle_span=2)
             for i in s.indices]
     assert got == want and got != [i for b in run(loader(files["clean"], shuffle_span=0), 2, fn=samples) for i, *_ in b]
     seq = loader(files["clean"], train=False)
@@ -515,7 +515,7 @@ def test_lm_one_liner_reports_bad_paragraphs(tmp_path):
 def test_max_bad_fraction_counts_all_workers(files):
     "3 bad rows of 30; with 2 workers neither sees more than 2 of them, yet 3 > 0.08 * 30 is refused."
     from mmlit.core import TooManyBadRecords
-    steps = rank_steps(N, 4, seed=3, blocks=[7, 7, 7, 7, 2], span=8)
+    steps = rank_steps(N, 4, seed=3, blocks=[7, 7, 7, 7, 2], shuffle_span=8)
     per_worker = [sum(i in (4, 17, BAD_CAPTION_ROW) for s in steps[w::2] for i in s.indices) for w in range(2)]
     assert max(per_worker) <= 2                                      # no worker alone is over the limit
     for workers in (0, 2):
