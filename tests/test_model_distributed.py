@@ -65,7 +65,7 @@ WORKER = COMMON + textwrap.dedent("""
                        loss_siglip=out.loss_siglip.item(), loss_hardneg=out.loss_hardneg.item(), grads=grads, eval=res), open(sys.argv[1], "w"))
     else:
         json.dump(dict(eval=res), open(sys.argv[1] + ".1", "w"))
-    dist.barrier()                 # tear down together: a rank leaving while another still writes aborted now and then
+    dist.barrier()                 # tear down together: a rank that leaves while another still writes can abort the job
     dist.destroy_process_group()
 """)
 

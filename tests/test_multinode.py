@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent("""
     dist.all_gather_object(gathered, dict(rank=rank, epochs=epochs, state=state, io=ld.io.requests, node=sys.argv[5]))
     if rank == 0:
         with open(out, "w") as f: json.dump(gathered, f)
-    dist.barrier()                 # tear down together: a rank leaving while another still writes aborted now and then
+    dist.barrier()                 # tear down together: a rank that leaves while another still writes can abort the job
     dist.destroy_process_group()
 """)
 
