@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .core import ConfigError, MmlitError
+from .core import ConfigError, MmlitError, redact
 
 # %% auto #0
 __all__ = ['logger', 'io_stats', 'is_uri', 'local_path', 'uri_join', 'uri_parent', 'StorageError', 'ObjectNotFound',
@@ -351,8 +351,7 @@ class Store:
         return io.BufferedReader(raw, buffering) if buffering else raw
 
     def __repr__(self) -> str:
-        opts = {k: ("***" if k in ("key", "secret", "token", "password") else v) for k, v in self.storage_options.items()}
-        return f"Store({opts}, {self.retry}, cache={self.cache})"
+        return f"Store({redact(self.storage_options)}, {self.retry}, cache={self.cache})"
 
 # %% ../nbs/01c_storage.ipynb #8cd19fef
 class RangeFile(io.RawIOBase):
