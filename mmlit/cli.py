@@ -362,14 +362,15 @@ def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]
     end = run_steps(run_dir)
     if step > end: raise MmlitError(f"step {step} is beyond the run's end: {run_dir} trained steps 1 to {end}")
     if step < 1: raise MmlitError(f"steps count from 1 (train/step in metrics.csv), got {step}")
+    source = run_dir / (RUN_DATA if record is not None else "config.yaml")
+    where = "" if record is not None else f" (without {RUN_DATA}, relative paths are read from the working directory {Path.cwd()})"
     tok = data.get("tokenizer")
     if isinstance(tok, dict) and tok.get("save_dir"):    # the tokenizer the run trained and saved, not a new one
         saved = Path(tok["save_dir"])
-        if not (saved / "tokenizer.json").is_file(): raise MmlitError(f"the run's tokenizer {saved / 'tokenizer.json'} is missing")
+        if not (saved / "tokenizer.json").is_file(): raise MmlitError(f"the run's tokenizer {saved / 'tokenizer.json'} is missing{where}")
         data["tokenizer"] = str(saved)
-    source = run_dir / (RUN_DATA if record is not None else "config.yaml")
     try: p = loader_parts(data)
-    except FileNotFoundError as e: raise MmlitError(f"the data {source} names is not there: {e}") from None
+    except FileNotFoundError as e: raise MmlitError(f"the data {source} names is not there: {e}{where}") from None
     dm = LoaderDataModule(p["data"], p["val_data"], val_split=p["val_split"], config=p["loader_config"], transform=p["transform"],
                           val_transform=p.get("val_transform"), collate=resolve_collate(p["collate"], **p["collate_options"]))
     loader = dm.train_dataloader()
