@@ -75,8 +75,10 @@ def read_run_file(path: str | Path, types: tuple = (dict,)) -> Any:
     p = Path(path)
     if not p.is_file(): raise RunDirError(f"{p} does not exist")
     is_yaml = p.suffix in (".yaml", ".yml")
-    try: obj = yaml.safe_load(p.read_text(encoding="utf-8")) if is_yaml else json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError, yaml.YAMLError) as e:
+    try: text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e: raise RunFileError(f"{p}: cannot be read ({type(e).__name__}: {e})") from None
+    try: obj = yaml.safe_load(text) if is_yaml else json.loads(text)
+    except (ValueError, RecursionError, yaml.YAMLError) as e:
         raise RunFileError(f"{p}: not valid {'YAML' if is_yaml else 'JSON'} ({type(e).__name__}: {' '.join(str(e).split())})") from None
     if not isinstance(obj, types):
         raise RunFileError(f"{p}: expected {' or '.join('a mapping' if t is dict else 'a list' for t in types)} at the top, got {type(obj).__name__}")
