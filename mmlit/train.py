@@ -17,7 +17,7 @@ import torch
 from fastcore.basics import patch
 from torch import nn
 
-from .core import ConfigError, MmlitError, Stream, config_from_dict, config_to_dict, derive_seed
+from .core import ConfigError, MmlitError, Stream, config_from_dict, config_to_dict, derive_seed, redact
 from .checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 
 logger = logging.getLogger("mmlit.train")
@@ -275,8 +275,8 @@ def add(self: MetricsLog, row: dict):
 _VOLATILE = ("run_dir", "device", "threads", "log.progress", "log.wandb_mode", "checkpoint.resume")
 
 def fingerprint(config: dict) -> str:
-    "A hash of a resolved config dict, without the keys that may change between a run and its resume."
-    d = json.loads(json.dumps(config, default=str))
+    "A hash of a resolved config dict, without the keys that may change between a run and its resume (credentials included)."
+    d = redact(json.loads(json.dumps(config, default=str)), mask=None)
     for key in _VOLATILE:
         *parents, last = key.split(".")
         node = d
@@ -301,7 +301,7 @@ def claim_run_dir(run_dir: str | Path, config: dict) -> str:
         try: theirs = yaml.safe_load(cfg_file.read_text())
         except yaml.YAMLError as e: raise ConfigError(f"{cfg_file}: not valid YAML ({e}); is {run_dir} an mmlit run directory?") from None
         if not isinstance(theirs, dict) or fingerprint(theirs) != fp:
-            changed = _diff({k: v for k, v in theirs.items()} if isinstance(theirs, dict) else {}, json.loads(json.dumps(config, default=str)))
+            changed = _diff(redact(theirs, None) if isinstance(theirs, dict) else {}, redact(json.loads(json.dumps(config, default=str)), None))
             changed = [c for c in changed if c not in _VOLATILE]
             raise ConfigError(f"run_dir {run_dir} holds another run ({cfg_file} differs in: {', '.join(changed[:8]) or 'its format'}); "
                               "use a new run_dir, or delete that directory to start over")
@@ -334,7 +334,7 @@ class Trainer:
                  evaluate: Callable[[nn.Module, Iterable], dict] | None = None, run_config: dict | None = None):
         self.config = cfg = config_from_dict(TrainConfig, config) if isinstance(config, Mapping) else config
         self.run_dir = Path(cfg.run_dir)
-        self.run_config = run_config if run_config is not None else config_to_dict(cfg)
+        self.run_config = redact(run_config if run_config is not None else config_to_dict(cfg))   # what config.yaml and wandb get
         self.fingerprint = claim_run_dir(self.run_dir, self.run_config)       # refuses a foreign run dir; writes nothing
         self.rank, self.world_size = setup_distributed()
         self.main = self.rank == 0
