@@ -419,9 +419,9 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
             self.checkpoints.clean_temporaries()
         if self.world > 1: torch.distributed.barrier()
-        latest = self.checkpoints.latest() if self.config.checkpoint.resume else None
-        if latest is not None:
-            manifest, state = load_checkpoint(latest, self.model, map_location=self.device)
+        loaded = self.checkpoints.load_latest(self.model, map_location=self.device) if self.config.checkpoint.resume else None
+        if loaded is not None:                                  # the newest that loads; newer ones skipped with a warning
+            latest, manifest, state = loaded
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
