@@ -103,7 +103,7 @@ TAMPER = {   # how the newest checkpoint is altered -> what the error says
     "header nested too deep": (lambda d: _with_header(d, lambda raw: b"[" * 200_000), "header is not JSON"),
     "tensor beyond the file": (lambda d: _with_header(d, _offsets_beyond), "malformed header entry"),
     "weights of another shape": (_other_shapes, "do not fit Regress"),
-    "disallowed pickle global": (lambda d: _replace(d, STATE, _pickled({"trainer": {}, "x": Payload()})), "GLOBAL posix.mkdir"),
+    "disallowed pickle global": (lambda d: _replace(d, STATE, _pickled({"trainer": {}, "x": Payload()})), f"GLOBAL {os.mkdir.__module__}.mkdir"),
     "disallowed pickled class": (lambda d: _replace(d, STATE, _pickled({"x": Path("/")})), "Unsupported global"),
     "state not a torch file": (lambda d: _replace(d, STATE, b"PK\x03\x04 not a zip"), "not loaded by torch's restricted loader"),
     "state not a dict": (lambda d: _replace(d, STATE, _pickled([1, 2])), "holds a list"),
