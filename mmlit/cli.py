@@ -310,10 +310,14 @@ def _run_view_error(command: str, e: Exception) -> int:
 
 def run_steps(run_dir: str | Path) -> int:
     "How many optimiser steps a run took: `summary.json`'s `steps`, else the last `train/step` in its metrics."
+    from mmlit.viz import RunFileError, read_run_file
     run_dir = Path(run_dir)
     if (run_dir / "summary.json").is_file():
-        steps = json.loads((run_dir / "summary.json").read_text()).get("steps")
-        if steps is not None: return int(steps)
+        steps = read_run_file(run_dir / "summary.json").get("steps")
+        if steps is not None:
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+                raise RunFileError(f"{run_dir / 'summary.json'}: 'steps' must be a whole number >= 0, got {steps!r}")
+            return steps
     for name in ("metrics.csv", "metrics.jsonl"):
         if (run_dir / name).is_file():
             from mmlit.viz import metrics_frame
@@ -322,26 +326,58 @@ def run_steps(run_dir: str | Path) -> int:
     raise MmlitError(f"{run_dir} lacks summary.json (with 'steps') and metrics.csv/metrics.jsonl (with train/step): "
                      "cannot tell where the run ended")
 
+def _without_masked(obj):
+    "`obj` without the fields `redact` masked: the credentials come from the environment or a profile instead."
+    from mmlit.core import SECRET_MASK
+    if isinstance(obj, dict): return {k: _without_masked(v) for k, v in obj.items() if v != SECRET_MASK}
+    if isinstance(obj, list): return [_without_masked(v) for v in obj]
+    return obj
+
+def _data_named(data: dict, files: list, fingerprint) -> str:
+    "The data a run section names, its files (a few, with sizes) and its fingerprint, for an error message."
+    shown = ", ".join(f"{f} ({size:,} bytes)" for f, size in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return f"data {data.get('data')}" + (f" [{shown}]" if shown else "") + f", fingerprint {fingerprint}"
+
+def _run_data(run_dir: Path, cfg: dict) -> tuple[dict, dict | None]:
+    "The data section to rebuild from (`data.json`'s, with absolute paths; else `config.yaml`'s) and the run's data record."
+    from mmlit.recipe import RUN_DATA
+    from mmlit.viz import RunFileError, read_run_file
+    record = read_run_file(run_dir / RUN_DATA) if (run_dir / RUN_DATA).is_file() else None
+    if record is not None and not (isinstance(record.get("data"), dict) and isinstance(record.get("fingerprint"), str)
+                                   and isinstance(record.get("files", []), list)):
+        raise RunFileError(f"{run_dir / RUN_DATA}: expected 'data' (a mapping), 'fingerprint' and 'files'; got keys {sorted(record)}")
+    data = record["data"] if record is not None else cfg.get("data")
+    if not isinstance(data, dict) or not data:
+        raise MmlitError(f"{run_dir / 'config.yaml'} has no 'data' section: the loader cannot be rebuilt")
+    return _without_masked(data), record
+
 def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]:
-    "The batch of training step `step` (as logged: 1 is the first), rebuilt from `config.yaml`'s `data` section."
-    import yaml
+    "The batch of training step `step` (as logged: 1 is the first), rebuilt from the run's data section and checked against its data record."
     from mmlit.loader import LoaderDataModule, loader_parts, resolve_collate
+    from mmlit.recipe import RUN_DATA, data_files
+    from mmlit.viz import read_run_file
     run_dir = Path(run_dir)
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    data = dict(cfg.get("data") or {})
-    if not data: raise MmlitError(f"{run_dir / 'config.yaml'} has no 'data' section: the loader cannot be rebuilt")
+    cfg = read_run_file(run_dir / "config.yaml")
+    data, record = _run_data(run_dir, cfg)
     end = run_steps(run_dir)
     if step > end: raise MmlitError(f"step {step} is beyond the run's end: {run_dir} trained steps 1 to {end}")
     if step < 1: raise MmlitError(f"steps count from 1 (train/step in metrics.csv), got {step}")
+    source = run_dir / (RUN_DATA if record is not None else "config.yaml")
+    where = "" if record is not None else f" (without {RUN_DATA}, relative paths are read from the working directory {Path.cwd()})"
     tok = data.get("tokenizer")
     if isinstance(tok, dict) and tok.get("save_dir"):    # the tokenizer the run trained and saved, not a new one
         saved = Path(tok["save_dir"])
-        if not (saved / "tokenizer.json").is_file(): raise MmlitError(f"the run's tokenizer {saved / 'tokenizer.json'} is missing")
+        if not (saved / "tokenizer.json").is_file(): raise MmlitError(f"the run's tokenizer {saved / 'tokenizer.json'} is missing{where}")
         data["tokenizer"] = str(saved)
-    p = loader_parts(data)
+    try: p = loader_parts(data)
+    except FileNotFoundError as e: raise MmlitError(f"the data {source} names is not there: {e}{where}") from None
     dm = LoaderDataModule(p["data"], p["val_data"], val_split=p["val_split"], config=p["loader_config"], transform=p["transform"],
                           val_transform=p.get("val_transform"), collate=resolve_collate(p["collate"], **p["collate_options"]))
     loader = dm.train_dataloader()
+    if record is not None and loader.fingerprint != record["fingerprint"]:
+        raise MmlitError(f"the data differs from what the run trained on, so step {step}'s batch cannot be rebuilt: {source} records "
+                         f"{_data_named(record['data'], record.get('files', []), record['fingerprint'])}; found "
+                         f"{_data_named(data, data_files(loader.dataset), loader.fingerprint)}")
     accumulate = int((cfg.get("schedule") or {}).get("accumulate", 1) or 1)   # a step of k micro-batches: show its first
     epoch, s = divmod(step - 1, -(-len(loader) // accumulate))                # an epoch's last window may be short
     k = s * accumulate
@@ -350,7 +386,7 @@ def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]
     batch = next(iter(loader))
     norm = (data.get("preprocessor_options") or {}).get("normalize", "clip")
     return batch, p["tokenizer"], {"run_dir": str(run_dir), "step": step, "epoch": epoch, "batch_in_epoch": k,
-                                   "micro_batches_per_step": accumulate, "norm": norm}
+                                   "micro_batches_per_step": accumulate, "norm": norm, "data_checked": record is not None}
 
 def cmd_report(args) -> int:
     "Run `mmlit report`: the run's PNGs and `report.html`; prints the page's path."
@@ -366,6 +402,9 @@ def cmd_show_batch(args) -> int:
     try:
         require_files(args.run_dir, ["config.yaml"], "mmlit show-batch")
         batch, tokenizer, info = rebuild_step_batch(args.run_dir, args.step)
+        if not info["data_checked"]:
+            print(f"mmlit show-batch: note: {args.run_dir} has no data.json, so the data cannot be checked against what the run "
+                  f"trained on; relative paths in its config.yaml are read from {Path.cwd()}", file=sys.stderr)
         out = Path(args.out) if args.out else Path(args.run_dir) / "batches" / f"step_{args.step}"
         written = write_batch_views(batch, out, tokenizer, norm=info.pop("norm", "clip"), info=info)
     except MmlitError as e: return _run_view_error("show-batch", e)

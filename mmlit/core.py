@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['derive_seed', 'Stream', 'Rngs', 'np_rng', 'torch_rng', 'derive_rngs', 'torch_rng_from', 'MmlitError', 'ConfigError',
-           'CheckpointError', 'UnknownNameError', 'BadRecordError', 'TooManyBadRecords', 'MissingExtraError',
-           'Registry', 'check_keys', 'config_from_dict', 'config_to_dict']
+__all__ = ['SECRET_MASK', 'derive_seed', 'Stream', 'Rngs', 'np_rng', 'torch_rng', 'derive_rngs', 'torch_rng_from', 'MmlitError',
+           'ConfigError', 'CheckpointError', 'UnknownNameError', 'BadRecordError', 'TooManyBadRecords',
+           'MissingExtraError', 'Registry', 'check_keys', 'config_from_dict', 'config_to_dict', 'is_secret_key',
+           'redact']
 
 # %% ../nbs/00_core.ipynb #dfab4841
 def _check_key(**parts: int) -> list[int]:
@@ -230,3 +231,61 @@ def config_to_dict(cfg) -> dict:
         if isinstance(v, dict): return {k: plain(x) for k, x in v.items()}
         return v
     return plain(dataclasses.asdict(cfg))
+
+# %% ../nbs/00_core.ipynb #65071018
+import re
+from collections.abc import Mapping
+
+SECRET_MASK = "<redacted>"
+_SECRET_WORDS = ("secret", "password", "passwd", "passphrase", "credential", "authorization", "cookie")
+_CREDENTIAL_OF = {"access", "secret", "api", "private", "account", "sas", "client", "auth", "session", "signing", "security",
+                  "encryption", "master", "shared", "storage", "subscription", "service", "customer", "app", "refresh",
+                  "bearer", "oauth", "hf", "wandb", "github", "id", "personal", "user"}
+_TOKEN_WORDS = {"pad", "eos", "bos", "unk", "sep", "cls", "mask", "image", "video", "vision", "audio", "special", "start",
+                "end", "begin", "placeholder"}   # tokenizer vocabulary: `pad_token`, `image_token` are no credentials
+
+def _words(name: str) -> list[str]:
+    "The lower-case words of a key name, split at separators and camelCase."
+    return [w.lower() for w in re.findall(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+", name)]
+
+def is_secret_key(name) -> bool:
+    "Does a config key name a credential (a key, secret, token or password)?"
+    words = _words(name) if isinstance(name, str) else []
+    if words in (["key"], ["token"], ["auth"]) or words[-1:] in (["signature"], ["sig"]) or words[-2:] == ["connection", "string"]:
+        return True
+    for i, w in enumerate(words):
+        if any(s in w for s in _SECRET_WORDS): return True
+        prev = words[i - 1] if i else None
+        if w == "key" and prev in _CREDENTIAL_OF: return True                        # api_key, aws_access_key_id
+        if w == "token" and i == len(words) - 1 and prev not in _TOKEN_WORDS: return True   # session_token, not pad_token
+        if (w.endswith("key") and w[:-3] in _CREDENTIAL_OF) or (w.endswith("token") and w[:-5] in _CREDENTIAL_OF):
+            return True                                                               # apikey, accesstoken
+    return False
+
+# %% ../nbs/00_core.ipynb #d8edd96b
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*):[^/@\s]+@")
+_URL_PARAM = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&;#\s]+)=(?P<value>[^&;#\s]*)")
+
+def _redact_url(s: str) -> str:
+    "`s` with URL passwords and secret-named query parameters masked."
+    s = _URL_PASSWORD.sub(lambda m: f"{m['head']}:{SECRET_MASK}@", s)
+    return _URL_PARAM.sub(lambda m: f"{m['sep']}{m['name']}={SECRET_MASK}" if is_secret_key(m["name"]) else m[0], s)
+
+def _emptied(before, after) -> bool:
+    "Did leaving secrets out empty a container that held something?"
+    return isinstance(before, (Mapping, list, tuple)) and len(before) > 0 and len(after) == 0
+
+def redact(obj, mask: str | None = SECRET_MASK):
+    "A copy of `obj` with secret fields masked at any depth (`mask=None`: left out, with what held only them), and URL passwords masked."
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if is_secret_key(k):
+                if mask is not None: out[k] = None if v is None else mask
+            elif not _emptied(v, r := redact(v, mask)) or mask is not None: out[k] = r
+        return out
+    if isinstance(obj, (list, tuple)):
+        kept = [r for v in obj if not _emptied(v, r := redact(v, mask)) or mask is not None]
+        return kept if isinstance(obj, list) else tuple(kept)
+    if isinstance(obj, str) and "://" in obj: return _redact_url(obj)
+    return obj

@@ -16,15 +16,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import ConfigError, Stream, check_keys, config_from_dict, config_to_dict, derive_seed
+from .core import ConfigError, Stream, check_keys, config_from_dict, config_to_dict, derive_seed, redact
 from .loader import LoaderDataModule, loader_parts, resolve_collate
+from .storage import Location, StorageError, as_store, is_uri
 from .train import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, ScheduleConfig, TrainConfig, Trainer,
                          claim_run_dir, evaluate_loss, load_config, setup_distributed)
 
 # %% auto #0
-__all__ = ['ModelSpec', 'RunConfig', 'check_data_paths', 'model_config', 'build_model', 'resolve_run_config',
-           'labels_in_gather_order', 'padding_in_gather_order', 'Run', 'build_run', 'eval_embeddings', 'finish_run',
-           'split_by_group', 'demo_config', 'format_summary', 'run_demo']
+__all__ = ['RUN_DATA', 'ModelSpec', 'RunConfig', 'data_store', 'check_data_paths', 'model_config', 'build_model',
+           'resolve_run_config', 'labels_in_gather_order', 'padding_in_gather_order', 'Run', 'build_run',
+           'eval_embeddings', 'finish_run', 'split_by_group', 'demo_config', 'format_summary', 'run_demo',
+           'absolute_data', 'data_files', 'data_record', 'record_data']
 
 # %% ../nbs/80_recipe.ipynb #feeda6a9
 @dataclass
@@ -43,20 +45,29 @@ class RunConfig(TrainConfig):
     label_column: str | None = None                # a Parquet column of the validation data with integer class labels
 
 # %% ../nbs/80_recipe.ipynb #f4656a15
-def _check_path(key: str, path) -> None:
-    import glob
+def data_store(data: dict):
+    "The `Store` the sources read a data section's URIs with: its `data_options.storage_options`, else the environment."
+    try: return as_store((data.get("data_options") or {}).get("storage_options"))
+    except ConfigError as e: raise ConfigError(f"data.data_options.storage_options: {e}") from None
+
+def _check_path(key: str, path, store) -> None:
+    from mmlit.sources import expand_paths
     for p in (path if isinstance(path, (list, tuple)) else [path]):
         s = str(p)
-        if any(ch in s for ch in "*?["):
-            if not glob.glob(s, recursive=True): raise ConfigError(f"data.{key}: no files match {s}")
-        elif not Path(s).exists(): raise ConfigError(f"data.{key}: {s} does not exist")
+        try: expand_paths(s, store=store)
+        except FileNotFoundError:
+            if any(ch in s for ch in "*?["): raise ConfigError(f"data.{key}: no files match {s}") from None
+            empty = not is_uri(s) and Path(s).is_dir()
+            raise ConfigError(f"data.{key}: {s} {'holds no files' if empty else 'does not exist'}") from None
+        except StorageError as e: raise ConfigError(f"data.{key}: {e}") from None
 
 def check_data_paths(data: dict) -> None:
-    "`ConfigError` naming `data.data` / `data.val_data` / `data.tokenizer` when a path they give does not exist."
+    "`ConfigError` naming `data.data` / `data.val_data` / `data.tokenizer` when a path or URI they give matches no file."
     if not data.get("data"): raise ConfigError("data.data: the config needs a Parquet, JSONL or text path")
-    _check_path("data", data["data"])
-    if data.get("val_data"): _check_path("val_data", data["val_data"])
-    if isinstance(data.get("tokenizer"), str): _check_path("tokenizer", data["tokenizer"])
+    store = data_store(data)
+    _check_path("data", data["data"], store)
+    if data.get("val_data"): _check_path("val_data", data["val_data"], store)
+    if isinstance(data.get("tokenizer"), str): _check_path("tokenizer", data["tokenizer"], store)
 
 # %% ../nbs/80_recipe.ipynb #3687e1b7
 def model_config(spec: ModelSpec, vocab_size: int, seed: int = 0):
@@ -96,15 +107,19 @@ def resolve_run_config(cfg: RunConfig) -> RunConfig:
 
 # %% ../nbs/80_recipe.ipynb #a6c9f388
 def _val_labels(cfg: RunConfig) -> np.ndarray | None:
-    "The validation data's `label_column`, in its row order (Parquet files only)."
+    "The validation data's `label_column`, in its row order (Parquet files or URIs only)."
     if cfg.label_column is None: return None
-    import pyarrow.parquet as pq
+    import pyarrow as pa, pyarrow.parquet as pq
+    from mmlit.sources import expand_paths
     val = cfg.data.get("val_data")
-    files = val if isinstance(val, (list, tuple)) else [val]
-    if not val or not all(str(f).endswith(".parquet") for f in files):
+    if not val or not all(str(f).endswith(".parquet") for f in (val if isinstance(val, (list, tuple)) else [val])):
         raise ConfigError("label_column: needs data.val_data as Parquet file(s)")
-    try: return np.concatenate([pq.read_table(f, columns=[cfg.label_column])[cfg.label_column].to_numpy() for f in files])
-    except KeyError: raise ConfigError(f"label_column: {files[0]} has no column {cfg.label_column!r}") from None
+    def column(f):
+        with (f.open(1 << 20) if isinstance(f, Location) else open(f, "rb")) as fh:
+            return pq.read_table(fh, columns=[cfg.label_column])[cfg.label_column].to_numpy()
+    files = expand_paths(val, (".parquet",), data_store(cfg.data))
+    try: return np.concatenate([column(f) for f in files])
+    except (KeyError, pa.ArrowInvalid): raise ConfigError(f"label_column: {files[0]} has no column {cfg.label_column!r}") from None
 
 # %% ../nbs/80_recipe.ipynb #d6722c75
 def _gather_steps(loader, max_batches: int | None = None):
@@ -165,12 +180,13 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
     if saved is not None and (saved / "tokenizer.json").is_file(): data["tokenizer"] = str(saved)   # trained by this run before
     elif shared and rank > 0: data["tokenizer"] = {k: v for k, v in tok.items() if k != "save_dir"}   # another node's disk: train it here
     try: parts = loader_parts(data)
-    except ConfigError as e: raise ConfigError(f"data: {e}") from None
+    except (ConfigError, FileNotFoundError) as e: raise ConfigError(f"data: {e}") from None
     finally:
         if shared and rank == 0: torch.distributed.barrier()   # also after an error: the others never wait forever
     collate = resolve_collate(parts["collate"], **parts["collate_options"])
     dm = LoaderDataModule(parts["data"], parts["val_data"], val_split=parts["val_split"], config=parts["loader_config"],
                           transform=parts["transform"], val_transform=parts.get("val_transform"), collate=collate)
+    if rank == 0: record_data(cfg.run_dir, cfg.data, dm.train_dataloader())   # where show-batch finds the data, and checks it
     model = build_model(cfg.model, parts["tokenizer"], cfg.seed)
     labels = _val_labels(cfg)
     if cfg.model.kind == "dual_encoder":
@@ -303,3 +319,46 @@ def run_demo(run_dir: str | Path = "runs/demo", epochs: int = 50, progress: bool
     run.build_s = time.perf_counter() - t0
     result = run.fit()
     return finish_run(run, result, time.perf_counter() - t0)
+
+# %% ../nbs/80_recipe.ipynb #92bba7ee
+RUN_DATA = "data.json"
+
+def _absolute(path):
+    if isinstance(path, (list, tuple)): return [_absolute(p) for p in path]
+    return str(path) if is_uri(path) else os.path.abspath(str(path))
+
+def absolute_data(data: dict) -> dict:
+    "A copy of a data section whose local paths are absolute: data, val_data, the tokenizer, data_options.image_root."
+    data = json.loads(json.dumps(data, default=str))
+    for k in ("data", "val_data"):
+        if data.get(k): data[k] = _absolute(data[k])
+    tok, opts = data.get("tokenizer"), data.get("data_options")
+    if isinstance(tok, str): data["tokenizer"] = _absolute(tok)
+    elif isinstance(tok, dict) and tok.get("save_dir"): tok["save_dir"] = _absolute(tok["save_dir"])
+    if isinstance(opts, dict) and opts.get("image_root"): opts["image_root"] = _absolute(opts["image_root"])
+    return data
+
+def data_files(dataset) -> list[list]:
+    "`[path, bytes]` of each file a dataset reads, through the datasets it wraps."
+    out, todo = [], [dataset]
+    for _ in range(64):                                   # wrappers of wrappers and mixtures, never a cycle
+        if not todo: break
+        ds = todo.pop(0)
+        files = getattr(ds, "files", None) or ([ds.path] if isinstance(getattr(ds, "path", None), (str, Path)) else [])
+        out += [[_absolute(f), f.store.size(f) if isinstance(f, Location) else Path(f).stat().st_size] for f in files]
+        todo += [getattr(ds, a) for a in ("dataset", "parent", "ds") if getattr(ds, a, None) is not None]
+        if isinstance(getattr(ds, "datasets", None), (list, tuple)): todo += list(ds.datasets)
+    return out
+
+def data_record(data: dict, loader) -> dict:
+    "What `data.json` holds: the data section with absolute paths (credentials masked), the training data's fingerprint and files."
+    return {"data": redact(absolute_data(data)), "fingerprint": loader.fingerprint, "files": data_files(loader.dataset)}
+
+def record_data(run_dir: str | Path, data: dict, loader) -> Path:
+    "Write `run_dir/data.json`, unless it is there and the run has a checkpoint (a resume keeps the data it trained on)."
+    from mmlit.checkpoint import CheckpointManager, atomic_write_text
+    run_dir = Path(run_dir)
+    if not ((run_dir / RUN_DATA).is_file() and CheckpointManager(run_dir / "checkpoints").steps()):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / RUN_DATA, json.dumps(data_record(data, loader), indent=1))
+    return run_dir / RUN_DATA

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 from fastcore.basics import patch
 
-from .core import ConfigError, MmlitError
+from .core import ConfigError, MmlitError, redact
 
 # %% auto #0
 __all__ = ['logger', 'io_stats', 'is_uri', 'local_path', 'uri_join', 'uri_parent', 'StorageError', 'ObjectNotFound',
@@ -277,8 +277,7 @@ class Store:
         return call_with_retry(fn, uri, what, self.retry)
 
     def __repr__(self) -> str:
-        opts = {k: ("***" if k in ("key", "secret", "token", "password") else v) for k, v in self.storage_options.items()}
-        return f"Store({opts}, {self.retry}, cache={self.cache})"
+        return f"Store({redact(self.storage_options)}, {self.retry}, cache={self.cache})"
 
 # %% ../nbs/01_storage.ipynb #2abb132b
 def _s3_defaults(options: dict, retry: Retry) -> dict:

@@ -17,8 +17,8 @@ import torch
 from fastcore.basics import patch
 from torch import nn
 
-from .core import ConfigError, MmlitError, Stream, config_from_dict, config_to_dict, derive_seed
-from .checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, rng_state, set_rng_state
+from .core import ConfigError, MmlitError, Stream, config_from_dict, config_to_dict, derive_seed, redact
+from .checkpoint import CheckpointManager, atomic_write_text, rng_state, set_rng_state
 
 logger = logging.getLogger("mmlit.train")
 
@@ -275,8 +275,8 @@ def add(self: MetricsLog, row: dict):
 _VOLATILE = ("run_dir", "device", "threads", "log.progress", "log.wandb_mode", "checkpoint.resume")
 
 def fingerprint(config: dict) -> str:
-    "A hash of a resolved config dict, without the keys that may change between a run and its resume."
-    d = json.loads(json.dumps(config, default=str))
+    "A hash of a resolved config dict, without the keys that may change between a run and its resume (credentials included)."
+    d = redact(json.loads(json.dumps(config, default=str)), mask=None)
     for key in _VOLATILE:
         *parents, last = key.split(".")
         node = d
@@ -301,7 +301,7 @@ def claim_run_dir(run_dir: str | Path, config: dict) -> str:
         try: theirs = yaml.safe_load(cfg_file.read_text())
         except yaml.YAMLError as e: raise ConfigError(f"{cfg_file}: not valid YAML ({e}); is {run_dir} an mmlit run directory?") from None
         if not isinstance(theirs, dict) or fingerprint(theirs) != fp:
-            changed = _diff({k: v for k, v in theirs.items()} if isinstance(theirs, dict) else {}, json.loads(json.dumps(config, default=str)))
+            changed = _diff(redact(theirs, None) if isinstance(theirs, dict) else {}, redact(json.loads(json.dumps(config, default=str)), None))
             changed = [c for c in changed if c not in _VOLATILE]
             raise ConfigError(f"run_dir {run_dir} holds another run ({cfg_file} differs in: {', '.join(changed[:8]) or 'its format'}); "
                               "use a new run_dir, or delete that directory to start over")
@@ -334,7 +334,7 @@ class Trainer:
                  evaluate: Callable[[nn.Module, Iterable], dict] | None = None, run_config: dict | None = None):
         self.config = cfg = config_from_dict(TrainConfig, config) if isinstance(config, Mapping) else config
         self.run_dir = Path(cfg.run_dir)
-        self.run_config = run_config if run_config is not None else config_to_dict(cfg)
+        self.run_config = redact(run_config if run_config is not None else config_to_dict(cfg))   # what config.yaml and wandb get
         self.fingerprint = claim_run_dir(self.run_dir, self.run_config)       # refuses a foreign run dir; writes nothing
         self.rank, self.world_size = setup_distributed()
         self.main = self.rank == 0
@@ -405,9 +405,9 @@ def _start(self: Trainer) -> str | None:
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
         self.checkpoints.clean_temporaries()
     if self.world_size > 1: torch.distributed.barrier()
-    latest = self.checkpoints.latest() if self.config.checkpoint.resume else None
-    if latest is not None:
-        _, state = load_checkpoint(latest, self.model, map_location=self.device)
+    loaded = self.checkpoints.load_latest(self.model, map_location=self.device) if self.config.checkpoint.resume else None
+    if loaded is not None:                                  # the newest checkpoint that loads; newer ones are skipped with a warning
+        latest, _, state = loaded
         self.load_state_dict(state)
         resumed = str(latest)
         if self.main: logger.info("resumed from %s (step %d, epoch %d)", latest, self.step, self.epoch)

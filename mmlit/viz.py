@@ -25,20 +25,24 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageFile
 
-from .core import MmlitError, Stream, derive_seed
+from .core import MmlitError, Stream, derive_seed, redact
 from .preprocess import Normalisation, get_normalisation
 
 # %% auto #0
-__all__ = ['STEP_KEYS', 'LOSS_PARTS', 'TOKEN_COLORS', 'REPORT_FILES', 'PLOT_BORDER', 'RunDirError', 'metrics_frame', 'finish',
-           'plot_training_curves', 'plot_loss_components', 'plot_lr_schedule', 'read_embeddings', 'project_2d',
-           'plot_embedding_space', 'plot_similarity_matrix', 'mrl_table', 'plot_mrl_performance', 'require_files',
-           'save_run_plots', 'unnormalize', 'unpatchify', 'batch_images', 'decode_text', 'batch_captions',
-           'show_images', 'token_table', 'plot_tokens', 'read_bad_records', 'bad_record_image', 'plot_bad_records',
-           'png_data_uri', 'html_pairs', 'html_table', 'write_report', 'batch_digest', 'write_batch_views']
+__all__ = ['STEP_KEYS', 'LOSS_PARTS', 'TOKEN_COLORS', 'REPORT_FILES', 'PLOT_BORDER', 'RunDirError', 'RunFileError',
+           'metrics_frame', 'read_run_file', 'replace_file', 'finish', 'plot_training_curves', 'plot_loss_components',
+           'plot_lr_schedule', 'read_embeddings', 'project_2d', 'plot_embedding_space', 'plot_similarity_matrix',
+           'mrl_table', 'plot_mrl_performance', 'require_files', 'save_run_plots', 'unnormalize', 'unpatchify',
+           'batch_images', 'decode_text', 'batch_captions', 'show_images', 'token_table', 'plot_tokens',
+           'read_bad_records', 'bad_record_image', 'plot_bad_records', 'png_data_uri', 'html_pairs', 'html_table',
+           'write_report', 'batch_digest', 'write_batch_views']
 
 # %% ../nbs/07_viz.ipynb #eba3bc0a
 class RunDirError(MmlitError, FileNotFoundError):
     "A run directory lacks files a view needs, or a requested step is outside the run."
+
+class RunFileError(MmlitError, ValueError):
+    "A file of a run directory that cannot be read or written: malformed, of the wrong shape, or in the way."
 
 STEP_KEYS = ("train/step", "step", "_step", "global_step")
 
@@ -47,7 +51,9 @@ def metrics_frame(metrics: pd.DataFrame | Sequence[Mapping] | str | Path) -> pd.
     if isinstance(metrics, (str, Path)):
         p = Path(metrics)
         if not p.exists(): raise RunDirError(f"metrics file {p} does not exist")
-        df = pd.read_json(p, lines=True) if p.suffix == ".jsonl" else pd.read_csv(p)
+        try: df = pd.read_json(p, lines=True) if p.suffix == ".jsonl" else pd.read_csv(p)
+        except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+            raise RunFileError(f"{p}: not a readable metrics table ({type(e).__name__}: {' '.join(str(e).split())})") from None
     elif isinstance(metrics, pd.DataFrame): df = metrics.copy()
     else: df = pd.DataFrame(list(metrics))
     if df.empty: raise MmlitError("the metrics table has no rows")
@@ -62,13 +68,39 @@ def _series(df: pd.DataFrame, key: str) -> tuple[np.ndarray, np.ndarray]:
     rows = df[key].notna()
     return df.loc[rows, "step"].to_numpy(float), df.loc[rows, key].to_numpy(float)
 
+# %% ../nbs/07_viz.ipynb #c0de5a02
+def read_run_file(path: str | Path, types: tuple = (dict,)) -> Any:
+    "A run directory's JSON or YAML file (by suffix); `RunFileError` naming it when it is unreadable or not one of `types`."
+    import yaml
+    p = Path(path)
+    if not p.is_file(): raise RunDirError(f"{p} does not exist")
+    is_yaml = p.suffix in (".yaml", ".yml")
+    try: text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e: raise RunFileError(f"{p}: cannot be read ({type(e).__name__}: {e})") from None
+    try: obj = yaml.safe_load(text) if is_yaml else json.loads(text)
+    except (ValueError, RecursionError, yaml.YAMLError) as e:
+        raise RunFileError(f"{p}: not valid {'YAML' if is_yaml else 'JSON'} ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if not isinstance(obj, types):
+        raise RunFileError(f"{p}: expected {' or '.join('a mapping' if t is dict else 'a list' for t in types)} at the top, got {type(obj).__name__}")
+    return obj
+
 # %% ../nbs/07_viz.ipynb #386220e7
+def replace_file(path: str | Path, data: bytes | str) -> Path:
+    "Write `path` through a temporary file in its folder and a rename: the old file or the new one, a symlink replaced, never written through."
+    from mmlit.checkpoint import atomic_write_bytes
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(p, data.encode("utf-8") if isinstance(data, str) else data)
+    except OSError as e: raise RunFileError(f"cannot write {p} ({type(e).__name__}: {e.strerror or e})") from None
+    return p
+
 def finish(fig: Figure, save: str | Path | None = None, dpi: int = 100) -> Figure:
-    "Lay `fig` out; with `save`, write it as a PNG there and close it."
+    "Lay `fig` out; with `save`, write it as a PNG there (`replace_file`) and close it."
     fig.tight_layout()
     if save is not None:
-        Path(save).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save, format="png", dpi=dpi)
+        buf = io.BytesIO(); fig.savefig(buf, format="png", dpi=dpi)
+        replace_file(save, buf.getvalue())
         plt.close(fig)
     return fig
 
@@ -130,10 +162,14 @@ def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
     "`image`, `text`, `label` and `caption` arrays from an `eval_embeddings.npz`."
     p = Path(path)
     if not p.exists(): raise RunDirError(f"embeddings file {p} does not exist")
-    with np.load(p, allow_pickle=False) as z:
-        missing = [k for k in ("image", "text") if k not in z.files]
-        if missing: raise MmlitError(f"{p} lacks the array(s) {missing} (has {z.files})")
-        out = {k: z[k] for k in z.files}
+    import zipfile
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            missing = [k for k in ("image", "text") if k not in z.files]
+            if missing: raise MmlitError(f"{p} lacks the array(s) {missing} (has {z.files})")
+            out = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise RunFileError(f"{p}: not a readable .npz of embeddings ({type(e).__name__}: {' '.join(str(e).split())})") from None
     n = len(out["image"])
     if out["text"].shape != out["image"].shape:
         raise MmlitError(f"{p}: image {out['image'].shape} and text {out['text'].shape} embeddings differ in shape")
@@ -429,7 +465,7 @@ def read_bad_records(report) -> list[dict]:
     if isinstance(report, (str, Path)):
         p = Path(report)
         if not p.exists(): raise RunDirError(f"bad-record report {p} does not exist")
-        report = json.loads(p.read_text())
+        report = read_run_file(p, (dict, list))
     if isinstance(report, Mapping):   # the trainer's {"bad": n, "train": [...], "val": [...]}
         return [{**b, "loader": name} for name, rows in report.items() if isinstance(rows, list) for b in read_bad_records(rows)]
     out = [b.to_dict() if hasattr(b, "to_dict") else dict(b) for b in report]
@@ -573,10 +609,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: in
     run_dir = Path(run_dir)
     f = require_files(run_dir, REPORT_FILES, "mmlit report")
     m = metrics_frame(f["metrics.csv"])
-    summary = json.loads(f["summary.json"].read_text())
-    profile = json.loads(f["loader_profile.json"].read_text())
+    summary, profile = read_run_file(f["summary.json"]), read_run_file(f["loader_profile.json"])
     bads = read_bad_records(f["loader_report.json"])
-    config = yaml.safe_load(f["config.yaml"].read_text())
+    config = redact(read_run_file(f["config.yaml"]))
     pngs = save_run_plots(run_dir, seed=seed)     # the PNGs land in the run directory too
     wide = lambda p: Image.open(p).size[0] > 2 * Image.open(p).size[1]        # several panels: the full row
     figs = "".join(f'<figure class="plot{" wide" if wide(p) else ""}"><img alt="{n}" src="{png_data_uri(p)}">'
@@ -611,9 +646,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: in
 <pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>
 </main></body></html>
 """
-    out = Path(out) if out is not None else run_dir / "report.html"
-    out.write_text(page, encoding="utf-8")
-    return out
+    return replace_file(Path(out) if out is not None else run_dir / "report.html", page)
 
 # %% ../nbs/07_viz.ipynb #dab7a852
 def batch_digest(batch: Mapping) -> str:
@@ -644,6 +677,5 @@ def write_batch_views(batch: Mapping, out_dir: str | Path, tokenizer=None, *, no
             plot_tokens(batch, r, tokenizer, save=written[name])
     shapes = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in batch.items() if isinstance(v, torch.Tensor)}
     meta = {**(info or {}), "batch_digest": batch_digest(batch), "tensors": shapes}
-    written["batch"] = out / "batch.json"
-    written["batch"].write_text(json.dumps(meta, indent=1))
+    written["batch"] = replace_file(out / "batch.json", json.dumps(meta, indent=1))
     return written

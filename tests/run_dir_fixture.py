@@ -25,6 +25,7 @@ from mmlit.demo import build_demo_parquet
 from mmlit.loader import build_data_module, load_tokenizer, profile_loader
 from mmlit.viz import batch_digest
 from mmlit.multimodal import build_preprocessor
+from mmlit.recipe import record_data
 from mmlit.text import train_tokenizer
 
 DIMS = (8, 16, 32)          # Matryoshka dimensions; the top one is the embedding size
@@ -157,6 +158,7 @@ def make_run_dir(root: str | Path, steps: int = 30, n: int = 96, n_val: int = 32
               "schedule": {"name": "warmup_cosine", "warmup_steps": warmup, "total_steps": steps},
               "eval": {"every": eval_every}, "checkpoint": {"dir": "checkpoints"}, "logging": {"metrics": "metrics.csv"}}
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    record_data(root, data_cfg, loader)                              # data.json: absolute paths and the data's fingerprint
     (root / "checkpoints").mkdir(exist_ok=True)
     last_train = next(r for r in reversed(rows) if "train/loss" in r)
     summary = {k: float(v) for k, v in val.items()} | {"train/loss": last_train["train/loss"], "steps": steps}

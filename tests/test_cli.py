@@ -220,3 +220,21 @@ def test_damaged_parquet_pages_are_reported_row_by_row(tmp_path):
     assert (rep["rows"], rep["good"]) == (600, 600 - 256)
     assert [x["index"] for x in rep["bad"]] == list(range(256, 512))
     assert all(x["reason"].startswith("row group 1 is unreadable") for x in rep["bad"])
+
+
+def test_train_checks_uri_data_through_the_storage_layer(tmp_path):
+    "`mmlit train` on memory:// data: a URI that matches nothing is an error naming the key, and nothing is written."
+    import fsspec, uuid, yaml
+    root = f"memory://train-uris-{uuid.uuid4().hex[:8]}"
+    fsspec.filesystem("memory").pipe(f"{root[len('memory://'):]}/train.parquet",
+                                     build_demo_parquet(tmp_path / "d.parquet", n=8)[0].read_bytes())
+    cfg = {"run_dir": str(tmp_path / "run"), "data": {"data": f"{root}/train.parquet", "val_data": f"{root}/val-*.parquet",
+                                                       "tokenizer": {"train": {"vocab_size": 64}}}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    rc, _, err = run("train", tmp_path / "run.yaml")
+    assert rc == 2 and f"data.val_data: no files match {root}/val-*.parquet" in err and "Traceback" not in err, err
+    cfg["data"]["val_data"] = f"{root}/val.parquet"
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    rc, _, err = run("train", tmp_path / "run.yaml")
+    assert rc == 2 and f"data.val_data: {root}/val.parquet does not exist" in err, err
+    assert not (tmp_path / "run").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -160,3 +161,106 @@ def test_show_batch_equals_what_the_real_trainer_trained_on(tmp_path):
         assert batch_digest({k: batch[k] for k in trained}) == batch_digest(trained), f"step {step} differs"
     assert info["epoch"] == 1 and batch_digest(seen[0]) != batch_digest(seen[5])
     assert main(["report", str(run_dir)]) == 0       # and the report reads the trainer's own run directory
+
+
+def _copy_run(run_dir: Path, dest: Path) -> Path:
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("batches", "*.png", "report.html"))
+    return dest
+
+
+def test_report_replaces_files_never_writes_through_links(run_dir, tmp_path, capsys):
+    run = _copy_run(run_dir, tmp_path / "run")
+    outside = tmp_path / "outside"; outside.mkdir()
+    (outside / "page.html").write_text("someone else's page")
+    (outside / "plot.png").write_bytes(b"someone else's picture")
+    (run / "report.html").symlink_to(outside / "page.html")           # a link standing where the page goes
+    (run / "training_curves.png").symlink_to(outside / "plot.png")
+    assert main(["report", str(run)]) == 0, capsys.readouterr().err
+    assert (outside / "page.html").read_text() == "someone else's page"
+    assert (outside / "plot.png").read_bytes() == b"someone else's picture"
+    for name in ("report.html", "training_curves.png"):
+        assert (run / name).is_file() and not (run / name).is_symlink(), name
+    assert (run / "report.html").read_text().rstrip().endswith("</html>")
+    # a hard link shares the file itself: the page is replaced by a new file, not rewritten in place
+    os.link(run / "report.html", outside / "hard.html")
+    before = (outside / "hard.html").read_bytes()
+    assert main(["report", str(run)]) == 0
+    assert (outside / "hard.html").read_bytes() == before and not os.path.samefile(run / "report.html", outside / "hard.html")
+    assert not list(run.glob(".*.tmp")), "a temporary file was left behind"
+    # a folder where the page goes: an error naming it, nothing else touched
+    (run / "report.html").unlink(); (run / "report.html").mkdir()
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {run / 'report.html'}" in err and "Traceback" not in err
+
+
+def test_report_and_show_batch_name_a_malformed_file(run_dir, tmp_path, capsys):
+    run = _copy_run(run_dir, tmp_path / "run")
+    good = {n: (run / n).read_text() for n in ("config.yaml", "summary.json", "data.json")}
+    cases = [("config.yaml", "data: {data: [unclosed\n", "not valid YAML"), ("config.yaml", "- a list\n", "expected a mapping"),
+             ("summary.json", '{"steps": 30, "val/loss"', "not valid JSON"), ("summary.json", '{"steps": "thirty"}', "'steps' must be"),
+             ("data.json", "{", "not valid JSON"), ("data.json", '{"data": "x"}', "expected 'data'")]
+    for name, text, reason in cases:
+        (run / name).write_text(text)
+        commands = [["show-batch", str(run), "--step", "1"]] + ([["report", str(run)]] if name != "data.json" else [])
+        for argv in commands:
+            if argv[0] == "report" and reason == "'steps' must be": continue   # the report shows the summary as it is
+            assert main(argv) == 2, (argv, name)
+            err = capsys.readouterr().err
+            assert f"{run / name}: " in err and reason in err and "Traceback" not in err, (argv, name, err)
+        (run / name).write_text(good[name])
+    assert main(["show-batch", str(run), "--step", "1", "--out", str(tmp_path / "ok")]) == 0
+
+
+def test_show_batch_finds_the_data_from_any_working_directory(tmp_path, monkeypatch, capsys):
+    "A run trained on relative paths: show-batch reads the data data.json names, from another directory too."
+    import torch
+    from run_dir_fixture import damaged_demo
+    from mmlit.cli import rebuild_step_batch
+    from mmlit.recipe import build_run, finish_run
+    from mmlit.viz import batch_digest
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(); elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    damaged_demo(Path("data/demo.parquet"), 64)
+    cfg = {"run_dir": "runs/r", "seed": 1,
+           "data": {"data": "data/demo.parquet", "kind": "parquet", "val_split": 16, "preprocessor": "clip", "max_length": 32,
+                    "preprocessor_options": {"size": 32, "uint8": True},
+                    "tokenizer": {"train": {"vocab_size": 320}, "save_dir": "runs/r/tokenizer"}, "loader": {"batch_size": 16}},
+           "model": {"kind": "dual_encoder", "preset": "tiny"}, "schedule": {"max_steps": 3}, "log": {"progress": False}}
+    run = build_run(cfg)
+    seen, forward = [], run.trainer.forward_model
+    def recording(**batch):
+        seen.append({k: v.detach().clone() for k, v in batch.items() if torch.is_tensor(v)})
+        return forward(**batch)
+    run.trainer.forward_model = recording
+    finish_run(run, run.fit())
+    run_dir = (work / "runs/r").resolve()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["data"] == "data/demo.parquet"   # as the user wrote it
+    assert json.loads((run_dir / "data.json").read_text())["data"]["data"] == str(work.resolve() / "data/demo.parquet")
+    monkeypatch.chdir(elsewhere)
+    for step in (1, 3):
+        batch, _, info = rebuild_step_batch(run_dir, step)
+        assert info["data_checked"] and batch_digest({k: batch[k] for k in seen[step - 1]}) == batch_digest(seen[step - 1]), step
+    assert main(["show-batch", str(run_dir), "--step", "2"]) == 0
+    assert (run_dir / "batches/step_2/batch.json").is_file() and not Path("runs").exists()
+    # without data.json the relative paths in config.yaml are read from here: an error naming what is missing, and why
+    (run_dir / "data.json").rename(run_dir / "data.json.bak")
+    assert main(["show-batch", str(run_dir), "--step", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "runs/r/tokenizer/tokenizer.json is missing" in err and "Traceback" not in err, err
+    assert f"relative paths are read from the working directory {elsewhere}" in err
+    shutil.copytree(run_dir / "tokenizer", elsewhere / "runs/r/tokenizer")
+    assert main(["show-batch", str(run_dir), "--step", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"the data {run_dir / 'config.yaml'} names is not there: no files match data/demo.parquet" in err, err
+    shutil.rmtree(elsewhere / "runs")
+    (run_dir / "data.json.bak").rename(run_dir / "data.json")
+    # the data changed where data.json says it is: refused, naming what the run trained on and what is there now
+    damaged_demo(work / "data/demo.parquet", 80)
+    assert main(["show-batch", str(run_dir), "--step", "2"]) == 2
+    err = capsys.readouterr().err
+    stored = json.loads((run_dir / "data.json").read_text())
+    assert "the data differs from what the run trained on" in err and str(run_dir / "data.json") in err, err
+    assert stored["fingerprint"] in err and f"{stored['files'][0][1]:,} bytes" in err
+    assert f"{(work / 'data/demo.parquet').stat().st_size:,} bytes" in err
