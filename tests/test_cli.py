@@ -231,10 +231,10 @@ def test_train_checks_uri_data_through_the_storage_layer(tmp_path):
     cfg = {"run_dir": str(tmp_path / "run"), "data": {"data": f"{root}/train.parquet", "val_data": f"{root}/val-*.parquet",
                                                        "tokenizer": {"train": {"vocab_size": 64}}}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    rc, _, err = run("train", tmp_path / "run.yaml")
+    rc, _, err = run_cli("train", tmp_path / "run.yaml")
     assert rc == 2 and f"data.val_data: no files match {root}/val-*.parquet" in err and "Traceback" not in err, err
     cfg["data"]["val_data"] = f"{root}/val.parquet"
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    rc, _, err = run("train", tmp_path / "run.yaml")
+    rc, _, err = run_cli("train", tmp_path / "run.yaml")
     assert rc == 2 and f"data.val_data: {root}/val.parquet does not exist" in err, err
     assert not (tmp_path / "run").exists()

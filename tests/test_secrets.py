@@ -1,7 +1,7 @@
 """Credentials in a run config reach the data and nothing else: `mmlit train` on `memory://` (and S3) data with
 secrets in `storage_options` and wandb offline, then every file of the run directory (wandb's included), the
 HTML report and every captured log line are searched for them; a rotated secret resumes the same run."""
-import contextlib, io, json, logging, subprocess, sys, uuid
+import json, logging, subprocess, sys, uuid
 from pathlib import Path
 
 import fsspec
@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mmlit.cli import main  # noqa: E402
+from cli_helpers import run_cli  # noqa: E402
 from mmlit.core import SECRET_MASK, redact  # noqa: E402
 from mmlit.demo import build_demo_parquet  # noqa: E402
 from mmlit.recipe import split_by_group  # noqa: E402
@@ -55,13 +55,6 @@ def run_config(run_dir: Path, data_root: str, opts: dict, **extra) -> dict:
             "zero_shot": "digits", "label_column": "label", "log": {"progress": False}, **extra}
 
 
-def train(cfg_file: Path, *argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(["train", str(cfg_file), *argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
 def files_holding(root: Path, values: list[str]) -> dict[str, list[str]]:
     "Every file under `root` (bytes, recursively) that holds one of `values`, with the values it holds."
     hits = {}
@@ -80,7 +73,7 @@ def test_a_secret_in_the_config_is_written_nowhere(tmp_path, memory_pairs, caplo
     values = secret_values(opts)
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump(run_config(run_dir, memory_pairs, opts, log={"progress": False, "wandb": True})))
-    rc, out, err = train(cfg_file)
+    rc, out, err = run_cli("train", cfg_file)
     assert rc == 0, err[-3000:]
     written = {p.relative_to(run_dir).parts[0] for p in run_dir.rglob("*")}
     assert {"config.yaml", "report.html", "data.json", "summary.json", "checkpoints", "wandb", "tokenizer"} <= written, written
@@ -99,11 +92,11 @@ def test_a_secret_in_the_config_is_written_nowhere(tmp_path, memory_pairs, caplo
 def test_a_rotated_secret_resumes_the_run(tmp_path, memory_pairs):
     run_dir, cfg_file = tmp_path / "run", tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump(run_config(run_dir, memory_pairs, secrets("old"))))
-    rc, _, err = train(cfg_file, "--steps", "2")
+    rc, _, err = run_cli("train", cfg_file, "--steps", "2")
     assert rc == 130, err[-3000:]                                  # stopped early: the status of an interrupted run
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
     cfg_file.write_text(yaml.safe_dump(run_config(run_dir, memory_pairs, secrets("rotated"))))
-    rc, _, err = train(cfg_file)
+    rc, _, err = run_cli("train", cfg_file)
     assert rc == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["resumed_from"].endswith("step-00000002"), summary
@@ -112,11 +105,11 @@ def test_a_rotated_secret_resumes_the_run(tmp_path, memory_pairs):
     cfg = run_config(run_dir, memory_pairs, {})
     del cfg["data"]["data_options"]
     cfg_file.write_text(yaml.safe_dump(cfg))
-    rc, _, err = train(cfg_file)
+    rc, _, err = run_cli("train", cfg_file)
     assert rc == 0, err[-3000:]
     # anything else changed is another run, refused without touching it
     cfg_file.write_text(yaml.safe_dump(run_config(run_dir, memory_pairs, secrets("rotated"), seed=1)))
-    rc, _, err = train(cfg_file)
+    rc, _, err = run_cli("train", cfg_file)
     changed = err.split("differs in: ")[1].split(";")[0].rstrip(")").split(", ")
     assert rc == 2 and changed == ["data.loader.seed", "seed"], err
 

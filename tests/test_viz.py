@@ -132,12 +132,24 @@ def test_bad_input_names_what_is_missing(run_dir, tmp_path, capsys):
         read_embeddings(tmp_path / "e.npz")
 
 
+def train_recording_batches(cfg: dict) -> list[dict]:
+    "Build, train and finish a run as `mmlit train` does (mmlit.recipe); the tensors of every batch its model was called with."
+    import torch
+    from mmlit.recipe import build_run, finish_run
+    run = build_run(cfg)
+    seen, forward = [], run.trainer.forward_model
+    def recording(**batch):
+        seen.append({k: v.detach().clone() for k, v in batch.items() if torch.is_tensor(v)})
+        return forward(**batch)
+    run.trainer.forward_model = recording
+    finish_run(run, run.fit())
+    return seen
+
+
 def test_show_batch_equals_what_the_real_trainer_trained_on(tmp_path):
     "mmlit.recipe builds and trains a run; every batch its model is called with is recorded; show-batch rebuilds them."
-    import torch
     from run_dir_fixture import damaged_demo
     from mmlit.cli import rebuild_step_batch
-    from mmlit.recipe import build_run, finish_run
     from mmlit.viz import batch_digest
     data = damaged_demo(tmp_path / "data" / "demo.parquet", 96)
     run_dir = tmp_path / "run"
@@ -147,13 +159,7 @@ def test_show_batch_equals_what_the_real_trainer_trained_on(tmp_path):
                     "tokenizer": {"train": {"vocab_size": 320}, "save_dir": str(run_dir / "tokenizer")},
                     "loader": {"batch_size": 16, "seed": 3}},
            "model": {"kind": "dual_encoder", "preset": "tiny"}, "schedule": {"max_steps": 7}, "log": {"progress": False}}
-    run = build_run(cfg)
-    seen, forward = [], run.trainer.forward_model
-    def recording(**batch):
-        seen.append({k: v.detach().clone() for k, v in batch.items() if torch.is_tensor(v)})
-        return forward(**batch)
-    run.trainer.forward_model = recording
-    finish_run(run, run.fit())
+    seen = train_recording_batches(cfg)
     assert len(seen) == 7 and json.loads((run_dir / "summary.json").read_text())["steps"] == 7
     for step in (1, 5, 6, 7):                        # 80 training rows in batches of 16: steps 6 and 7 are epoch 1
         batch, _, info = rebuild_step_batch(run_dir, step)
@@ -214,10 +220,8 @@ def test_report_and_show_batch_name_a_malformed_file(run_dir, tmp_path, capsys):
 
 def test_show_batch_finds_the_data_from_any_working_directory(tmp_path, monkeypatch, capsys):
     "A run trained on relative paths: show-batch reads the data data.json names, from another directory too."
-    import torch
     from run_dir_fixture import damaged_demo
     from mmlit.cli import rebuild_step_batch
-    from mmlit.recipe import build_run, finish_run
     from mmlit.viz import batch_digest
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir(); elsewhere.mkdir()
@@ -228,13 +232,7 @@ def test_show_batch_finds_the_data_from_any_working_directory(tmp_path, monkeypa
                     "preprocessor_options": {"size": 32, "uint8": True},
                     "tokenizer": {"train": {"vocab_size": 320}, "save_dir": "runs/r/tokenizer"}, "loader": {"batch_size": 16}},
            "model": {"kind": "dual_encoder", "preset": "tiny"}, "schedule": {"max_steps": 3}, "log": {"progress": False}}
-    run = build_run(cfg)
-    seen, forward = [], run.trainer.forward_model
-    def recording(**batch):
-        seen.append({k: v.detach().clone() for k, v in batch.items() if torch.is_tensor(v)})
-        return forward(**batch)
-    run.trainer.forward_model = recording
-    finish_run(run, run.fit())
+    seen = train_recording_batches(cfg)
     run_dir = (work / "runs/r").resolve()
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["data"] == "data/demo.parquet"   # as the user wrote it
     assert json.loads((run_dir / "data.json").read_text())["data"]["data"] == str(work.resolve() / "data/demo.parquet")
