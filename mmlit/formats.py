@@ -18,6 +18,7 @@ import os
 import re
 import tarfile
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,8 +84,8 @@ def split_member(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 def header_hash(block: bytes) -> int:
-    "A 64-bit hash of one 512-byte tar header block."
-    return int.from_bytes(hashlib.blake2b(block, digest_size=8).digest(), "little")
+    "The CRC-32 of one 512-byte tar header block: a different member (name, size, time) there gives another."
+    return zlib.crc32(block)
 
 @dataclass
 class TarIndex:
@@ -94,7 +95,7 @@ class TarIndex:
     ext: list[str]           # extension of each member
     offset: np.ndarray       # [n_members] byte offset of each member's data
     size: np.ndarray         # [n_members] its size in bytes
-    head: np.ndarray         # [n_members] `header_hash` of the tar header just before each member's data
+    head: np.ndarray         # [n_members] `header_hash` of the tar header just before each member's data (uint32)
     damage: str = ""         # why the shard ends early; "" when it is whole
     damaged: int = -1        # the sample that stands for the damage (-1: none)
     bad: dict[int, str] = field(default_factory=dict)   # samples whose members cannot be told apart → why
@@ -109,20 +110,21 @@ class TarIndex:
 
     def member(self, j: int, ext: str) -> int:
         "The number of sample `j`'s member with extension `ext`."
-        return next(m for m in range(int(self.first[j]), int(self.first[j + 1])) if self.ext[m] == ext)
+        return self.ext.index(ext, int(self.first[j]), int(self.first[j + 1]))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        "The index as named arrays (what `load_tar_index` caches)."
+        "The index as a few named arrays (what `load_tar_index` caches; each array of an `.npz` costs a header parse)."
+        about = dict(damage=self.damage, damaged=self.damaged, bad=self.bad)
         return dict(keys=np.asarray(self.keys, dtype=str), first=self.first, ext=np.asarray(self.ext, dtype=str),
-                    offset=self.offset, size=self.size, head=self.head, damage=np.asarray(self.damage),
-                    damaged=np.asarray(self.damaged), bad_samples=np.asarray(list(self.bad), np.int64),
-                    bad_reasons=np.asarray(list(self.bad.values()), dtype=str))
+                    members=np.stack([self.offset, self.size, self.head.astype(np.int64)], axis=1),
+                    about=np.asarray(json.dumps(about)))
 
     @classmethod
     def from_arrays(cls, z) -> TarIndex:
         "The index from the arrays of `arrays` (an open `.npz`)."
-        return cls(z["keys"].tolist(), z["first"], z["ext"].tolist(), z["offset"], z["size"], z["head"], str(z["damage"]),
-                   int(z["damaged"]), dict(zip(z["bad_samples"].tolist(), z["bad_reasons"].tolist())))
+        m, about = z["members"], json.loads(str(z["about"]))
+        return cls(z["keys"].tolist(), z["first"], z["ext"].tolist(), m[:, 0], m[:, 1], m[:, 2].astype(np.uint32),
+                   about["damage"], about["damaged"], {int(j): why for j, why in about["bad"].items()})
 
 # %% ../nbs/01f_formats.ipynb #5e1f0a0b
 def _end_of_archive(f, at: int, file_size: int) -> str:
@@ -190,7 +192,7 @@ def index_tar(path: str | Path) -> TarIndex:
         keys.append(""); first.append(len(exts))
     first.append(len(exts))
     return TarIndex(keys, np.asarray(first, np.int64), exts, np.asarray(offs, np.int64), np.asarray(sizes, np.int64),
-                    np.asarray(heads, np.uint64), damage, damaged, bad)
+                    np.asarray(heads, np.uint32), damage, damaged, bad)
 
 # %% ../nbs/01f_formats.ipynb #5e1f0a0c
 def shard_stamp(path: Path | Location) -> str:

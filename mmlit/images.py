@@ -18,7 +18,7 @@ import simplejpeg
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .core import BadRecordError
-from .storage import Location, NotRegularFile, as_location, open_local, path_in_root, special_file
+from .storage import Location, NotRegularFile, as_location, open_local, path_in_root
 
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'ORIENTATIONS', 'check_image_size', 'image_orientation',
@@ -138,15 +138,16 @@ _TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")   # TIFF and BigTIFF, eit
 _TIFF_UNREADABLE = "a TIFF whose sample format Pillow cannot read (such as 64-bit or 16-bit float, float RGB), or a corrupt one"
 
 def _file_bytes(path: Path | Location, where: dict) -> bytes:
-    "The bytes of an image file or object; a missing file, a FIFO or a device is a `BadRecordError`."
+    "The bytes of an image file or object; a missing or unreadable file, a FIFO or a device is a `BadRecordError`."
     if isinstance(path, Location):
         if not path.is_file(): raise BadRecordError(f"image file not found: {path}", **where)
         return path.read_bytes()
-    if (kind := special_file(path)) is not None: raise BadRecordError(f"image path {path} is {kind}, not a regular file", **where)
-    if not path.is_file(): raise BadRecordError(f"image file not found: {path}", **where)
     try:
         with open_local(path) as f: return f.read()
     except NotRegularFile as e: raise BadRecordError(str(e), **where) from None
+    except FileNotFoundError: raise BadRecordError(f"image file not found: {path}", **where) from None
+    except (OSError, ValueError) as e:        # no permission, a name too long, a NUL byte in the name
+        raise BadRecordError(f"cannot read image file {path} ({type(e).__name__}: {e})", **where) from None
 
 def open_image(src: bytes | str | Path, *, decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                where: dict | None = None) -> Image.Image:

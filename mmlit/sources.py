@@ -228,16 +228,23 @@ def read_record(path: Path, span: Sequence[int], max_line_bytes: int = MAX_LINE_
 # %% ../nbs/01c_sources.ipynb #1abc109d
 MAX_JSON_DEPTH = 950  # a fresh thread's stack parses ~990 levels under Python's default recursion limit
 _SHALLOW_JSON = 64    # lines with no more brackets than this are parsed directly
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_STEP = np.zeros(256, np.int8)                        # +1 for [ and {, -1 for ] and }, by byte value
+_STEP[[ord("["), ord("{")]], _STEP[[ord("]"), ord("}")]] = 1, -1
+_QUOTE = ord('"')
+_SPECIAL = (_STEP != 0) | (np.arange(256) == _QUOTE)   # the bytes that decide the depth
 
 def json_depth(raw: bytes) -> int:
     "How deep arrays and objects nest in the JSON text `raw` (brackets inside strings do not count)."
-    b = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
-    level = deepest = 0
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")    # escaped backslashes, then escaped quotes: they end no string
+    b = np.frombuffer(text, dtype=np.uint8)
+    level = deepest = inside = 0
     for lo in range(0, len(b), 1 << 20):                 # 1 MB at a time: a hostile line costs no more memory
         c = b[lo:lo + (1 << 20)]
-        levels = level + np.cumsum((c == ord("[")).astype(np.int32) + (c == ord("{")) - (c == ord("]")) - (c == ord("}")))
-        deepest, level = max(deepest, int(levels.max())), int(levels[-1])
+        s = c[_SPECIAL[c]]                               # its quotes and brackets, in order
+        if not len(s): continue
+        parity = (np.cumsum(s == _QUOTE, dtype=np.int32) + inside) & 1   # 1 inside a string
+        levels = level + np.cumsum(np.where(parity == 0, _STEP[s], 0), dtype=np.int64)
+        deepest, level, inside = max(deepest, int(levels.max())), int(levels[-1]), int(parity[-1])
     return deepest
 
 def _loads_on_fresh_stack(raw: bytes):

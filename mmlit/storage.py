@@ -138,8 +138,9 @@ def check_regular_file(path) -> Path:
 
 def open_local(path, buffering: int = -1):
     "Open a local file to read bytes; a FIFO, device, socket or folder is refused (`NotRegularFile`) without blocking."
-    p = check_regular_file(path)
-    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    p = str(path)
+    if p.startswith("file://"): p = p[len("file://"):]
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))   # a FIFO opens at once
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode): _refuse(p, _kind(mode))   # swapped after the first look
