@@ -273,10 +273,11 @@ def _parse_json_line(raw: bytes, where: dict) -> dict:
     return obj
 
 # %% ../nbs/01c_sources.ipynb #2d4028ec
-def _first_object(path: Path, spans: np.ndarray, numbers: np.ndarray, limit: int = 20) -> tuple[dict | None, int]:
+def _first_object(path: Path, spans: np.ndarray, numbers: np.ndarray, limit: int = 20,
+                  max_line_bytes: int = MAX_LINE_BYTES) -> tuple[dict | None, int]:
     "The first of the first `limit` records that parses as a JSON object, and its number (`None, -1` if none)."
     for span, n in zip(spans[:limit].tolist(), numbers[:limit].tolist()):
-        try: return _parse_json_line(read_record(path, span), {}), n
+        try: return _parse_json_line(read_record(path, span, max_line_bytes), {}), n
         except BadRecordError: continue
     return None, -1
 
@@ -312,8 +313,8 @@ class JsonlImageText(MMDataset):
         self.max_line_bytes = check_max_line_bytes(max_line_bytes)
         self._spans, self._lines, self.unit = json_records(self.path, self.max_line_bytes)
         self._offsets = self._spans[:, 0]
-        self.text_fields, self.image_fields = jsonl_fields(self.path, *_first_object(self.path, self._spans, self._lines),
-                                                           text_field, image_field)
+        first = _first_object(self.path, self._spans, self._lines, max_line_bytes=self.max_line_bytes)
+        self.text_fields, self.image_fields = jsonl_fields(self.path, *first, text_field, image_field)
 
     def __len__(self) -> int: return len(self._offsets)
     @property
