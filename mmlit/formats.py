@@ -33,7 +33,7 @@ from .storage import Location, Store, as_location, check_regular_file, open_file
 from .dataset import MMDataset, make_record
 from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, open_image
 from .sources import (_WS, AUTO, CAPTION_NAMES, IMAGE_NAMES, MAX_LINE_BYTES, UTF8_BOM, JsonlImageText, ParquetImageText,
-                           TextCorpus, _check_path, _line_offsets, _parse_json_line, _pick, _read_line, _skip_bom,
+                           TextCorpus, _check_path, _line_offsets, _parse_json_line, _pick, _read_line, _skip_bom, _too_long,
                            check_max_line_bytes, expand_paths, group_videos, json_records, pick_column, read_record, video_refs)
 
 # %% auto #0
@@ -538,9 +538,14 @@ def _metadata_rows(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> list[tup
             except csv.Error as e: raise ConfigError(f"{path} line {at[0]}: not readable CSV ({e})") from None
     out = []
     offsets, lines = _line_offsets(path, max_line_bytes)
-    for off, line in zip(offsets.tolist(), lines.tolist()):
-        try: out.append((line, _parse_json_line(_read_line(path, off, max_line_bytes), {})))   # depth-checked
-        except BadRecordError as e: out.append((line, e.reason))
+    with open_local(path) as f:                              # one open for all its lines
+        for off, line in zip(offsets.tolist(), lines.tolist()):
+            f.seek(off)
+            raw = f.readline(max_line_bytes + 1)
+            try:
+                if len(raw) > max_line_bytes: raise _too_long("line", max_line_bytes, {})
+                out.append((line, _parse_json_line(raw, {})))   # depth-checked
+            except BadRecordError as e: out.append((line, e.reason))
     return out
 
 class ImageFolder(MMDataset):

@@ -574,6 +574,6 @@ def path_in_root(root, ref, *, allow_absolute_paths: bool = False, where: dict |
     store = getattr(root, "store", None)
     if inside: return Location(target, store) if remote else local_path(root) / os.path.relpath(target, base)
     if absolute and allow_absolute_paths: return as_location(target, store)
-    if absolute: why = f"{ref!r} is an absolute path or URI, read only with allow_absolute_paths=True"
+    if absolute: why = f"{ref!r} is an absolute path or URI outside {root}, read only with allow_absolute_paths=True"
     else: why = f"{ref!r} resolves to {target}, outside {root}"
     raise BadRecordError(f"path leaves image_root: {why}", **(where or {}))
