@@ -18,8 +18,9 @@ import os
 import re
 import tarfile
 import zipfile
+import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -28,18 +29,19 @@ import numpy as np
 from fastcore.basics import patch
 
 from .core import BadRecordError, ConfigError, Registry, np_rng
-from .storage import Location, Store, as_location
+from .storage import Location, Store, as_location, check_regular_file, open_file, open_local, path_in_root
 from .dataset import MMDataset, make_record
 from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, open_image
-from .sources import (_WS, AUTO, CAPTION_NAMES, IMAGE_NAMES, UTF8_BOM, JsonlImageText, ParquetImageText, TextCorpus,
-                           _check_path, _line_offsets, _parse_json_line, _pick, _read_line, expand_paths, group_videos,
-                           json_records, pick_column, read_record, video_refs)
+from .sources import (_WS, AUTO, CAPTION_NAMES, IMAGE_NAMES, MAX_LINE_BYTES, UTF8_BOM, JsonlImageText, ParquetImageText,
+                           TextCorpus, _check_path, _line_offsets, _parse_json_line, _pick, _read_line, _skip_bom, _too_long,
+                           check_max_line_bytes, expand_paths, group_videos, json_records, pick_column, read_record, video_refs)
 
 # %% auto #0
-__all__ = ['logger', 'INDEX_VERSION', 'IMAGE_EXTS', 'TEXT_EXTS', 'IMAGE_PLACEHOLDER', 'VIDEO_PLACEHOLDER', 'ROLES', 'SPLIT_NAMES',
-           'sources', 'expand_braces', 'expand_tar_shards', 'index_cache_dir', 'split_member', 'TarIndex', 'index_tar',
-           'load_tar_index', 'WebDatasetShards', 'conversation_messages', 'open_ref', 'Conversations', 'CocoCaptions',
-           'ImageFolder', 'guess_kind', 'open_dataset']
+__all__ = ['logger', 'TAR_SUFFIXES', 'INDEX_VERSION', 'IMAGE_EXTS', 'TEXT_EXTS', 'IMAGE_PLACEHOLDER', 'VIDEO_PLACEHOLDER',
+           'ROLES', 'SPLIT_NAMES', 'sources', 'expand_braces', 'expand_tar_shards', 'index_cache_dir', 'split_member',
+           'header_hash', 'TarIndex', 'compression', 'index_tar', 'shard_stamp', 'load_tar_index', 'WebDatasetShards',
+           'conversation_messages', 'open_ref', 'Conversations', 'CocoCaptions', 'ImageFolder', 'guess_kind',
+           'open_dataset']
 
 # %% ../nbs/01f_formats.ipynb #5e1f0a07
 logger = logging.getLogger("mmlit.formats")
@@ -56,13 +58,19 @@ def expand_braces(pattern: str) -> list[str]:
     else: items = body.split(",")
     return [name for item in items for name in expand_braces(head + item + tail)]
 
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
 def expand_tar_shards(paths, store: Store | None = None) -> list[Path | Location]:
-    "Tar shards from a path or URI, a directory or prefix (its `.tar` files), a glob, a brace pattern, or a list of those."
+    "Tar shards from a path or URI, a folder or prefix (its `.tar`, `.tar.gz` and `.tgz` files), a glob, a brace pattern, or a list of those."
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    return expand_paths([p for item in items for p in expand_braces(str(item))], (".tar",), store)
+    named = [p for item in items for p in expand_braces(str(item))]
+    found = expand_paths(named, (".tar", ".gz", ".tgz"), store)       # a folder's other .gz files are not shards
+    shards = [f for f in found if str(f).endswith(TAR_SUFFIXES) or not str(f).endswith(".gz") or str(f) in named]
+    if not shards: raise FileNotFoundError(f"no tar shards in {', '.join(named)}")
+    return shards
 
 # %% ../nbs/01f_formats.ipynb #5e1f0a0a
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 def index_cache_dir() -> Path:
     "Where tar member indexes are cached: `$MMLIT_CACHE/tar_index`, else `$XDG_CACHE_HOME/mmlit/tar_index`, else `~/.cache/...`."
@@ -75,6 +83,10 @@ def split_member(name: str) -> tuple[str, str]:
     stem, _, ext = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
+def header_hash(block: bytes) -> int:
+    "The CRC-32 of one 512-byte tar header block: a different member (name, size, time) there gives another."
+    return zlib.crc32(block)
+
 @dataclass
 class TarIndex:
     "Where the members of each sample of one tar shard lie, and where the shard is damaged (if it is)."
@@ -83,8 +95,11 @@ class TarIndex:
     ext: list[str]           # extension of each member
     offset: np.ndarray       # [n_members] byte offset of each member's data
     size: np.ndarray         # [n_members] its size in bytes
+    head: np.ndarray         # [n_members] `header_hash` of the tar header just before each member's data (uint32)
     damage: str = ""         # why the shard ends early; "" when it is whole
     damaged: int = -1        # the sample that stands for the damage (-1: none)
+    bad: dict[int, str] = field(default_factory=dict)   # samples whose members cannot be told apart → why
+    cache_file: str = ""     # where `load_tar_index` cached it ("" when it did not)
 
     def __len__(self) -> int: return len(self.keys)
 
@@ -93,15 +108,23 @@ class TarIndex:
         a, b = int(self.first[j]), int(self.first[j + 1])
         return {self.ext[m]: (int(self.offset[m]), int(self.size[m])) for m in range(a, b)}
 
+    def member(self, j: int, ext: str) -> int:
+        "The number of sample `j`'s member with extension `ext`."
+        return self.ext.index(ext, int(self.first[j]), int(self.first[j + 1]))
+
     def arrays(self) -> dict[str, np.ndarray]:
-        "The index as named arrays (what `load_tar_index` caches)."
+        "The index as a few named arrays (what `load_tar_index` caches; each array of an `.npz` costs a header parse)."
+        about = dict(damage=self.damage, damaged=self.damaged, bad=self.bad)
         return dict(keys=np.asarray(self.keys, dtype=str), first=self.first, ext=np.asarray(self.ext, dtype=str),
-                    offset=self.offset, size=self.size, damage=np.asarray(self.damage), damaged=np.asarray(self.damaged))
+                    members=np.stack([self.offset, self.size, self.head.astype(np.int64)], axis=1),
+                    about=np.asarray(json.dumps(about)))
 
     @classmethod
     def from_arrays(cls, z) -> TarIndex:
         "The index from the arrays of `arrays` (an open `.npz`)."
-        return cls(z["keys"].tolist(), z["first"], z["ext"].tolist(), z["offset"], z["size"], str(z["damage"]), int(z["damaged"]))
+        m, about = z["members"], json.loads(str(z["about"]))
+        return cls(z["keys"].tolist(), z["first"], z["ext"].tolist(), m[:, 0], m[:, 1], m[:, 2].astype(np.uint32),
+                   about["damage"], about["damaged"], {int(j): why for j, why in about["bad"].items()})
 
 # %% ../nbs/01f_formats.ipynb #5e1f0a0b
 def _end_of_archive(f, at: int, file_size: int) -> str:
@@ -113,13 +136,27 @@ def _end_of_archive(f, at: int, file_size: int) -> str:
     if len(block) < 512: return f"truncated shard: it ends at byte {file_size} inside the tar header at byte {at}"
     return f"damaged shard: no valid tar header at byte {at} (file size {file_size})"
 
+_COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"BZh", "bzip2"))
+
+def compression(head: bytes) -> str | None:
+    "The compression the first 512 bytes of a shard show (`'gzip'`, `'xz'`, `'zstd'`, `'bzip2'`); `None` for a plain tar."
+    if head[257:262] == b"ustar": return None          # a tar header, whatever its member's name starts with
+    return next((name for magic, name in _COMPRESSED if head.startswith(magic)), None)
+
+def _refuse_compressed(path, kind: str):
+    raise ConfigError(f"{path}: a {kind}-compressed tar shard; mmlit reads samples by byte range, which a compressed "
+                      f"stream does not allow. Decompress the shards once (for gzip: gunzip -k *.tar.gz) and give the .tar files")
+
 def index_tar(path: str | Path) -> TarIndex:
-    "Walk a tar shard's headers once (member data is skipped by seeking): each sample's members, offsets and sizes."
+    "Walk a tar shard's headers once (member data is skipped by seeking): each sample's members, offsets, sizes and header hashes."
     path = as_location(path)
     remote = isinstance(path, Location)   # an object: headers read through a 4 MiB buffer (one ranged request each)
     file_size = path.store.size(path) if remote else path.stat().st_size
-    keys, first, exts, offs, sizes, damage, damaged = [], [], [], [], [], "", -1
-    with (path.open(1 << 22) if remote else open(path, "rb")) as f:
+    keys, first, exts, offs, sizes, heads, bad, damage, damaged = [], [], [], [], [], [], {}, "", -1
+    seen, names = {}, {}                  # key → the sample it first named; extension → member name, in this sample
+    with (path.open(1 << 22) if remote else open_local(path)) as f:
+        if (kind := compression(f.read(512))) is not None: _refuse_compressed(path, kind)
+        f.seek(0)
         try: tf = tarfile.open(fileobj=f, mode="r:")
         except tarfile.TarError as e: tf, damage = None, f"not a readable tar file ({type(e).__name__}: {e})"
         if tf is not None:
@@ -129,7 +166,17 @@ def index_tar(path: str | Path) -> TarIndex:
                         if not ti.isreg(): continue
                         key, ext = split_member(ti.name)
                         if "/" not in ti.name and key.startswith("__") and ext.endswith("__"): continue  # WebDataset meta
-                        if not keys or key != keys[-1]: keys.append(key); first.append(len(exts))
+                        if not keys or key != keys[-1]:
+                            if key in seen: bad[len(keys)] = (f"key {key!r} was used by sample {seen[key]} of this shard already; "
+                                                              "the members of one sample must be stored together")
+                            seen.setdefault(key, len(keys)); names = {}
+                            keys.append(key); first.append(len(exts))
+                        elif ext in names:
+                            bad.setdefault(len(keys) - 1, f"sample {key!r} has two {ext!r} members ({names[ext]} and {ti.name}); "
+                                                          "which one is meant is unknown")
+                        names[ext] = ti.name
+                        f.seek(ti.offset_data - 512)        # the member's own header block (tarfile seeks back on its own)
+                        heads.append(header_hash(f.read(512)))
                         exts.append(ext); offs.append(ti.offset_data); sizes.append(ti.size)
                         if ti.offset_data + ti.size > file_size:
                             damage = (f"truncated shard: member {ti.name} needs bytes up to {ti.offset_data + ti.size}, "
@@ -145,25 +192,32 @@ def index_tar(path: str | Path) -> TarIndex:
         keys.append(""); first.append(len(exts))
     first.append(len(exts))
     return TarIndex(keys, np.asarray(first, np.int64), exts, np.asarray(offs, np.int64), np.asarray(sizes, np.int64),
-                    damage, damaged)
+                    np.asarray(heads, np.uint32), damage, damaged, bad)
 
 # %% ../nbs/01f_formats.ipynb #5e1f0a0c
-def load_tar_index(path: str | Path, cache_dir: str | Path | None = None) -> TarIndex:
-    "The member index of shard `path`: from the cache while the shard's size and mtime match, else built and cached."
-    path = as_location(path)
-    if isinstance(path, Location):                   # an object: its size and version tag (ETag) instead of an mtime
+def shard_stamp(path: Path | Location) -> str:
+    "What identifies one version of a shard: an object's size and version tag (ETag); a file's size, mtime, inode and ctime."
+    if isinstance(path, Location):
         size, tag = path.store.version(path)
-        stamp = json.dumps(dict(version=INDEX_VERSION, path=str(path), size=size, tag=tag))
-    else:
-        path = path.resolve()
-        st = path.stat()
-        stamp = json.dumps(dict(version=INDEX_VERSION, path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns))
+        return json.dumps(dict(version=INDEX_VERSION, path=str(path), size=size, tag=tag))
+    st = path.stat()
+    return json.dumps(dict(version=INDEX_VERSION, path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns,
+                           inode=st.st_ino, ctime_ns=st.st_ctime_ns))
+
+def load_tar_index(path: str | Path, cache_dir: str | Path | None = None) -> TarIndex:
+    "The member index of shard `path`: from the cache while the shard's stamp (`shard_stamp`) matches, else built and cached."
+    path = as_location(path)
+    if not isinstance(path, Location): path = check_regular_file(path).resolve()
+    stamp = shard_stamp(path)
     cache = Path(cache_dir) if cache_dir is not None else index_cache_dir()
     cached = cache / f"{hashlib.sha1(str(path).encode()).hexdigest()[:24]}.npz"
     if cached.is_file():
         try:
             with np.load(cached, allow_pickle=False) as z:
-                if str(z["stamp"]) == stamp: return TarIndex.from_arrays(z)
+                if str(z["stamp"]) == stamp:
+                    index = TarIndex.from_arrays(z)
+                    index.cache_file = str(cached)
+                    return index
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             logger.warning("tar index cache %s is unreadable (%s: %s); indexing %s again", cached, type(e).__name__, e, path)
     index = index_tar(path)
@@ -172,6 +226,7 @@ def load_tar_index(path: str | Path, cache_dir: str | Path | None = None) -> Tar
         part = cached.with_name(f"{cached.stem}.{os.getpid()}.part")
         with open(part, "wb") as f: np.savez(f, stamp=np.asarray(stamp), **index.arrays())
         os.replace(part, cached)                     # atomic: a concurrent reader sees the old file or the new one
+        index.cache_file = str(cached)
     except OSError as e:
         logger.warning("cannot cache the tar index of %s in %s (%s); it is rebuilt next time", path, cache, e)
     return index
@@ -179,6 +234,7 @@ def load_tar_index(path: str | Path, cache_dir: str | Path | None = None) -> Tar
 # %% ../nbs/01f_formats.ipynb #5e1f0a11
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "text", "caption", "cap")
+_IMAGE_MEMBERS = IMAGE_EXTS + tuple(n for n in IMAGE_NAMES if n not in IMAGE_EXTS)   # what "auto" takes for an image
 
 class WebDatasetShards(MMDataset):
     "Image-text samples from WebDataset tar shards: random access through a cached member index, byte-range reads."
@@ -194,6 +250,8 @@ class WebDatasetShards(MMDataset):
         self._starts = np.cumsum([0] + [len(ix) for ix in self.indexes]).tolist()
         self._handles: OrderedDict = OrderedDict()
         self.image_keys, self.text_key, self.text_field = self._detect(image_key, text_key, text_field)
+        # "auto": the formats seen first, then any other image member (the format may change from sample to sample)
+        self._image_exts = self.image_keys + tuple(e for e in _IMAGE_MEMBERS if e not in self.image_keys) if image_key == AUTO else self.image_keys
 
     def __len__(self) -> int: return self._starts[-1]
 
@@ -210,7 +268,7 @@ class WebDatasetShards(MMDataset):
         f = self._handles.get(k)
         if f is None:
             while len(self._handles) >= self.max_open_files: self._handles.popitem(last=False)[1].close()
-            f = self._handles[k] = open(self.files[k], "rb", buffering=0)
+            f = self._handles[k] = open_local(self.files[k], buffering=0)
         else: self._handles.move_to_end(k)
         data = os.pread(f.fileno(), size, offset)
         if len(data) != size: raise BadRecordError(f"shard ends before byte {offset + size} (changed since it was indexed?)", **where)
@@ -222,9 +280,21 @@ class WebDatasetShards(MMDataset):
         if len(data) != size: raise BadRecordError(f"shard ends before byte {offset + size} (changed since it was indexed?)", **where)
         return data
 
-    def _json(self, k: int, span: tuple[int, int], where: dict) -> dict:
-        "The `json` member at `span` of shard `k`, parsed."
-        return _parse_json_line(self._read(k, *span, where), {**where, "source": self.source})
+    def _member(self, k: int, j: int, ext: str, where: dict) -> bytes:
+        "Sample `j`'s `ext` member of shard `k`, read together with its tar header, which must be the one indexed."
+        ix = self.indexes[k]
+        m = ix.member(j, ext)
+        offset, size = int(ix.offset[m]), int(ix.size[m])
+        data = self._read(k, offset - 512, size + 512, where)
+        if header_hash(data[:512]) != int(ix.head[m]):
+            if ix.cache_file: Path(ix.cache_file).unlink(missing_ok=True)     # the next run indexes the shard again
+            raise BadRecordError(f"shard changed since it was indexed: the tar header at byte {offset - 512} is not member "
+                                 f"{ix.keys[j]}.{ext}'s (the shard is indexed again when the dataset is next made)", **where)
+        return data[512:]
+
+    def _json(self, k: int, j: int, where: dict) -> dict:
+        "Sample `j`'s `json` member of shard `k`, parsed."
+        return _parse_json_line(self._member(k, j, "json", where), {**where, "source": self.source})
 
 # %% ../nbs/01f_formats.ipynb #bc9838cd
 @patch
@@ -236,9 +306,8 @@ def _detect(self: WebDatasetShards, image_key, text_key, text_field) -> tuple[tu
     samples = [set(ix.members(j)) for j in range(min(len(ix), 100)) if j != ix.damaged]
     exts = sorted(set().union(*samples))
     if image_key == AUTO:                # one image member per sample; its format may vary between samples
-        known = IMAGE_EXTS + tuple(n for n in IMAGE_NAMES if n not in IMAGE_EXTS)
-        image_keys = tuple(e for e in known if e in exts)
-        if not image_keys: pick_column(exts, AUTO, known, what="image", option="image_key", where=where)  # raises
+        image_keys = tuple(e for e in _IMAGE_MEMBERS if e in exts)
+        if not image_keys: pick_column(exts, AUTO, _IMAGE_MEMBERS, what="image", option="image_key", where=where)  # raises
         if any(len(s.intersection(image_keys)) > 1 for s in samples):
             raise ConfigError(f"{where}: samples hold several images ({', '.join(image_keys)}); members are {exts}; "
                               "pick one with image_key=")
@@ -249,8 +318,8 @@ def _detect(self: WebDatasetShards, image_key, text_key, text_field) -> tuple[tu
     elif text_key not in exts: pick_column(exts, text_key, TEXT_EXTS, what="caption", option="text_key", where=where)
     if text_key != "json": return image_keys, text_key, None
     if text_field != AUTO: return image_keys, text_key, text_field
-    j = next(j for j in range(len(ix)) if j != ix.damaged and "json" in ix.members(j))
-    obj = self._json(k, ix.members(j)["json"], dict(file=where, index=j, unit="sample"))
+    j = next(j for j in range(len(ix)) if j != ix.damaged and j not in ix.bad and "json" in ix.members(j))
+    obj = self._json(k, j, dict(file=where, index=j, unit="sample"))
     return image_keys, text_key, pick_column(list(obj), AUTO, CAPTION_NAMES, what="caption", option="text_field",
                                              where=f"{where} sample {ix.keys[j]!r} json")
 
@@ -269,19 +338,22 @@ def load(self: WebDatasetShards, idx: int) -> dict:
     ix = self.indexes[k]
     where = dict(source=self.source, file=str(self.files[k]), index=j, unit="sample")
     if j == ix.damaged: raise BadRecordError(ix.damage, **where)
+    if j in ix.bad: raise BadRecordError(ix.bad[j], **where)
     members, key = ix.members(j), ix.keys[j]
     image = None
     if self.image_keys:
-        ext = next((e for e in self.image_keys if e in members), None)
-        if ext is None:
+        found = [e for e in self._image_exts if e in members]
+        if not found:
             raise BadRecordError(f"sample {key!r} has no image ({'/'.join(self.image_keys)}); its members are {sorted(members)}", **where)
-        image = open_image(self._read(k, *members[ext], where), decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
+        if len(found) > 1:
+            raise BadRecordError(f"sample {key!r} holds several images ({', '.join(found)}); pick one with image_key=", **where)
+        image = open_image(self._member(k, j, found[0], where), decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
     if self.text_key not in members:
         raise BadRecordError(f"sample {key!r} has no caption member {self.text_key!r}; its members are {sorted(members)}", **where)
     if self.text_field is not None:
-        text = _pick(self._json(k, members["json"], where), (self.text_field,), str, where, required=True)
+        text = _pick(self._json(k, j, where), (self.text_field,), str, where, required=True)
     else:
-        try: text = self._read(k, *members[self.text_key], where).decode("utf-8")
+        try: text = self._member(k, j, self.text_key, where).decode("utf-8")
         except UnicodeDecodeError as e: raise BadRecordError(f"caption member {self.text_key!r} is not UTF-8 ({e})", **where) from None
     return make_record(text, image, meta={**where, "key": key})
 
@@ -347,8 +419,8 @@ def conversation_messages(obj: dict, where: dict | None = None) -> tuple[list[di
 
 # %% ../nbs/01f_formats.ipynb #5e1f0a19
 def open_ref(ref: str, root: Path, *, decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-             where: dict | None = None):
-    "Open an image reference: a path (relative to `root`) or a `data:` URL; a web URL is a bad record."
+             allow_absolute_paths: bool = False, where: dict | None = None):
+    "Open an image reference: a path (inside `root`) or a `data:` URL; a web URL or a path that leaves `root` is a bad record."
     where = where or {}
     if ref.startswith("data:"):
         try: data = base64.b64decode(ref.partition(",")[2], validate=True)
@@ -356,19 +428,22 @@ def open_ref(ref: str, root: Path, *, decode: bool = True, max_image_pixels: int
         return open_image(data, decode=decode, max_image_pixels=max_image_pixels, where=where)
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", ref):
         raise BadRecordError(f"image {ref[:80]} is a URL: mmlit reads local files (download the images first)", **where)
-    return open_image(root / ref, decode=decode, max_image_pixels=max_image_pixels, where=where)
+    path = path_in_root(root, ref, allow_absolute_paths=allow_absolute_paths, where=where)
+    return open_image(path, decode=decode, max_image_pixels=max_image_pixels, where=where)
 
 class Conversations(MMDataset):
     "LLaVA / ShareGPT / OpenAI conversations (JSONL or one JSON array) as `messages`, images in placeholder order."
     source = "conversations"
 
     def __init__(self, path: str | Path, *, image_root: str | Path | None = None, decode: bool = True,
-                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, allow_absolute_paths: bool = False,
+                 max_line_bytes: int = MAX_LINE_BYTES, **kwargs):
         super().__init__(**kwargs)
         self.path = _check_path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
-        self.decode, self.max_image_pixels = decode, max_image_pixels
-        self._spans, self._numbers, self.unit = json_records(self.path)   # JSONL lines or the items of one JSON array
+        self.decode, self.max_image_pixels, self.allow_absolute_paths = decode, max_image_pixels, allow_absolute_paths
+        self.max_line_bytes = check_max_line_bytes(max_line_bytes)
+        self._spans, self._numbers, self.unit = json_records(self.path, self.max_line_bytes)   # JSONL lines or one JSON array's items
 
     def __len__(self) -> int: return len(self._spans)
 
@@ -380,11 +455,12 @@ class Conversations(MMDataset):
     def load(self, idx: int) -> dict:
         "Conversation `idx` as `messages` with its images; one that cannot be read raises `BadRecordError`."
         where = dict(source=self.source, file=str(self.path), index=int(self._numbers[idx]), unit=self.unit)
-        obj = _parse_json_line(read_record(self.path, self._spans[idx]), where)
+        obj = _parse_json_line(read_record(self.path, self._spans[idx], self.max_line_bytes, where), where)
         messages, image_refs, video_list = conversation_messages(obj, where)
-        images = [open_ref(r, self.image_root, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where) for r in image_refs]
+        images = [open_ref(r, self.image_root, decode=self.decode, max_image_pixels=self.max_image_pixels,
+                           allow_absolute_paths=self.allow_absolute_paths, where=where) for r in image_refs]
         meta = {**where, **({"id": obj["id"]} if isinstance(obj.get("id"), (str, int)) else {})}
-        videos = video_refs(video_list, self.image_root, where)
+        videos = video_refs(video_list, self.image_root, where, self.allow_absolute_paths)
         return make_record(None, images or None, task="chat", messages=messages, meta=meta,
                            **({"video": videos} if videos else {}))
 
@@ -394,15 +470,17 @@ class CocoCaptions(MMDataset):
     source = "coco"
 
     def __init__(self, path: str | Path, *, image_root: str | Path | None = None, per_image: bool = False,
-                 decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
+                 decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                 allow_absolute_paths: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.path = _check_path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.per_image, self.decode, self.max_image_pixels = per_image, decode, max_image_pixels
-        with open(self.path, "rb") as f:
-            try: obj = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ConfigError(f"{self.path}: not valid JSON ({e})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("images"), list) or not isinstance(obj.get("annotations"), list):
+        self.allow_absolute_paths = allow_absolute_paths
+        with open_file(self.path) as f: raw = f.read()
+        try: obj = _parse_json_line(raw.removeprefix(UTF8_BOM), {})   # depth-checked, like every JSON record
+        except BadRecordError as e: raise ConfigError(f"{self.path}: not a readable COCO annotation file: {e.reason}") from None
+        if not isinstance(obj.get("images"), list) or not isinstance(obj.get("annotations"), list):
             raise ConfigError(f"{self.path}: not a COCO annotation file (needs 'images' and 'annotations' lists)")
         self.files = {im.get("id"): im.get("file_name") for im in obj["images"] if isinstance(im, dict)}
         self.annotations = [a if isinstance(a, dict) else {"caption": a} for a in obj["annotations"]]
@@ -427,7 +505,8 @@ class CocoCaptions(MMDataset):
         image_id = anns[0].get("image_id")
         if image_id not in self.files: raise BadRecordError(f"image_id {image_id!r} is not in 'images'", **where)
         if not isinstance(self.files[image_id], str): raise BadRecordError(f"image {image_id!r} has no file_name", **where)
-        image = open_image(self.image_root / self.files[image_id], decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
+        path = path_in_root(self.image_root, self.files[image_id], allow_absolute_paths=self.allow_absolute_paths, where=where)
+        image = open_image(path, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
         meta = {**where, "image_id": image_id, "annotation_id": anns[0].get("id")}
         return make_record(captions[0], image, meta=meta, **({"captions": captions} if self.per_image else {}))
 
@@ -442,17 +521,31 @@ class CocoCaptions(MMDataset):
 # %% ../nbs/01f_formats.ipynb #5e1f0a1f
 SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev")
 
-def _metadata_rows(path: Path) -> list[tuple[int, dict | str]]:
-    "(line, row) of a `metadata.jsonl` / `metadata.csv`; a line that is not a JSON object keeps its error text."
+def _csv_lines(f, path: Path, max_line_bytes: int, at: list[int]):
+    "The lines of an open CSV file as text (`at[0]`: the last one's number); one longer than `max_line_bytes` or not UTF-8 is a `ConfigError`."
+    for n, raw in enumerate(iter(lambda: f.readline(max_line_bytes + 1), b"")):
+        at[0] = n
+        if len(raw) > max_line_bytes: raise ConfigError(f"{path} line {n}: longer than max_line_bytes={max_line_bytes} bytes")
+        try: yield raw.decode("utf-8-sig" if n == 0 else "utf-8")
+        except UnicodeDecodeError as e: raise ConfigError(f"{path} line {n}: not UTF-8 ({e})") from None
+
+def _metadata_rows(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> list[tuple[int, dict | str]]:
+    "(line, row) of a `metadata.jsonl` / `metadata.csv`; a JSON line that is not a good object keeps the reason instead."
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f: return [(n + 1, row) for n, row in enumerate(csv.DictReader(f))]
+        with open_local(path) as f:
+            at = [0]
+            try: return [(n + 1, row) for n, row in enumerate(csv.DictReader(_csv_lines(f, path, max_line_bytes, at)))]
+            except csv.Error as e: raise ConfigError(f"{path} line {at[0]}: not readable CSV ({e})") from None
     out = []
-    offsets, lines = _line_offsets(path)
-    for off, line in zip(offsets.tolist(), lines.tolist()):
-        raw = _read_line(path, off)
-        try: obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e: obj = f"invalid JSON ({e})"
-        out.append((line, obj if isinstance(obj, (dict, str)) else f"expected a JSON object, got {type(obj).__name__}"))
+    offsets, lines = _line_offsets(path, max_line_bytes)
+    with open_local(path) as f:                              # one open for all its lines
+        for off, line in zip(offsets.tolist(), lines.tolist()):
+            f.seek(off)
+            raw = f.readline(max_line_bytes + 1)
+            try:
+                if len(raw) > max_line_bytes: raise _too_long("line", max_line_bytes, {})
+                out.append((line, _parse_json_line(raw, {})))   # depth-checked
+            except BadRecordError as e: out.append((line, e.reason))
     return out
 
 class ImageFolder(MMDataset):
@@ -460,15 +553,17 @@ class ImageFolder(MMDataset):
     source = "imagefolder"
 
     def __init__(self, root: str | Path, *, split: str | None = None, text_column: str | None = AUTO, decode: bool = True,
-                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, allow_absolute_paths: bool = False,
+                 max_line_bytes: int = MAX_LINE_BYTES, **kwargs):
         super().__init__(**kwargs)
         self.root, self.split = Path(root), split
         if not self.root.is_dir(): raise FileNotFoundError(f"no such directory: {self.root}")
         if split is not None and not (self.root / split).is_dir(): raise FileNotFoundError(f"no split folder {self.root / split}")
-        self.decode, self.max_image_pixels = decode, max_image_pixels
+        self.decode, self.max_image_pixels, self.allow_absolute_paths = decode, max_image_pixels, allow_absolute_paths
+        self.max_line_bytes = check_max_line_bytes(max_line_bytes)
         metas = sorted(p for p in (self.root if split is None else self.root / split).rglob("metadata.*") if p.suffix in (".jsonl", ".csv"))
-        self.files = metas
-        self.rows: list[tuple[Path, int, dict | str]] = [(m, line, row) for m in metas for line, row in _metadata_rows(m)]
+        self.files = [check_regular_file(m) for m in metas]      # a FIFO or device: refused here, not read forever
+        self.rows: list[tuple[Path, int, dict | str]] = [(m, line, row) for m in metas for line, row in _metadata_rows(m, self.max_line_bytes)]
         self.classes: list[str] = []
         if metas:
             first = next((row for _, _, row in self.rows if isinstance(row, dict)), {})
@@ -509,7 +604,8 @@ class ImageFolder(MMDataset):
         if isinstance(row, str): raise BadRecordError(row, **where)
         name = _pick(row, ("file_name",), str, where, required=True)
         text = _pick(row, (self.text_column,), str, where, required=True) if self.text_column else None
-        image = open_image(meta_path.parent / name, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
+        path = path_in_root(meta_path.parent, name, allow_absolute_paths=self.allow_absolute_paths, where=where)
+        image = open_image(path, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
         extra = {k: v for k, v in row.items() if k not in ("file_name", self.text_column)}
         return make_record(text, image, meta={**where, **extra})
 
@@ -522,9 +618,11 @@ for _name, _cls in (("parquet", ParquetImageText), ("jsonl", JsonlImageText), ("
 
 def _first_record(path: Path) -> dict | None:
     "The first record of a JSON/JSONL file (the first item of an array, the first line, or the whole object)."
-    with open(path, "rb") as f:
+    with open_local(path) as f:
+        _skip_bom(f)
+        first_line = f.readline(MAX_LINE_BYTES + 1)            # bounded: a file without newlines is not read whole
+        f.seek(0)
         head = f.read(1 << 20).removeprefix(UTF8_BOM)
-        first_line = head.split(b"\n", 1)[0] if b"\n" in head else head + f.read()
     try: obj = _parse_json_line(first_line, {})     # nested too deeply, not JSON or not an object: no record
     except BadRecordError: obj = None
     if isinstance(obj, dict): return obj
@@ -533,7 +631,7 @@ def _first_record(path: Path) -> dict | None:
         try: obj = json.JSONDecoder().raw_decode(text, _WS.match(text, 1).end())[0]
         except (ValueError, RecursionError): return None
         return obj if isinstance(obj, dict) else None
-    if text.startswith("{") and (b'"annotations"' in head or b'"annotations"' in path.read_bytes()):
+    if text.startswith("{") and (b'"annotations"' in head or b'"annotations"' in open_file(path).read()):
         return {"images": [], "annotations": []}      # one multi-line JSON object with annotations: COCO-like
     return None
 
@@ -541,7 +639,8 @@ def guess_kind(path) -> str | None:
     "The source kind of `path` (a file, folder, glob or brace pattern, or a list of them); `None` when unknown."
     s = str(path[0] if isinstance(path, (list, tuple)) else path)
     p = Path(s)
-    if re.search(r"\.tar(\}|$)", s) or (p.is_dir() and any(p.glob("*.tar"))): return "webdataset"
+    if re.search(r"\.(tar|tar\.gz|tgz)(\}|$)", s) or (p.is_dir() and any(f.name.endswith(TAR_SUFFIXES) for f in p.iterdir())):
+        return "webdataset"
     if s.endswith(".parquet") or (p.is_dir() and any(p.glob("*.parquet"))): return "parquet"
     if p.is_dir(): return "imagefolder"
     if s.endswith(".txt"): return "text"

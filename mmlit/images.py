@@ -18,7 +18,7 @@ import simplejpeg
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .core import BadRecordError
-from .storage import Location, as_location
+from .storage import Location, NotRegularFile, as_location, open_local, path_in_root
 
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'DEFAULT_MAX_IMAGE_PIXELS', 'DECODE_ERRORS', 'ORIENTATIONS', 'check_image_size', 'image_orientation',
@@ -137,10 +137,17 @@ def load_image(img: Image.Image, *, min_size: tuple[int, int] | None = None, whe
 _TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")   # TIFF and BigTIFF, either byte order
 _TIFF_UNREADABLE = "a TIFF whose sample format Pillow cannot read (such as 64-bit or 16-bit float, float RGB), or a corrupt one"
 
-def _head(fp: io.BytesIO | Path, n: int = 4) -> bytes:
-    "The first `n` bytes of a blob or a file."
-    if isinstance(fp, io.BytesIO): return fp.getvalue()[:n]
-    with fp.open("rb") as f: return f.read(n)
+def _file_bytes(path: Path | Location, where: dict) -> bytes:
+    "The bytes of an image file or object; a missing or unreadable file, a FIFO or a device is a `BadRecordError`."
+    if isinstance(path, Location):
+        if not path.is_file(): raise BadRecordError(f"image file not found: {path}", **where)
+        return path.read_bytes()
+    try:
+        with open_local(path) as f: return f.read()
+    except NotRegularFile as e: raise BadRecordError(str(e), **where) from None
+    except FileNotFoundError: raise BadRecordError(f"image file not found: {path}", **where) from None
+    except (OSError, ValueError) as e:        # no permission, a name too long, a NUL byte in the name
+        raise BadRecordError(f"cannot read image file {path} ({type(e).__name__}: {e})", **where) from None
 
 def open_image(src: bytes | str | Path, *, decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                where: dict | None = None) -> Image.Image:
@@ -150,15 +157,13 @@ def open_image(src: bytes | str | Path, *, decode: bool = True, max_image_pixels
         if len(src) == 0: raise BadRecordError("empty image blob", **where)
         fp = io.BytesIO(bytes(src))
     else:
-        path = as_location(src)
-        if not path.is_file(): raise BadRecordError(f"image file not found: {path}", **where)
-        fp = io.BytesIO(path.read_bytes()) if isinstance(path, Location) else path
+        fp = io.BytesIO(_file_bytes(as_location(src), where))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
     except UnidentifiedImageError:  # its message holds the repr of a BytesIO: an address, different in each process
-        what = _TIFF_UNREADABLE if _head(fp) in _TIFF_MAGIC else "unknown or corrupt format"
+        what = _TIFF_UNREADABLE if fp.getvalue()[:4] in _TIFF_MAGIC else "unknown or corrupt format"
         raise BadRecordError(f"not a readable image (UnidentifiedImageError: {what})", **where) from None
     except DECODE_ERRORS as e:
         raise BadRecordError(f"not a readable image ({type(e).__name__}: {e})", **where) from None
@@ -169,13 +174,14 @@ def open_image(src: bytes | str | Path, *, decode: bool = True, max_image_pixels
     except BadRecordError:
         img.close()
         raise
-    if out is not img: img.close()   # decoded into a new image (JPEG, turned, scaled): release the file now
+    if out is not img: img.close()   # decoded into a new image (JPEG, turned, scaled): release the bytes now
     return out
 
 # %% ../nbs/01b_images.ipynb #7a9d3c1f
-def open_image_cell(v, column: str = "image", *, root: Path | None = None, decode: bool = True,
-                    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, where: dict | None = None) -> Image.Image:
-    "Open a table's image cell: an HF `{bytes, path}` struct, bytes, or a path (relative to `root` when given)."
+def open_image_cell(v, column: str = "image", *, root: Path | Location | None = None, decode: bool = True,
+                    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, allow_absolute_paths: bool = False,
+                    where: dict | None = None) -> Image.Image:
+    "Open a table's image cell: an HF `{bytes, path}` struct, bytes, or a path (inside `root` when given)."
     where = where or {}
     if isinstance(v, dict):
         if v.get("bytes") is not None: v = v["bytes"]
@@ -183,7 +189,8 @@ def open_image_cell(v, column: str = "image", *, root: Path | None = None, decod
         else: raise BadRecordError("image cell has neither bytes nor path", **where)
     if v is None: raise BadRecordError(f"image column {column!r} is null", **where)
     if isinstance(v, str) and not v: raise BadRecordError(f"image column {column!r} holds an empty path", **where)
-    if isinstance(v, (str, Path)): v = as_location(v) if root is None else as_location(root) / v   # an absolute path stays as it is
+    if isinstance(v, (str, Path)):
+        v = as_location(v) if root is None else path_in_root(root, v, allow_absolute_paths=allow_absolute_paths, where=where)
     if not isinstance(v, (bytes, Path, Location)):
         raise BadRecordError(f"image column {column!r} holds {type(v).__name__}, not bytes or a path", **where)
     return open_image(v, decode=decode, max_image_pixels=max_image_pixels, where=where)

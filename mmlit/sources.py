@@ -25,15 +25,17 @@ from fastcore.basics import patch
 from PIL import Image, UnidentifiedImageError
 
 from .core import BadRecordError, ConfigError
-from .storage import Location, Store, as_location, as_store, is_uri, open_file
+from .storage import (Location, NotRegularFile, Store, as_location, as_store, check_regular_file, is_uri, open_file,
+                           path_in_root, special_file)
 from .dataset import RECORD_KEYS, MMDataset, make_record
-from .images import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, load_image, open_image, open_image_cell
+from .images import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, displayed_size, load_image, open_image, open_image_cell
 
 # %% auto #0
-__all__ = ['AUTO', 'CAPTION_NAMES', 'IMAGE_NAMES', 'FRAME_SUFFIXES', 'UTF8_BOM', 'JSONL_SUFFIXES', 'MAX_JSON_DEPTH',
-           'PARQUET_ERRORS', 'pick_column', 'group_videos', 'video_refs', 'json_array_spans', 'json_records',
-           'read_record', 'json_depth', 'jsonl_fields', 'JsonlImageText', 'expand_paths', 'TextCorpus',
-           'ParquetImageText', 'HFDataset', 'TorchDataset', 'TensorList', 'as_mm_dataset', 'open_source']
+__all__ = ['AUTO', 'CAPTION_NAMES', 'IMAGE_NAMES', 'FRAME_SUFFIXES', 'UTF8_BOM', 'MAX_LINE_BYTES', 'JSONL_SUFFIXES',
+           'MAX_JSON_DEPTH', 'PARQUET_ERRORS', 'pick_column', 'group_videos', 'check_frames', 'video_refs',
+           'check_max_line_bytes', 'json_array_spans', 'json_records', 'read_record', 'json_depth', 'jsonl_fields',
+           'JsonlImageText', 'expand_paths', 'TextCorpus', 'ParquetImageText', 'HFDataset', 'TorchDataset',
+           'TensorList', 'as_mm_dataset', 'open_source']
 
 # %% ../nbs/01c_sources.ipynb #b71233a3
 def _str_list(v, name: str, where: dict) -> list[str]:
@@ -91,12 +93,31 @@ def group_videos(refs: Sequence[str]) -> list:
     if refs and all(Path(r).suffix.lower() in FRAME_SUFFIXES for r in refs): return [refs]
     return refs
 
-def video_refs(v, root: Path, where: dict) -> list:
-    "A record's `video` field as a list of videos (a path, or a list of frame paths), resolved against `root`; missing files are bad records."
-    videos = group_videos(_str_list(v, "video", where))
-    for p in (Path(x) for vid in videos for x in (vid if isinstance(vid, list) else [vid])):
-        if not (root / p).exists(): raise BadRecordError(f"video file not found: {root / p}", **where)
-    return [[str(root / x) for x in vid] if isinstance(vid, list) else str(root / vid) for vid in videos]
+def check_frames(frames: Sequence, where: dict | None = None) -> tuple[int, int]:
+    "The upright `(width, height)` the frame files of one video share, read from their headers; frames of different sizes are a `BadRecordError`."
+    sizes: dict[tuple[int, int], str] = {}
+    for f in frames:
+        with open_image(f, decode=False, where=where) as im: sizes.setdefault(displayed_size(im, where), str(f))
+    if len(sizes) > 1:
+        shown = ", ".join(f"{Path(f).name} is {w}x{h}" for (w, h), f in sizes.items())
+        raise BadRecordError(f"frames of one video differ in size ({shown}); stage 2 cannot stack them", **(where or {}))
+    return next(iter(sizes), (0, 0))
+
+def _video_file(p: Path | Location, where: dict) -> Path | Location:
+    "`p` when a video file, frame or frame folder is there; a missing path, a FIFO or a device is a bad record."
+    if isinstance(p, Location): ok, kind = p.is_file(), None
+    else: ok, kind = p.exists(), special_file(p)
+    if kind not in (None, "a folder"): raise BadRecordError(f"video path {p} is {kind}, not a file or folder", **where)
+    if not ok: raise BadRecordError(f"video file not found: {p}", **where)
+    return p
+
+def video_refs(v, root: Path | Location, where: dict, allow_absolute_paths: bool = False) -> list:
+    "A record's `video` field as a list of videos (a path, or a list of frame paths) inside `root`, each checked; a bad one is a `BadRecordError`."
+    inside = lambda x: _video_file(path_in_root(root, x, allow_absolute_paths=allow_absolute_paths, where=where), where)
+    videos = [[inside(x) for x in vid] if isinstance(vid, list) else inside(vid) for vid in group_videos(_str_list(v, "video", where))]
+    for vid in videos:
+        if isinstance(vid, list): check_frames(vid, where)
+    return [[str(x) for x in vid] if isinstance(vid, list) else str(vid) for vid in videos]
 
 # %% ../nbs/01c_sources.ipynb #ea6be655
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -111,25 +132,49 @@ def _skip_bom(f) -> int:
     f.seek(0)
     return 0
 
-def _line_offsets(path: Path) -> tuple[np.ndarray, np.ndarray]:
+MAX_LINE_BYTES = 64 << 20   # a longer line (newline included) is a bad record, never read whole
+
+def check_max_line_bytes(n) -> int:
+    "`n` as the line limit; a `ConfigError` unless it is a positive int."
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0: raise ConfigError(f"max_line_bytes must be a positive int, got {n!r}")
+    return n
+
+def _lines(f, max_line_bytes: int):
+    "`(offset, line number, blank, too long)` of each line of the open file `f` from where it stands, read in bounded pieces."
+    pos, i = f.tell(), 0
+    while raw := f.readline(max_line_bytes + 1):
+        start, long = pos, len(raw) > max_line_bytes
+        pos += len(raw)
+        while long and raw and not raw.endswith(b"\n"):    # the rest of a long line: skipped, never held
+            raw = f.readline(1 << 20)
+            pos += len(raw)
+        yield start, i, not long and not raw.strip(), long
+        i += 1
+
+def _line_offsets(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[np.ndarray, np.ndarray]:
     "Byte offsets and 0-based line numbers of the non-blank lines of `path` (a leading BOM is not part of line 0)."
     offs, lines = [], []
     with _open_bytes(path) as f:
-        pos = _skip_bom(f)
-        for i, raw in enumerate(f):
-            if raw.strip(): offs.append(pos); lines.append(i)
-            pos += len(raw)
+        _skip_bom(f)
+        for pos, i, blank, _ in _lines(f, max_line_bytes):
+            if not blank: offs.append(pos); lines.append(i)
     return np.asarray(offs, dtype=np.int64), np.asarray(lines, dtype=np.int64)
 
-def _read_line(path: Path, offset: int) -> bytes:
-    "The line of `path` that starts at byte `offset`, its newline included."
+def _too_long(what: str, max_line_bytes: int, where: dict | None) -> BadRecordError:
+    return BadRecordError(f"{what} longer than max_line_bytes={max_line_bytes} bytes (raise max_line_bytes= to read it)", **(where or {}))
+
+def _read_line(path: Path, offset: int, max_line_bytes: int = MAX_LINE_BYTES, where: dict | None = None) -> bytes:
+    "The line of `path` that starts at byte `offset`, its newline included; a longer one than `max_line_bytes` is a `BadRecordError`."
     with _open_bytes(path) as f:
         f.seek(offset)
-        return f.readline()
+        raw = f.readline(max_line_bytes + 1)
+    if len(raw) > max_line_bytes: raise _too_long("line", max_line_bytes, where)
+    return raw
 
 def _check_path(path, store: Store | None = None) -> Path | Location:
-    "`path` as a `Path` or `Location`; `FileNotFoundError` when no file is there."
+    "`path` as a `Path` or `Location`; `FileNotFoundError` when no file is there, `NotRegularFile` for a FIFO, device or folder."
     p = as_location(path, store)
+    if not isinstance(p, Location): check_regular_file(p)
     if not p.is_file(): raise FileNotFoundError(f"no such file: {p}")
     return p
 
@@ -158,7 +203,7 @@ def json_array_spans(path: str | Path) -> np.ndarray:
         elif text[i:i + 1] == "]": return np.asarray(spans, np.int64)
         else: raise ConfigError(f"{path}: expected ',' or ']' after item {len(spans) - 1} at byte {i}")
 
-def json_records(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+def json_records(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[np.ndarray, np.ndarray, str]:
     "Byte spans `[n, 2]` of the records of a JSONL file (end -1: to the line's end) or a JSON array, their numbers and unit."
     array = False
     if Path(path).suffix.lower() not in JSONL_SUFFIXES:   # a .jsonl file is lines, even when a line is an array
@@ -168,13 +213,14 @@ def json_records(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
     if array:
         spans = json_array_spans(path)
         return spans, np.arange(len(spans)), "item"
-    offsets, lines = _line_offsets(path)
+    offsets, lines = _line_offsets(path, max_line_bytes)
     return np.stack([offsets, np.full_like(offsets, -1)], axis=1), lines, "line"
 
-def read_record(path: Path, span: Sequence[int]) -> bytes:
-    "The bytes of one record of `json_records`."
+def read_record(path: Path, span: Sequence[int], max_line_bytes: int = MAX_LINE_BYTES, where: dict | None = None) -> bytes:
+    "The bytes of one record of `json_records`; a record longer than `max_line_bytes` is a `BadRecordError`."
     start, end = int(span[0]), int(span[1])
-    if end < 0: return _read_line(path, start)
+    if end < 0: return _read_line(path, start, max_line_bytes, where)
+    if end - start > max_line_bytes: raise _too_long("item", max_line_bytes, where)
     with _open_bytes(path) as f:
         f.seek(start)
         return f.read(end - start)
@@ -182,16 +228,23 @@ def read_record(path: Path, span: Sequence[int]) -> bytes:
 # %% ../nbs/01c_sources.ipynb #1abc109d
 MAX_JSON_DEPTH = 950  # a fresh thread's stack parses ~990 levels under Python's default recursion limit
 _SHALLOW_JSON = 64    # lines with no more brackets than this are parsed directly
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_STEP = np.zeros(256, np.int8)                        # +1 for [ and {, -1 for ] and }, by byte value
+_STEP[[ord("["), ord("{")]], _STEP[[ord("]"), ord("}")]] = 1, -1
+_QUOTE = ord('"')
+_SPECIAL = (_STEP != 0) | (np.arange(256) == _QUOTE)   # the bytes that decide the depth
 
 def json_depth(raw: bytes) -> int:
     "How deep arrays and objects nest in the JSON text `raw` (brackets inside strings do not count)."
-    b = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
-    level = deepest = 0
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")    # escaped backslashes, then escaped quotes: they end no string
+    b = np.frombuffer(text, dtype=np.uint8)
+    level = deepest = inside = 0
     for lo in range(0, len(b), 1 << 20):                 # 1 MB at a time: a hostile line costs no more memory
         c = b[lo:lo + (1 << 20)]
-        levels = level + np.cumsum((c == ord("[")).astype(np.int32) + (c == ord("{")) - (c == ord("]")) - (c == ord("}")))
-        deepest, level = max(deepest, int(levels.max())), int(levels[-1])
+        s = c[_SPECIAL[c]]                               # its quotes and brackets, in order
+        if not len(s): continue
+        parity = (np.cumsum(s == _QUOTE, dtype=np.int32) + inside) & 1   # 1 inside a string
+        levels = level + np.cumsum(np.where(parity == 0, _STEP[s], 0), dtype=np.int64)
+        deepest, level, inside = max(deepest, int(levels.max())), int(levels[-1]), int(parity[-1])
     return deepest
 
 def _loads_on_fresh_stack(raw: bytes):
@@ -220,10 +273,11 @@ def _parse_json_line(raw: bytes, where: dict) -> dict:
     return obj
 
 # %% ../nbs/01c_sources.ipynb #2d4028ec
-def _first_object(path: Path, spans: np.ndarray, numbers: np.ndarray, limit: int = 20) -> tuple[dict | None, int]:
+def _first_object(path: Path, spans: np.ndarray, numbers: np.ndarray, limit: int = 20,
+                  max_line_bytes: int = MAX_LINE_BYTES) -> tuple[dict | None, int]:
     "The first of the first `limit` records that parses as a JSON object, and its number (`None, -1` if none)."
     for span, n in zip(spans[:limit].tolist(), numbers[:limit].tolist()):
-        try: return _parse_json_line(read_record(path, span), {}), n
+        try: return _parse_json_line(read_record(path, span, max_line_bytes), {}), n
         except BadRecordError: continue
     return None, -1
 
@@ -250,15 +304,17 @@ class JsonlImageText(MMDataset):
 
     def __init__(self, path: str | Path, *, image_root: str | Path | None = None, decode: bool = True,
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, text_field: str = AUTO,
-                 image_field: str | None = AUTO, **kwargs):
+                 image_field: str | None = AUTO, allow_absolute_paths: bool = False,
+                 max_line_bytes: int = MAX_LINE_BYTES, **kwargs):
         super().__init__(**kwargs)
         self.path = _check_path(path, self.store)
         self.image_root = as_location(image_root, self.store) if image_root is not None else self.path.parent
-        self.decode, self.max_image_pixels = decode, max_image_pixels
-        self._spans, self._lines, self.unit = json_records(self.path)
+        self.decode, self.max_image_pixels, self.allow_absolute_paths = decode, max_image_pixels, allow_absolute_paths
+        self.max_line_bytes = check_max_line_bytes(max_line_bytes)
+        self._spans, self._lines, self.unit = json_records(self.path, self.max_line_bytes)
         self._offsets = self._spans[:, 0]
-        self.text_fields, self.image_fields = jsonl_fields(self.path, *_first_object(self.path, self._spans, self._lines),
-                                                           text_field, image_field)
+        first = _first_object(self.path, self._spans, self._lines, max_line_bytes=self.max_line_bytes)
+        self.text_fields, self.image_fields = jsonl_fields(self.path, *first, text_field, image_field)
 
     def __len__(self) -> int: return len(self._offsets)
     @property
@@ -269,48 +325,46 @@ class JsonlImageText(MMDataset):
     def load(self, idx: int) -> dict:
         "Record `idx`, read and checked; a record that cannot be read raises `BadRecordError`."
         where = dict(source=self.source, file=str(self.path), index=int(self._lines[idx]), unit=self.unit)
-        obj = _parse_json_line(read_record(self.path, self._spans[idx]), where)
+        obj = _parse_json_line(read_record(self.path, self._spans[idx], self.max_line_bytes, where), where)
         text = _pick(obj, self.text_fields, str, where, required=True)
         cell = next((obj[k] for k in self.image_fields if obj.get(k) is not None), None)
         images = _str_list(cell, "image", where)
-        opened = [open_image(self.image_root / p, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
-                  for p in images]
+        paths = [path_in_root(self.image_root, p, allow_absolute_paths=self.allow_absolute_paths, where=where) for p in images]
+        opened = [open_image(p, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where) for p in paths]
         image = opened if isinstance(cell, list) else (opened[0] if opened else None)
         negatives = _str_list(obj.get("negatives", obj.get("negative")), "negatives", where)
         task = _pick(obj, ("task",), str, where)
-        video = video_refs(obj.get("video", obj.get("videos")), self.image_root, where)
+        video = video_refs(obj.get("video", obj.get("videos")), self.image_root, where, self.allow_absolute_paths)
         return make_record(text, image, negatives, task, _messages(obj.get("messages"), where), where,
                            **({"video": video} if video else {}))
 
 # %% ../nbs/01c_sources.ipynb #d1fcebc3
 def expand_paths(paths, suffixes: Sequence[str] = (), store: Store | None = None) -> list[Path | Location]:
-    "Files from a path or URI, a directory or prefix (files with `suffixes`), a glob, or a list of those; sorted."
+    "Files from a path or URI, a directory or prefix (files with `suffixes`), a glob, or a list of those; sorted. A FIFO or device is refused."
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
     out: list[Path] = []
     for p in items:
         s = str(p)
         if is_uri(s): hits = as_store(store).glob(s, suffixes)
-        elif any(ch in s for ch in "*?["): hits = [Path(h) for h in sorted(_glob.glob(s, recursive=True))]
-        elif Path(s).is_dir(): hits = sorted(f for f in Path(s).iterdir() if f.is_file() and (not suffixes or f.suffix in suffixes))
-        else: hits = [Path(s)] if Path(s).is_file() else []
+        elif any(ch in s for ch in "*?["): hits = [Path(h) for h in sorted(_glob.glob(s, recursive=True)) if not Path(h).is_dir()]
+        elif Path(s).is_dir(): hits = sorted(f for f in Path(s).iterdir() if not f.is_dir() and (not suffixes or f.suffix in suffixes))
+        else: hits = [Path(s)] if special_file(s) is not None or Path(s).is_file() else []
         if not hits: raise FileNotFoundError(f"no files match {s}")
-        out += hits
-    return out
+        out += [h if isinstance(h, Location) else check_regular_file(h) for h in hits]
+    return [h for h in out if isinstance(h, Location) or h.is_file()]   # a dangling link in a folder is no file
 
-def _text_spans(path: Path, split: str) -> list[tuple[int, int, int]]:
-    "(start, end, first line) byte spans of the documents of a text file."
-    spans, start, first = [], None, 0
+def _text_spans(path: Path, split: str, max_line_bytes: int = MAX_LINE_BYTES) -> list[tuple[int, int, int, int]]:
+    "(start, end, first line, too long) byte spans of the documents of a text file; too long: a line of it is over `max_line_bytes`."
+    spans, start, first, long, end = [], None, 0, False, 0
     with _open_bytes(path) as f:
-        pos = _skip_bom(f)                               # a BOM is not part of the first document
-        for i, raw in enumerate(f):
-            blank = not raw.strip()
-            if split == "line":
-                if not blank: spans.append((pos, pos + len(raw), i))
-            elif blank:
-                if start is not None: spans.append((start, pos, first)); start = None
-            elif start is None: start, first = pos, i
-            pos += len(raw)
-    if split == "paragraph" and start is not None: spans.append((start, pos, first))
+        _skip_bom(f)                                     # a BOM is not part of the first document
+        for pos, i, blank, too_long in _lines(f, max_line_bytes):
+            if split == "line" or blank:                 # the document before this line (if any) ends here
+                if start is not None: spans.append((start, pos, first, long)); start = None
+            if not blank and start is None: start, first, long = pos, i, False
+            long |= too_long
+        end = f.tell()
+    if start is not None: spans.append((start, end, first, long))
     return spans
 
 # %% ../nbs/01c_sources.ipynb #05b2c340
@@ -318,18 +372,19 @@ class TextCorpus(MMDataset):
     "Documents for causal LM from `.txt` (paragraph or line split) and `.jsonl` (a text field) files."
     source = "text"
 
-    def __init__(self, paths, *, split: str = "paragraph", field: str = "text", **kwargs):
+    def __init__(self, paths, *, split: str = "paragraph", field: str = "text", max_line_bytes: int = MAX_LINE_BYTES, **kwargs):
         super().__init__(**kwargs)
         if split not in ("paragraph", "line"): raise ConfigError(f"split must be 'paragraph' or 'line', got {split!r}")
         self.files, self.split, self.field = expand_paths(paths, (".txt", ".jsonl"), self.store), split, field
-        rows = []  # (file number, start, end, line)
+        self.max_line_bytes = check_max_line_bytes(max_line_bytes)
+        rows = []  # (file number, start, end, line, too long)
         for k, f in enumerate(self.files):
             if f.suffix == ".jsonl":
-                offs, lines = _line_offsets(f)
-                rows += [(k, o, -1, l) for o, l in zip(offs.tolist(), lines.tolist())]
+                offs, lines = _line_offsets(f, self.max_line_bytes)
+                rows += [(k, o, -1, l, 0) for o, l in zip(offs.tolist(), lines.tolist())]
             else:
-                rows += [(k, s, e, l) for s, e, l in _text_spans(f, split)]
-        self._rows = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+                rows += [(k, s, e, l, long) for s, e, l, long in _text_spans(f, split, self.max_line_bytes)]
+        self._rows = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
 
     def __len__(self) -> int: return len(self._rows)
     @property
@@ -339,11 +394,12 @@ class TextCorpus(MMDataset):
 
     def load(self, idx: int) -> dict:
         "Record `idx`, read and checked; a record that cannot be read raises `BadRecordError`."
-        k, start, end, line = (int(v) for v in self._rows[idx])
+        k, start, end, line, long = (int(v) for v in self._rows[idx])
         f = self.files[k]
         where = dict(source=self.source, file=str(f), index=line, unit="line")
         if end < 0:
-            text = _pick(_parse_json_line(_read_line(f, start), where), (self.field,), str, where, required=True)
+            text = _pick(_parse_json_line(_read_line(f, start, self.max_line_bytes, where), where), (self.field,), str, where, required=True)
+        elif long: raise _too_long("document with a line", self.max_line_bytes, where)
         else:
             with _open_bytes(f) as fh:
                 fh.seek(start)
@@ -408,8 +464,9 @@ class ParquetImageText(MMDataset):
     def __init__(self, paths, *, image_column: str | None = AUTO, text_column: str = AUTO,
                  negatives_column: str | None = "negatives", task_column: str | None = "task",
                  decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-                 cache_row_groups: int = 1, verify_checksums: bool = True, **kwargs):
+                 cache_row_groups: int = 1, verify_checksums: bool = True, allow_absolute_paths: bool = False, **kwargs):
         super().__init__(**kwargs)
+        self.allow_absolute_paths = allow_absolute_paths
         self.files = expand_paths(paths, (".parquet",), self.store)
         self.image_column, self.text_column, self.decode, self.max_image_pixels = image_column, text_column, decode, max_image_pixels
         self.negatives_column, self.task_column, self.verify_checksums = negatives_column, task_column, verify_checksums
@@ -499,9 +556,10 @@ def load(self: ParquetImageText, idx: int) -> dict:
     row = {c: v[i] for c, v in cols.items()}
     text = _pick(row, (self.text_column,), str, where, required=True)
     image = None
-    if self.image_column is not None:              # plain paths and {path} structs: relative to the shard's folder
+    if self.image_column is not None:              # plain paths and {path} structs: inside the shard's folder
         image = open_image_cell(row.get(self.image_column), self.image_column, root=self.files[k].parent,
-                                decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
+                                decode=self.decode, max_image_pixels=self.max_image_pixels,
+                                allow_absolute_paths=self.allow_absolute_paths, where=where)
     negatives = _str_list(row.get(self.negatives_column), "negatives", where) if self.negatives_column in row else []
     task = _pick(row, (self.task_column,), str, where) if self.task_column in row else None
     return make_record(text, image, negatives, task, None, where)

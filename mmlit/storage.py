@@ -14,7 +14,9 @@ import io
 import logging
 import os
 import shutil
+import posixpath
 import socket
+import stat
 import tempfile
 import time
 from collections import OrderedDict
@@ -24,12 +26,13 @@ from typing import Any, Callable, Sequence
 
 from fastcore.basics import patch
 
-from .core import ConfigError, MmlitError, redact
+from .core import BadRecordError, ConfigError, MmlitError, redact
 
 # %% auto #0
 __all__ = ['logger', 'io_stats', 'is_uri', 'local_path', 'uri_join', 'uri_parent', 'StorageError', 'ObjectNotFound',
-           'AccessDenied', 'StorageUnavailable', 'classify', 'IOStats', 'Retry', 'call_with_retry', 'RangeCache',
-           'Store', 'RangeFile', 'Location', 'as_location', 'open_file', 'as_store']
+           'AccessDenied', 'StorageUnavailable', 'classify', 'NotRegularFile', 'special_file', 'check_regular_file',
+           'open_local', 'IOStats', 'Retry', 'call_with_retry', 'RangeCache', 'Store', 'RangeFile', 'Location',
+           'as_location', 'open_file', 'as_store', 'uri_normpath', 'path_in_root']
 
 # %% ../nbs/01_storage.ipynb #dbe10e31
 logger = logging.getLogger("mmlit.storage")
@@ -106,6 +109,46 @@ def classify(e: BaseException) -> str:
     if isinstance(e, PermissionError): return "denied"
     if isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE): return "transient"
     return "permanent"
+
+# %% ../nbs/01_storage.ipynb #e19de486
+class NotRegularFile(MmlitError, OSError):
+    "A FIFO, device, socket or folder where mmlit reads a file: refused before it is read."
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+def special_file(path) -> str | None:
+    "What `path` is when it exists but is not a regular file (`'a FIFO (named pipe)'`, `'a folder'`, ...); `None` otherwise."
+    try: mode = os.stat(local_path(path)).st_mode
+    except (OSError, ValueError): return None    # missing, unreadable or not a valid path: the caller's own check says so
+    return None if stat.S_ISREG(mode) else _kind(mode)
+
+def _refuse(path, kind: str):
+    raise NotRegularFile(f"{path}: is {kind}, not a regular file; mmlit reads data only from regular files "
+                         "(reading a pipe or device could block or never end)")
+
+def check_regular_file(path) -> Path:
+    "`path` as a `Path`; `NotRegularFile` when it is a FIFO, device, socket or folder (a missing path passes: opening it says so)."
+    p = local_path(path)
+    if (kind := special_file(p)) is not None: _refuse(p, kind)
+    return p
+
+def open_local(path, buffering: int = -1):
+    "Open a local file to read bytes; a FIFO, device, socket or folder is refused (`NotRegularFile`) without blocking."
+    p = str(path)
+    if p.startswith("file://"): p = p[len("file://"):]
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))   # a FIFO opens at once
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode): _refuse(p, _kind(mode))   # swapped after the first look
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb", buffering=buffering)
 
 # %% ../nbs/01_storage.ipynb #9bc3ed89
 @dataclass
@@ -427,7 +470,7 @@ class RangeFile(io.RawIOBase):
 @patch
 def open(self: Store, uri, buffering: int = 0):
     "A binary file object: local files as they are, objects as a `RangeFile` (or buffered by `buffering` bytes)."
-    if not is_uri(uri): return open(local_path(uri), "rb")
+    if not is_uri(uri): return open_local(uri)
     raw = RangeFile(self, str(uri))
     return io.BufferedReader(raw, buffering) if buffering else raw
 
@@ -477,7 +520,7 @@ def as_location(path, store: Store | dict | None = None) -> Path | Location:
 def open_file(path, buffering: int = 0):
     "Open a local path or a `Location` (or a URI, with the default store) to read bytes."
     loc = as_location(path)
-    return loc.open(buffering) if isinstance(loc, Location) else open(loc, "rb")
+    return loc.open(buffering) if isinstance(loc, Location) else open_local(loc)
 
 # %% ../nbs/01_storage.ipynb #58b7fc4d
 _stores: dict[Any, Store] = {}
@@ -504,3 +547,32 @@ def glob(self: Store, pattern: str, suffixes: Sequence[str] = ()) -> list[Locati
                 if not suffixes or Path(p).suffix in suffixes]
     else: hits = [path] if self._call(pattern, "look up", lambda: fs.isfile(path)) else []
     return [Location(u, self) for u in sorted(fs.unstrip_protocol(h) for h in hits)]
+
+# %% ../nbs/01_storage.ipynb #2f4a78bf
+def uri_normpath(uri: str) -> str:
+    "`uri` with `.`, `..` and doubled `/` in its path resolved as text: `s3://b/a/../c` → `s3://b/c`."
+    scheme, _, rest = str(uri).partition("://")
+    return f"{scheme}://{posixpath.normpath(rest)}" if rest else str(uri)
+
+def _inside(path: str, root: str, sep: str) -> bool:
+    return path == root or path.startswith(root.rstrip(sep) + sep)
+
+def path_in_root(root, ref, *, allow_absolute_paths: bool = False, where: dict | None = None) -> Path | Location:
+    "`ref` (a record's image or video path) joined to the folder `root`; a `BadRecordError` when it leaves `root`."
+    ref, remote = str(ref), isinstance(root, Location) or is_uri(root)
+    if remote:                                     # an object store: the path after scheme:// as text
+        base = uri_normpath(str(root))
+        absolute = is_uri(ref) or ref.startswith("/")
+        target = uri_normpath(ref) if is_uri(ref) else ref if absolute else uri_normpath(uri_join(base, ref))
+        inside = is_uri(target) and _inside(target, base, "/")
+    else:                                          # a local folder, made absolute without following links
+        base = os.path.abspath(local_path(root))
+        absolute = is_uri(ref) or local_path(ref).is_absolute()
+        target = ref if is_uri(ref) else os.path.abspath(os.path.join(base, local_path(ref)))
+        inside = not is_uri(target) and _inside(target, base, os.sep)
+    store = getattr(root, "store", None)
+    if inside: return Location(target, store) if remote else local_path(root) / os.path.relpath(target, base)
+    if absolute and allow_absolute_paths: return as_location(target, store)
+    if absolute: why = f"{ref!r} is an absolute path or URI outside {root}, read only with allow_absolute_paths=True"
+    else: why = f"{ref!r} resolves to {target}, outside {root}"
+    raise BadRecordError(f"path leaves image_root: {why}", **(where or {}))

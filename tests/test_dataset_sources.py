@@ -56,7 +56,8 @@ def jsonl_pairs(tmp_path):
 
 def test_jsonl_reads_every_field(jsonl_pairs):
     f, paths, other = jsonl_pairs
-    ds = JsonlImageText(f)
+    assert not JsonlImageText(f)[1]                        # an absolute path is refused unless allowed
+    ds = JsonlImageText(f, allow_absolute_paths=True)
     assert len(ds) == 5 and ds.n_rows == 5
     recs = [ds[i] for i in range(len(ds))]
     for r in recs: check_schema(r)
@@ -64,7 +65,7 @@ def test_jsonl_reads_every_field(jsonl_pairs):
     assert (r0["text"], r0["negatives"], r0["task"]) == ("a relative png", ["wrong one", "wrong two"], "caption")
     assert (r0["image"].size, r0["image"].mode, r0["image"].format) == (SPECS[1][0], SPECS[1][1], "PNG")
     assert r0["meta"] == dict(source="jsonl", file=str(f), index=0, unit="line")
-    # `query` stands for `text`, `negative` for `negatives`; the absolute path is used as is
+    # `query` stands for `text`, `negative` for `negatives`; the absolute path is used as is (it is allowed here)
     assert (r1["text"], r1["negatives"], r1["task"]) == ("an absolute path", ["single negative"], None)
     assert r1["image"].size == (50, 40)
     assert r1["meta"]["index"] == 2  # the blank line 1 is counted in line numbers

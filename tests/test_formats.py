@@ -123,7 +123,7 @@ def test_reads_are_byte_ranges(shards, monkeypatch):
     real = WebDatasetShards._read
     monkeypatch.setattr(WebDatasetShards, "_read", lambda self, k, off, size, where: reads.append(size) or real(self, k, off, size, where))
     r = ds.get(1)
-    assert sum(reads) == len(image_bytes(photo(1))) + len("photo 1")               # the image and caption members only
+    assert sum(reads) == 512 + len(image_bytes(photo(1))) + 512 + len("photo 1")   # the image and caption members only, each with its header
     assert sum(reads) < shards[0].stat().st_size / 5
 
 

@@ -565,21 +565,24 @@ def path_shards(tmp_path):
 def test_image_paths_resolve_against_the_shard(path_shards, tmp_path, monkeypatch, which):
     monkeypatch.chdir(tmp_path / "cwd")
     f = path_shards[which]
-    ds = ParquetImageText(f)
+    ds = ParquetImageText(f, allow_absolute_paths=True)
     assert ds[0]["image"].size == (30, 20)                  # data/imgs/rel.png, not cwd/imgs/rel.png
-    assert ds[1]["image"].size == (12, 34)                  # an absolute path stays as it is
+    assert ds[1]["image"].size == (12, 34)                  # an allowed absolute path stays as it is
     assert not ds[2]
     (b,) = ds.report
     assert b.file == str(f) and b.index == 2 and str(f.parent / "imgs" / "missing.png") in b.reason
+    strict = ParquetImageText(f)                            # by default an absolute path is a bad record
+    assert not strict[1] and [b.reason.split(":")[0] for b in strict.report] == ["path leaves image_root"]
 
 
 def test_plain_and_struct_paths_agree_through_a_glob_from_elsewhere(path_shards, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "cwd")
-    ds = ParquetImageText("../data/*.parquet")               # a relative glob: shard folders are relative too
+    ds = ParquetImageText("../data/*.parquet", allow_absolute_paths=True)   # a relative glob: shard folders are relative too
     sizes = [r["image"].size for r in ds.records()]
     assert sizes == [(30, 20), (12, 34)] * 2 and len(ds.report) == 2
-    r = inspect_json("../data")
-    assert (r["rows"], r["good"]) == (6, 4)
+    r = inspect_json("../data")                              # the absolute paths are bad records there
+    assert (r["rows"], r["good"]) == (6, 2)
+    assert sorted(b["reason"].split(":")[0] for b in r["bad"]).count("path leaves image_root") == 2
 
 
 def test_empty_and_wrong_typed_paths(tmp_path):

@@ -209,7 +209,7 @@ def test_webdataset_shards_over_s3_by_byte_range(data, tmp_path, monkeypatch, ca
     rec = remote.get(10 + 3)
     one = io_stats.take()
     assert rec["text"] == "tar 1 sample 3"
-    assert (one["requests"], one["bytes"]) == (len(members), sum(s for _, s in members.values()))  # its members' bytes only
+    assert (one["requests"], one["bytes"]) == (len(members), sum(512 + s for _, s in members.values()))  # its members (and their headers) only
     again = WebDatasetShards(f"s3://{BUCKET}/wds/shard-{{0..1}}.tar", storage_options=Store(opts), index_dir=tmp_path / "s3")
     assert io_stats.take()["requests"] == 0 and len(again) == len(local)   # the index came from the cache (size and ETag match)
     from mmlit.cli import main                                            # the command line: options given as JSON
@@ -217,3 +217,24 @@ def test_webdataset_shards_over_s3_by_byte_range(data, tmp_path, monkeypatch, ca
     assert main(["inspect", f"s3://{BUCKET}/wds/shard-{{0..1}}.tar", "--json", "--storage-options", json.dumps(opts)]) == 0
     r = json.loads(capsys.readouterr().out)
     assert (r["rows"], r["good"], r["bad"]) == (21, 21, [])
+
+
+def test_webdataset_shard_rewritten_on_s3_is_indexed_again(data, tmp_path):
+    "The same key rewritten with the same size (its samples in another order): a new ETag, so a new index and the right captions."
+    d, endpoint, files = data
+    def shard(order):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for i in order:
+                for ext, blob in (("png", png_bytes((8, 8), "RGB", (i * 40, 9, 9))), ("txt", f"caption {i}".encode())):
+                    ti = tarfile.TarInfo(f"k{i}.{ext}"); ti.size = len(blob); tf.addfile(ti, io.BytesIO(blob))
+        return buf.getvalue()
+    uri = f"s3://{BUCKET}/wds-rewrite/shard.tar"
+    fs, key = Store(s3_options(endpoint)).fs(uri)
+    first, second = shard([0, 1, 2]), shard([2, 0, 1])
+    assert len(first) == len(second)
+    fs.pipe_file(key, first)
+    read = lambda: [r["text"] for r in WebDatasetShards(uri, storage_options=Store(s3_options(endpoint)), index_dir=tmp_path).records()]
+    assert read() == ["caption 0", "caption 1", "caption 2"]
+    fs.pipe_file(key, second)
+    assert read() == ["caption 2", "caption 0", "caption 1"]
