@@ -25,8 +25,9 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageFile
 
-from .core import MmlitError, Stream, derive_seed, redact
+from .core import BadRecordError, MmlitError, Stream, derive_seed, redact
 from .preprocess import Normalisation, get_normalisation
+from .storage import NotRegularFile, open_local, path_in_root
 
 # %% auto #0
 __all__ = ['STEP_KEYS', 'LOSS_PARTS', 'TOKEN_COLORS', 'REPORT_FILES', 'PLOT_BORDER', 'RunDirError', 'RunFileError',
@@ -480,39 +481,44 @@ def _truncated_images_allowed():
     try: yield
     finally: ImageFile.LOAD_TRUNCATED_IMAGES = old
 
-def _record_image_source(bad: Mapping, image_column: str):
-    "The bytes or path of a bad record's image, read from its Parquet row or JSONL line; None when it has none."
+def _image_in_folder(folder: Path, ref: str) -> bytes:
+    "A record's image file read under the same rule as the data: inside `folder`, and only a regular file."
+    with open_local(path_in_root(folder, ref)) as fh: return fh.read()
+
+def _record_image_source(bad: Mapping, image_column: str) -> bytes | None:
+    "The bytes of a bad record's image, from its Parquet row or JSONL line; None when it has none."
     f = bad.get("file")
-    if not f or not Path(f).exists(): return None
+    if not f or not Path(f).is_file(): return None   # gone, or a pipe or device: nothing to show
     f, i = Path(f), int(bad["index"])
     if f.suffix == ".parquet":
         import pyarrow.parquet as pq
         pf = pq.ParquetFile(f)
         if image_column not in pf.schema_arrow.names or not 0 <= i < pf.metadata.num_rows: return None
         cell = pf.read(columns=[image_column]).column(image_column)[i].as_py()
-        if isinstance(cell, dict): return cell.get("bytes") or (f.parent / cell["path"] if cell.get("path") else None)
+        if isinstance(cell, dict): return cell.get("bytes") or (_image_in_folder(f.parent, cell["path"]) if cell.get("path") else None)
         return cell
     if f.suffix in (".jsonl", ".json") and bad.get("unit") == "line":
-        lines = f.read_text().splitlines()
+        with open_local(f) as fh: lines = fh.read().decode("utf-8", "replace").splitlines()
         for j in (i - 1, i):   # line numbers may count from 1
             if not 0 <= j < len(lines): continue
             try: rec = json.loads(lines[j])
             except json.JSONDecodeError: continue
             im = rec.get("image") if isinstance(rec, dict) else None
-            if isinstance(im, str): return f.parent / im
+            if isinstance(im, str): return _image_in_folder(f.parent, im)
     return None
 
 def bad_record_image(bad: Mapping, image_column: str = "image", max_side: int = 96) -> tuple[Image.Image | None, str]:
     "A thumbnail of a bad record's image and how it decoded: `'ok'`, `'partial'`, or why there is none."
     try: src = _record_image_source(bad, image_column)
+    except BadRecordError: return None, "not shown: the image path leaves the data folder"
+    except NotRegularFile: return None, "not shown: the image path is not a regular file"
+    except FileNotFoundError: return None, "image file missing"
     except Exception as e: return None, f"source unreadable ({type(e).__name__})"
-    if src is None or src == b"": return None, "no image bytes"
-    if isinstance(src, Path) and not src.exists(): return None, "image file missing"
-    opened = (lambda: Image.open(io.BytesIO(src) if isinstance(src, bytes) else src))
+    if not src: return None, "no image bytes"
     for how, ctx in (("ok", contextmanager(lambda: (yield))), ("partial", _truncated_images_allowed)):
         try:
             with ctx():
-                im = opened(); im.load()
+                im = Image.open(io.BytesIO(src)); im.load()
             im = im.convert("RGB"); im.thumbnail((max_side, max_side))
             return im, how
         except Exception as e: err = f"does not decode ({type(e).__name__})"
