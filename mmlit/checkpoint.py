@@ -7,7 +7,7 @@ Docs: https://mmlit.github.io/mmlit/checkpoint.html.md"""
 # %% ../nbs/06a_checkpoint.ipynb #b2f4ef0d
 from __future__ import annotations
 
-import hashlib, json, os, random, shutil, time, uuid
+import hashlib, json, os, random, re, shutil, time, uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,9 @@ import torch
 from .core import CheckpointError, ConfigError
 
 # %% auto #0
-__all__ = ['MANIFEST', 'WEIGHTS', 'STATE', 'WRITE_DELAY_ENV', 'logger', 'fsync_dir', 'atomic_write_bytes', 'atomic_write_text',
-           'sha256_file', 'rng_state', 'set_rng_state', 'write_checkpoint', 'read_manifest', 'load_checkpoint',
+__all__ = ['MANIFEST', 'WEIGHTS', 'STATE', 'WRITE_DELAY_ENV', 'MAX_MANIFEST_BYTES', 'MAX_HEADER_BYTES', 'logger', 'fsync_dir',
+           'atomic_write_bytes', 'atomic_write_text', 'sha256_file', 'rng_state', 'set_rng_state', 'write_checkpoint',
+           'check_manifest', 'read_manifest', 'safetensors_header', 'check_weights', 'load_state', 'load_checkpoint',
            'step_dir_name', 'CheckpointManager', 'CheckpointError']
 
 # %% ../nbs/06a_checkpoint.ipynb #1a0619bd
@@ -107,26 +108,117 @@ def _discard(path: Path):
     shutil.rmtree(trash, ignore_errors=True)
 
 # %% ../nbs/06a_checkpoint.ipynb #4a25021e
+MAX_MANIFEST_BYTES = 1 << 20          # a manifest lists a few files: anything larger is not one
+_PLAIN_NAME, _SHA256 = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*"), re.compile(r"[0-9a-f]{64}")
+
+def _read_json(path: Path, limit: int):
+    "The JSON value in `path`, at most `limit` bytes; `CheckpointError` naming the file otherwise."
+    try: size = path.stat().st_size
+    except OSError as e: raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if size > limit: raise CheckpointError(f"{path}: {size} bytes, more than the {limit} a manifest may have")
+    try: return json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e: raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+def check_manifest(m: Any, where: str | Path) -> dict:
+    "`m` if it is a format-1 manifest listing the weights and the state, each file by a plain name with its SHA-256 and size."
+    if not isinstance(m, dict): raise CheckpointError(f"{where}: not a checkpoint manifest (a JSON {type(m).__name__}, not an object)")
+    if m.get("format") != 1: raise CheckpointError(f"{where}: format {m.get('format')!r}; this version of mmlit reads format 1")
+    files = m.get("files")
+    if not isinstance(files, dict): raise CheckpointError(f"{where}: not a checkpoint manifest (no 'files' table)")
+    for name, want in files.items():
+        if not _PLAIN_NAME.fullmatch(name): raise CheckpointError(f"{where}: file name {name!r} is not a plain name inside the checkpoint directory")
+        if not (isinstance(want, dict) and type(want.get("bytes")) is int and want["bytes"] >= 0
+                and isinstance(want.get("sha256"), str) and _SHA256.fullmatch(want["sha256"])):
+            raise CheckpointError(f"{where}: the entry of {name} is not {{'sha256': 64 hex digits, 'bytes': a size}}: {str(want)[:120]}")
+    if (missing := [f for f in (WEIGHTS, STATE) if f not in files]): raise CheckpointError(f"{where}: does not list {' and '.join(missing)}")
+    return m
+
 def read_manifest(dir: str | Path, verify: bool = True) -> dict:
-    "The manifest of checkpoint `dir`, after checking every file's size and checksum; `CheckpointError` otherwise."
+    "The manifest of checkpoint `dir`, after checking it and every file's size and checksum; `CheckpointError` otherwise."
     dir = Path(dir)
-    try: m = json.loads((dir / MANIFEST).read_text())
-    except FileNotFoundError: raise CheckpointError(f"{dir}: no {MANIFEST} (an incomplete checkpoint)") from None
-    except (OSError, ValueError) as e: raise CheckpointError(f"{dir / MANIFEST}: unreadable ({e})") from None
-    if not isinstance(m, dict) or not isinstance(m.get("files"), dict): raise CheckpointError(f"{dir / MANIFEST}: not a checkpoint manifest")
+    if not (dir / MANIFEST).exists(): raise CheckpointError(f"{dir}: no {MANIFEST} (an incomplete checkpoint)")
+    m = check_manifest(_read_json(dir / MANIFEST, MAX_MANIFEST_BYTES), dir / MANIFEST)
     for name, want in m["files"].items():
         f = dir / name
-        if not f.is_file(): raise CheckpointError(f"{f}: missing")
+        if not f.exists(): raise CheckpointError(f"{f}: missing")
+        if f.is_symlink() or not f.is_file(): raise CheckpointError(f"{f}: not a regular file")
         if f.stat().st_size != want["bytes"]: raise CheckpointError(f"{f}: {f.stat().st_size} bytes, the manifest says {want['bytes']}")
         if verify and sha256_file(f) != want["sha256"]: raise CheckpointError(f"{f}: checksum does not match the manifest")
     return m
 
+# %% ../nbs/06a_checkpoint.ipynb #67c04782
+MAX_HEADER_BYTES = 100_000_000        # the safetensors library's own bound on a header
+
+def _entry_fits(t: Any, data: int) -> bool:
+    "A header entry `{dtype, shape, data_offsets}` whose bytes lie within the `data` bytes after the header."
+    if not isinstance(t, dict): return False
+    shape, off = t.get("shape"), t.get("data_offsets")
+    return (isinstance(t.get("dtype"), str) and isinstance(shape, list) and all(type(x) is int and x >= 0 for x in shape)
+            and isinstance(off, list) and len(off) == 2 and all(type(x) is int for x in off) and 0 <= off[0] <= off[1] <= data)
+
+def safetensors_header(path: str | Path) -> dict[str, dict]:
+    "The tensor table `{name: {dtype, shape, data_offsets}}` of a safetensors file, checked against the file's size."
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 8: raise CheckpointError(f"{path}: {size} bytes, shorter than a safetensors header's size field")
+        n = int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path}: announces a {n}-byte safetensors header in a {size}-byte file (at most {MAX_HEADER_BYTES})")
+        raw = f.read(n)
+    try: table = json.loads(raw)
+    except (ValueError, RecursionError) as e: raise CheckpointError(f"{path}: the safetensors header is not JSON ({type(e).__name__})") from None
+    if not isinstance(table, dict): raise CheckpointError(f"{path}: the safetensors header is a JSON {type(table).__name__}, not a table")
+    table.pop("__metadata__", None)
+    for name, t in table.items():
+        if not _entry_fits(t, size - 8 - n): raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {str(t)[:120]}")
+    return table
+
+def check_weights(model: torch.nn.Module, path: str | Path) -> None:
+    "Raise `CheckpointError` unless the safetensors file holds every tensor of `model` (shared ones once) in its shape, and nothing else."
+    path, own = Path(path), model.state_dict()
+    table = safetensors_header(path)
+    storage = lambda k: own[k].untyped_storage().data_ptr()
+    saved = {storage(k) for k in table if k in own}
+    missing = sorted(k for k in own if k not in table and storage(k) not in saved)    # a tied tensor is saved once
+    unexpected = sorted(set(table) - set(own))
+    shapes = [f"{k}: saved {tuple(t['shape'])}, model {tuple(own[k].shape)}" for k, t in table.items()
+              if k in own and t["shape"] != list(own[k].shape)]
+    problems = ([f"missing {missing}"] if missing else []) + ([f"unexpected {unexpected}"] if unexpected else []) + shapes
+    if problems: raise CheckpointError(f"{path}: the weights do not fit {type(model).__name__}: " + "; ".join(problems))
+
+# %% ../nbs/06a_checkpoint.ipynb #cbec989e
+def _refusal(e: BaseException) -> str:
+    "Why torch's loader refused a file: its message without the advice to load the file unrestricted."
+    keep = []
+    for line in str(e).splitlines():
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and not re.search(r"weights.only|trusted source|documentation|file an issue", line, re.I):
+            keep.append(line.split(". Please use")[0].rstrip("."))
+    return "; ".join(keep) or type(e).__name__
+
+def load_state(path: str | Path, map_location="cpu") -> dict:
+    "The state dict in `path`, read by torch's restricted unpickler (tensors and plain Python types only); `CheckpointError` otherwise."
+    try: state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:    # the loader's own message advises an unrestricted load: it is not passed on
+        raise CheckpointError(f"{path}: not loaded by torch's restricted loader, which builds only tensors and plain Python "
+                              f"types ({_refusal(e)})") from None
+    if not isinstance(state, dict): raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    return state
+
+# %% ../nbs/06a_checkpoint.ipynb #5d8c8b3f
 def load_checkpoint(dir: str | Path, model: torch.nn.Module | None = None, map_location="cpu") -> tuple[dict, dict]:
-    "Verify checkpoint `dir`, load its weights into `model` (if given); returns `(manifest, state)`."
+    "Verify checkpoint `dir`, load its state and its weights into `model` (if given); returns `(manifest, state)`."
     from safetensors.torch import load_model
+    dir = Path(dir)
     m = read_manifest(dir)
-    if model is not None: load_model(model, str(Path(dir) / WEIGHTS), device=str(map_location))
-    return m, torch.load(Path(dir) / STATE, map_location=map_location, weights_only=True)
+    if model is None: safetensors_header(dir / WEIGHTS)
+    else: check_weights(model, dir / WEIGHTS)
+    state = load_state(dir / STATE, map_location)
+    if model is not None:                                  # every check passed: only now is the model written
+        try: load_model(model, str(dir / WEIGHTS), device=str(map_location))
+        except Exception as e: raise CheckpointError(f"{dir / WEIGHTS}: {type(e).__name__}: {e}") from e
+    return m, state
 
 # %% ../nbs/06a_checkpoint.ipynb #57a5b0cf
 import logging
@@ -159,18 +251,30 @@ class CheckpointManager:
             except CheckpointError as e: logger.warning("skipping checkpoint %s", e)
         return None
 
+    def load_latest(self, model: torch.nn.Module | None = None, map_location="cpu") -> tuple[Path, dict, dict] | None:
+        "`(dir, manifest, state)` of the newest checkpoint that loads (weights into `model`), each newer one skipped with a warning."
+        skipped = []
+        for p in reversed(self.steps()):
+            try: return (p, *load_checkpoint(p, model, map_location))
+            except CheckpointError as e:
+                logger.warning("skipping checkpoint %s: %s", p.name, e)
+                skipped.append(f"{p.name}: {e}")
+        if skipped: raise CheckpointError(f"{self.dir}: none of its {len(skipped)} checkpoints loads; move them away to start afresh. "
+                                          + " | ".join(skipped))
+        return None
+
     def best(self) -> dict | None:
         "`{step, metric, value, dir}` of the best checkpoint, or `None`."
         try: return json.loads((self.dir / "best.json").read_text())
         except FileNotFoundError: return None
 
     def foreign(self) -> list[Path]:
-        "Checkpoints whose manifest names a different config fingerprint (another run's)."
+        "Checkpoints whose manifest is well formed and names a different config fingerprint (another run's)."
         if self.fingerprint is None: return []
         out = []
         for p in self.steps():
-            try: m = json.loads((p / MANIFEST).read_text())
-            except (OSError, ValueError): continue
+            try: m = check_manifest(_read_json(p / MANIFEST, MAX_MANIFEST_BYTES), p / MANIFEST)
+            except CheckpointError: continue                   # not a manifest at all: skipped when resuming
             if m.get("fingerprint") != self.fingerprint: out.append(p)
         return out
 

@@ -130,9 +130,7 @@ def evaluate(model, loader: Iterable[dict], *, dims: Sequence[int] | None = None
                 if getattr(out, k, None) is not None: sums[k] += float(getattr(out, k)) * b
             n += b
             imgs.append(out.image_embeds.float()); txts.append(out.text_embeds.float())
-            m = batch["attention_mask"]
-            if "labels" in batch and batch["labels"].shape == m.shape: m = m * (batch["labels"] != -100)  # chats: the caption
-            caps.append(caption_keys(batch["input_ids"], m))
+            caps.append(caption_keys(batch["input_ids"], batch["attention_mask"]))   # what the text tower was given
             if labels_key in batch: labs.append(torch.as_tensor(batch[labels_key]).view(-1))
             if getattr(out, "negative_embeds", None) is not None:
                 hns.append(_hard_negative_rows(out.image_embeds, out.text_embeds, out.negative_embeds, out.negative_mask))

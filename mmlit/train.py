@@ -405,9 +405,9 @@ def _start(self: Trainer) -> str | None:
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
         self.checkpoints.clean_temporaries()
     if self.world_size > 1: torch.distributed.barrier()
-    latest = self.checkpoints.latest() if self.config.checkpoint.resume else None
-    if latest is not None:
-        _, state = load_checkpoint(latest, self.model, map_location=self.device)
+    loaded = self.checkpoints.load_latest(self.model, map_location=self.device) if self.config.checkpoint.resume else None
+    if loaded is not None:                                  # the newest that loads; newer ones skipped with a warning
+        latest, _, state = loaded
         self.load_state_dict(state)
         resumed = str(latest)
         if self.main: logger.info("resumed from %s (step %d, epoch %d)", latest, self.step, self.epoch)
