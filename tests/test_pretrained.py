@@ -230,6 +230,26 @@ def test_causal_lm_from_a_hub_id_with_lora(tmp_path, world):
     assert json.loads((ck / MANIFEST).read_text())["pretrained"]["model"]["repo_id"] == "acme/tiny-llama"
 
 
+def test_qwen2_vl_chat_model_from_a_hub_id_with_lora(tmp_path, world):
+    "Qwen2-VL as a causal LM by hub id (`preprocessor: qwen2_vl`): its tokenizer and pixel budget by default, LoRA trains."
+    cfg = {"run_dir": str(tmp_path / "vl"), "threads": 1, "log": {"progress": False},
+           "data": {"data": str(world["train"]), "val_data": str(world["val"]), "preprocessor": "qwen2_vl", "max_length": 96,
+                    "loader": {"batch_size": 4}},
+           "model": {"kind": "causal_lm", "pretrained": "acme/tiny-qwen2-vl", "lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]}},
+           "schedule": {"max_steps": 2}, "eval": {"max_batches": 1}}
+    with hub_cache(world["cache"]):
+        run = build_run(cfg)
+        r = run.fit()
+    resolved = yaml.safe_load((tmp_path / "vl" / "config.yaml").read_text())["data"]
+    assert resolved["tokenizer"] == "acme/tiny-qwen2-vl" and resolved["preprocessor_options"] == {"pretrained": "acme/tiny-qwen2-vl"}
+    assert run.data.transform.preprocessor.vision.max_pixels == 56 * 56 * 4
+    assert r.steps == 2 and "val/loss" in r.last_eval and type(run.model.model).__name__ == "Qwen2VLForConditionalGeneration"
+    q = world["qwen"].state_dict()
+    got = run.model.model.state_dict()
+    shared = [k for k in q if k in got]                                                     # all but the adapted q/v layers
+    assert len(shared) > 20 and all(torch.equal(got[k], q[k]) for k in shared)            # base weights unchanged (LoRA only)
+
+
 def test_qwen2_vl_embedder_from_a_hub_id_with_lora(tmp_path, world):
     "The embedder's backbone by hub id, its patches from the checkpoint's processor, LoRA adapters, a merged export."
     from mmlit.embedder import EmbedderConfig, Qwen2VLEmbedder
