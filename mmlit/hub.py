@@ -180,10 +180,12 @@ logger = logging.getLogger("mmlit.hub")
 def load_pretrained(cls, folder: str | os.PathLike, name: str | None = None, unused: tuple[str, ...] = (), **kwargs):
     "`cls.from_pretrained(folder, **kwargs)` without its load report; weights it needs and `folder` lacks (outside `unused` prefixes) are a `ConfigError`."
     from transformers.utils import logging as hf_logging
-    old = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    old, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
     try: model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
-    finally: hf_logging.set_verbosity(old)
+    finally:
+        hf_logging.set_verbosity(old)
+        if bar: hf_logging.enable_progress_bar()
     if missing := sorted(k for k in info.get("missing_keys") or [] if not k.startswith(unused)):
         raise ConfigError(f"{name or folder}: {cls.__name__} needs weights the checkpoint does not hold: "
                           f"{', '.join(missing[:8])}" + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
