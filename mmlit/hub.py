@@ -178,8 +178,10 @@ def check_same_pretrained(recorded: dict, current: dict, what: str = "base model
 logger = logging.getLogger("mmlit.hub")
 
 def load_pretrained(cls, folder: str | os.PathLike, name: str | None = None, unused: tuple[str, ...] = (), **kwargs):
-    "`cls.from_pretrained(folder, **kwargs)` without its load report; weights it needs and `folder` lacks (outside `unused` prefixes) are a `ConfigError`."
+    "`cls.from_pretrained(folder, **kwargs)` in float32 (unless `dtype=`), quietly; weights it needs and `folder` lacks (outside `unused` prefixes) are a `ConfigError`."
+    import torch
     from transformers.utils import logging as hf_logging
+    kwargs.setdefault("dtype", torch.float32)       # transformers 5 keeps a checkpoint's bf16; mmlit trains fp32 weights under autocast
     old, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
     try: model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)

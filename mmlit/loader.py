@@ -654,7 +654,7 @@ def load_tokenizer(spec, data_path=None, kind: str | None = None, data_options: 
         from mmlit.hub import resolve_pretrained
         folder = resolve_pretrained(spec, weights=False)     # a hub id: the tokenizer files only, never the weights
         try: return AutoTokenizer.from_pretrained(str(folder))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, ImportError) as e:        # ImportError: a package it needs (sentencepiece, ...)
             raise ConfigError(f"tokenizer {str(spec)!r}: {folder} holds no tokenizer transformers can load ({type(e).__name__}: {e})") from None
     if isinstance(spec, dict) and "train" in spec:
         from mmlit.text import train_tokenizer
