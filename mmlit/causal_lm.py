@@ -16,6 +16,7 @@ from fastcore.basics import patch
 from torch import nn
 
 from .core import ConfigError, Registry
+from .hub import load_pretrained, resolve_pretrained
 from .model import BatchError, load_pretrained_dir, need, same_shape, save_pretrained_dir, seeded_init
 
 # %% auto #0
@@ -42,27 +43,31 @@ class CausalLMOutput:
     num_tokens: int = 0
 
 # %% ../nbs/05d_causal_lm.ipynb #09864705
+_NOT_CONFIG = ("model_type", "transformers_version", "architectures")
+
 class CausalLM(nn.Module):
     "A `transformers` causal LM with mmlit's batch interface and a loss that respects `shift_labels`."
     name = "CausalLM"
     _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    freeze_groups = {"backbone": ("model.model",), "vision": ("model.model.visual",)}   # mmlit.finetune's shorthands
+    lora_parts = ("model",)
 
     def __init__(self, config: dict, pretrained: str | Path | None = None, seed: int = 0, attn_implementation: str = "sdpa"):
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
         self.seed = seed
+        self.pretrained_sources = {"model": str(pretrained)} if pretrained is not None else {}
         with seeded_init(seed):
-            if pretrained is not None:
-                if not Path(pretrained).is_dir(): raise ConfigError(f"pretrained {str(pretrained)!r} is not a local directory (nothing downloads)")
-                cfg = AutoConfig.from_pretrained(pretrained, local_files_only=True)
+            if pretrained is not None:                             # a folder or hub id; `config` entries override its config
+                folder = resolve_pretrained(pretrained)
+                cfg = AutoConfig.from_pretrained(str(folder), **{k: v for k, v in (config or {}).items() if k not in _NOT_CONFIG})
             else:
                 if not isinstance(config, dict) or "model_type" not in config:
                     raise ConfigError(f"a causal LM config must be a dict with 'model_type', got {config!r}")
-                cfg = AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items()
-                                                                    if k not in ("model_type", "transformers_version", "architectures")})
+                cfg = AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k not in _NOT_CONFIG})
             cfg._attn_implementation = attn_implementation
             auto = AutoModelForCausalLM if type(cfg) in AutoModelForCausalLM._model_mapping else AutoModelForImageTextToText
-            self.model = auto.from_pretrained(pretrained, config=cfg, local_files_only=True) if pretrained else auto.from_config(cfg)
+            self.model = load_pretrained(auto, folder, str(pretrained), config=cfg) if pretrained is not None else auto.from_config(cfg)
         self.epoch, self.micro_batch = 0, 0
 
     @property

@@ -16,12 +16,14 @@ import numpy as np
 import torch
 
 from .core import CheckpointError, ConfigError
+from .hub import check_same_pretrained
 
 # %% auto #0
 __all__ = ['MANIFEST', 'WEIGHTS', 'STATE', 'WRITE_DELAY_ENV', 'MAX_MANIFEST_BYTES', 'MAX_HEADER_BYTES', 'logger', 'fsync_dir',
-           'atomic_write_bytes', 'atomic_write_text', 'sha256_file', 'rng_state', 'set_rng_state', 'write_checkpoint',
-           'check_manifest', 'read_manifest', 'safetensors_header', 'check_weights', 'load_state', 'load_checkpoint',
-           'step_dir_name', 'CheckpointManager', 'CheckpointError']
+           'atomic_write_bytes', 'atomic_write_text', 'sha256_file', 'rng_state', 'set_rng_state', 'checkpoint_tensors',
+           'write_checkpoint', 'check_manifest', 'read_manifest', 'safetensors_header', 'check_weights', 'load_state',
+           'BaseModelMismatch', 'check_base_models', 'load_checkpoint', 'step_dir_name', 'CheckpointManager',
+           'CheckpointError']
 
 # %% ../nbs/06a_checkpoint.ipynb #1a0619bd
 def fsync_dir(path: str | Path):
@@ -81,18 +83,37 @@ def _write_file(path: Path, write) -> None:
     write(path)
     with open(path, "rb+") as f: os.fsync(f.fileno())
 
+def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    "What a checkpoint keeps of `model`: `None` (the whole state dict) when every parameter trains, else the trainable parameters and the buffers."
+    params = dict(model.named_parameters(remove_duplicate=False))
+    if all(p.requires_grad for p in params.values()): return None
+    return {k: v for k, v in model.state_dict().items() if k not in params or params[k].requires_grad}
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    "safetensors of `tensors`, a tensor that shares storage with an earlier one copied (safetensors refuses shared storage)."
+    from safetensors.torch import save_file
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    save_file(out, str(path))
+
 def write_checkpoint(dir: str | Path, model: torch.nn.Module, state: dict, meta: dict) -> Path:
-    "Write `model`'s weights, `state` and a manifest (with `meta`) to `dir`, atomically; returns `dir`."
+    "Write `model`'s weights (only what trains, when part of it is frozen), `state` and a manifest (with `meta`) to `dir`, atomically."
     from safetensors.torch import save_model
     dir = Path(dir)
+    part = checkpoint_tensors(model)
     tmp = dir.with_name(f".tmp-{dir.name}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        _write_file(tmp / WEIGHTS, lambda p: save_model(model, str(p)))
+        _write_file(tmp / WEIGHTS, lambda p: save_model(model, str(p)) if part is None else _save_tensors(part, p))
         if (delay := float(os.environ.get(WRITE_DELAY_ENV, 0) or 0)): time.sleep(delay)
         _write_file(tmp / STATE, lambda p: torch.save(state, p))
         files = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in (WEIGHTS, STATE)}
-        _write_file(tmp / MANIFEST, lambda p: p.write_text(json.dumps({"format": 1, **meta, "files": files}, indent=1)))
+        m = {"format": 1, **meta, "weights": "full" if part is None else "trainable", "files": files}
+        _write_file(tmp / MANIFEST, lambda p: p.write_text(json.dumps(m, indent=1)))
         fsync_dir(tmp)
         if dir.exists(): _discard(dir)
         os.rename(tmp, dir)
@@ -174,9 +195,10 @@ def safetensors_header(path: str | Path) -> dict[str, dict]:
         if not _entry_fits(t, size - 8 - n): raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {str(t)[:120]}")
     return table
 
-def check_weights(model: torch.nn.Module, path: str | Path) -> None:
-    "Raise `CheckpointError` unless the safetensors file holds every tensor of `model` (shared ones once) in its shape, and nothing else."
-    path, own = Path(path), model.state_dict()
+def check_weights(model: torch.nn.Module, path: str | Path, trainable_only: bool = False) -> None:
+    "Raise `CheckpointError` unless the safetensors file holds every tensor of `model` (or what trains, `trainable_only`) in its shape, and nothing else."
+    path = Path(path)
+    own = (checkpoint_tensors(model) if trainable_only else None) or model.state_dict()
     table = safetensors_header(path)
     storage = lambda k: own[k].untyped_storage().data_ptr()
     saved = {storage(k) for k in table if k in own}
@@ -207,16 +229,36 @@ def load_state(path: str | Path, map_location="cpu") -> dict:
     return state
 
 # %% ../nbs/06a_checkpoint.ipynb #5d8c8b3f
-def load_checkpoint(dir: str | Path, model: torch.nn.Module | None = None, map_location="cpu") -> tuple[dict, dict]:
-    "Verify checkpoint `dir`, load its state and its weights into `model` (if given); returns `(manifest, state)`."
-    from safetensors.torch import load_model
+class BaseModelMismatch(CheckpointError):
+    "A checkpoint of the trained parts only, resumed on base weights other than those it was trained on."
+
+def check_base_models(manifest: dict, current: dict, where: str | Path) -> None:
+    "`BaseModelMismatch` unless the base models the manifest records (`{part: pretrained_record}`) are `current`'s, file for file."
+    recorded = manifest.get("pretrained") or {}
+    if not isinstance(recorded, dict) or not all(isinstance(r, dict) and isinstance(r.get("files"), dict) for r in recorded.values()):
+        raise CheckpointError(f"{where}: the manifest's 'pretrained' is not a table of base model records")
+    none = {"name": None, "revision": None, "files": {}}
+    for part in sorted(set(recorded) | set(current)):
+        try: check_same_pretrained(recorded.get(part) or none, current.get(part) or none, f"base model of {part!r}")
+        except CheckpointError as e:
+            raise BaseModelMismatch(f"{where}: {e}; this checkpoint holds only the trained parts, so it resumes only on the base "
+                                    "model it was trained on (pin a hub id to its revision: org/name@revision)") from None
+
+def load_checkpoint(dir: str | Path, model: torch.nn.Module | None = None, map_location="cpu",
+                    pretrained: dict | None = None) -> tuple[dict, dict]:
+    "Verify checkpoint `dir` (a partial one against `pretrained`, the model's base records), load its state and weights into `model`."
+    from safetensors.torch import load_file, load_model
     dir = Path(dir)
     m = read_manifest(dir)
+    partial = m.get("weights") == "trainable"
+    if partial and pretrained is not None: check_base_models(m, pretrained, dir)
     if model is None: safetensors_header(dir / WEIGHTS)
-    else: check_weights(model, dir / WEIGHTS)
+    else: check_weights(model, dir / WEIGHTS, trainable_only=partial)
     state = load_state(dir / STATE, map_location)
     if model is not None:                                  # every check passed: only now is the model written
-        try: load_model(model, str(dir / WEIGHTS), device=str(map_location))
+        try:
+            if partial: model.load_state_dict(load_file(str(dir / WEIGHTS), device=str(map_location)), strict=False)
+            else: load_model(model, str(dir / WEIGHTS), device=str(map_location))
         except Exception as e: raise CheckpointError(f"{dir / WEIGHTS}: {type(e).__name__}: {e}") from e
     return m, state
 
@@ -251,11 +293,13 @@ class CheckpointManager:
             except CheckpointError as e: logger.warning("skipping checkpoint %s", e)
         return None
 
-    def load_latest(self, model: torch.nn.Module | None = None, map_location="cpu") -> tuple[Path, dict, dict] | None:
+    def load_latest(self, model: torch.nn.Module | None = None, map_location="cpu",
+                    pretrained: dict | None = None) -> tuple[Path, dict, dict] | None:
         "`(dir, manifest, state)` of the newest checkpoint that loads (weights into `model`), each newer one skipped with a warning."
         skipped = []
         for p in reversed(self.steps()):
-            try: return (p, *load_checkpoint(p, model, map_location))
+            try: return (p, *load_checkpoint(p, model, map_location, pretrained))
+            except BaseModelMismatch: raise                    # not damage: every checkpoint of the run was trained on that base
             except CheckpointError as e:
                 logger.warning("skipping checkpoint %s: %s", p.name, e)
                 skipped.append(f"{p.name}: {e}")

@@ -18,6 +18,7 @@ from fastcore.basics import patch
 from torch import nn
 
 from .core import ConfigError, config_from_dict, config_to_dict
+from .hub import load_pretrained, resolve_pretrained
 from .losses import batch_sizes, check_mrl_dims, contrastive_losses, dist_ready, gather_with_grad, mrl_prefix
 from .model import (BatchError, ContrastiveModel, DualEncoderOutput, MeanPool, load_pretrained_dir, need, same_shape,
                          save_pretrained_dir, seeded_init)
@@ -32,7 +33,7 @@ DEFAULT_INSTRUCTIONS = {"retrieval": "Query: ", "text-matching": "Query: ", "cod
 class EmbedderConfig:
     "Backbone, heads and losses of a `Qwen2VLEmbedder`."
     backbone: dict = field(default_factory=dict)        # a Qwen2VLConfig as a dict
-    backbone_pretrained: str | None = None
+    backbone_pretrained: str | None = None              # a folder or hub id (a Qwen2-VL checkpoint) to load the backbone from
     instruction_ids: dict = field(default_factory=dict) # task -> token ids of its instruction prefix
     embed_dim: int = 2048
     mrl_dims: tuple = (2048, 1024, 512, 256, 128)
@@ -83,16 +84,18 @@ def tiny_qwen2_vl_config(tokenizer, hidden: int = 64, layers: int = 2) -> dict:
 class Qwen2VLEmbedder(ContrastiveModel):
     "One Qwen2-VL backbone embedding documents (image prompts) and queries (instruction + caption) into one MRL space."
     name = "Qwen2VLEmbedder"
+    freeze_groups = {"backbone": ("backbone",), "vision": ("backbone.visual",), "text": ("backbone.language_model",)}
+    lora_parts = ("backbone",)                                   # the submodule LoRA adapts (mmlit.finetune)
 
     def __init__(self, config: EmbedderConfig):
         super().__init__()
         from transformers import AutoConfig, Qwen2VLModel
         if isinstance(config, dict): config = EmbedderConfig.from_dict(config)
         self.config = c = config
+        self.pretrained_sources = {"backbone": c.backbone_pretrained} if c.backbone_pretrained is not None else {}
         with seeded_init(c.seed):
             if c.backbone_pretrained is not None:
-                if not Path(c.backbone_pretrained).is_dir(): raise ConfigError(f"backbone_pretrained {c.backbone_pretrained!r} is not a local directory")
-                self.backbone = Qwen2VLModel.from_pretrained(c.backbone_pretrained, local_files_only=True)
+                self.backbone = load_pretrained(Qwen2VLModel, resolve_pretrained(c.backbone_pretrained), c.backbone_pretrained)
             else:
                 b = {k: v for k, v in c.backbone.items() if k not in ("model_type", "transformers_version", "architectures")}
                 self.backbone = Qwen2VLModel(AutoConfig.for_model("qwen2_vl", **b))
@@ -195,7 +198,7 @@ def forward(self: Qwen2VLEmbedder, input_ids=None, attention_mask=None, labels=N
 @patch
 def save_pretrained(self: Qwen2VLEmbedder, save_dir) -> Path:
     "Write `config.json` (with the backbone's full config) and `model.safetensors`."
-    cfg = self.config.to_dict(); cfg.update(backbone=self.backbone.config.to_dict(), backbone_pretrained=None)
+    cfg = self.config.to_dict(); cfg.update(backbone=self.backbone.config.to_dict(), backbone_pretrained=None)   # loads without the checkpoint
     return save_pretrained_dir(self, save_dir, cfg)
 
 @patch(cls_method=True)

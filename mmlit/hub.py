@@ -7,16 +7,17 @@ Docs: https://mmlit.github.io/mmlit/hub.html.md"""
 # %% ../nbs/00a_hub.ipynb #df4c6065
 from __future__ import annotations
 
-import hashlib, os, re, shutil, tempfile
+import hashlib, logging, os, re, shutil, tempfile
+from fnmatch import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
 
 from .core import CheckpointError, ConfigError
 
 # %% auto #0
-__all__ = ['HUB_ID', 'WANTED_FILES', 'BIN_WEIGHTS', 'SHA256', 'PretrainedRef', 'parse_pretrained', 'PretrainedNotFound',
-           'resolve_pretrained', 'save_to_hub_cache', 'hub_cache', 'file_sha256', 'pretrained_record',
-           'check_same_pretrained']
+__all__ = ['HUB_ID', 'WANTED_FILES', 'BIN_WEIGHTS', 'SHA256', 'logger', 'PretrainedRef', 'parse_pretrained', 'PretrainedNotFound',
+           'resolve_pretrained', 'save_to_hub_cache', 'hub_cache', 'file_sha256', 'model_files', 'pretrained_record',
+           'check_same_pretrained', 'load_pretrained', 'read_tensors']
 
 # %% ../nbs/00a_hub.ipynb #d4e721d0
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<rev>[\w./-]+))?$")
@@ -150,13 +151,17 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
 
+def model_files(d: Path) -> list[Path]:
+    "The files of a pretrained folder that define the model: configs, tokenizer files and weights (`.bin` only without safetensors)."
+    patterns = WANTED_FILES + ([] if any(d.glob("*.safetensors")) else BIN_WEIGHTS)
+    return sorted(p for p in d.iterdir() if p.is_file() and any(fnmatch(p.name, x) for x in patterns))
+
 def pretrained_record(name: str | os.PathLike | PretrainedRef) -> dict:
     "Name, hub id, resolved commit and per-file SHA-256 of a pretrained model or tokenizer."
     ref = name if isinstance(name, PretrainedRef) else parse_pretrained(name)
     d = resolve_pretrained(ref)
     commit = d.name if (not ref.is_local and d.parent.name == "snapshots") else None
-    files = {p.relative_to(d).as_posix(): file_sha256(p) for p in sorted(d.rglob("*")) if p.is_file()}
-    return {"name": ref.name, "repo_id": ref.repo_id, "revision": commit, "files": files}
+    return {"name": ref.name, "repo_id": ref.repo_id, "revision": commit, "files": {p.name: file_sha256(p) for p in model_files(d)}}
 
 # %% ../nbs/00a_hub.ipynb #ac335f42
 def check_same_pretrained(recorded: dict, current: dict, what: str = "base model") -> None:
@@ -168,3 +173,39 @@ def check_same_pretrained(recorded: dict, current: dict, what: str = "base model
                               f"{recorded.get('name')!r} (revision {recorded.get('revision')}), found {current.get('name')!r} "
                               f"(revision {current.get('revision')}); files that differ: {', '.join(diff[:8])}"
                               + (f" and {len(diff) - 8} more" if len(diff) > 8 else ""))
+
+# %% ../nbs/00a_hub.ipynb #bd594eff
+logger = logging.getLogger("mmlit.hub")
+
+def load_pretrained(cls, folder: str | os.PathLike, name: str | None = None, unused: tuple[str, ...] = (), **kwargs):
+    "`cls.from_pretrained(folder, **kwargs)` in float32 (unless `dtype=`), quietly; weights it needs and `folder` lacks (outside `unused` prefixes) are a `ConfigError`."
+    import torch
+    from transformers.utils import logging as hf_logging
+    kwargs.setdefault("dtype", torch.float32)       # transformers 5 keeps a checkpoint's bf16; mmlit trains fp32 weights under autocast
+    old, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error(); hf_logging.disable_progress_bar()
+    try: model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(old)
+        if bar: hf_logging.enable_progress_bar()
+    if missing := sorted(k for k in info.get("missing_keys") or [] if not k.startswith(unused)):
+        raise ConfigError(f"{name or folder}: {cls.__name__} needs weights the checkpoint does not hold: "
+                          f"{', '.join(missing[:8])}" + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
+    if unused := info.get("unexpected_keys"): logger.debug("%s: %d weights not used by %s", name or folder, len(unused), cls.__name__)
+    return model
+
+# %% ../nbs/00a_hub.ipynb #fb9c8ba5
+def read_tensors(folder: str | os.PathLike, names) -> dict:
+    "The tensors called `names` in a pretrained folder's weights (safetensors, else `.bin`); a name not there is a `ConfigError`."
+    import torch
+    folder, want, out = Path(folder), set(names), {}
+    if files := sorted(folder.glob("*.safetensors")):
+        from safetensors import safe_open
+        for f in files:
+            with safe_open(str(f), "pt") as h: out.update({k: h.get_tensor(k) for k in want & set(h.keys())})
+    else:
+        for f in sorted(folder.glob("*.bin")):
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            out.update({k: state[k] for k in want & set(state)})
+    if missing := sorted(want - set(out)): raise ConfigError(f"{folder}: the weights hold no {', '.join(missing)}")
+    return out

@@ -35,7 +35,8 @@ __all__ = ['RANK_SPLITS', 'LoaderConfig', 'epoch_order', 'Step', 'count_steps', 
            'TimedTransform', 'Samples', 'StepFetcher', 'Delivery', 'SkipAwareCollate', 'WorkerSeeder',
            'resolve_collate', 'rank_and_world_size', 'data_fingerprint', 'LoaderTimings', 'ResumableLoader',
            'make_loader', 'LoaderProfile', 'profile_loader', 'DataModule', 'RowSubset', 'split_rows',
-           'LoaderDataModule', 'WithTask', 'load_tokenizer', 'loader_parts', 'build_data_module', 'build_loader']
+           'LoaderDataModule', 'WithTask', 'load_tokenizer', 'preprocessor_options', 'loader_parts',
+           'build_data_module', 'build_loader']
 
 # %% ../nbs/04_loader.ipynb #cb749e57
 def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
@@ -649,11 +650,14 @@ def _read_config(config: dict | str | Path) -> dict:
 
 # %% ../nbs/04_loader.ipynb #72ae7460
 def load_tokenizer(spec, data_path=None, kind: str | None = None, data_options: dict | None = None):
-    "A tokenizer from a local directory, or trained offline (`{train: {...}, save_dir: ...}`) on the data's texts."
+    "A tokenizer from a local folder or a hub id (`org/name[@revision]`, see `mmlit.hub`), or trained offline (`{train: {...}, save_dir: ...}`)."
     if isinstance(spec, (str, Path)):
-        if not Path(spec).is_dir(): raise ConfigError(f"tokenizer {str(spec)!r} is not a local directory (mmlit never downloads)")
         from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(str(spec), local_files_only=True)
+        from mmlit.hub import resolve_pretrained
+        folder = resolve_pretrained(spec, weights=False)     # a hub id: the tokenizer files only, never the weights
+        try: return AutoTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError, ImportError) as e:        # ImportError: a package it needs (sentencepiece, ...)
+            raise ConfigError(f"tokenizer {str(spec)!r}: {folder} holds no tokenizer transformers can load ({type(e).__name__}: {e})") from None
     if isinstance(spec, dict) and "train" in spec:
         from mmlit.text import train_tokenizer
         from mmlit.sources import open_source
@@ -662,7 +666,7 @@ def load_tokenizer(spec, data_path=None, kind: str | None = None, data_options: 
         if hasattr(src, "decode"): src.decode = False           # texts only: leave images undecoded
         texts = (r["text"] for r in src.records() if r.get("text"))
         return train_tokenizer(texts, save_dir=spec.get("save_dir"), **(spec["train"] or {}))
-    if spec is None: raise ConfigError("the config needs a tokenizer: a local directory or {train: {vocab_size: ...}}")
+    if spec is None: raise ConfigError("the config needs a tokenizer: a local folder, a hub id or {train: {vocab_size: ...}}")
     return spec                                                  # an already-built tokenizer object
 
 # %% ../nbs/04_loader.ipynb #9f5e57cf
@@ -670,6 +674,14 @@ _KNOWN_KEYS = {"data", "kind", "data_options", "val_data", "val_split", "tokeniz
                "max_length", "task", "collate_options", "loader"}
 _DEFAULT_COLLATORS = {"clip": ("contrastive", dict(base="multimodal")), "qwen2_vl": ("qwen2_vl", {}),
                       "molmo": ("multimodal", {}), "lm": ("causal_lm", {})}
+
+def preprocessor_options(preset: str, options: dict | None) -> dict:
+    "`preprocessor_options` with `pretrained: ID` replaced by that checkpoint's image settings (options given beside it win)."
+    opts = dict(options or {})
+    if (name := opts.pop("pretrained", None)) is None: return opts
+    from mmlit.preprocess import pretrained_image_options, pretrained_patch_options
+    read = pretrained_patch_options if preset == "qwen2_vl" else pretrained_image_options
+    return {**read(name), **opts}
 
 # %% ../nbs/04_loader.ipynb #eea2df9d
 def loader_parts(config: dict | str | Path) -> dict:
@@ -697,7 +709,7 @@ def loader_parts(config: dict | str | Path) -> dict:
     else:
         from mmlit.multimodal import build_preprocessor
         preset = cfg.get("preprocessor", "clip")
-        popts = dict(cfg.get("preprocessor_options") or {})
+        popts = preprocessor_options(preset, cfg.get("preprocessor_options"))
         if cfg.get("max_length"): popts["max_length"] = cfg["max_length"]
         mk = lambda train: WithTask(build_preprocessor(preset, tok, train=train, **popts), task)
         parts.update(data=open_source(cfg["data"], kind, **opts), transform=mk(True), val_transform=mk(False),

@@ -22,15 +22,16 @@ from torch import nn
 from .core import CheckpointError, ConfigError, MmlitError, Registry, Stream, config_from_dict, config_to_dict, derive_seed
 from .losses import (batch_sizes, check_mrl_dims, contrastive_losses, dist_ready, draw_mrl_dim,
                           gather_with_grad, mrl_prefix)
-from .preprocess import get_normalisation, normalize as normalize_uint8
+from .hub import load_pretrained, read_tensors, resolve_pretrained
+from .preprocess import get_normalisation, normalize as normalize_uint8, pretrained_normalisation
 
 # %% auto #0
-__all__ = ['POOLED_OUTPUT_ONLY', 'POOLINGS', 'CLASS_TOKENS', 'DUAL_ENCODER_PRESETS', 'BatchError', 'need', 'same_shape',
-           'tower_config', 'drop_pooled_output', 'build_tower', 'tower_width', 'is_conv', 'tower_tokens', 'CLSPool',
-           'MeanPool', 'LastPool', 'AttentionPool', 'MultiheadAttentionPool', 'has_class_token',
-           'first_token_sees_text', 'check_cls_pooling', 'DualEncoderConfig', 'DualEncoderOutput', 'seeded_init',
-           'ContrastiveModel', 'DualEncoder', 'check_state', 'save_weights', 'load_weights', 'save_pretrained_dir',
-           'load_pretrained_dir', 'CheckpointError']
+__all__ = ['POOLED_OUTPUT_ONLY', 'POOLINGS', 'CLASS_TOKENS', 'DUAL_ENCODER_PRESETS', 'PRETRAINED_HEADS', 'BatchError', 'need',
+           'same_shape', 'tower_config', 'drop_pooled_output', 'tower_class', 'build_tower', 'tower_width', 'is_conv',
+           'tower_tokens', 'CLSPool', 'MeanPool', 'LastPool', 'AttentionPool', 'MultiheadAttentionPool', 'TowerPool',
+           'pooled_width', 'has_class_token', 'first_token_sees_text', 'check_cls_pooling', 'DualEncoderConfig',
+           'pretrained_embed_dim', 'DualEncoderOutput', 'seeded_init', 'ContrastiveModel', 'DualEncoder', 'check_state',
+           'save_weights', 'load_weights', 'save_pretrained_dir', 'load_pretrained_dir', 'CheckpointError']
 
 # %% ../nbs/05_model.ipynb #72e44382
 class BatchError(MmlitError, ValueError):
@@ -65,7 +66,8 @@ def tower_config(spec: dict | Any):
     except ValueError as e: raise ConfigError(f"tower config: {e}") from None
 
 # %% ../nbs/05_model.ipynb #e5afb053
-POOLED_OUTPUT_ONLY = {"clip_vision_model": ("post_layernorm",), "siglip_vision_model": ("head",), "convnext": ("layernorm",)}
+POOLED_OUTPUT_ONLY = {"clip_vision_model": ("post_layernorm",), "siglip_vision_model": ("head",), "siglip_text_model": ("head",),
+                      "convnext": ("layernorm",)}
 
 def drop_pooled_output(tower: nn.Module) -> nn.Module:
     "Replace the parts of `tower` that only feed its own pooled output (`POOLED_OUTPUT_ONLY`) by `nn.Identity`."
@@ -78,19 +80,27 @@ def drop_pooled_output(tower: nn.Module) -> nn.Module:
     return tower
 
 # %% ../nbs/05_model.ipynb #a2f04b0c
-def build_tower(spec: dict | Any, pretrained: str | Path | None = None) -> nn.Module:
-    "A `transformers` base model: random init from `spec`, or `from_pretrained(pretrained)` (a local directory)."
-    from transformers import AutoConfig, AutoModel
-    if pretrained is not None:
-        if not Path(pretrained).is_dir(): raise ConfigError(f"pretrained tower {str(pretrained)!r} is not a local directory (nothing downloads)")
-        cfg = AutoConfig.from_pretrained(pretrained, local_files_only=True)
-    else: cfg = tower_config(spec)
-    if type(cfg) not in AutoModel._model_mapping:
-        raise ConfigError(f"transformers' AutoModel has no base model for model_type {cfg.model_type!r}, so it cannot be a tower")
-    cls = AutoModel._model_mapping[type(cfg)]
-    kw = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(cls.__init__).parameters else {}
-    tower = cls.from_pretrained(pretrained, local_files_only=True, **kw) if pretrained is not None else cls(cfg, **kw)
-    return drop_pooled_output(tower)
+def tower_class(cfg) -> type:
+    "The `transformers` base model class of a tower config: `AutoModel`'s, else `transformers.<Name>Model` for a `<Name>Config`."
+    import transformers
+    from transformers import AutoModel
+    if type(cfg) in AutoModel._model_mapping: return AutoModel._model_mapping[type(cfg)]
+    cls = getattr(transformers, type(cfg).__name__.removesuffix("Config") + "Model", None)
+    if cls is None: raise ConfigError(f"transformers has no base model for model_type {cfg.model_type!r}, so it cannot be a tower")
+    return cls
+
+def build_tower(spec: dict | Any, pretrained: str | Path | None = None, side: str | None = None, keep_pooler: bool = False,
+                name: str | None = None) -> nn.Module:
+    "A `transformers` base model: random init from `spec`, or loaded from `pretrained` (a folder or hub id); `side` picks one tower of two."
+    from transformers import AutoConfig
+    folder = resolve_pretrained(pretrained) if pretrained is not None else None
+    cfg = AutoConfig.from_pretrained(str(folder)) if folder is not None else tower_config(spec)
+    if side is not None and hasattr(cfg, f"{side}_config"): cfg = getattr(cfg, f"{side}_config")   # CLIP, SigLIP: both towers in one
+    cls = tower_class(cfg)
+    kw = {"add_pooling_layer": keep_pooler} if "add_pooling_layer" in inspect.signature(cls.__init__).parameters else {}
+    dropped = () if keep_pooler else tuple(p + "." for p in POOLED_OUTPUT_ONLY.get(cfg.model_type, ()))   # need not be in the weights
+    tower = load_pretrained(cls, folder, name or str(pretrained), dropped, config=cfg, **kw) if folder is not None else cls(cfg, **kw)
+    return tower if keep_pooler else drop_pooled_output(tower)
 
 # %% ../nbs/05_model.ipynb #347f8cc4
 def tower_width(model: nn.Module) -> int:
@@ -159,10 +169,25 @@ class MultiheadAttentionPool(nn.Module):
         out, _ = self.attn(q, x, x, key_padding_mask=~mask.bool(), need_weights=False)
         return self.norm(out.mean(1))
 
+# %% ../nbs/05_model.ipynb #4dd2c2a1
+class TowerPool(nn.Module):
+    "The tower's own pooled output (`pooler_output`); the tower is built with the layers that make it."
+    def __init__(self, width: int, **_): super().__init__()
+    def forward(self, out, mask=None):
+        "`[B, H]`: the `pooler_output` of a tower's output `out` (a CNN's `[B, C, 1, 1]` flattened)."
+        p = getattr(out, "pooler_output", None)
+        if p is None: raise ConfigError(f"pooling 'tower': the tower's output ({type(out).__name__}) has no pooler_output")
+        return p.flatten(1) if p.ndim == 4 else p
+
+def pooled_width(tower: nn.Module, pooling: str) -> int:
+    "The width of a pooled vector: the tower's hidden width, or for `tower` pooling its pooled output's (SigLIP text's head projects)."
+    if pooling == "tower": return int(getattr(tower.config, "projection_size", None) or tower_width(tower))
+    return tower_width(tower)
+
 # %% ../nbs/05_model.ipynb #bcd0ff13
 POOLINGS = Registry("pooling")
 for _name, _cls in (("cls", CLSPool), ("mean", MeanPool), ("last", LastPool), ("attention", AttentionPool),
-                    ("multihead_attention", MultiheadAttentionPool)):
+                    ("multihead_attention", MultiheadAttentionPool), ("tower", TowerPool)):
     POOLINGS.add(_name, _cls)
 
 # %% ../nbs/05_model.ipynb #a7c31e02
@@ -200,8 +225,10 @@ class DualEncoderConfig:
     "Towers, pooling, embedding dimensions and loss weights of a `DualEncoder`."
     vision: dict = field(default_factory=dict)          # a transformers config dict with model_type
     text: dict = field(default_factory=dict)
-    vision_pretrained: str | None = None                # a local directory: load the tower's weights from it
+    vision_pretrained: str | None = None                # a folder or hub id to load the vision tower from (default: `pretrained`)
     text_pretrained: str | None = None
+    pretrained: str | None = None                       # one checkpoint holding both towers (CLIP, SigLIP): a folder or hub id
+    pretrained_projection: bool = False                 # start the projections and temperatures from `pretrained`'s heads
     vision_pooling: str = "cls"
     text_pooling: str = "cls"
     pool_heads: int = 4                                 # for multihead_attention pooling
@@ -215,7 +242,7 @@ class DualEncoderConfig:
     hard_negative_weight: float = 0.0                   # extra CE of each image over [caption, its negatives]
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100)
-    normalisation: str = "clip"                         # stage 2 preset applied to uint8 pixels
+    normalisation: str | dict | None = None             # for uint8 pixels; None: the vision checkpoint's statistics, else "clip"
     seed: int = 0
 
     def __post_init__(self):
@@ -223,7 +250,9 @@ class DualEncoderConfig:
         if self.mrl_mode not in ("sample", "sum"): raise ConfigError(f"mrl_mode must be 'sample' or 'sum', got {self.mrl_mode!r}")
         for k in ("vision_pooling", "text_pooling"):
             if getattr(self, k) not in POOLINGS: raise ConfigError(f"{k}: unknown pooling {getattr(self, k)!r}; known: {POOLINGS.names()}")
-        get_normalisation(self.normalisation)
+        if self.normalisation is not None: get_normalisation(self.normalisation)
+        if self.pretrained_projection and self.pretrained is None:
+            raise ConfigError("pretrained_projection: needs `pretrained`, the checkpoint whose heads the projections start from")
 
     @classmethod
     def from_dict(cls, d: dict) -> "DualEncoderConfig":
@@ -234,12 +263,22 @@ class DualEncoderConfig:
         "A JSON-ready dict (`from_dict` reads it back)."
         return config_to_dict(self)
 
+    def pretrained_sources(self) -> dict[str, str]:
+        "`{side: folder or hub id}` of the towers loaded from pretrained weights."
+        out = {"vision": self.vision_pretrained or self.pretrained, "text": self.text_pretrained or self.pretrained}
+        return {k: v for k, v in out.items() if v}
+
     @classmethod
     def preset(cls, name: str, vocab_size: int | None = None, **overrides) -> "DualEncoderConfig":
-        "A named preset (`tiny`, `base`), with `vocab_size` for the text tower and any field overridden."
-        d = json.loads(json.dumps(DUAL_ENCODER_PRESETS.get(name)))
-        if vocab_size is not None: d["text"]["vocab_size"] = int(vocab_size)
-        return cls.from_dict({**d, **overrides})
+        "A named preset (`tiny`, `base`, `pretrained`), with `vocab_size` for a text tower built here and any field overridden."
+        d = {**json.loads(json.dumps(DUAL_ENCODER_PRESETS.get(name))), **overrides}
+        if vocab_size is not None and d.get("text", {}).get("model_type"): d["text"] = {**d["text"], "vocab_size": int(vocab_size)}
+        if name == "pretrained" and not d.get("pretrained"):
+            raise ConfigError("preset 'pretrained' needs `pretrained`: a CLIP or SigLIP checkpoint (a folder or a hub id)")
+        if d.get("pretrained_projection") and d.get("pretrained") and "embed_dim" not in overrides:
+            d["embed_dim"] = pretrained_embed_dim(d["pretrained"])
+        if "embed_dim" in d and "mrl_dims" not in d: d["mrl_dims"] = [d["embed_dim"] // 2 ** i for i in range(4)]
+        return cls.from_dict(d)
 
 # %% ../nbs/05_model.ipynb #be41e716
 DUAL_ENCODER_PRESETS = Registry("dual encoder preset")
@@ -255,6 +294,14 @@ DUAL_ENCODER_PRESETS.add("base", dict(
     text=dict(model_type="bert", vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
               intermediate_size=3072, max_position_embeddings=512),
     vision_pooling="cls", text_pooling="cls", embed_dim=4096, mrl_dims=[4096, 2048, 1024, 512, 256, 128]))
+DUAL_ENCODER_PRESETS.add("pretrained", dict(vision_pooling="tower", text_pooling="tower", pretrained_projection=True))
+
+def pretrained_embed_dim(name: str) -> int:
+    "The width of a two-tower checkpoint's embeddings: CLIP's `projection_dim`, else (SigLIP) its vision tower's width."
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(str(resolve_pretrained(name, weights=False)))
+    if getattr(cfg, "vision_config", None) is None: raise ConfigError(f"{name}: not a two-tower checkpoint (its config has no vision_config)")
+    return int(getattr(cfg, "projection_dim", None) or cfg.vision_config.hidden_size)
 
 # %% ../nbs/05_model.ipynb #1dade34e
 @dataclass
@@ -274,10 +321,10 @@ class DualEncoderOutput:
 
 # %% ../nbs/05_model.ipynb #001a2a8d
 @contextmanager
-def seeded_init(seed: int):
-    "A context in which torch's global generator is seeded from `(seed, Stream.MODEL_INIT)`, restored after."
+def seeded_init(seed: int, index: int = 0):
+    "A context in which torch's global generator is seeded from `(seed, 0, index, Stream.MODEL_INIT)`, restored after."
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, 0, 0, Stream.MODEL_INIT))
+        torch.manual_seed(derive_seed(seed, 0, index, Stream.MODEL_INIT))
         yield
 
 # %% ../nbs/05_model.ipynb #e1c2d3a5
@@ -314,22 +361,30 @@ class ContrastiveModel(nn.Module):
 class DualEncoder(ContrastiveModel):
     "Image and text towers, pooling, projection to a unit-norm top dimension, Matryoshka prefixes and contrastive losses."
     name = "DualEncoder"
+    freeze_groups = {"vision": ("vision",), "text": ("text",)}   # `freeze: [vision]` locks the image tower (mmlit.finetune)
+    lora_parts = ("vision", "text")                              # the submodules LoRA adapts
 
     def __init__(self, config: DualEncoderConfig):
         super().__init__()
         if isinstance(config, dict): config = DualEncoderConfig.from_dict(config)
         self.config = c = config
+        self.pretrained_sources = c.pretrained_sources()
+        folders = {side: resolve_pretrained(n) for side, n in self.pretrained_sources.items()}
         with seeded_init(c.seed):
-            self.vision = build_tower(c.vision, c.vision_pretrained)
-            self.text = build_tower(c.text, c.text_pretrained)
+            for side in ("vision", "text"):
+                setattr(self, side, build_tower(getattr(c, side), folders.get(side), side, keep_pooler=getattr(c, f"{side}_pooling") == "tower",
+                                                name=self.pretrained_sources.get(side)))
             if c.vision_pooling == "cls": check_cls_pooling(self.vision, "vision")
             if c.text_pooling == "cls": check_cls_pooling(self.text, "text")
-            vw, tw = tower_width(self.vision), tower_width(self.text)
+            vw, tw = pooled_width(self.vision, c.vision_pooling), pooled_width(self.text, c.text_pooling)
             self.vision_pool = POOLINGS.build(c.vision_pooling, vw, heads=c.pool_heads, queries=c.pool_queries)
             self.text_pool = POOLINGS.build(c.text_pooling, tw, heads=c.pool_heads, queries=c.pool_queries)
             self.vision_proj = nn.Linear(vw, c.embed_dim, bias=False)
             self.text_proj = nn.Linear(tw, c.embed_dim, bias=False)
         self.init_temperatures(c)
+        norm = c.normalisation if c.normalisation is not None else (pretrained_normalisation(folders["vision"]) if "vision" in folders else None)
+        self.normalisation = get_normalisation(norm if norm is not None else "clip")
+        if c.pretrained_projection: self.load_pretrained_heads()
 
 # %% ../nbs/05_model.ipynb #c7836af8
 @patch
@@ -342,10 +397,13 @@ def image_features(self: DualEncoder, pixel_values: torch.Tensor) -> torch.Tenso
         hw = (size, size) if isinstance(size, int) else tuple(size)
         if tuple(x.shape[-2:]) != hw: raise BatchError(f"{self.name}: 'pixel_values' are {tuple(x.shape[-2:])}, the vision tower takes {hw}")
     x = x.to(self.device, non_blocking=True)
-    x = normalize_uint8(x, self.config.normalisation) if x.dtype == torch.uint8 else x.float()
-    tokens = tower_tokens(self.vision(pixel_values=x))
-    mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
-    return F.normalize(self.vision_proj(self.vision_pool(tokens, mask)), dim=-1)
+    x = normalize_uint8(x, self.normalisation) if x.dtype == torch.uint8 else x.float()
+    out = self.vision(pixel_values=x)
+    if isinstance(self.vision_pool, TowerPool): pooled = self.vision_pool(out)
+    else:
+        tokens = tower_tokens(out)
+        pooled = self.vision_pool(tokens, torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device))
+    return F.normalize(self.vision_proj(pooled), dim=-1)
 
 # %% ../nbs/05_model.ipynb #84c1323a
 @patch
@@ -362,8 +420,9 @@ def text_features(self: DualEncoder, input_ids: torch.Tensor, attention_mask: to
     if maxpos is not None and ids.shape[1] > maxpos:
         raise BatchError(f"{self.name}: 'input_ids' has {ids.shape[1]} tokens > the text tower's max_position_embeddings {maxpos}")
     ids, attention_mask = ids.to(self.device), attention_mask.to(self.device)
-    tokens = self.text(input_ids=ids, attention_mask=attention_mask).last_hidden_state
-    return F.normalize(self.text_proj(self.text_pool(tokens, attention_mask)), dim=-1)
+    out = self.text(input_ids=ids, attention_mask=attention_mask)
+    pooled = self.text_pool(out) if isinstance(self.text_pool, TowerPool) else self.text_pool(out.last_hidden_state, attention_mask)
+    return F.normalize(self.text_proj(pooled), dim=-1)
 
 # %% ../nbs/05_model.ipynb #8d992171
 @patch
@@ -495,12 +554,42 @@ def load_pretrained_dir(save_dir: str | Path, cls: type, build: Callable[[dict],
 # %% ../nbs/05_model.ipynb #9c03fdfc
 @patch
 def save_pretrained(self: DualEncoder, save_dir: str | Path) -> Path:
-    "Write `config.json` (each tower's full config: loading needs no pretrained directory) and `model.safetensors`."
+    "Write `config.json` (each tower's full config and the pixel statistics: loading needs no pretrained checkpoint) and `model.safetensors`."
     cfg = self.config.to_dict()
-    cfg.update(vision=self.vision.config.to_dict(), text=self.text.config.to_dict(), vision_pretrained=None, text_pretrained=None)
+    cfg.update(vision=self.vision.config.to_dict(), text=self.text.config.to_dict(), vision_pretrained=None, text_pretrained=None,
+               pretrained=None, pretrained_projection=False, normalisation=dataclasses.asdict(self.normalisation))
     return save_pretrained_dir(self, save_dir, cfg)
 
 @patch(cls_method=True)
 def from_pretrained(cls: DualEncoder, save_dir: str | Path) -> DualEncoder:
     "A model saved by `save_pretrained`."
     return load_pretrained_dir(save_dir, cls, lambda cfg: cls(DualEncoderConfig.from_dict(cfg)))
+
+# %% ../nbs/05_model.ipynb #1a0e3c2f
+PRETRAINED_HEADS = {   # model_type: (vision projection, text projection, logit scale, logit bias) in its weights; None: identity
+    "clip": ("visual_projection.weight", "text_projection.weight", "logit_scale", None),
+    "siglip": (None, None, "logit_scale", "logit_bias"), "siglip2": (None, None, "logit_scale", "logit_bias")}
+
+@patch
+def load_pretrained_heads(self: DualEncoder) -> None:
+    "Start the projections and temperatures from `config.pretrained`'s heads (CLIP: its projections and scale; SigLIP: identity, scale, bias)."
+    from transformers import AutoConfig
+    c = self.config
+    folder = resolve_pretrained(c.pretrained)
+    kind = AutoConfig.from_pretrained(str(folder)).model_type
+    if kind not in PRETRAINED_HEADS:
+        raise ConfigError(f"pretrained_projection: {c.pretrained} is a {kind!r} checkpoint; mmlit knows the heads of {sorted(PRETRAINED_HEADS)}")
+    vproj, tproj, scale, bias = PRETRAINED_HEADS[kind]
+    t = read_tensors(folder, [k for k in (vproj, tproj, scale, bias) if k])
+    with torch.no_grad():
+        for side, lin, key in (("vision", self.vision_proj, vproj), ("text", self.text_proj, tproj)):
+            out_dim, in_dim = lin.weight.shape
+            w = t[key] if key else torch.eye(in_dim) if out_dim == in_dim else None
+            if w is None or tuple(w.shape) != (out_dim, in_dim):
+                want = f"{w.shape[1]} → {w.shape[0]}" if w is not None else f"{in_dim} → {in_dim} (the identity)"
+                raise ConfigError(f"pretrained_projection: {c.pretrained}'s {side} head maps {want}, this model's {side}_proj "
+                                  f"{in_dim} → {out_dim}: use embed_dim {w.shape[0] if w is not None else in_dim} and {side}_pooling 'tower'")
+            lin.weight.copy_(w)
+        if kind == "clip": self.logit_scale.copy_(t[scale].reshape(()))
+        elif hasattr(self, "siglip_logit_scale"):
+            self.siglip_logit_scale.copy_(t[scale].reshape(())); self.siglip_logit_bias.copy_(t[bias].reshape(()))

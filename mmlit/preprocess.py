@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import math
 import os
 import re
@@ -30,8 +31,9 @@ __all__ = ['NORMALISATIONS', 'DEFAULT_MAX_ASPECT_RATIO', 'IMAGE_PRESETS', 'Norma
            'to_rgb', 'open_checked', 'pil_to_tensor', 'pil_to_chw', 'decode_rgb', 'check_aspect_ratio',
            'shortest_side_size', 'cover_size', 'resize_shortest', 'resize', 'center_crop', 'center_crop_box',
            'resize_center_crop', 'random_crop', 'resize_crop', 'random_resized_crop', 'pad_to_square', 'hflip',
-           'color_jitter', 'ImagePreprocessor', 'image_preset', 'smart_resize', 'patchify', 'Qwen2VLPatcher',
-           'sample_frame_indices', 'load_frames', 'VideoPreprocessor']
+           'color_jitter', 'ImagePreprocessor', 'image_preset', 'pretrained_image_options', 'pretrained_normalisation',
+           'smart_resize', 'patchify', 'Qwen2VLPatcher', 'pretrained_patch_options', 'sample_frame_indices',
+           'load_frames', 'VideoPreprocessor']
 
 # %% ../nbs/02_preprocess.ipynb #61150b4e
 @dataclass(frozen=True)
@@ -383,6 +385,63 @@ def image_preset(name: str = "clip", train: bool = False, **overrides) -> ImageP
     if train: kw.update(IMAGE_PRESETS.meta(name)["train"])
     return ImagePreprocessor(**{**kw, **overrides})
 
+# %% ../nbs/02_preprocess.ipynb #9100580b
+def _image_processor_config(d: Path, name: str, required: bool = True) -> dict | None:
+    "The image processor settings saved in folder `d`: `preprocessor_config.json`, or `processor_config.json`'s `image_processor`."
+    if (d / "preprocessor_config.json").is_file(): return json.loads((d / "preprocessor_config.json").read_text())
+    if (d / "processor_config.json").is_file():
+        c = json.loads((d / "processor_config.json").read_text()).get("image_processor")
+        if isinstance(c, dict): return c
+    if not required: return None
+    raise ConfigError(f"{name}: no preprocessor_config.json (the checkpoint's image processor settings) in {d}")
+
+def _hf_size(v, what: str, name: str) -> tuple[int, int] | int:
+    "An image processor size: `(h, w)` for a fixed size, an int for a shortest edge."
+    if isinstance(v, int): return (v, v)
+    if isinstance(v, dict) and {"height", "width"} <= set(v): return (int(v["height"]), int(v["width"]))
+    if isinstance(v, dict) and "shortest_edge" in v: return int(v["shortest_edge"])
+    raise ConfigError(f"{name}: the image processor's {what} {v!r} is neither a fixed size nor a shortest edge")
+
+def _three(v, what: str, name: str) -> list[float]:
+    v = [float(v)] * 3 if isinstance(v, (int, float)) else [float(x) for x in v]
+    if len(v) != 3: raise ConfigError(f"{name}: the image processor's {what} {v} does not have 3 channels")
+    return v
+
+# %% ../nbs/02_preprocess.ipynb #4a57d05e
+def _pixel_options(c: dict, name: str) -> dict:
+    "`normalize` and `resample` from an image processor config; a rescale other than 1/255 is a `ConfigError`."
+    if not c.get("do_rescale", True) or not math.isclose(c.get("rescale_factor", 1 / 255), 1 / 255):
+        raise ConfigError(f"{name}: the image processor scales pixels by {c.get('rescale_factor') if c.get('do_rescale', True) else 1}; "
+                          "mmlit reads them as x / 255")
+    norm = (dict(mean=_three(c.get("image_mean", 0.0), "image_mean", name), std=_three(c.get("image_std", 1.0), "image_std", name))
+            if c.get("do_normalize", True) else dict(mean=[0.0] * 3, std=[1.0] * 3))
+    return dict(normalize=norm, resample=int(c.get("resample", Image.BICUBIC)))
+
+def pretrained_image_options(name: str | os.PathLike) -> dict:
+    "`size`, `fit`, `normalize` and `resample` for `ImagePreprocessor` from a pretrained checkpoint's image processor config."
+    from mmlit.hub import resolve_pretrained
+    name = str(name)
+    c = _image_processor_config(resolve_pretrained(name, weights=False), name)
+    size = _hf_size(c.get("size"), "size", name)
+    if c.get("do_center_crop"):
+        crop = _hf_size(c.get("crop_size", c.get("size")), "crop_size", name)
+        crop = (crop, crop) if isinstance(crop, int) else crop
+        if isinstance(size, int) and size != min(crop):
+            warnings.warn(f"{name}: the image processor resizes the shortest side to {size}, then crops {crop}; "
+                          f"mmlit resizes it to {min(crop)} and crops {crop} (a little more of each image)")
+        geometry = dict(size=crop, fit="crop")
+    elif isinstance(size, tuple): geometry = dict(size=size, fit="stretch")
+    else: raise ConfigError(f"{name}: the image processor resizes the shortest side to {size} without a crop, so images keep "
+                            "their aspect ratio and vary in size; a fixed-size ImagePreprocessor cannot give that")
+    return dict(geometry, **_pixel_options(c, name))
+
+# %% ../nbs/02_preprocess.ipynb #532de464
+def pretrained_normalisation(name: str | os.PathLike) -> Normalisation | None:
+    "The mean and std of a pretrained checkpoint's image processor; `None` when it has no image processor config."
+    from mmlit.hub import resolve_pretrained
+    c = _image_processor_config(resolve_pretrained(name, weights=False), str(name), required=False)
+    return None if c is None else get_normalisation(_pixel_options(c, str(name))["normalize"])
+
 # %% ../nbs/02_preprocess.ipynb #9d12ed69
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
                  max_pixels: int = 28 * 28 * 1280, max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO) -> tuple[int, int]:
@@ -504,6 +563,18 @@ class Qwen2VLPatcher:
         patches, grid = patchify(x, self.patch_size, self.merge_size, self.temporal_patch_size)
         if not self.uint8: patches = torch.addcmul(self._offset, patches.to(torch.float32), self._scale)
         return {"pixel_values_videos": patches, "video_grid_thw": torch.tensor([grid], dtype=torch.int64)}
+
+# %% ../nbs/02_preprocess.ipynb #3db5e2b9
+def pretrained_patch_options(name: str | os.PathLike) -> dict:
+    "`Qwen2VLPatcher` options (pixel budget, patch sizes, normalisation, filter) from a Qwen2-VL checkpoint's image processor config."
+    from mmlit.hub import resolve_pretrained
+    name = str(name)
+    c = _image_processor_config(resolve_pretrained(name, weights=False), name)
+    size = c.get("size") if isinstance(c.get("size"), dict) else {}
+    out = {k: int(c[k]) for k in ("patch_size", "merge_size", "temporal_patch_size") if c.get(k) is not None}
+    for key, alt in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+        if (v := c.get(key, size.get(alt))) is not None: out[key] = int(v)
+    return {**out, **_pixel_options(c, name)}
 
 # %% ../nbs/02_preprocess.ipynb #7084e756
 def sample_frame_indices(num_frames: int, max_frames: int = 16, mode: str = "uniform",

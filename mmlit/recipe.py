@@ -17,24 +17,29 @@ import torch
 from torch import nn
 
 from .core import ConfigError, Stream, check_keys, config_from_dict, config_to_dict, derive_seed, redact
+from .finetune import LoraSpec
 from .loader import LoaderDataModule, loader_parts, resolve_collate
 from .storage import Location, StorageError, as_store, is_uri
 from .train import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, ScheduleConfig, TrainConfig, Trainer,
                          claim_run_dir, evaluate_loss, load_config, setup_distributed)
 
 # %% auto #0
-__all__ = ['RUN_DATA', 'ModelSpec', 'RunConfig', 'data_store', 'check_data_paths', 'model_config', 'build_model',
-           'resolve_run_config', 'labels_in_gather_order', 'padding_in_gather_order', 'Run', 'build_run',
-           'eval_embeddings', 'finish_run', 'split_by_group', 'demo_config', 'format_summary', 'run_demo',
-           'absolute_data', 'data_files', 'data_record', 'record_data']
+__all__ = ['RUN_DATA', 'ModelSpec', 'RunConfig', 'data_store', 'check_data_paths', 'model_config', 'apply_trainable',
+           'build_model', 'pretrained_defaults', 'resolve_run_config', 'labels_in_gather_order',
+           'padding_in_gather_order', 'Run', 'build_run', 'eval_embeddings', 'finish_run', 'export_model',
+           'split_by_group', 'demo_config', 'format_summary', 'run_demo', 'absolute_data', 'data_files', 'data_record',
+           'record_data']
 
 # %% ../nbs/80_recipe.ipynb #feeda6a9
 @dataclass
 class ModelSpec:
-    "Which model to train: a stage 5 `DualEncoder` or `CausalLM`, from a preset."
+    "Which model to train: a stage 5 `DualEncoder` or `CausalLM`, from a preset or pretrained weights, and which parts train."
     kind: Literal["dual_encoder", "causal_lm"] = "dual_encoder"
-    preset: str | None = "tiny"          # a DualEncoderConfig preset (dual_encoder) or a causal LM preset (causal_lm)
+    preset: str | None = None            # a DualEncoderConfig / causal LM preset; None: `pretrained` with `pretrained`, else `tiny`
     options: dict = field(default_factory=dict)   # fields overriding the preset
+    pretrained: str | None = None        # a folder or hub id: the dual encoder's CLIP/SigLIP checkpoint, the causal LM's weights
+    freeze: list = field(default_factory=list)    # parts kept as they are: shorthands (vision, text, backbone), globs, `re:` patterns
+    lora: LoraSpec | None = None         # LoRA adapters through peft: {r, alpha, dropout, target_modules, parts}
 
 @dataclass
 class RunConfig(TrainConfig):
@@ -62,12 +67,15 @@ def _check_path(key: str, path, store) -> None:
         except StorageError as e: raise ConfigError(f"data.{key}: {e}") from None
 
 def check_data_paths(data: dict) -> None:
-    "`ConfigError` naming `data.data` / `data.val_data` / `data.tokenizer` when a path or URI they give matches no file."
+    "`ConfigError` naming `data.data` / `data.val_data` / `data.tokenizer` when a path or URI matches no file or a hub id does not resolve."
+    from mmlit.hub import resolve_pretrained
     if not data.get("data"): raise ConfigError("data.data: the config needs a Parquet, JSONL or text path")
     store = data_store(data)
     _check_path("data", data["data"], store)
     if data.get("val_data"): _check_path("val_data", data["val_data"], store)
-    if isinstance(data.get("tokenizer"), str): _check_path("tokenizer", data["tokenizer"], store)
+    if isinstance(data.get("tokenizer"), str):
+        try: resolve_pretrained(data["tokenizer"], weights=False)
+        except ConfigError as e: raise ConfigError(f"data.tokenizer: {e}") from None
 
 # %% ../nbs/80_recipe.ipynb #3687e1b7
 def model_config(spec: ModelSpec, vocab_size: int, seed: int = 0):
@@ -75,10 +83,17 @@ def model_config(spec: ModelSpec, vocab_size: int, seed: int = 0):
     if spec.kind == "dual_encoder":
         from mmlit.model import DualEncoderConfig
         check_keys(spec.options, [f.name for f in dataclasses.fields(DualEncoderConfig)], "model.options")
-        try: return DualEncoderConfig.preset(spec.preset or "tiny", vocab_size=vocab_size, **{"seed": seed, **spec.options})
+        opts = {"seed": seed, **({"pretrained": spec.pretrained} if spec.pretrained else {}), **spec.options}
+        preset = spec.preset or ("pretrained" if opts.get("pretrained") else "tiny")
+        try: return DualEncoderConfig.preset(preset, vocab_size=vocab_size, **opts)
         except (ConfigError, TypeError, KeyError) as e: raise ConfigError(f"model.options / model.preset: {e}") from None
     from transformers import AutoConfig
     from mmlit.causal_lm import causal_lm_config
+    if spec.pretrained:                                       # the checkpoint's config; options override its fields
+        from mmlit.hub import resolve_pretrained
+        known = AutoConfig.from_pretrained(str(resolve_pretrained(spec.pretrained, weights=False))).to_dict()
+        check_keys(spec.options, sorted(known), "model.options")
+        return dict(spec.options)
     try: d = causal_lm_config(spec.preset or "tiny", vocab_size, **spec.options)
     except (ConfigError, KeyError) as e: raise ConfigError(f"model.preset: {e}") from None
     known = set(AutoConfig.for_model(d["model_type"]).to_dict()) | {"model_type"}
@@ -86,24 +101,45 @@ def model_config(spec: ModelSpec, vocab_size: int, seed: int = 0):
     return d
 
 # %% ../nbs/80_recipe.ipynb #2f678061
+def apply_trainable(model: nn.Module, spec: ModelSpec, seed: int = 0) -> nn.Module:
+    "`model` with `spec.lora` adapters and `spec.freeze` locked (`mmlit.finetune`); unchanged when the spec names neither."
+    if not spec.freeze and spec.lora is None: return model
+    from mmlit.finetune import apply_finetune
+    return apply_finetune(model, spec.freeze, spec.lora, seed)
+
 def build_model(spec: ModelSpec, tokenizer, seed: int = 0) -> nn.Module:
     "The model a `ModelSpec` names, its vocabulary sized to `tokenizer`, initialised from `(seed, Stream.MODEL_INIT)`."
     cfg = model_config(spec, len(tokenizer), seed)
     if spec.kind == "dual_encoder":
         from mmlit.model import DualEncoder
-        return DualEncoder(cfg)
+        return apply_trainable(DualEncoder(cfg), spec, seed)
     from mmlit.causal_lm import CausalLM
-    cfg.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    return CausalLM(cfg, seed=seed)
+    if not spec.pretrained:
+        cfg.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    return apply_trainable(CausalLM(cfg, pretrained=spec.pretrained, seed=seed), spec, seed)
+
+# %% ../nbs/80_recipe.ipynb #1563dad3
+def pretrained_defaults(cfg: RunConfig) -> RunConfig:
+    "A copy with what a pretrained model implies written in: the preset, and (unless given) the tokenizer and image settings."
+    m, data = cfg.model, json.loads(json.dumps(cfg.data, default=str))
+    source = m.pretrained or (m.options.get("pretrained") if m.kind == "dual_encoder" else None)
+    preset = m.preset or ("pretrained" if m.kind == "dual_encoder" else None) if source else m.preset or "tiny"   # a causal LM's: its own
+    if source:
+        data.setdefault("tokenizer", source)
+        images = data.get("task") != "lm" and (m.kind == "dual_encoder" or data.get("preprocessor") == "qwen2_vl")
+        vision = (m.options.get("vision_pretrained") or source) if m.kind == "dual_encoder" else source
+        if images and "pretrained" not in (data.get("preprocessor_options") or {}):
+            data["preprocessor_options"] = {"pretrained": vision, **(data.get("preprocessor_options") or {})}
+    return dataclasses.replace(cfg, data=data, model=dataclasses.replace(m, preset=preset))
 
 # %% ../nbs/80_recipe.ipynb #cf105029
 def resolve_run_config(cfg: RunConfig) -> RunConfig:
-    "A copy with the automatic choices written in: the loader's seed defaults to the run's seed."
+    "A copy with the automatic choices written in: the loader's seed defaults to the run's seed; what a pretrained model implies."
     data = json.loads(json.dumps(cfg.data, default=str))
     loader = dict(data.get("loader") or {})
     if "seed" not in data and "seed" not in loader: loader["seed"] = cfg.seed
     if loader: data["loader"] = loader
-    return dataclasses.replace(cfg, data=data)
+    return pretrained_defaults(dataclasses.replace(cfg, data=data))
 
 # %% ../nbs/80_recipe.ipynb #a6c9f388
 def _val_labels(cfg: RunConfig) -> np.ndarray | None:
@@ -247,6 +283,30 @@ def finish_run(run: Run, result, wall_s: float | None = None) -> dict:
             buf = io.BytesIO(); np.savez(buf, **eval_embeddings(run)); atomic_write_bytes(d / "eval_embeddings.npz", buf.getvalue())
         atomic_write_text(d / "summary.json", json.dumps(summary, indent=1))
     return summary
+
+# %% ../nbs/80_recipe.ipynb #de7a5a97
+def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    "The model of run `run_dir` (its best checkpoint, else the newest, or `checkpoint`), LoRA merged, saved with its tokenizer to `out_dir`."
+    from mmlit.checkpoint import CheckpointManager, load_checkpoint
+    from mmlit.finetune import export_merged, pretrained_records
+    from mmlit.loader import load_tokenizer
+    run_dir = Path(run_dir)
+    cfg = load_config(RunConfig, run_dir / "config.yaml")
+    tok = cfg.data.get("tokenizer")
+    if isinstance(tok, dict):
+        if not tok.get("save_dir"): raise ConfigError(f"{run_dir}: its tokenizer was trained without data.tokenizer.save_dir; nothing to export it from")
+        tok = tok["save_dir"]
+    tokenizer = load_tokenizer(tok)
+    model = build_model(cfg.model, tokenizer, cfg.seed)
+    if checkpoint is None:
+        cm = CheckpointManager(run_dir / "checkpoints")
+        best = cm.best()
+        checkpoint = cm.dir / best["dir"] if best and (cm.dir / best["dir"]).is_dir() else cm.latest()
+        if checkpoint is None: raise ConfigError(f"{run_dir}: no checkpoint to export")
+    load_checkpoint(checkpoint, model, pretrained=pretrained_records(model))
+    export_merged(model, out_dir, inplace=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return Path(out_dir)
 
 # %% ../nbs/80_recipe.ipynb #7294a33d
 def split_by_group(path: str | Path, column: str, fraction: float, out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:

@@ -21,7 +21,7 @@ from .formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 # %% auto #0
 __all__ = ['EOS', 'IM_START', 'IM_END', 'VISION_START', 'VISION_END', 'IMAGE_PAD', 'VIDEO_PAD', 'SPECIAL_TOKENS',
            'CHAT_TEMPLATES', 'TOKENIZER_KINDS', 'byte_level_bpe', 'train_tokenizer', 'token_ids', 'ImageTokens',
-           'image_input_idx', 'encode_chat', 'encode_text', 'token_stream', 'LMWindows', 'lm_windows']
+           'image_input_idx', 'encode_chat', 'bos_ids', 'encode_text', 'token_stream', 'LMWindows', 'lm_windows']
 
 # %% ../nbs/02a_text.ipynb #f16ccf62
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -218,15 +218,23 @@ def encode_chat(tokenizer, messages: Sequence[dict], num_image_tokens: Sequence[
     return out
 
 # %% ../nbs/02a_text.ipynb #99c7ed0e
+def bos_ids(tokenizer) -> list[int]:
+    "The special ids an HF tokenizer puts before a text's own tokens (CLIP's `<|startoftext|>`); `[]` for most tokenizers."
+    if not hasattr(tokenizer, "all_special_ids"): return []
+    full, specials = _as_ids(tokenizer("a", add_special_tokens=True)), set(tokenizer.all_special_ids)
+    n = 0
+    while n < len(full) and full[n] in specials: n += 1
+    return full[:n]
+
 def encode_text(tokenizer, text: str, max_length: int | None = None, add_eos: bool = True,
                 train_lm: bool = False) -> dict[str, torch.Tensor]:
-    "`input_ids`, `attention_mask`, `labels` for one text (eos appended, cut to `max_length` keeping the eos)."
+    "`input_ids`, `attention_mask`, `labels` for one text (the tokenizer's bos first, eos appended, cut to `max_length` keeping both)."
     if not isinstance(text, str): raise BadRecordError(f"text must be a string, got {type(text).__name__}")
-    ids = token_ids(tokenizer, text)
+    bos, ids = bos_ids(tokenizer), token_ids(tokenizer, text)
     eos = getattr(tokenizer, "eos_token_id", None)
     if add_eos and eos is None: raise ConfigError("the tokenizer has no eos token; pass add_eos=False")
-    if max_length is not None: ids = ids[: max_length - int(add_eos)]
-    if add_eos: ids = ids + [eos]
+    if max_length is not None: ids = ids[: max(max_length - int(add_eos) - len(bos), 0)]
+    ids = bos + ids + ([eos] if add_eos else [])
     x = torch.tensor(ids, dtype=torch.int64)
     return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone() if train_lm else torch.full_like(x, -100)}
 

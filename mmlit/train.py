@@ -18,7 +18,8 @@ from fastcore.basics import patch
 from torch import nn
 
 from .core import ConfigError, MmlitError, Stream, config_from_dict, config_to_dict, derive_seed, redact
-from .checkpoint import CheckpointManager, atomic_write_text, rng_state, set_rng_state
+from .checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, rng_state, set_rng_state
+from .finetune import describe_trainable, pretrained_records
 
 logger = logging.getLogger("mmlit.train")
 
@@ -351,6 +352,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.fingerprint)
+        self.pretrained = pretrained_records(self.model)                     # the base model's files: checked on resume
         self.step = self.epoch = self.micro = self.nonfinite = self.nonfinite_run = self.samples = 0
         self.best_value, self.last_eval, self.history = None, {}, []
         self.wait_s = self.step_s = 0.0
@@ -405,8 +407,10 @@ def _start(self: Trainer) -> str | None:
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
         self.checkpoints.clean_temporaries()
     if self.world_size > 1: torch.distributed.barrier()
-    loaded = self.checkpoints.load_latest(self.model, map_location=self.device) if self.config.checkpoint.resume else None
-    if loaded is not None:                                  # the newest checkpoint that loads; newer ones are skipped with a warning
+    if self.main: logger.info("%s: %s", type(self.model).__name__, describe_trainable(self.model))
+    loaded = (self.checkpoints.load_latest(self.model, map_location=self.device, pretrained=self.pretrained)
+              if self.config.checkpoint.resume else None)
+    if loaded is not None:                                  # the newest that loads; newer ones skipped with a warning
         latest, _, state = loaded
         self.load_state_dict(state)
         resumed = str(latest)
@@ -539,7 +543,8 @@ def save(self: Trainer, best: bool = False):
     "Write a checkpoint of this step (rank 0) and the loader report and profile."
     if self.main:
         b = (self.config.eval.metric, self.best_value) if best else None
-        self.checkpoints.save(self.model, self.state_dict(), {"step": self.step, "epoch": self.epoch}, best=b)
+        meta = {"step": self.step, "epoch": self.epoch, **({"pretrained": self.pretrained} if self.pretrained else {})}
+        self.checkpoints.save(self.model, self.state_dict(), meta, best=b)
         self._write_loader_files()
     if self.world_size > 1: torch.distributed.barrier()
 

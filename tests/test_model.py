@@ -336,5 +336,7 @@ def test_pretrained_tower_drops_its_pooled_output(name, tmp_path):
 
 
 def test_a_config_without_a_base_model_is_named():
-    with pytest.raises(ConfigError, match="no base model for model_type 'siglip_text_model'"):
-        build_tower(dict(model_type="siglip_text_model", vocab_size=50))
+    from transformers import PretrainedConfig
+    class NoTowerConfig(PretrainedConfig): model_type = "no_tower"
+    with pytest.raises(ConfigError, match="no base model for model_type 'no_tower'"):
+        build_tower(NoTowerConfig())
