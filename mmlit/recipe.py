@@ -10,31 +10,37 @@ from __future__ import annotations
 import dataclasses, json, math, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from .core import ConfigError, Stream, check_keys, config_from_dict, config_to_dict, derive_seed, redact
+from .core import ConfigError, Registry, Stream, check_keys, config_from_dict, config_to_dict, derive_seed, redact
 from .loader import LoaderDataModule, loader_parts, resolve_collate
 from .storage import Location, StorageError, as_store, is_uri
 from .train import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, ScheduleConfig, TrainConfig, Trainer,
                          claim_run_dir, evaluate_loss, load_config, setup_distributed)
 
 # %% auto #0
-__all__ = ['RUN_DATA', 'ModelSpec', 'RunConfig', 'data_store', 'check_data_paths', 'model_config', 'build_model',
-           'resolve_run_config', 'labels_in_gather_order', 'padding_in_gather_order', 'Run', 'build_run',
-           'eval_embeddings', 'finish_run', 'split_by_group', 'demo_config', 'format_summary', 'run_demo',
-           'absolute_data', 'data_files', 'data_record', 'record_data']
+__all__ = ['MODEL_KINDS', 'EMBEDDER_PRESETS', 'RUN_DATA', 'ModelSpec', 'RunConfig', 'data_store', 'check_data_paths', 'ModelKind',
+           'model_config', 'build_model', 'merge_dicts', 'resolve_run_config', 'labels_in_gather_order',
+           'padding_in_gather_order', 'Run', 'build_run', 'eval_embeddings', 'finish_run', 'split_by_group',
+           'demo_paths', 'demo_config', 'format_summary', 'run_demo', 'example_config', 'absolute_data', 'data_files',
+           'data_record', 'record_data']
 
 # %% ../nbs/80_recipe.ipynb #feeda6a9
+MODEL_KINDS = Registry("model kind")
+
 @dataclass
 class ModelSpec:
-    "Which model to train: a stage 5 `DualEncoder` or `CausalLM`, from a preset."
-    kind: Literal["dual_encoder", "causal_lm"] = "dual_encoder"
-    preset: str | None = "tiny"          # a DualEncoderConfig preset (dual_encoder) or a causal LM preset (causal_lm)
+    "Which model to train: a kind from `MODEL_KINDS`, one of its presets, and fields overriding the preset."
+    kind: str = "dual_encoder"           # dual_encoder, causal_lm, qwen2vl_embedder (the names in MODEL_KINDS)
+    preset: str | None = "tiny"          # a preset of that kind ("tiny": CPU-sized)
     options: dict = field(default_factory=dict)   # fields overriding the preset
+
+    def __post_init__(self):
+        if self.kind not in MODEL_KINDS: raise ConfigError(f"model.kind: unknown model kind {self.kind!r}; known: {', '.join(MODEL_KINDS)}")
 
 @dataclass
 class RunConfig(TrainConfig):
@@ -70,31 +76,131 @@ def check_data_paths(data: dict) -> None:
     if isinstance(data.get("tokenizer"), str): _check_path("tokenizer", data["tokenizer"], store)
 
 # %% ../nbs/80_recipe.ipynb #3687e1b7
-def model_config(spec: ModelSpec, vocab_size: int, seed: int = 0):
-    "The model's config (a `DualEncoderConfig`, or a causal LM's config dict); errors name `model.preset` / `model.options`."
-    if spec.kind == "dual_encoder":
-        from mmlit.model import DualEncoderConfig
-        check_keys(spec.options, [f.name for f in dataclasses.fields(DualEncoderConfig)], "model.options")
-        try: return DualEncoderConfig.preset(spec.preset or "tiny", vocab_size=vocab_size, **{"seed": seed, **spec.options})
-        except (ConfigError, TypeError, KeyError) as e: raise ConfigError(f"model.options / model.preset: {e}") from None
+@dataclass(frozen=True)
+class ModelKind:
+    "What the recipe knows about one kind of model: its config, its model, its evaluation, a run on the demo data."
+    summary: str              # what the model is, in a line
+    config: Callable          # (spec, tokenizer or None, seed) -> the model's config; errors name model.preset / model.options
+    build: Callable           # (config, tokenizer, seed) -> the model
+    retrieval: bool           # True: `mmlit.metrics.evaluate` (recall, zero-shot) and eval_embeddings.npz; False: mean loss, perplexity
+    example: Callable         # (demo paths, run_dir) -> the RunConfig fields of a CPU-sized run on the bundled demo data
+    notes: dict = field(default_factory=dict)   # dotted config key -> a comment for the example YAML
+
+def model_config(spec: ModelSpec, tokenizer=None, seed: int = 0):
+    "The config of the model `spec` names, for `tokenizer` (`None`: a stand-in vocabulary, to check the spec before any data work)."
+    return MODEL_KINDS.get(spec.kind).config(spec, tokenizer, seed)
+
+def build_model(spec: ModelSpec, tokenizer, seed: int = 0) -> nn.Module:
+    "The model a `ModelSpec` names, its vocabulary sized to `tokenizer`, initialised from `(seed, Stream.MODEL_INIT)`."
+    kind = MODEL_KINDS.get(spec.kind)
+    return kind.build(kind.config(spec, tokenizer, seed), tokenizer, seed)
+
+# %% ../nbs/80_recipe.ipynb #2f678061
+def _vocab(tokenizer) -> int: return 256 if tokenizer is None else len(tokenizer)
+
+def _dual_encoder_config(spec: ModelSpec, tokenizer, seed: int):
+    "A `DualEncoderConfig`: the preset with `spec.options` over it."
+    from mmlit.model import DualEncoderConfig
+    check_keys(spec.options, [f.name for f in dataclasses.fields(DualEncoderConfig)], "model.options")
+    try: return DualEncoderConfig.preset(spec.preset or "tiny", vocab_size=_vocab(tokenizer), **{"seed": seed, **spec.options})
+    except (ConfigError, TypeError, KeyError) as e: raise ConfigError(f"model.options / model.preset: {e}") from None
+
+def _dual_encoder(cfg, tokenizer, seed: int) -> nn.Module:
+    from mmlit.model import DualEncoder
+    return DualEncoder(cfg)
+
+def _dual_encoder_example(paths: dict, run_dir: str) -> dict:
+    return dict(data=dict(data=paths["train"], val_data=paths["val"], preprocessor="clip",
+                          preprocessor_options=dict(size=48, uint8=True, flip=0.0, jitter=0.0, crop_scale=[0.5, 1.0]),
+                          tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"), max_length=32,
+                          loader=dict(batch_size=64, num_workers=1)),
+                model=dict(kind="dual_encoder", preset="tiny", options=dict(hard_negative_weight=1.0)),
+                optim=dict(lr=3e-3, weight_decay=0.1), schedule=dict(epochs=8, warmup_ratio=0.1),
+                eval=dict(metric="val/zeroshot_acc", mode="max", every=76, at_epoch_end=False), checkpoint=dict(keep=2),
+                zero_shot="digits", label_column="label")
+
+MODEL_KINDS.add("dual_encoder", ModelKind(
+    "a CLIP-style dual encoder: an image tower and a text tower (transformers models), Matryoshka heads, contrastive losses",
+    _dual_encoder_config, _dual_encoder, True, _dual_encoder_example,
+    {"model.options.hard_negative_weight": "the loss of each image against its caption and the caption's hard negatives",
+     "data.preprocessor_options.size": "images cropped and resized to size x size",
+     "data.preprocessor_options.uint8": "pixels stay uint8 until the model normalises them (a quarter of the bytes)",
+     "data.preprocessor_options.flip": "no horizontal flips: the captions say left and right",
+     "data.preprocessor_options.jitter": "no colour jitter: the captions name the colours",
+     "data.preprocessor_options.crop_scale": "random crops of 50-100% of the image's area"}))
+
+# %% ../nbs/80_recipe.ipynb #2cebecf3
+def _causal_lm_config(spec: ModelSpec, tokenizer, seed: int) -> dict:
+    "A causal LM's config dict: the preset with `spec.options` over it (any key of its `transformers` config)."
     from transformers import AutoConfig
     from mmlit.causal_lm import causal_lm_config
-    try: d = causal_lm_config(spec.preset or "tiny", vocab_size, **spec.options)
+    try: d = causal_lm_config(spec.preset or "tiny", _vocab(tokenizer), **spec.options)
     except (ConfigError, KeyError) as e: raise ConfigError(f"model.preset: {e}") from None
     known = set(AutoConfig.for_model(d["model_type"]).to_dict()) | {"model_type"}
     check_keys(spec.options, sorted(known), "model.options")
     return d
 
-# %% ../nbs/80_recipe.ipynb #2f678061
-def build_model(spec: ModelSpec, tokenizer, seed: int = 0) -> nn.Module:
-    "The model a `ModelSpec` names, its vocabulary sized to `tokenizer`, initialised from `(seed, Stream.MODEL_INIT)`."
-    cfg = model_config(spec, len(tokenizer), seed)
-    if spec.kind == "dual_encoder":
-        from mmlit.model import DualEncoder
-        return DualEncoder(cfg)
+def _causal_lm(cfg: dict, tokenizer, seed: int) -> nn.Module:
     from mmlit.causal_lm import CausalLM
-    cfg.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    cfg = {**cfg, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
     return CausalLM(cfg, seed=seed)
+
+def _causal_lm_example(paths: dict, run_dir: str) -> dict:
+    return dict(data=dict(data=paths["corpus"], task="lm", max_length=64, val_split=0.1,
+                          tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"), loader=dict(batch_size=16)),
+                model=dict(kind="causal_lm", preset="tiny"), optim=dict(lr=3e-3), schedule=dict(max_steps=300, warmup_ratio=0.1),
+                eval=dict(every=100, max_batches=20))
+
+MODEL_KINDS.add("causal_lm", ModelKind(
+    "a transformers causal language model (Llama-style presets) trained on windows of a text corpus",
+    _causal_lm_config, _causal_lm, False, _causal_lm_example,
+    {"data.max_length": "tokens per window: the corpus is cut into windows of this length"}))
+
+# %% ../nbs/80_recipe.ipynb #1a5da60c
+EMBEDDER_PRESETS = Registry("qwen2vl_embedder preset")
+EMBEDDER_PRESETS.add("tiny", dict(hidden=64, layers=2, embed_dim=64, mrl_dims=[64, 32, 16]))
+
+def merge_dicts(base: dict, over: dict) -> dict:
+    "`base` with `over`'s keys written over it; a dict inside both is merged the same way."
+    return {**base, **{k: merge_dicts(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v for k, v in over.items()}}
+
+def _embedder_backbone(preset: dict, tokenizer) -> dict:
+    "The preset's Qwen2-VL backbone for `tokenizer` (its special tokens and vocabulary); `{}` without one."
+    if tokenizer is None: return {}
+    from mmlit.embedder import tiny_qwen2_vl_config
+    b = tiny_qwen2_vl_config(tokenizer, preset["hidden"], preset["layers"])
+    b["text_config"].update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return b
+
+# %% ../nbs/80_recipe.ipynb #87028ed2
+def _embedder_config(spec: ModelSpec, tokenizer, seed: int):
+    "An `EmbedderConfig`: the preset's backbone for `tokenizer`, heads and losses, `spec.options` over them, instructions encoded."
+    from mmlit.embedder import EmbedderConfig
+    check_keys(spec.options, [f.name for f in dataclasses.fields(EmbedderConfig)], "model.options")
+    try: preset = EMBEDDER_PRESETS.get(spec.preset or "tiny")
+    except KeyError as e: raise ConfigError(f"model.preset: {e}") from None
+    d = {"backbone": _embedder_backbone(preset, tokenizer), "embed_dim": preset["embed_dim"], "mrl_dims": preset["mrl_dims"], "seed": seed}
+    try: cfg = EmbedderConfig.from_dict(merge_dicts(d, spec.options))
+    except ConfigError as e: raise ConfigError(f"model.options / model.preset: {e}") from None
+    return cfg if tokenizer is None or "instruction_ids" in spec.options else cfg.with_instructions(tokenizer)
+
+def _embedder(cfg, tokenizer, seed: int) -> nn.Module:
+    from mmlit.embedder import Qwen2VLEmbedder
+    return Qwen2VLEmbedder(cfg)
+
+def _embedder_example(paths: dict, run_dir: str) -> dict:
+    return dict(data=dict(data=paths["train"], val_data=paths["val"], preprocessor="qwen2_vl",
+                          preprocessor_options=dict(min_pixels=56 * 56, max_pixels=56 * 56), max_length=64,
+                          tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"), loader=dict(batch_size=32)),
+                model=dict(kind="qwen2vl_embedder", preset="tiny"),
+                optim=dict(lr=5e-4, weight_decay=0.1), schedule=dict(epochs=4, warmup_ratio=0.1),
+                eval=dict(metric="val/zeroshot_acc", mode="max"), checkpoint=dict(keep=2), zero_shot="digits", label_column="label")
+
+MODEL_KINDS.add("qwen2vl_embedder", ModelKind(
+    "a single-stream embedder: one Qwen2-VL backbone embeds image prompts and text queries, Matryoshka heads, contrastive losses",
+    _embedder_config, _embedder, True, _embedder_example,
+    {"data.preprocessor_options.min_pixels": "images are resized to between min_pixels and max_pixels pixels",
+     "data.preprocessor_options.max_pixels": "56x56: 4x4 patches of 14 pixels, merged 2x2 into 4 image tokens"}))
 
 # %% ../nbs/80_recipe.ipynb #cf105029
 def resolve_run_config(cfg: RunConfig) -> RunConfig:
@@ -168,7 +274,9 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
     cfg = config if isinstance(config, RunConfig) else load_config(RunConfig, config)
     cfg = resolve_run_config(cfg)
     check_data_paths(cfg.data)
-    model_config(cfg.model, 256, cfg.seed)                    # a bad model section fails before any data work
+    kind = MODEL_KINDS.get(cfg.model.kind)
+    model_config(cfg.model, None, cfg.seed)                   # a bad model section fails before any data work
+    if cfg.zero_shot is not None and not kind.retrieval: raise ConfigError(f"zero_shot: the {cfg.model.kind} kind has no retrieval evaluation")
     resolved = config_to_dict(cfg)
     claim_run_dir(cfg.run_dir, resolved)                       # before anything is written (e.g. a trained tokenizer)
     rank, world_size = setup_distributed()
@@ -189,14 +297,14 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
     if rank == 0: record_data(cfg.run_dir, cfg.data, dm.train_dataloader())   # where show-batch finds the data, and checks it
     model = build_model(cfg.model, parts["tokenizer"], cfg.seed)
     labels = _val_labels(cfg)
-    if cfg.model.kind == "dual_encoder":
+    if kind.retrieval:
         from mmlit.metrics import digit_prompts, evaluate as evaluate_pairs
         prompts = [ps[::10] for ps in digit_prompts()] if cfg.zero_shot == "digits" else None   # 36 prompts a digit
         if prompts is not None and labels is None: raise ConfigError("zero_shot: needs label_column (the digit of each validation row)")
     val = dm.val_dataloader() or None                          # None: no validation data
     gathered = labels_in_gather_order(labels, val, cfg.eval.max_batches) if val is not None else None
     padding = padding_in_gather_order(val, cfg.eval.max_batches) if val is not None else None
-    if cfg.model.kind == "dual_encoder":
+    if kind.retrieval:
         evaluate = lambda m, loader: evaluate_pairs(m, loader, class_prompts=prompts, tokenizer=parts["tokenizer"], labels=gathered,
                                                     keep=None if padding is None else ~padding, max_batches=cfg.eval.max_batches)
     else:
@@ -223,7 +331,9 @@ def eval_embeddings(run: Run, max_pairs: int = 512) -> dict[str, np.ndarray]:
         for batch in loader:                                   # no loss: it would gather from ranks that are not here
             out = model(**{k: v.to(run.trainer.device) if torch.is_tensor(v) else v for k, v in batch.items()}, return_loss=False)
             img.append(out.image_embeds.float().cpu()); txt.append(out.text_embeds.float().cpu())
-            cap += run.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+            ids, real = batch["input_ids"], batch["attention_mask"].bool()
+            if "labels" in batch and batch["labels"].shape == ids.shape: real = real & (batch["labels"] != -100)   # a chat: its caption
+            cap += run.tokenizer.batch_decode([r[m].tolist() for r, m in zip(ids, real)], skip_special_tokens=True)
             if len(cap) >= max_pairs: break
     finally: model.train(was)
     n = min(len(cap), max_pairs)
@@ -242,7 +352,7 @@ def finish_run(run: Run, result, wall_s: float | None = None) -> dict:
                "seconds": {"build": round(run.build_s, 2), "fit": round(result.seconds, 2),
                            **({"wall": round(wall_s, 2)} if wall_s is not None else {})}}
     if t.main:
-        if run.config.model.kind == "dual_encoder":
+        if MODEL_KINDS.get(run.config.model.kind).retrieval:
             import io
             buf = io.BytesIO(); np.savez(buf, **eval_embeddings(run)); atomic_write_bytes(d / "eval_embeddings.npz", buf.getvalue())
         atomic_write_text(d / "summary.json", json.dumps(summary, indent=1))
@@ -271,11 +381,17 @@ def split_by_group(path: str | Path, column: str, fraction: float, out_dir: str 
     return train_p, val_p
 
 # %% ../nbs/80_recipe.ipynb #34fc370d
-def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = None, epochs: int = 50, seed: int = 0) -> RunConfig:
-    "The `mmlit demo` run: the bundled demo data split by handwriting, the tiny dual encoder, CPU-sized."
+def demo_paths(root: str | Path | None = None, seed: int = 0) -> dict[str, str]:
+    "The bundled demo data (built once, cached): `train` / `val` Parquet split by handwriting, the text `corpus`, its `root`."
     from mmlit.demo import ensure_demo
     paths = ensure_demo(root)
     train, val = split_by_group(paths["parquet"][0], "digit_index", 0.2, paths["root"] / "split-digit_index-0.2", seed=seed)
+    return {"train": str(train), "val": str(val), "corpus": str(paths["corpus"]), "root": str(paths["root"])}
+
+def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = None, epochs: int = 50, seed: int = 0) -> RunConfig:
+    "The `mmlit demo` run: the bundled demo data split by handwriting, the tiny dual encoder, CPU-sized."
+    paths = demo_paths(root, seed)
+    train, val = paths["train"], paths["val"]
     return RunConfig(
         run_dir=str(run_dir), seed=seed,
         data=dict(data=str(train), val_data=str(val), preprocessor="clip",
@@ -319,6 +435,12 @@ def run_demo(run_dir: str | Path = "runs/demo", epochs: int = 50, progress: bool
     run.build_s = time.perf_counter() - t0
     result = run.fit()
     return finish_run(run, result, time.perf_counter() - t0)
+
+# %% ../nbs/80_recipe.ipynb #8b67d132
+def example_config(kind: str, run_dir: str | Path | None = None, root: str | Path | None = None) -> RunConfig:
+    "A CPU-sized run of model `kind` on the bundled demo data (`run_dir` default: `runs/KIND`)."
+    run_dir = str(run_dir or f"runs/{kind}")
+    return config_from_dict(RunConfig, {"run_dir": run_dir, **MODEL_KINDS.get(kind).example(demo_paths(root), run_dir)})
 
 # %% ../nbs/80_recipe.ipynb #92bba7ee
 RUN_DATA = "data.json"
