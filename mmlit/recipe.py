@@ -25,9 +25,9 @@ from .train import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, Schedu
 # %% auto #0
 __all__ = ['MODEL_KINDS', 'EMBEDDER_PRESETS', 'RUN_DATA', 'ModelSpec', 'RunConfig', 'data_store', 'check_data_paths', 'ModelKind',
            'model_config', 'build_model', 'merge_dicts', 'resolve_run_config', 'labels_in_gather_order',
-           'padding_in_gather_order', 'Run', 'build_run', 'eval_embeddings', 'finish_run', 'split_by_group',
-           'demo_paths', 'demo_config', 'format_summary', 'run_demo', 'example_config', 'absolute_data', 'data_files',
-           'data_record', 'record_data']
+           'padding_in_gather_order', 'Run', 'build_run', 'caption_tokens', 'eval_embeddings', 'finish_run',
+           'split_by_group', 'demo_paths', 'demo_config', 'format_summary', 'run_demo', 'example_config',
+           'absolute_data', 'data_files', 'data_record', 'record_data']
 
 # %% ../nbs/80_recipe.ipynb #feeda6a9
 MODEL_KINDS = Registry("model kind")
@@ -315,6 +315,13 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
     return Run(cfg, dm, parts["tokenizer"], model, trainer, labels, time.perf_counter() - t0)
 
 # %% ../nbs/80_recipe.ipynb #9b1f392a
+def caption_tokens(batch: dict) -> list[list[int]]:
+    "Each row's caption ids: its trained tokens (labels not -100) in a chat, every real token of a caption otherwise."
+    ids, real = batch["input_ids"], batch["attention_mask"].bool()
+    labels = batch.get("labels")
+    if labels is None or labels.shape != ids.shape: return [r[m].tolist() for r, m in zip(ids, real)]
+    return [r[m & (l != -100) if (l != -100).any() else m].tolist() for r, m, l in zip(ids, real, labels)]
+
 @torch.no_grad()
 def eval_embeddings(run: Run, max_pairs: int = 512) -> dict[str, np.ndarray]:
     "`image`, `text` [N, D] float32 unit-norm, `label` [N] (-1: none), `caption` [N] of the first validation pairs."
@@ -331,9 +338,7 @@ def eval_embeddings(run: Run, max_pairs: int = 512) -> dict[str, np.ndarray]:
         for batch in loader:                                   # no loss: it would gather from ranks that are not here
             out = model(**{k: v.to(run.trainer.device) if torch.is_tensor(v) else v for k, v in batch.items()}, return_loss=False)
             img.append(out.image_embeds.float().cpu()); txt.append(out.text_embeds.float().cpu())
-            ids, real = batch["input_ids"], batch["attention_mask"].bool()
-            if "labels" in batch and batch["labels"].shape == ids.shape: real = real & (batch["labels"] != -100)   # a chat: its caption
-            cap += run.tokenizer.batch_decode([r[m].tolist() for r, m in zip(ids, real)], skip_special_tokens=True)
+            cap += [c.strip() for c in run.tokenizer.batch_decode(caption_tokens(batch), skip_special_tokens=True)]
             if len(cap) >= max_pairs: break
     finally: model.train(was)
     n = min(len(cap), max_pairs)
