@@ -21,9 +21,10 @@ from .formats import expand_braces, guess_kind, open_dataset, sources
 from .storage import is_uri
 
 # %% auto #0
-__all__ = ['RunningStats', 'RecordStats', 'inspect_dataset', 'inspect_source', 'format_report', 'cmd_demo', 'cmd_train',
-           'add_run_commands', 'build_parser', 'cmd_inspect', 'main', 'run_steps', 'rebuild_step_batch', 'cmd_report',
-           'cmd_show_batch', 'add_run_view_commands']
+__all__ = ['CONFIG_NOTES', 'RunningStats', 'RecordStats', 'inspect_dataset', 'inspect_source', 'format_report', 'cmd_demo',
+           'cmd_train', 'add_run_commands', 'commented_yaml', 'example_yaml', 'cmd_config', 'add_config_command',
+           'build_parser', 'cmd_inspect', 'main', 'run_steps', 'rebuild_step_batch', 'cmd_report', 'cmd_show_batch',
+           'add_run_view_commands']
 
 # %% ../nbs/90_cli.ipynb #c34280d3
 class RunningStats:
@@ -150,7 +151,7 @@ def _lm_lines(history: list[dict]) -> list[str]:
 def cmd_train(args) -> int:
     "Run `mmlit train CONFIG.yaml`; returns the exit status."
     import time
-    from mmlit.recipe import RunConfig, build_run, finish_run, format_summary
+    from mmlit.recipe import MODEL_KINDS, RunConfig, build_run, finish_run, format_summary
     from mmlit.train import load_config
     t0 = time.perf_counter()
     try:
@@ -161,7 +162,7 @@ def cmd_train(args) -> int:
         result = run.fit(args.steps)
         summary = finish_run(run, result, time.perf_counter() - t0)
     except MmlitError as e: return (print(f"mmlit train: error: {e}", file=sys.stderr), 2)[1]
-    if run.config.model.kind == "dual_encoder":
+    if MODEL_KINDS.get(run.config.model.kind).retrieval:
         print(format_summary(summary))
         if (report := _write_plots(run.config.run_dir)) is not None: print(f"  report: {report}")
     else: print("\n".join([f"{summary['steps']} steps, {summary['epochs']} epochs"] + _lm_lines(run.trainer.history)))
@@ -185,6 +186,120 @@ def add_run_commands(sub) -> None:
     t.add_argument("--steps", type=int, help="train at most this many more optimiser steps, then save and stop")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar (default: on a terminal)")
     t.set_defaults(run=cmd_train)
+
+# %% ../nbs/90_cli.ipynb #28ec7ca3
+CONFIG_NOTES = {
+    "run_dir": "checkpoints, metrics, report; run again with this config, it resumes",
+    "seed": "every random draw (init, data order, augmentation, dropout) derives from it",
+    "data": "stage 4's one-liner loader config",
+    "data.data": "training data: Parquet / JSONL / tar shards / a text corpus, local or a URI (s3://...)",
+    "data.val_data": "validation data, evaluated on the eval schedule",
+    "data.val_split": "no val_data: hold out this fraction of the data",
+    "data.task": "lm: fixed-length windows of the corpus for next-token prediction",
+    "data.preprocessor": "stage 2 preset: clip (fixed-size images), qwen2_vl (native-resolution patches + image_grid_thw)",
+    "data.preprocessor_options": "the preset's options",
+    "data.max_length": "tokens per caption / chat / window",
+    "data.tokenizer": "a local tokenizer directory, or trained here on the data's texts",
+    "data.tokenizer.train": "train a byte-level BPE tokenizer of this vocabulary on the training texts",
+    "data.tokenizer.save_dir": "where the trained tokenizer is kept (a resume loads it)",
+    "data.loader": "batch_size, num_workers, shuffle, drop_last, ... (mmlit.loader.LoaderConfig)",
+    "model": "mmlit.recipe.ModelSpec",
+    "model.kind": "dual_encoder, causal_lm, qwen2vl_embedder (mmlit config lists them)",
+    "model.preset": "the kind's preset (tiny: CPU-sized)",
+    "model.options": "fields of the model's config written over the preset",
+    "zero_shot": "digits: zero-shot accuracy over the demo's digit prompts (needs label_column)",
+    "label_column": "integer class of each validation row: label-aware recall, zero-shot accuracy",
+    "device": "auto: cuda, then mps, then cpu",
+    "precision": "auto (bf16 on CUDA where supported, else fp16; fp32 on CPU), fp32, bf16 (also on CPU), fp16",
+    "compile": "torch.compile the model",
+    "gradient_checkpointing": "recompute activations in the backward pass: less memory, slower steps",
+    "threads": "torch CPU threads; null: torch's default",
+    "max_nonfinite": "this many non-finite losses in a row stop the run",
+    "optim": "AdamW",
+    "optim.lr": "the peak learning rate",
+    "optim.betas": "AdamW's moment decay rates",
+    "optim.eps": "AdamW's epsilon",
+    "optim.weight_decay": "not on biases, norms or the temperature",
+    "optim.clip_grad": "max global gradient norm; null: no clipping",
+    "schedule": "linear warmup, cosine decay",
+    "schedule.epochs": "passes over the training data",
+    "schedule.max_steps": "optimiser steps; null: epochs whole epochs",
+    "schedule.warmup_ratio": "fraction of the steps in warmup",
+    "schedule.min_lr_ratio": "the cosine ends at lr * min_lr_ratio",
+    "schedule.accumulate": "micro-batches per optimiser step",
+    "eval": "on the validation data, on this schedule (and at the end of the run)",
+    "eval.every": "optimiser steps; null: at epoch ends and the end of the run",
+    "eval.at_epoch_end": "also at the end of each epoch",
+    "eval.mode": "max: a larger metric is better; min: a smaller one",
+    "eval.metric": "picks the best checkpoint",
+    "eval.max_batches": "cap on validation batches per evaluation; null: all",
+    "checkpoint": "weights + trainer state, written atomically to run_dir/checkpoints",
+    "checkpoint.every": "optimiser steps; null: at epoch ends, the best, the end, on Ctrl-C",
+    "checkpoint.at_epoch_end": "also at the end of each epoch",
+    "checkpoint.keep": "step checkpoints kept besides the best",
+    "checkpoint.resume": "continue from the newest valid checkpoint in run_dir",
+    "log.every": "a training row every N steps (metrics.csv, metrics.jsonl)",
+    "log": "metrics.csv / metrics.jsonl in run_dir, optionally wandb",
+    "log.progress": "tqdm bar; null: on a terminal",
+    "log.wandb": "also log to a wandb run (offline unless wandb_mode says otherwise)",
+    "log.wandb_project": "the wandb project",
+    "log.wandb_mode": "offline, online or disabled",
+}
+
+# %% ../nbs/90_cli.ipynb #c2b17883
+def commented_yaml(d: dict, notes: dict[str, str], path: str = "", indent: int = 0, column: int = 44) -> list[str]:
+    "YAML lines of `d` (a block per non-empty mapping, the rest in flow style), each key's note from `notes` as a comment beside it (above a long line)."
+    import yaml
+    out = []
+    for k, v in d.items():
+        key = f"{path}.{k}" if path else str(k)
+        note = notes.get(key)
+        if isinstance(v, dict) and v: line = f"{' ' * indent}{k}:"
+        else: line = " " * indent + yaml.safe_dump({k: v}, default_flow_style=True, width=1 << 20).strip()[1:-1]
+        if note is None: out.append(line)
+        elif len(line) <= column - 2: out.append(f"{line.ljust(column - 2)}  # {note}")
+        else: out += [f"{' ' * indent}# {note}", line]
+        if isinstance(v, dict) and v: out += commented_yaml(v, notes, key, indent + 2, column)
+    return out
+
+# %% ../nbs/90_cli.ipynb #793270c1
+_FIRST = ("run_dir", "seed", "data", "model", "zero_shot", "label_column")   # what a run is, before how it trains
+
+def example_yaml(kind: str, run_dir: str | None = None) -> str:
+    "The commented YAML of `mmlit.recipe.example_config(kind)`: a run on the bundled demo data that trains as printed."
+    from mmlit.core import config_to_dict
+    from mmlit.recipe import MODEL_KINDS, example_config
+    k = MODEL_KINDS.get(kind)
+    d = config_to_dict(example_config(kind, run_dir))
+    d = {**{key: d[key] for key in _FIRST}, **{key: v for key, v in d.items() if key not in _FIRST}}
+    head = [f"# mmlit train config: {kind}, {k.summary}.",
+            "# A CPU-sized run on the bundled demo data; it trains as printed:",
+            f"#   mmlit config {kind} > run.yaml && mmlit train run.yaml",
+            "# The keys are mmlit.recipe.RunConfig's: an unknown key or a value of the wrong type is an error."]
+    return "\n".join(head + commented_yaml(d, {**CONFIG_NOTES, **k.notes})) + "\n"
+
+# %% ../nbs/90_cli.ipynb #7db07a0b
+def cmd_config(args) -> int:
+    "Run `mmlit config [KIND]`: the example config of a model kind, or the list of kinds."
+    from mmlit.recipe import MODEL_KINDS
+    if args.kind is None:
+        print("\n".join(f"{name:18} {MODEL_KINDS.get(name).summary}" for name in MODEL_KINDS))
+        return 0
+    if args.kind not in MODEL_KINDS:
+        print(f"mmlit config: error: unknown model kind {args.kind!r}; known: {', '.join(MODEL_KINDS)}", file=sys.stderr)
+        return 2
+    try: print(example_yaml(args.kind, args.run_dir), end="")
+    except MmlitError as e: return (print(f"mmlit config: error: {e}", file=sys.stderr), 2)[1]
+    return 0
+
+def add_config_command(sub) -> None:
+    "Add `config` to the `mmlit` subcommands."
+    c = sub.add_parser("config", help="print a commented example run config (YAML) of a model kind, on the bundled demo data",
+                       description="Print a commented run config for a model kind: a CPU-sized run on the bundled demo data "
+                                   "that `mmlit train` runs as printed. Without KIND, list the kinds.")
+    c.add_argument("kind", nargs="?", metavar="KIND", help="a model kind (dual_encoder, causal_lm, qwen2vl_embedder, ...)")
+    c.add_argument("--run-dir", help="the config's run_dir (default: runs/KIND)")
+    c.set_defaults(run=cmd_config)
 
 # %% ../nbs/90_cli.ipynb #93123ebd
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="tqdm bar on stderr (default: on for 1000+ records on a terminal)")
     add_run_commands(sub)
+    add_config_command(sub)
     add_run_view_commands(sub)
     return p
 

@@ -80,7 +80,7 @@ def zero_shot_classifier(model, tokenizer, class_prompts: Sequence[Sequence[str]
     "`[C, D]`: per class, the re-normalised mean embedding of its prompts."
     if not class_prompts or any(not p for p in class_prompts): raise ConfigError("every class needs at least one prompt")
     flat = [p for ps in class_prompts for p in ps]
-    emb = encode_prompts(model, tokenizer, flat, dim)
+    emb = encode_prompts(model, tokenizer, flat, dim).float()             # bf16 under autocast: summed in fp32
     sizes = torch.tensor([len(ps) for ps in class_prompts], device=emb.device)
     cls = torch.zeros(len(class_prompts), emb.shape[1], device=emb.device).index_add_(0, torch.repeat_interleave(torch.arange(len(sizes), device=emb.device), sizes), emb)
     return torch.nn.functional.normalize(cls, dim=-1)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses, json, math, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from .core import ConfigError, Stream, check_keys, config_from_dict, config_to_dict, derive_seed, redact
+from .core import ConfigError, Registry, Stream, check_keys, config_from_dict, config_to_dict, derive_seed, redact
 from .finetune import LoraSpec
 from .loader import LoaderDataModule, loader_parts, resolve_collate
 from .storage import Location, StorageError, as_store, is_uri
@@ -24,22 +24,27 @@ from .train import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, Schedu
                          claim_run_dir, evaluate_loss, load_config, setup_distributed)
 
 # %% auto #0
-__all__ = ['RUN_DATA', 'ModelSpec', 'RunConfig', 'data_store', 'check_data_paths', 'model_config', 'apply_trainable',
-           'build_model', 'pretrained_defaults', 'resolve_run_config', 'labels_in_gather_order',
-           'padding_in_gather_order', 'Run', 'build_run', 'eval_embeddings', 'finish_run', 'export_model',
-           'split_by_group', 'demo_config', 'format_summary', 'run_demo', 'absolute_data', 'data_files', 'data_record',
-           'record_data']
+__all__ = ['MODEL_KINDS', 'EMBEDDER_PRESETS', 'RUN_DATA', 'ModelSpec', 'RunConfig', 'data_store', 'check_data_paths', 'ModelKind',
+           'model_config', 'apply_trainable', 'build_model', 'pretrained_defaults', 'merge_dicts', 'resolve_run_config',
+           'labels_in_gather_order', 'padding_in_gather_order', 'Run', 'build_run', 'caption_tokens', 'eval_embeddings',
+           'finish_run', 'export_model', 'split_by_group', 'demo_paths', 'demo_config', 'format_summary', 'run_demo',
+           'example_config', 'absolute_data', 'data_files', 'data_record', 'record_data']
 
 # %% ../nbs/80_recipe.ipynb #feeda6a9
+MODEL_KINDS = Registry("model kind")
+
 @dataclass
 class ModelSpec:
-    "Which model to train: a stage 5 `DualEncoder` or `CausalLM`, from a preset or pretrained weights, and which parts train."
-    kind: Literal["dual_encoder", "causal_lm"] = "dual_encoder"
-    preset: str | None = None            # a DualEncoderConfig / causal LM preset; None: `pretrained` with `pretrained`, else `tiny`
+    "Which model to train: a kind from `MODEL_KINDS`, a preset or pretrained weights, fields overriding them, and which parts train."
+    kind: str = "dual_encoder"           # dual_encoder, causal_lm, qwen2vl_embedder (the names in MODEL_KINDS)
+    preset: str | None = None            # a preset of that kind; None: `pretrained` for a dual encoder given `pretrained`, else `tiny`
     options: dict = field(default_factory=dict)   # fields overriding the preset
-    pretrained: str | None = None        # a folder or hub id: the dual encoder's CLIP/SigLIP checkpoint, the causal LM's weights
+    pretrained: str | None = None        # a folder or hub id: the dual encoder's CLIP/SigLIP checkpoint, a causal LM's or embedder backbone's weights
     freeze: list = field(default_factory=list)    # parts kept as they are: shorthands (vision, text, backbone), globs, `re:` patterns
     lora: LoraSpec | None = None         # LoRA adapters through peft: {r, alpha, dropout, target_modules, parts}
+
+    def __post_init__(self):
+        if self.kind not in MODEL_KINDS: raise ConfigError(f"model.kind: unknown model kind {self.kind!r}; known: {', '.join(MODEL_KINDS)}")
 
 @dataclass
 class RunConfig(TrainConfig):
@@ -78,29 +83,20 @@ def check_data_paths(data: dict) -> None:
         except ConfigError as e: raise ConfigError(f"data.tokenizer: {e}") from None
 
 # %% ../nbs/80_recipe.ipynb #3687e1b7
-def model_config(spec: ModelSpec, vocab_size: int, seed: int = 0):
-    "The model's config (a `DualEncoderConfig`, or a causal LM's config dict); errors name `model.preset` / `model.options`."
-    if spec.kind == "dual_encoder":
-        from mmlit.model import DualEncoderConfig
-        check_keys(spec.options, [f.name for f in dataclasses.fields(DualEncoderConfig)], "model.options")
-        opts = {"seed": seed, **({"pretrained": spec.pretrained} if spec.pretrained else {}), **spec.options}
-        preset = spec.preset or ("pretrained" if opts.get("pretrained") else "tiny")
-        try: return DualEncoderConfig.preset(preset, vocab_size=vocab_size, **opts)
-        except (ConfigError, TypeError, KeyError) as e: raise ConfigError(f"model.options / model.preset: {e}") from None
-    from transformers import AutoConfig
-    from mmlit.causal_lm import causal_lm_config
-    if spec.pretrained:                                       # the checkpoint's config; options override its fields
-        from mmlit.hub import resolve_pretrained
-        known = AutoConfig.from_pretrained(str(resolve_pretrained(spec.pretrained, weights=False))).to_dict()
-        check_keys(spec.options, sorted(known), "model.options")
-        return dict(spec.options)
-    try: d = causal_lm_config(spec.preset or "tiny", vocab_size, **spec.options)
-    except (ConfigError, KeyError) as e: raise ConfigError(f"model.preset: {e}") from None
-    known = set(AutoConfig.for_model(d["model_type"]).to_dict()) | {"model_type"}
-    check_keys(spec.options, sorted(known), "model.options")
-    return d
+@dataclass(frozen=True)
+class ModelKind:
+    "What the recipe knows about one kind of model: its config, its model, its evaluation, a run on the demo data."
+    summary: str              # what the model is, in a line
+    config: Callable          # (spec, tokenizer or None, seed) -> the model's config; errors name model.preset / model.options
+    build: Callable           # (config, tokenizer, spec, seed) -> the model
+    retrieval: bool           # True: `mmlit.metrics.evaluate` (recall, zero-shot) and eval_embeddings.npz; False: mean loss, perplexity
+    example: Callable         # (demo paths, run_dir) -> the RunConfig fields of a CPU-sized run on the bundled demo data
+    notes: dict = field(default_factory=dict)   # dotted config key -> a comment for the example YAML
 
-# %% ../nbs/80_recipe.ipynb #2f678061
+def model_config(spec: ModelSpec, tokenizer=None, seed: int = 0):
+    "The config of the model `spec` names, for `tokenizer` (`None`: a stand-in vocabulary, to check the spec before any data work)."
+    return MODEL_KINDS.get(spec.kind).config(spec, tokenizer, seed)
+
 def apply_trainable(model: nn.Module, spec: ModelSpec, seed: int = 0) -> nn.Module:
     "`model` with `spec.lora` adapters and `spec.freeze` locked (`mmlit.finetune`); unchanged when the spec names neither."
     if not spec.freeze and spec.lora is None: return model
@@ -108,15 +104,78 @@ def apply_trainable(model: nn.Module, spec: ModelSpec, seed: int = 0) -> nn.Modu
     return apply_finetune(model, spec.freeze, spec.lora, seed)
 
 def build_model(spec: ModelSpec, tokenizer, seed: int = 0) -> nn.Module:
-    "The model a `ModelSpec` names, its vocabulary sized to `tokenizer`, initialised from `(seed, Stream.MODEL_INIT)`."
-    cfg = model_config(spec, len(tokenizer), seed)
-    if spec.kind == "dual_encoder":
-        from mmlit.model import DualEncoder
-        return apply_trainable(DualEncoder(cfg), spec, seed)
+    "The model a `ModelSpec` names, its vocabulary sized to `tokenizer`, initialised from `(seed, Stream.MODEL_INIT)`; then what trains."
+    kind = MODEL_KINDS.get(spec.kind)
+    return apply_trainable(kind.build(kind.config(spec, tokenizer, seed), tokenizer, spec, seed), spec, seed)
+
+# %% ../nbs/80_recipe.ipynb #2f678061
+def _vocab(tokenizer) -> int: return 256 if tokenizer is None else len(tokenizer)
+
+def _dual_encoder_config(spec: ModelSpec, tokenizer, seed: int):
+    "A `DualEncoderConfig`: the preset with `spec.options` over it."
+    from mmlit.model import DualEncoderConfig
+    check_keys(spec.options, [f.name for f in dataclasses.fields(DualEncoderConfig)], "model.options")
+    opts = {"seed": seed, **({"pretrained": spec.pretrained} if spec.pretrained else {}), **spec.options}
+    preset = spec.preset or ("pretrained" if opts.get("pretrained") else "tiny")
+    try: return DualEncoderConfig.preset(preset, vocab_size=_vocab(tokenizer), **opts)
+    except (ConfigError, TypeError, KeyError) as e: raise ConfigError(f"model.options / model.preset: {e}") from None
+
+def _dual_encoder(cfg, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
+    from mmlit.model import DualEncoder
+    return DualEncoder(cfg)
+
+def _dual_encoder_example(paths: dict, run_dir: str) -> dict:
+    return dict(data=dict(data=paths["train"], val_data=paths["val"], preprocessor="clip",
+                          preprocessor_options=dict(size=48, uint8=True, flip=0.0, jitter=0.0, crop_scale=[0.5, 1.0]),
+                          tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"), max_length=32,
+                          loader=dict(batch_size=64, num_workers=1)),
+                model=dict(kind="dual_encoder", preset="tiny", options=dict(hard_negative_weight=1.0)),
+                optim=dict(lr=3e-3, weight_decay=0.1), schedule=dict(epochs=8, warmup_ratio=0.1),
+                eval=dict(metric="val/zeroshot_acc", mode="max", every=76, at_epoch_end=False), checkpoint=dict(keep=2),
+                zero_shot="digits", label_column="label")
+
+MODEL_KINDS.add("dual_encoder", ModelKind(
+    "a CLIP-style dual encoder: an image tower and a text tower (transformers models), Matryoshka heads, contrastive losses",
+    _dual_encoder_config, _dual_encoder, True, _dual_encoder_example,
+    {"model.options.hard_negative_weight": "the loss of each image against its caption and the caption's hard negatives",
+     "data.preprocessor_options.size": "images cropped and resized to size x size",
+     "data.preprocessor_options.uint8": "pixels stay uint8 until the model normalises them (a quarter of the bytes)",
+     "data.preprocessor_options.flip": "no horizontal flips: the captions say left and right",
+     "data.preprocessor_options.jitter": "no colour jitter: the captions name the colours",
+     "data.preprocessor_options.crop_scale": "random crops of 50-100% of the image's area"}))
+
+# %% ../nbs/80_recipe.ipynb #2cebecf3
+def _causal_lm_config(spec: ModelSpec, tokenizer, seed: int) -> dict:
+    "A causal LM's config dict: the preset with `spec.options` over it (any key of its `transformers` config)."
+    from transformers import AutoConfig
+    from mmlit.causal_lm import causal_lm_config
+    if spec.pretrained:                                       # the checkpoint's config; options override its fields
+        from mmlit.hub import resolve_pretrained
+        known = AutoConfig.from_pretrained(str(resolve_pretrained(spec.pretrained, weights=False))).to_dict()
+        check_keys(spec.options, sorted(known), "model.options")
+        return dict(spec.options)
+    try: d = causal_lm_config(spec.preset or "tiny", _vocab(tokenizer), **spec.options)
+    except (ConfigError, KeyError) as e: raise ConfigError(f"model.preset: {e}") from None
+    known = set(AutoConfig.for_model(d["model_type"]).to_dict()) | {"model_type"}
+    check_keys(spec.options, sorted(known), "model.options")
+    return d
+
+def _causal_lm(cfg: dict, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
     from mmlit.causal_lm import CausalLM
-    if not spec.pretrained:
-        cfg.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    return apply_trainable(CausalLM(cfg, pretrained=spec.pretrained, seed=seed), spec, seed)
+    if spec.pretrained: return CausalLM(cfg, pretrained=spec.pretrained, seed=seed)   # cfg: overrides of the checkpoint's config
+    cfg = {**cfg, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+    return CausalLM(cfg, seed=seed)
+
+def _causal_lm_example(paths: dict, run_dir: str) -> dict:
+    return dict(data=dict(data=paths["corpus"], task="lm", max_length=64, val_split=0.1,
+                          tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"), loader=dict(batch_size=16)),
+                model=dict(kind="causal_lm", preset="tiny"), optim=dict(lr=3e-3), schedule=dict(max_steps=300, warmup_ratio=0.1),
+                eval=dict(every=100, max_batches=20))
+
+MODEL_KINDS.add("causal_lm", ModelKind(
+    "a transformers causal language model (Llama-style presets) trained on windows of a text corpus",
+    _causal_lm_config, _causal_lm, False, _causal_lm_example,
+    {"data.max_length": "tokens per window: the corpus is cut into windows of this length"}))
 
 # %% ../nbs/80_recipe.ipynb #1563dad3
 def pretrained_defaults(cfg: RunConfig) -> RunConfig:
@@ -131,6 +190,53 @@ def pretrained_defaults(cfg: RunConfig) -> RunConfig:
         if images and "pretrained" not in (data.get("preprocessor_options") or {}):
             data["preprocessor_options"] = {"pretrained": vision, **(data.get("preprocessor_options") or {})}
     return dataclasses.replace(cfg, data=data, model=dataclasses.replace(m, preset=preset))
+
+# %% ../nbs/80_recipe.ipynb #1a5da60c
+EMBEDDER_PRESETS = Registry("qwen2vl_embedder preset")
+EMBEDDER_PRESETS.add("tiny", dict(hidden=64, layers=2, embed_dim=64, mrl_dims=[64, 32, 16]))
+
+def merge_dicts(base: dict, over: dict) -> dict:
+    "`base` with `over`'s keys written over it; a dict inside both is merged the same way."
+    return {**base, **{k: merge_dicts(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v for k, v in over.items()}}
+
+def _embedder_backbone(preset: dict, tokenizer) -> dict:
+    "The preset's Qwen2-VL backbone for `tokenizer` (its special tokens and vocabulary); `{}` without one."
+    if tokenizer is None: return {}
+    from mmlit.embedder import tiny_qwen2_vl_config
+    b = tiny_qwen2_vl_config(tokenizer, preset["hidden"], preset["layers"])
+    b["text_config"].update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return b
+
+# %% ../nbs/80_recipe.ipynb #87028ed2
+def _embedder_config(spec: ModelSpec, tokenizer, seed: int):
+    "An `EmbedderConfig`: the preset's backbone for `tokenizer` (or `spec.pretrained`'s), heads and losses, `spec.options` over them, instructions encoded."
+    from mmlit.embedder import EmbedderConfig
+    check_keys(spec.options, [f.name for f in dataclasses.fields(EmbedderConfig)], "model.options")
+    try: preset = EMBEDDER_PRESETS.get(spec.preset or "tiny")
+    except KeyError as e: raise ConfigError(f"model.preset: {e}") from None
+    backbone = {"backbone_pretrained": spec.pretrained} if spec.pretrained else {"backbone": _embedder_backbone(preset, tokenizer)}
+    d = {**backbone, "embed_dim": preset["embed_dim"], "mrl_dims": preset["mrl_dims"], "seed": seed}
+    try: cfg = EmbedderConfig.from_dict(merge_dicts(d, spec.options))
+    except ConfigError as e: raise ConfigError(f"model.options / model.preset: {e}") from None
+    return cfg if tokenizer is None or "instruction_ids" in spec.options else cfg.with_instructions(tokenizer)
+
+def _embedder(cfg, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
+    from mmlit.embedder import Qwen2VLEmbedder
+    return Qwen2VLEmbedder(cfg)
+
+def _embedder_example(paths: dict, run_dir: str) -> dict:
+    return dict(data=dict(data=paths["train"], val_data=paths["val"], preprocessor="qwen2_vl",
+                          preprocessor_options=dict(min_pixels=56 * 56, max_pixels=56 * 56), max_length=64,
+                          tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"), loader=dict(batch_size=32)),
+                model=dict(kind="qwen2vl_embedder", preset="tiny"),
+                optim=dict(lr=5e-4, weight_decay=0.1), schedule=dict(epochs=4, warmup_ratio=0.1),
+                eval=dict(metric="val/zeroshot_acc", mode="max"), checkpoint=dict(keep=2), zero_shot="digits", label_column="label")
+
+MODEL_KINDS.add("qwen2vl_embedder", ModelKind(
+    "a single-stream embedder: one Qwen2-VL backbone embeds image prompts and text queries, Matryoshka heads, contrastive losses",
+    _embedder_config, _embedder, True, _embedder_example,
+    {"data.preprocessor_options.min_pixels": "images are resized to between min_pixels and max_pixels pixels",
+     "data.preprocessor_options.max_pixels": "56x56: 4x4 patches of 14 pixels, merged 2x2 into 4 image tokens"}))
 
 # %% ../nbs/80_recipe.ipynb #cf105029
 def resolve_run_config(cfg: RunConfig) -> RunConfig:
@@ -204,7 +310,9 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
     cfg = config if isinstance(config, RunConfig) else load_config(RunConfig, config)
     cfg = resolve_run_config(cfg)
     check_data_paths(cfg.data)
-    model_config(cfg.model, 256, cfg.seed)                    # a bad model section fails before any data work
+    kind = MODEL_KINDS.get(cfg.model.kind)
+    model_config(cfg.model, None, cfg.seed)                   # a bad model section fails before any data work
+    if cfg.zero_shot is not None and not kind.retrieval: raise ConfigError(f"zero_shot: the {cfg.model.kind} kind has no retrieval evaluation")
     resolved = config_to_dict(cfg)
     claim_run_dir(cfg.run_dir, resolved)                       # before anything is written (e.g. a trained tokenizer)
     rank, world_size = setup_distributed()
@@ -225,14 +333,14 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
     if rank == 0: record_data(cfg.run_dir, cfg.data, dm.train_dataloader())   # where show-batch finds the data, and checks it
     model = build_model(cfg.model, parts["tokenizer"], cfg.seed)
     labels = _val_labels(cfg)
-    if cfg.model.kind == "dual_encoder":
+    if kind.retrieval:
         from mmlit.metrics import digit_prompts, evaluate as evaluate_pairs
         prompts = [ps[::10] for ps in digit_prompts()] if cfg.zero_shot == "digits" else None   # 36 prompts a digit
         if prompts is not None and labels is None: raise ConfigError("zero_shot: needs label_column (the digit of each validation row)")
     val = dm.val_dataloader() or None                          # None: no validation data
     gathered = labels_in_gather_order(labels, val, cfg.eval.max_batches) if val is not None else None
     padding = padding_in_gather_order(val, cfg.eval.max_batches) if val is not None else None
-    if cfg.model.kind == "dual_encoder":
+    if kind.retrieval:
         evaluate = lambda m, loader: evaluate_pairs(m, loader, class_prompts=prompts, tokenizer=parts["tokenizer"], labels=gathered,
                                                     keep=None if padding is None else ~padding, max_batches=cfg.eval.max_batches)
     else:
@@ -243,6 +351,13 @@ def build_run(config: RunConfig | dict | str | Path) -> Run:
     return Run(cfg, dm, parts["tokenizer"], model, trainer, labels, time.perf_counter() - t0)
 
 # %% ../nbs/80_recipe.ipynb #9b1f392a
+def caption_tokens(batch: dict) -> list[list[int]]:
+    "Each row's caption ids: its trained tokens (labels not -100) in a chat, every real token of a caption otherwise."
+    ids, real = batch["input_ids"], batch["attention_mask"].bool()
+    labels = batch.get("labels")
+    if labels is None or labels.shape != ids.shape: return [r[m].tolist() for r, m in zip(ids, real)]
+    return [r[m & (l != -100) if (l != -100).any() else m].tolist() for r, m, l in zip(ids, real, labels)]
+
 @torch.no_grad()
 def eval_embeddings(run: Run, max_pairs: int = 512) -> dict[str, np.ndarray]:
     "`image`, `text` [N, D] float32 unit-norm, `label` [N] (-1: none), `caption` [N] of the first validation pairs."
@@ -259,7 +374,7 @@ def eval_embeddings(run: Run, max_pairs: int = 512) -> dict[str, np.ndarray]:
         for batch in loader:                                   # no loss: it would gather from ranks that are not here
             out = model(**{k: v.to(run.trainer.device) if torch.is_tensor(v) else v for k, v in batch.items()}, return_loss=False)
             img.append(out.image_embeds.float().cpu()); txt.append(out.text_embeds.float().cpu())
-            cap += run.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+            cap += [c.strip() for c in run.tokenizer.batch_decode(caption_tokens(batch), skip_special_tokens=True)]
             if len(cap) >= max_pairs: break
     finally: model.train(was)
     n = min(len(cap), max_pairs)
@@ -278,7 +393,7 @@ def finish_run(run: Run, result, wall_s: float | None = None) -> dict:
                "seconds": {"build": round(run.build_s, 2), "fit": round(result.seconds, 2),
                            **({"wall": round(wall_s, 2)} if wall_s is not None else {})}}
     if t.main:
-        if run.config.model.kind == "dual_encoder":
+        if MODEL_KINDS.get(run.config.model.kind).retrieval:
             import io
             buf = io.BytesIO(); np.savez(buf, **eval_embeddings(run)); atomic_write_bytes(d / "eval_embeddings.npz", buf.getvalue())
         atomic_write_text(d / "summary.json", json.dumps(summary, indent=1))
@@ -331,11 +446,17 @@ def split_by_group(path: str | Path, column: str, fraction: float, out_dir: str 
     return train_p, val_p
 
 # %% ../nbs/80_recipe.ipynb #34fc370d
-def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = None, epochs: int = 50, seed: int = 0) -> RunConfig:
-    "The `mmlit demo` run: the bundled demo data split by handwriting, the tiny dual encoder, CPU-sized."
+def demo_paths(root: str | Path | None = None, seed: int = 0) -> dict[str, str]:
+    "The bundled demo data (built once, cached): `train` / `val` Parquet split by handwriting, the text `corpus`, its `root`."
     from mmlit.demo import ensure_demo
     paths = ensure_demo(root)
     train, val = split_by_group(paths["parquet"][0], "digit_index", 0.2, paths["root"] / "split-digit_index-0.2", seed=seed)
+    return {"train": str(train), "val": str(val), "corpus": str(paths["corpus"]), "root": str(paths["root"])}
+
+def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = None, epochs: int = 50, seed: int = 0) -> RunConfig:
+    "The `mmlit demo` run: the bundled demo data split by handwriting, the tiny dual encoder, CPU-sized."
+    paths = demo_paths(root, seed)
+    train, val = paths["train"], paths["val"]
     return RunConfig(
         run_dir=str(run_dir), seed=seed,
         data=dict(data=str(train), val_data=str(val), preprocessor="clip",
@@ -379,6 +500,12 @@ def run_demo(run_dir: str | Path = "runs/demo", epochs: int = 50, progress: bool
     run.build_s = time.perf_counter() - t0
     result = run.fit()
     return finish_run(run, result, time.perf_counter() - t0)
+
+# %% ../nbs/80_recipe.ipynb #8b67d132
+def example_config(kind: str, run_dir: str | Path | None = None, root: str | Path | None = None) -> RunConfig:
+    "A CPU-sized run of model `kind` on the bundled demo data (`run_dir` default: `runs/KIND`)."
+    run_dir = str(run_dir or f"runs/{kind}")
+    return config_from_dict(RunConfig, {"run_dir": run_dir, **MODEL_KINDS.get(kind).example(demo_paths(root), run_dir)})
 
 # %% ../nbs/80_recipe.ipynb #92bba7ee
 RUN_DATA = "data.json"

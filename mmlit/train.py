@@ -7,7 +7,7 @@ Docs: https://mmlit.github.io/mmlit/train.html.md"""
 # %% ../nbs/06_train.ipynb #8da9f841
 from __future__ import annotations
 
-import contextlib, dataclasses, json, hashlib, logging, math, os, signal, sys, time
+import contextlib, dataclasses, json, hashlib, logging, math, os, signal, sys, time, types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +26,10 @@ logger = logging.getLogger("mmlit.train")
 # %% auto #0
 __all__ = ['logger', 'OptimConfig', 'ScheduleConfig', 'EvalConfig', 'CheckpointConfig', 'LogConfig', 'TrainConfig',
            'config_to_yaml', 'load_config', 'no_decay', 'build_optimizer', 'warmup_cosine', 'build_scheduler',
-           'resolve_device', 'resolve_precision', 'autocast', 'setup_distributed', 'wrap_model', 'output_losses',
-           'to_device', 'batch_size_of', 'evaluate_loss', 'MetricsLog', 'fingerprint', 'claim_run_dir',
-           'NonFiniteLossError', 'TrainResult', 'Trainer', 'on_main_thread']
+           'resolve_device', 'resolve_precision', 'autocast', 'kept_buffers', 'checkpoint_block',
+           'enable_gradient_checkpointing', 'setup_distributed', 'wrap_model', 'output_losses', 'to_device',
+           'batch_size_of', 'evaluate_loss', 'MetricsLog', 'fingerprint', 'claim_run_dir', 'NonFiniteLossError',
+           'TrainResult', 'Trainer', 'on_main_thread']
 
 # %% ../nbs/06_train.ipynb #a5d92445
 @dataclass
@@ -99,6 +100,7 @@ class TrainConfig:
     device: str = "auto"                # auto: cuda, then mps, then cpu
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: bf16 on CUDA where supported, else fp16; fp32 elsewhere
     compile: bool = False               # torch.compile the model
+    gradient_checkpointing: bool = False   # recompute each block's activations in the backward pass: less memory, slower steps
     threads: int | None = None          # torch CPU threads (torch.set_num_threads); None: torch's default
     max_nonfinite: int = 5              # this many non-finite losses in a row stop the run
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -169,6 +171,50 @@ def autocast(device: torch.device, precision: str):
     "The autocast context of a precision (a no-op for fp32)."
     if precision == "fp32": return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+# %% ../nbs/06_train.ipynb #34e543d5
+@contextlib.contextmanager
+def kept_buffers(module: nn.Module):
+    "A context after which `module`'s buffers (BatchNorm's running statistics) hold what they held before it."
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try: yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved: b.copy_(v)
+
+# %% ../nbs/06_train.ipynb #87618f29
+def _checkpointed_forward(self, *args, **kwargs):
+    "The block's own forward; while training with gradients, run under `torch.utils.checkpoint` (recomputed in backward)."
+    forward = type(self).forward.__get__(self)
+    if not (self.training and torch.is_grad_enabled()): return forward(*args, **kwargs)
+    calls = []
+    def run(*a, **k):
+        if not calls: calls.append(1); return forward(*a, **k)
+        with kept_buffers(self): return forward(*a, **k)     # the recompute: the running statistics were updated once already
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+def checkpoint_block(block: nn.Module) -> nn.Module:
+    "Make `block` recompute its activations in the backward pass when training (its weights and state dict unchanged)."
+    if "forward" not in vars(block): block.forward = types.MethodType(_checkpointed_forward, block)
+    return block
+
+# %% ../nbs/06_train.ipynb #e48ccf8b
+def enable_gradient_checkpointing(model: nn.Module) -> list[str]:
+    "Checkpoint every Hugging Face model in `model` that supports it, and each `nn.ModuleList` block elsewhere; the names of what it covers."
+    done = []
+    inside = lambda name: any(d == "" or name == d or name.startswith(d + ".") for d in done)
+    for name, m in model.named_modules():
+        if inside(name): continue
+        if getattr(m, "supports_gradient_checkpointing", False):
+            kw = {"use_reentrant": False}
+            if hasattr(m, "activation_checkpointing_enable"): m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else: m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+            done.append(name)
+        elif isinstance(m, nn.ModuleList):
+            for i, block in enumerate(m): checkpoint_block(block); done.append(f"{name}.{i}")
+    if not done: raise ConfigError(f"gradient_checkpointing: {type(model).__name__} has no block to checkpoint (no Hugging Face "
+                                   "model that supports it, no nn.ModuleList of blocks)")
+    return done
 
 # %% ../nbs/06_train.ipynb #34187662
 def setup_distributed() -> tuple[int, int]:
@@ -343,6 +389,7 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.model = model.to(self.device)
+        self.checkpointed = enable_gradient_checkpointing(self.model) if cfg.gradient_checkpointing else []
         self.train_loader, self.val_loader, self.evaluate_fn = train_loader, val_loader, evaluate
         self.forward_model = wrap_model(self.model, self.device, self.world_size, cfg.compile)
         self.optimizer = build_optimizer(self.model, cfg.optim)

@@ -16,7 +16,7 @@ from mmlit.core import CheckpointError, ConfigError
 from mmlit.demo import build_demo_parquet, corpus_documents
 from mmlit.hub import hub_cache, save_to_hub_cache
 from mmlit.preprocess import NORMALISATIONS, Normalisation
-from mmlit.recipe import build_run, export_model, split_by_group
+from mmlit.recipe import ModelSpec, build_run, export_model, model_config, split_by_group
 
 ROOT = Path(__file__).parent.parent
 JOB = str(Path(__file__).parent / "recipe_job.py")
@@ -262,6 +262,8 @@ def test_qwen2_vl_embedder_from_a_hub_id_with_lora(tmp_path, world):
         patcher = dm.transform.preprocessor.vision
         assert (patcher.min_pixels, patcher.max_pixels) == (56 * 56, 56 * 56 * 4)
         cfg = EmbedderConfig(backbone_pretrained="acme/tiny-qwen2-vl", embed_dim=32, mrl_dims=[32, 16]).with_instructions(world["tok"])
+        spec = ModelSpec("qwen2vl_embedder", pretrained="acme/tiny-qwen2-vl", options={"embed_dim": 32, "mrl_dims": [32, 16]})
+        assert model_config(spec, world["tok"]) == cfg                                # the run config's way to the same model
         model = apply_finetune(Qwen2VLEmbedder(cfg), lora={"r": 2, "target_modules": ["q_proj", "v_proj"]})
         base = {k: v.clone() for k, v in model.backbone.state_dict().items() if "lora_" not in k}
         t = Trainer(model, {"run_dir": str(tmp_path / "emb"), "threads": 1, "log": {"progress": False}, "schedule": {"max_steps": 3},
