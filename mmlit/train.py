@@ -320,15 +320,20 @@ def add(self: MetricsLog, row: dict):
 
 # %% ../nbs/06_train.ipynb #238f82f6
 _VOLATILE = ("run_dir", "device", "threads", "log.progress", "log.wandb_mode", "checkpoint.resume")
+# Settings added after runs existed, left out while at their default: a run started by an earlier mmlit still resumes.
+_ADDED_LATER = {"gradient_checkpointing": False, "model.pretrained": None, "model.freeze": [], "model.lora": None}
+
+def _pop(d: dict, key: str, only_if=...) -> None:
+    "Remove the dotted `key` from the nested dict `d` (only when its value is `only_if`, if given)."
+    *parents, last = key.split(".")
+    for p in parents: d = d.get(p, {}) if isinstance(d, dict) else {}
+    if isinstance(d, dict) and last in d and (only_if is ... or d[last] == only_if): d.pop(last)
 
 def fingerprint(config: dict) -> str:
     "A hash of a resolved config dict, without the keys that may change between a run and its resume (credentials included)."
     d = redact(json.loads(json.dumps(config, default=str)), mask=None)
-    for key in _VOLATILE:
-        *parents, last = key.split(".")
-        node = d
-        for p in parents: node = node.get(p, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict): node.pop(last, None)
+    for key in _VOLATILE: _pop(d, key)
+    for key, default in _ADDED_LATER.items(): _pop(d, key, default)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 # %% ../nbs/06_train.ipynb #81934fb1
