@@ -19,6 +19,7 @@ from torch import nn
 
 from .core import ConfigError, MmlitError, Stream, config_from_dict, config_to_dict, derive_seed, redact
 from .checkpoint import CheckpointManager, atomic_write_text, rng_state, set_rng_state
+from .fsdp import DistributedConfig, load_latest_sharded, save_sharded, shard_model
 
 logger = logging.getLogger("mmlit.train")
 
@@ -105,6 +106,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)   # ddp or fsdp (mmlit.fsdp), under torchrun
 
 # %% ../nbs/06_train.ipynb #455e592c
 def config_to_yaml(cfg) -> str:
@@ -170,10 +172,11 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 # %% ../nbs/06_train.ipynb #34187662
-def setup_distributed() -> tuple[int, int]:
-    "Join the process group `torchrun` describes (if any, once); returns `(rank, world_size)`."
+def setup_distributed(group_of_one: bool = False) -> tuple[int, int]:
+    "Join the process group `torchrun` describes (if any, once; also of one process with `group_of_one`); returns `(rank, world_size)`."
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1 and not torch.distributed.is_initialized():
+    launched = world_size > 1 or (group_of_one and "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ)
+    if launched and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl": torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.distributed.init_process_group(backend)
@@ -182,10 +185,12 @@ def setup_distributed() -> tuple[int, int]:
     return 0, 1
 
 # %% ../nbs/06_train.ipynb #493b0c63
-def wrap_model(model: nn.Module, device: torch.device, world_size: int, compile: bool = False) -> nn.Module:
-    "The module a training step calls: `model`, in `DistributedDataParallel` with several processes, compiled on request."
+def wrap_model(model: nn.Module, device: torch.device, world_size: int, compile: bool = False,
+               distributed: DistributedConfig | None = None) -> nn.Module:
+    "The module a training step calls: `model`, in DDP with several processes or sharded in place (`fsdp`), compiled on request."
     wrapped = model
-    if world_size > 1:
+    if distributed is not None and distributed.strategy == "fsdp": wrapped = shard_model(model, distributed, device)
+    elif world_size > 1:
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(wrapped) if compile else wrapped
 
@@ -336,14 +341,15 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.run_config = redact(run_config if run_config is not None else config_to_dict(cfg))   # what config.yaml and wandb get
         self.fingerprint = claim_run_dir(self.run_dir, self.run_config)       # refuses a foreign run dir; writes nothing
-        self.rank, self.world_size = setup_distributed()
+        self.sharded = cfg.distributed.strategy == "fsdp"
+        self.rank, self.world_size = setup_distributed(group_of_one=self.sharded)
         self.main = self.rank == 0
         if cfg.threads is not None: torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.model = model.to(self.device)
         self.train_loader, self.val_loader, self.evaluate_fn = train_loader, val_loader, evaluate
-        self.forward_model = wrap_model(self.model, self.device, self.world_size, cfg.compile)
+        self.forward_model = wrap_model(self.model, self.device, self.world_size, cfg.compile, cfg.distributed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.steps_per_epoch = math.ceil(len(train_loader) / cfg.schedule.accumulate)
         if self.steps_per_epoch == 0: raise ConfigError("the training loader yields no batches")
@@ -372,7 +378,7 @@ def state_dict(self: Trainer) -> dict:
 @patch
 def load_state_dict(self: Trainer, state: dict) -> None:
     "Continue from a `state_dict()`: optimiser, scheduler, grad scaler, loader position, every RNG, counters and history."
-    self.optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state: self.optimizer.load_state_dict(state["optimizer"])   # a sharded checkpoint loads it with the weights
     self.scheduler.load_state_dict(state["scheduler"])
     self.scaler.load_state_dict(state["scaler"])
     self.train_loader.load_state_dict(state["loader"])
@@ -396,6 +402,15 @@ def _wandb_init(self: Trainer):
 
 # %% ../nbs/06_train.ipynb #a06863b7
 @patch
+def _load_latest(self: Trainer) -> tuple[Path, dict] | None:
+    "`(dir, state)` of the newest checkpoint that loads, its weights (and, sharded, the optimiser) loaded; `None` if none."
+    if self.sharded:
+        loaded = load_latest_sharded(self.checkpoints, self.model, self.optimizer)
+        return None if loaded is None else (loaded[0], {**loaded[1], **loaded[2]})
+    loaded = self.checkpoints.load_latest(self.model, map_location=self.device)
+    return None if loaded is None else (loaded[0], loaded[2])
+
+@patch
 def _start(self: Trainer) -> str | None:
     "Write the config (rank 0), resume from the newest valid checkpoint; returns its path or `None`."
     resumed = None
@@ -405,9 +420,9 @@ def _start(self: Trainer) -> str | None:
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
         self.checkpoints.clean_temporaries()
     if self.world_size > 1: torch.distributed.barrier()
-    loaded = self.checkpoints.load_latest(self.model, map_location=self.device) if self.config.checkpoint.resume else None
+    loaded = self._load_latest() if self.config.checkpoint.resume else None
     if loaded is not None:                                  # the newest checkpoint that loads; newer ones are skipped with a warning
-        latest, _, state = loaded
+        latest, state = loaded
         self.load_state_dict(state)
         resumed = str(latest)
         if self.main: logger.info("resumed from %s (step %d, epoch %d)", latest, self.step, self.epoch)
@@ -436,7 +451,8 @@ def _accumulate(self: Trainer, it, size: int) -> tuple[dict, int, bool]:
         batch = to_device(batch, self.device)
         self._seed_micro()
         last = j == size - 1
-        sync = contextlib.nullcontext() if last or self.world_size == 1 else self.forward_model.no_sync()
+        if self.sharded: self.model.set_requires_gradient_sync(last); sync = contextlib.nullcontext()   # FSDP reduces on the last
+        else: sync = contextlib.nullcontext() if last or self.world_size == 1 else self.forward_model.no_sync()
         with sync:
             with autocast(self.device, self.precision): losses = output_losses(self.forward_model(**batch))
             self.scaler.scale(losses["loss"] / size).backward()   # also when non-finite: DDP ranks must stay in step
@@ -453,7 +469,8 @@ def _apply_gradients(self: Trainer) -> float | None:
     grad_norm = None
     if self.config.optim.clip_grad is not None:
         self.scaler.unscale_(self.optimizer)
-        grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad))
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # FSDP: a replicated DTensor
     self.scaler.step(self.optimizer)
     self.scaler.update()
     self.nonfinite_run = 0
@@ -536,11 +553,15 @@ def _write_loader_files(self: Trainer):
 # %% ../nbs/06_train.ipynb #48bcffbd
 @patch
 def save(self: Trainer, best: bool = False):
-    "Write a checkpoint of this step (rank 0) and the loader report and profile."
-    if self.main:
-        b = (self.config.eval.metric, self.best_value) if best else None
-        self.checkpoints.save(self.model, self.state_dict(), {"step": self.step, "epoch": self.epoch}, best=b)
-        self._write_loader_files()
+    "Write a checkpoint of this step (rank 0; every rank when sharded) and the loader report and profile."
+    b = (self.config.eval.metric, self.best_value) if best else None
+    meta = {"step": self.step, "epoch": self.epoch}
+    if self.sharded:                                       # weights and optimiser through DCP; RNG and loader position a rank
+        state = self.state_dict()
+        state.pop("optimizer")
+        save_sharded(self.checkpoints, self.model, self.optimizer, state, {k: state.pop(k) for k in ("rng", "loader")}, meta, best=b)
+    elif self.main: self.checkpoints.save(self.model, self.state_dict(), meta, best=b)
+    if self.main: self._write_loader_files()
     if self.world_size > 1: torch.distributed.barrier()
 
 # %% ../nbs/06_train.ipynb #5ad0c83c
