@@ -19,11 +19,11 @@ from .core import CheckpointError, ConfigError
 from .hub import check_same_pretrained
 
 # %% auto #0
-__all__ = ['MANIFEST', 'WEIGHTS', 'STATE', 'WRITE_DELAY_ENV', 'MAX_MANIFEST_BYTES', 'MAX_HEADER_BYTES', 'logger', 'fsync_dir',
-           'atomic_write_bytes', 'atomic_write_text', 'sha256_file', 'rng_state', 'set_rng_state', 'checkpoint_tensors',
-           'write_checkpoint', 'check_manifest', 'read_manifest', 'safetensors_header', 'check_weights', 'load_state',
-           'BaseModelMismatch', 'check_base_models', 'load_checkpoint', 'step_dir_name', 'CheckpointManager',
-           'CheckpointError']
+__all__ = ['MANIFEST', 'WEIGHTS', 'STATE', 'WRITE_DELAY_ENV', 'MAX_MANIFEST_BYTES', 'FORMATS', 'MAX_HEADER_BYTES', 'logger',
+           'fsync_dir', 'atomic_write_bytes', 'atomic_write_text', 'sha256_file', 'rng_state', 'set_rng_state',
+           'write_synced', 'checkpoint_tensors', 'seal_checkpoint', 'write_checkpoint', 'check_manifest',
+           'read_manifest', 'safetensors_header', 'check_weights', 'load_state', 'BaseModelMismatch',
+           'check_base_models', 'load_checkpoint', 'step_dir_name', 'CheckpointManager', 'CheckpointError']
 
 # %% ../nbs/06a_checkpoint.ipynb #1a0619bd
 def fsync_dir(path: str | Path):
@@ -79,7 +79,8 @@ _all_ = ["CheckpointError"]   # defined in mmlit.core, shared with mmlit.model
 MANIFEST, WEIGHTS, STATE = "manifest.json", "model.safetensors", "state.pt"
 WRITE_DELAY_ENV = "MMLIT_CHECKPOINT_WRITE_DELAY"   # seconds to pause mid-write: lets tests kill a process inside a write
 
-def _write_file(path: Path, write) -> None:
+def write_synced(path: Path, write) -> None:
+    "Call `write(path)`, then flush the file it wrote to disk."
     write(path)
     with open(path, "rb+") as f: os.fsync(f.fileno())
 
@@ -99,6 +100,18 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
     save_file(out, str(path))
+def seal_checkpoint(tmp: Path, dir: Path, meta: dict, names: list[str], format: int = 1) -> Path:
+    "Write the manifest of the files `names` in `tmp` (with `meta`), then rename `tmp` to `dir` in one step."
+    files = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in names}
+    try:
+        write_synced(tmp / MANIFEST, lambda p: p.write_text(json.dumps({"format": format, **meta, "files": files}, indent=1)))
+        fsync_dir(tmp)
+        if dir.exists(): _discard(dir)
+        os.rename(tmp, dir)
+        fsync_dir(dir.parent)
+    finally:
+        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+    return dir
 
 def write_checkpoint(dir: str | Path, model: torch.nn.Module, state: dict, meta: dict) -> Path:
     "Write `model`'s weights (only what trains, when part of it is frozen), `state` and a manifest (with `meta`) to `dir`, atomically."
@@ -108,16 +121,10 @@ def write_checkpoint(dir: str | Path, model: torch.nn.Module, state: dict, meta:
     tmp = dir.with_name(f".tmp-{dir.name}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        _write_file(tmp / WEIGHTS, lambda p: save_model(model, str(p)) if part is None else _save_tensors(part, p))
+        write_synced(tmp / WEIGHTS, lambda p: save_model(model, str(p)) if part is None else _save_tensors(part, p))
         if (delay := float(os.environ.get(WRITE_DELAY_ENV, 0) or 0)): time.sleep(delay)
-        _write_file(tmp / STATE, lambda p: torch.save(state, p))
-        files = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in (WEIGHTS, STATE)}
-        m = {"format": 1, **meta, "weights": "full" if part is None else "trainable", "files": files}
-        _write_file(tmp / MANIFEST, lambda p: p.write_text(json.dumps(m, indent=1)))
-        fsync_dir(tmp)
-        if dir.exists(): _discard(dir)
-        os.rename(tmp, dir)
-        fsync_dir(dir.parent)
+        write_synced(tmp / STATE, lambda p: torch.save(state, p))
+        seal_checkpoint(tmp, dir, {**meta, "weights": "full" if part is None else "trainable"}, [WEIGHTS, STATE])
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
     return dir
@@ -131,6 +138,8 @@ def _discard(path: Path):
 # %% ../nbs/06a_checkpoint.ipynb #4a25021e
 MAX_MANIFEST_BYTES = 1 << 20          # a manifest lists a few files: anything larger is not one
 _PLAIN_NAME, _SHA256 = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*"), re.compile(r"[0-9a-f]{64}")
+_SHARD_NAME = re.compile(r"dcp/(\.metadata|[A-Za-z0-9_][A-Za-z0-9._-]*)")   # a sharded checkpoint's DCP files
+FORMATS = {1: (WEIGHTS, STATE), 2: (STATE, "dcp/.metadata")}                # 1: one safetensors file; 2: sharded (mmlit.fsdp)
 
 def _read_json(path: Path, limit: int):
     "The JSON value in `path`, at most `limit` bytes; `CheckpointError` naming the file otherwise."
@@ -141,17 +150,18 @@ def _read_json(path: Path, limit: int):
     except (OSError, ValueError, RecursionError) as e: raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
 def check_manifest(m: Any, where: str | Path) -> dict:
-    "`m` if it is a format-1 manifest listing the weights and the state, each file by a plain name with its SHA-256 and size."
+    "`m` if it is a manifest (format 1: weights and state; 2: sharded) listing each file by a plain name with its SHA-256 and size."
     if not isinstance(m, dict): raise CheckpointError(f"{where}: not a checkpoint manifest (a JSON {type(m).__name__}, not an object)")
-    if m.get("format") != 1: raise CheckpointError(f"{where}: format {m.get('format')!r}; this version of mmlit reads format 1")
+    fmt = m.get("format")
+    if fmt not in FORMATS: raise CheckpointError(f"{where}: format {fmt!r}; this version of mmlit reads formats {sorted(FORMATS)}")
     files = m.get("files")
     if not isinstance(files, dict): raise CheckpointError(f"{where}: not a checkpoint manifest (no 'files' table)")
     for name, want in files.items():
-        if not _PLAIN_NAME.fullmatch(name): raise CheckpointError(f"{where}: file name {name!r} is not a plain name inside the checkpoint directory")
+        if not (_PLAIN_NAME.fullmatch(name) or (fmt == 2 and _SHARD_NAME.fullmatch(name))): raise CheckpointError(f"{where}: file name {name!r} is not a plain name inside the checkpoint directory")
         if not (isinstance(want, dict) and type(want.get("bytes")) is int and want["bytes"] >= 0
                 and isinstance(want.get("sha256"), str) and _SHA256.fullmatch(want["sha256"])):
             raise CheckpointError(f"{where}: the entry of {name} is not {{'sha256': 64 hex digits, 'bytes': a size}}: {str(want)[:120]}")
-    if (missing := [f for f in (WEIGHTS, STATE) if f not in files]): raise CheckpointError(f"{where}: does not list {' and '.join(missing)}")
+    if (missing := [f for f in FORMATS[fmt] if f not in files]): raise CheckpointError(f"{where}: does not list {' and '.join(missing)}")
     return m
 
 def read_manifest(dir: str | Path, verify: bool = True) -> dict:
@@ -162,7 +172,7 @@ def read_manifest(dir: str | Path, verify: bool = True) -> dict:
     for name, want in m["files"].items():
         f = dir / name
         if not f.exists(): raise CheckpointError(f"{f}: missing")
-        if f.is_symlink() or not f.is_file(): raise CheckpointError(f"{f}: not a regular file")
+        if f.is_symlink() or f.parent.is_symlink() or not f.is_file(): raise CheckpointError(f"{f}: not a regular file")
         if f.stat().st_size != want["bytes"]: raise CheckpointError(f"{f}: {f.stat().st_size} bytes, the manifest says {want['bytes']}")
         if verify and sha256_file(f) != want["sha256"]: raise CheckpointError(f"{f}: checksum does not match the manifest")
     return m
@@ -250,6 +260,8 @@ def load_checkpoint(dir: str | Path, model: torch.nn.Module | None = None, map_l
     from safetensors.torch import load_file, load_model
     dir = Path(dir)
     m = read_manifest(dir)
+    if m["format"] == 2: raise CheckpointError(f"{dir}: a sharded checkpoint (written by distributed.strategy 'fsdp'); resume it "
+                                               "with strategy 'fsdp', or consolidate it with `mmlit export`")
     partial = m.get("weights") == "trainable"
     if partial and pretrained is not None: check_base_models(m, pretrained, dir)
     if model is None: safetensors_header(dir / WEIGHTS)
@@ -328,11 +340,15 @@ class CheckpointManager:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = write_checkpoint(self.dir / step_dir_name(step), model, state,
                                 {**meta, "fingerprint": self.fingerprint, "time": time.time()})
+        self.record(step, best)
+        return path
+
+    def record(self, step: int, best: tuple[str, float] | None = None):
+        "After checkpoint `step` is written: record it as best when `best=(metric, value)` is given; prune to `keep`."
         if best is not None:
             atomic_write_text(self.dir / "best.json", json.dumps({"step": step, "metric": best[0], "value": best[1],
-                                                                  "dir": path.name}))
+                                                                  "dir": step_dir_name(step)}))
         self.prune()
-        return path
 
     def prune(self):
         "Remove the oldest step checkpoints beyond `keep`, never the best."

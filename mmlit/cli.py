@@ -24,7 +24,7 @@ from .storage import is_uri
 __all__ = ['CONFIG_NOTES', 'RunningStats', 'RecordStats', 'inspect_dataset', 'inspect_source', 'format_report', 'cmd_demo',
            'cmd_train', 'add_run_commands', 'commented_yaml', 'example_yaml', 'cmd_config', 'add_config_command',
            'build_parser', 'cmd_inspect', 'main', 'run_steps', 'rebuild_step_batch', 'cmd_report', 'cmd_show_batch',
-           'add_run_view_commands']
+           'add_run_view_commands', 'cmd_export', 'add_export_command']
 
 # %% ../nbs/90_cli.ipynb #c34280d3
 class RunningStats:
@@ -329,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tqdm bar on stderr (default: on for 1000+ records on a terminal)")
     add_run_commands(sub)
     add_config_command(sub)
+    add_export_command(sub)
     add_run_view_commands(sub)
     return p
 
@@ -541,6 +542,25 @@ def add_run_view_commands(sub) -> None:
     sb.add_argument("--step", type=int, required=True, metavar="K", help="the training step as logged in metrics.csv (1: the first)")
     sb.add_argument("--out", help="directory for the views (default: RUN_DIR/batches/step_K)")
     sb.set_defaults(run=cmd_show_batch)
+
+# %% ../nbs/90_cli.ipynb #c8bf87b7
+def cmd_export(args) -> int:
+    "Run `mmlit export RUN_DIR OUT_DIR`: the run's model, ready for `from_pretrained`."
+    from mmlit.recipe import export_model
+    try: out = export_model(args.run_dir, args.out_dir, args.checkpoint)
+    except (MmlitError, FileNotFoundError) as e: return _run_view_error("export", e)
+    print(f"wrote {out}")
+    return 0
+
+def add_export_command(sub) -> None:
+    "Add `export` to the `mmlit` subcommands."
+    e = sub.add_parser("export", help="write a run's model (LoRA merged, shards gathered) as a save_pretrained folder",
+                       description="Write a run's trained model as one save_pretrained folder with its tokenizer: the best "
+                                   "checkpoint (else the newest), LoRA adapters merged, a sharded FSDP checkpoint gathered.")
+    e.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (holds config.yaml and checkpoints/)")
+    e.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write")
+    e.add_argument("--checkpoint", help="a checkpoint directory to export instead of the best / newest")
+    e.set_defaults(run=cmd_export)
 
 # %% ../nbs/90_cli.ipynb #57c3c226
 if __name__ == "__main__" and "ipykernel" not in sys.modules:   # `python -m mmlit.cli ...`; in a notebook kernel

@@ -392,17 +392,19 @@ def finish_run(run: Run, result, wall_s: float | None = None) -> dict:
                "nonfinite_steps": t.nonfinite, "best": result.best, "metrics": metrics,
                "seconds": {"build": round(run.build_s, 2), "fit": round(result.seconds, 2),
                            **({"wall": round(wall_s, 2)} if wall_s is not None else {})}}
+    retrieval = MODEL_KINDS.get(run.config.model.kind).retrieval
+    emb = eval_embeddings(run) if retrieval and (t.main or t.sharded) else None   # sharded: every rank's forward gathers the weights
     if t.main:
-        if MODEL_KINDS.get(run.config.model.kind).retrieval:
+        if emb is not None:
             import io
-            buf = io.BytesIO(); np.savez(buf, **eval_embeddings(run)); atomic_write_bytes(d / "eval_embeddings.npz", buf.getvalue())
+            buf = io.BytesIO(); np.savez(buf, **emb); atomic_write_bytes(d / "eval_embeddings.npz", buf.getvalue())
         atomic_write_text(d / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 # %% ../nbs/80_recipe.ipynb #de7a5a97
 def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
-    "The model of run `run_dir` (its best checkpoint, else the newest, or `checkpoint`), LoRA merged, saved with its tokenizer to `out_dir`."
-    from mmlit.checkpoint import CheckpointManager, load_checkpoint
+    "The model of run `run_dir` (its best checkpoint, else the newest, or `checkpoint`; sharded ones gathered), LoRA merged, saved with its tokenizer to `out_dir`."
+    from mmlit.checkpoint import CheckpointManager, load_checkpoint, read_manifest
     from mmlit.finetune import export_merged, pretrained_records
     from mmlit.loader import load_tokenizer
     run_dir = Path(run_dir)
@@ -418,7 +420,11 @@ def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Pat
         best = cm.best()
         checkpoint = cm.dir / best["dir"] if best and (cm.dir / best["dir"]).is_dir() else cm.latest()
         if checkpoint is None: raise ConfigError(f"{run_dir}: no checkpoint to export")
-    load_checkpoint(checkpoint, model, pretrained=pretrained_records(model))
+    if read_manifest(checkpoint).get("format") == 2:          # sharded (FSDP): its shards gathered into one state dict
+        from mmlit.fsdp import consolidate
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        model.load_state_dict({k: v.reshape(shapes[k]) if k in shapes else v for k, v in consolidate(checkpoint).items()})   # scalars were 1-vectors
+    else: load_checkpoint(checkpoint, model, pretrained=pretrained_records(model))
     export_merged(model, out_dir, inplace=True)
     tokenizer.save_pretrained(str(out_dir))
     return Path(out_dir)

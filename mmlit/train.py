@@ -20,6 +20,7 @@ from torch import nn
 from .core import ConfigError, MmlitError, Stream, config_from_dict, config_to_dict, derive_seed, redact
 from .checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 from .finetune import describe_trainable, pretrained_records
+from .fsdp import DistributedConfig, gathered, load_latest_sharded, save_sharded, shard_model
 
 logger = logging.getLogger("mmlit.train")
 
@@ -108,6 +109,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)   # ddp or fsdp (mmlit.fsdp), under torchrun
 
 # %% ../nbs/06_train.ipynb #455e592c
 def config_to_yaml(cfg) -> str:
@@ -217,10 +219,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> list[str]:
     return done
 
 # %% ../nbs/06_train.ipynb #34187662
-def setup_distributed() -> tuple[int, int]:
-    "Join the process group `torchrun` describes (if any, once); returns `(rank, world_size)`."
+def setup_distributed(group_of_one: bool = False) -> tuple[int, int]:
+    "Join the process group `torchrun` describes (if any, once; also of one process with `group_of_one`); returns `(rank, world_size)`."
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1 and not torch.distributed.is_initialized():
+    launched = world_size > 1 or (group_of_one and "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ)
+    if launched and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl": torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.distributed.init_process_group(backend)
@@ -229,10 +232,12 @@ def setup_distributed() -> tuple[int, int]:
     return 0, 1
 
 # %% ../nbs/06_train.ipynb #493b0c63
-def wrap_model(model: nn.Module, device: torch.device, world_size: int, compile: bool = False) -> nn.Module:
-    "The module a training step calls: `model`, in `DistributedDataParallel` with several processes, compiled on request."
+def wrap_model(model: nn.Module, device: torch.device, world_size: int, compile: bool = False,
+               distributed: DistributedConfig | None = None) -> nn.Module:
+    "The module a training step calls: `model`, in DDP with several processes or sharded in place (`fsdp`), compiled on request."
     wrapped = model
-    if world_size > 1:
+    if distributed is not None and distributed.strategy == "fsdp": wrapped = shard_model(model, distributed, device)
+    elif world_size > 1:
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(wrapped) if compile else wrapped
 
@@ -321,7 +326,8 @@ def add(self: MetricsLog, row: dict):
 # %% ../nbs/06_train.ipynb #238f82f6
 _VOLATILE = ("run_dir", "device", "threads", "log.progress", "log.wandb_mode", "checkpoint.resume")
 # Settings added after runs existed, left out while at their default: a run started by an earlier mmlit still resumes.
-_ADDED_LATER = {"gradient_checkpointing": False, "model.pretrained": None, "model.freeze": [], "model.lora": None}
+_ADDED_LATER = {"gradient_checkpointing": False, "model.pretrained": None, "model.freeze": [], "model.lora": None,
+                "distributed": config_to_dict(DistributedConfig())}
 
 def _pop(d: dict, key: str, only_if=...) -> None:
     "Remove the dotted `key` from the nested dict `d` (only when its value is `only_if`, if given)."
@@ -388,7 +394,8 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.run_config = redact(run_config if run_config is not None else config_to_dict(cfg))   # what config.yaml and wandb get
         self.fingerprint = claim_run_dir(self.run_dir, self.run_config)       # refuses a foreign run dir; writes nothing
-        self.rank, self.world_size = setup_distributed()
+        self.sharded = cfg.distributed.strategy == "fsdp"
+        self.rank, self.world_size = setup_distributed(group_of_one=self.sharded)
         self.main = self.rank == 0
         if cfg.threads is not None: torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
@@ -396,7 +403,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.checkpointed = enable_gradient_checkpointing(self.model) if cfg.gradient_checkpointing else []
         self.train_loader, self.val_loader, self.evaluate_fn = train_loader, val_loader, evaluate
-        self.forward_model = wrap_model(self.model, self.device, self.world_size, cfg.compile)
+        self.forward_model = wrap_model(self.model, self.device, self.world_size, cfg.compile, cfg.distributed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.steps_per_epoch = math.ceil(len(train_loader) / cfg.schedule.accumulate)
         if self.steps_per_epoch == 0: raise ConfigError("the training loader yields no batches")
@@ -426,7 +433,7 @@ def state_dict(self: Trainer) -> dict:
 @patch
 def load_state_dict(self: Trainer, state: dict) -> None:
     "Continue from a `state_dict()`: optimiser, scheduler, grad scaler, loader position, every RNG, counters and history."
-    self.optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state: self.optimizer.load_state_dict(state["optimizer"])   # a sharded checkpoint loads it with the weights
     self.scheduler.load_state_dict(state["scheduler"])
     self.scaler.load_state_dict(state["scaler"])
     self.train_loader.load_state_dict(state["loader"])
@@ -450,6 +457,15 @@ def _wandb_init(self: Trainer):
 
 # %% ../nbs/06_train.ipynb #a06863b7
 @patch
+def _load_latest(self: Trainer) -> tuple[Path, dict] | None:
+    "`(dir, state)` of the newest checkpoint that loads, its weights (and, sharded, the optimiser) loaded; `None` if none."
+    if self.sharded:
+        loaded = load_latest_sharded(self.checkpoints, self.model, self.optimizer)
+        return None if loaded is None else (loaded[0], {**loaded[1], **loaded[2]})
+    loaded = self.checkpoints.load_latest(self.model, map_location=self.device, pretrained=self.pretrained)
+    return None if loaded is None else (loaded[0], loaded[2])
+
+@patch
 def _start(self: Trainer) -> str | None:
     "Write the config (rank 0), resume from the newest valid checkpoint; returns its path or `None`."
     resumed = None
@@ -460,10 +476,9 @@ def _start(self: Trainer) -> str | None:
         self.checkpoints.clean_temporaries()
     if self.world_size > 1: torch.distributed.barrier()
     if self.main: logger.info("%s: %s", type(self.model).__name__, describe_trainable(self.model))
-    loaded = (self.checkpoints.load_latest(self.model, map_location=self.device, pretrained=self.pretrained)
-              if self.config.checkpoint.resume else None)
+    loaded = self._load_latest() if self.config.checkpoint.resume else None
     if loaded is not None:                                  # the newest that loads; newer ones skipped with a warning
-        latest, _, state = loaded
+        latest, state = loaded
         self.load_state_dict(state)
         resumed = str(latest)
         if self.main: logger.info("resumed from %s (step %d, epoch %d)", latest, self.step, self.epoch)
@@ -492,7 +507,8 @@ def _accumulate(self: Trainer, it, size: int) -> tuple[dict, int, bool]:
         batch = to_device(batch, self.device)
         self._seed_micro()
         last = j == size - 1
-        sync = contextlib.nullcontext() if last or self.world_size == 1 else self.forward_model.no_sync()
+        if self.sharded: self.model.set_requires_gradient_sync(last); sync = contextlib.nullcontext()   # FSDP reduces on the last
+        else: sync = contextlib.nullcontext() if last or self.world_size == 1 else self.forward_model.no_sync()
         with sync:
             with autocast(self.device, self.precision): losses = output_losses(self.forward_model(**batch))
             self.scaler.scale(losses["loss"] / size).backward()   # also when non-finite: DDP ranks must stay in step
@@ -509,7 +525,8 @@ def _apply_gradients(self: Trainer) -> float | None:
     grad_norm = None
     if self.config.optim.clip_grad is not None:
         self.scaler.unscale_(self.optimizer)
-        grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad))
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.clip_grad)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # FSDP: a replicated DTensor
     self.scaler.step(self.optimizer)
     self.scaler.update()
     self.nonfinite_run = 0
@@ -554,7 +571,7 @@ def evaluate(self: Trainer) -> dict:
     if self._val_state is not None: self.val_loader.load_state_dict(self._val_state)
     self.model.eval()
     try:
-        with torch.no_grad(), autocast(self.device, self.precision):
+        with torch.no_grad(), autocast(self.device, self.precision), gathered(self.model):   # sharded: root weights whole
             if self.evaluate_fn is not None: r = self.evaluate_fn(self.model, self.val_loader)
             else: r = evaluate_loss(self.model, self.val_loader, self.device, self.config.eval.max_batches)
     finally: self.model.train()
@@ -592,12 +609,15 @@ def _write_loader_files(self: Trainer):
 # %% ../nbs/06_train.ipynb #48bcffbd
 @patch
 def save(self: Trainer, best: bool = False):
-    "Write a checkpoint of this step (rank 0) and the loader report and profile."
-    if self.main:
-        b = (self.config.eval.metric, self.best_value) if best else None
-        meta = {"step": self.step, "epoch": self.epoch, **({"pretrained": self.pretrained} if self.pretrained else {})}
-        self.checkpoints.save(self.model, self.state_dict(), meta, best=b)
-        self._write_loader_files()
+    "Write a checkpoint of this step (rank 0; every rank when sharded) and the loader report and profile."
+    b = (self.config.eval.metric, self.best_value) if best else None
+    meta = {"step": self.step, "epoch": self.epoch, **({"pretrained": self.pretrained} if self.pretrained else {})}
+    if self.sharded:                                       # weights and optimiser through DCP; RNG and loader position a rank
+        state = self.state_dict()
+        state.pop("optimizer")
+        save_sharded(self.checkpoints, self.model, self.optimizer, state, {k: state.pop(k) for k in ("rng", "loader")}, meta, best=b)
+    elif self.main: self.checkpoints.save(self.model, self.state_dict(), meta, best=b)
+    if self.main: self._write_loader_files()
     if self.world_size > 1: torch.distributed.barrier()
 
 # %% ../nbs/06_train.ipynb #5ad0c83c

@@ -14,7 +14,16 @@ if __name__ == "__main__":
     result = run.fit()
     finish_run(run, result)
     rank = run.trainer.rank
-    torch.save(run.model.state_dict(), out / f"rank{rank}.pt")
+    state = run.model.state_dict()
+    if run.trainer.sharded:                                     # FSDP: each rank holds shards; gather the full weights
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    torch.save(state, out / f"rank{rank}.pt")
+    if rank == 0:                                               # the first validation batch eval_embeddings.npz begins with
+        from mmlit.loader import make_loader
+        d = run.data
+        torch.save(next(iter(make_loader(d.val_data, run.trainer.val_loader.config, transform=d.val_transform, collate=d.collate,
+                                         rank=0, world_size=1))), out / "val_batch.pt")
     (out / f"rank{rank}.json").write_text(json.dumps({"world_size": run.trainer.world_size, "steps": result.steps,
                                                         "vocab": run.tokenizer.get_vocab(), "last_eval": result.last_eval}))
     if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()

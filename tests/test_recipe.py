@@ -130,6 +130,36 @@ def odd_pairs(pairs, tmp_path_factory):
     return train, odd
 
 
+def test_fsdp_run_exports_one_model(tmp_path, odd_pairs):
+    """`mmlit train` under FSDP (2 gloo ranks): the run finishes (every rank takes part in the final embedding pass), and
+    `mmlit export` gathers its sharded checkpoint into a folder whose `from_pretrained` model gives the run's embeddings."""
+    import torch
+    from mmlit.checkpoint import read_manifest
+    from mmlit.cli import main
+    from mmlit.model import DualEncoder
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    cfg = _config(run_dir, odd_pairs)
+    cfg["data"]["loader"]["batch_size"] = 8
+    cfg["schedule"] = {"max_steps": 4}
+    cfg["distributed"] = {"strategy": "fsdp"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    torchrun(JOB, tmp_path / "c.yaml", out, timeout=300)
+    final = run_dir / "checkpoints" / "step-00000004"
+    assert read_manifest(final)["format"] == 2                                   # sharded
+    assert main(["export", str(run_dir), str(tmp_path / "exported")]) == 0
+    model = DualEncoder.from_pretrained(tmp_path / "exported").eval()
+    trained = torch.load(out / "rank0.pt", weights_only=True)
+    mine = model.state_dict()
+    assert set(trained) == set(mine), (set(trained) ^ set(mine))
+    assert all(torch.equal(v, trained[k].reshape(v.shape)) for k, v in mine.items())     # the run's scalars were 1-vectors
+    batch, npz = torch.load(out / "val_batch.pt", weights_only=True), np.load(run_dir / "eval_embeddings.npz")
+    with torch.no_grad(): got = model(**batch, return_loss=False)
+    n = len(got.image_embeds)
+    np.testing.assert_allclose(got.image_embeds.numpy(), npz["image"][:n], atol=1e-5)
+    np.testing.assert_allclose(got.text_embeds.numpy(), npz["text"][:n], atol=1e-5)
+
+
 def test_ddp_run_evaluates_as_one_process(tmp_path, odd_pairs):
     """`build_run` under `torchrun --nproc_per_node 2` (gloo): both ranks finish with the same tokenizer and weights, and the
     zero-shot accuracy, hard-negative accuracy and recalls rank 0 logs are those one process computes from the final weights."""
