@@ -1,4 +1,4 @@
-"""The `mmlit` command: `inspect` a data source for bad records, `train` from a run config, the CPU `demo`, a run's `report` and `show-batch`.
+"""The `mmlit` command: `inspect` a data source for bad records, `train` from a run config, the CPU `demo`, a run's `report` and `show-batch`, and `eval` of a trained model on any data.
 
 Docs: https://mmlit.github.io/mmlit/cli.html.md"""
 
@@ -24,7 +24,7 @@ from .storage import is_uri
 __all__ = ['CONFIG_NOTES', 'RunningStats', 'RecordStats', 'inspect_dataset', 'inspect_source', 'format_report', 'cmd_demo',
            'cmd_train', 'add_run_commands', 'commented_yaml', 'example_yaml', 'cmd_config', 'add_config_command',
            'build_parser', 'cmd_inspect', 'main', 'run_steps', 'rebuild_step_batch', 'cmd_report', 'cmd_show_batch',
-           'add_run_view_commands', 'cmd_export', 'add_export_command']
+           'add_run_view_commands', 'cmd_eval', 'add_eval_command', 'cmd_export', 'add_export_command']
 
 # %% ../nbs/90_cli.ipynb #c34280d3
 class RunningStats:
@@ -331,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_command(sub)
     add_export_command(sub)
     add_run_view_commands(sub)
+    add_eval_command(sub)
     return p
 
 def _source_kwargs(args, kind: str | None) -> dict:
@@ -542,6 +543,60 @@ def add_run_view_commands(sub) -> None:
     sb.add_argument("--step", type=int, required=True, metavar="K", help="the training step as logged in metrics.csv (1: the first)")
     sb.add_argument("--out", help="directory for the views (default: RUN_DIR/batches/step_K)")
     sb.set_defaults(run=cmd_show_batch)
+
+# %% ../nbs/90_cli.ipynb #847a6f0b
+def _lines_or_file(values: Sequence[str] | None) -> list[str] | None:
+    "The values given, or the non-blank lines of the one file given."
+    if values and len(values) == 1 and values[0].endswith(".txt") and Path(values[0]).is_file():
+        return [l.strip() for l in Path(values[0]).read_text().splitlines() if l.strip()]
+    return values
+
+def cmd_eval(args) -> int:
+    "Run `mmlit eval`: retrieval and zero-shot figures of a run or saved model on `--data`; returns the exit status."
+    from mmlit.evaluate import clip_benchmark_results, evaluate_data, format_eval, load_eval_model
+    err = lambda msg: (print(f"mmlit eval: error: {' '.join(str(msg).split())}", file=sys.stderr), 2)[1]
+    if args.task == "zeroshot_classification" and not args.label_column: return err("--task zeroshot_classification needs --label-column")
+    both = args.task == "all" and args.label_column
+    if args.json and args.json != "-" and both and "{task}" not in args.json:
+        return err("--json: two results (zeroshot_retrieval and zeroshot_classification); put {task} in the path, or pass --task")
+    try:
+        em = load_eval_model(args.model, image_size=args.image_size)
+        res = evaluate_data(em, args.data, label_column=args.label_column, classnames=_lines_or_file(args.classnames),
+                            templates=_lines_or_file(args.templates), kind=args.kind, batch_size=args.batch_size)
+    except MmlitError as e: return err(e)
+    name = args.dataset_name or Path(str(args.data).rstrip("/")).stem
+    results = [r for r in clip_benchmark_results(res, name, em.name, em.pretrained) if args.task in ("all", r["task"])]
+    if args.json == "-":
+        for r in results: print(json.dumps(r))
+        return 0
+    print(format_eval(res))
+    for r in results if args.json else []:
+        out = Path(args.json.format(task=r["task"], dataset=name))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(r, indent=1))
+        print(f"  {r['task']}: {out}")
+    return 0
+
+def add_eval_command(sub) -> None:
+    "Add `eval` to the `mmlit` subcommands."
+    e = sub.add_parser("eval", help="retrieval recall and zero-shot accuracy of a run or saved model on any data (CLIP_benchmark's JSON)",
+                       description="Evaluate a run's newest checkpoint (or a saved DualEncoder with its tokenizer) on a dataset: "
+                                   "Recall@1/5/10 both ways at every dimension, and zero-shot classification with a label column.")
+    e.add_argument("model", metavar="MODEL_OR_RUN_DIR", help="a run directory, or a DualEncoder.save_pretrained directory with its tokenizer")
+    e.add_argument("--data", required=True, help="the data: Parquet (file, directory, glob), JSONL, ... as mmlit train reads it")
+    e.add_argument("--kind", choices=sources.names(), help="source kind (default: the run's, else told from the path)")
+    e.add_argument("--label-column", metavar="C", help="the column (Parquet) or field (JSONL) with each row's class: zero-shot classification")
+    e.add_argument("--templates", nargs="+", metavar="T", help="prompt templates with {c} for the class name, or a .txt file of them "
+                                                              "(default for a run trained with zero_shot: digits: the trainer's prompts)")
+    e.add_argument("--classnames", nargs="+", metavar="NAME", help="class names, indexed by integer labels, or a .txt file of them "
+                                                                  "(default: the labels themselves)")
+    e.add_argument("--task", choices=["all", "zeroshot_retrieval", "zeroshot_classification"], default="all",
+                   help="which CLIP_benchmark results to write (default: retrieval, and classification with --label-column)")
+    e.add_argument("--json", metavar="OUT", help="write CLIP_benchmark's result JSON to OUT ({task}, {dataset} are filled in); - prints it")
+    e.add_argument("--dataset-name", help="the result's dataset name (default: the data's file name)")
+    e.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
+    e.add_argument("--image-size", type=int, help="a saved model whose vision tower takes any size: the size it was trained at")
+    e.set_defaults(run=cmd_eval)
 
 # %% ../nbs/90_cli.ipynb #c8bf87b7
 def cmd_export(args) -> int:
