@@ -276,7 +276,7 @@ def add(self: MetricsLog, row: dict):
         with open(self.dir / "metrics.csv", "a") as f: f.write(self._csv_line(row))
 
 # %% ../nbs/06_train.ipynb #238f82f6
-_VOLATILE = ("run_dir", "device", "threads", "log.progress", "log.wandb_mode", "checkpoint.resume", "exclude")
+_VOLATILE = ("run_dir", "device", "threads", "log.progress", "log.wandb_mode", "checkpoint.resume", "exclude", "log.ledger_every")
 
 def fingerprint(config: dict) -> str:
     "A hash of a resolved config dict, without the keys that may change between a run and its resume (credentials included)."

@@ -1,6 +1,6 @@
 """The per-sample loss ledger: its samples are `mmlit show-batch`'s, its rows average to the logged loss, it is complete
 after SIGKILL and resume, `mmlit samples` reads it, and excluding samples at a resume sees every other one once."""
-import json, signal, subprocess, sys
+import json, shutil, signal, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -8,11 +8,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from cli_helpers import run_cli  # noqa: E402
 from train_job import build, losses  # noqa: E402
-from test_train import JOB, _env, _wait_for, _n_losses  # noqa: E402
+from test_train import JOB, _env, _wait_for  # noqa: E402
 
 from mmlit.core import ConfigError
 from mmlit.demo import build_demo_parquet
-from mmlit.ledger import read_ledger
+from mmlit.ledger import ledger_parts, read_ledger
 from mmlit.recipe import build_run
 
 
@@ -78,12 +78,17 @@ def test_ledger_complete_after_sigkill_and_resume(tmp_path):
     ref = tmp_path / "ref"
     assert build(ref).fit().steps == 24
     d = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, JOB, str(d)], env=_env(TRAIN_JOB_STEP_DELAY="0.03"), stdout=subprocess.PIPE, text=True)
-    _wait_for(lambda: _n_losses(d) >= 5, p, what="5 steps")
+    every_step = {"config": {"log": {"ledger_every": 1}}}      # rows reach the disk past the last checkpoint (every 2 steps)
+    p = subprocess.Popen([sys.executable, JOB, str(d), json.dumps(every_step)], env=_env(TRAIN_JOB_STEP_DELAY="0.03"),
+                         stdout=subprocess.PIPE, text=True)
+    _wait_for(lambda: any(last == 3 for *_, last in ledger_parts(d)), p, what="the ledger of step 3")   # checkpointed: step 2
     p.send_signal(signal.SIGKILL); p.wait()
-    assert (d / "ledger").is_dir() and build(d).fit().resumed_from is not None
+    for ck in (d / "checkpoints").glob("step-*"):            # as if killed before step 4's checkpoint: resume at step 2
+        if int(ck.name[5:]) > 2: shutil.rmtree(ck)
+    on_disk = read_ledger(d)["step"].max()
+    assert build(d).fit().resumed_from.endswith("step-00000002")   # resumed with parts of 500 steps: other file names
     a, b = read_ledger(d), read_ledger(ref)
-    assert sorted(a["step"].unique()) == list(range(1, 25)) and len(a) == 24 * 8
+    assert sorted(a["step"].unique()) == list(range(1, 25)) and len(a) == 24 * 8 and on_disk >= 3
     assert not a.duplicated(["step", "micro", "position"]).any()
     keys = ["step", "epoch", "micro", "position", "sample", "loss"]
     assert a[keys].equals(b[keys])                            # the resume is exact, so are the per-sample losses
