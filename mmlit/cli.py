@@ -24,7 +24,7 @@ from .storage import is_uri
 __all__ = ['CONFIG_NOTES', 'RunningStats', 'RecordStats', 'inspect_dataset', 'inspect_source', 'format_report', 'cmd_demo',
            'cmd_train', 'add_run_commands', 'commented_yaml', 'example_yaml', 'cmd_config', 'add_config_command',
            'build_parser', 'cmd_inspect', 'main', 'run_steps', 'rebuild_step_batch', 'cmd_report', 'cmd_show_batch',
-           'add_run_view_commands', 'cmd_eval', 'add_eval_command', 'cmd_export', 'add_export_command']
+           'cmd_samples', 'add_run_view_commands', 'cmd_eval', 'add_eval_command', 'cmd_export', 'add_export_command']
 
 # %% ../nbs/90_cli.ipynb #c34280d3
 class RunningStats:
@@ -504,7 +504,8 @@ def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]
     batch = next(iter(loader))
     norm = (data.get("preprocessor_options") or {}).get("normalize", "clip")
     return batch, p["tokenizer"], {"run_dir": str(run_dir), "step": step, "epoch": epoch, "batch_in_epoch": k,
-                                   "micro_batches_per_step": accumulate, "norm": norm, "data_checked": record is not None}
+                                   "micro_batches_per_step": accumulate, "norm": norm, "data_checked": record is not None,
+                                   "samples": loader.last_indices}
 
 def cmd_report(args) -> int:
     "Run `mmlit report`: the run's PNGs and `report.html`; prints the page's path."
@@ -529,8 +530,24 @@ def cmd_show_batch(args) -> int:
     for p in written.values(): print(p)
     return 0
 
+def cmd_samples(args) -> int:
+    "Run `mmlit samples`: the samples with the highest mean loss over the last epoch of the run's ledger."
+    from mmlit.ledger import top_samples
+    try: top = top_samples(args.run_dir, args.top, args.epoch)
+    except MmlitError as e: return _run_view_error("samples", e)
+    a = top.attrs
+    if args.json:
+        print(json.dumps({"epoch": a["epoch"], "samples_in_epoch": a["samples"], "steps": list(a["steps"]),
+                          "top": [{k: (v.item() if hasattr(v, "item") else v) for k, v in r.items()} for r in top.to_dict("records")]}))
+        return 0
+    print(f"epoch {a['epoch']} (steps {a['steps'][0]}-{a['steps'][1]}, {a['samples']} samples): the {len(top)} with the highest mean loss")
+    print(f"  {'sample':>8} {'loss':>8} {'seen':>4}  where")
+    for r in top.itertuples():
+        print(f"  {r.sample:>8} {r.loss:>8.4f} {r.seen:>4}  {r.source or '-'} {r.file or '-'} {r.unit} {r.row}")
+    return 0
+
 def add_run_view_commands(sub) -> None:
-    "Add `report` and `show-batch` to the `mmlit` sub-command parsers."
+    "Add `report`, `show-batch` and `samples` to the `mmlit` sub-command parsers."
     rep = sub.add_parser("report", help="write a run directory's plots and one-page HTML report",
                          description="Write the plots (PNG) and a self-contained report.html of a training run directory.")
     rep.add_argument("run_dir", help="a run directory written by the mmlit trainer")
@@ -543,6 +560,14 @@ def add_run_view_commands(sub) -> None:
     sb.add_argument("--step", type=int, required=True, metavar="K", help="the training step as logged in metrics.csv (1: the first)")
     sb.add_argument("--out", help="directory for the views (default: RUN_DIR/batches/step_K)")
     sb.set_defaults(run=cmd_show_batch)
+    sa = sub.add_parser("samples", help="list the samples with the highest loss in a run's per-sample ledger",
+                        description="Average each sample's loss over the last epoch of the run's ledger (RUN_DIR/ledger/) "
+                                    "and list the highest, with the source, file and row each comes from.")
+    sa.add_argument("run_dir", help="a run directory written by the mmlit trainer (with log.ledger on)")
+    sa.add_argument("--top", type=int, default=20, metavar="N", help="how many samples to list (default: 20)")
+    sa.add_argument("--epoch", type=int, help="the epoch to average over (default: the last in the ledger)")
+    sa.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    sa.set_defaults(run=cmd_samples)
 
 # %% ../nbs/90_cli.ipynb #847a6f0b
 def _lines_or_file(values: Sequence[str] | None) -> list[str] | None:

@@ -31,10 +31,10 @@ from .sources import as_mm_dataset
 from .storage import IOStats, Location, io_stats
 
 # %% auto #0
-__all__ = ['RANK_SPLITS', 'LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'rank_steps', 'ShardedBatchSampler',
-           'TimedTransform', 'Samples', 'StepFetcher', 'Delivery', 'SkipAwareCollate', 'WorkerSeeder',
-           'resolve_collate', 'rank_and_world_size', 'data_fingerprint', 'LoaderTimings', 'ResumableLoader',
-           'make_loader', 'LoaderProfile', 'profile_loader', 'DataModule', 'RowSubset', 'split_rows',
+__all__ = ['RANK_SPLITS', 'LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'kept_positions', 'rank_steps',
+           'ShardedBatchSampler', 'TimedTransform', 'Samples', 'StepFetcher', 'Delivery', 'SkipAwareCollate',
+           'WorkerSeeder', 'resolve_collate', 'rank_and_world_size', 'data_fingerprint', 'LoaderTimings',
+           'ResumableLoader', 'make_loader', 'LoaderProfile', 'profile_loader', 'DataModule', 'RowSubset', 'split_rows',
            'LoaderDataModule', 'WithTask', 'load_tokenizer', 'preprocessor_options', 'loader_parts',
            'build_data_module', 'build_loader']
 
@@ -122,22 +122,35 @@ def count_steps(n: int, batch_size: int, world_size: int = 1, start: int = 0, dr
     return left // gb if drop_last else -(-left // gb)
 
 # %% ../nbs/04_loader.ipynb #ca165857
+def _limit(n: int, gb: int, start: int, drop_last: bool, excluding: bool) -> int:
+    "The global position where the epoch's steps end: `n`, or with `drop_last` the end of its last whole step."
+    if not drop_last: return n
+    return max(start, n // gb * gb) if excluding else start + (n - start) // gb * gb
+
+def kept_positions(order: np.ndarray, exclude: Sequence[int] | None) -> np.ndarray:
+    "The positions of `order` whose sample is not in `exclude` (all of them without one)."
+    if exclude is None or not len(exclude): return np.arange(len(order), dtype=np.int64)
+    return np.flatnonzero(~np.isin(order, np.asarray(exclude, dtype=np.int64)))
+
 def rank_steps(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0,
                world_size: int = 1, start: int = 0, drop_last: bool = False, blocks: Sequence[int] | None = None,
-               shuffle_span: int | None = None, rank_split: str = "stream") -> list[Step]:
-    "This rank's steps of `epoch` from global position `start` (see the split and padding rules above)."
+               shuffle_span: int | None = None, rank_split: str = "stream", exclude: Sequence[int] | None = None) -> list[Step]:
+    "This rank's steps of `epoch` from global position `start`, the samples in `exclude` left out (see the split, padding and exclusion rules above)."
     if rank_split not in RANK_SPLITS: raise ConfigError(f"rank_split must be one of {RANK_SPLITS}, got {rank_split!r}")
     order, gb, steps = epoch_order(n, seed, epoch, shuffle, blocks, shuffle_span), batch_size * world_size, []
-    for k in range(count_steps(n, batch_size, world_size, start, drop_last)):
-        begin = start + k * gb
-        end = min(begin + gb, n)
-        b = -(-(end - begin) // world_size)               # B for whole steps, ceil(R/W) for the last
+    kept = kept_positions(order, exclude)
+    stream, limit = order[kept], _limit(n, gb, start, drop_last, len(kept) < n)   # the epoch without the excluded samples
+    first, last = int(np.searchsorted(kept, start)), int(np.searchsorted(kept, limit))
+    for a in range(first, last, gb):                      # a step: stream[a:z], positions kept[a] .. kept[z-1] of the order
+        z = min(a + gb, last)
+        begin, end = int(kept[a]), int(kept[z - 1]) + 1 if z < last else limit
+        b = -(-(z - a) // world_size)                     # B for whole steps, ceil(R/W) for the last
         if rank_split == "stream" or not shuffle:         # the r-th slice of the step (unshuffled: the stream itself)
-            pos = begin + rank * b + np.arange(b)
-            steps.append(Step(epoch, (begin // gb) * world_size + rank, order[pos % n].tolist(), end))
+            pos = a + rank * b + np.arange(b)
+            steps.append(Step(epoch, (begin // gb) * world_size + rank, stream[pos % len(stream)].tolist(), end))
             continue
-        pos = begin + np.arange(world_size * b)           # "locality": the step's positions; those past `end` are padding
-        idx, pad = order[pos % n], pos >= end
+        pos = a + np.arange(world_size * b)               # "locality": the step's positions; those past `z` are padding
+        idx, pad = stream[pos % len(stream)], pos >= z
         ranked = np.lexsort((np.where(pad, pos, idx), pad))   # the step in index order, its padding last
         mine = np.sort(ranked[rank * b:(rank + 1) * b])   # this rank's chunk, in stream order
         steps.append(Step(epoch, (begin // gb) * world_size + rank, idx[mine].tolist(), end))
@@ -148,10 +161,11 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
     "Yields this rank's `Step`s of one epoch from a global start position."
     def __init__(self, n: int, batch_size: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0,
                  world_size: int = 1, drop_last: bool = False, blocks: Sequence[int] | None = None,
-                 shuffle_span: int | None = None, rank_split: str = "stream"):
+                 shuffle_span: int | None = None, rank_split: str = "stream", exclude: Sequence[int] | None = None):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.blocks, self.shuffle_span, self.rank_split = blocks, shuffle_span, rank_split
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.exclude, self._kept = None if exclude is None else np.unique(np.asarray(exclude, dtype=np.int64)), {}
         self.epoch, self.start = 0, 0
 
     def seek(self, epoch: int, start: int = 0):
@@ -168,12 +182,23 @@ def steps(self: ShardedBatchSampler) -> list[Step]:
     "This rank's steps from the current epoch and start position."
     return rank_steps(self.n, self.batch_size, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle, rank=self.rank,
                       world_size=self.world_size, start=self.start, drop_last=self.drop_last, blocks=self.blocks,
-                      shuffle_span=self.shuffle_span, rank_split=self.rank_split)
+                      shuffle_span=self.shuffle_span, rank_split=self.rank_split, exclude=self.exclude)
+
+@patch
+def count(self: ShardedBatchSampler, epoch: int, start: int = 0) -> int:
+    "How many steps `epoch` has from global position `start` (O(1) without `exclude`; one order per epoch with it)."
+    if self.exclude is None or not len(self.exclude): return count_steps(self.n, self.batch_size, self.world_size, start, self.drop_last)
+    if epoch not in self._kept:
+        order = epoch_order(self.n, self.seed, epoch, self.shuffle, self.blocks, self.shuffle_span)
+        self._kept = {epoch: kept_positions(order, self.exclude)}
+    kept, gb = self._kept[epoch], self.batch_size * self.world_size
+    left = np.searchsorted(kept, _limit(self.n, gb, start, self.drop_last, True)) - np.searchsorted(kept, start)
+    return int(-(-max(left, 0) // gb))
 
 @patch
 def __iter__(self: ShardedBatchSampler) -> Iterator[Step]: return iter(self.steps())
 @patch
-def __len__(self: ShardedBatchSampler) -> int: return count_steps(self.n, self.batch_size, self.world_size, self.start, self.drop_last)
+def __len__(self: ShardedBatchSampler) -> int: return self.count(self.epoch, self.start)
 
 # %% ../nbs/04_loader.ipynb #004073b0
 class TimedTransform:
@@ -236,16 +261,18 @@ class SkipAwareCollate:
         good, bad = split_skipped(samples)
         t, step = time.perf_counter(), getattr(samples, "step", None)
         if step is not None and hasattr(self.collate_fn, "set_step"): self.collate_fn.set_step(step.epoch, step.step)
-        batch = None
+        batch, kept = None, [i for i, s in zip(getattr(step, "indices", ()), samples) if not isinstance(s, Skipped)]
         if good and hasattr(self.collate_fn, "collate_with_bad"):  # an mmlit collator: it may find more (e.g. in planned rows)
             batch, more = self.collate_fn.collate_with_bad(good)
             bad = bad + list(more)
+            if more: kept = None                          # the collator dropped samples of its own: which ones is its business
         elif good: batch = self.collate_fn(good)
         done, info = time.perf_counter(), get_worker_info()
         stats = dict(worker=info.id if info else -1, samples=len(good), fetch=getattr(samples, "fetch_s", 0.0),
                      preprocess=getattr(samples, "preprocess_s", 0.0), collate=done - t,
                      busy=done - getattr(samples, "began", t),
-                     io=io_stats.take())                   # object-storage requests, bytes and retries since the last batch
+                     io=io_stats.take(),                   # object-storage requests, bytes and retries since the last batch
+                     indices=kept if step is not None else None)   # the dataset indices of the batch's samples, in order
         return Delivery(batch, bad, stats)
 
 # %% ../nbs/04_loader.ipynb #edbcd7a0
@@ -379,6 +406,7 @@ class ResumableLoader:
         for d in _wrapped(self.dataset):                  # bad records found before loading (e.g. building LM windows)
             if isinstance(getattr(d, "report", None), SkipReport): self.report.extend(d.report)
         self.max_bad_fraction, self._bad_of = _bad_limit(self.dataset)
+        self.last_indices: list[int] | None = None        # the dataset indices of the last batch handed out
 
 # %% ../nbs/04_loader.ipynb #c4742893
 @patch(as_prop=True)
@@ -388,13 +416,13 @@ def n(self: ResumableLoader) -> int:
 
 @patch
 def __len__(self: ResumableLoader) -> int:
-    "Batches per epoch on this rank."
-    return count_steps(self.n, self.config.batch_size, self.world_size, 0, self.config.drop_last)
+    "Batches per epoch on this rank (of the current epoch, when samples are excluded)."
+    return self.sampler.count(self.epoch, 0)
 
 @patch(as_prop=True)
 def remaining(self: ResumableLoader) -> int:
     "Batches left in the current epoch on this rank."
-    return count_steps(self.n, self.config.batch_size, self.world_size, self.position, self.config.drop_last)
+    return self.sampler.count(self.epoch, self.position)
 
 @patch
 def __repr__(self: ResumableLoader) -> str:
@@ -435,6 +463,7 @@ def __iter__(self: ResumableLoader) -> Iterator:
         self.timings.add(d.stats)
         self.io.add(d.stats.get("io"))
         self.epoch, self.position = epoch, ends[k]
+        self.last_indices = d.stats.get("indices")
         if d.batch is not None: yield d.batch
     self.epoch, self.position = epoch + 1, 0
 
@@ -485,6 +514,21 @@ def load_state_dict(self: ResumableLoader, state: dict):
     if not (_is_int(state["position"]) and 0 <= state["position"] <= self.n and _is_int(state["epoch"]) and state["epoch"] >= 0):
         raise ConfigError(f"loader state has an invalid epoch/position: {state['epoch']!r}/{state['position']!r}")
     self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+# %% ../nbs/04_loader.ipynb #3ff9cbfd
+def _mixture_inside(dataset) -> bool:
+    "Whether a `Mixture` (its indices name other samples every epoch) is inside `dataset`."
+    return any(isinstance(d, Mixture) for d in _wrapped(dataset))
+
+@patch
+def exclude(self: ResumableLoader, ids: Sequence[int]) -> None:
+    "Leave the samples `ids` (dataset indices) out of every step after the current position; `ConfigError` naming an id that does not exist."
+    for i in ids:
+        if not _is_int(i) or not 0 <= i < self.n:
+            raise ConfigError(f"exclude: there is no sample {i!r} (the training data has samples 0 to {self.n - 1})")
+    if len(ids) and _mixture_inside(self.dataset):
+        raise ConfigError("exclude: a Mixture's dataset indices name other records every epoch; exclude from its datasets instead")
+    self.sampler.exclude, self.sampler._kept = np.unique(np.asarray(ids, dtype=np.int64)), {}
 
 # %% ../nbs/04_loader.ipynb #ce4c2fdc
 @dataclass

@@ -90,37 +90,48 @@ def image_text_logits(image: torch.Tensor, text: torch.Tensor, scale: torch.Tens
     if negative_mask is not None: neg = neg.masked_fill(~negative_mask.bool(), float("-inf"))
     return torch.cat([logits, neg], 1)
 
+def _check_reduction(reduction: str):
+    if reduction not in ("mean", "none"): raise ConfigError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
 def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float,
-              negatives: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None) -> torch.Tensor:
-    "Symmetric InfoNCE of matching rows of `image` and `text` (unit norm), hard negatives on the image side."
+              negatives: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None,
+              reduction: str = "mean") -> torch.Tensor:
+    "Symmetric InfoNCE of matching rows of `image` and `text` (unit norm), hard negatives on the image side; `reduction='none'`: `[B, 2]` (i2t, t2i) per pair."
     if image.shape != text.shape: raise MmlitError(f"image {tuple(image.shape)} and text {tuple(text.shape)} embeddings differ in shape")
+    _check_reduction(reduction)
     target = torch.arange(len(image), device=image.device)
-    i2t = F.cross_entropy(image_text_logits(image, text, scale, negatives, negative_mask), target)
-    t2i = F.cross_entropy(scale * text @ image.T, target)
-    return (i2t + t2i) / 2
+    i2t = F.cross_entropy(image_text_logits(image, text, scale, negatives, negative_mask), target, reduction=reduction)
+    t2i = F.cross_entropy(scale * text @ image.T, target, reduction=reduction)
+    return torch.stack([i2t, t2i], 1) if reduction == "none" else (i2t + t2i) / 2
 
 # %% ../nbs/05a_losses.ipynb #f5ad01df
 def siglip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float, bias: torch.Tensor | float,
-                negatives: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None) -> torch.Tensor:
-    "Sigmoid loss over all image-caption pairs (+ hard negatives as extra negative pairs)."
+                negatives: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+    "Sigmoid loss over all image-caption pairs (+ hard negatives as extra negative pairs); `reduction='none'`: each image's row `[B]`."
+    _check_reduction(reduction)
     logits = scale * image @ text.T + bias
     labels = 2 * torch.eye(len(image), device=image.device, dtype=logits.dtype) - 1
-    loss = -F.logsigmoid(labels * logits).sum()
+    rows = -F.logsigmoid(labels * logits).sum(1)
     if negatives is not None and negatives.shape[1]:
         neg = scale * torch.einsum("bd,bkd->bk", image, negatives) + bias
         keep = negative_mask.bool() if negative_mask is not None else torch.ones_like(neg, dtype=torch.bool)
-        loss = loss - F.logsigmoid(-neg)[keep].sum()
-    return loss / len(image)
+        rows = rows - (F.logsigmoid(-neg) * keep).sum(1)
+    return rows if reduction == "none" else rows.sum() / len(image)
 
 # %% ../nbs/05a_losses.ipynb #395d923f
 def hard_negative_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float, negatives: torch.Tensor,
-                       negative_mask: torch.Tensor | None = None) -> torch.Tensor:
-    "Cross-entropy of each image over its own caption and its hard negatives (images without negatives skipped)."
+                       negative_mask: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    "Cross-entropy of each image over its own caption and its hard negatives (images without negatives skipped; NaN with `reduction='none'`)."
+    _check_reduction(reduction)
     pos = scale * (image * text).sum(-1, keepdim=True)
     neg = scale * torch.einsum("bd,bkd->bk", image, negatives)
     keep = torch.ones_like(neg, dtype=torch.bool) if negative_mask is None else negative_mask.bool()
     logits = torch.cat([pos, neg.masked_fill(~keep, float("-inf"))], 1)
     rows = keep.any(1)
+    if reduction == "none":
+        per = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device), reduction="none")
+        return per.masked_fill(~rows, float("nan"))
     if not rows.any(): return logits.new_zeros(())
     return F.cross_entropy(logits[rows], torch.zeros(int(rows.sum()), dtype=torch.long, device=logits.device))
 
@@ -129,18 +140,23 @@ def contrastive_losses(image: torch.Tensor, text: torch.Tensor, scale: torch.Ten
                        mrl_dim: int | None, negatives: torch.Tensor | None = None,
                        negative_mask: torch.Tensor | None = None, clip_weight: float = 0.25, mrl_weight: float = 1.0,
                        siglip_weight: float = 0.0, siglip_scale: torch.Tensor | None = None,
-                       siglip_bias: torch.Tensor | None = None, hard_negative_weight: float = 0.0) -> dict[str, torch.Tensor]:
-    "`loss`, `loss_clip`, `loss_mrl` (and `loss_siglip`) for unit-norm top-dim embeddings; `mrl_dim=None` sums over dims."
-    out = {"loss_clip": clip_loss(image, text, scale, negatives, negative_mask)}
+                       siglip_bias: torch.Tensor | None = None, hard_negative_weight: float = 0.0,
+                       reduction: str = "mean") -> dict[str, torch.Tensor]:
+    "`loss`, `loss_clip`, `loss_mrl` (and `loss_siglip`, `loss_hardneg`) for unit-norm top-dim embeddings; `mrl_dim=None` sums over dims."
+    _check_reduction(reduction)
     def at(d):
         return clip_loss(mrl_prefix(image, d), mrl_prefix(text, d), scale,
-                         None if negatives is None else mrl_prefix(negatives, d), negative_mask)
-    out["loss_mrl"] = at(mrl_dim) if mrl_dim is not None else sum(at(d) for d in mrl_dims)
+                         None if negatives is None else mrl_prefix(negatives, d), negative_mask, reduction)
+    out = {"loss_clip": clip_loss(image, text, scale, negatives, negative_mask, reduction)}
+    if reduction == "none": out = {"loss_clip": out["loss_clip"].mean(1), "loss_i2t": out["loss_clip"][:, 0], "loss_t2i": out["loss_clip"][:, 1]}
+    at_ = (lambda d: at(d).mean(1)) if reduction == "none" else at
+    out["loss_mrl"] = at_(mrl_dim) if mrl_dim is not None else sum(at_(d) for d in mrl_dims)
     total = clip_weight * out["loss_clip"] + mrl_weight * out["loss_mrl"]
     if siglip_weight:
-        out["loss_siglip"] = siglip_loss(image, text, siglip_scale, siglip_bias, negatives, negative_mask)
+        out["loss_siglip"] = siglip_loss(image, text, siglip_scale, siglip_bias, negatives, negative_mask, reduction)
         total = total + siglip_weight * out["loss_siglip"]
     if hard_negative_weight and negatives is not None and negatives.shape[1]:
-        out["loss_hardneg"] = hard_negative_loss(image, text, scale, negatives, negative_mask)
-        total = total + hard_negative_weight * out["loss_hardneg"]
+        out["loss_hardneg"] = hard_negative_loss(image, text, scale, negatives, negative_mask, reduction)
+        hn = out["loss_hardneg"]
+        total = total + hard_negative_weight * (hn.masked_fill(hn.isnan(), 0.0) if reduction == "none" else hn)   # per pair: 0 without negatives
     return {"loss": total, **out}

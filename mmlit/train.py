@@ -21,6 +21,7 @@ from .core import ConfigError, MmlitError, Stream, config_from_dict, config_to_d
 from .checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 from .finetune import describe_trainable, pretrained_records
 from .fsdp import DistributedConfig, gathered, load_latest_sharded, save_sharded, shard_model
+from .ledger import Ledger, exclude_samples, record_micro_batch, truncate_ledger
 
 logger = logging.getLogger("mmlit.train")
 
@@ -91,6 +92,8 @@ class LogConfig:
     wandb: bool = False
     wandb_project: str = "mmlit"
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    ledger: bool = True                 # each sample's own loss every step in RUN_DIR/ledger/ (mmlit.ledger, `mmlit samples`)
+    ledger_every: int = 500             # steps between ledger writes (and at every checkpoint)
 
 # %% ../nbs/06_train.ipynb #937bc09e
 @dataclass
@@ -104,6 +107,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False   # recompute each block's activations in the backward pass: less memory, slower steps
     threads: int | None = None          # torch CPU threads (torch.set_num_threads); None: torch's default
     max_nonfinite: int = 5              # this many non-finite losses in a row stop the run
+    exclude: list[int] | str | None = None   # sample ids (the ledger's `sample`) left out from the next step on, or a file of them
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -324,10 +328,10 @@ def add(self: MetricsLog, row: dict):
         with open(self.dir / "metrics.csv", "a") as f: f.write(self._csv_line(row))
 
 # %% ../nbs/06_train.ipynb #238f82f6
-_VOLATILE = ("run_dir", "device", "threads", "log.progress", "log.wandb_mode", "checkpoint.resume")
+_VOLATILE = ("run_dir", "device", "threads", "log.progress", "log.wandb_mode", "checkpoint.resume", "exclude", "log.ledger_every")
 # Settings added after runs existed, left out while at their default: a run started by an earlier mmlit still resumes.
 _ADDED_LATER = {"gradient_checkpointing": False, "model.pretrained": None, "model.freeze": [], "model.lora": None,
-                "distributed": config_to_dict(DistributedConfig())}
+                "distributed": config_to_dict(DistributedConfig()), "log.ledger": True}
 
 def _pop(d: dict, key: str, only_if=...) -> None:
     "Remove the dotted `key` from the nested dict `d` (only when its value is `only_if`, if given)."
@@ -405,6 +409,7 @@ class Trainer:
         self.train_loader, self.val_loader, self.evaluate_fn = train_loader, val_loader, evaluate
         self.forward_model = wrap_model(self.model, self.device, self.world_size, cfg.compile, cfg.distributed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        exclude_samples(train_loader, cfg.exclude)                            # before the epoch's length is counted
         self.steps_per_epoch = math.ceil(len(train_loader) / cfg.schedule.accumulate)
         if self.steps_per_epoch == 0: raise ConfigError("the training loader yields no batches")
         self.total_steps = cfg.schedule.max_steps or self.steps_per_epoch * cfg.schedule.epochs
@@ -417,7 +422,7 @@ class Trainer:
         self.wait_s = self.step_s = 0.0
         self._stop, self._stop_at = False, None
         self._val_state = val_loader.state_dict() if hasattr(val_loader, "state_dict") else None
-        self._wandb = None
+        self._wandb, self.ledger = None, None
 
 # %% ../nbs/06_train.ipynb #6de4bfeb
 @patch
@@ -482,6 +487,10 @@ def _start(self: Trainer) -> str | None:
         self.load_state_dict(state)
         resumed = str(latest)
         if self.main: logger.info("resumed from %s (step %d, epoch %d)", latest, self.step, self.epoch)
+    if self.config.log.ledger:                              # rows after the checkpoint are trained again: dropped first
+        if self.main: truncate_ledger(self.run_dir, self.step)
+        if self.world_size > 1: torch.distributed.barrier()
+        self.ledger = Ledger(self.run_dir, self.rank, self.config.log.ledger_every)
     self.metrics = MetricsLog(self.run_dir, self.history, write=self.main)
     self.history = self.metrics.rows
     if self.main and self.config.log.wandb: self._wandb = self._wandb_init()
@@ -510,8 +519,10 @@ def _accumulate(self: Trainer, it, size: int) -> tuple[dict, int, bool]:
         if self.sharded: self.model.set_requires_gradient_sync(last); sync = contextlib.nullcontext()   # FSDP reduces on the last
         else: sync = contextlib.nullcontext() if last or self.world_size == 1 else self.forward_model.no_sync()
         with sync:
-            with autocast(self.device, self.precision): losses = output_losses(self.forward_model(**batch))
+            with autocast(self.device, self.precision): losses = output_losses(out := self.forward_model(**batch))
             self.scaler.scale(losses["loss"] / size).backward()   # also when non-finite: DDP ranks must stay in step
+        if self.ledger is not None:
+            record_micro_batch(self.ledger, self.model, out, batch, self.train_loader, step=self.step + 1, epoch=self.epoch, micro=j)
         for k, v in losses.items(): sums[k] = sums.get(k, 0.0) + v.detach().float()
         self.micro += 1; done += 1
         self.samples += batch_size_of(batch) * self.world_size
@@ -609,7 +620,10 @@ def _write_loader_files(self: Trainer):
 # %% ../nbs/06_train.ipynb #48bcffbd
 @patch
 def save(self: Trainer, best: bool = False):
-    "Write a checkpoint of this step (rank 0; every rank when sharded) and the loader report and profile."
+    "Write the ledger's rows (every rank), then a checkpoint of this step (rank 0; every rank when sharded) and the loader report and profile."
+    if self.ledger is not None:
+        self.ledger.flush()
+        if self.world_size > 1: torch.distributed.barrier()
     b = (self.config.eval.metric, self.best_value) if best else None
     meta = {"step": self.step, "epoch": self.epoch, **({"pretrained": self.pretrained} if self.pretrained else {})}
     if self.sharded:                                       # weights and optimiser through DCP; RNG and loader position a rank
@@ -715,6 +729,7 @@ def fit(self: Trainer, steps: int | None = None) -> TrainResult:
         self.sync_buffers()                                           # every rank ends with the checkpoint's weights
     finally:
         bar.close()
+        if self.ledger is not None: self.ledger.flush()
         if old_handler is not None: signal.signal(signal.SIGINT, old_handler)
         if self.main and self.step > first_step: self._write_loader_files()   # a finished run started again keeps its files
         if self._wandb is not None: self._wandb.finish(); self._wandb = None

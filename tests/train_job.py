@@ -23,7 +23,8 @@ class Regress(nn.Module):
 
     def forward(self, x, y, **_):
         if self.delay and self.training: time.sleep(self.delay)
-        return {"loss": ((self.net(x).squeeze(-1) - y) ** 2).mean(), "loss_abs": (self.net(x).squeeze(-1) - y).abs().mean()}
+        err = self.net(x).squeeze(-1) - y
+        return {"loss": (err ** 2).mean(), "loss_abs": err.abs().mean(), "sample_loss": err.detach() ** 2}   # the ledger's per-sample loss
 
 
 def jitter(record: dict, rng) -> dict:
