@@ -444,6 +444,7 @@ def run_steps(run_dir: str | Path) -> int:
     raise MmlitError(f"{run_dir} lacks summary.json (with 'steps') and metrics.csv/metrics.jsonl (with train/step): "
                      "cannot tell where the run ended")
 
+# %% ../nbs/90_cli.ipynb #f50a618d
 def _without_masked(obj):
     "`obj` without the fields `redact` masked: the credentials come from the environment or a profile instead."
     from mmlit.core import SECRET_MASK
@@ -507,6 +508,7 @@ def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]
                                    "micro_batches_per_step": accumulate, "norm": norm, "data_checked": record is not None,
                                    "samples": loader.last_indices}
 
+# %% ../nbs/90_cli.ipynb #b86bd83f
 def cmd_report(args) -> int:
     "Run `mmlit report`: the run's PNGs and `report.html`; prints the page's path."
     from mmlit.viz import write_report
@@ -530,6 +532,7 @@ def cmd_show_batch(args) -> int:
     for p in written.values(): print(p)
     return 0
 
+# %% ../nbs/90_cli.ipynb #ba075f66
 def cmd_samples(args) -> int:
     "Run `mmlit samples`: the samples with the highest mean loss over the last epoch of the run's ledger."
     from mmlit.ledger import top_samples
