@@ -41,7 +41,7 @@ def contrastive_sample_losses(model, out) -> dict[str, torch.Tensor]:
         if neg is not None:
             with torch.no_grad(): neg, mask = _gather_negatives(neg.detach(), mask, sizes)
     kw = dict(negatives=None if neg is None else neg.detach().float(), negative_mask=mask, clip_weight=c.clip_weight,
-              mrl_weight=c.mrl_weight, siglip_weight=c.siglip_weight, hard_negative_weight=c.hard_negative_weight)
+              mrl_weight=c.mrl_weight, siglip_weight=c.siglip_weight, hard_negative_weight=getattr(c, "hard_negative_weight", 0.0))   # the embedder has none
     if c.siglip_weight: kw.update(siglip_scale=model.siglip_logit_scale.detach().exp(), siglip_bias=model.siglip_logit_bias.detach())
     with torch.no_grad():
         per = contrastive_losses(image, text, out.logit_scale.float(), mrl_dims=c.mrl_dims, mrl_dim=out.mrl_dim, reduction="none", **kw)

@@ -18,6 +18,7 @@ from torch import nn
 
 from .core import ConfigError, Registry, Stream, check_keys, config_from_dict, config_to_dict, derive_seed, redact
 from .finetune import LoraSpec
+from .fsdp import DistributedConfig   # TrainConfig's field types, for show_doc's signatures
 from .loader import LoaderDataModule, loader_parts, resolve_collate
 from .storage import Location, StorageError, as_store, is_uri
 from .train import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, ScheduleConfig, TrainConfig, Trainer,
