@@ -582,7 +582,7 @@ def _lines_or_file(values: Sequence[str] | None) -> list[str] | None:
 def cmd_eval(args) -> int:
     "Run `mmlit eval`: retrieval and zero-shot figures of a run or saved model on `--data`; returns the exit status."
     from mmlit.evaluate import clip_benchmark_results, evaluate_data, format_eval, load_eval_model
-    err = lambda msg: (print(f"mmlit eval: error: {' '.join(str(msg).split())}", file=sys.stderr), 2)[1]
+    err = lambda msg: _run_view_error("eval", msg)
     if args.task == "zeroshot_classification" and not args.label_column: return err("--task zeroshot_classification needs --label-column")
     both = args.task == "all" and args.label_column
     if args.json and args.json != "-" and both and "{task}" not in args.json:

@@ -22,8 +22,6 @@ from .checkpoint import (STATE, WRITE_DELAY_ENV, CheckpointManager, load_state, 
                               step_dir_name, write_synced)
 
 logger = logging.getLogger("mmlit.fsdp")
-import io
-import shutil
 
 # %% auto #0
 __all__ = ['logger', 'STRATEGIES', 'DCP_DIR', 'DistributedConfig', 'shard_units', 'shard_model', 'is_sharded', 'gathered',
