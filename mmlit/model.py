@@ -413,7 +413,7 @@ def text_features(self: DualEncoder, input_ids: torch.Tensor, attention_mask: to
     attention_mask = torch.ones_like(ids) if attention_mask is None else need("attention_mask", attention_mask, 2, self.name)
     same_shape(self.name, input_ids=ids, attention_mask=attention_mask)
     vocab = self.text.config.vocab_size
-    if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+    if ids.numel() and not torch.compiler.is_compiling() and (int(ids.max()) >= vocab or int(ids.min()) < 0):   # compiled: no graph break
         raise BatchError(f"{self.name}: 'input_ids' holds token id {int(ids.max())} outside the text tower's vocab_size {vocab} "
                          "(build the config with vocab_size=len(tokenizer))")
     maxpos = getattr(self.text.config, "max_position_embeddings", None)
