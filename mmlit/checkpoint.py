@@ -7,6 +7,8 @@ Docs: https://mmlit.github.io/mmlit/checkpoint.html.md"""
 # %% ../nbs/06a_checkpoint.ipynb #b2f4ef0d
 from __future__ import annotations
 
+from fastcore.basics import patch
+
 import hashlib, json, os, random, re, shutil, time, uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,20 +307,6 @@ class CheckpointManager:
             except CheckpointError as e: logger.warning("skipping checkpoint %s", e)
         return None
 
-    def load_latest(self, model: torch.nn.Module | None = None, map_location="cpu",
-                    pretrained: dict | None = None) -> tuple[Path, dict, dict] | None:
-        "`(dir, manifest, state)` of the newest checkpoint that loads (weights into `model`), each newer one skipped with a warning."
-        skipped = []
-        for p in reversed(self.steps()):
-            try: return (p, *load_checkpoint(p, model, map_location, pretrained))
-            except BaseModelMismatch: raise                    # not damage: every checkpoint of the run was trained on that base
-            except CheckpointError as e:
-                logger.warning("skipping checkpoint %s: %s", p.name, e)
-                skipped.append(f"{p.name}: {e}")
-        if skipped: raise CheckpointError(f"{self.dir}: none of its {len(skipped)} checkpoints loads; move them away to start afresh. "
-                                          + " | ".join(skipped))
-        return None
-
     def best(self) -> dict | None:
         "`{step, metric, value, dir}` of the best checkpoint, or `None`."
         try: return json.loads((self.dir / "best.json").read_text())
@@ -334,32 +322,53 @@ class CheckpointManager:
             if m.get("fingerprint") != self.fingerprint: out.append(p)
         return out
 
-    def save(self, model, state: dict, meta: dict, best: tuple[str, float] | None = None) -> Path:
-        "Write checkpoint `meta['step']`; record it as best when `best=(metric, value)` is given; prune to `keep`."
-        step = int(meta["step"])
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = write_checkpoint(self.dir / step_dir_name(step), model, state,
-                                {**meta, "fingerprint": self.fingerprint, "time": time.time()})
-        self.record(step, best)
-        return path
+# %% ../nbs/06a_checkpoint.ipynb #5170e8ff
+@patch
+def save(self: CheckpointManager, model, state: dict, meta: dict, best: tuple[str, float] | None = None) -> Path:
+    "Write checkpoint `meta['step']`; record it as best when `best=(metric, value)` is given; prune to `keep`."
+    step = int(meta["step"])
+    self.dir.mkdir(parents=True, exist_ok=True)
+    path = write_checkpoint(self.dir / step_dir_name(step), model, state,
+                            {**meta, "fingerprint": self.fingerprint, "time": time.time()})
+    self.record(step, best)
+    return path
 
-    def record(self, step: int, best: tuple[str, float] | None = None):
-        "After checkpoint `step` is written: record it as best when `best=(metric, value)` is given; prune to `keep`."
-        if best is not None:
-            atomic_write_text(self.dir / "best.json", json.dumps({"step": step, "metric": best[0], "value": best[1],
-                                                                  "dir": step_dir_name(step)}))
-        self.prune()
+@patch
+def record(self: CheckpointManager, step: int, best: tuple[str, float] | None = None):
+    "After checkpoint `step` is written: record it as best when `best=(metric, value)` is given; prune to `keep`."
+    if best is not None:
+        atomic_write_text(self.dir / "best.json", json.dumps({"step": step, "metric": best[0], "value": best[1],
+                                                              "dir": step_dir_name(step)}))
+    self.prune()
 
-    def prune(self):
-        "Remove the oldest step checkpoints beyond `keep`, never the best."
-        if not self.keep: return
-        b = self.best()
-        keep_best = b["dir"] if b else None
-        steps = [p for p in self.steps() if p.name != keep_best]
-        for p in steps[:-self.keep]: _discard(p)
+@patch
+def prune(self: CheckpointManager):
+    "Remove the oldest step checkpoints beyond `keep`, never the best."
+    if not self.keep: return
+    b = self.best()
+    keep_best = b["dir"] if b else None
+    steps = [p for p in self.steps() if p.name != keep_best]
+    for p in steps[:-self.keep]: _discard(p)
 
-    def clean_temporaries(self):
-        "Remove directories left by writes or deletions that a crash interrupted."
-        if not self.dir.is_dir(): return
-        for p in self.dir.iterdir():
-            if p.name.startswith((".tmp-", ".trash-")): shutil.rmtree(p, ignore_errors=True)
+@patch
+def clean_temporaries(self: CheckpointManager):
+    "Remove directories left by writes or deletions that a crash interrupted."
+    if not self.dir.is_dir(): return
+    for p in self.dir.iterdir():
+        if p.name.startswith((".tmp-", ".trash-")): shutil.rmtree(p, ignore_errors=True)
+
+# %% ../nbs/06a_checkpoint.ipynb #c3662809
+@patch
+def load_latest(self: CheckpointManager, model: torch.nn.Module | None = None, map_location="cpu",
+                pretrained: dict | None = None) -> tuple[Path, dict, dict] | None:
+    "`(dir, manifest, state)` of the newest checkpoint that loads (weights into `model`), each newer one skipped with a warning."
+    skipped = []
+    for p in reversed(self.steps()):
+        try: return (p, *load_checkpoint(p, model, map_location, pretrained))
+        except BaseModelMismatch: raise                    # not damage: every checkpoint of the run was trained on that base
+        except CheckpointError as e:
+            logger.warning("skipping checkpoint %s: %s", p.name, e)
+            skipped.append(f"{p.name}: {e}")
+    if skipped: raise CheckpointError(f"{self.dir}: none of its {len(skipped)} checkpoints loads; move them away to start afresh. "
+                                      + " | ".join(skipped))
+    return None

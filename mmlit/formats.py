@@ -548,6 +548,7 @@ def _metadata_rows(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> list[tup
             except BadRecordError as e: out.append((line, e.reason))
     return out
 
+# %% ../nbs/01f_formats.ipynb #1a32db05
 class ImageFolder(MMDataset):
     "An HF `imagefolder` directory: images with `metadata.jsonl`/`metadata.csv`, or class subfolders as labels."
     source = "imagefolder"
@@ -590,24 +591,26 @@ class ImageFolder(MMDataset):
         "How many images (or metadata rows) the folder holds, bad ones included."
         return len(self)
 
-    def load(self, idx: int) -> dict:
-        "Image `idx` with its caption or class; one that cannot be read raises `BadRecordError`."
-        if not self.files:
-            label, path, split = self.images[idx]
-            where = dict(source=self.source, file=str(path), index=idx, unit="image")
-            image = open_image(path, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
-            if label is None: return make_record(None, image, meta=where)
-            meta = {**where, "label": label, "class": self.classes[label], **({"split": split} if split else {})}
-            return make_record(self.classes[label].replace("_", " "), image, meta=meta)
-        meta_path, line, row = self.rows[idx]
-        where = dict(source=self.source, file=str(meta_path), index=line, unit="line" if meta_path.suffix == ".jsonl" else "row")
-        if isinstance(row, str): raise BadRecordError(row, **where)
-        name = _pick(row, ("file_name",), str, where, required=True)
-        text = _pick(row, (self.text_column,), str, where, required=True) if self.text_column else None
-        path = path_in_root(meta_path.parent, name, allow_absolute_paths=self.allow_absolute_paths, where=where)
+# %% ../nbs/01f_formats.ipynb #27233d00
+@patch
+def load(self: ImageFolder, idx: int) -> dict:
+    "Image `idx` with its caption or class; one that cannot be read raises `BadRecordError`."
+    if not self.files:
+        label, path, split = self.images[idx]
+        where = dict(source=self.source, file=str(path), index=idx, unit="image")
         image = open_image(path, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
-        extra = {k: v for k, v in row.items() if k not in ("file_name", self.text_column)}
-        return make_record(text, image, meta={**where, **extra})
+        if label is None: return make_record(None, image, meta=where)
+        meta = {**where, "label": label, "class": self.classes[label], **({"split": split} if split else {})}
+        return make_record(self.classes[label].replace("_", " "), image, meta=meta)
+    meta_path, line, row = self.rows[idx]
+    where = dict(source=self.source, file=str(meta_path), index=line, unit="line" if meta_path.suffix == ".jsonl" else "row")
+    if isinstance(row, str): raise BadRecordError(row, **where)
+    name = _pick(row, ("file_name",), str, where, required=True)
+    text = _pick(row, (self.text_column,), str, where, required=True) if self.text_column else None
+    path = path_in_root(meta_path.parent, name, allow_absolute_paths=self.allow_absolute_paths, where=where)
+    image = open_image(path, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
+    extra = {k: v for k, v in row.items() if k not in ("file_name", self.text_column)}
+    return make_record(text, image, meta={**where, **extra})
 
 # %% ../nbs/01f_formats.ipynb #5e1f0a22
 sources = Registry("source kind")
