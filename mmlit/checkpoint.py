@@ -36,6 +36,7 @@ def fsync_dir(path: str | Path):
     except OSError: pass  # Windows and some network file systems cannot fsync a directory
     finally: os.close(fd)
 
+# %% ../nbs/06a_checkpoint.ipynb #19dba244
 def atomic_write_bytes(path: str | Path, data: bytes):
     "Write `data` to `path` through a temporary file, fsync and rename: readers see the old file or the new one."
     path = Path(path)
@@ -50,6 +51,7 @@ def atomic_write_bytes(path: str | Path, data: bytes):
 
 def atomic_write_text(path: str | Path, text: str): atomic_write_bytes(path, text.encode("utf-8"))
 
+# %% ../nbs/06a_checkpoint.ipynb #e02d1481
 def sha256_file(path: str | Path) -> str:
     "The SHA-256 hex digest of a file's bytes."
     h = hashlib.sha256()
@@ -92,6 +94,7 @@ def checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor] | None
     if all(p.requires_grad for p in params.values()): return None
     return {k: v for k, v in model.state_dict().items() if k not in params or params[k].requires_grad}
 
+# %% ../nbs/06a_checkpoint.ipynb #2bc731fd
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     "safetensors of `tensors`, a tensor that shares storage with an earlier one copied (safetensors refuses shared storage)."
     from safetensors.torch import save_file
@@ -102,6 +105,8 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
     save_file(out, str(path))
+
+# %% ../nbs/06a_checkpoint.ipynb #b9e641fa
 def seal_checkpoint(tmp: Path, dir: Path, meta: dict, names: list[str], format: int = 1) -> Path:
     "Write the manifest of the files `names` in `tmp` (with `meta`), then rename `tmp` to `dir` in one step."
     files = {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in names}
@@ -115,6 +120,7 @@ def seal_checkpoint(tmp: Path, dir: Path, meta: dict, names: list[str], format: 
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
     return dir
 
+# %% ../nbs/06a_checkpoint.ipynb #af76b983
 def write_checkpoint(dir: str | Path, model: torch.nn.Module, state: dict, meta: dict) -> Path:
     "Write `model`'s weights (only what trains, when part of it is frozen), `state` and a manifest (with `meta`) to `dir`, atomically."
     from safetensors.torch import save_model
@@ -131,6 +137,7 @@ def write_checkpoint(dir: str | Path, model: torch.nn.Module, state: dict, meta:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
     return dir
 
+# %% ../nbs/06a_checkpoint.ipynb #7190af07
 def _discard(path: Path):
     "Remove a checkpoint directory: renamed away first, so a half-deleted one is never mistaken for a checkpoint."
     trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
@@ -151,6 +158,7 @@ def _read_json(path: Path, limit: int):
     try: return json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError) as e: raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
+# %% ../nbs/06a_checkpoint.ipynb #8ea2803b
 def check_manifest(m: Any, where: str | Path) -> dict:
     "`m` if it is a manifest (format 1: weights and state; 2: sharded) listing each file by a plain name with its SHA-256 and size."
     if not isinstance(m, dict): raise CheckpointError(f"{where}: not a checkpoint manifest (a JSON {type(m).__name__}, not an object)")
@@ -166,6 +174,7 @@ def check_manifest(m: Any, where: str | Path) -> dict:
     if (missing := [f for f in FORMATS[fmt] if f not in files]): raise CheckpointError(f"{where}: does not list {' and '.join(missing)}")
     return m
 
+# %% ../nbs/06a_checkpoint.ipynb #125e8d1f
 def read_manifest(dir: str | Path, verify: bool = True) -> dict:
     "The manifest of checkpoint `dir`, after checking it and every file's size and checksum; `CheckpointError` otherwise."
     dir = Path(dir)
@@ -189,6 +198,7 @@ def _entry_fits(t: Any, data: int) -> bool:
     return (isinstance(t.get("dtype"), str) and isinstance(shape, list) and all(type(x) is int and x >= 0 for x in shape)
             and isinstance(off, list) and len(off) == 2 and all(type(x) is int for x in off) and 0 <= off[0] <= off[1] <= data)
 
+# %% ../nbs/06a_checkpoint.ipynb #ebf1c11a
 def safetensors_header(path: str | Path) -> dict[str, dict]:
     "The tensor table `{name: {dtype, shape, data_offsets}}` of a safetensors file, checked against the file's size."
     path = Path(path)
@@ -207,6 +217,7 @@ def safetensors_header(path: str | Path) -> dict[str, dict]:
         if not _entry_fits(t, size - 8 - n): raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {str(t)[:120]}")
     return table
 
+# %% ../nbs/06a_checkpoint.ipynb #c585b4ce
 def check_weights(model: torch.nn.Module, path: str | Path, trainable_only: bool = False) -> None:
     "Raise `CheckpointError` unless the safetensors file holds every tensor of `model` (or what trains, `trainable_only`) in its shape, and nothing else."
     path = Path(path)
@@ -231,6 +242,7 @@ def _refusal(e: BaseException) -> str:
             keep.append(line.split(". Please use")[0].rstrip("."))
     return "; ".join(keep) or type(e).__name__
 
+# %% ../nbs/06a_checkpoint.ipynb #e7f8f5bd
 def load_state(path: str | Path, map_location="cpu") -> dict:
     "The state dict in `path`, read by torch's restricted unpickler (tensors and plain Python types only); `CheckpointError` otherwise."
     try: state = torch.load(path, map_location=map_location, weights_only=True)
@@ -256,6 +268,7 @@ def check_base_models(manifest: dict, current: dict, where: str | Path) -> None:
             raise BaseModelMismatch(f"{where}: {e}; this checkpoint holds only the trained parts, so it resumes only on the base "
                                     "model it was trained on (pin a hub id to its revision: org/name@revision)") from None
 
+# %% ../nbs/06a_checkpoint.ipynb #2deda1c7
 def load_checkpoint(dir: str | Path, model: torch.nn.Module | None = None, map_location="cpu",
                     pretrained: dict | None = None) -> tuple[dict, dict]:
     "Verify checkpoint `dir` (a partial one against `pretrained`, the model's base records), load its state and weights into `model`."
@@ -282,6 +295,7 @@ logger = logging.getLogger("mmlit.checkpoint")
 
 def step_dir_name(step: int) -> str: return f"step-{step:08d}"
 
+# %% ../nbs/06a_checkpoint.ipynb #03172cec
 class CheckpointManager:
     "The `checkpoints/` directory of a run: save, find the newest valid, keep the last K and the best."
     def __init__(self, dir: str | Path, keep: int | None = 3, fingerprint: str | None = None):
@@ -333,6 +347,7 @@ def save(self: CheckpointManager, model, state: dict, meta: dict, best: tuple[st
     self.record(step, best)
     return path
 
+# %% ../nbs/06a_checkpoint.ipynb #e9345bf9
 @patch
 def record(self: CheckpointManager, step: int, best: tuple[str, float] | None = None):
     "After checkpoint `step` is written: record it as best when `best=(metric, value)` is given; prune to `keep`."
@@ -350,6 +365,7 @@ def prune(self: CheckpointManager):
     steps = [p for p in self.steps() if p.name != keep_best]
     for p in steps[:-self.keep]: _discard(p)
 
+# %% ../nbs/06a_checkpoint.ipynb #b176c306
 @patch
 def clean_temporaries(self: CheckpointManager):
     "Remove directories left by writes or deletions that a crash interrupted."

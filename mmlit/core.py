@@ -92,6 +92,7 @@ class UnknownNameError(MmlitError, KeyError):
     "A name that a registry does not hold."
     def __str__(self) -> str: return str(self.args[0]) if self.args else ""
 
+# %% ../nbs/00_core.ipynb #15b53df1
 class BadRecordError(MmlitError, ValueError):
     "A record that cannot be read; names the source, the file, the row or line and the reason."
     def __init__(self, reason: str, *, source: str | None = None, file: str | None = None,
@@ -105,6 +106,7 @@ class BadRecordError(MmlitError, ValueError):
 class TooManyBadRecords(MmlitError, RuntimeError):
     "More records were bad than `max_bad_fraction` allows."
 
+# %% ../nbs/00_core.ipynb #e5588286
 class MissingExtraError(MmlitError, ImportError):
     "An optional dependency is not installed; the message names the pip extra."
     def __init__(self, package: str, extra: str, feature: str):
@@ -117,6 +119,7 @@ def _redefinition(old: Any, new: Any) -> bool:
     q = getattr(new, "__qualname__", None)
     return isinstance(q, str) and "<" not in q and q == getattr(old, "__qualname__", None)
 
+# %% ../nbs/00_core.ipynb #362af8b4
 class Registry:
     "A name → object table with a `register` decorator and metadata to select by."
     def __init__(self, kind: str):
@@ -248,6 +251,7 @@ def _words(name: str) -> list[str]:
     "The lower-case words of a key name, split at separators and camelCase."
     return [w.lower() for w in re.findall(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+", name)]
 
+# %% ../nbs/00_core.ipynb #3b52e7e5
 def is_secret_key(name) -> bool:
     "Does a config key name a credential (a key, secret, token or password)?"
     words = _words(name) if isinstance(name, str) else []
@@ -275,6 +279,7 @@ def _emptied(before, after) -> bool:
     "Did leaving secrets out empty a container that held something?"
     return isinstance(before, (Mapping, list, tuple)) and len(before) > 0 and len(after) == 0
 
+# %% ../nbs/00_core.ipynb #9d40b58d
 def redact(obj, mask: str | None = SECRET_MASK):
     "A copy of `obj` with secret fields masked at any depth (`mask=None`: left out, with what held only them), and URL passwords masked."
     if isinstance(obj, Mapping):

@@ -55,6 +55,7 @@ class BadRecord:
         where = self.file or self.source
         return f"{where}: {self.reason}" if self.unit == "file" else f"{where} {self.unit} {self.index}: {self.reason}"
 
+# %% ../nbs/01a_dataset.ipynb #4f7ea40a
 class Skipped:
     "Returned by `get` in place of a bad record (with `on_error='skip'`); falsy."
     __slots__ = ("bad",)
@@ -66,6 +67,7 @@ class Skipped:
     def __getstate__(self): return self.bad
     def __setstate__(self, bad): self.bad = bad
 
+# %% ../nbs/01a_dataset.ipynb #142960da
 def split_skipped(samples: Iterable) -> tuple[list, list[BadRecord]]:
     "Separate good samples from skip markers (`Skipped`, or anything with a `.bad`): `(good, bad_records)`."
     good, bad = [], []
@@ -136,6 +138,7 @@ def _strings(v, name: str) -> Iterator[tuple[str, str]]:
     elif isinstance(v, dict):
         for k, x in v.items(): yield from _strings(x, f"{name}.{k}")
 
+# %% ../nbs/01a_dataset.ipynb #83f46142
 def check_unicode(rec: dict) -> dict:
     "`rec`, or a `BadRecordError` naming its file and row when a text field is not valid Unicode (a lone surrogate)."
     for name in TEXT_FIELDS:

@@ -23,13 +23,15 @@ from .losses import mrl_prefix
 from .metrics import digit_prompts, evaluate, zero_shot_accuracy, zero_shot_classifier
 from .recipe import RUN_DATA, RunConfig, build_model
 from .storage import Location
-from .train import load_config
 
 # %% auto #0
 __all__ = ['EvalModel', 'load_run_model', 'load_saved_model', 'load_eval_model', 'eval_loader', 'read_labels', 'label_classes',
            'class_prompts', 'zero_shot_scores', 'evaluate_data', 'clip_benchmark_results', 'format_eval',
            'ClipBenchmarkTokenizer', 'ClipBenchmarkModel', 'ClipBenchmarkTransform', 'eval_preprocessor',
            'load_clip_benchmark', 'register_clip_benchmark', 'write_clip_benchmark_wds', 'clip_benchmark_main']
+
+# %% ../nbs/85_eval.ipynb #a71a385b
+from .train import load_config
 
 # %% ../nbs/85_eval.ipynb #37f56eb8
 @dataclass
@@ -42,6 +44,7 @@ class EvalModel:
     pretrained: str = ""                # CLIP_benchmark's `pretrained`: where the weights came from
     zero_shot: str | None = None        # the run's zero-shot prompts ("digits": the bundled demo), if any
 
+# %% ../nbs/85_eval.ipynb #f154b8e2
 def _tokenizer_dir(data: dict, where: Path) -> str:
     "The directory of the tokenizer a run's data section names (trained and saved, or given)."
     tok = data.get("tokenizer")
@@ -50,6 +53,7 @@ def _tokenizer_dir(data: dict, where: Path) -> str:
         raise ConfigError(f"{where}: the run's tokenizer {tok} is not there (tokenizer.json missing)")
     return tok
 
+# %% ../nbs/85_eval.ipynb #190181e4
 def load_run_model(run_dir: str | Path, device: str = "cpu") -> EvalModel:
     "The dual encoder of run `run_dir` with the weights of its newest checkpoint that loads."
     run_dir = Path(run_dir)
@@ -76,6 +80,7 @@ def load_saved_model(model_dir: str | Path, image_size: int | None = None, devic
     data = {"preprocessor": "clip", "preprocessor_options": {"size": int(size), "normalize": model.config.normalisation}}
     return EvalModel(model.to(device).eval(), load_tokenizer(str(d)), data, "mmlit-dual-encoder", str(d))
 
+# %% ../nbs/85_eval.ipynb #f7808f56
 def load_eval_model(path: str | Path, image_size: int | None = None, device: str = "cpu") -> EvalModel:
     "A run directory (`config.yaml`, `checkpoints/`) or a saved model (`config.json`, `model.safetensors`) as an `EvalModel`."
     p = Path(path)
@@ -119,6 +124,7 @@ def _column(f, column: str) -> list:
         return out
     raise ConfigError(f"{name}: labels are read from Parquet or JSONL files")
 
+# %% ../nbs/85_eval.ipynb #12820348
 def read_labels(data, column: str) -> list:
     "`column` of every row of `data` (Parquet or JSONL files, a directory or a glob), in the order mmlit reads them."
     from mmlit.sources import expand_paths
@@ -139,6 +145,7 @@ def label_classes(labels: Sequence, classnames: Sequence[str] | None = None) -> 
     if missing := sorted(set(labels) - set(index)): raise ConfigError(f"labels {missing[:5]} are not among the class names")
     return np.asarray([index[v] for v in labels], dtype=np.int64), names
 
+# %% ../nbs/85_eval.ipynb #f91a77df
 def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
     "Per class, every template with `{c}` replaced by its name (CLIP_benchmark's `template.format(c=name)`)."
     if not templates: raise ConfigError("zero-shot classification needs at least one prompt template, with {c} for the class name")
@@ -165,6 +172,7 @@ def _prompts(em: EvalModel, labels: list, classnames, templates) -> tuple[np.nda
     ids, names = label_classes(labels, classnames)
     return ids, class_prompts(names, templates)
 
+# %% ../nbs/85_eval.ipynb #f6beece0
 @torch.no_grad()
 def evaluate_data(em: EvalModel, data, *, label_column: str | None = None, classnames: Sequence[str] | None = None,
                   templates: Sequence[str] | None = None, kind: str | None = None, batch_size: int | None = None,
@@ -223,6 +231,7 @@ class ClipBenchmarkTokenizer:
         for i, x in enumerate(ids): out[i, :len(x)] = x
         return out
 
+# %% ../nbs/85_eval.ipynb #39178e90
 class ClipBenchmarkModel(nn.Module):
     "An mmlit dual encoder with CLIP_benchmark's calls: `encode_image(images)`, `encode_text(tokens)` (from `ClipBenchmarkTokenizer`)."
     def __init__(self, model: nn.Module, pad_token_id: int, dim: int | None = None):
@@ -253,6 +262,7 @@ def load_clip_benchmark(model_name: str = "mmlit", pretrained: str = "", cache_d
     model = ClipBenchmarkModel(em.model, em.tokenizer.pad_token_id).to(device).eval()
     return model, ClipBenchmarkTransform(pre.images), ClipBenchmarkTokenizer(em.tokenizer, pre.max_length)
 
+# %% ../nbs/85_eval.ipynb #f926acc7
 def register_clip_benchmark(name: str = "mmlit") -> None:
     "Add mmlit's loader to CLIP_benchmark's model types: `--model_type mmlit --pretrained RUN_DIR`."
     from clip_benchmark import models
@@ -264,6 +274,7 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name); info.size = len(data); info.mtime = 0
     tar.addfile(info, io.BytesIO(data))
 
+# %% ../nbs/85_eval.ipynb #e4f3f09d
 def write_clip_benchmark_wds(data, out_dir: str | Path, *, task: str = "zeroshot_retrieval", label_column: str | None = None,
                              classnames: Sequence[str] | None = None, templates: Sequence[str] | None = None,
                              kind: str | None = None, data_options: dict | None = None, split: str = "test",

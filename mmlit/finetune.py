@@ -73,6 +73,7 @@ class LoraSpec:
         if not 0 <= self.dropout < 1: raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules: raise ConfigError("lora.target_modules: name at least one module (e.g. [q_proj, v_proj])")
 
+# %% ../nbs/05e_finetune.ipynb #f8d01294
 def linear_names(module: nn.Module) -> list[str]:
     "The last part of the names of `module`'s Linear layers: what `target_modules` suffixes pick from."
     return sorted({n.rsplit(".", 1)[-1] for n, m in module.named_modules() if isinstance(m, nn.Linear)})
@@ -83,6 +84,7 @@ def model_seed(model: nn.Module) -> int:
     s = getattr(model, "seed", None)
     return int(s if s is not None else getattr(getattr(model, "config", None), "seed", 0) or 0)
 
+# %% ../nbs/05e_finetune.ipynb #54f9712c
 def apply_lora(model: nn.Module, spec: LoraSpec | dict, seed: int | None = None) -> list[str]:
     "Add LoRA adapters to the model's `lora_parts`, whose own weights stop training; returns the adapted module names."
     from peft import LoraConfig, inject_adapter_in_model
@@ -147,6 +149,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if "peft_config" in vars(m): del m.peft_config   # what peft attached to each adapted part
     return model
 
+# %% ../nbs/05e_finetune.ipynb #613cdbaf
 def export_merged(model: nn.Module, save_dir: str | Path, inplace: bool = False) -> Path:
     "`save_pretrained(save_dir)` of the model with its LoRA adapters merged (a copy unless `inplace`)."
     merged = merge_lora(model if inplace else copy.deepcopy(model))

@@ -21,6 +21,15 @@ import zipfile
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+# %% auto #0
+__all__ = ['logger', 'TAR_SUFFIXES', 'INDEX_VERSION', 'IMAGE_EXTS', 'TEXT_EXTS', 'IMAGE_PLACEHOLDER', 'VIDEO_PLACEHOLDER',
+           'ROLES', 'SPLIT_NAMES', 'sources', 'expand_braces', 'expand_tar_shards', 'index_cache_dir', 'split_member',
+           'header_hash', 'TarIndex', 'compression', 'index_tar', 'shard_stamp', 'load_tar_index', 'WebDatasetShards',
+           'conversation_messages', 'open_ref', 'Conversations', 'CocoCaptions', 'ImageFolder', 'guess_kind',
+           'open_dataset']
+
+# %% ../nbs/01f_formats.ipynb #af2b2a5e
 from pathlib import Path
 from typing import Sequence
 
@@ -35,13 +44,6 @@ from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, open_image
 from .sources import (_WS, AUTO, CAPTION_NAMES, IMAGE_NAMES, MAX_LINE_BYTES, UTF8_BOM, JsonlImageText, ParquetImageText,
                            TextCorpus, _check_path, _line_offsets, _parse_json_line, _pick, _read_line, _skip_bom, _too_long,
                            check_max_line_bytes, expand_paths, group_videos, json_records, pick_column, read_record, video_refs)
-
-# %% auto #0
-__all__ = ['logger', 'TAR_SUFFIXES', 'INDEX_VERSION', 'IMAGE_EXTS', 'TEXT_EXTS', 'IMAGE_PLACEHOLDER', 'VIDEO_PLACEHOLDER',
-           'ROLES', 'SPLIT_NAMES', 'sources', 'expand_braces', 'expand_tar_shards', 'index_cache_dir', 'split_member',
-           'header_hash', 'TarIndex', 'compression', 'index_tar', 'shard_stamp', 'load_tar_index', 'WebDatasetShards',
-           'conversation_messages', 'open_ref', 'Conversations', 'CocoCaptions', 'ImageFolder', 'guess_kind',
-           'open_dataset']
 
 # %% ../nbs/01f_formats.ipynb #5e1f0a07
 logger = logging.getLogger("mmlit.formats")
@@ -60,6 +62,7 @@ def expand_braces(pattern: str) -> list[str]:
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
+# %% ../nbs/01f_formats.ipynb #7819602a
 def expand_tar_shards(paths, store: Store | None = None) -> list[Path | Location]:
     "Tar shards from a path or URI, a folder or prefix (its `.tar`, `.tar.gz` and `.tgz` files), a glob, a brace pattern, or a list of those."
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
@@ -87,6 +90,7 @@ def header_hash(block: bytes) -> int:
     "The CRC-32 of one 512-byte tar header block: a different member (name, size, time) there gives another."
     return zlib.crc32(block)
 
+# %% ../nbs/01f_formats.ipynb #bcb45840
 @dataclass
 class TarIndex:
     "Where the members of each sample of one tar shard lie, and where the shard is damaged (if it is)."
@@ -143,10 +147,12 @@ def compression(head: bytes) -> str | None:
     if head[257:262] == b"ustar": return None          # a tar header, whatever its member's name starts with
     return next((name for magic, name in _COMPRESSED if head.startswith(magic)), None)
 
+# %% ../nbs/01f_formats.ipynb #ac7a3f04
 def _refuse_compressed(path, kind: str):
     raise ConfigError(f"{path}: a {kind}-compressed tar shard; mmlit reads samples by byte range, which a compressed "
                       f"stream does not allow. Decompress the shards once (for gzip: gunzip -k *.tar.gz) and give the .tar files")
 
+# %% ../nbs/01f_formats.ipynb #21cc820b
 def index_tar(path: str | Path) -> TarIndex:
     "Walk a tar shard's headers once (member data is skipped by seeking): each sample's members, offsets, sizes and header hashes."
     path = as_location(path)
@@ -204,6 +210,7 @@ def shard_stamp(path: Path | Location) -> str:
     return json.dumps(dict(version=INDEX_VERSION, path=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns,
                            inode=st.st_ino, ctime_ns=st.st_ctime_ns))
 
+# %% ../nbs/01f_formats.ipynb #07671da1
 def load_tar_index(path: str | Path, cache_dir: str | Path | None = None) -> TarIndex:
     "The member index of shard `path`: from the cache while the shard's stamp (`shard_stamp`) matches, else built and cached."
     path = as_location(path)
@@ -236,6 +243,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "text", "caption", "cap")
 _IMAGE_MEMBERS = IMAGE_EXTS + tuple(n for n in IMAGE_NAMES if n not in IMAGE_EXTS)   # what "auto" takes for an image
 
+# %% ../nbs/01f_formats.ipynb #26b386b4
 class WebDatasetShards(MMDataset):
     "Image-text samples from WebDataset tar shards: random access through a cached member index, byte-range reads."
     source = "webdataset"
@@ -370,6 +378,7 @@ def _part_ref(part: dict, kind: str, where: dict):
     if not isinstance(ref, str): raise BadRecordError(f"{kind} content part has no path or url: {part}", **where)
     return ref
 
+# %% ../nbs/01f_formats.ipynb #78d578e5
 def _content(parts, images: list, videos: list, n: int, where: dict) -> str:
     "OpenAI content parts as one string, with a placeholder where each image or video is (collected in order)."
     out = []
@@ -382,6 +391,7 @@ def _content(parts, images: list, videos: list, n: int, where: dict) -> str:
         else: raise BadRecordError(f"turn {n}: unknown content part {p!r:.80}", **where)
     return "".join(out)
 
+# %% ../nbs/01f_formats.ipynb #1087408e
 def _refs(obj: dict, names: Sequence[str], where: dict) -> list[str]:
     "The string or list of strings under the first of `names` (e.g. `images`, `image`) as a list."
     for name in names:
@@ -392,6 +402,7 @@ def _refs(obj: dict, names: Sequence[str], where: dict) -> list[str]:
         raise BadRecordError(f"field {name!r} must be a path or a list of paths, got {type(v).__name__}", **where)
     return []
 
+# %% ../nbs/01f_formats.ipynb #eb638a6b
 def conversation_messages(obj: dict, where: dict | None = None) -> tuple[list[dict], list[str], list[str]]:
     "A LLaVA / ShareGPT / OpenAI record as `[{role, content}]` with placeholders, and its image and video refs in placeholder order."
     where = where or {}
@@ -431,6 +442,7 @@ def open_ref(ref: str, root: Path, *, decode: bool = True, max_image_pixels: int
     path = path_in_root(root, ref, allow_absolute_paths=allow_absolute_paths, where=where)
     return open_image(path, decode=decode, max_image_pixels=max_image_pixels, where=where)
 
+# %% ../nbs/01f_formats.ipynb #96e07761
 class Conversations(MMDataset):
     "LLaVA / ShareGPT / OpenAI conversations (JSONL or one JSON array) as `messages`, images in placeholder order."
     source = "conversations"
@@ -529,6 +541,7 @@ def _csv_lines(f, path: Path, max_line_bytes: int, at: list[int]):
         try: yield raw.decode("utf-8-sig" if n == 0 else "utf-8")
         except UnicodeDecodeError as e: raise ConfigError(f"{path} line {n}: not UTF-8 ({e})") from None
 
+# %% ../nbs/01f_formats.ipynb #a479736b
 def _metadata_rows(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> list[tuple[int, dict | str]]:
     "(line, row) of a `metadata.jsonl` / `metadata.csv`; a JSON line that is not a good object keeps the reason instead."
     if path.suffix == ".csv":
@@ -619,6 +632,7 @@ for _name, _cls in (("parquet", ParquetImageText), ("jsonl", JsonlImageText), ("
                     ("imagefolder", ImageFolder)):
     sources.add(_name, _cls)
 
+# %% ../nbs/01f_formats.ipynb #c1029e23
 def _first_record(path: Path) -> dict | None:
     "The first record of a JSON/JSONL file (the first item of an array, the first line, or the whole object)."
     with open_local(path) as f:
@@ -638,6 +652,7 @@ def _first_record(path: Path) -> dict | None:
         return {"images": [], "annotations": []}      # one multi-line JSON object with annotations: COCO-like
     return None
 
+# %% ../nbs/01f_formats.ipynb #9427bd02
 def guess_kind(path) -> str | None:
     "The source kind of `path` (a file, folder, glob or brace pattern, or a list of them); `None` when unknown."
     s = str(path[0] if isinstance(path, (list, tuple)) else path)
@@ -655,6 +670,7 @@ def guess_kind(path) -> str | None:
         return "jsonl"
     return None
 
+# %% ../nbs/01f_formats.ipynb #8bc5ec3d
 def open_dataset(path, kind: str | None = None, **options) -> MMDataset:
     "Open `path` with the source for `kind` (default: `guess_kind(path)`); `options` go to that source."
     kind = kind or guess_kind(path)

@@ -72,6 +72,7 @@ def shard_model(model: nn.Module, cfg: DistributedConfig, device: torch.device) 
     fully_shard(model, **{**kw, "reshard_after_forward": False})   # the root: whole from forward to backward, as FSDP2 advises
     return model
 
+# %% ../nbs/06c_fsdp.ipynb #395f6e06
 def is_sharded(model: nn.Module) -> bool:
     "Whether `model` is wrapped by FSDP2."
     from torch.distributed.fsdp import FSDPModule
@@ -104,6 +105,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         if name in _METADATA_GLOBALS.get(module, ()): return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
 
+# %% ../nbs/06c_fsdp.ipynb #1d1e6523
 def read_dcp_metadata(path: str | Path):
     "The DCP `Metadata` in the file `path`, unpickled with only DCP's record types allowed; `CheckpointError` otherwise."
     from torch.distributed.checkpoint.metadata import Metadata
@@ -135,6 +137,7 @@ def _broadcast(obj):
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
+# %% ../nbs/06c_fsdp.ipynb #35ae84b0
 def save_sharded(manager: CheckpointManager, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, rank_state: dict,
                  meta: dict, best: tuple[str, float] | None = None) -> Path:
     "Write checkpoint `meta['step']` of a sharded `model` and `optimizer` (every rank calls it); `state` from rank 0, `rank_state` from each."
@@ -195,6 +198,7 @@ def _load_parts(path: Path, rank: int, msd: dict, osd: dict) -> tuple[dict, dict
     check_index(read_dcp_metadata(path / DCP_DIR / ".metadata"), {"model": msd, "optim": osd}, path / DCP_DIR)
     return state, rank_state
 
+# %% ../nbs/06c_fsdp.ipynb #c31d0330
 def load_latest_sharded(manager: CheckpointManager, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Path, dict, dict] | None:
     "`(dir, state, rank_state)` of the newest sharded checkpoint that every rank can load (model and optimiser loaded), or `None`."
     import torch.distributed.checkpoint as dcp

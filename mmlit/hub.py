@@ -34,6 +34,7 @@ class PretrainedRef:
         "True for a local folder."
         return self.repo_id is None
 
+# %% ../nbs/00a_hub.ipynb #f0d45651
 def parse_pretrained(name: str | os.PathLike) -> PretrainedRef:
     "Read `name` as a local folder (when it exists) or a hub id `org/name[@revision]`."
     s = os.fspath(name)
@@ -83,6 +84,7 @@ def _needs_weights(d: Path) -> bool:
     "A model folder (it has a model config) rather than a tokenizer or preprocessor folder."
     return (d / "config.json").is_file()
 
+# %% ../nbs/00a_hub.ipynb #acc6613d
 def resolve_pretrained(name: str | os.PathLike | PretrainedRef, weights: bool = True) -> Path:
     "The local folder of a pretrained model or tokenizer named by a folder or a hub id (`org/name[@revision]`); `weights=False` fetches no weights."
     ref = name if isinstance(name, PretrainedRef) else parse_pretrained(name)
@@ -156,6 +158,7 @@ def model_files(d: Path) -> list[Path]:
     patterns = WANTED_FILES + ([] if any(d.glob("*.safetensors")) else BIN_WEIGHTS)
     return sorted(p for p in d.iterdir() if p.is_file() and any(fnmatch(p.name, x) for x in patterns))
 
+# %% ../nbs/00a_hub.ipynb #5caeb8eb
 def pretrained_record(name: str | os.PathLike | PretrainedRef) -> dict:
     "Name, hub id, resolved commit and per-file SHA-256 of a pretrained model or tokenizer."
     ref = name if isinstance(name, PretrainedRef) else parse_pretrained(name)

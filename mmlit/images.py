@@ -42,6 +42,7 @@ def check_image_size(img: Image.Image, max_image_pixels: int | None = DEFAULT_MA
                              "(decompression bomb?)", **(where or {}))
     return w, h
 
+# %% ../nbs/01b_images.ipynb #164532ad
 def _load(img: Image.Image, where: dict) -> Image.Image:
     "`img.load()` that refuses truncated data even when a caller set Pillow's `LOAD_TRUNCATED_IMAGES`."
     saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
@@ -65,6 +66,7 @@ def image_orientation(img: Image.Image, where: dict | None = None) -> int:
     except DECODE_ERRORS: return 1   # corrupt metadata: shown as stored, as a viewer does
     return o if isinstance(o, int) and o in ORIENTATIONS else 1
 
+# %% ../nbs/01b_images.ipynb #dbdefc3e
 def displayed_size(img: Image.Image, where: dict | None = None) -> tuple[int, int]:
     "`(width, height)` of the image upright: orientations 5–8 swap the header's sides."
     if img.format == "TIFF": return img.size   # Pillow's TIFF reader already reports (and decodes) the upright size
@@ -106,6 +108,7 @@ def _jpeg_bytes(img: Image.Image) -> bytes | None:
     if isinstance(fp, io.BytesIO): return fp.getvalue()
     return Path(img.filename).read_bytes() if getattr(img, "filename", "") else None
 
+# %% ../nbs/01b_images.ipynb #4223e1a0
 def _decode_jpeg(img: Image.Image, data: bytes, min_size: tuple[int, int], where: dict) -> Image.Image:
     "Decode with libjpeg-turbo, strict (corrupt-data warnings are errors), at the smallest n/8 scale ≥ `min_size`."
     mw, mh = min_size
@@ -121,6 +124,7 @@ def _decode_jpeg(img: Image.Image, data: bytes, min_size: tuple[int, int], where
     if mw and mw * 2 <= img.width and mh * 2 <= img.height: img.draft(img.mode, (mw, mh))
     return _load(img, where)
 
+# %% ../nbs/01b_images.ipynb #5411055d
 def load_image(img: Image.Image, *, min_size: tuple[int, int] | None = None, where: dict | None = None) -> Image.Image:
     "Decode an opened image, upright and 8-bit; a JPEG at the smallest reduced scale ≥ `min_size` = (w, h) upright."
     where, fmt = where or {}, img.format
@@ -149,6 +153,7 @@ def _file_bytes(path: Path | Location, where: dict) -> bytes:
     except (OSError, ValueError) as e:        # no permission, a name too long, a NUL byte in the name
         raise BadRecordError(f"cannot read image file {path} ({type(e).__name__}: {e})", **where) from None
 
+# %% ../nbs/01b_images.ipynb #0f7e6cf6
 def open_image(src: bytes | str | Path, *, decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                where: dict | None = None) -> Image.Image:
     "Open an image from bytes or a path (decoded by `load_image` if `decode`); bad input raises `BadRecordError` naming `where`."

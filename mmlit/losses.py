@@ -45,6 +45,7 @@ def dist_ready() -> bool:
     "True inside an initialised `torch.distributed` group with more than one rank."
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
+# %% ../nbs/05a_losses.ipynb #5d49948b
 class _GatherWithGrad(torch.autograd.Function):
     "all_gather in forward; all_reduce of the gradient, then this rank's rows, in backward."
     @staticmethod
@@ -63,6 +64,7 @@ class _GatherWithGrad(torch.autograd.Function):
         start = sum(ctx.sizes[:ctx.rank])
         return g[start:start + ctx.sizes[ctx.rank]], None
 
+# %% ../nbs/05a_losses.ipynb #e3954a37
 def batch_sizes(n: int, device: torch.device | None = None) -> tuple[int, ...]:
     "Every rank's local batch size (all ranks must call it)."
     t = torch.tensor([n], device=device)
@@ -93,6 +95,7 @@ def image_text_logits(image: torch.Tensor, text: torch.Tensor, scale: torch.Tens
 def _check_reduction(reduction: str):
     if reduction not in ("mean", "none"): raise ConfigError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
+# %% ../nbs/05a_losses.ipynb #d1a12d9c
 def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor | float,
               negatives: torch.Tensor | None = None, negative_mask: torch.Tensor | None = None,
               reduction: str = "mean") -> torch.Tensor:

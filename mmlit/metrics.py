@@ -45,6 +45,7 @@ def positive_ranks(queries: torch.Tensor, candidates: torch.Tensor, query_labels
         out.append(torch.where(pos.any(1), rank, NO_POSITIVE))                  # no positive at all: never a hit
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
+# %% ../nbs/05b_metrics.ipynb #454da6e2
 def recall_at(ranks: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
     "Recall@k from ranks: the fraction of queries whose positive ranks below k."
     return {k: float((ranks < k).double().mean()) if len(ranks) else float("nan") for k in ks}
@@ -75,6 +76,7 @@ def encode_prompts(model, tokenizer, prompts: Sequence[str], dim: int | None = N
         out.append(model.encode_text(b["input_ids"], b["attention_mask"], dim=dim))
     return torch.cat(out)
 
+# %% ../nbs/05b_metrics.ipynb #15ed2b89
 @torch.no_grad()
 def zero_shot_classifier(model, tokenizer, class_prompts: Sequence[Sequence[str]], dim: int | None = None) -> torch.Tensor:
     "`[C, D]`: per class, the re-normalised mean embedding of its prompts."
@@ -92,6 +94,7 @@ def zero_shot_accuracy(image_embeds: torch.Tensor, labels: torch.Tensor, classif
     pred = (mrl_prefix(image_embeds, d) @ classifier.T).argmax(1)
     return float((pred == labels).double().mean())
 
+# %% ../nbs/05b_metrics.ipynb #dbb43435
 def _hard_negative_rows(image, text, negatives, negative_mask) -> torch.Tensor:
     "`[B, 2]` bool: per image, its caption outscores each of its negatives; it has ≥ 1 negative."
     pos = (image * text).sum(-1)                                     # [B]
@@ -112,6 +115,7 @@ def _add_recalls(out: dict, prefix_suffix: tuple[str, str], q, c, ql, cl, ks, ch
     for name, qq, cc, a, b in (("i2t", q, c, ql, cl), ("t2i", c, q, cl, ql)):
         for k, v in recall_at(positive_ranks(qq, cc, a, b, chunk), ks).items(): out[f"{name}_r{k}{tag}{at}"] = v
 
+# %% ../nbs/05b_metrics.ipynb #628ff8c8
 @torch.no_grad()
 def evaluate(model, loader: Iterable[dict], *, dims: Sequence[int] | None = None, labels_key: str = "label",
              class_prompts: Sequence[Sequence[str]] | None = None, tokenizer=None, labels: Sequence[int] | None = None,

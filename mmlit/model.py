@@ -23,7 +23,6 @@ from .core import CheckpointError, ConfigError, MmlitError, Registry, Stream, co
 from .losses import (batch_sizes, check_mrl_dims, contrastive_losses, dist_ready, draw_mrl_dim,
                           gather_with_grad, mrl_prefix)
 from .hub import load_pretrained, read_tensors, resolve_pretrained
-from .preprocess import get_normalisation, normalize as normalize_uint8, pretrained_normalisation
 
 # %% auto #0
 __all__ = ['POOLED_OUTPUT_ONLY', 'POOLINGS', 'CLASS_TOKENS', 'DUAL_ENCODER_PRESETS', 'PRETRAINED_HEADS', 'BatchError', 'need',
@@ -32,6 +31,9 @@ __all__ = ['POOLED_OUTPUT_ONLY', 'POOLINGS', 'CLASS_TOKENS', 'DUAL_ENCODER_PRESE
            'pooled_width', 'has_class_token', 'first_token_sees_text', 'check_cls_pooling', 'DualEncoderConfig',
            'pretrained_embed_dim', 'DualEncoderOutput', 'seeded_init', 'ContrastiveModel', 'DualEncoder', 'check_state',
            'save_weights', 'load_weights', 'save_pretrained_dir', 'load_pretrained_dir', 'CheckpointError']
+
+# %% ../nbs/05_model.ipynb #ab759149
+from .preprocess import get_normalisation, normalize as normalize_uint8, pretrained_normalisation
 
 # %% ../nbs/05_model.ipynb #72e44382
 class BatchError(MmlitError, ValueError):
@@ -89,6 +91,7 @@ def tower_class(cfg) -> type:
     if cls is None: raise ConfigError(f"transformers has no base model for model_type {cfg.model_type!r}, so it cannot be a tower")
     return cls
 
+# %% ../nbs/05_model.ipynb #236eb286
 def build_tower(spec: dict | Any, pretrained: str | Path | None = None, side: str | None = None, keep_pooler: bool = False,
                 name: str | None = None) -> nn.Module:
     "A `transformers` base model: random init from `spec`, or loaded from `pretrained` (a folder or hub id); `side` picks one tower of two."
@@ -296,6 +299,7 @@ DUAL_ENCODER_PRESETS.add("base", dict(
     vision_pooling="cls", text_pooling="cls", embed_dim=4096, mrl_dims=[4096, 2048, 1024, 512, 256, 128]))
 DUAL_ENCODER_PRESETS.add("pretrained", dict(vision_pooling="tower", text_pooling="tower", pretrained_projection=True))
 
+# %% ../nbs/05_model.ipynb #b0efc7de
 def pretrained_embed_dim(name: str) -> int:
     "The width of a two-tower checkpoint's embeddings: CLIP's `projection_dim`, else (SigLIP) its vision tower's width."
     from transformers import AutoConfig
@@ -457,6 +461,7 @@ def _negatives(self: DualEncoder, batch_size: int, negative_input_ids: torch.Ten
         embeds = embeds.masked_scatter(keep.unsqueeze(-1), flat.to(embeds.dtype))
     return embeds, keep
 
+# %% ../nbs/05_model.ipynb #c55e5d5f
 def _gather_negatives(neg: torch.Tensor, neg_mask: torch.Tensor, sizes) -> tuple[torch.Tensor, torch.Tensor]:
     "Negatives of every rank, padded to the largest K of any rank."
     k = torch.tensor([neg.shape[1]], device=neg.device)
@@ -570,6 +575,7 @@ PRETRAINED_HEADS = {   # model_type: (vision projection, text projection, logit 
     "clip": ("visual_projection.weight", "text_projection.weight", "logit_scale", None),
     "siglip": (None, None, "logit_scale", "logit_bias"), "siglip2": (None, None, "logit_scale", "logit_bias")}
 
+# %% ../nbs/05_model.ipynb #57a65bd7
 @patch
 def load_pretrained_heads(self: DualEncoder) -> None:
     "Start the projections and temperatures from `config.pretrained`'s heads (CLIP: its projections and scale; SigLIP: identity, scale, bias)."

@@ -130,6 +130,7 @@ def _cut(self: PackingCollator, samples: list[dict], seq_keys: list[str]) -> lis
         cut.append({**s, **{k: s[k][keep] for k in seq_keys}})
     return cut
 
+# %% ../nbs/03a_packing.ipynb #f60e1212
 @patch
 def collate(self: PackingCollator, samples: list[dict]) -> dict:
     "Pack `samples` into rows: `input_ids` etc. `[rows, L]`, restarting `position_ids`, `cu_seq_lens`, the mask."
@@ -168,6 +169,7 @@ def collate(self: PackingCollator, samples: list[dict]) -> dict:
     rest = stack_rest([cut[i] for i in order], [k for k in samples[0] if k not in skip], "PackingCollator")
     return {**batch, **rest, "packed_samples": rows}
 
+# %% ../nbs/03a_packing.ipynb #a83af2b1
 collators.add("packing", PackingCollator, modality="text", task="packing")
 
 # %% ../nbs/03a_packing.ipynb #dcaadffa

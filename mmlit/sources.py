@@ -24,18 +24,19 @@ import torch
 from fastcore.basics import patch
 from PIL import Image, UnidentifiedImageError
 
-from .core import BadRecordError, ConfigError
-from .storage import (Location, NotRegularFile, Store, as_location, as_store, check_regular_file, is_uri, open_file,
-                           path_in_root, special_file)
-from .dataset import RECORD_KEYS, MMDataset, make_record
-from .images import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, displayed_size, load_image, open_image, open_image_cell
-
 # %% auto #0
 __all__ = ['AUTO', 'CAPTION_NAMES', 'IMAGE_NAMES', 'FRAME_SUFFIXES', 'UTF8_BOM', 'MAX_LINE_BYTES', 'JSONL_SUFFIXES',
            'MAX_JSON_DEPTH', 'PARQUET_ERRORS', 'pick_column', 'group_videos', 'check_frames', 'video_refs',
            'check_max_line_bytes', 'json_array_spans', 'json_records', 'read_record', 'json_depth', 'jsonl_fields',
            'JsonlImageText', 'expand_paths', 'TextCorpus', 'ParquetImageText', 'HFDataset', 'TorchDataset',
            'TensorList', 'as_mm_dataset', 'open_source']
+
+# %% ../nbs/01c_sources.ipynb #99d4cc79
+from .core import BadRecordError, ConfigError
+from .storage import (Location, NotRegularFile, Store, as_location, as_store, check_regular_file, is_uri, open_file,
+                           path_in_root, special_file)
+from .dataset import RECORD_KEYS, MMDataset, make_record
+from .images import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, displayed_size, load_image, open_image, open_image_cell
 
 # %% ../nbs/01c_sources.ipynb #b71233a3
 def _str_list(v, name: str, where: dict) -> list[str]:
@@ -45,6 +46,7 @@ def _str_list(v, name: str, where: dict) -> list[str]:
     if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v): return list(v)
     raise BadRecordError(f"field '{name}' must be a string or a list of strings, got {type(v).__name__}", **where)
 
+# %% ../nbs/01c_sources.ipynb #9a53b407
 def _pick(obj: dict, names: Sequence[str], types, where: dict, required: bool = False):
     "The first of `names` present in `obj`, type-checked; `None` if absent and not required."
     for n in names:
@@ -56,6 +58,7 @@ def _pick(obj: dict, names: Sequence[str], types, where: dict, required: bool = 
     if required: raise BadRecordError(f"missing required field {' or '.join(repr(n) for n in names)}", **where)
     return None
 
+# %% ../nbs/01c_sources.ipynb #1b71dcd6
 def _messages(v, where: dict) -> list[dict] | None:
     "Validate chat turns: a list of {role: str, content: str}."
     if v is None: return None
@@ -70,6 +73,7 @@ CAPTION_NAMES = ("caption", "text", "txt", "alt", "alt_text", "sentence", "descr
                  "prompt", "caption_text", "raw_caption")
 IMAGE_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes", "picture", "photo")
 
+# %% ../nbs/01c_sources.ipynb #f3e12502
 def pick_column(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], *, what: str,
                 option: str, where: str, required: bool = True) -> str | None:
     "`wanted` if it is a column (`None`: no such column); `'auto'`: the one column among `candidates`, else a `ConfigError` naming `option`."
@@ -103,6 +107,7 @@ def check_frames(frames: Sequence, where: dict | None = None) -> tuple[int, int]
         raise BadRecordError(f"frames of one video differ in size ({shown}); stage 2 cannot stack them", **(where or {}))
     return next(iter(sizes), (0, 0))
 
+# %% ../nbs/01c_sources.ipynb #f16fca26
 def _video_file(p: Path | Location, where: dict) -> Path | Location:
     "`p` when a video file, frame or frame folder is there; a missing path, a FIFO or a device is a bad record."
     if isinstance(p, Location): ok, kind = p.is_file(), None
@@ -139,6 +144,7 @@ def check_max_line_bytes(n) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0: raise ConfigError(f"max_line_bytes must be a positive int, got {n!r}")
     return n
 
+# %% ../nbs/01c_sources.ipynb #b7ef604f
 def _lines(f, max_line_bytes: int):
     "`(offset, line number, blank, too long)` of each line of the open file `f` from where it stands, read in bounded pieces."
     pos, i = f.tell(), 0
@@ -151,6 +157,7 @@ def _lines(f, max_line_bytes: int):
         yield start, i, not long and not raw.strip(), long
         i += 1
 
+# %% ../nbs/01c_sources.ipynb #5d8a596f
 def _line_offsets(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[np.ndarray, np.ndarray]:
     "Byte offsets and 0-based line numbers of the non-blank lines of `path` (a leading BOM is not part of line 0)."
     offs, lines = [], []
@@ -163,6 +170,7 @@ def _line_offsets(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[np.
 def _too_long(what: str, max_line_bytes: int, where: dict | None) -> BadRecordError:
     return BadRecordError(f"{what} longer than max_line_bytes={max_line_bytes} bytes (raise max_line_bytes= to read it)", **(where or {}))
 
+# %% ../nbs/01c_sources.ipynb #538aa029
 def _read_line(path: Path, offset: int, max_line_bytes: int = MAX_LINE_BYTES, where: dict | None = None) -> bytes:
     "The line of `path` that starts at byte `offset`, its newline included; a longer one than `max_line_bytes` is a `BadRecordError`."
     with _open_bytes(path) as f:
@@ -203,6 +211,7 @@ def json_array_spans(path: str | Path) -> np.ndarray:
         elif text[i:i + 1] == "]": return np.asarray(spans, np.int64)
         else: raise ConfigError(f"{path}: expected ',' or ']' after item {len(spans) - 1} at byte {i}")
 
+# %% ../nbs/01c_sources.ipynb #fbf5a285
 def json_records(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[np.ndarray, np.ndarray, str]:
     "Byte spans `[n, 2]` of the records of a JSONL file (end -1: to the line's end) or a JSON array, their numbers and unit."
     array = False
@@ -216,6 +225,7 @@ def json_records(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[np.n
     offsets, lines = _line_offsets(path, max_line_bytes)
     return np.stack([offsets, np.full_like(offsets, -1)], axis=1), lines, "line"
 
+# %% ../nbs/01c_sources.ipynb #6fb53f95
 def read_record(path: Path, span: Sequence[int], max_line_bytes: int = MAX_LINE_BYTES, where: dict | None = None) -> bytes:
     "The bytes of one record of `json_records`; a record longer than `max_line_bytes` is a `BadRecordError`."
     start, end = int(span[0]), int(span[1])
@@ -233,6 +243,7 @@ _STEP[[ord("["), ord("{")]], _STEP[[ord("]"), ord("}")]] = 1, -1
 _QUOTE = ord('"')
 _SPECIAL = (_STEP != 0) | (np.arange(256) == _QUOTE)   # the bytes that decide the depth
 
+# %% ../nbs/01c_sources.ipynb #acd3c8fa
 def json_depth(raw: bytes) -> int:
     "How deep arrays and objects nest in the JSON text `raw` (brackets inside strings do not count)."
     text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")    # escaped backslashes, then escaped quotes: they end no string
@@ -247,6 +258,7 @@ def json_depth(raw: bytes) -> int:
         deepest, level, inside = max(deepest, int(levels.max())), int(levels[-1]), int(parity[-1])
     return deepest
 
+# %% ../nbs/01c_sources.ipynb #90835d0a
 def _loads_on_fresh_stack(raw: bytes):
     "`json.loads(raw)` on a new thread, so the caller's stack depth does not matter."
     out = {}
@@ -258,6 +270,7 @@ def _loads_on_fresh_stack(raw: bytes):
     if "error" in out: raise out["error"]
     return out["value"]
 
+# %% ../nbs/01c_sources.ipynb #3a02ef31
 def _parse_json_line(raw: bytes, where: dict) -> dict:
     "Parse one JSONL line into a dict, or raise `BadRecordError` (not JSON, nested too deeply, not an object)."
     n_open = raw.count(b"[") + raw.count(b"{")          # a bound on the depth, counted in C
@@ -281,6 +294,7 @@ def _first_object(path: Path, spans: np.ndarray, numbers: np.ndarray, limit: int
         except BadRecordError: continue
     return None, -1
 
+# %% ../nbs/01c_sources.ipynb #bf1de5b7
 def jsonl_fields(path: Path, obj: dict | None, line: int, text_field: str, image_field: str | None) -> tuple[tuple, tuple]:
     "The text and image field names a JSONL file's records use, detected from its first record `obj` when `'auto'`."
     text = (text_field,) if text_field != AUTO else ("text", "query")
@@ -353,6 +367,7 @@ def expand_paths(paths, suffixes: Sequence[str] = (), store: Store | None = None
         out += [h if isinstance(h, Location) else check_regular_file(h) for h in hits]
     return [h for h in out if isinstance(h, Location) or h.is_file()]   # a dangling link in a folder is no file
 
+# %% ../nbs/01c_sources.ipynb #2be92250
 def _text_spans(path: Path, split: str, max_line_bytes: int = MAX_LINE_BYTES) -> list[tuple[int, int, int, int]]:
     "(start, end, first line, too long) byte spans of the documents of a text file; too long: a line of it is over `max_line_bytes`."
     spans, start, first, long, end = [], None, 0, False, 0
@@ -419,6 +434,7 @@ def _open_parquet(path, verify_checksums: bool = True, **kwargs) -> pq.ParquetFi
         path, kwargs = path.open(), {**kwargs, "buffer_size": max(kwargs.get("buffer_size", 0), 1 << 22)}
     return pq.ParquetFile(path, page_checksum_verification=verify_checksums, **kwargs)
 
+# %% ../nbs/01c_sources.ipynb #4034f767
 def _shard_layout(path, verify_checksums: bool = True) -> tuple[list[str], list[int]]:
     "A shard's column names and rows per row group, from its footer; `BadRecordError` (unit 'file') when unreadable."
     try:
@@ -432,6 +448,7 @@ def _shard_layout(path, verify_checksums: bool = True) -> tuple[list[str], list[
                              "its rows are unknown, none were read", source="parquet", file=str(path), unit="file") from None
     return names, rows
 
+# %% ../nbs/01c_sources.ipynb #1240279d
 def _as_bytes_type(t: pa.DataType) -> pa.DataType:
     "`t` with every string type replaced by the matching binary type (same layout, no UTF-8 check)."
     if pa.types.is_string(t): return pa.binary()
@@ -442,6 +459,7 @@ def _as_bytes_type(t: pa.DataType) -> pa.DataType:
     if pa.types.is_struct(t): return pa.struct([pa.field(f.name, _as_bytes_type(f.type)) for f in t])
     return t
 
+# %% ../nbs/01c_sources.ipynb #899b4c26
 def _as_text(v, t: pa.DataType):
     "A value read through `_as_bytes_type(t)` with its strings decoded; bytes that are not UTF-8 become lone surrogates."
     if v is None: return None
@@ -644,6 +662,7 @@ class TorchDataset(MMDataset):
         rec["meta"] = {"source": self.source, "file": None, "index": idx, "unit": "row", **(rec["meta"] or {})}
         return rec
 
+# %% ../nbs/01c_sources.ipynb #6cad2ee3
 class TensorList(MMDataset):
     "A list of tensors (e.g. token id sequences) as records with the tensor under `key`."
     source = "tensors"
@@ -669,6 +688,7 @@ def as_mm_dataset(data, **kwargs) -> MMDataset:
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"): return TorchDataset(data, **kwargs)
     raise ConfigError(f"cannot make a dataset from {type(data).__name__}")
 
+# %% ../nbs/01c_sources.ipynb #2e282092
 def open_source(path, kind: str | None = None, **kwargs) -> MMDataset:
     "Open a Parquet (file, directory, glob), JSONL image-text or text-corpus source by extension or `kind`."
     s = str(path[0] if isinstance(path, (list, tuple)) else path)

@@ -22,17 +22,19 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-from fastcore.basics import patch
-
-from .core import BadRecordError, ConfigError, MmlitError, redact
 
 # %% auto #0
 __all__ = ['logger', 'io_stats', 'is_uri', 'local_path', 'uri_join', 'uri_parent', 'StorageError', 'ObjectNotFound',
            'AccessDenied', 'StorageUnavailable', 'classify', 'NotRegularFile', 'special_file', 'check_regular_file',
            'open_local', 'IOStats', 'Retry', 'call_with_retry', 'RangeCache', 'Store', 'RangeFile', 'Location',
            'as_location', 'open_file', 'as_store', 'uri_normpath', 'path_in_root']
+
+# %% ../nbs/01_storage.ipynb #4da8dd4c
+from typing import Any, Callable, Sequence
+
+from fastcore.basics import patch
+
+from .core import BadRecordError, ConfigError, MmlitError, redact
 
 # %% ../nbs/01_storage.ipynb #dbe10e31
 logger = logging.getLogger("mmlit.storage")
@@ -53,6 +55,7 @@ def uri_join(root: str, rel: str) -> str:
     if is_uri(rel): return rel
     return root.rstrip("/") + "/" + str(rel).lstrip("/")
 
+# %% ../nbs/01_storage.ipynb #1e46e455
 def uri_parent(uri: str) -> str:
     "The folder URI holding `uri`."
     scheme, _, rest = uri.partition("://")
@@ -78,6 +81,8 @@ _TRANSIENT_NAMES = {"ServerDisconnectedError", "ClientPayloadError", "ClientConn
                     "ClientConnectorError", "ServerTimeoutError", "EndpointConnectionError", "ConnectionClosedError",
                     "ReadTimeoutError", "ConnectTimeoutError", "IncompleteRead", "ResponseParserError",
                     "FSTimeoutError", "HTTPClientError", "ProtocolError", "ResponseStreamingError"}
+
+# %% ../nbs/01_storage.ipynb #59c61d2f
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                     "InternalError", "ServiceUnavailable", "ServerBusy", "503", "500", "502", "504"}
 _DENIED_CODES = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
@@ -89,6 +94,7 @@ def _chain(e: BaseException):
         seen.add(id(e)); yield e
         e = e.__cause__ or e.__context__
 
+# %% ../nbs/01_storage.ipynb #609a21bc
 def _http_status(e) -> tuple[int | None, str | None]:
     "(HTTP status, error code) from a botocore `ClientError` or an aiohttp response error."
     resp = getattr(e, "response", None)
@@ -97,6 +103,7 @@ def _http_status(e) -> tuple[int | None, str | None]:
     status = getattr(e, "status", None)
     return (status, None) if isinstance(status, int) else (None, None)
 
+# %% ../nbs/01_storage.ipynb #67034cd5
 def classify(e: BaseException) -> str:
     "'transient' (retry it), 'missing', 'denied' or 'permanent' for an exception from a filesystem call."
     for x in _chain(e):
@@ -130,12 +137,14 @@ def _refuse(path, kind: str):
     raise NotRegularFile(f"{path}: is {kind}, not a regular file; mmlit reads data only from regular files "
                          "(reading a pipe or device could block or never end)")
 
+# %% ../nbs/01_storage.ipynb #2eff5533
 def check_regular_file(path) -> Path:
     "`path` as a `Path`; `NotRegularFile` when it is a FIFO, device, socket or folder (a missing path passes: opening it says so)."
     p = local_path(path)
     if (kind := special_file(p)) is not None: _refuse(p, kind)
     return p
 
+# %% ../nbs/01_storage.ipynb #0c1f202c
 def open_local(path, buffering: int = -1):
     "Open a local file to read bytes; a FIFO, device, socket or folder is refused (`NotRegularFile`) without blocking."
     p = str(path)
@@ -189,6 +198,7 @@ class IOStats:
         if self.cache_hits or self.cache_writes: s += f"; cache: {self.cache_hits} hits ({self.cache_hit_bytes:,} bytes), {self.cache_writes} writes, {self.cache_evictions} evictions"
         return s
 
+# %% ../nbs/01_storage.ipynb #a5ded05e
 io_stats = IOStats()   # this process's counts
 if hasattr(os, "register_at_fork"): os.register_at_fork(after_in_child=io_stats.reset)   # a worker counts its own reads only
 
@@ -209,6 +219,7 @@ class Retry:
         "Seconds to wait after the `k`-th failed attempt (from 0)."
         return min(self.backoff * 2 ** k, self.max_backoff)
 
+# %% ../nbs/01_storage.ipynb #e7a31409
 def call_with_retry(fn: Callable, uri: str, what: str, retry: Retry = Retry(), stats: IOStats | None = None,
                     sleep: Callable[[float], None] = time.sleep):
     "`fn()`, retried on transient faults (counted in `stats`); permanent ones raise a `StorageError` naming `uri`."
@@ -331,6 +342,7 @@ def _s3_defaults(options: dict, retry: Retry) -> dict:
     cfg.setdefault("read_timeout", retry.timeout)
     return {**options, "config_kwargs": cfg}
 
+# %% ../nbs/01_storage.ipynb #cf6d6e17
 @patch
 def fs(self: Store, uri: str):
     "(filesystem, path inside it) for `uri`."
@@ -512,6 +524,7 @@ class Location(str):
         "A binary file object over the object (see `Store.open`)."
         return self.store.open(self, buffering)
 
+# %% ../nbs/01_storage.ipynb #dac48842
 def as_location(path, store: Store | dict | None = None) -> Path | Location:
     "A `Location` for a URI (read with `store`), a `Path` for anything local."
     if isinstance(path, Location): return path
@@ -557,6 +570,7 @@ def uri_normpath(uri: str) -> str:
 def _inside(path: str, root: str, sep: str) -> bool:
     return path == root or path.startswith(root.rstrip(sep) + sep)
 
+# %% ../nbs/01_storage.ipynb #103c4bb8
 def path_in_root(root, ref, *, allow_absolute_paths: bool = False, where: dict | None = None) -> Path | Location:
     "`ref` (a record's image or video path) joined to the folder `root`; a `BadRecordError` when it leaves `root`."
     ref, remote = str(ref), isinstance(root, Location) or is_uri(root)

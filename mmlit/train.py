@@ -84,6 +84,7 @@ class CheckpointConfig:
     keep: int = 3                       # step checkpoints kept besides the best
     resume: bool = True                 # continue from the newest valid checkpoint in the run directory
 
+# %% ../nbs/06_train.ipynb #5ecc23e7
 @dataclass
 class LogConfig:
     "Metrics files, progress bar and the optional wandb run."
@@ -277,6 +278,7 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
         torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
     return t
 
+# %% ../nbs/06_train.ipynb #9d16da55
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loader: Iterable, device: torch.device | None = None, max_batches: int | None = None) -> dict[str, float]:
     "The sample-weighted mean of `loss` and every `loss_*` over `loader` (summed over DDP ranks)."
@@ -353,6 +355,7 @@ def _diff(a, b, path="") -> list[str]:
         return [x for k in sorted(set(a) | set(b)) for x in _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)]
     return [] if a == b else [path]
 
+# %% ../nbs/06_train.ipynb #0afc9d68
 def claim_run_dir(run_dir: str | Path, config: dict) -> str:
     "Check that `run_dir` is new or holds this same run; returns the config's fingerprint. Writes nothing."
     import yaml
@@ -470,6 +473,7 @@ def _load_latest(self: Trainer) -> tuple[Path, dict] | None:
     loaded = self.checkpoints.load_latest(self.model, map_location=self.device, pretrained=self.pretrained)
     return None if loaded is None else (loaded[0], loaded[2])
 
+# %% ../nbs/06_train.ipynb #beb8b6f0
 @patch
 def _start(self: Trainer) -> str | None:
     "Write the config (rank 0), resume from the newest valid checkpoint; returns its path or `None`."
