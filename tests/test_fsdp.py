@@ -61,7 +61,8 @@ def _kill_tree(pid):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("fsdp")
-    slow = {"TRAIN_JOB_STEP_DELAY": "0.05"}
+    noise = {"TRAIN_JOB_NUMPY_NOISE": "1"}                  # each rank draws from NumPy's global generator too
+    slow = {"TRAIN_JOB_STEP_DELAY": "0.05", **noise}
     # wave 1: kill a 2-rank and a 1-rank FSDP run after 5 steps
     a = launch(JOB, d / "killed2", json.dumps({"config": FSDP}), env=slow)
     b = launch(JOB, d / "killed1", json.dumps({"config": FSDP}), launcher=("--standalone", "--nproc_per_node=1"), env=slow)
@@ -80,7 +81,8 @@ def runs(tmp_path_factory):
            [str(d / "same2"), FSDP, 4, 0.0]]
     one = [[str(d / "killed1"), FSDP, 4, 0.1], [str(d / "fsdp1"), FSDP, 4, 0.1], [str(d / "regrown"), FSDP, 8, 0.0]]
     (d / "two.json").write_text(json.dumps(two)); (d / "one.json").write_text(json.dumps(one))
-    wait_all([launch(MULTI, d / "two.json"), launch(MULTI, d / "one.json", launcher=("--standalone", "--nproc_per_node=1"))],
+    wait_all([launch(MULTI, d / "two.json", env=noise),
+              launch(MULTI, d / "one.json", launcher=("--standalone", "--nproc_per_node=1"), env=noise)],
              timeout=400)
     return d, k
 
@@ -101,7 +103,8 @@ def test_fsdp_equals_ddp(runs):
 
 @pytest.mark.parametrize("world", [2, 1])
 def test_sigkill_resume_is_bit_exact(runs, world):
-    "Killed at step k and resumed with the same number of ranks: the uninterrupted run's losses and weights, bit for bit."
+    """Killed at step k and resumed with the same number of ranks: the uninterrupted run's losses and weights, bit for bit
+    (dropout and each rank's own NumPy draws included: every rank restores its own generators)."""
     d, k = runs
     r = _result(d / f"killed{world}")
     assert r["resumed_from"] is not None and r["steps"] == _result(d / f"fsdp{world}")["steps"] and r["world_size"] == world

@@ -3,6 +3,7 @@
 import json, os, sys, time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -12,11 +13,14 @@ from mmlit.train import Trainer, TrainConfig
 
 
 class Regress(nn.Module):
-    "Predicts `y` from `x` through a small MLP with dropout; records the `(epoch, micro_batch)` pairs `set_step` saw."
+    """Predicts `y` from `x` through a small MLP with dropout; records the `(epoch, micro_batch)` pairs `set_step` saw.
+    With `TRAIN_JOB_NUMPY_NOISE=1` (and dropout) its loss is also scaled by a draw from NumPy's global generator, which the
+    trainer does not reseed: only the checkpoint's saved generator state (each rank's own) makes a resume exact."""
     def __init__(self, dropout: float = 0.1):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Dropout(dropout), nn.Linear(16, 1))
         self.delay = float(os.environ.get("TRAIN_JOB_STEP_DELAY", 0) or 0)
+        self.noise = dropout > 0 and os.environ.get("TRAIN_JOB_NUMPY_NOISE") == "1"
         self.steps = []
 
     def set_step(self, epoch: int, micro_batch: int): self.steps.append((epoch, micro_batch))
@@ -24,6 +28,7 @@ class Regress(nn.Module):
     def forward(self, x, y, **_):
         if self.delay and self.training: time.sleep(self.delay)
         err = self.net(x).squeeze(-1) - y
+        if self.noise and self.training: err = err * (1 + 0.01 * float(np.random.rand()))
         return {"loss": (err ** 2).mean(), "loss_abs": err.abs().mean(), "sample_loss": err.detach() ** 2}   # the ledger's per-sample loss
 
 
@@ -54,6 +59,8 @@ def build(run_dir, overrides: dict | None = None, batch_size: int = 4, dropout: 
     setup_distributed()                                    # under torchrun: before the loaders, so they shard
     cfg = config_from_dict(TrainConfig, merge(default_config(run_dir), overrides or {}))
     torch.manual_seed(derive_seed(0, 0, 0, Stream.MODEL_INIT))
+    if os.environ.get("TRAIN_JOB_NUMPY_NOISE") == "1":                 # each rank's own NumPy stream (restored on resume)
+        np.random.seed(100 + (torch.distributed.get_rank() if torch.distributed.is_initialized() else 0))
     data = make_data()
     train = make_loader(data[:64], LoaderConfig(batch_size=batch_size, seed=0, num_workers=num_workers), transform=jitter)
     val = make_loader(data[64:], LoaderConfig(batch_size=8, train=False))
