@@ -407,6 +407,9 @@ class Trainer:
         if cfg.threads is not None: torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
+        if self.sharded and self.precision == "fp16":   # GradScaler's overflow check is per rank: ranks would skip different steps
+            raise ConfigError("precision: fp16 is not supported with distributed.strategy fsdp (the gradient scaler's overflow "
+                              "check would differ between shards); use bf16 (precision: bf16, or distributed.mixed_precision: true) or fp32")
         self.model = model.to(self.device)
         self.checkpointed = enable_gradient_checkpointing(self.model) if cfg.gradient_checkpointing else []
         self.train_loader, self.val_loader, self.evaluate_fn = train_loader, val_loader, evaluate

@@ -137,6 +137,9 @@ def test_fsdp_checkpoint_is_refused_under_ddp(runs, tmp_path):
 
 
 def test_fsdp_without_process_group_and_unknown_strategy(tmp_path):
+    "Clear errors: FSDP without torchrun, FSDP with fp16 (refused: bf16 or fp32 instead), an unknown strategy."
     with pytest.raises(ConfigError, match="needs a process group.*torchrun"): build(tmp_path / "run", FSDP)
+    with pytest.raises(ConfigError, match="precision: fp16 is not supported with distributed.strategy fsdp.*use bf16"):
+        build(tmp_path / "fp16", {**FSDP, "precision": "fp16"})
     with pytest.raises(ConfigError, match=r"distributed.strategy: expected one of \['ddp', 'fsdp'\], got 'zero3'"):
         config_from_dict(TrainConfig, {"distributed": {"strategy": "zero3"}})
