@@ -641,8 +641,8 @@ def retrieval_failures(emb: Mapping, n: int = 8, k: int = 3) -> tuple[list[dict]
     right = lambda i, j: bool(j == i or cap[j] == cap[i] or (lab[i] >= 0 and lab[j] == lab[i]))
     top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
     wrong = sorted((i for i in range(len(sim)) if not right(i, top[i, 0])), key=lambda i: (-sim[i, top[i, 0]], i))
-    where = lambda i: ({"file": str(emb["file"][i]), "index": int(emb["row"][i]), "unit": str(emb["unit"][i])}
-                       if "file" in emb and str(emb["file"][i]) else None)
+    where = lambda i: ({"file": str(emb["record_file"][i]), "index": int(emb["record_row"][i]), "unit": str(emb["record_unit"][i])}
+                       if "record_file" in emb and str(emb["record_file"][i]) else None)
     return [{"index": i, "caption": cap[i], "label": int(lab[i]), "where": where(i),
              "retrieved": [{"caption": cap[j], "similarity": float(sim[i, j]), "right": right(i, j)} for j in top[i]]}
             for i in wrong[:n]], len(wrong)
