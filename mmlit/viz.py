@@ -599,7 +599,7 @@ def spike_samples(ledger: pd.DataFrame, steps: Iterable[float], n: int = 5) -> p
 # %% ../nbs/07_viz.ipynb #5865d92a
 REGIONS = {"easy": "C2", "ambiguous": "C1", "hard": "C3"}
 
-def dataset_map(ledger: pd.DataFrame, quantile: float = 2 / 3) -> pd.DataFrame:
+def dataset_map(ledger: pd.DataFrame) -> pd.DataFrame:
     "Per sample seen in 2+ epochs: mean loss over its per-epoch means, their std (variability), epochs, and its region."
     known = ledger[ledger["sample"] >= 0]
     per = known.groupby(["sample", "epoch"])["loss"].mean().unstack("epoch")
@@ -608,9 +608,10 @@ def dataset_map(ledger: pd.DataFrame, quantile: float = 2 / 3) -> pd.DataFrame:
         raise MmlitError(f"a dataset map needs samples seen in at least 2 epochs; the ledger holds epoch(s) "
                          f"{sorted(ledger['epoch'].unique().tolist())}")
     out = pd.DataFrame({"loss": per.mean(axis=1), "variability": per.std(axis=1, ddof=0), "epochs": per.notna().sum(axis=1)})
-    vq, lq = out["variability"].quantile(quantile), out["loss"].quantile(quantile)
-    out["region"] = np.where(out["variability"] >= vq, "ambiguous", np.where(out["loss"] >= lq, "hard", "easy"))
-    out.attrs.update(variability_cut=float(vq), loss_cut=float(lq), quantile=quantile)
+    lq = out["loss"].quantile(2 / 3)                               # the third with the highest mean loss: hard
+    vq = out.loc[out["loss"] < lq, "variability"].median()         # the rest, split at their median variability
+    out["region"] = np.where(out["loss"] >= lq, "hard", np.where(out["variability"] >= vq, "ambiguous", "easy"))
+    out.attrs.update(variability_cut=float(vq), loss_cut=float(lq))
     return out.reset_index()
 
 # %% ../nbs/07_viz.ipynb #e0397729
@@ -625,8 +626,8 @@ def plot_dataset_map(dmap: pd.DataFrame, highlight: Iterable[int] | None = None,
         ax.scatter(h["variability"], h["loss"], s=40, facecolors="none", edgecolors="k", lw=0.9, label=f"marked ({len(h)})")
     a = dmap.attrs
     if "variability_cut" in a:
-        ax.axvline(a["variability_cut"], color="0.5", ls="--", lw=0.8)
-        ax.plot([0, a["variability_cut"]], [a["loss_cut"]] * 2, color="0.5", ls="--", lw=0.8)
+        ax.axhline(a["loss_cut"], color="0.5", ls="--", lw=0.8)
+        ax.plot([a["variability_cut"]] * 2, [dmap["loss"].min(), a["loss_cut"]], color="0.5", ls="--", lw=0.8)
     ax.set(xlabel="variability (std of the per-epoch mean loss)", ylabel="mean loss over epochs",
            title=f"Dataset map: {len(dmap)} samples over {int(dmap['epochs'].max())} epochs", xlim=(0, None))
     ax.grid(alpha=0.3); ax.legend(fontsize=8, loc="best", markerscale=1.5)
@@ -752,8 +753,8 @@ def _dataset_map_section(ledger: pd.DataFrame | None, no_ledger: str, out_png: P
     plot_dataset_map(dm, save=out_png)
     a, counts = dm.attrs, dm["region"].value_counts()
     text = (f"<p>Each point is a training sample: its mean loss over the epochs it was seen in (the mean of its per-epoch mean "
-            f"losses) against their standard deviation across epochs. <b>Ambiguous</b>: the top third by variability "
-            f"(≥ {a['variability_cut']:.3g}); of the rest, <b>hard</b>: the top third by mean loss (≥ {a['loss_cut']:.3g}); "
+            f"losses) against their standard deviation across epochs. <b>Hard</b>: the third with the highest mean loss "
+            f"(≥ {a['loss_cut']:.3g}); of the rest, <b>ambiguous</b>: above their median variability (≥ {a['variability_cut']:.3g}); "
             f"<b>easy</b>: the others. {counts.get('easy', 0)} easy, {counts.get('ambiguous', 0)} ambiguous, "
             f"{counts.get('hard', 0)} hard. Hard samples that stay hard are the first to check for wrong captions.</p>")
     fig = f'<figure class="plot"><img alt="dataset_map" src="{png_data_uri(out_png)}"><figcaption>dataset map</figcaption></figure>'
