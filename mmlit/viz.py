@@ -546,8 +546,7 @@ TEXT_COLUMNS = ("caption", "text")
 
 def record_caption(where: Mapping, columns: Sequence[str] = TEXT_COLUMNS) -> str | None:
     "The first text field of `columns` a record has (its caption), or None."
-    try: fields = _record_fields(where, columns) or {}
-    except Exception as e: logger.warning("caption of %s %s %s unreadable: %s", where.get("file"), where.get("unit", "row"), where.get("index"), e); return None
+    fields = _record_fields(where, columns) or {}
     return next((str(fields[c]) for c in columns if isinstance(fields.get(c), str)), None)
 
 def bad_record_image(bad: Mapping, image_column: str = "image", max_side: int = 96) -> tuple[Image.Image | None, str]:
