@@ -319,7 +319,8 @@ def _describe(ds, depth: int = 0) -> dict:
         if getattr(ds, name, None) is not None: out[name] = _describe(getattr(ds, name), depth + 1)
     if isinstance(getattr(ds, "datasets", None), (list, tuple)):
         out["datasets"] = [_describe(d, depth + 1) for d in ds.datasets]
-        out["weights"] = np.asarray(getattr(ds, "weights", [])).round(12).tolist()
+        first = ds.schedule[0][1] if getattr(ds, "schedule", None) else getattr(ds, "weights", [])   # a mixture's weights at its start
+        out["weights"] = np.asarray(first).round(12).tolist()
     return out
 
 # %% ../nbs/04_loader.ipynb #3b0f827e
@@ -477,6 +478,10 @@ def _check_bad(self: ResumableLoader):
                                 f"max_bad_fraction={f}\n{self.report.table()}")
 
 # %% ../nbs/04_loader.ipynb #2a78b469
+def _mixture_of(dataset) -> Mixture | None:
+    "The `Mixture` inside `dataset`, if any."
+    return next((d for d in _wrapped(dataset) if isinstance(d, Mixture)), None)
+
 _STATE_KEYS = ("seed", "epoch", "position", "world_size", "batch_size", "shuffle", "drop_last", "n", "shuffle_span",
                "rank_split", "fingerprint")
 
@@ -485,9 +490,12 @@ def state_dict(self: ResumableLoader) -> dict:
     "`{seed, epoch, position, world_size, ...}`: where the consumer is in the global stream (O(1))."
     self._roll()
     c = self.config
-    return dict(seed=c.seed, epoch=self.epoch, position=self.position, world_size=self.world_size,
-                batch_size=c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, n=self.n, shuffle_span=self.shuffle_span,
-                rank_split=self.rank_split, fingerprint=self.fingerprint)
+    state = dict(seed=c.seed, epoch=self.epoch, position=self.position, world_size=self.world_size,
+                 batch_size=c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, n=self.n, shuffle_span=self.shuffle_span,
+                 rank_split=self.rank_split, fingerprint=self.fingerprint)
+    mix = _mixture_of(self.dataset)
+    if mix is not None: state["mixture_schedule"] = [[int(e), [float(x) for x in w]] for e, w in mix.schedule]
+    return state
 
 # %% ../nbs/04_loader.ipynb #f398d1cf
 @patch
@@ -504,6 +512,7 @@ def load_state_dict(self: ResumableLoader, state: dict):
     for k, mine in (("seed", self.config.seed), ("shuffle", self.config.shuffle), ("n", self.n), ("shuffle_span", self.shuffle_span)):
         if state[k] != mine and (k != "shuffle_span" or self.config.shuffle): raise ConfigError(f"loader state has {k}={state[k]!r} but this loader has {k}={mine!r}; "
                                                "the global order would differ")
+    if _mixture_of(self.dataset) is not None: _resume_mixture(self, state)
     if "fingerprint" not in state:
         raise ConfigError("loader state has no data fingerprint, so nothing shows it belongs to "
                           "this data; if you are sure it does, set state['fingerprint'] = loader.state_dict()['fingerprint'] "
@@ -515,10 +524,34 @@ def load_state_dict(self: ResumableLoader, state: dict):
         raise ConfigError(f"loader state has an invalid epoch/position: {state['epoch']!r}/{state['position']!r}")
     self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
+# %% ../nbs/04_loader.ipynb #f50d95b5
+def _resume_mixture(loader, state: dict) -> None:
+    "Give the loader's mixture the weights history of `state`; weights changed since take effect at the next epoch (this one, at its start)."
+    mix = _mixture_of(loader.dataset)
+    saved = state.get("mixture_schedule")
+    if saved is None:
+        if state.get("fingerprint") not in (None, loader.fingerprint):
+            raise ConfigError("loader state was saved for other data, or for this mixture with other weights, by a loader that kept no "
+                              "record of them (no mixture_schedule): its samples cannot be followed, so it cannot resume with other weights")
+        return
+    try: schedule = [(int(e), np.asarray(w, dtype=np.float64)) for e, w in saved]
+    except (TypeError, ValueError): raise ConfigError(f"loader state has an invalid mixture_schedule: {saved!r}") from None
+    if any(len(w) != len(mix.datasets) for _, w in schedule):
+        raise ConfigError(f"loader state's mixture has {len(schedule[-1][1])} datasets, this one has {len(mix.datasets)}")
+    before = mix.schedule, loader.fingerprint
+    mix.schedule, mix._plan_cache, mix._drawn = schedule, None, {0: np.zeros(len(mix.datasets), dtype=np.int64)}
+    loader.fingerprint = data_fingerprint(loader.dataset)           # of the weights the run started with
+    if loader.fingerprint != state.get("fingerprint"):              # other data: left as it was, refused by the check that follows
+        mix.schedule, loader.fingerprint = before
+        return
+    if not np.allclose(schedule[-1][1], mix.weights, rtol=0, atol=1e-12):   # this run's weights differ from those of the state
+        epoch, position = int(state["epoch"]), int(state["position"])
+        mix.reweight(mix.weights, epoch if position == 0 else epoch + 1)
+
 # %% ../nbs/04_loader.ipynb #3ff9cbfd
 def _mixture_inside(dataset) -> bool:
     "Whether a `Mixture` (its indices name other samples every epoch) is inside `dataset`."
-    return any(isinstance(d, Mixture) for d in _wrapped(dataset))
+    return _mixture_of(dataset) is not None
 
 @patch
 def exclude(self: ResumableLoader, ids: Sequence[int]) -> None:

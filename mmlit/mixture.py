@@ -95,6 +95,7 @@ class Mixture(MMDataset):
         self.epoch_length = int(epoch_length) if epoch_length is not None else sum(len(d) for d in self.datasets)
         if self.epoch_length <= 0: raise ConfigError("epoch_length must be positive")
         self.epoch, self._plan_cache, self._drawn = 0, None, {0: np.zeros(len(w), dtype=np.int64)}
+        self.schedule: list[tuple[int, np.ndarray]] = [(0, self.weights)]   # (first epoch, weights) in force, oldest first
 
     def __len__(self) -> int: return self.epoch_length
 
@@ -109,10 +110,15 @@ class Mixture(MMDataset):
 
 # %% ../nbs/01d_mixture.ipynb #3895fff9
 @patch
+def weights_at(self: Mixture, epoch: int) -> np.ndarray:
+    "The weights `epoch` draws with: those of the last `schedule` entry starting at or before it."
+    return next(w for first, w in reversed(self.schedule) if first <= epoch)
+
+@patch
 def counts(self: Mixture, epoch: int) -> np.ndarray:
     "How many records each dataset gives to `epoch`."
     rng = np.random.default_rng(derive_seed(self.seed, epoch, 0, Stream.MIXTURE_COUNTS))
-    return _unbiased_counts(self.epoch_length, self.weights, rng)
+    return _unbiased_counts(self.epoch_length, self.weights_at(epoch), rng)
 
 # %% ../nbs/01d_mixture.ipynb #3bab0009
 @patch
@@ -142,6 +148,20 @@ def plan(self: Mixture, epoch: int | None = None) -> tuple[np.ndarray, np.ndarra
         local[which == k] = [perms[p][i] for p, i in zip(passes, g % n)]
     self._plan_cache = (epoch, (which, local))
     return which, local
+
+# %% ../nbs/01d_mixture.ipynb #a19153f6
+@patch
+def reweight(self: Mixture, weights: Sequence[float], from_epoch: int) -> None:
+    "Draw with `weights` from epoch `from_epoch` on; the epochs before it keep the weights they had."
+    w = np.asarray(weights, dtype=np.float64)
+    if len(w) != len(self.datasets) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ConfigError(f"reweight: give one weight >= 0 per dataset ({len(self.datasets)}) with a positive sum, got {list(weights)}")
+    empty = [i for i, d in enumerate(self.datasets) if len(d) == 0 and w[i] > 0]
+    if empty: raise ConfigError(f"reweight: dataset {empty[0]} is empty but has weight {w[empty[0]]}")
+    if from_epoch < 0: raise ConfigError(f"reweight: from_epoch must be >= 0, got {from_epoch}")
+    kept = [(e, v) for e, v in self.schedule if e < from_epoch]
+    self.schedule = kept + [(int(from_epoch), w / w.sum())]
+    self._plan_cache, self._drawn = None, {e: d for e, d in self._drawn.items() if e <= from_epoch}   # later plans change
 
 # %% ../nbs/01d_mixture.ipynb #775ca538
 @patch

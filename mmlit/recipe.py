@@ -361,7 +361,8 @@ def caption_tokens(batch: dict) -> list[list[int]]:
 
 @torch.no_grad()
 def eval_embeddings(run: Run, max_pairs: int = 512) -> dict[str, np.ndarray]:
-    "`image`, `text` [N, D] float32 unit-norm, `label` [N] (-1: none), `caption` [N] of the first validation pairs."
+    "`image`, `text` [N, D] float32 unit-norm, `label` [N] (-1: none), `caption` [N] of the first validation pairs (and `record_file`, `record_row`, `record_unit`: where each pair lives)."
+    from mmlit.ledger import locate_sample
     model, loader = run.model, run.trainer.val_loader
     if loader is None: return {}
     if getattr(loader, "world_size", 1) > 1:                   # a DDP rank's loader holds its shard: read them all, in order
@@ -370,18 +371,23 @@ def eval_embeddings(run: Run, max_pairs: int = 512) -> dict[str, np.ndarray]:
                              rank=0, world_size=1)
     elif hasattr(loader, "set_epoch"): loader.load_state_dict(run.trainer._val_state)
     was = model.training; model.eval()
-    img, txt, cap = [], [], []
+    img, txt, cap, where = [], [], [], []
     try:
         for batch in loader:                                   # no loss: it would gather from ranks that are not here
             out = model(**{k: v.to(run.trainer.device) if torch.is_tensor(v) else v for k, v in batch.items()}, return_loss=False)
             img.append(out.image_embeds.float().cpu()); txt.append(out.text_embeds.float().cpu())
             cap += [c.strip() for c in run.tokenizer.batch_decode(caption_tokens(batch), skip_special_tokens=True)]
+            idx = getattr(loader, "last_indices", None)            # where each pair lives, for the report's failure gallery
+            where += [locate_sample(loader.dataset, i)[1:] for i in idx] if idx is not None and len(idx) == len(out.image_embeds) else [None] * len(out.image_embeds)
             if len(cap) >= max_pairs: break
     finally: model.train(was)
     n = min(len(cap), max_pairs)
     label = run.val_labels[:n].astype(np.int64) if run.val_labels is not None else np.full(n, -1, np.int64)
-    return {"image": torch.cat(img)[:n].numpy(), "text": torch.cat(txt)[:n].numpy(), "label": label,
-            "caption": np.array(cap[:n], dtype=str)}
+    out = {"image": torch.cat(img)[:n].numpy(), "text": torch.cat(txt)[:n].numpy(), "label": label, "caption": np.array(cap[:n], dtype=str)}
+    if all(w is not None and w[0] is not None for w in where[:n]):
+        out.update(record_file=np.array([w[0] for w in where[:n]], dtype=str), record_row=np.array([w[1] for w in where[:n]], np.int64),
+                   record_unit=np.array([w[2] for w in where[:n]], dtype=str))
+    return out
 
 def finish_run(run: Run, result, wall_s: float | None = None) -> dict:
     "Write `eval_embeddings.npz` and `summary.json` (rank 0); returns the summary."

@@ -12,6 +12,7 @@ import html
 import io
 import json
 import math
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,13 +31,15 @@ from .preprocess import Normalisation, get_normalisation
 from .storage import NotRegularFile, open_local, path_in_root
 
 # %% auto #0
-__all__ = ['STEP_KEYS', 'LOSS_PARTS', 'TOKEN_COLORS', 'REPORT_FILES', 'PLOT_BORDER', 'RunDirError', 'RunFileError',
-           'metrics_frame', 'read_run_file', 'replace_file', 'finish', 'plot_training_curves', 'plot_loss_components',
-           'plot_lr_schedule', 'read_embeddings', 'project_2d', 'plot_embedding_space', 'plot_similarity_matrix',
-           'mrl_table', 'plot_mrl_performance', 'require_files', 'save_run_plots', 'unnormalize', 'unpatchify',
-           'batch_images', 'decode_text', 'batch_captions', 'show_images', 'token_table', 'plot_tokens',
-           'read_bad_records', 'bad_record_image', 'plot_bad_records', 'png_data_uri', 'html_pairs', 'html_table',
-           'write_report', 'batch_digest', 'write_batch_views']
+__all__ = ['STEP_KEYS', 'SPIKE_WINDOW', 'SPIKE_K', 'SPIKE_FLOOR', 'LOSS_PARTS', 'TOKEN_COLORS', 'TEXT_COLUMNS', 'REGIONS',
+           'REPORT_FILES', 'PLOT_BORDER', 'RunDirError', 'RunFileError', 'metrics_frame', 'read_run_file',
+           'replace_file', 'finish', 'loss_spikes', 'plot_training_curves', 'plot_loss_components', 'plot_lr_schedule',
+           'read_embeddings', 'project_2d', 'plot_embedding_space', 'plot_similarity_matrix', 'mrl_table',
+           'plot_mrl_performance', 'require_files', 'save_run_plots', 'unnormalize', 'unpatchify', 'batch_images',
+           'decode_text', 'batch_captions', 'show_images', 'token_table', 'plot_tokens', 'read_bad_records',
+           'record_caption', 'bad_record_image', 'plot_bad_records', 'spike_samples', 'dataset_map', 'plot_dataset_map',
+           'retrieval_failures', 'summary_metrics', 'headline_rows', 'recall_table', 'png_data_uri', 'Raw',
+           'html_pairs', 'html_table', 'write_report', 'batch_digest', 'write_batch_views']
 
 # %% ../nbs/07_viz.ipynb #eba3bc0a
 class RunDirError(MmlitError, FileNotFoundError):
@@ -110,9 +113,28 @@ def _require(df: pd.DataFrame, keys: Sequence[str], what: str):
     if not any(k in df.columns and df[k].notna().any() for k in keys):
         raise MmlitError(f"{what} needs one of the metrics {list(keys)}; the table has {sorted(c for c in df.columns if '/' in c)}")
 
+# %% ../nbs/07_viz.ipynb #ecac2416
+SPIKE_WINDOW, SPIKE_K, SPIKE_FLOOR = 25, 6.0, 0.02
+
+def loss_spikes(steps: Sequence[float], loss: Sequence[float], window: int = SPIKE_WINDOW, k: float = SPIKE_K,
+                floor: float = SPIKE_FLOOR) -> pd.DataFrame:
+    "Steps whose loss exceeds the median of the `window` steps before it by more than `k` × max(1.4826 × their MAD, `floor` × that median)."
+    x, y = np.asarray(steps, float), np.asarray(loss, float)
+    if len(x) != len(y): raise MmlitError(f"loss_spikes: {len(x)} steps but {len(y)} losses")
+    if len(y) <= window: return pd.DataFrame(columns=["step", "loss", "median", "threshold"])
+    past = np.lib.stride_tricks.sliding_window_view(y, window)[:-1]        # row t: the `window` losses before step t + window
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)                   # a window of non-finite losses only: no median
+        med = np.nanmedian(past, axis=1)
+        mad = np.nanmedian(np.abs(past - med[:, None]), axis=1)
+    thr = med + k * np.maximum(1.4826 * mad, floor * np.abs(med))
+    now = y[window:]
+    hit = np.isfinite(now) & np.isfinite(thr) & (now > thr)
+    return pd.DataFrame({"step": x[window:][hit], "loss": now[hit], "median": med[hit], "threshold": thr[hit]})
+
 # %% ../nbs/07_viz.ipynb #99d0713a
-def plot_training_curves(metrics, save: str | Path | None = None) -> Figure:
-    "Train loss per step (with a running mean) and validation loss per evaluation."
+def plot_training_curves(metrics, save: str | Path | None = None, spikes: bool = True) -> Figure:
+    "Train loss per step (with a running mean, and its spikes marked: `loss_spikes`) and validation loss per evaluation."
     df = metrics_frame(metrics)
     _require(df, ["train/loss", "val/loss"], "plot_training_curves")
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -121,6 +143,8 @@ def plot_training_curves(metrics, save: str | Path | None = None) -> Figure:
         ax.plot(x, y, color="C0", alpha=0.4, lw=1, label="train loss")
         w = max(1, len(y) // 10)
         if w > 1: ax.plot(x, pd.Series(y).rolling(w, min_periods=1).mean(), color="C0", lw=2, label=f"train loss (running mean of {w})")
+        sp = loss_spikes(x, y) if spikes else []
+        if len(sp): ax.scatter(sp["step"], sp["loss"], marker="v", s=46, color="#d62728", zorder=3, label=f"loss spike ({len(sp)})")
     x, y = _series(df, "val/loss")
     if len(x): ax.plot(x, y, "o-", color="C3", lw=2, label="validation loss")
     ax.set(xlabel="step", ylabel="loss", title="Training curves")
@@ -287,18 +311,19 @@ def require_files(run_dir: str | Path, names: Sequence[str | tuple[str, ...]], w
     if missing: raise RunDirError(f"{what}: {run_dir} lacks {', '.join(missing)} (a run directory written by the mmlit trainer has them)")
     return found
 
-def save_run_plots(run_dir: str | Path, *, out_dir: str | Path | None = None, seed: int = 0) -> dict[str, Path]:
-    "Write the standard PNGs of a run directory (into `out_dir`, default the run directory); name → path."
-    f = require_files(run_dir, [("metrics.csv", "metrics.jsonl"), "eval_embeddings.npz"], "save_run_plots")
+def save_run_plots(run_dir: str | Path, *, out_dir: str | Path | None = None, seed: int = 0, embeddings: bool = True) -> dict[str, Path]:
+    "Write the standard PNGs of a run directory (into `out_dir`, default the run directory; `embeddings=False`: the metrics' only); name → path."
+    f = require_files(run_dir, [("metrics.csv", "metrics.jsonl")] + (["eval_embeddings.npz"] if embeddings else []), "save_run_plots")
     out = Path(out_dir or run_dir)
-    m, emb = metrics_frame(f["metrics.csv"]), read_embeddings(f["eval_embeddings.npz"])
-    has_labels = (emb["label"] >= 0).any()
+    m = metrics_frame(f["metrics.csv"])
     plots = {"training_curves": lambda p: plot_training_curves(m, save=p),
              "loss_components": lambda p: plot_loss_components(m, save=p),
-             "lr_schedule": lambda p: plot_lr_schedule(m, save=p),
-             "embedding_space": lambda p: plot_embedding_space(emb["image"], emb["text"], emb["label"], seed=seed, save=p,
-                                                               color_by="label" if has_labels else "modality"),
-             "similarity_matrix": lambda p: plot_similarity_matrix(emb["image"], emb["text"], emb["caption"], save=p)}
+             "lr_schedule": lambda p: plot_lr_schedule(m, save=p)}
+    if embeddings:
+        emb = read_embeddings(f["eval_embeddings.npz"])
+        color_by = "label" if (emb["label"] >= 0).any() else "modality"
+        plots["embedding_space"] = lambda p: plot_embedding_space(emb["image"], emb["text"], emb["label"], seed=seed, save=p, color_by=color_by)
+        plots["similarity_matrix"] = lambda p: plot_similarity_matrix(emb["image"], emb["text"], emb["caption"], save=p)
     if any("@" in c for c in m.columns if c.startswith("val/")):
         plots["mrl_performance"] = lambda p: plot_mrl_performance(m, save=p)
     written = {}
@@ -485,27 +510,44 @@ def _image_in_folder(folder: Path, ref: str) -> bytes:
     "A record's image file read under the same rule as the data: inside `folder`, and only a regular file."
     with open_local(path_in_root(folder, ref)) as fh: return fh.read()
 
-def _record_image_source(bad: Mapping, image_column: str) -> bytes | None:
-    "The bytes of a bad record's image, from its Parquet row or JSONL line; None when it has none."
-    f = bad.get("file")
+def _record_fields(where: Mapping, columns: Sequence[str]) -> dict | None:
+    "The named fields of a record (`file`, `index`, `unit`) from its Parquet row (its row group only) or JSONL line; None when it is not there."
+    f = where.get("file")
     if not f or not Path(f).is_file(): return None   # gone, or a pipe or device: nothing to show
-    f, i = Path(f), int(bad["index"])
+    f, i = Path(f), int(where["index"])
     if f.suffix == ".parquet":
         import pyarrow.parquet as pq
         pf = pq.ParquetFile(f)
-        if image_column not in pf.schema_arrow.names or not 0 <= i < pf.metadata.num_rows: return None
-        cell = pf.read(columns=[image_column]).column(image_column)[i].as_py()
-        if isinstance(cell, dict): return cell.get("bytes") or (_image_in_folder(f.parent, cell["path"]) if cell.get("path") else None)
-        return cell
-    if f.suffix in (".jsonl", ".json") and bad.get("unit") == "line":
+        if not 0 <= i < pf.metadata.num_rows: return None
+        names = [c for c in columns if c in pf.schema_arrow.names]
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if i < n: return pf.read_row_group(g, columns=names).slice(i, 1).to_pylist()[0] if names else {}
+            i -= n
+        return None
+    if f.suffix in (".jsonl", ".json") and where.get("unit") == "line":
         with open_local(f) as fh: lines = fh.read().decode("utf-8", "replace").splitlines()
         for j in (i - 1, i):   # line numbers may count from 1
             if not 0 <= j < len(lines): continue
             try: rec = json.loads(lines[j])
             except json.JSONDecodeError: continue
-            im = rec.get("image") if isinstance(rec, dict) else None
-            if isinstance(im, str): return _image_in_folder(f.parent, im)
+            if isinstance(rec, dict): return {c: rec[c] for c in columns if c in rec}
     return None
+
+def _record_image_source(bad: Mapping, image_column: str) -> bytes | None:
+    "The bytes of a record's image, from its Parquet row or JSONL line; None when it has none."
+    cell = (_record_fields(bad, [image_column]) or {}).get(image_column)
+    folder = Path(bad["file"]).parent if bad.get("file") else None
+    if isinstance(cell, dict): return cell.get("bytes") or (_image_in_folder(folder, cell["path"]) if cell.get("path") else None)
+    if isinstance(cell, str): return _image_in_folder(folder, cell)    # a JSONL record names its image file
+    return cell
+
+TEXT_COLUMNS = ("caption", "text")
+
+def record_caption(where: Mapping, columns: Sequence[str] = TEXT_COLUMNS) -> str | None:
+    "The first text field of `columns` a record has (its caption), or None."
+    fields = _record_fields(where, columns) or {}
+    return next((str(fields[c]) for c in columns if isinstance(fields.get(c), str)), None)
 
 def bad_record_image(bad: Mapping, image_column: str = "image", max_side: int = 96) -> tuple[Image.Image | None, str]:
     "A thumbnail of a bad record's image and how it decoded: `'ok'`, `'partial'`, or why there is none."
@@ -545,9 +587,94 @@ def plot_bad_records(report, *, max_rows: int = 12, image_column: str = "image",
     fig.suptitle(f"{len(bads)} bad record{'s' if len(bads) != 1 else ''} skipped{more}", fontsize=11)
     return finish(fig, save)
 
+# %% ../nbs/07_viz.ipynb #ebfde504
+def spike_samples(ledger: pd.DataFrame, steps: Iterable[float], n: int = 5) -> pd.DataFrame:
+    "The `n` samples with the highest loss in each of `steps` (ledger rows: step, sample, loss, source, file, row, unit)."
+    want = {int(s) for s in steps}
+    rows = ledger[ledger["step"].isin(want)]
+    return (rows.sort_values(["step", "loss"], ascending=[True, False], kind="stable").groupby("step", sort=True).head(n)
+                .reset_index(drop=True))
+
+# %% ../nbs/07_viz.ipynb #5865d92a
+REGIONS = {"easy": "C2", "ambiguous": "C1", "hard": "C3"}
+
+def dataset_map(ledger: pd.DataFrame) -> pd.DataFrame:
+    "Per sample seen in 2+ epochs: mean loss over its per-epoch means, their std (variability), epochs, and its region."
+    known = ledger[ledger["sample"] >= 0]
+    per = known.groupby(["sample", "epoch"])["loss"].mean().unstack("epoch")
+    per = per[per.notna().sum(axis=1) >= 2]
+    if per.empty:
+        raise MmlitError(f"a dataset map needs samples seen in at least 2 epochs; the ledger holds epoch(s) "
+                         f"{sorted(ledger['epoch'].unique().tolist())}")
+    out = pd.DataFrame({"loss": per.mean(axis=1), "variability": per.std(axis=1, ddof=0), "epochs": per.notna().sum(axis=1)})
+    lq = out["loss"].quantile(2 / 3)                               # the third with the highest mean loss: hard
+    vq = out.loc[out["loss"] < lq, "variability"].median()         # the rest, split at their median variability
+    out["region"] = np.where(out["loss"] >= lq, "hard", np.where(out["variability"] >= vq, "ambiguous", "easy"))
+    out.attrs.update(variability_cut=float(vq), loss_cut=float(lq))
+    return out.reset_index()
+
+# %% ../nbs/07_viz.ipynb #e0397729
+def plot_dataset_map(dmap: pd.DataFrame, highlight: Iterable[int] | None = None, save: str | Path | None = None) -> Figure:
+    "Each sample's mean loss against its variability across epochs, coloured by region; `highlight` samples ringed."
+    fig, ax = plt.subplots(figsize=(6.4, 5))
+    for region, color in REGIONS.items():
+        r = dmap[dmap["region"] == region]
+        ax.scatter(r["variability"], r["loss"], s=8, alpha=0.6, c=color, label=f"{region} ({len(r)})", lw=0)
+    if highlight is not None:
+        h = dmap[dmap["sample"].isin(set(int(i) for i in highlight))]
+        ax.scatter(h["variability"], h["loss"], s=40, facecolors="none", edgecolors="k", lw=0.9, label=f"marked ({len(h)})")
+    a = dmap.attrs
+    if "variability_cut" in a:
+        ax.axhline(a["loss_cut"], color="0.5", ls="--", lw=0.8)
+        ax.plot([a["variability_cut"]] * 2, [dmap["loss"].min(), a["loss_cut"]], color="0.5", ls="--", lw=0.8)
+    ax.set(xlabel="variability (std of the per-epoch mean loss)", ylabel="mean loss over epochs",
+           title=f"Dataset map: {len(dmap)} samples over {int(dmap['epochs'].max())} epochs", xlim=(0, None))
+    ax.grid(alpha=0.3); ax.legend(fontsize=8, loc="best", markerscale=1.5)
+    return finish(fig, save)
+
+# %% ../nbs/07_viz.ipynb #71367c55
+def retrieval_failures(emb: Mapping, n: int = 8, k: int = 3) -> tuple[list[dict], int]:
+    "Held-out images whose best caption is wrong (most confident first, up to `n`) with their top-`k` captions; and how many are wrong."
+    a = np.asarray(emb["image"], np.float32); b = np.asarray(emb["text"], np.float32)
+    sim = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+    cap, lab = np.asarray(emb["caption"]).astype(str), np.asarray(emb["label"])
+    right = lambda i, j: bool(j == i or cap[j] == cap[i] or (lab[i] >= 0 and lab[j] == lab[i]))
+    top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    wrong = sorted((i for i in range(len(sim)) if not right(i, top[i, 0])), key=lambda i: (-sim[i, top[i, 0]], i))
+    where = lambda i: ({"file": str(emb["record_file"][i]), "index": int(emb["record_row"][i]), "unit": str(emb["record_unit"][i])}
+                       if "record_file" in emb and str(emb["record_file"][i]) else None)
+    return [{"index": i, "caption": cap[i], "label": int(lab[i]), "where": where(i),
+             "retrieved": [{"caption": cap[j], "similarity": float(sim[i, j]), "right": right(i, j)} for j in top[i]]}
+            for i in wrong[:n]], len(wrong)
+
+# %% ../nbs/07_viz.ipynb #0b236ac5
+def summary_metrics(summary: Mapping) -> dict:
+    "The evaluation figures of a `summary.json` (its `metrics`, or its `val/` keys) without the `val/` prefix."
+    m = summary.get("metrics") if isinstance(summary.get("metrics"), Mapping) else {k: v for k, v in summary.items() if k.startswith("val/")}
+    return {k.removeprefix("val/"): v for k, v in m.items()}
+
+def headline_rows(summary: Mapping) -> list[tuple[str, Any]]:
+    "What `mmlit demo` prints first: data and steps, zero-shot and hard-negative accuracy, validation loss, wall time (those the run has)."
+    m, sec = summary_metrics(summary), summary.get("seconds") if isinstance(summary.get("seconds"), Mapping) else {}
+    rows = [("training pairs", summary.get("train_pairs")), ("held-out pairs", summary.get("val_pairs")),
+            ("steps", summary.get("steps")), ("epochs", summary.get("epochs")),
+            ("held-out zero-shot accuracy", m.get("zeroshot_acc")), ("hard-negative accuracy", m.get("hardneg_acc")),
+            ("validation loss", m.get("loss")), ("wall time (s)", sec.get("wall", sec.get("fit")))]
+    return [(k, round(v, 4) if isinstance(v, float) else v) for k, v in rows if v is not None]
+
+def recall_table(summary: Mapping) -> pd.DataFrame:
+    "Recall@1/5/10 both ways per Matryoshka dimension (largest first), exact pair and label-aware, as `mmlit demo` prints it."
+    m = summary_metrics(summary)
+    dims = sorted({int(k.split("@")[1]) for k in m if k.startswith("i2t_r1@") and k.split("@")[1].isdigit()}, reverse=True)
+    rows = []
+    for kind, tag in (("exact pair", ""), ("label-aware", "_label")):
+        for d, sfx in ([(d, f"@{d}") for d in dims] or [("full", "")]):
+            vals = [m.get(f"{x}_r{k}{tag}{sfx}") for x in ("i2t", "t2i") for k in (1, 5, 10)]
+            if any(v is not None for v in vals): rows.append([kind, d, *vals])
+    return pd.DataFrame(rows, columns=["recall", "dim"] + [f"{x}@{k}" for x in ("i2t", "t2i") for k in (1, 5, 10)])
+
 # %% ../nbs/07_viz.ipynb #87759320
-REPORT_FILES = (("metrics.csv", "metrics.jsonl"), "eval_embeddings.npz", "config.yaml", "loader_report.json",
-                "loader_profile.json", "summary.json")
+REPORT_FILES = (("metrics.csv", "metrics.jsonl"), "config.yaml", "loader_report.json", "loader_profile.json", "summary.json")
 PLOT_BORDER = "#5b2a86"   # the frame of every plot in the report (the screenshot test finds plots by it)
 
 def png_data_uri(fig_or_path) -> str:
@@ -558,7 +685,11 @@ def png_data_uri(fig_or_path) -> str:
     else: buf.write(Path(fig_or_path).read_bytes())
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
+class Raw(str):
+    "Markup of our own (a thumbnail, a list) that `html_table` puts in a cell as it is, unescaped."
+
 def _fmt(v) -> str:
+    if isinstance(v, Raw): return v
     if isinstance(v, float): return f"{v:.4g}"
     return html.escape(str(v))
 
@@ -568,10 +699,87 @@ def html_pairs(pairs: Iterable[tuple[str, Any]]) -> str:
     return f'<div class="kv">{items}</div>'
 
 def html_table(rows: Iterable[Sequence], header: Sequence[str] | None = None) -> str:
-    "A small HTML table (cells escaped)."
+    "A small HTML table (cells escaped, but for `Raw` markup)."
     head = "" if header is None else "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>"
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table>{head}{body}</table>"
+
+# %% ../nbs/07_viz.ipynb #232ecb9a
+def _thumb(where: Mapping | None, image_column: str = "image") -> Raw | str:
+    if where is None: return "no record named"
+    im, how = bad_record_image(where, image_column)
+    return Raw(f'<img alt="sample image" src="{png_data_uri(im)}">') if im is not None else how
+
+def _caption(where: Mapping | None) -> str:
+    if where is None: return ""
+    try: return record_caption(where) or "(no caption)"
+    except Exception as e: return f"caption unreadable ({type(e).__name__}: {e})"
+
+def _where_text(w: Mapping) -> str:
+    return f"{Path(w['file']).name} {w.get('unit', 'row')} {w['index']}" if w.get("file") else f"sample {w['index']}"
+
+def _ledger_rows(rows: pd.DataFrame, cols: Sequence[str]) -> str:
+    "Ledger samples as a table: the `cols` figures, where the sample lives, its thumbnail and caption."
+    out = []
+    for r in rows.itertuples(index=False):
+        w = {"file": r.file, "index": int(r.row), "unit": r.unit} if isinstance(r.file, str) and r.file else None
+        out.append([int(r.sample), *[getattr(r, c) for c in cols], _where_text(w) if w else "-", _thumb(w), _caption(w)])
+    return html_table(out, ["sample", *cols, "where", "image", "caption"])
+
+def _spikes_section(m: pd.DataFrame, ledger: pd.DataFrame | None, no_ledger: str, max_spikes: int = 5, n: int = 5) -> str:
+    x, y = _series(m, "train/loss")
+    rule = (f"<p>A step is a <b>loss spike</b> when its training loss is above the median of the {SPIKE_WINDOW} steps before it by "
+            f"more than {SPIKE_K:g} × their robust spread (1.4826 × the median absolute deviation, and at least {SPIKE_FLOOR:.0%} of "
+            "the median). The median follows the falling loss and the spread measures the batch-to-batch noise, so a step is "
+            "marked only when it stands out from both; spikes are the red triangles on the training curves.</p>")
+    sp = loss_spikes(x, y)
+    if not len(sp): return rule + f"<p>No spikes in {len(y)} logged steps.</p>"
+    sp = sp.assign(ratio=sp["loss"] / sp["median"]).sort_values("ratio", ascending=False)
+    parts = [rule, f"<p>{len(sp)} spike(s); the {min(len(sp), max_spikes)} largest (loss over median):</p>",
+             html_table(sp.head(max_spikes)[["step", "loss", "median", "threshold"]].itertuples(index=False), ["step", "loss", "median", "threshold"])]
+    if ledger is None: return "".join(parts) + f"<p>{html.escape(no_ledger)}</p>"
+    top = spike_samples(ledger, sp["step"].head(max_spikes), n)
+    for s, row in sp.head(max_spikes).iterrows():
+        rows = top[top["step"] == int(row["step"])]
+        parts.append(f"<h3>Step {int(row['step'])}: loss {row['loss']:.4g} (median {row['median']:.4g})</h3>")
+        parts.append(_ledger_rows(rows, ["loss"]) if len(rows) else "<p>The ledger has no rows of this step.</p>")
+    return "".join(parts)
+
+def _dataset_map_section(ledger: pd.DataFrame | None, no_ledger: str, out_png: Path, n: int = 5) -> tuple[str, Path | None]:
+    if ledger is None: return f"<p>{html.escape(no_ledger)}</p>", None
+    try: dm = dataset_map(ledger)
+    except MmlitError as e: return f"<p>No dataset map: {html.escape(str(e))}.</p>", None
+    plot_dataset_map(dm, save=out_png)
+    a, counts = dm.attrs, dm["region"].value_counts()
+    text = (f"<p>Each point is a training sample: its mean loss over the epochs it was seen in (the mean of its per-epoch mean "
+            f"losses) against their standard deviation across epochs. <b>Hard</b>: the third with the highest mean loss "
+            f"(≥ {a['loss_cut']:.3g}); of the rest, <b>ambiguous</b>: above their median variability (≥ {a['variability_cut']:.3g}); "
+            f"<b>easy</b>: the others. {counts.get('easy', 0)} easy, {counts.get('ambiguous', 0)} ambiguous, "
+            f"{counts.get('hard', 0)} hard. Hard samples that stay hard are the first to check for wrong captions.</p>")
+    fig = f'<figure class="plot"><img alt="dataset_map" src="{png_data_uri(out_png)}"><figcaption>dataset map</figcaption></figure>'
+    where = ledger.drop_duplicates("sample").set_index("sample")[["file", "row", "unit"]]
+    tables = ""
+    for region in ("hard", "ambiguous"):
+        r = dm[dm["region"] == region].sort_values("loss", ascending=False).head(n).join(where, on="sample")
+        tables += f"<h3>The {len(r)} {region} samples with the highest mean loss</h3>" + _ledger_rows(r, ["loss", "variability"])
+    return text + f'<div class="row">{fig}</div>' + tables, out_png
+
+def _failures_section(emb: dict | None, no_emb: str, n: int = 8) -> str:
+    if emb is None: return f"<p>{html.escape(no_emb)}</p>"
+    fails, n_wrong = retrieval_failures(emb, n)
+    total = len(emb["image"])
+    head = (f"<p>{n_wrong} of {total} held-out images ({n_wrong / max(total, 1):.1%}) get a wrong caption first "
+            "(right: its own caption, the same text, or a caption of the same label). The most confident mistakes, each with "
+            "its top 3 captions among the held-out ones (✓ right, ✗ wrong):</p>")
+    if not fails: return f"<p>Every one of the {total} held-out images gets a right caption first.</p>"
+    rows = []
+    for f in fails:
+        ranked = "".join(f'<li class="{"ok" if r["right"] else "bad"}">{"✓" if r["right"] else "✗"} {html.escape(r["caption"])} '
+                         f'<span class="sim">({r["similarity"]:.3f})</span></li>' for r in f["retrieved"])
+        thumb = _thumb(f["where"]) if f["where"] else "no record named in eval_embeddings.npz"
+        rows.append([f["index"], thumb, f["caption"], Raw(f"<ol>{ranked}</ol>")])
+    note = "" if fails[0]["where"] else "<p>This run's eval_embeddings.npz does not name its records, so no images are shown.</p>"
+    return head + note + html_table(rows, ["#", "image", "its caption", "top 3 retrieved"])
 
 # %% ../nbs/07_viz.ipynb #3a002178
 _CSS = f"""
@@ -594,6 +802,8 @@ pre {{ background: #fff; padding: 10px; border: 1px solid #d5dbe1; overflow-x: a
        border: 1px solid #d5dbe1; padding: 8px 10px; font-size: 13px; }}
 .kv div {{ display: flex; justify-content: space-between; gap: 10px; border-bottom: 1px dotted #e1e5ea; }}
 .kv .k {{ color: #4a5560; }} .kv .v {{ font-variant-numeric: tabular-nums; }}
+details {{ margin: 22px 0 0; }} details > summary {{ cursor: pointer; font-size: 1.15em; font-weight: 600; }}
+td ol {{ margin: 0; padding-left: 20px; }} li.ok {{ color: #1a7f37; }} li.bad {{ color: #b42318; }} .sim {{ color: #7a8590; }}
 """
 
 def _bad_records_section(bads: list[dict], max_rows: int = 50) -> str:
@@ -609,6 +819,21 @@ def _bad_records_section(bads: list[dict], max_rows: int = 50) -> str:
     more = f"<p>… and {len(bads) - max_rows} more.</p>" if len(bads) > max_rows else ""
     return (f"<p>{len(bads)} bad record(s) skipped.</p>" + html_table(reasons.most_common(), ["reason", "count"]) + table + more)
 
+# %% ../nbs/07_viz.ipynb #9fe90d48
+def _run_embeddings(run_dir: Path) -> tuple[dict | None, str]:
+    "The run's held-out embeddings, or None and why there are none (a malformed file is an error)."
+    p = run_dir / "eval_embeddings.npz"
+    if not p.is_file(): return None, f"No held-out embeddings ({p.name} is missing): the run had no validation data, or its model gives none."
+    with np.load(p, allow_pickle=False) as z: empty = not z.files
+    if empty: return None, f"No held-out embeddings ({p.name} is empty): the run had no validation data."
+    return read_embeddings(p), ""
+
+def _run_ledger(run_dir: Path) -> tuple[pd.DataFrame | None, str]:
+    "The run's per-sample loss ledger, or None and why there is none."
+    from mmlit.ledger import read_ledger
+    try: return read_ledger(run_dir), ""
+    except MmlitError as e: return None, f"No per-sample ledger: {e}."
+
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: int = 0) -> Path:
     "Write the run's PNGs and its self-contained `report.html` (default: into the run directory); returns the page's path."
     import yaml
@@ -618,17 +843,22 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: in
     summary, profile = read_run_file(f["summary.json"]), read_run_file(f["loader_profile.json"])
     bads = read_bad_records(f["loader_report.json"])
     config = redact(read_run_file(f["config.yaml"]))
-    pngs = save_run_plots(run_dir, seed=seed)     # the PNGs land in the run directory too
+    emb, no_emb = _run_embeddings(run_dir)
+    ledger, no_ledger = _run_ledger(run_dir)
+    pngs = save_run_plots(run_dir, seed=seed, embeddings=emb is not None)     # the PNGs land in the run directory too
     wide = lambda p: Image.open(p).size[0] > 2 * Image.open(p).size[1]        # several panels: the full row
     figs = "".join(f'<figure class="plot{" wide" if wide(p) else ""}"><img alt="{n}" src="{png_data_uri(p)}">'
                    f'<figcaption>{n.replace("_", " ")}</figcaption></figure>' for n, p in pngs.items())
     flat = lambda d, pre="": [(pre + k, v) for k, v in d.items() if not isinstance(v, dict)] + \
                              [kv for k, v in d.items() if isinstance(v, dict) for kv in flat(v, pre + k + ".")]
-    val_cols = [c for c in m.columns if c.startswith("val/") and "@" not in c]
+    val_cols = [c for c in m.columns if c.startswith("val/")]
     last_val = m[val_cols + ["step"]].dropna(subset=val_cols, how="all").tail(1)
-    last_rows = [(c, last_val[c].iloc[0]) for c in ["step"] + val_cols] if len(last_val) else []
-    try: mrl = mrl_table(m); mrl_html = html_table([(d, *row) for d, row in zip(mrl.index, mrl.to_numpy())], ["dim", *mrl.columns])
-    except MmlitError: mrl_html = "<p>No per-dimension evaluation in this run.</p>"
+    last_rows = [(c, last_val[c].iloc[0]) for c in ["step"] + val_cols if pd.notna(last_val[c].iloc[0])] if len(last_val) else []
+    headline = headline_rows(summary)
+    rt = recall_table(summary)
+    recall_html = (html_table(rt.itertuples(index=False), rt.columns) if len(rt) else
+                   "<p>No recall figures in this run's summary (no held-out evaluation).</p>")
+    dmap_html, _ = _dataset_map_section(ledger, no_ledger, run_dir / "dataset_map.png")
     steps = m["step"]
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>mmlit report: {html.escape(run_dir.name)}</title>
@@ -636,20 +866,32 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: in
 <body><main>
 <h1>mmlit run report</h1>
 <p class="sub">{html.escape(str(run_dir.resolve()))} · {len(m)} metric rows, steps {steps.min():.0f}–{steps.max():.0f}</p>
-<h2 id="summary">Summary</h2>
-{html_pairs((k, v) for k, v in flat(summary) if "@" not in k)}
+<h2 id="result">Result</h2>
+{html_table(headline) if headline else "<p>The summary holds no headline figures.</p>"}
+<h3>Recall by Matryoshka dimension</h3>
+<div class="scroll">{recall_html}</div>
+<h2 id="failures">Where the model fails</h2>
+{_failures_section(emb, no_emb)}
 <h2 id="plots">Plots</h2>
 <div class="plots">{figs}</div>
-<h2 id="metrics">Last evaluation</h2>
-{html_pairs(last_rows)}
-<h3>By Matryoshka dimension</h3>
-<div class="scroll">{mrl_html}</div>
+<h2 id="spikes">Loss spikes</h2>
+{_spikes_section(m, ledger, no_ledger)}
+<h2 id="dataset-map">Dataset map</h2>
+{dmap_html}
 <h2 id="bad-records">Bad records</h2>
 {_bad_records_section(bads)}
-<h2 id="loader-profile">Loader profile</h2>
+<details id="all-metrics"><summary>All metrics: the summary ({len(flat(summary))} values) and the last evaluation ({len(last_rows)})</summary>
+<h3>Summary</h3>
+{html_pairs(flat(summary))}
+<h3>Last evaluation</h3>
+{html_pairs(last_rows)}
+</details>
+<details id="loader-profile"><summary>Loader profile</summary>
 {html_pairs(flat(profile))}
-<h2 id="config">Configuration</h2>
+</details>
+<details id="config"><summary>Configuration</summary>
 <pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>
+</details>
 </main></body></html>
 """
     return replace_file(Path(out) if out is not None else run_dir / "report.html", page)

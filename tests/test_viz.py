@@ -121,7 +121,7 @@ def test_bad_input_names_what_is_missing(run_dir, tmp_path, capsys):
     for f in ("metrics.csv", "config.yaml"): shutil.copy(run_dir / f, partial / f)
     assert main(["report", str(partial)]) == 2
     err = capsys.readouterr().err
-    assert "lacks eval_embeddings.npz" in err and "loader_report.json" in err and "summary.json" in err
+    assert "lacks loader_report.json" in err and "summary.json" in err and "eval_embeddings" not in err   # embeddings are optional
     assert main(["show-batch", str(tmp_path / "nothing"), "--step", "0"]) == 2
     assert "does not exist" in capsys.readouterr().err
     (partial / "config.yaml").unlink()
@@ -146,11 +146,11 @@ def train_recording_batches(cfg: dict) -> list[dict]:
     return seen
 
 
-def test_show_batch_equals_what_the_real_trainer_trained_on(tmp_path):
-    "mmlit.recipe builds and trains a run; every batch its model is called with is recorded; show-batch rebuilds them."
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    "A run mmlit.recipe builds and trains (7 steps over 2 epochs, ledger on), with the tensors of every batch its model saw."
     from run_dir_fixture import damaged_demo
-    from mmlit.cli import rebuild_step_batch
-    from mmlit.viz import batch_digest
+    tmp_path = tmp_path_factory.mktemp("trained")
     data = damaged_demo(tmp_path / "data" / "demo.parquet", 96)
     run_dir = tmp_path / "run"
     cfg = {"run_dir": str(run_dir), "seed": 3,
@@ -159,14 +159,76 @@ def test_show_batch_equals_what_the_real_trainer_trained_on(tmp_path):
                     "tokenizer": {"train": {"vocab_size": 320}, "save_dir": str(run_dir / "tokenizer")},
                     "loader": {"batch_size": 16, "seed": 3}},
            "model": {"kind": "dual_encoder", "preset": "tiny"}, "schedule": {"max_steps": 7}, "log": {"progress": False}}
-    seen = train_recording_batches(cfg)
+    return run_dir, train_recording_batches(cfg)
+
+
+def test_show_batch_equals_what_the_real_trainer_trained_on(trained_run):
+    "mmlit.recipe builds and trains a run; every batch its model is called with is recorded; show-batch rebuilds them."
+    from mmlit.cli import rebuild_step_batch
+    from mmlit.viz import batch_digest
+    run_dir, seen = trained_run
     assert len(seen) == 7 and json.loads((run_dir / "summary.json").read_text())["steps"] == 7
     for step in (1, 5, 6, 7):                        # 80 training rows in batches of 16: steps 6 and 7 are epoch 1
         batch, _, info = rebuild_step_batch(run_dir, step)
         trained = seen[step - 1]
         assert batch_digest({k: batch[k] for k in trained}) == batch_digest(trained), f"step {step} differs"
     assert info["epoch"] == 1 and batch_digest(seen[0]) != batch_digest(seen[5])
-    assert main(["report", str(run_dir)]) == 0       # and the report reads the trainer's own run directory
+
+
+def _section(text: str, sid: str) -> str:
+    "The part of a report page from the heading `id=sid` to the next h2 or details."
+    start = text.index(f'id="{sid}"')
+    ends = [i for i in (text.find("<h2", start + 1), text.find("<details", start + 1)) if i > 0]
+    return text[start:min(ends)]
+
+
+def test_report_of_a_trained_run_reads_like_a_result(trained_run, tmp_path):
+    "Headline and recall table first, the failure gallery with images, a dataset map from the ledger, raw metrics collapsed."
+    import pandas as pd
+    from mmlit.ledger import read_ledger
+    from mmlit.viz import _spikes_section, metrics_frame, record_caption
+    run_dir, _ = trained_run
+    assert main(["report", str(run_dir)]) == 0
+    text = (run_dir / "report.html").read_text()
+    order = [text.index(f'id="{s}"') for s in ("result", "failures", "plots", "spikes", "dataset-map", "bad-records", "all-metrics", "config")]
+    assert order == sorted(order)
+    result = _section(text, "result")
+    assert "<td>training pairs</td><td>80</td>" in result and "<td>steps</td><td>7</td>" in result
+    assert "<th>i2t@1</th>" in result and "<td>exact pair</td><td>64</td>" in result
+    assert "val/" not in text[:text.index('<details id="all-metrics">')]      # raw metric keys only in the collapsed part
+    assert '<span class="k">metrics.val/loss</span>' in _section(text, "all-metrics")
+    fails = _section(text, "failures")
+    assert "of 15 held-out images" in fails and 'alt="sample image"' in fails and "✗" in fails    # 16 held out, one bad
+    emb = np.load(run_dir / "eval_embeddings.npz")                            # each pair names its record: the same caption
+    for f, r, u, c in zip(emb["record_file"], emb["record_row"], emb["record_unit"], emb["caption"]):
+        assert " ".join(record_caption({"file": f, "index": r, "unit": u}).lower().split()) == " ".join(c.lower().split())
+    dmap = _section(text, "dataset-map")
+    assert 'alt="dataset_map"' in dmap and "easy" in dmap and 'alt="sample image"' in dmap
+    assert "No spikes in 7 logged steps" in _section(text, "spikes")
+    # a spike: 30 steps whose last one jumps, its samples those of the ledger's step 7 (renumbered 30)
+    m = metrics_frame([{"train/step": s, "train/loss": 3.0 - 0.02 * s + (1.5 if s == 30 else 0)} for s in range(1, 31)])
+    ledger = read_ledger(run_dir)
+    at7 = ledger[ledger["step"] == 7].assign(step=30)
+    page = _spikes_section(m, at7, "")
+    assert "Step 30: loss" in page and page.count('alt="sample image"') == 5
+    top = at7.sort_values("loss", ascending=False).head(5)
+    for r in top.itertuples():
+        assert f"<td>{r.sample}</td><td>{r.loss:.4g}</td><td>demo.parquet row {r.row}</td>" in page
+    import pyarrow.parquet as pq
+    caps = pq.read_table(top["file"].iloc[0], columns=["caption"])["caption"].to_pylist()
+    assert all(caps[r] in page for r in top["row"] if caps[r])
+
+
+def test_report_without_ledger_or_held_out_data(trained_run, tmp_path):
+    "A run without a ledger and without held-out embeddings still gets its page, which says what is missing."
+    run_dir, _ = trained_run
+    run = _copy_run(run_dir, tmp_path / "run")
+    shutil.rmtree(run / "ledger"); (run / "eval_embeddings.npz").unlink()
+    assert main(["report", str(run)]) == 0
+    text = (run / "report.html").read_text()
+    assert "No held-out embeddings (eval_embeddings.npz is missing)" in _section(text, "failures")
+    for sid in ("spikes", "dataset-map"): assert "No per-sample ledger" in _section(text, sid) or "No spikes" in _section(text, sid)
+    assert "No per-sample ledger" in _section(text, "dataset-map") and text.count('<figure class="plot') == 4
 
 
 def _copy_run(run_dir: Path, dest: Path) -> Path:
