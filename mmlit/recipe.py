@@ -239,6 +239,66 @@ MODEL_KINDS.add("qwen2vl_embedder", ModelKind(
     {"data.preprocessor_options.min_pixels": "images are resized to between min_pixels and max_pixels pixels",
      "data.preprocessor_options.max_pixels": "56x56: 4x4 patches of 14 pixels, merged 2x2 into 4 image tokens"}))
 
+# %% ../nbs/80_recipe.ipynb #f9ab2433
+def _encoder_run(spec: ModelSpec) -> tuple[Path, Path]:
+    "The dual encoder run `model.options.encoder_run` names and its checkpoint (best, else newest); errors name the field."
+    from mmlit.checkpoint import CheckpointManager
+    run = spec.options.get("encoder_run")
+    if not run: raise ConfigError("model.options.encoder_run: the aligner needs a trained dual encoder's run directory (e.g. runs/demo, from `mmlit demo`)")
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        why = "has no config.yaml (not a run directory)" if run.is_dir() else "does not exist"
+        raise ConfigError(f"model.options.encoder_run: {run} {why}; train a dual encoder there first (e.g. `mmlit demo`)")
+    kind = load_config(RunConfig, run / "config.yaml").model.kind
+    if kind != "dual_encoder": raise ConfigError(f"model.options.encoder_run: {run} is a {kind} run, not a dual encoder")
+    cm = CheckpointManager(run / "checkpoints")
+    best = cm.best()
+    ck = cm.dir / best["dir"] if best and (cm.dir / best["dir"]).is_dir() else cm.latest()
+    if ck is None: raise ConfigError(f"model.options.encoder_run: {run} has no checkpoint yet")
+    return run, ck
+
+def _aligner_config(spec: ModelSpec, tokenizer, seed: int):
+    "An `AlignerConfig`: the language model's preset (or pretrained config) with `options.lm` over it, the other options."
+    from mmlit.aligner import ALIGNER_PRESETS, AlignerConfig
+    from mmlit.causal_lm import causal_lm_config
+    _encoder_run(spec)
+    opts = {k: v for k, v in spec.options.items() if k != "encoder_run"}
+    check_keys(opts, [f.name for f in dataclasses.fields(AlignerConfig) if f.name != "seed"], "model.options")
+    lm = dict(opts.pop("lm", None) or {})
+    if not spec.pretrained:
+        try: lm = causal_lm_config(ALIGNER_PRESETS.get(spec.preset or "tiny"), _vocab(tokenizer), **lm)
+        except KeyError as e: raise ConfigError(f"model.preset: {e}") from None
+        if tokenizer is not None: lm.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                            bos_token_id=tokenizer.bos_token_id)
+    try: return AlignerConfig(lm=lm, seed=seed, **opts)
+    except ConfigError as e: raise ConfigError(f"model.options: {e}") from None
+
+def _aligner(cfg, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
+    import tempfile
+    from mmlit.aligner import Aligner
+    from mmlit.model import DualEncoder
+    run, ck = _encoder_run(spec)
+    with tempfile.TemporaryDirectory() as d: encoder = DualEncoder.from_pretrained(export_model(run, d, ck))
+    return Aligner(cfg, encoder, lm_pretrained=spec.pretrained, encoder_source=str(ck))
+
+_ALIGNER_IMAGES = dict(size=48, uint8=True, flip=0.0, jitter=0.0, crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0])
+
+def _aligner_example(paths: dict, run_dir: str, encoder_run: str = "runs/demo") -> dict:
+    return dict(data=dict(data=paths["train"], val_data=paths["val"], preprocessor="clip", preprocessor_options=dict(_ALIGNER_IMAGES),
+                          tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"), max_length=32,
+                          loader=dict(batch_size=64, num_workers=1)),
+                model=dict(kind="aligner", preset="tiny", options=dict(encoder_run=encoder_run, prefix_tokens=4)),
+                optim=dict(lr=3e-3, weight_decay=0.01), schedule=dict(epochs=6, warmup_ratio=0.05),
+                eval=dict(every=100, max_batches=4), checkpoint=dict(keep=2))
+
+MODEL_KINDS.add("aligner", ModelKind(
+    "captions from a trained dual encoder's image embedding: an MLP makes prefix embeddings of a causal LM (Qwen2) that writes the caption",
+    _aligner_config, _aligner, False, _aligner_example,
+    {"model.options.encoder_run": "a trained dual encoder's run directory (mmlit demo writes runs/demo); frozen unless train_encoder: true",
+     "model.options.prefix_tokens": "the image embedding becomes this many prefix embeddings of the language model",
+     "data.preprocessor_options.size": "the encoder's image size (the demo's: 48)",
+     "data.preprocessor_options.crop_scale": "whole images: a crop would make the caption's size and position false"}))
+
 # %% ../nbs/80_recipe.ipynb #cf105029
 def resolve_run_config(cfg: RunConfig) -> RunConfig:
     "A copy with the automatic choices written in: the loader's seed defaults to the run's seed; what a pretrained model implies."
