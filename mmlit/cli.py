@@ -132,13 +132,20 @@ def _write_plots(run_dir) -> Path:
     return write_report(run_dir)                  # writes the PNGs too
 
 def cmd_demo(args) -> int:
-    "Run `mmlit demo`; returns the exit status."
-    from mmlit.recipe import format_summary, run_demo
-    try: summary = run_demo(args.run_dir, epochs=args.epochs, progress=args.progress)
+    "Run `mmlit demo` (`--task retrieval`, the default, or `caption`); returns the exit status."
+    from mmlit.recipe import format_caption_summary, format_summary, run_caption_demo, run_demo
+    task = getattr(args, "task", "retrieval")
+    run_dir = args.run_dir or ("runs/caption" if task == "caption" else "runs/demo")
+    try:
+        if task == "caption":
+            summary = run_caption_demo(run_dir, args.encoder_run, **({"epochs": args.epochs} if args.epochs else {}), progress=args.progress)
+        else: summary = run_demo(run_dir, epochs=args.epochs or 50, progress=args.progress)
     except MmlitError as e: return (print(f"mmlit demo: error: {e}", file=sys.stderr), 2)[1]
-    print(format_summary(summary))
-    if (report := _write_plots(args.run_dir)) is not None: print(f"  report: {report}")
-    print(f"  run directory: {args.run_dir}")
+    if task == "caption": print(format_caption_summary(summary))
+    else:
+        print(format_summary(summary))
+        if (report := _write_plots(run_dir)) is not None: print(f"  report: {report}")
+    print(f"  run directory: {run_dir}")
     return _interrupted(summary)
 
 def _lm_lines(history: list[dict]) -> list[str]:
@@ -174,8 +181,13 @@ def add_run_commands(sub) -> None:
     d = sub.add_parser("demo", help="train the tiny dual encoder on the bundled demo data (CPU) and print its held-out metrics",
                        description="Build the bundled demo data, split it by handwriting, train the tiny dual encoder on CPU, "
                                    "evaluate on digits written by unseen hands and print the metrics table.")
-    d.add_argument("--run-dir", default="runs/demo", help="the run directory (default: runs/demo); an existing one is resumed")
-    d.add_argument("--epochs", type=int, default=50, help="training epochs (default: 50)")
+    d.add_argument("--task", choices=("retrieval", "caption"), default="retrieval",
+                   help="retrieval: the dual encoder (default); caption: an aligner that writes captions from its image embeddings")
+    d.add_argument("--run-dir", default=None, help="the run directory (default: runs/demo, runs/caption for --task caption); "
+                                                   "an existing one is resumed")
+    d.add_argument("--encoder-run", default="runs/demo", help="--task caption: the retrieval demo's run directory, trained first "
+                                                               "when it has not finished (default: runs/demo)")
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default: 50; --task caption: 6)")
     d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar (default: on a terminal)")
     d.set_defaults(run=cmd_demo)
     t = sub.add_parser("train", help="train from a run config (YAML): data, model, optimiser, schedule, eval, checkpoints, logging",
