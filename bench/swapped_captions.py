@@ -18,7 +18,7 @@ from mmlit.cli import main as mmlit
 from mmlit.core import Stream, derive_seed
 from mmlit.ledger import read_ledger
 from mmlit.recipe import build_run, demo_config, finish_run
-from mmlit.viz import dataset_map, plot_dataset_map
+from mmlit.report import dataset_map, plot_dataset_map
 
 
 def swap_captions(src: Path, dst: Path, fraction: float, seed: int = 0) -> list[int]:

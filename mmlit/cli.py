@@ -128,7 +128,7 @@ def _interrupted(summary: dict) -> int: return 130 if summary.get("interrupted")
 
 def _write_plots(run_dir) -> Path:
     "Write the run's plots (PNGs) and its self-contained HTML report; returns the report's path."
-    from mmlit.viz import write_report
+    from mmlit.report import write_report
     return write_report(run_dir)                  # writes the PNGs too
 
 def cmd_demo(args) -> int:
@@ -523,7 +523,7 @@ def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]
 # %% ../nbs/90_cli.ipynb #b86bd83f
 def cmd_report(args) -> int:
     "Run `mmlit report`: the run's PNGs and `report.html`; prints the page's path."
-    from mmlit.viz import write_report
+    from mmlit.report import write_report
     try: page = write_report(args.run_dir, args.out)
     except MmlitError as e: return _run_view_error("report", e)
     print(page)

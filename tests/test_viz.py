@@ -17,7 +17,8 @@ from run_dir_fixture import make_run_dir  # noqa: E402
 
 from mmlit.cli import main  # noqa: E402
 from mmlit.core import MmlitError  # noqa: E402
-from mmlit.viz import PLOT_BORDER, read_embeddings, save_run_plots, write_report  # noqa: E402
+from mmlit.report import PLOT_BORDER, write_report  # noqa: E402
+from mmlit.viz import read_embeddings, save_run_plots  # noqa: E402
 
 STANDARD_PNGS = ["embedding_space", "loss_components", "lr_schedule", "mrl_performance", "similarity_matrix", "training_curves"]
 
@@ -186,7 +187,8 @@ def test_report_of_a_trained_run_reads_like_a_result(trained_run, tmp_path):
     "Headline and recall table first, the failure gallery with images, a dataset map from the ledger, raw metrics collapsed."
     import pandas as pd
     from mmlit.ledger import read_ledger
-    from mmlit.viz import _spikes_section, metrics_frame, record_caption
+    from mmlit.report import _spikes_section, record_caption
+    from mmlit.viz import metrics_frame
     run_dir, _ = trained_run
     assert main(["report", str(run_dir)]) == 0
     text = (run_dir / "report.html").read_text()
