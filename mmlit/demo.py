@@ -23,8 +23,8 @@ from .tasks import format_messages
 
 # %% auto #0
 __all__ = ['COLORS', 'BACKGROUNDS', 'DIGIT_WORDS', 'TEMPLATES', 'DEMO_SCHEMA', 'DEMO_VERSION', 'SCENE_POSITIONS', 'TASK_NAMES',
-           'TASK_SCHEMA', 'TASK_DEMO_VERSION', 'load_digit_images', 'digit_alpha', 'render_digit', 'caption_for',
-           'demo_row', 'encode_image', 'output_shard_paths', 'build_demo_parquet', 'build_demo_jsonl',
+           'TASK_SCHEMA', 'TASK_DEMO_VERSION', 'load_digit_images', 'digit_alpha', 'render_digit', 'box_words',
+           'caption_for', 'demo_row', 'encode_image', 'output_shard_paths', 'build_demo_parquet', 'build_demo_jsonl',
            'corpus_documents', 'build_demo_corpus', 'demo_dir', 'ensure_demo', 'handwriting_split', 'scene_row',
            'scene_records', 'build_task_parquet', 'ensure_task_demo']
 
@@ -75,6 +75,15 @@ def _position_word(box: tuple, image_size: int) -> str:
     col = "left" if cx < image_size / 3 else "right" if cx > 2 * image_size / 3 else ""
     row = "top" if cy < image_size / 3 else "bottom" if cy > 2 * image_size / 3 else ""
     return f"{row} {col}".strip() or "centre"
+
+def box_words(box, width: int, height: int) -> dict:
+    "The words a caption uses for `box` = (x0, y0, x1, y1) in a `width`×`height` image: `size` (None when its width and height disagree) and `position`."
+    x0, y0, x1, y1 = (float(v) for v in box)
+    wide, tall = _size_word(x1 - x0, width), _size_word(y1 - y0, height)
+    cx, cy = (x0 + x1) / 2 / width, (y0 + y1) / 2 / height
+    col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+    row = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
+    return dict(size=wide if wide == tall else None, position=f"{row} {col}".strip() or "centre")
 
 def caption_for(template: int, **attrs) -> str:
     "The caption `TEMPLATES[template]` gives to a row's attributes (`digit`, `colour`, ...)."
@@ -240,7 +249,7 @@ def ensure_demo(root: str | Path | None = None, *, n: int = 3000, seed: int = 0,
         shutil.rmtree(tmp, ignore_errors=True)
     return _demo_paths(final, shards)
 
-# %% ../nbs/01g_demo.ipynb #af7b2994
+# %% ../nbs/01g_demo.ipynb #c3d6d484
 SCENE_POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
 
 def handwriting_split(seed: int = 0, fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
@@ -286,7 +295,7 @@ def scene_row(i: int, seed: int = 0, split: str = "train", image_size: int = 112
     return dict(image=image, objects=objects, background=background, ask=int(rng.integers(n)),
                 template=int(rng.integers(len(TEMPLATES))))
 
-# %% ../nbs/01g_demo.ipynb #f7e74d4b
+# %% ../nbs/01g_demo.ipynb #3877bb31
 TASK_NAMES = ("caption", "qa", "pointing", "counting")
 
 def _scene_caption(s: dict) -> str:
@@ -316,7 +325,7 @@ def scene_records(s: dict) -> list[dict]:
         out.append({**r, "text": r["messages"][-1]["content"], "points": [list(p) for p in r["meta"].get("points", [])]})
     return out
 
-# %% ../nbs/01g_demo.ipynb #095a157b
+# %% ../nbs/01g_demo.ipynb #b4571a65
 TASK_SCHEMA = pa.schema(
     [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("text", pa.string()), ("task", pa.string()),
      ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))), ("scene", pa.int64()),
@@ -345,7 +354,7 @@ def build_task_parquet(path: str | Path, n: int = 1000, seed: int = 0, split: st
             w.write_table(_task_table(range(lo, min(lo + row_group_size, n)), seed, split, image_size))
     return path
 
-# %% ../nbs/01g_demo.ipynb #4a69d74a
+# %% ../nbs/01g_demo.ipynb #1b4c88e1
 TASK_DEMO_VERSION = 1
 
 def ensure_task_demo(root: str | Path | None = None, *, n_train: int = 2000, n_val: int = 200, seed: int = 0,

@@ -23,8 +23,8 @@ from .preprocess import ImagePreprocessor, Qwen2VLPatcher, check_aspect_ratio, i
 from .text import VIDEO_PAD, ImageTokens, encode_chat, encode_text
 
 # %% auto #0
-__all__ = ['PREPROCESSORS', 'record_images', 'record_messages', 'record_videos', 'frames_as_images', 'Preprocessor',
-           'DualEncoderPreprocessor', 'ChatPreprocessor', 'clip_preprocessor', 'qwen2_vl_preprocessor',
+__all__ = ['PREPROCESSORS', 'record_images', 'record_boxes', 'record_messages', 'record_videos', 'frames_as_images',
+           'Preprocessor', 'DualEncoderPreprocessor', 'ChatPreprocessor', 'clip_preprocessor', 'qwen2_vl_preprocessor',
            'molmo_preprocessor', 'build_preprocessor']
 
 # %% ../nbs/02b_multimodal.ipynb #ce0b8da9
@@ -32,6 +32,12 @@ def record_images(record: dict) -> list:
     "The record's images as a list (empty when it has none)."
     im = record.get("image")
     return [] if im is None else list(im) if isinstance(im, (list, tuple)) else [im]
+
+def record_boxes(record: dict) -> list | None:
+    "The record's boxes (x0, y0, x1, y1), from `meta['boxes']` or `meta['box']` (one box); `None` when it has none."
+    m = record.get("meta") or {}
+    if m.get("boxes") is not None: return [list(b) for b in m["boxes"]]
+    return [list(m["box"])] if m.get("box") is not None else None
 
 def record_messages(record: dict, n_images: int, n_videos: int = 0) -> list[dict]:
     "Chat turns for `record`, with `<image>` placeholders for `n_images` images and `<video>` ones for `n_videos` videos."
@@ -106,7 +112,7 @@ class DualEncoderPreprocessor(Preprocessor):
         if len(ims) != 1: raise BadRecordError(f"a dual-encoder record needs exactly one image, got {len(ims)}")
         if record.get("text") is None: raise BadRecordError("a dual-encoder record needs a text")
         out = encode_text(self.tokenizer, record["text"], self.max_length)
-        out["pixel_values"] = self.images(ims[0], rng)
+        out["pixel_values"] = self.images(ims[0], rng, boxes=record_boxes(record))   # a crop rule keeps them true
         negs = [encode_text(self.tokenizer, t, self.max_length) for t in record.get("negatives") or []]
         out["negative_input_ids"] = [n["input_ids"] for n in negs]
         out["negative_attention_mask"] = [n["attention_mask"] for n in negs]

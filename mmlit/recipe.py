@@ -127,7 +127,8 @@ def _dual_encoder(cfg, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
 
 def _dual_encoder_example(paths: dict, run_dir: str) -> dict:
     return dict(data=dict(data=paths["train"], val_data=paths["val"], preprocessor="clip",
-                          preprocessor_options=dict(size=48, uint8=True, flip=0.0, jitter=0.0, crop_scale=[0.5, 1.0]),
+                          preprocessor_options=dict(size=48, uint8=True, flip=0.0, jitter=0.0, crop_scale=[0.5, 1.0], keep="box_words"),
+                          data_options=dict(meta_columns=["box"]),
                           tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"), max_length=32,
                           loader=dict(batch_size=64, num_workers=1)),
                 model=dict(kind="dual_encoder", preset="tiny", options=dict(hard_negative_weight=1.0)),
@@ -143,7 +144,9 @@ MODEL_KINDS.add("dual_encoder", ModelKind(
      "data.preprocessor_options.uint8": "pixels stay uint8 until the model normalises them (a quarter of the bytes)",
      "data.preprocessor_options.flip": "no horizontal flips: the captions say left and right",
      "data.preprocessor_options.jitter": "no colour jitter: the captions name the colours",
-     "data.preprocessor_options.crop_scale": "random crops of 50-100% of the image's area"}))
+     "data.preprocessor_options.crop_scale": "random crops of 50-100% of the image's area",
+     "data.preprocessor_options.keep": "only crops that keep the digit whole and its caption's size and position words true",
+     "data.data_options.meta_columns": "each row's digit box, read for the crop rule"}))
 
 # %% ../nbs/80_recipe.ipynb #2cebecf3
 def _causal_lm_config(spec: ModelSpec, tokenizer, seed: int) -> dict:
@@ -467,7 +470,8 @@ def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = Non
     return RunConfig(
         run_dir=str(run_dir), seed=seed,
         data=dict(data=str(train), val_data=str(val), preprocessor="clip",
-                  preprocessor_options=dict(size=48, uint8=True, flip=0.0, jitter=0.0, crop_scale=[0.5, 1.0]),
+                  preprocessor_options=dict(size=48, uint8=True, flip=0.0, jitter=0.0, crop_scale=[0.5, 1.0], keep="box_words"),
+                  data_options=dict(meta_columns=["box"]),
                   tokenizer=dict(train=dict(vocab_size=512), save_dir=str(Path(run_dir) / "tokenizer")),
                   max_length=32, loader=dict(batch_size=64, seed=seed, num_workers=1)),
         model=ModelSpec("dual_encoder", "tiny", {"hard_negative_weight": 1.0}),
