@@ -29,6 +29,7 @@ from .dataset import BadRecord, MMDataset, SkipReport, Skipped, split_skipped
 from .mixture import DeterministicDataset, Mixture
 from .sources import as_mm_dataset
 from .storage import IOStats, Location, io_stats
+import mmlit.packing   # registers the "packing" collator a config may name
 
 # %% auto #0
 __all__ = ['RANK_SPLITS', 'LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'kept_positions', 'rank_steps',

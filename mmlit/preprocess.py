@@ -301,7 +301,7 @@ def hflip(img: Image.Image) -> Image.Image:
     "Mirror left ↔ right."
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
 
-# %% ../nbs/02_preprocess.ipynb #eca26354
+# %% ../nbs/02_preprocess.ipynb #680f55c3
 def move_boxes(boxes, window: Sequence[float], size: int | Sequence[int], flip: bool = False) -> np.ndarray:
     "Boxes `[n, 4]` (x0, y0, x1, y1, source pixels) in the pixels of a `size` = (h, w) output showing `window` of the source, mirrored if `flip`; clipped to the output."
     b = np.asarray(boxes, np.float64).reshape(-1, 4)

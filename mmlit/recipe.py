@@ -37,7 +37,7 @@ MODEL_KINDS = Registry("model kind")
 @dataclass
 class ModelSpec:
     "Which model to train: a kind from `MODEL_KINDS`, a preset or pretrained weights, fields overriding them, and which parts train."
-    kind: str = "dual_encoder"           # dual_encoder, causal_lm, qwen2vl_embedder (the names in MODEL_KINDS)
+    kind: str = "dual_encoder"           # dual_encoder, causal_lm, qwen2vl_embedder, vlm (the names in MODEL_KINDS)
     preset: str | None = None            # a preset of that kind; None: `pretrained` for a dual encoder given `pretrained`, else `tiny`
     options: dict = field(default_factory=dict)   # fields overriding the preset
     pretrained: str | None = None        # a folder or hub id: the dual encoder's CLIP/SigLIP checkpoint, a causal LM's or embedder backbone's weights
@@ -241,6 +241,41 @@ MODEL_KINDS.add("qwen2vl_embedder", ModelKind(
     _embedder_config, _embedder, True, _embedder_example,
     {"data.preprocessor_options.min_pixels": "images are resized to between min_pixels and max_pixels pixels",
      "data.preprocessor_options.max_pixels": "56x56: 4x4 patches of 14 pixels, merged 2x2 into 4 image tokens"}))
+
+# %% ../nbs/80_recipe.ipynb #f65351cb
+def _vlm_config(spec: ModelSpec, tokenizer, seed: int) -> dict:
+    "A Qwen2-VL config dict for `tokenizer`: the preset (`mmlit.vlm.VLM_PRESETS`) with `spec.options` merged over it."
+    from transformers import AutoConfig
+    from mmlit.vlm import VLM_PRESETS, vlm_config
+    known = set(AutoConfig.for_model("qwen2_vl").to_dict())
+    if spec.pretrained:                                       # the checkpoint's config; options override its fields
+        check_keys(spec.options, sorted(known), "model.options")
+        return dict(spec.options)
+    try: VLM_PRESETS.get(spec.preset or "tiny")
+    except KeyError as e: raise ConfigError(f"model.preset: {e}") from None
+    check_keys(spec.options, sorted(known), "model.options")
+    return {} if tokenizer is None else vlm_config(tokenizer, spec.preset or "tiny", **spec.options)
+
+def _vlm(cfg: dict, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
+    from mmlit.causal_lm import CausalLM
+    return CausalLM(cfg, pretrained=spec.pretrained, seed=seed)
+
+def _vlm_example(paths: dict, run_dir: str) -> dict:
+    from mmlit.demo import ensure_task_demo
+    tasks = ensure_task_demo(Path(paths["root"]).parent)
+    return dict(data=dict(data=str(tasks["train"]), val_data=str(tasks["val"]), preprocessor="vlm", max_length=192,
+                          preprocessor_options=dict(min_pixels=112 * 112, max_pixels=112 * 112),
+                          tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"),
+                          loader=dict(batch_size=32, collate="packing"), collate_options=dict(max_length=1024)),
+                model=dict(kind="vlm", preset="tiny"), optim=dict(lr=2e-3, weight_decay=0.01),
+                schedule=dict(epochs=2, warmup_ratio=0.05), eval=dict(every=250, max_batches=10), checkpoint=dict(keep=2))
+
+MODEL_KINDS.add("vlm", ModelKind(
+    "a Qwen2-VL fine-tuned on conversations (caption, question answering, pointing, counting), loss on the assistant's turns",
+    _vlm_config, _vlm, False, _vlm_example,
+    {"data.preprocessor_options.max_pixels": "112x112 images: 8x8 patches of 14 pixels, merged 2x2 into 16 image tokens",
+     "data.loader.collate": "samples packed into rows (mRoPE positions restart per sample); 'qwen2_vl' pads them instead",
+     "data.collate_options.max_length": "tokens per packed row"}))
 
 # %% ../nbs/80_recipe.ipynb #cf105029
 def resolve_run_config(cfg: RunConfig) -> RunConfig:
