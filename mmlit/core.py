@@ -54,6 +54,7 @@ class Stream(IntEnum):
     MODEL_INIT = 10     # a model's random initial weights
     TRAIN = 11          # the trainer's global generators (dropout), per (epoch, step)
     PROJECTION = 12     # a plot's 2-D projection of embeddings (t-SNE's layout)
+    GENERATE = 13       # sampled text: a sample's draws at every generated token
 
 # %% ../nbs/00_core.ipynb #8e374898
 class Rngs(NamedTuple):
