@@ -132,8 +132,15 @@ def _write_plots(run_dir) -> Path:
     return write_report(run_dir)                  # writes the PNGs too
 
 def cmd_demo(args) -> int:
-    "Run `mmlit demo`; returns the exit status."
-    from mmlit.recipe import format_summary, run_demo
+    "Run `mmlit demo` (`--task vlm`: the VLM demo); returns the exit status."
+    from mmlit.recipe import format_summary, format_vlm_summary, run_demo, run_vlm_demo
+    if getattr(args, "task", "retrieval") == "vlm":
+        run_dir = args.run_dir or "runs/vlm_demo"
+        try: summary = run_vlm_demo(run_dir, epochs=args.epochs, progress=args.progress)
+        except MmlitError as e: return (print(f"mmlit demo: error: {e}", file=sys.stderr), 2)[1]
+        print(format_vlm_summary(summary)); print(f"  run directory: {run_dir}")
+        return _interrupted(summary)
+    args.run_dir, args.epochs = args.run_dir or "runs/demo", args.epochs or 50
     try: summary = run_demo(args.run_dir, epochs=args.epochs, progress=args.progress)
     except MmlitError as e: return (print(f"mmlit demo: error: {e}", file=sys.stderr), 2)[1]
     print(format_summary(summary))
@@ -174,8 +181,10 @@ def add_run_commands(sub) -> None:
     d = sub.add_parser("demo", help="train the tiny dual encoder on the bundled demo data (CPU) and print its held-out metrics",
                        description="Build the bundled demo data, split it by handwriting, train the tiny dual encoder on CPU, "
                                    "evaluate on digits written by unseen hands and print the metrics table.")
-    d.add_argument("--run-dir", default="runs/demo", help="the run directory (default: runs/demo); an existing one is resumed")
-    d.add_argument("--epochs", type=int, default=50, help="training epochs (default: 50)")
+    d.add_argument("--task", choices=["retrieval", "vlm"], default="retrieval",
+                   help="retrieval: the dual encoder (default); vlm: a tiny Qwen2-VL that answers, points and counts, scored on its generated answers")
+    d.add_argument("--run-dir", default=None, help="the run directory (default: runs/demo, runs/vlm_demo for --task vlm); an existing one is resumed")
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default: 50; the vlm example's for --task vlm)")
     d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar (default: on a terminal)")
     d.set_defaults(run=cmd_demo)
     t = sub.add_parser("train", help="train from a run config (YAML): data, model, optimiser, schedule, eval, checkpoints, logging",

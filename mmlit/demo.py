@@ -127,10 +127,10 @@ DEMO_SCHEMA = pa.schema(
      ("size", pa.string()), ("position", pa.string()), ("box", pa.list_(pa.int32()))],
     metadata={"huggingface": json.dumps({"info": {"features": _FEATURES}})})
 
-def encode_image(im: Image.Image, fmt: str = "png") -> bytes:
-    "The bytes of `im` as PNG (lossless) or JPEG (quality 90), reproducibly."
+def encode_image(im: Image.Image, fmt: str = "png", compress_level: int = 6) -> bytes:
+    "The bytes of `im` as PNG (lossless, zlib `compress_level`) or JPEG (quality 90), reproducibly."
     buf = BytesIO()
-    if fmt == "png": im.save(buf, format="PNG", optimize=False, compress_level=6)
+    if fmt == "png": im.save(buf, format="PNG", optimize=False, compress_level=compress_level)
     elif fmt in ("jpeg", "jpg"): im.save(buf, format="JPEG", quality=90)
     else: raise ConfigError(f"image format must be 'png' or 'jpeg', got {fmt!r}")
     return buf.getvalue()
@@ -252,6 +252,7 @@ def ensure_demo(root: str | Path | None = None, *, n: int = 3000, seed: int = 0,
 # %% ../nbs/01g_demo.ipynb #c3d6d484
 SCENE_POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
 
+@lru_cache(maxsize=8)
 def handwriting_split(seed: int = 0, fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     "Indices of scikit-learn's digit scans for training and for validation: a seeded `fraction` held out."
     if not 0 < fraction < 1: raise ConfigError(f"fraction must be in (0, 1), got {fraction}")
@@ -337,7 +338,7 @@ def _task_table(scenes: range, seed: int, split: str, image_size: int) -> pa.Tab
     cols = {name: [] for name in TASK_SCHEMA.names}
     for i in scenes:
         s = scene_row(i, seed, split, image_size)
-        png = encode_image(s["image"])
+        png = encode_image(s["image"], compress_level=1)          # fast: four rows share it, the files stay small
         for r in scene_records(s):
             row = {**r, "image": {"bytes": png, "path": f"{split}-{i:06d}.png"}, "scene": i, "count": len(s["objects"]),
                    "digit_index": [o["digit_index"] for o in s["objects"]]}

@@ -12,7 +12,7 @@ import torch
 from .core import Registry
 
 # %% auto #0
-__all__ = ['VLM_PRESETS', 'vlm_config', 'vlm_loss']
+__all__ = ['VLM_PRESETS', 'TASK_METRICS', 'vlm_config', 'vlm_loss', 'task_answers', 'task_metrics']
 
 # %% ../nbs/05h_vlm.ipynb #86f5c70d
 VLM_PRESETS = Registry("vlm preset")
@@ -37,3 +37,41 @@ def vlm_config(tokenizer, preset: str = "tiny", **options) -> dict:
 def vlm_loss(model, batch: dict) -> torch.Tensor:
     "The mean next-token loss of `model` (a `CausalLM`) on a padded or packed batch."
     return model(**{k: v for k, v in batch.items() if k not in ("packed_samples", "task")}).loss
+
+# %% ../nbs/05h_vlm.ipynb #d44f0f48
+TASK_METRICS = {"qa": "qa_digit_acc", "pointing": "pointing_acc", "counting": "counting_acc", "caption": "caption_exact"}
+
+def task_answers(model, tokenizer, path, batch_size: int = 32, max_new_tokens: int = 40, max_records: int | None = None,
+                 **preprocessor_options) -> tuple[list, list[dict]]:
+    "The answers `model` writes for the task records of Parquet file `path` (the first `max_records`), and those records' columns."
+    import pyarrow.parquet as pq
+    from mmlit.collate import collator_for
+    from mmlit.generate import PromptOnly, generate
+    from mmlit.loader import RowSubset, make_loader
+    from mmlit.multimodal import build_preprocessor
+    from mmlit.sources import open_source
+    src = open_source(str(path))
+    if max_records is not None: src = RowSubset(src, range(min(max_records, len(src))))
+    pre = PromptOnly(build_preprocessor("vlm", tokenizer, train=False, **preprocessor_options))
+    loader = make_loader(src, dict(batch_size=batch_size, shuffle=False, drop_last=False, num_workers=0), transform=pre,
+                         collate=collator_for(name="qwen2_vl", tokenizer=tokenizer, padding_side="left"))
+    texts = generate(model, loader, tokenizer, max_new_tokens=max_new_tokens, stop_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    rows = pq.read_table(path, columns=["task", "text", "target", "count", "target_boxes", "image"]).slice(0, len(texts)).to_pylist()
+    return texts, rows
+
+def task_metrics(texts: list, rows: list[dict]) -> dict:
+    "Scores (`mmlit.generate.TextScore`) of generated answers by task: QA digit, pointing and counting accuracy, caption exact match."
+    from PIL import Image
+    import io
+    from mmlit.generate import counting_accuracy, exact_match, pointing_accuracy
+    out = {}
+    for task, name in TASK_METRICS.items():
+        got = [(t, r) for t, r in zip(texts, rows) if r["task"] == task]
+        if not got: continue
+        preds = [t for t, _ in got]
+        if task == "qa": out[name] = exact_match(preds, [str(r["target"]) for _, r in got])
+        elif task == "counting": out[name] = counting_accuracy(preds, [r["count"] for _, r in got])
+        elif task == "caption": out[name] = exact_match(preds, [r["text"] for _, r in got])
+        else: out[name] = pointing_accuracy(preds, [r["target_boxes"] for _, r in got],
+                                            [Image.open(io.BytesIO(r["image"]["bytes"])).size for _, r in got])
+    return out
