@@ -717,7 +717,7 @@ def load_tokenizer(spec, data_path=None, kind: str | None = None, data_options: 
 # %% ../nbs/04_loader.ipynb #9f5e57cf
 _KNOWN_KEYS = {"data", "kind", "data_options", "val_data", "val_split", "tokenizer", "preprocessor", "preprocessor_options",
                "max_length", "task", "collate_options", "loader"}
-_DEFAULT_COLLATORS = {"clip": ("contrastive", dict(base="multimodal")), "qwen2_vl": ("qwen2_vl", {}),
+_DEFAULT_COLLATORS = {"clip": ("contrastive", dict(base="multimodal")), "qwen2_vl": ("qwen2_vl", {}), "vlm": ("qwen2_vl", {}),
                       "molmo": ("multimodal", {}), "lm": ("causal_lm", {})}
 
 def preprocessor_options(preset: str, options: dict | None) -> dict:
