@@ -132,16 +132,18 @@ def _write_plots(run_dir) -> Path:
     return write_report(run_dir)                  # writes the PNGs too
 
 def cmd_demo(args) -> int:
-    "Run `mmlit demo` (`--task retrieval`, the default, or `caption`); returns the exit status."
-    from mmlit.recipe import format_caption_summary, format_summary, run_caption_demo, run_demo
+    "Run `mmlit demo` (`--task retrieval`, the default, `caption` or `vlm`); returns the exit status."
+    from mmlit.recipe import format_caption_summary, format_summary, format_vlm_summary, run_caption_demo, run_demo, run_vlm_demo
     task = getattr(args, "task", "retrieval")
-    run_dir = args.run_dir or ("runs/caption" if task == "caption" else "runs/demo")
+    run_dir = args.run_dir or {"caption": "runs/caption", "vlm": "runs/vlm_demo"}.get(task, "runs/demo")
     try:
         if task == "caption":
             summary = run_caption_demo(run_dir, args.encoder_run, **({"epochs": args.epochs} if args.epochs else {}), progress=args.progress)
+        elif task == "vlm": summary = run_vlm_demo(run_dir, epochs=args.epochs, progress=args.progress)
         else: summary = run_demo(run_dir, epochs=args.epochs or 50, progress=args.progress)
     except MmlitError as e: return (print(f"mmlit demo: error: {e}", file=sys.stderr), 2)[1]
     if task == "caption": print(format_caption_summary(summary))
+    elif task == "vlm": print(format_vlm_summary(summary))
     else:
         print(format_summary(summary))
         if (report := _write_plots(run_dir)) is not None: print(f"  report: {report}")
@@ -181,13 +183,14 @@ def add_run_commands(sub) -> None:
     d = sub.add_parser("demo", help="train the tiny dual encoder on the bundled demo data (CPU) and print its held-out metrics",
                        description="Build the bundled demo data, split it by handwriting, train the tiny dual encoder on CPU, "
                                    "evaluate on digits written by unseen hands and print the metrics table.")
-    d.add_argument("--task", choices=("retrieval", "caption"), default="retrieval",
-                   help="retrieval: the dual encoder (default); caption: an aligner that writes captions from its image embeddings")
-    d.add_argument("--run-dir", default=None, help="the run directory (default: runs/demo, runs/caption for --task caption); "
-                                                   "an existing one is resumed")
+    d.add_argument("--task", choices=("retrieval", "caption", "vlm"), default="retrieval",
+                   help="retrieval: the dual encoder (default); caption: an aligner that writes captions from its image embeddings; "
+                        "vlm: a tiny Qwen2-VL that answers, points and counts, scored on its generated answers")
+    d.add_argument("--run-dir", default=None, help="the run directory (default: runs/demo; runs/caption for --task caption, "
+                                                   "runs/vlm_demo for --task vlm); an existing one is resumed")
     d.add_argument("--encoder-run", default="runs/demo", help="--task caption: the retrieval demo's run directory, trained first "
                                                                "when it has not finished (default: runs/demo)")
-    d.add_argument("--epochs", type=int, default=None, help="training epochs (default: 50; --task caption: 6)")
+    d.add_argument("--epochs", type=int, default=None, help="training epochs (default: 50; --task caption: 6; --task vlm: its example's)")
     d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar (default: on a terminal)")
     d.set_defaults(run=cmd_demo)
     t = sub.add_parser("train", help="train from a run config (YAML): data, model, optimiser, schedule, eval, checkpoints, logging",
@@ -208,7 +211,7 @@ CONFIG_NOTES = {
     "data.val_data": "validation data, evaluated on the eval schedule",
     "data.val_split": "no val_data: hold out this fraction of the data",
     "data.task": "lm: fixed-length windows of the corpus for next-token prediction",
-    "data.preprocessor": "stage 2 preset: clip (fixed-size images), qwen2_vl (native-resolution patches + image_grid_thw)",
+    "data.preprocessor": "stage 2 preset: clip (fixed-size images), qwen2_vl (native-resolution patches + image_grid_thw), vlm (qwen2_vl, assistant turns required)",
     "data.preprocessor_options": "the preset's options",
     "data.max_length": "tokens per caption / chat / window",
     "data.tokenizer": "a local tokenizer directory, or trained here on the data's texts",
@@ -216,7 +219,7 @@ CONFIG_NOTES = {
     "data.tokenizer.save_dir": "where the trained tokenizer is kept (a resume loads it)",
     "data.loader": "batch_size, num_workers, shuffle, drop_last, ... (mmlit.loader.LoaderConfig)",
     "model": "mmlit.recipe.ModelSpec",
-    "model.kind": "dual_encoder, causal_lm, qwen2vl_embedder (mmlit config lists them)",
+    "model.kind": "dual_encoder, causal_lm, qwen2vl_embedder, vlm (mmlit config lists them)",
     "model.preset": "the kind's preset (tiny: CPU-sized)",
     "model.options": "fields of the model's config written over the preset",
     "zero_shot": "digits: zero-shot accuracy over the demo's digit prompts (needs label_column)",

@@ -18,12 +18,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .core import ConfigError, np_rng
+from .core import ConfigError, Stream, derive_seed, np_rng
+from .tasks import format_messages
 
 # %% auto #0
-__all__ = ['COLORS', 'BACKGROUNDS', 'DIGIT_WORDS', 'TEMPLATES', 'DEMO_SCHEMA', 'DEMO_VERSION', 'load_digit_images',
-           'render_digit', 'caption_for', 'demo_row', 'encode_image', 'output_shard_paths', 'build_demo_parquet',
-           'build_demo_jsonl', 'corpus_documents', 'build_demo_corpus', 'demo_dir', 'ensure_demo']
+__all__ = ['COLORS', 'BACKGROUNDS', 'DIGIT_WORDS', 'TEMPLATES', 'DEMO_SCHEMA', 'DEMO_VERSION', 'SCENE_POSITIONS', 'TASK_NAMES',
+           'TASK_SCHEMA', 'TASK_DEMO_VERSION', 'load_digit_images', 'digit_alpha', 'render_digit', 'box_words',
+           'caption_for', 'demo_row', 'encode_image', 'output_shard_paths', 'build_demo_parquet', 'build_demo_jsonl',
+           'corpus_documents', 'build_demo_corpus', 'demo_dir', 'ensure_demo', 'handwriting_split', 'scene_row',
+           'scene_records', 'build_task_parquet', 'ensure_task_demo']
 
 # %% ../nbs/01g_demo.ipynb #b19162ab
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -40,15 +43,21 @@ def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
     d = load_digits()
     return d.images.astype(np.float32), d.target.astype(np.int64)
 
-def render_digit(digit: np.ndarray, color: tuple, background: tuple, image_size: int,
-                 box: tuple[int, int, int, int]) -> Image.Image:
-    "An RGB image of `digit` (8×8, 0..16) drawn in `color` inside `box` = (x0, y0, x1, y1)."
+def digit_alpha(digit: np.ndarray, image_size: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    "float32 `[image_size, image_size, 1]` coverage in 0..1 of `digit` (8×8, 0..16) stretched over `box` = (x0, y0, x1, y1)."
     x0, y0, x1, y1 = box
     mask = Image.fromarray(digit / 16.0, mode="F").resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR)
     alpha = np.zeros((image_size, image_size, 1), np.float32)
     alpha[y0:y1, x0:x1, 0] = np.clip(np.asarray(mask), 0.0, 1.0)
+    return alpha
+
+def render_digit(digit: np.ndarray, color: tuple, background: tuple, image_size: int,
+                 box: tuple[int, int, int, int]) -> Image.Image:
+    "An RGB image of `digit` (8×8, 0..16) drawn in `color` inside `box` = (x0, y0, x1, y1)."
+    alpha = digit_alpha(digit, image_size, box)
     bg, fg = np.asarray(background, np.float32), np.asarray(color, np.float32)
     return Image.fromarray(np.rint(bg + alpha * (fg - bg)).astype(np.uint8), mode="RGB")
+
 
 # %% ../nbs/01g_demo.ipynb #35830513
 TEMPLATES = [
@@ -66,6 +75,15 @@ def _position_word(box: tuple, image_size: int) -> str:
     col = "left" if cx < image_size / 3 else "right" if cx > 2 * image_size / 3 else ""
     row = "top" if cy < image_size / 3 else "bottom" if cy > 2 * image_size / 3 else ""
     return f"{row} {col}".strip() or "centre"
+
+def box_words(box, width: int, height: int) -> dict:
+    "The words a caption uses for `box` = (x0, y0, x1, y1) in a `width`×`height` image: `size` (None when its width and height disagree) and `position`."
+    x0, y0, x1, y1 = (float(v) for v in box)
+    wide, tall = _size_word(x1 - x0, width), _size_word(y1 - y0, height)
+    cx, cy = (x0 + x1) / 2 / width, (y0 + y1) / 2 / height
+    col = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+    row = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
+    return dict(size=wide if wide == tall else None, position=f"{row} {col}".strip() or "centre")
 
 def caption_for(template: int, **attrs) -> str:
     "The caption `TEMPLATES[template]` gives to a row's attributes (`digit`, `colour`, ...)."
@@ -109,10 +127,10 @@ DEMO_SCHEMA = pa.schema(
      ("size", pa.string()), ("position", pa.string()), ("box", pa.list_(pa.int32()))],
     metadata={"huggingface": json.dumps({"info": {"features": _FEATURES}})})
 
-def encode_image(im: Image.Image, fmt: str = "png") -> bytes:
-    "The bytes of `im` as PNG (lossless) or JPEG (quality 90), reproducibly."
+def encode_image(im: Image.Image, fmt: str = "png", compress_level: int = 6) -> bytes:
+    "The bytes of `im` as PNG (lossless, zlib `compress_level`) or JPEG (quality 90), reproducibly."
     buf = BytesIO()
-    if fmt == "png": im.save(buf, format="PNG", optimize=False, compress_level=6)
+    if fmt == "png": im.save(buf, format="PNG", optimize=False, compress_level=compress_level)
     elif fmt in ("jpeg", "jpg"): im.save(buf, format="JPEG", quality=90)
     else: raise ConfigError(f"image format must be 'png' or 'jpeg', got {fmt!r}")
     return buf.getvalue()
@@ -230,3 +248,135 @@ def ensure_demo(root: str | Path | None = None, *, n: int = 3000, seed: int = 0,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _demo_paths(final, shards)
+
+# %% ../nbs/01g_demo.ipynb #c3d6d484
+SCENE_POSITIONS = ["top left", "top right", "bottom left", "bottom right"]
+
+@lru_cache(maxsize=8)
+def handwriting_split(seed: int = 0, fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    "Indices of scikit-learn's digit scans for training and for validation: a seeded `fraction` held out."
+    if not 0 < fraction < 1: raise ConfigError(f"fraction must be in (0, 1), got {fraction}")
+    n = len(load_digit_images()[1])
+    order = np.random.default_rng(derive_seed(seed, 0, 0, Stream.VAL_SPLIT)).permutation(n)
+    held = np.sort(order[: max(1, round(fraction * n))])
+    return np.setdiff1d(np.arange(n), held), held
+
+def _scene_box(rng: np.random.Generator, cell: int | None, S: int) -> tuple[int, int, int, int]:
+    "A square box: anywhere in the image (`cell` None), else inside quadrant `cell` (0 top left .. 3 bottom right)."
+    if cell is None:
+        side = int(rng.integers(S // 4, S + 1))
+        x0, y0 = (int(v) for v in rng.integers(0, S - side + 1, size=2))
+    else:
+        half = S // 2
+        side = int(rng.integers(S // 4, half + 1))
+        x0, y0 = (cell % 2) * half + int(rng.integers(0, half - side + 1)), (cell // 2) * half + int(rng.integers(0, half - side + 1))
+    return x0, y0, x0 + side, y0 + side
+
+def scene_row(i: int, seed: int = 0, split: str = "train", image_size: int = 112, fraction: float = 0.2) -> dict:
+    "Scene `i` of `split`: 1-4 digits of that split's handwriting (each in its own quadrant when several), boxes kept."
+    if split not in ("train", "val"): raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
+    if image_size < 32: raise ConfigError(f"image_size must be at least 32, got {image_size}")
+    digits, labels = load_digit_images()
+    pool = handwriting_split(seed, fraction)[int(split == "val")]
+    rng = np_rng(seed, int(split == "val"), i)
+    n = int(rng.integers(1, 5))
+    background = str(rng.choice(list(BACKGROUNDS)))
+    cells = sorted(int(c) for c in rng.choice(4, size=n, replace=False)) if n > 1 else [None]
+    canvas = np.broadcast_to(np.asarray(BACKGROUNDS[background], np.float32), (image_size, image_size, 3)).copy()
+    objects = []
+    for cell in cells:
+        src, colour = int(pool[rng.integers(len(pool))]), str(rng.choice(list(COLORS)))
+        box = _scene_box(rng, cell, image_size)
+        alpha = digit_alpha(digits[src], image_size, box)
+        canvas += alpha * (np.asarray(COLORS[colour], np.float32) - canvas)
+        objects.append(dict(digit=int(labels[src]), digit_index=src, colour=colour, box=list(box),
+                            size=_size_word(box[2] - box[0], image_size),
+                            position=_position_word(box, image_size) if cell is None else SCENE_POSITIONS[cell]))
+    image = Image.fromarray(np.rint(canvas).astype(np.uint8), mode="RGB")
+    return dict(image=image, objects=objects, background=background, ask=int(rng.integers(n)),
+                template=int(rng.integers(len(TEMPLATES))))
+
+# %% ../nbs/01g_demo.ipynb #3877bb31
+TASK_NAMES = ("caption", "qa", "pointing", "counting")
+
+def _scene_caption(s: dict) -> str:
+    "The caption of a scene: a template for one digit, each digit's colour and quadrant for several."
+    objs = s["objects"]
+    if len(objs) == 1:
+        o = objs[0]
+        return caption_for(s["template"], digit=o["digit"], colour=o["colour"], background=s["background"], size=o["size"], position=o["position"])
+    return " and ".join(f"{'an' if o['colour'][0] in 'aeiou' else 'a'} {o['colour']} {o['digit']} at the {o['position']}" for o in objs)
+
+def scene_records(s: dict) -> list[dict]:
+    "The caption, qa, pointing and counting records of scene `s`, each with `messages` from `mmlit.tasks`."
+    objs, ask = s["objects"], s["objects"][s["ask"]]
+    question = "Which digit is this?" if len(objs) == 1 else f"Which digit is {ask['position']}?"
+    hits = [o for o in objs if o["digit"] == ask["digit"]]
+    base = dict(image=s["image"], boxes=[o["box"] for o in objs], labels=[o["digit"] for o in objs])
+    recs = [dict(base, task="caption", text=_scene_caption(s), target=-1, target_boxes=[], meta={}),
+            dict(base, task="qa", text=str(ask["digit"]), target=ask["digit"], target_boxes=[ask["box"]],
+                 meta=dict(question=question)),
+            dict(base, task="pointing", text="", target=ask["digit"], target_boxes=[o["box"] for o in hits],
+                 meta=dict(label=str(ask["digit"]), points=[((o["box"][0] + o["box"][2]) / 2, (o["box"][1] + o["box"][3]) / 2) for o in hits])),
+            dict(base, task="counting", text=f"Count: {len(objs)}", target=-1, target_boxes=[],
+                 meta=dict(label="digits", count=len(objs)))]
+    out = []
+    for r in recs:
+        r = format_messages(r)
+        out.append({**r, "text": r["messages"][-1]["content"], "points": [list(p) for p in r["meta"].get("points", [])]})
+    return out
+
+# %% ../nbs/01g_demo.ipynb #b4571a65
+TASK_SCHEMA = pa.schema(
+    [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("text", pa.string()), ("task", pa.string()),
+     ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))), ("scene", pa.int64()),
+     ("target", pa.int64()), ("count", pa.int64()), ("labels", pa.list_(pa.int64())), ("digit_index", pa.list_(pa.int64())),
+     ("boxes", pa.list_(pa.list_(pa.int32()))), ("target_boxes", pa.list_(pa.list_(pa.int32()))),
+     ("points", pa.list_(pa.list_(pa.float32())))])
+
+def _task_table(scenes: range, seed: int, split: str, image_size: int) -> pa.Table:
+    cols = {name: [] for name in TASK_SCHEMA.names}
+    for i in scenes:
+        s = scene_row(i, seed, split, image_size)
+        png = encode_image(s["image"], compress_level=1)          # fast: four rows share it, the files stay small
+        for r in scene_records(s):
+            row = {**r, "image": {"bytes": png, "path": f"{split}-{i:06d}.png"}, "scene": i, "count": len(s["objects"]),
+                   "digit_index": [o["digit_index"] for o in s["objects"]]}
+            for k in cols: cols[k].append(row[k])
+    return pa.Table.from_pydict(cols, schema=TASK_SCHEMA)
+
+def build_task_parquet(path: str | Path, n: int = 1000, seed: int = 0, split: str = "train", image_size: int = 112,
+                       row_group_size: int = 64) -> Path:
+    "Write the four task records of `n` scenes of `split` to one Parquet file (`row_group_size` scenes a row group); returns it."
+    if n < 1 or row_group_size < 1: raise ConfigError(f"n and row_group_size must be >= 1, got {n}, {row_group_size}")
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(path, TASK_SCHEMA, compression="snappy") as w:
+        for lo in range(0, n, row_group_size):
+            w.write_table(_task_table(range(lo, min(lo + row_group_size, n)), seed, split, image_size))
+    return path
+
+# %% ../nbs/01g_demo.ipynb #1b4c88e1
+TASK_DEMO_VERSION = 1
+
+def ensure_task_demo(root: str | Path | None = None, *, n_train: int = 2000, n_val: int = 200, seed: int = 0,
+                     image_size: int = 112) -> dict:
+    "Build the task scenes' `train` and `val` Parquet files into `root` (default `demo_dir()`) unless an intact copy is there."
+    params = dict(version=TASK_DEMO_VERSION, n_train=n_train, n_val=n_val, seed=seed, image_size=image_size)
+    base = Path(root) if root is not None else demo_dir()
+    final = base / f"tasks-v{TASK_DEMO_VERSION}-seed{seed}-n{n_train}-{n_val}-px{image_size}"
+    paths = lambda d: {"train": d / "train.parquet", "val": d / "val.parquet", "root": d}
+    if _manifest_ok(final, params): return paths(final)
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=base, prefix=".building-"))
+    try:
+        for split, n in (("train", n_train), ("val", n_val)): build_task_parquet(paths(tmp)[split], n, seed, split, image_size)
+        files = sorted(f for f in tmp.rglob("*") if f.is_file())
+        manifest = {"params": params, "files": {f.relative_to(tmp).as_posix(): _sha256(f) for f in files}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if final.exists() and not _manifest_ok(final, params): shutil.rmtree(final, ignore_errors=True)
+        try: tmp.rename(final)
+        except OSError:
+            if not _manifest_ok(final, params): raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return paths(final)

@@ -29,6 +29,7 @@ from .dataset import BadRecord, MMDataset, SkipReport, Skipped, split_skipped
 from .mixture import DeterministicDataset, Mixture
 from .sources import as_mm_dataset
 from .storage import IOStats, Location, io_stats
+import mmlit.packing   # registers the "packing" collator a config may name
 
 # %% auto #0
 __all__ = ['RANK_SPLITS', 'LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'kept_positions', 'rank_steps',
@@ -749,7 +750,7 @@ def load_tokenizer(spec, data_path=None, kind: str | None = None, data_options: 
 # %% ../nbs/04_loader.ipynb #9f5e57cf
 _KNOWN_KEYS = {"data", "kind", "data_options", "val_data", "val_split", "tokenizer", "preprocessor", "preprocessor_options",
                "max_length", "task", "collate_options", "loader"}
-_DEFAULT_COLLATORS = {"clip": ("contrastive", dict(base="multimodal")), "qwen2_vl": ("qwen2_vl", {}),
+_DEFAULT_COLLATORS = {"clip": ("contrastive", dict(base="multimodal")), "qwen2_vl": ("qwen2_vl", {}), "vlm": ("qwen2_vl", {}),
                       "molmo": ("multimodal", {}), "lm": ("causal_lm", {})}
 
 def preprocessor_options(preset: str, options: dict | None) -> dict:

@@ -18,20 +18,27 @@ from .core import BadRecordError, ConfigError, Registry
 from .dataset import locate_error
 from .images import displayed_size
 from .sources import group_videos
+from .tasks import format_messages, task_formats
 from .formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from .preprocess import ImagePreprocessor, Qwen2VLPatcher, check_aspect_ratio, image_preset, load_frames, open_checked
 from .text import VIDEO_PAD, ImageTokens, encode_chat, encode_text
 
 # %% auto #0
-__all__ = ['PREPROCESSORS', 'record_images', 'record_messages', 'record_videos', 'frames_as_images', 'Preprocessor',
-           'DualEncoderPreprocessor', 'ChatPreprocessor', 'clip_preprocessor', 'qwen2_vl_preprocessor',
-           'molmo_preprocessor', 'build_preprocessor']
+__all__ = ['PREPROCESSORS', 'record_images', 'record_boxes', 'record_messages', 'record_videos', 'frames_as_images',
+           'Preprocessor', 'DualEncoderPreprocessor', 'ChatPreprocessor', 'clip_preprocessor', 'qwen2_vl_preprocessor',
+           'molmo_preprocessor', 'build_preprocessor', 'VLMPreprocessor', 'vlm_preprocessor']
 
 # %% ../nbs/02b_multimodal.ipynb #ce0b8da9
 def record_images(record: dict) -> list:
     "The record's images as a list (empty when it has none)."
     im = record.get("image")
     return [] if im is None else list(im) if isinstance(im, (list, tuple)) else [im]
+
+def record_boxes(record: dict) -> list | None:
+    "The record's boxes (x0, y0, x1, y1), from `meta['boxes']` or `meta['box']` (one box); `None` when it has none."
+    m = record.get("meta") or {}
+    if m.get("boxes") is not None: return [list(b) for b in m["boxes"]]
+    return [list(m["box"])] if m.get("box") is not None else None
 
 def record_messages(record: dict, n_images: int, n_videos: int = 0) -> list[dict]:
     "Chat turns for `record`, with `<image>` placeholders for `n_images` images and `<video>` ones for `n_videos` videos."
@@ -106,7 +113,7 @@ class DualEncoderPreprocessor(Preprocessor):
         if len(ims) != 1: raise BadRecordError(f"a dual-encoder record needs exactly one image, got {len(ims)}")
         if record.get("text") is None: raise BadRecordError("a dual-encoder record needs a text")
         out = encode_text(self.tokenizer, record["text"], self.max_length)
-        out["pixel_values"] = self.images(ims[0], rng)
+        out["pixel_values"] = self.images(ims[0], rng, boxes=record_boxes(record))   # a crop rule keeps them true
         negs = [encode_text(self.tokenizer, t, self.max_length) for t in record.get("negatives") or []]
         out["negative_input_ids"] = [n["input_ids"] for n in negs]
         out["negative_attention_mask"] = [n["attention_mask"] for n in negs]
@@ -208,3 +215,25 @@ def molmo_preprocessor(tokenizer, train: bool = False, size: int = 336, tokens_p
 def build_preprocessor(name: str, tokenizer, train: bool = False, **options) -> Preprocessor:
     "The preprocessor preset `name` (`clip`, `qwen2_vl`, `molmo`, …) for `tokenizer`."
     return PREPROCESSORS.build(name, tokenizer, train=train, **options)
+
+# %% ../nbs/02b_multimodal.ipynb #e280fabe
+@dataclass
+class VLMPreprocessor(ChatPreprocessor):
+    "Record → Qwen2-VL chat tokens, labels on the assistant turns only; its conversation from its task when it has none."
+    def process(self, record, rng):
+        "`ChatPreprocessor.process` on the record's conversation, which must hold an assistant turn that survives truncation."
+        if not record.get("messages") and record.get("task") in task_formats: record = format_messages(record)
+        msgs = record.get("messages")
+        if msgs is not None and not any(m.get("role") == "assistant" for m in msgs):
+            raise BadRecordError("field 'messages': the conversation has no assistant turn, so nothing would be trained")
+        out = super().process(record, rng)
+        if not bool((out["labels"] != -100).any()):
+            raise BadRecordError(f"field 'messages': no assistant token is left after truncation to max_length={self.max_length}")
+        return out
+
+@PREPROCESSORS.register("vlm", family="chat")
+def vlm_preprocessor(tokenizer, train: bool = False, max_length: int = 512, min_pixels: int = 56 * 56,
+                     max_pixels: int = 28 * 28 * 1280, chat_template: str | None = None, **patch_options) -> VLMPreprocessor:
+    "A VLM's training preprocessor: Qwen2-VL patches (no augmentation, so every answer stays true) and role-based labels."
+    patcher = Qwen2VLPatcher(min_pixels=min_pixels, max_pixels=max_pixels, **patch_options)
+    return VLMPreprocessor(tokenizer, patcher, max_length=max_length, chat_template=chat_template)

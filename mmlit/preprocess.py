@@ -27,10 +27,11 @@ from PIL import Image, ImageEnhance
 from .core import BadRecordError, ConfigError, MissingExtraError, Registry
 
 # %% auto #0
-__all__ = ['NORMALISATIONS', 'DEFAULT_MAX_ASPECT_RATIO', 'IMAGE_PRESETS', 'Normalisation', 'get_normalisation', 'normalize',
-           'to_rgb', 'open_checked', 'pil_to_tensor', 'pil_to_chw', 'decode_rgb', 'check_aspect_ratio',
+__all__ = ['NORMALISATIONS', 'DEFAULT_MAX_ASPECT_RATIO', 'CROP_RULES', 'IMAGE_PRESETS', 'Normalisation', 'get_normalisation',
+           'normalize', 'to_rgb', 'open_checked', 'pil_to_tensor', 'pil_to_chw', 'decode_rgb', 'check_aspect_ratio',
            'shortest_side_size', 'cover_size', 'resize_shortest', 'resize', 'center_crop', 'center_crop_box',
-           'resize_center_crop', 'random_crop', 'resize_crop', 'random_resized_crop', 'pad_to_square', 'hflip',
+           'resize_center_crop', 'random_crop', 'resize_crop', 'random_crop_box', 'random_resized_crop',
+           'pad_to_square', 'hflip', 'move_boxes', 'move_points', 'crop_keeps_boxes', 'crop_keeps_box_words',
            'color_jitter', 'ImagePreprocessor', 'image_preset', 'pretrained_image_options', 'pretrained_normalisation',
            'smart_resize', 'patchify', 'Qwen2VLPatcher', 'pretrained_patch_options', 'sample_frame_indices',
            'load_frames', 'VideoPreprocessor']
@@ -256,11 +257,10 @@ def resize_crop(img: Image.Image, resized: tuple[int, int], box: tuple[int, int,
     return img.resize(resized, resample).crop(box)
 
 # %% ../nbs/02_preprocess.ipynb #62aa1759
-def random_resized_crop(img: Image.Image, size: int | Sequence[int], rng: np.random.Generator,
-                        scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                        resample: int = Image.BICUBIC) -> Image.Image:
-    "A random crop of area fraction in `scale` and aspect ratio in `ratio`, resized to `size`."
-    H, W = img.height, img.width
+def random_crop_box(height: int, width: int, rng: np.random.Generator, scale: tuple[float, float] = (0.08, 1.0),
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3), accept=None) -> tuple[int, int, int, int]:
+    "`(left, top, right, bottom)` of a random-resized crop; with `accept(box) -> bool`, only a crop it accepts, else the whole image."
+    H, W = height, width
     area, log_ratio = H * W, (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         target = area * rng.uniform(*scale)
@@ -268,14 +268,21 @@ def random_resized_crop(img: Image.Image, size: int | Sequence[int], rng: np.ran
         cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
         if 0 < cw <= W and 0 < ch <= H:
             top, left = int(rng.integers(0, H - ch + 1)), int(rng.integers(0, W - cw + 1))
-            break
-    else:  # fall back to a centre crop with the aspect ratio clamped to `ratio`
-        if W / H < ratio[0]: cw, ch = W, int(round(W / ratio[0]))
-        elif W / H > ratio[1]: ch, cw = H, int(round(H * ratio[1]))
-        else: cw, ch = W, H
-        top, left = (H - ch) // 2, (W - cw) // 2
+            if accept is None or accept((left, top, left + cw, top + ch)): return left, top, left + cw, top + ch
+    if accept is not None: return 0, 0, W, H   # nothing accepted in 10 tries: the whole image
+    # fall back to a centre crop with the aspect ratio clamped to `ratio`
+    if W / H < ratio[0]: cw, ch = W, int(round(W / ratio[0]))
+    elif W / H > ratio[1]: ch, cw = H, int(round(H * ratio[1]))
+    else: cw, ch = W, H
+    top, left = (H - ch) // 2, (W - cw) // 2
+    return left, top, left + cw, top + ch
+
+def random_resized_crop(img: Image.Image, size: int | Sequence[int], rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                        resample: int = Image.BICUBIC) -> Image.Image:
+    "A random crop of area fraction in `scale` and aspect ratio in `ratio`, resized to `size`."
     h, w = _hw(size)
-    return img.resize((w, h), resample, box=(left, top, left + cw, top + ch))
+    return img.resize((w, h), resample, box=random_crop_box(img.height, img.width, rng, scale, ratio))
 
 def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (0, 0, 0),
                   max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, resample: int = Image.BICUBIC) -> Image.Image:
@@ -293,6 +300,44 @@ def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (0, 0, 0),
 def hflip(img: Image.Image) -> Image.Image:
     "Mirror left ↔ right."
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+# %% ../nbs/02_preprocess.ipynb #680f55c3
+def move_boxes(boxes, window: Sequence[float], size: int | Sequence[int], flip: bool = False) -> np.ndarray:
+    "Boxes `[n, 4]` (x0, y0, x1, y1, source pixels) in the pixels of a `size` = (h, w) output showing `window` of the source, mirrored if `flip`; clipped to the output."
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    h, w = _hw(size)
+    l, t, r, bt = (float(v) for v in window)
+    sx, sy = w / (r - l), h / (bt - t)
+    out = np.stack([(b[:, 0] - l) * sx, (b[:, 1] - t) * sy, (b[:, 2] - l) * sx, (b[:, 3] - t) * sy], 1)
+    out[:, 0::2], out[:, 1::2] = out[:, 0::2].clip(0, w), out[:, 1::2].clip(0, h)
+    if flip: out[:, [0, 2]] = w - out[:, [2, 0]]
+    return out
+
+def move_points(points, window: Sequence[float], size: int | Sequence[int], flip: bool = False) -> np.ndarray:
+    "Points `[n, 2]` (x, y, source pixels) in the pixels of the output showing `window`, mirrored if `flip` (not clipped)."
+    p = np.asarray(points, np.float64).reshape(-1, 2)
+    h, w = _hw(size)
+    l, t, r, bt = (float(v) for v in window)
+    out = np.stack([(p[:, 0] - l) * w / (r - l), (p[:, 1] - t) * h / (bt - t)], 1)
+    if flip: out[:, 0] = w - out[:, 0]
+    return out
+
+CROP_RULES = Registry("crop rule")
+
+@CROP_RULES.register("boxes")
+def crop_keeps_boxes(boxes, window, source_size: tuple[int, int], size, flip: bool = False) -> bool:
+    "Whether `window` holds every box whole."
+    b, (l, t, r, bt) = np.asarray(boxes, np.float64).reshape(-1, 4), window
+    return bool(((b[:, 0] >= l) & (b[:, 1] >= t) & (b[:, 2] <= r) & (b[:, 3] <= bt)).all())
+
+@CROP_RULES.register("box_words")
+def crop_keeps_box_words(boxes, window, source_size: tuple[int, int], size, flip: bool = False) -> bool:
+    "Whether `window` holds every box whole and leaves its size and position words (`mmlit.demo.box_words`) as they were."
+    from mmlit.demo import box_words
+    if not crop_keeps_boxes(boxes, window, source_size, size): return False
+    h, w = _hw(size)
+    moved = move_boxes(boxes, window, size, flip)
+    return all(box_words(a, *source_size) == box_words(m, w, h) for a, m in zip(np.asarray(boxes).reshape(-1, 4), moved))
 
 # %% ../nbs/02_preprocess.ipynb #57e0c07f
 def color_jitter(img: Image.Image, rng: np.random.Generator, brightness: float = 0.4, contrast: float = 0.4,
@@ -328,12 +373,14 @@ class ImagePreprocessor:
     draft: bool = True
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO
+    keep: str | None = None     # a CROP_RULES name: training crops and flips keep a record's boxes (and their words) true
 
     def __post_init__(self):
         self.normalize = get_normalisation(self.normalize)
         self.size = _hw(self.size)
         if self.fit not in ("crop", "pad", "stretch"): raise ConfigError(f"fit must be 'crop', 'pad' or 'stretch', got {self.fit!r}")
         if not 0 <= self.flip <= 1: raise ConfigError(f"flip is a probability, got {self.flip}")
+        if self.keep is not None: CROP_RULES.get(self.keep)   # an unknown rule fails here, naming the known ones
         std, mean = torch.tensor(self.normalize.std), torch.tensor(self.normalize.mean)
         self._scale, self._offset = (1 / (255 * std)).view(3, 1, 1), (-mean / std).view(3, 1, 1)   # as `normalize`
 
@@ -345,27 +392,46 @@ class ImagePreprocessor:
         else: s = max(h / height, w / width) / (math.sqrt(self.crop_scale[0]) if self.train else 1.0)
         return math.ceil(width * min(s, 1.0)), math.ceil(height * min(s, 1.0))
 
-    def fit_image(self, img: Image.Image, rng: np.random.Generator | None = None) -> Image.Image:
+    def fit_image(self, img: Image.Image, rng: np.random.Generator | None = None, boxes=None) -> Image.Image:
         "The geometric part: `img` (RGB) → exactly `size`, with random crops and flips when training."
-        if self.fit == "crop":
-            if self.train: out = random_resized_crop(img, self.size, rng, self.crop_scale, self.crop_ratio, self.resample)
-            elif self.draft: out = resize_center_crop(img, self.size, self.resample)   # fastest: one resize of the region
-            else: out = resize_crop(img, *center_crop_box(img.height, img.width, self.size), self.resample)  # exact: as HF
-        elif self.fit == "pad":
-            out = resize(pad_to_square(img, self.normalize.fill, self.max_image_pixels, self.resample), self.size, self.resample)
-        else: out = resize(img, self.size, self.resample)
-        if self.train and self.flip and rng.random() < self.flip: out = hflip(out)
-        if self.train and (self.jitter or self.hue): out = color_jitter(out, rng, self.jitter, self.jitter, self.jitter, self.hue)
-        return out
+        return self.fit_with_boxes(img, rng, boxes)[0]
 
-    def __call__(self, image, rng: np.random.Generator | None = None) -> torch.Tensor:
-        "`[3, H, W]` tensor for one image (PIL, bytes, path or array)."
+    def fit_with_boxes(self, img: Image.Image, rng: np.random.Generator | None = None, boxes=None,
+                       points=None) -> tuple[Image.Image, np.ndarray | None, np.ndarray | None]:
+        "`fit_image`, with `boxes` (x0, y0, x1, y1) and `points` (x, y) in `img`'s pixels moved into the output; with `keep`, crops and flips obey that rule."
+        (W, H), (h, w) = img.size, self.size
+        rule = CROP_RULES.get(self.keep) if self.keep and boxes is not None and len(boxes) else None
+        if self.fit == "crop":
+            if self.train:
+                accept = (lambda win: rule(boxes, win, (W, H), self.size)) if rule else None
+                window = random_crop_box(H, W, rng, self.crop_scale, self.crop_ratio, accept)
+                out = img.resize((w, h), self.resample, box=window)
+            else:
+                (rw, rh), (l, t, r, b) = center_crop_box(H, W, self.size)
+                window = (l * W / rw, t * H / rh, r * W / rw, b * H / rh)
+                if self.draft: out = resize_center_crop(img, self.size, self.resample)   # fastest: one resize of the region
+                else: out = resize_crop(img, (rw, rh), (l, t, r, b), self.resample)     # exact: as HF
+        elif self.fit == "pad":
+            s = max(W, H)
+            window = (-((s - W) // 2), -((s - H) // 2), s - (s - W) // 2, s - (s - H) // 2)
+            out = resize(pad_to_square(img, self.normalize.fill, self.max_image_pixels, self.resample), self.size, self.resample)
+        else: out, window = resize(img, self.size, self.resample), (0, 0, W, H)
+        flip = bool(self.train and self.flip and rng.random() < self.flip) and (rule is None or rule(boxes, window, (W, H), self.size, True))
+        if flip: out = hflip(out)
+        if self.train and (self.jitter or self.hue): out = color_jitter(out, rng, self.jitter, self.jitter, self.jitter, self.hue)
+        return (out, None if boxes is None else move_boxes(boxes, window, self.size, flip),
+                None if points is None else move_points(points, window, self.size, flip))
+
+    def __call__(self, image, rng: np.random.Generator | None = None, boxes=None) -> torch.Tensor:
+        "`[3, H, W]` tensor for one image (PIL, bytes, path or array); `boxes` (displayed pixels) steer the crop when `keep` is set."
         if self.train and rng is None: raise ConfigError("a training ImagePreprocessor needs an rng")
         src = open_checked(image, self.max_image_pixels)
         check_aspect_ratio(*src.size, self.max_aspect_ratio)   # from the header, before anything is decoded or allocated
         w, h = displayed_size(src)
         img = decode_rgb(src, min_size=self.draft_size(w, h), draft=self.draft, max_image_pixels=self.max_image_pixels)
-        x = pil_to_chw(self.fit_image(img, rng))
+        if boxes is not None:                                  # displayed pixels -> the pixels of the (maybe reduced) decode
+            boxes = np.asarray(boxes, np.float64).reshape(-1, 4) * np.tile([img.width / w, img.height / h], 2)
+        x = pil_to_chw(self.fit_image(img, rng, boxes))
         if self.uint8: return x
         y = x.to(torch.float32)
         return torch.addcmul(self._offset, y, self._scale, out=y)

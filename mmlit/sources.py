@@ -481,6 +481,7 @@ class ParquetImageText(MMDataset):
 
     def __init__(self, paths, *, image_column: str | None = AUTO, text_column: str = AUTO,
                  negatives_column: str | None = "negatives", task_column: str | None = "task",
+                 messages_column: str | None = "messages", meta_columns: Sequence[str] = (),
                  decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                  cache_row_groups: int = 1, verify_checksums: bool = True, allow_absolute_paths: bool = False, **kwargs):
         super().__init__(**kwargs)
@@ -488,6 +489,7 @@ class ParquetImageText(MMDataset):
         self.files = expand_paths(paths, (".parquet",), self.store)
         self.image_column, self.text_column, self.decode, self.max_image_pixels = image_column, text_column, decode, max_image_pixels
         self.negatives_column, self.task_column, self.verify_checksums = negatives_column, task_column, verify_checksums
+        self.messages_column, self.meta_columns = messages_column, list(meta_columns)   # chat turns; columns copied into `meta`
         self.cache_row_groups = max(1, int(cache_row_groups))
         starts, rg_file, rg_index, file_start, n = [], [], [], [], 0
         self.file_columns: list[list[str]] = []        # per shard: the columns read from it
@@ -517,8 +519,10 @@ class ParquetImageText(MMDataset):
             self.image_column = pick_column(names, self.image_column, IMAGE_NAMES, what="image", option="image_column", where=str(f))
         for col in (self.text_column, self.image_column):
             if col is not None and col not in names: raise ConfigError(f"{f}: no column {col!r}; columns are {names}")
-        return [c for c in (self.image_column, self.text_column, self.negatives_column, self.task_column)
-                if c is not None and c in names]
+        for col in self.meta_columns:
+            if col not in names: raise ConfigError(f"{f}: no column {col!r} (meta_columns); columns are {names}")
+        return [c for c in (self.image_column, self.text_column, self.negatives_column, self.task_column, self.messages_column,
+                            *self.meta_columns) if c is not None and c in names]
 
     def __len__(self) -> int: return self._n
 
@@ -580,7 +584,8 @@ def load(self: ParquetImageText, idx: int) -> dict:
                                 allow_absolute_paths=self.allow_absolute_paths, where=where)
     negatives = _str_list(row.get(self.negatives_column), "negatives", where) if self.negatives_column in row else []
     task = _pick(row, (self.task_column,), str, where) if self.task_column in row else None
-    return make_record(text, image, negatives, task, None, where)
+    messages = _messages(row.get(self.messages_column), where) if self.messages_column in row else None
+    return make_record(text, image, negatives, task, messages, {**where, **{c: row[c] for c in self.meta_columns}})
 
 # %% ../nbs/01c_sources.ipynb #b3f1a2c4
 def _undecoded(ds, column: str | None):

@@ -8,7 +8,7 @@ Docs: https://mmlit.github.io/mmlit/tasks.html.md"""
 # %% ../nbs/01e_tasks.ipynb #2317c7ad
 from __future__ import annotations
 
-from .core import ConfigError, Registry
+from .core import BadRecordError, ConfigError, Registry
 from .images import displayed_size
 
 # %% auto #0
@@ -40,9 +40,12 @@ def format_qa(rec: dict) -> list[dict]:
 # %% ../nbs/01e_tasks.ipynb #40c7d6a7
 @task_formats.register("pointing")
 def format_pointing(rec: dict) -> list[dict]:
-    "Pointing: `Point: <x, y>` per point in `meta['points']` (pixels), normalised to the image size."
+    "Pointing: `Point: <x, y>` per point in `meta['points']` (pixels; else each box's centre in `meta['boxes']`), normalised to the image size."
+    m = rec.get("meta") or {}
+    points = m.get("points") or [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in m.get("boxes") or []]
+    if not points: raise BadRecordError("a pointing record needs meta['points'] or meta['boxes'] (x0, y0, x1, y1); it has neither")
     w, h = _image_size(rec)
-    pts = "; ".join(f"<{x / w:.3f}, {y / h:.3f}>" for x, y in rec["meta"]["points"])
+    pts = "; ".join(f"<{x / w:.3f}, {y / h:.3f}>" for x, y in points)
     q = rec["meta"].get("question") or f"Point to the {rec['meta'].get('label', 'object')}."
     return _turns(q, f"Point: {pts}")
 
