@@ -39,7 +39,7 @@ MODEL_KINDS = Registry("model kind")
 @dataclass
 class ModelSpec:
     "Which model to train: a kind from `MODEL_KINDS`, a preset or pretrained weights, fields overriding them, and which parts train."
-    kind: str = "dual_encoder"           # dual_encoder, causal_lm, qwen2vl_embedder, vlm (the names in MODEL_KINDS)
+    kind: str = "dual_encoder"           # dual_encoder, causal_lm, qwen2vl_embedder, vlm, aligner (the names in MODEL_KINDS)
     preset: str | None = None            # a preset of that kind; None: `pretrained` for a dual encoder given `pretrained`, else `tiny`
     options: dict = field(default_factory=dict)   # fields overriding the preset
     pretrained: str | None = None        # a folder or hub id: the dual encoder's CLIP/SigLIP checkpoint, a causal LM's or embedder backbone's weights
