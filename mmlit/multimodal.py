@@ -119,7 +119,7 @@ class DualEncoderPreprocessor(Preprocessor):
         out["task"] = record.get("task")
         return out
 
-# %% ../nbs/02b_multimodal.ipynb #e389d0fa
+# %% ../nbs/02b_multimodal.ipynb #5962f55e
 def _vocab_size(tokenizer) -> int | None:
     "The tokenizer's vocabulary size with added tokens, when it has one."
     try: return len(tokenizer)
