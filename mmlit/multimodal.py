@@ -131,11 +131,10 @@ def encode(self: DualEncoderPreprocessor, text: str) -> dict[str, torch.Tensor]:
     if self.cache_size <= 0 or not isinstance(text, str): return encode_text(self.tokenizer, text, self.max_length)
     cache = self.__dict__.setdefault("_tokens", OrderedDict())
     key = (text, id(self.tokenizer), _vocab_size(self.tokenizer), self.max_length)
-    hit = cache.get(key)
-    if hit is None:
-        hit = cache[key] = encode_text(self.tokenizer, text, self.max_length)
-        while len(cache) > self.cache_size: cache.popitem(last=False)
-    else: cache.move_to_end(key)
+    hit = cache.pop(key, None)                                 # taken out and put back last: the most recently used
+    if hit is None: hit = encode_text(self.tokenizer, text, self.max_length)
+    cache[key] = hit
+    while len(cache) > self.cache_size: cache.popitem(last=False)
     return {k: v.clone() for k, v in hit.items()}
 
 @patch
