@@ -38,9 +38,33 @@ package's own pipeline on the same shards — plain (`.decode("pil")`, bicubic r
 normalise per sample, DataLoader batching) and hand-tuned (raw bytes, draft() decode, box resize,
 uint8, batched inside the pipeline) — with 0 and 2 workers (timing only).
 
+A peers section (`--section peers`; also at the end of a full run) reads the same photos through
+litdata (`optimize` + `StreamingDataLoader`), MosaicML streaming (`MDSWriter` + `StreamingDataset`), the
+`webdataset` package and mmlit (over Parquet), every one with the same mmlit image transform (so only
+the loading machinery differs), at 0 and 2 workers, beside a plain loop that calls the transform
+with no loader at all; round robin, best of `--repeat`. It prints what each one guarantees: whether
+0 and 2 workers gave the same batches in this run (measured), and exact mid-epoch resume (documented
+by each project; mmlit's is tested in tests/test_loader.py). A peer that cannot be imported is
+printed as such, with the error.
+
+The peers live in their own environment, apart from mmlit's (mosaicml-streaming pins
+transformers<5, and the registry's torchvision, which it imports, is a CUDA build that does not
+import with the CPU torch); the section runs with `--peers-python` (default: .venv-peers/bin/python
+when it exists, else this interpreter), with this checkout on PYTHONPATH:
+
+    python3 -m venv .venv-peers
+    .venv-peers/bin/pip install "torch==2.13.0"          # the CPU wheel; never an unpinned torch
+    .venv-peers/bin/pip install "torch==2.13.0" litdata mosaicml-streaming webdataset pyarrow pillow \
+        simplejpeg numpy fastcore pyyaml tqdm jinja2 fsspec
+
+MosaicML streaming's package imports its `streaming.vision` datasets (torchvision) on import; when
+torchvision does not import, that subpackage (unused here) is replaced by an empty module and the
+output says so.
+
     python bench/loader.py            # quick: 384 images
     python bench/loader.py --n 2000   # steadier figures
     python bench/loader.py --section webdataset   # the tar-shard section only
+    python bench/loader.py --section peers        # the peers section only
 """
 import argparse
 import contextlib
@@ -67,6 +91,13 @@ WDS = {"wds-mmlit-0": "mmlit tar shards, 0 workers", "wds-mmlit-2": "mmlit tar s
        "wds-plain-0": "webdataset plain, 0 workers", "wds-plain-2": "webdataset plain, 2 workers",
        "wds-tuned-0": "webdataset hand-tuned, 0 w", "wds-tuned-2": "webdataset hand-tuned, 2 w"}   # timing only
 WDS_SHARDS = 4
+PEERS = {"loop": "plain loop, bytes in memory", "peer-mmlit-0": "mmlit over Parquet, 0 w", "peer-mmlit-2": "mmlit over Parquet, 2 w",
+         "litdata-0": "litdata, 0 w", "litdata-2": "litdata, 2 w", "mds-0": "MosaicML streaming, 0 w",
+         "mds-2": "MosaicML streaming, 2 w", "wdspkg-0": "webdataset package, 0 w", "wdspkg-2": "webdataset package, 2 w"}
+RESUME = {"peer-mmlit": "exact mid-epoch resume: yes (loader state_dict; tested in tests/test_loader.py)",
+          "litdata": "mid-epoch resume: StreamingDataLoader.state_dict (documented)",
+          "mds": "mid-epoch resume: StreamingDataLoader / StreamingDataset.state_dict (documented)",
+          "wdspkg": "mid-epoch resume: none (an IterableDataset restarts its shards)"}
 
 
 # --- memory: peak PSS of a process tree, from /proc ---
@@ -98,13 +129,13 @@ def child_pids(pid: int) -> list:
 
 
 def tree_cpu_s(pid: int) -> float:
-    "CPU seconds (user + system) used so far by `pid` and its live descendants."
+    "CPU seconds (user + system) used so far by `pid`, its live descendants and the children they have reaped."
     todo, ticks = [pid], 0
     while todo:
         p = todo.pop()
         try: fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
         except OSError: continue
-        ticks += int(fields[11]) + int(fields[12]); todo += child_pids(p)   # utime, stime
+        ticks += sum(map(int, fields[11:15])); todo += child_pids(p)   # utime, stime, cutime, cstime (workers that exited)
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -354,13 +385,174 @@ def run_fresh(name: str, tmp: Path, bs: int, interval: float) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+# --- peers: litdata, MosaicML streaming, the webdataset package, each with mmlit's transform ---
+
+def import_streaming():
+    "MosaicML streaming's writer and dataset; its vision subpackage left out when torchvision cannot import. (module, note)."
+    import importlib, types
+    note = ""
+    try: importlib.import_module("torchvision")
+    except Exception as e:                                # a CUDA build with the CPU torch: RuntimeError, ImportError, ...
+        sys.modules["streaming.vision"] = types.ModuleType("streaming.vision")
+        note = f"its streaming.vision left out (torchvision does not import: {type(e).__name__}: {str(e).splitlines()[0][:80]})"
+    import streaming
+    return streaming, note
+
+
+def prepare_peers(tmp: Path) -> None:
+    "The photos as litdata chunks (tmp/litdata) and MDS shards (tmp/mds); tmp/peers.json: each peer's version or import error."
+    import pyarrow.parquet as pq
+    table = pq.read_table(tmp / "photos.parquet", columns=["image"]).column("image").to_pylist()
+    status = {}
+    try:
+        import litdata
+        litdata.optimize(fn=_lit_sample, inputs=[(i, b) for i, b in enumerate(table)], output_dir=str(tmp / "litdata"),
+                         chunk_bytes="16MB", num_workers=1, mode="overwrite")
+        status["litdata"] = f"litdata {litdata.__version__}"
+    except Exception as e: status["litdata"] = f"error: {type(e).__name__}: {e}"
+    try:
+        streaming, note = import_streaming()
+        with streaming.MDSWriter(out=str(tmp / "mds"), columns={"index": "int", "image": "bytes"}, size_limit="16mb") as w:
+            for i, b in enumerate(table): w.write({"index": i, "image": b})
+        status["mds"] = f"mosaicml-streaming {streaming.__version__}" + (f"; {note}" if note else "")
+    except Exception as e: status["mds"] = f"error: {type(e).__name__}: {e}"
+    try:
+        import webdataset
+        status["wdspkg"] = f"webdataset {webdataset.__version__}"
+    except Exception as e: status["wdspkg"] = f"error: {type(e).__name__}: {e}"
+    (tmp / "peers.json").write_text(json.dumps(status))
+
+
+def _lit_sample(item):
+    "litdata.optimize's function: one stored sample."
+    return {"index": item[0], "image": item[1]}
+
+
+def stack(xs: list) -> dict:
+    import torch
+    return {"pixel_values": torch.stack([x["pixel_values"] for x in xs]), "index": torch.tensor([x["index"] for x in xs])}
+
+
+def peer_loader(name: str, tmp: Path, bs: int, transform):
+    "Loader `name` (`peer-mmlit`, `litdata`, `mds`, `wdspkg`) over the photos, `transform(bytes) -> pixels` applied per sample."
+    import torch
+    from torch.utils.data import DataLoader
+    kind, _, w = name.rpartition("-"); workers = int(w)
+    sample = lambda index, image: {"pixel_values": transform(image), "index": int(index)}
+    if kind == "peer-mmlit":
+        from mmlit.loader import LoaderConfig, make_loader
+        from mmlit.sources import ParquetImageText
+        return make_loader(ParquetImageText(tmp / "photos.parquet", decode=False),
+                           LoaderConfig(batch_size=bs, num_workers=workers, seed=0, train=False),
+                           transform=lambda rec, rng: sample(rec["meta"]["index"], rec["image"]))
+    if kind == "litdata":
+        import litdata
+        class Photos(litdata.StreamingDataset):
+            def __getitem__(self, i):
+                s = super().__getitem__(i); return sample(s["index"], s["image"])
+        return litdata.StreamingDataLoader(Photos(str(tmp / "litdata"), shuffle=False), batch_size=bs, num_workers=workers,
+                                           collate_fn=stack)
+    if kind == "mds":
+        streaming, _ = import_streaming()
+        class Photos(streaming.StreamingDataset):
+            def __getitem__(self, i):
+                s = super().__getitem__(i); return sample(s["index"], s["image"])
+        return streaming.StreamingDataLoader(Photos(local=str(tmp / "mds"), shuffle=False, batch_size=bs), batch_size=bs,
+                                             num_workers=workers, collate_fn=stack, persistent_workers=workers > 0)
+    import webdataset as wds
+    ds = (wds.WebDataset(shard_pattern(tmp), shardshuffle=False, empty_check=False).to_tuple("__key__", "jpg")
+          .map(lambda kv: sample(int(kv[0]), kv[1])).batched(bs, collation_fn=stack, partial=True))
+    return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+
+
+def measure_peer(name: str, tmp: Path, bs: int) -> dict:
+    "Run peer configuration `name` here: images, images/s, CPU seconds, and each batch's sample indices."
+    import torch
+    from PIL import Image
+    from mmlit.preprocess import ImagePreprocessor
+    torch.set_num_threads(1)
+    ip = ImagePreprocessor(size=224, fit="crop", uint8=True, resample=Image.BOX)   # the transform every loader here applies
+    transform = lambda image: ip(image, None)
+    if name == "loop":
+        import pyarrow.parquet as pq
+        blobs = pq.read_table(tmp / "photos.parquet", columns=["image"]).column("image").to_pylist()
+        n, secs, cpu = timed_cpu(lambda: sum(len(transform(b)) > 0 for b in blobs))
+        return {"config": name, "images": n, "images_per_s": n / secs, "cpu_s": cpu, "batches": None}
+    try: ld = peer_loader(name, tmp, bs, transform)
+    except Exception as e: return {"config": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    order = []
+    def drain_ordered():
+        for b in ld: order.append(b["index"].tolist()); assert b["pixel_values"].dtype == torch.uint8
+        return sum(map(len, order))
+    n, secs, cpu = timed_cpu(drain_ordered)
+    return {"config": name, "images": n, "images_per_s": n / secs, "cpu_s": cpu, "batches": order}
+
+
+def run_peer(name: str, tmp: Path, bs: int, python: str) -> dict:
+    "measure_peer in a fresh `python` (the peers' environment) with this checkout on PYTHONPATH; its JSON line or the error."
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "MMLIT_CACHE": str(tmp / "mmlit-cache"), "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([python, __file__, "--only-peer", name, "--parquet", str(tmp / "photos.parquet"), "--batch-size", str(bs)],
+                       capture_output=True, text=True, env=env)
+    if p.returncode != 0: return {"config": name, "error": (p.stderr.strip().splitlines() or ["exit code %d" % p.returncode])[-1]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def peers_section(tmp: Path, n: int, bs: int, repeat: int, python: str) -> None:
+    "Prepare the peers' formats, run each configuration `repeat` times round robin; the best run of each, the peers' status."
+    p = subprocess.run([python, __file__, "--prepare-peers", str(tmp)], capture_output=True, text=True,   # litdata's progress bars
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    if p.returncode != 0: raise SystemExit(f"preparing the peers' formats failed:\n{p.stderr}")
+    status = json.loads((tmp / "peers.json").read_text())
+    runs = [run_peer(name, tmp, bs, python) for _ in range(repeat) for name in PEERS]
+    best = {}
+    for r in runs:
+        if "error" in r: best.setdefault(r["config"], r); continue
+        assert r["images"] == n, (r["config"], r["images"])
+        if "images_per_s" not in best.get(r["config"], {}) or r["images_per_s"] > best[r["config"]]["images_per_s"]: best[r["config"]] = r
+    return best, status
+
+
+def print_peers(best: dict, status: dict, n: int, bs: int, repeat: int, python: str) -> None:
+    "The peers table: images/s and CPU per image at 0 and 2 workers, what each guarantees, mmlit's ratios."
+    f = {k: r.get("images_per_s") for k, r in best.items()}
+    try: cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration): cpu = "unknown CPU"
+    print(f"[{cpu}, {os.cpu_count()} cores; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; torch threads 1]")
+    print(f"{n} JPEG photos ~500x375 -> 224x224 uint8 batches of {bs}, the same mmlit transform in every loader "
+          f"(best of {repeat} round-robin runs; images/s is wall, CPU is the process and its workers; {python})")
+    print(f"  {PEERS['loop']:30} {f['loop']:8.0f} images/s   CPU {1e6 * best['loop']['cpu_s'] / n:5.0f} us/image")
+    for kind in ("peer-mmlit", "litdata", "mds", "wdspkg"):
+        version = status.get(kind, "")
+        if version.startswith("error"): print(f"  {PEERS[kind + '-0'].rsplit(',', 1)[0]}: cannot import ({version[7:]})"); continue
+        for w in (0, 2):
+            r = best[f"{kind}-{w}"]
+            if "error" in r: print(f"  {PEERS[r['config']]:30} failed: {r['error']}"); continue
+            print(f"  {PEERS[r['config']]:30} {r['images_per_s']:8.0f} images/s   CPU {1e6 * r['cpu_s'] / n:5.0f} us/image")
+        a, b = best[f"{kind}-0"].get("batches"), best[f"{kind}-2"].get("batches")
+        same = "yes" if a is not None and a == b else "NO" if a is not None and b is not None else "?"
+        print(f"    {version or 'mmlit'}: the same batches with 0 and 2 workers here: {same}; {RESUME[kind]}")
+    for w in (0, 2):
+        m = f.get(f"peer-mmlit-{w}")
+        ratios = [f"{PEERS[f'{k}-{w}'].rsplit(',', 1)[0]} {m / f[f'{k}-{w}']:.2f}x" for k in ("litdata", "mds", "wdspkg")
+                  if m and f.get(f"{k}-{w}")]
+        print(f"  {w} workers: mmlit over Parquet / " + ", ".join(ratios) + "   (goal >= 1.1)")
+    if f.get("peer-mmlit-0"): print(f"  mmlit over Parquet, 0 workers / plain loop  {f['peer-mmlit-0'] / f['loop']:.2f}x   (goal >= 0.95)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=384, help="images in the Parquet file")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--interval", type=float, default=0.02, help="seconds between PSS samples (with --only: 0, none)")
     ap.add_argument("--only", choices=[*CONFIGS, *SHUFFLED, *WDS, "decode-2"], help="measure one configuration here; print a JSON line")
-    ap.add_argument("--section", choices=["all", "webdataset"], default="all", help="webdataset: only the tar-shard section")
+    ap.add_argument("--section", choices=["all", "webdataset", "peers"], default="all",
+                    help="webdataset: only the tar-shard section; peers: only the peers section")
+    default_peers = Path(__file__).resolve().parent.parent / ".venv-peers" / "bin" / "python"
+    ap.add_argument("--peers-python", default=str(default_peers) if default_peers.exists() else sys.executable,
+                    help="the interpreter of the peers' environment (default: .venv-peers/bin/python if present)")
+    ap.add_argument("--only-peer", choices=list(PEERS), help=argparse.SUPPRESS)
+    ap.add_argument("--prepare-peers", type=Path, metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--repeat", type=int, default=3, help="tar-shard section: runs of each configuration, round robin; the best counts")
     ap.add_argument("--parquet", type=Path, help="with --only: the Parquet file to read")
     ap.add_argument("--cache-dir", type=Path, help="with --only: HF datasets cache directory (default: a temp dir)")
@@ -368,6 +560,10 @@ def main():
     args = ap.parse_args()
     bs = args.batch_size
     if args.prepare: prepare(args.prepare, args.n); return
+    if args.prepare_peers: prepare_peers(args.prepare_peers); return
+    if args.only_peer:
+        if args.parquet is None: ap.error("--only-peer needs --parquet")
+        print(json.dumps(measure_peer(args.only_peer, args.parquet.parent, bs))); return
     if args.only:
         if args.parquet is None: ap.error("--only needs --parquet")
         with tempfile.TemporaryDirectory(prefix="mmlit-bench-hf-") as tmp:
@@ -378,6 +574,8 @@ def main():
         tmp = Path(tmp)
         subprocess.run([sys.executable, __file__, "--prepare", str(tmp), "--n", str(args.n)], check=True,
                        env={**os.environ, "MMLIT_CACHE": str(tmp / "mmlit-cache")})
+        if args.section == "peers":
+            return print_peers(*peers_section(tmp, args.n, bs, args.repeat, args.peers_python), args.n, bs, args.repeat, args.peers_python)
         wds_runs = [run_fresh(name, tmp, bs, 0) for _ in range(args.repeat) for name in WDS]   # round robin: load shifts hit all alike
         wds_figures = {name: max((r for r in wds_runs if r["config"] == name), key=lambda r: r["images_per_s"]) for name in WDS}
         if args.section == "webdataset": return print_wds(wds_figures, args.n, bs)
@@ -385,6 +583,7 @@ def main():
         memory = {CONFIGS[name]: run_fresh(name, tmp, bs, args.interval) for name in CONFIGS}
         ceiling = run_fresh("decode-2", tmp, bs, 0)
         shuffled = {name: run_fresh(name, tmp, bs, 0) for name in SHUFFLED}
+        peers = peers_section(tmp, args.n, bs, args.repeat, args.peers_python)
     for label, r in [*timing.items(), *memory.items()]: assert r["images"] == args.n, (label, r["images"])
     figures = {label: r["images_per_s"] for label, r in timing.items()}
     peaks = {label: r["peak_pss_mib"] for label, r in memory.items()}
@@ -414,6 +613,7 @@ def main():
     print(f"  2-process ceiling now: decode-only in 2 processes at once = "
           f"{ceiling['images_per_s'] / ceiling['one_process_per_s']:.2f}x one process (bounds mmlit 2 workers / 0 workers)")
     print_wds(wds_figures, args.n, bs)
+    print_peers(*peers, args.n, bs, args.repeat, args.peers_python)
 
 
 def print_wds(results: dict, n: int, bs: int) -> None:

@@ -8,20 +8,22 @@ Docs: https://mmlit.github.io/mmlit/multimodal.html.md"""
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 from .core import BadRecordError, ConfigError, Registry
 from .dataset import locate_error
 from .images import displayed_size
 from .sources import group_videos
-from .tasks import format_messages, task_formats
 from .formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from .preprocess import ImagePreprocessor, Qwen2VLPatcher, check_aspect_ratio, image_preset, load_frames, open_checked
 from .text import VIDEO_PAD, ImageTokens, encode_chat, encode_text
+from .tasks import format_messages, task_formats
 
 # %% auto #0
 __all__ = ['PREPROCESSORS', 'record_images', 'record_boxes', 'record_messages', 'record_videos', 'frames_as_images',
@@ -106,19 +108,47 @@ class DualEncoderPreprocessor(Preprocessor):
     tokenizer: Any
     images: ImagePreprocessor = field(default_factory=ImagePreprocessor)
     max_length: int = 77
+    cache_size: int = 16384    # texts whose tokens are kept (an LRU in each process); 0: none
+
+    def __getstate__(self):   # a worker starts with an empty cache
+        return {k: v for k, v in self.__dict__.items() if k != "_tokens"}
 
     def process(self, record, rng):
         "Caption tokens, the image's `pixel_values` and the negatives' tokens."
         ims = record_images(record)
         if len(ims) != 1: raise BadRecordError(f"a dual-encoder record needs exactly one image, got {len(ims)}")
         if record.get("text") is None: raise BadRecordError("a dual-encoder record needs a text")
-        out = encode_text(self.tokenizer, record["text"], self.max_length)
+        out = self.encode(record["text"])
         out["pixel_values"] = self.images(ims[0], rng, boxes=record_boxes(record))   # a crop rule keeps them true
-        negs = [encode_text(self.tokenizer, t, self.max_length) for t in record.get("negatives") or []]
+        negs = [self.encode(t) for t in record.get("negatives") or []]
         out["negative_input_ids"] = [n["input_ids"] for n in negs]
         out["negative_attention_mask"] = [n["attention_mask"] for n in negs]
         out["task"] = record.get("task")
         return out
+
+# %% ../nbs/02b_multimodal.ipynb #5962f55e
+def _vocab_size(tokenizer) -> int | None:
+    "The tokenizer's vocabulary size with added tokens, when it has one."
+    try: return len(tokenizer)
+    except TypeError: return None
+
+@patch
+def encode(self: DualEncoderPreprocessor, text: str) -> dict[str, torch.Tensor]:
+    "`encode_text` of `text` at `max_length`, from this process's LRU cache of the last `cache_size` texts."
+    if self.cache_size <= 0 or not isinstance(text, str): return encode_text(self.tokenizer, text, self.max_length)
+    cache = self.__dict__.setdefault("_tokens", OrderedDict())
+    key = (text, id(self.tokenizer), _vocab_size(self.tokenizer), self.max_length)
+    hit = cache.pop(key, None)                                 # taken out and put back last: the most recently used
+    if hit is None: hit = encode_text(self.tokenizer, text, self.max_length)
+    cache[key] = hit
+    while len(cache) > self.cache_size: cache.popitem(last=False)
+    return {k: v.clone() for k, v in hit.items()}
+
+@patch
+def clear_cache(self: DualEncoderPreprocessor):
+    "Forget the cached tokens."
+    self.__dict__.pop("_tokens", None)
+
 
 # %% ../nbs/02b_multimodal.ipynb #56de09e5
 @dataclass

@@ -28,10 +28,10 @@ from .train import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, Schedu
 __all__ = ['MODEL_KINDS', 'EMBEDDER_PRESETS', 'RUN_DATA', 'ModelSpec', 'RunConfig', 'data_store', 'check_data_paths', 'ModelKind',
            'model_config', 'apply_trainable', 'build_model', 'pretrained_defaults', 'merge_dicts', 'resolve_run_config',
            'labels_in_gather_order', 'padding_in_gather_order', 'Run', 'build_run', 'caption_tokens', 'eval_embeddings',
-           'finish_run', 'export_model', 'split_by_group', 'demo_paths', 'demo_config', 'format_summary', 'run_demo',
-           'caption_demo_config', 'caption_truths', 'run_caption_demo', 'format_caption_summary', 'example_config',
-           'vlm_demo_config', 'run_vlm_demo', 'format_vlm_summary', 'absolute_data', 'data_files', 'data_record',
-           'record_data']
+           'finish_run', 'export_model', 'split_by_group', 'demo_paths', 'demo_config', 'cpu_model', 'machine',
+           'format_summary', 'run_demo', 'caption_demo_config', 'caption_truths', 'run_caption_demo',
+           'format_caption_summary', 'example_config', 'vlm_demo_config', 'run_vlm_demo', 'format_vlm_summary',
+           'absolute_data', 'data_files', 'data_record', 'record_data']
 
 # %% ../nbs/80_recipe.ipynb #feeda6a9
 MODEL_KINDS = Registry("model kind")
@@ -584,6 +584,19 @@ def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = Non
         checkpoint=CheckpointConfig(keep=2), log=LogConfig(),
         zero_shot="digits", label_column="label")
 
+# %% ../nbs/80_recipe.ipynb #61c79d39
+def cpu_model() -> str:
+    "The CPU's model name (from /proc/cpuinfo on Linux, else what `platform` knows)."
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f: return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration): return platform.processor() or platform.machine() or "unknown CPU"
+
+def machine(loader_workers: int) -> dict:
+    "Where a run's figures were measured: the CPU model, its cores, torch's threads and the loader's workers."
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "loader_workers": loader_workers}
+
+
 # %% ../nbs/80_recipe.ipynb #1d69d94d
 def format_summary(s: dict) -> str:
     "The table `mmlit demo` prints: zero-shot and hard-negative accuracy, Recall@1/5/10 both ways at every dimension, wall time."
@@ -602,6 +615,7 @@ def format_summary(s: dict) -> str:
             lines.append(f"  {kind:12} {d:>5} {vals}")
     sec = s["seconds"]
     lines += ["", f"  wall time {sec.get('wall', sec['fit']):.0f} s (data + build {sec['build']:.0f} s, training + evaluation {sec['fit']:.0f} s)"]
+    if "machine" in s: lines.append("  measured on {cpu} ({cores} cores), torch threads {torch_threads}, loader workers {loader_workers}".format(**s["machine"]))
     return "\n".join(lines)
 
 # %% ../nbs/80_recipe.ipynb #36b8c628
@@ -613,7 +627,7 @@ def run_demo(run_dir: str | Path = "runs/demo", epochs: int = 50, progress: bool
     run = build_run(cfg)
     run.build_s = time.perf_counter() - t0
     result = run.fit()
-    return finish_run(run, result, time.perf_counter() - t0)
+    return {**finish_run(run, result, time.perf_counter() - t0), "machine": machine(run.trainer.train_loader.config.num_workers)}
 
 # %% ../nbs/80_recipe.ipynb #c6ea71e2
 def caption_demo_config(run_dir: str | Path = "runs/caption", encoder_run: str | Path = "runs/demo", root: str | Path | None = None,
