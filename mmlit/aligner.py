@@ -30,6 +30,7 @@ ALIGNER_PRESETS = Registry("aligner preset")
 ALIGNER_PRESETS.add("tiny", dict(model_type="qwen2", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True))
 
+# %% ../nbs/05g_aligner.ipynb #99ef46b3
 @dataclass
 class AlignerConfig:
     "The aligner: its language model's config, the prefix length and projector width, and whether the encoder trains."
@@ -105,6 +106,7 @@ class AlignerOutput(CausalLMOutput):
     "A causal LM's output, and each caption's mean token loss (`sample_loss`, for the trainer's per-sample ledger)."
     sample_loss: torch.Tensor | None = None
 
+# %% ../nbs/05g_aligner.ipynb #05af15a8
 @patch
 def forward(self: Aligner, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
             attention_mask: torch.Tensor | None = None, return_loss: bool = True, **_) -> AlignerOutput:

@@ -35,6 +35,7 @@ def causal_lm_config(preset: str | dict, vocab_size: int | None = None, **overri
     if vocab_size is not None: d["vocab_size"] = int(vocab_size)
     return {**d, **overrides}
 
+# %% ../nbs/05d_causal_lm.ipynb #eae1c981
 @dataclass
 class CausalLMOutput:
     "The loss (mean over target tokens), the logits and the number of target tokens."

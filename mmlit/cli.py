@@ -76,6 +76,7 @@ def _quiet(logger_name: str = "mmlit.dataset"):
 def _progress_wanted(n: int, progress: bool | None) -> bool:
     return progress if progress is not None else (n >= 1000 and sys.stderr.isatty())
 
+# %% ../nbs/90_cli.ipynb #b84593b3
 def inspect_dataset(ds: MMDataset, *, progress: bool | None = None, desc: str | None = None) -> dict:
     "Read and decode every record of `ds`; rows, good, bad (index, reason, file) and record statistics."
     from tqdm import tqdm
@@ -94,6 +95,7 @@ def inspect_dataset(ds: MMDataset, *, progress: bool | None = None, desc: str | 
     return {"kind": ds.source, "files": files, "rows": ds.n_rows, "good": good, "bad": bad, **stats.to_dict(),
             "seconds": round(time.perf_counter() - t0, 3)}
 
+# %% ../nbs/90_cli.ipynb #3bcb82b6
 def inspect_source(path, kind: str | None = None, *, progress: bool | None = None, **kwargs) -> dict:
     "Open `path` with `mmlit.formats.open_dataset` (images decoded, bad records skipped) and `inspect_dataset` it."
     ds = open_dataset(path, kind=kind, on_error="skip", **kwargs)
@@ -131,6 +133,7 @@ def _write_plots(run_dir) -> Path:
     from mmlit.report import write_report
     return write_report(run_dir)                  # writes the PNGs too
 
+# %% ../nbs/90_cli.ipynb #611f77b4
 def cmd_demo(args) -> int:
     "Run `mmlit demo` (`--task retrieval`, the default, `caption` or `vlm`); returns the exit status."
     from mmlit.recipe import format_caption_summary, format_summary, format_vlm_summary, run_caption_demo, run_demo, run_vlm_demo
@@ -150,6 +153,7 @@ def cmd_demo(args) -> int:
     print(f"  run directory: {run_dir}")
     return _interrupted(summary)
 
+# %% ../nbs/90_cli.ipynb #8b4ff067
 def _lm_lines(history: list[dict]) -> list[str]:
     "Validation loss and perplexity at the first and last evaluation."
     ev = [r for r in history if "val/loss" in r]
@@ -157,6 +161,7 @@ def _lm_lines(history: list[dict]) -> list[str]:
     f = lambda r: f"val/loss {r['val/loss']:.4f}" + (f"  perplexity {r['val/perplexity']:.2f}" if "val/perplexity" in r else "")
     return [f"  first evaluation (step {ev[0]['train/step']}): {f(ev[0])}", f"  last evaluation  (step {ev[-1]['train/step']}): {f(ev[-1])}"]
 
+# %% ../nbs/90_cli.ipynb #068ded17
 def cmd_train(args) -> int:
     "Run `mmlit train CONFIG.yaml`; returns the exit status."
     import time
@@ -178,6 +183,7 @@ def cmd_train(args) -> int:
     print(f"  run directory: {run.config.run_dir}")
     return _interrupted(summary)
 
+# %% ../nbs/90_cli.ipynb #385f8efe
 def add_run_commands(sub) -> None:
     "Add `demo` and `train` to the `mmlit` subcommands."
     d = sub.add_parser("demo", help="train the tiny dual encoder on the bundled demo data (CPU) and print its held-out metrics",
@@ -307,6 +313,7 @@ def cmd_config(args) -> int:
     except MmlitError as e: return (print(f"mmlit config: error: {e}", file=sys.stderr), 2)[1]
     return 0
 
+# %% ../nbs/90_cli.ipynb #df42b6b9
 def add_config_command(sub) -> None:
     "Add `config` to the `mmlit` subcommands."
     c = sub.add_parser("config", help="print a commented example run config (YAML) of a model kind, on the bundled demo data",
@@ -349,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_command(sub)
     return p
 
+# %% ../nbs/90_cli.ipynb #35e3de1b
 def _source_kwargs(args, kind: str | None) -> dict:
     auto = lambda v: "auto" if v is None else v
     root = {} if args.image_root is None else dict(image_root=args.image_root)
@@ -361,6 +369,7 @@ def _source_kwargs(args, kind: str | None) -> dict:
     if kind == "conversations": return root
     return {}
 
+# %% ../nbs/90_cli.ipynb #7ce39dc1
 def _cli_options(msg: str) -> str:
     "An error message with the source options it names spelt as this command's flags."
     for opt, flag in (("image_column", "--image-column"), ("image_field", "--image-column"), ("image_key", "--image-column"),
@@ -372,6 +381,7 @@ def _guess_kind(path: str) -> str | None:
     "The source kind of `path`: `mmlit.formats.guess_kind` (from the path and its first record); `None` if unknown."
     return guess_kind(path)
 
+# %% ../nbs/90_cli.ipynb #f5dac98b
 def _check_exists(path: str) -> str | None:
     "An error message when `path` (a file, directory or glob) names nothing."
     import glob
@@ -397,6 +407,7 @@ def _without_timing(r: dict) -> dict:
     if "sources" in r: r["sources"] = [_without_timing(s) for s in r["sources"]]
     return r
 
+# %% ../nbs/90_cli.ipynb #54ade774
 def cmd_inspect(args, parser: argparse.ArgumentParser) -> int:
     "Run `mmlit inspect`; returns the exit status."
     err = lambda msg: (print(f"mmlit inspect: error: {msg}", file=sys.stderr), 2)[1]
@@ -427,6 +438,7 @@ def cmd_inspect(args, parser: argparse.ArgumentParser) -> int:
         return 1
     return 0
 
+# %% ../nbs/90_cli.ipynb #1b554daa
 def main(argv: Sequence[str] | None = None) -> int:
     "Entry point of the `mmlit` command; returns the exit status."
     parser = build_parser()
@@ -441,6 +453,7 @@ def _run_view_error(command: str, e: Exception) -> int:
     print(f"mmlit {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
     return 2
 
+# %% ../nbs/90_cli.ipynb #b7c1cf68
 def run_steps(run_dir: str | Path) -> int:
     "How many optimiser steps a run took: `summary.json`'s `steps`, else the last `train/step` in its metrics."
     from mmlit.viz import RunFileError, read_run_file
@@ -472,6 +485,7 @@ def _data_named(data: dict, files: list, fingerprint) -> str:
     shown = ", ".join(f"{f} ({size:,} bytes)" for f, size in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
     return f"data {data.get('data')}" + (f" [{shown}]" if shown else "") + f", fingerprint {fingerprint}"
 
+# %% ../nbs/90_cli.ipynb #cc76ebfb
 def _run_data(run_dir: Path, cfg: dict) -> tuple[dict, dict | None]:
     "The data section to rebuild from (`data.json`'s, with absolute paths; else `config.yaml`'s) and the run's data record."
     from mmlit.recipe import RUN_DATA
@@ -485,6 +499,7 @@ def _run_data(run_dir: Path, cfg: dict) -> tuple[dict, dict | None]:
         raise MmlitError(f"{run_dir / 'config.yaml'} has no 'data' section: the loader cannot be rebuilt")
     return _without_masked(data), record
 
+# %% ../nbs/90_cli.ipynb #82fdeeed
 def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]:
     "The batch of training step `step` (as logged: 1 is the first), rebuilt from the run's data section and checked against its data record."
     from mmlit.loader import LoaderDataModule, loader_parts, resolve_collate
@@ -532,6 +547,7 @@ def cmd_report(args) -> int:
     print(page)
     return 0
 
+# %% ../nbs/90_cli.ipynb #6bf2bf59
 def cmd_show_batch(args) -> int:
     "Run `mmlit show-batch`: rebuild training step K's batch from the run's config and write its views."
     from mmlit.viz import write_batch_views, require_files
@@ -564,6 +580,7 @@ def cmd_samples(args) -> int:
         print(f"  {r.sample:>8} {r.loss:>8.4f} {r.seen:>4}  {r.source or '-'} {r.file or '-'} {r.unit} {r.row}")
     return 0
 
+# %% ../nbs/90_cli.ipynb #5c587ee8
 def add_run_view_commands(sub) -> None:
     "Add `report`, `show-batch` and `samples` to the `mmlit` sub-command parsers."
     rep = sub.add_parser("report", help="write a run directory's plots and one-page HTML report",
@@ -594,6 +611,7 @@ def _lines_or_file(values: Sequence[str] | None) -> list[str] | None:
         return [l.strip() for l in Path(values[0]).read_text().splitlines() if l.strip()]
     return values
 
+# %% ../nbs/90_cli.ipynb #9fe70626
 def cmd_eval(args) -> int:
     "Run `mmlit eval`: retrieval and zero-shot figures of a run or saved model on `--data`; returns the exit status."
     from mmlit.evaluate import clip_benchmark_results, evaluate_data, format_eval, load_eval_model
@@ -620,6 +638,7 @@ def cmd_eval(args) -> int:
         print(f"  {r['task']}: {out}")
     return 0
 
+# %% ../nbs/90_cli.ipynb #2c0ce7b3
 def add_eval_command(sub) -> None:
     "Add `eval` to the `mmlit` subcommands."
     e = sub.add_parser("eval", help="retrieval recall and zero-shot accuracy of a run or saved model on any data (CLIP_benchmark's JSON)",
@@ -650,6 +669,7 @@ def cmd_export(args) -> int:
     print(f"wrote {out}")
     return 0
 
+# %% ../nbs/90_cli.ipynb #c7d606c6
 def add_export_command(sub) -> None:
     "Add `export` to the `mmlit` subcommands."
     e = sub.add_parser("export", help="write a run's model (LoRA merged, shards gathered) as a save_pretrained folder",

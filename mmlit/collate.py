@@ -62,6 +62,7 @@ def check_same_keys(samples: Sequence[dict]) -> None:
             raise KeyMismatchError(f"{describe_sample(s, i)} has keys that differ from sample 0: "
                                    f"missing {missing}, extra {extra}")
 
+# %% ../nbs/03_collate.ipynb #8313816e
 class Collator:
     "Base class: drop bad records, check keys, then `collate` the good samples."
     last_bad: list = []
@@ -95,6 +96,7 @@ class Collator:
         if batch is None: raise EmptyBatchError(f"all {len(bad)} samples of the batch were bad records: {bad}")
         return batch
 
+# %% ../nbs/03_collate.ipynb #e61dba80
 collators = Registry("collator")
 "Collator factories by name, with `modality` / `task` / `model` metadata to select by."
 
@@ -152,6 +154,7 @@ class Padding:
             raise SequenceTooLongError(f"{what} has {n} tokens > max_length={self.max_length} (pass overflow='truncate' to cut it)")
         return slice(0, self.max_length) if self.truncation_side == "right" else slice(n - self.max_length, n)
 
+# %% ../nbs/03_collate.ipynb #84a95627
 def pad_stack(seqs: Sequence[torch.Tensor], length: int, value: float, side: str = "right") -> torch.Tensor:
     "Stack tensors ragged on dim 0 into `[B, length, ...]`, filling with `value` on `side`."
     out = seqs[0].new_full((len(seqs), length, *seqs[0].shape[1:]), value)
@@ -173,6 +176,7 @@ def shift_positions(idx: torch.Tensor, offset: int, length: int, what: str) -> t
         raise SequenceTooLongError(f"{what}: truncating to max_length would cut image tokens (raise max_length)")
     return out
 
+# %% ../nbs/03_collate.ipynb #0b93e50c
 class TextCollator(Collator):
     "Pad token sequences (HF `DataCollatorWithPadding` semantics), stack the rest."
     requires = ("input_ids",)
@@ -215,6 +219,7 @@ class TextCollator(Collator):
         batch = self.pad_sequences(samples)
         return {**batch, **stack_rest(samples, [k for k in samples[0] if k not in batch], type(self).__name__)}
 
+# %% ../nbs/03_collate.ipynb #5caef2ad
 collators.add("text", TextCollator, modality="text")
 
 # %% ../nbs/03_collate.ipynb #d27975e3
@@ -276,6 +281,7 @@ class MaskedLMCollator(TextCollator):
         batch["input_ids"], batch["labels"] = self.mask_tokens(batch["input_ids"], batch["attention_mask"], g)
         return batch
 
+# %% ../nbs/03_collate.ipynb #25138f13
 collators.add("masked_lm", MaskedLMCollator, modality="text", task="masked_lm")
 
 # %% ../nbs/03_collate.ipynb #933ec38c
@@ -287,6 +293,7 @@ def _norm_stats(normalize) -> Normalisation | None:
     if normalize in (None, False): return None
     return get_normalisation("imagenet" if normalize is True else normalize)
 
+# %% ../nbs/03_collate.ipynb #19799677
 class VisionCollator(Collator):
     "Stack `pixel_values [C,H,W]`; normalise uint8 on request, else leave it for the GPU."
     def __init__(self, normalize: bool | str | tuple = False, image_key: str = "pixel_values"):
@@ -344,6 +351,7 @@ class MultimodalCollator(TextCollator):
             rest["pixel_values"] = normalize_uint8(rest["pixel_values"], self.norm)
         return {**batch, **rest}
 
+# %% ../nbs/03_collate.ipynb #274270dd
 collators.add("multimodal", MultimodalCollator, modality="multimodal", model="clip")
 
 # %% ../nbs/03_collate.ipynb #ac5884a5
@@ -406,6 +414,7 @@ class Qwen2VLCollator(TextCollator):
         skip = set(batch) | {"pixel_values", "image_grid_thw", "image_input_idx", "pixel_values_videos", "video_grid_thw"}
         return {**batch, **stack_rest(samples, [k for k in samples[0] if k not in skip], type(self).__name__)}
 
+# %% ../nbs/03_collate.ipynb #2e68edb1
 collators.add("qwen2_vl", Qwen2VLCollator, modality="multimodal", model="qwen2_vl")
 
 # %% ../nbs/03_collate.ipynb #68c22ea9
@@ -443,6 +452,7 @@ class ContrastiveCollator(Collator):
         nmask = pad_stack([torch.ones(len(n), dtype=torch.bool) for n in negs], K, False)
         return {**batch, "negative_input_ids": ids, "negative_attention_mask": am, "negative_mask": nmask}
 
+# %% ../nbs/03_collate.ipynb #46094082
 collators.add("contrastive", ContrastiveCollator, task="contrastive")
 
 # %% ../nbs/03_collate.ipynb #26a5170d
@@ -472,6 +482,7 @@ def collator_name_for(spec) -> str:
         if score > best_score: best, best_score = name, score
     return best
 
+# %% ../nbs/03_collate.ipynb #f4576da9
 def collator_for(spec=None, *, name: str | None = None, **kwargs) -> Callable:
     "Build the collator named `name`, or the one `collator_name_for(spec)` picks, with `kwargs`."
     return collators.build(name or collator_name_for(spec), **kwargs)

@@ -43,6 +43,7 @@ def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
     d = load_digits()
     return d.images.astype(np.float32), d.target.astype(np.int64)
 
+# %% ../nbs/01g_demo.ipynb #ced45626
 def digit_alpha(digit: np.ndarray, image_size: int, box: tuple[int, int, int, int]) -> np.ndarray:
     "float32 `[image_size, image_size, 1]` coverage in 0..1 of `digit` (8×8, 0..16) stretched over `box` = (x0, y0, x1, y1)."
     x0, y0, x1, y1 = box
@@ -57,7 +58,6 @@ def render_digit(digit: np.ndarray, color: tuple, background: tuple, image_size:
     alpha = digit_alpha(digit, image_size, box)
     bg, fg = np.asarray(background, np.float32), np.asarray(color, np.float32)
     return Image.fromarray(np.rint(bg + alpha * (fg - bg)).astype(np.uint8), mode="RGB")
-
 
 # %% ../nbs/01g_demo.ipynb #35830513
 TEMPLATES = [
@@ -76,6 +76,7 @@ def _position_word(box: tuple, image_size: int) -> str:
     row = "top" if cy < image_size / 3 else "bottom" if cy > 2 * image_size / 3 else ""
     return f"{row} {col}".strip() or "centre"
 
+# %% ../nbs/01g_demo.ipynb #472303a6
 def box_words(box, width: int, height: int) -> dict:
     "The words a caption uses for `box` = (x0, y0, x1, y1) in a `width`×`height` image: `size` (None when its width and height disagree) and `position`."
     x0, y0, x1, y1 = (float(v) for v in box)
@@ -89,6 +90,7 @@ def caption_for(template: int, **attrs) -> str:
     "The caption `TEMPLATES[template]` gives to a row's attributes (`digit`, `colour`, ...)."
     return TEMPLATES[template].format(word=DIGIT_WORDS[attrs["digit"]], **attrs)
 
+# %% ../nbs/01g_demo.ipynb #ee10a8b3
 def demo_row(i: int, seed: int = 0, image_size: int = 64) -> dict:
     "Row `i` of the demo set: the image and its attributes, all drawn from `np_rng(seed, 0, i)`."
     if image_size < 16: raise ConfigError(f"image_size must be at least 16, got {image_size}")
@@ -127,6 +129,7 @@ DEMO_SCHEMA = pa.schema(
      ("size", pa.string()), ("position", pa.string()), ("box", pa.list_(pa.int32()))],
     metadata={"huggingface": json.dumps({"info": {"features": _FEATURES}})})
 
+# %% ../nbs/01g_demo.ipynb #310083a1
 def encode_image(im: Image.Image, fmt: str = "png", compress_level: int = 6) -> bytes:
     "The bytes of `im` as PNG (lossless, zlib `compress_level`) or JPEG (quality 90), reproducibly."
     buf = BytesIO()
@@ -143,6 +146,7 @@ def _demo_table(rows: range, seed: int, image_size: int, fmt: str) -> pa.Table:
         for k in cols: cols[k].append(r[k])
     return pa.Table.from_pydict(cols, schema=DEMO_SCHEMA)
 
+# %% ../nbs/01g_demo.ipynb #be47a805
 def output_shard_paths(path: str | Path, shards: int) -> list[Path]:
     "Where `shards` files go: `path` itself (a `.parquet` file, one shard) or `NAME-0000k-of-0000N.parquet`."
     path = Path(path)
@@ -152,6 +156,7 @@ def output_shard_paths(path: str | Path, shards: int) -> list[Path]:
         return [path.with_name(f"{path.stem}-{k:05d}-of-{shards:05d}.parquet") for k in range(shards)]
     return [path / f"demo-{k:05d}-of-{shards:05d}.parquet" for k in range(shards)]
 
+# %% ../nbs/01g_demo.ipynb #277f66fa
 def build_demo_parquet(path: str | Path, n: int = 3000, seed: int = 0, image_size: int = 64, shards: int = 1,
                        row_group_size: int = 256, image_format: str = "png") -> list[Path]:
     "Write `n` demo image-text pairs to Parquet (a `.parquet` file, or shards in a directory); returns the files."
@@ -191,6 +196,7 @@ def corpus_documents() -> list[str]:
         if doc: docs.append(doc)
     return docs
 
+# %% ../nbs/01g_demo.ipynb #7d847fb4
 def build_demo_corpus(path: str | Path, jsonl: str | Path | None = None) -> Path:
     "Write the `pydoc_data` corpus to `path` (blank-line-separated documents) and optionally `jsonl`; returns `path`."
     docs, path = corpus_documents(), Path(path)
@@ -218,12 +224,14 @@ def _demo_paths(d: Path, shards: int) -> dict:
     return {"root": d, "parquet": output_shard_paths(d / "parquet", shards), "corpus": d / "corpus.txt",
             "corpus_jsonl": d / "corpus.jsonl", "jsonl": d / "jsonl" / "demo.jsonl"}
 
+# %% ../nbs/01g_demo.ipynb #13c1d7f5
 def _manifest_ok(d: Path, params: dict) -> bool:
     try: m = json.loads((d / "manifest.json").read_text())
     except (OSError, ValueError): return False
     if m.get("params") != params: return False
     return all((d / rel).is_file() and _sha256(d / rel) == digest for rel, digest in m.get("files", {}).items())
 
+# %% ../nbs/01g_demo.ipynb #50806a4a
 def ensure_demo(root: str | Path | None = None, *, n: int = 3000, seed: int = 0, image_size: int = 64,
                 shards: int = 1, jsonl_n: int = 256) -> dict:
     "Build the demo data into `root` (default `demo_dir()`) unless an intact copy is there; returns its paths."
@@ -261,6 +269,7 @@ def handwriting_split(seed: int = 0, fraction: float = 0.2) -> tuple[np.ndarray,
     held = np.sort(order[: max(1, round(fraction * n))])
     return np.setdiff1d(np.arange(n), held), held
 
+# %% ../nbs/01g_demo.ipynb #778c9a10
 def _scene_box(rng: np.random.Generator, cell: int | None, S: int) -> tuple[int, int, int, int]:
     "A square box: anywhere in the image (`cell` None), else inside quadrant `cell` (0 top left .. 3 bottom right)."
     if cell is None:
@@ -272,6 +281,7 @@ def _scene_box(rng: np.random.Generator, cell: int | None, S: int) -> tuple[int,
         x0, y0 = (cell % 2) * half + int(rng.integers(0, half - side + 1)), (cell // 2) * half + int(rng.integers(0, half - side + 1))
     return x0, y0, x0 + side, y0 + side
 
+# %% ../nbs/01g_demo.ipynb #d2845f4e
 def scene_row(i: int, seed: int = 0, split: str = "train", image_size: int = 112, fraction: float = 0.2) -> dict:
     "Scene `i` of `split`: 1-4 digits of that split's handwriting (each in its own quadrant when several), boxes kept."
     if split not in ("train", "val"): raise ConfigError(f"split must be 'train' or 'val', got {split!r}")
@@ -307,6 +317,7 @@ def _scene_caption(s: dict) -> str:
         return caption_for(s["template"], digit=o["digit"], colour=o["colour"], background=s["background"], size=o["size"], position=o["position"])
     return " and ".join(f"{'an' if o['colour'][0] in 'aeiou' else 'a'} {o['colour']} {o['digit']} at the {o['position']}" for o in objs)
 
+# %% ../nbs/01g_demo.ipynb #06a4213e
 def scene_records(s: dict) -> list[dict]:
     "The caption, qa, pointing and counting records of scene `s`, each with `messages` from `mmlit.tasks`."
     objs, ask = s["objects"], s["objects"][s["ask"]]
@@ -334,6 +345,7 @@ TASK_SCHEMA = pa.schema(
      ("boxes", pa.list_(pa.list_(pa.int32()))), ("target_boxes", pa.list_(pa.list_(pa.int32()))),
      ("points", pa.list_(pa.list_(pa.float32())))])
 
+# %% ../nbs/01g_demo.ipynb #427286d6
 def _task_table(scenes: range, seed: int, split: str, image_size: int) -> pa.Table:
     cols = {name: [] for name in TASK_SCHEMA.names}
     for i in scenes:
@@ -345,6 +357,7 @@ def _task_table(scenes: range, seed: int, split: str, image_size: int) -> pa.Tab
             for k in cols: cols[k].append(row[k])
     return pa.Table.from_pydict(cols, schema=TASK_SCHEMA)
 
+# %% ../nbs/01g_demo.ipynb #0404e516
 def build_task_parquet(path: str | Path, n: int = 1000, seed: int = 0, split: str = "train", image_size: int = 112,
                        row_group_size: int = 64) -> Path:
     "Write the four task records of `n` scenes of `split` to one Parquet file (`row_group_size` scenes a row group); returns it."

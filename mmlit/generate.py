@@ -46,6 +46,7 @@ def prompt_only(sample: dict) -> dict:
     out["answer_ids"] = [int(t) for t in sample["labels"][cut:] if t != -100]
     return out
 
+# %% ../nbs/05f_generate.ipynb #3ec97394
 @dataclass
 class PromptOnly(Preprocessor):
     "A chat preprocessor whose samples stop where the last answer starts (`prompt_only`), for generation."
@@ -87,6 +88,7 @@ def generation_options(batch_indices: Sequence[int], max_new_tokens: int = 32, d
         out["logits_processor"] = LogitsProcessorList(procs + [SeededSampling(sample_generators(seed, batch_indices))])
     return out
 
+# %% ../nbs/05f_generate.ipynb #c2238583
 def generating_model(model: nn.Module):
     "The `transformers` model whose `generate` runs for `model` (a `CausalLM`'s inner model, or the model itself)."
     inner = getattr(model, "model", None)
@@ -130,6 +132,7 @@ def _rows(loader, batch: dict, seen: int) -> list[int]:
     idx = getattr(loader, "last_indices", None)
     return [int(i) for i in idx] if idx is not None and len(idx) == n else list(range(seen, seen + n))
 
+# %% ../nbs/05f_generate.ipynb #e99af852
 def generate(model: nn.Module, loader: Iterable[dict], tokenizer, max_batches: int | None = None,
              stop_ids: Iterable[int] = (), **options) -> list[str | None]:
     "The text `model` writes for each sample of `loader` (left-padded prompt batches), in dataset order; `None` for a skipped record."
@@ -186,6 +189,7 @@ def _one_of(words: Iterable[str], text: str) -> str | None:
     found = {m.group(1) for m in re.finditer(rf"\b({alts})\b", text)}
     return found.pop() if len(found) == 1 else None
 
+# %% ../nbs/05f_generate.ipynb #8225f460
 def parse_caption(text: str | None) -> dict:
     "The `digit`, `colour`, `size` and `position` a demo-style caption names (`None` where missing or ambiguous)."
     t = normalize(text)
@@ -225,6 +229,7 @@ def _boxes(b) -> list[tuple[float, ...]]:
 
 def _inside(p, box) -> bool: return box[0] <= p[0] <= box[2] and box[1] <= p[1] <= box[3]
 
+# %% ../nbs/05f_generate.ipynb #d4647d5f
 def pointing_accuracy(preds: Sequence[str | None], boxes: Sequence, sizes: Sequence[tuple[int, int]] | None = None) -> TextScore:
     "The share of answers with one point inside each object's box (boxes in pixels with `sizes` = `(w, h)`, else normalised)."
     _check_lengths(preds, boxes, "pointing_accuracy")

@@ -56,6 +56,7 @@ def _token_losses(out, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
     ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), tg.reshape(-1), ignore_index=-100, reduction="none")
     return ce.view(tg.shape), tg != -100, shift
 
+# %% ../nbs/06b_ledger.ipynb #054ec056
 def lm_sample_losses(out, batch) -> tuple[dict[str, torch.Tensor], list[int]]:
     "Mean token loss and target tokens per sequence (packed rows split per sample), and each sequence's sample position in the batch."
     with torch.no_grad(): ce, keep, shift = _token_losses(out, batch)
@@ -197,6 +198,7 @@ def _has_mixture(dataset) -> bool:
         dataset = getattr(dataset, "dataset", None) or getattr(dataset, "parent", None)
     return False
 
+# %% ../nbs/06b_ledger.ipynb #11478503
 def record_micro_batch(ledger: Ledger, model, out, batch, loader, *, step: int, epoch: int, micro: int) -> None:
     "Buffer one micro-batch's per-sample losses with the samples' dataset indices and places in the data."
     got = sample_losses(model, out, batch)
@@ -255,6 +257,7 @@ def read_exclude(spec: Sequence[int] | str | Path | None) -> list[int]:
     if bad: raise ConfigError(f"exclude: {bad[0]!r} is not a sample id (a whole number)")
     return [int(i) for i in spec]
 
+# %% ../nbs/06b_ledger.ipynb #f516b750
 def exclude_samples(loader, spec) -> list[int]:
     "Leave the samples `spec` names out of `loader` from its current position on; returns the ids."
     ids = read_exclude(spec)

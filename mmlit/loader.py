@@ -24,13 +24,6 @@ import torch
 from fastcore.basics import patch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from .core import ConfigError, Stream, TooManyBadRecords, check_keys, config_from_dict, derive_seed
-from .dataset import BadRecord, MMDataset, SkipReport, Skipped, split_skipped
-from .mixture import DeterministicDataset, Mixture
-from .sources import as_mm_dataset
-from .storage import IOStats, Location, io_stats
-import mmlit.packing   # registers the "packing" collator a config may name
-
 # %% auto #0
 __all__ = ['RANK_SPLITS', 'LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'kept_positions', 'rank_steps',
            'ShardedBatchSampler', 'TimedTransform', 'Samples', 'StepFetcher', 'Delivery', 'SkipAwareCollate',
@@ -38,6 +31,14 @@ __all__ = ['RANK_SPLITS', 'LoaderConfig', 'epoch_order', 'Step', 'count_steps', 
            'ResumableLoader', 'make_loader', 'LoaderProfile', 'profile_loader', 'DataModule', 'RowSubset', 'split_rows',
            'LoaderDataModule', 'WithTask', 'load_tokenizer', 'preprocessor_options', 'loader_parts',
            'build_data_module', 'build_loader']
+
+# %% ../nbs/04_loader.ipynb #0f9446e5
+from .core import ConfigError, Stream, TooManyBadRecords, check_keys, config_from_dict, derive_seed
+from .dataset import BadRecord, MMDataset, SkipReport, Skipped, split_skipped
+from .mixture import DeterministicDataset, Mixture
+from .sources import as_mm_dataset
+from .storage import IOStats, Location, io_stats
+import mmlit.packing   # registers the "packing" collator a config may name
 
 # %% ../nbs/04_loader.ipynb #cb749e57
 def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
@@ -133,6 +134,7 @@ def kept_positions(order: np.ndarray, exclude: Sequence[int] | None) -> np.ndarr
     if exclude is None or not len(exclude): return np.arange(len(order), dtype=np.int64)
     return np.flatnonzero(~np.isin(order, np.asarray(exclude, dtype=np.int64)))
 
+# %% ../nbs/04_loader.ipynb #37d395da
 def rank_steps(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0,
                world_size: int = 1, start: int = 0, drop_last: bool = False, blocks: Sequence[int] | None = None,
                shuffle_span: int | None = None, rank_split: str = "stream", exclude: Sequence[int] | None = None) -> list[Step]:
@@ -185,6 +187,7 @@ def steps(self: ShardedBatchSampler) -> list[Step]:
                       world_size=self.world_size, start=self.start, drop_last=self.drop_last, blocks=self.blocks,
                       shuffle_span=self.shuffle_span, rank_split=self.rank_split, exclude=self.exclude)
 
+# %% ../nbs/04_loader.ipynb #b937ba42
 @patch
 def count(self: ShardedBatchSampler, epoch: int, start: int = 0) -> int:
     "How many steps `epoch` has from global position `start` (O(1) without `exclude`; one order per epoch with it)."
@@ -426,6 +429,7 @@ def remaining(self: ResumableLoader) -> int:
     "Batches left in the current epoch on this rank."
     return self.sampler.count(self.epoch, self.position)
 
+# %% ../nbs/04_loader.ipynb #d06a965d
 @patch
 def __repr__(self: ResumableLoader) -> str:
     c = self.config
@@ -486,6 +490,7 @@ def _mixture_of(dataset) -> Mixture | None:
 _STATE_KEYS = ("seed", "epoch", "position", "world_size", "batch_size", "shuffle", "drop_last", "n", "shuffle_span",
                "rank_split", "fingerprint")
 
+# %% ../nbs/04_loader.ipynb #cfeb6a90
 @patch
 def state_dict(self: ResumableLoader) -> dict:
     "`{seed, epoch, position, world_size, ...}`: where the consumer is in the global stream (O(1))."

@@ -23,12 +23,14 @@ from .sources import group_videos
 from .formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from .preprocess import ImagePreprocessor, Qwen2VLPatcher, check_aspect_ratio, image_preset, load_frames, open_checked
 from .text import VIDEO_PAD, ImageTokens, encode_chat, encode_text
-from .tasks import format_messages, task_formats
 
 # %% auto #0
 __all__ = ['PREPROCESSORS', 'record_images', 'record_boxes', 'record_messages', 'record_videos', 'frames_as_images',
            'Preprocessor', 'DualEncoderPreprocessor', 'ChatPreprocessor', 'clip_preprocessor', 'qwen2_vl_preprocessor',
            'molmo_preprocessor', 'build_preprocessor', 'VLMPreprocessor', 'vlm_preprocessor']
+
+# %% ../nbs/02b_multimodal.ipynb #c6862b87
+from .tasks import format_messages, task_formats
 
 # %% ../nbs/02b_multimodal.ipynb #ce0b8da9
 def record_images(record: dict) -> list:
@@ -42,6 +44,7 @@ def record_boxes(record: dict) -> list | None:
     if m.get("boxes") is not None: return [list(b) for b in m["boxes"]]
     return [list(m["box"])] if m.get("box") is not None else None
 
+# %% ../nbs/02b_multimodal.ipynb #fc3c9cb5
 def record_messages(record: dict, n_images: int, n_videos: int = 0) -> list[dict]:
     "Chat turns for `record`, with `<image>` placeholders for `n_images` images and `<video>` ones for `n_videos` videos."
     msgs = record.get("messages")
@@ -59,6 +62,7 @@ def record_messages(record: dict, n_images: int, n_videos: int = 0) -> list[dict
             first_user["content"] = ph * n + first_user["content"]
     return msgs
 
+# %% ../nbs/02b_multimodal.ipynb #c0472deb
 def record_videos(record: dict) -> list:
     "The record's videos as a list, each a path (file or folder of frames), a list of frame paths or a frame array."
     v = record.get("video")
@@ -102,6 +106,7 @@ class Preprocessor:
         "The model inputs for one record (subclasses implement this)."
         raise NotImplementedError
 
+# %% ../nbs/02b_multimodal.ipynb #d134e720
 @dataclass
 class DualEncoderPreprocessor(Preprocessor):
     "Record → `pixel_values [3, H, W]` + caption tokens (+ negatives) for a CLIP-style dual encoder."
@@ -144,11 +149,11 @@ def encode(self: DualEncoderPreprocessor, text: str) -> dict[str, torch.Tensor]:
     while len(cache) > self.cache_size: cache.popitem(last=False)
     return {k: v.clone() for k, v in hit.items()}
 
+# %% ../nbs/02b_multimodal.ipynb #929b50e3
 @patch
 def clear_cache(self: DualEncoderPreprocessor):
     "Forget the cached tokens."
     self.__dict__.pop("_tokens", None)
-
 
 # %% ../nbs/02b_multimodal.ipynb #56de09e5
 @dataclass
@@ -233,6 +238,7 @@ def qwen2_vl_preprocessor(tokenizer, train: bool = False, max_length: int = 2048
     return ChatPreprocessor(tokenizer, patcher, max_length=max_length, truncation=truncation, chat_template=chat_template,
                             max_frames=max_frames, frame_sampling="random" if train else "uniform", min_frames=min_frames)
 
+# %% ../nbs/02b_multimodal.ipynb #de6c9c5a
 @PREPROCESSORS.register("molmo", family="chat")
 def molmo_preprocessor(tokenizer, train: bool = False, size: int = 336, tokens_per_image: int = 144,
                        max_length: int = 2048, truncation: str = "drop_turns", chat_template: str | None = None,
@@ -261,6 +267,7 @@ class VLMPreprocessor(ChatPreprocessor):
             raise BadRecordError(f"field 'messages': no assistant token is left after truncation to max_length={self.max_length}")
         return out
 
+# %% ../nbs/02b_multimodal.ipynb #3983483b
 @PREPROCESSORS.register("vlm", family="chat")
 def vlm_preprocessor(tokenizer, train: bool = False, max_length: int = 512, min_pixels: int = 56 * 56,
                      max_pixels: int = 28 * 28 * 1280, chat_template: str | None = None, **patch_options) -> VLMPreprocessor:

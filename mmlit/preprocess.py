@@ -22,9 +22,7 @@ import numpy as np
 import PIL
 import simplejpeg
 import torch
-from PIL import Image, ImageEnhance
-
-from .core import BadRecordError, ConfigError, MissingExtraError, Registry
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['NORMALISATIONS', 'DEFAULT_MAX_ASPECT_RATIO', 'CROP_RULES', 'IMAGE_PRESETS', 'Normalisation', 'get_normalisation',
@@ -35,6 +33,11 @@ __all__ = ['NORMALISATIONS', 'DEFAULT_MAX_ASPECT_RATIO', 'CROP_RULES', 'IMAGE_PR
            'color_jitter', 'ImagePreprocessor', 'image_preset', 'pretrained_image_options', 'pretrained_normalisation',
            'smart_resize', 'patchify', 'Qwen2VLPatcher', 'pretrained_patch_options', 'sample_frame_indices',
            'load_frames', 'VideoPreprocessor']
+
+# %% ../nbs/02_preprocess.ipynb #09746351
+from PIL import Image, ImageEnhance
+
+from .core import BadRecordError, ConfigError, MissingExtraError, Registry
 
 # %% ../nbs/02_preprocess.ipynb #61150b4e
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class Normalisation:
 NORMALISATIONS = Registry("normalisation")
 NORMALISATIONS.add("imagenet", Normalisation((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
 NORMALISATIONS.add("clip", Normalisation((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)))
+
+# %% ../nbs/02_preprocess.ipynb #fe14e07f
 NORMALISATIONS.add("half", Normalisation((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
 
 def get_normalisation(norm: str | Normalisation | dict | Sequence) -> Normalisation:
@@ -93,6 +98,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     except ValueError as e:   # a mode Pillow cannot convert (e.g. premultiplied "La")
         raise BadRecordError(f"mode {img.mode} image cannot be converted to RGB ({e})") from None
 
+# %% ../nbs/02_preprocess.ipynb #8176af31
 def open_checked(src, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     "A lazily opened image (PIL, bytes, path or uint8 array) whose header size is sane, else `BadRecordError`."
     if isinstance(src, Image.Image):
@@ -106,6 +112,7 @@ def open_checked(src, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -
         return open_image(src, decode=False, max_image_pixels=max_image_pixels)
     raise BadRecordError(f"image must be a PIL image, bytes, a path or a uint8 array, got {type(src).__name__}")
 
+# %% ../nbs/02_preprocess.ipynb #c4e8ecf6
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     "uint8 `[H, W, C]` tensor sharing the array Pillow exports (read-only: callers copy before writing)."
     with warnings.catch_warnings():
@@ -119,6 +126,7 @@ def pil_to_chw(img: Image.Image) -> torch.Tensor:
     for c, band in enumerate("RGB"): x[c] = np.frombuffer(img.tobytes("raw", band), np.uint8).reshape(img.height, img.width)
     return torch.from_numpy(x)
 
+# %% ../nbs/02_preprocess.ipynb #10c02efe
 def decode_rgb(src, *, min_size: tuple[int, int] | None = None, draft: bool = True,
                max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     "Decode `src` to a loaded, upright RGB image (JPEG at reduced scale if `draft`, never below `min_size` = (w, h) upright)."
@@ -153,6 +161,7 @@ def cover_size(height: int, width: int, size: int | Sequence[int]) -> tuple[int,
     s = max(h / height, w / width)
     return max(h, round(height * s)), max(w, round(width * s))
 
+# %% ../nbs/02_preprocess.ipynb #13f495b2
 def resize_shortest(img: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
     "Resize so the shortest side is `size`, keeping the aspect ratio."
     h, w = shortest_side_size(img.height, img.width, size)
@@ -169,6 +178,7 @@ def center_crop(img: Image.Image, size: int | Sequence[int]) -> Image.Image:
     top, left = (img.height - h) // 2, (img.width - w) // 2
     return img.crop((left, top, left + w, top + h))
 
+# %% ../nbs/02_preprocess.ipynb #8962f53c
 def center_crop_box(height: int, width: int, size: int | Sequence[int]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
     "`((w, h) resized to cover size, (left, top, right, bottom) of its centre crop)`: HF's resize-then-crop geometry."
     h, w = _hw(size)
@@ -183,6 +193,7 @@ def resize_center_crop(img: Image.Image, size: int | Sequence[int], resample: in
     sx, sy = img.width / rw, img.height / rh
     return img.resize((w, h), resample, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
 
+# %% ../nbs/02_preprocess.ipynb #200a5e8d
 def random_crop(img: Image.Image, size: int | Sequence[int], rng: np.random.Generator) -> Image.Image:
     "A `size` = (h, w) crop at a uniformly random position."
     h, w = _hw(size)
@@ -207,6 +218,7 @@ def _source_span(in_size: int, out_size: int, first: int, last: int, support: fl
     hi = int((last - 0.5) * scale + reach + 0.5) + 1
     return max(lo, 0), min(hi, in_size)
 
+# %% ../nbs/02_preprocess.ipynb #7a76acab
 def _crop(img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
     "`img.crop(box)`, without a copy when the box is the whole image."
     return img if box == (0, 0) + img.size else img.crop(box)
@@ -217,6 +229,7 @@ def _placed(part: Image.Image, size: tuple[int, int], at: tuple[int, int]) -> Im
     canvas = Image.new(part.mode, size); canvas.paste(part, at)
     return canvas
 
+# %% ../nbs/02_preprocess.ipynb #4d8da4f9
 def _resize_crop(img: Image.Image, resized: tuple[int, int], box: tuple[int, int, int, int], resample: int) -> Image.Image:
     "`resize_crop` without the checks."
     (W, H), (rw, rh) = img.size, resized
@@ -234,6 +247,7 @@ def _resize_crop(img: Image.Image, resized: tuple[int, int], box: tuple[int, int
     part = _placed(part, (right - left, H), (0, lo)).resize((right - left, rh), resample)
     return _crop(part, (0, top, right - left, bottom))
 
+# %% ../nbs/02_preprocess.ipynb #61dfff3e
 @functools.cache
 def _resize_crop_is_exact() -> bool:
     "Self-check, once: does `_resize_crop` give the installed Pillow's pixels, for both pass orders?"
@@ -247,6 +261,7 @@ def _resize_crop_is_exact() -> bool:
             return False
     return True
 
+# %% ../nbs/02_preprocess.ipynb #a430d786
 def resize_crop(img: Image.Image, resized: tuple[int, int], box: tuple[int, int, int, int],
                 resample: int = Image.BICUBIC) -> Image.Image:
     "`img.resize(resized, resample).crop(box)` bit for bit, resampling only what the crop keeps."
@@ -277,6 +292,7 @@ def random_crop_box(height: int, width: int, rng: np.random.Generator, scale: tu
     top, left = (H - ch) // 2, (W - cw) // 2
     return left, top, left + cw, top + ch
 
+# %% ../nbs/02_preprocess.ipynb #420778ad
 def random_resized_crop(img: Image.Image, size: int | Sequence[int], rng: np.random.Generator,
                         scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                         resample: int = Image.BICUBIC) -> Image.Image:
@@ -284,6 +300,7 @@ def random_resized_crop(img: Image.Image, size: int | Sequence[int], rng: np.ran
     h, w = _hw(size)
     return img.resize((w, h), resample, box=random_crop_box(img.height, img.width, rng, scale, ratio))
 
+# %% ../nbs/02_preprocess.ipynb #59621dfe
 def pad_to_square(img: Image.Image, fill: tuple[int, int, int] = (0, 0, 0),
                   max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, resample: int = Image.BICUBIC) -> Image.Image:
     "`img` centred on a square canvas of its longest side, filled with `fill`; an image whose canvas would hold over `max_image_pixels` is shrunk first."
@@ -313,6 +330,7 @@ def move_boxes(boxes, window: Sequence[float], size: int | Sequence[int], flip: 
     if flip: out[:, [0, 2]] = w - out[:, [2, 0]]
     return out
 
+# %% ../nbs/02_preprocess.ipynb #58a5298b
 def move_points(points, window: Sequence[float], size: int | Sequence[int], flip: bool = False) -> np.ndarray:
     "Points `[n, 2]` (x, y, source pixels) in the pixels of the output showing `window`, mirrored if `flip` (not clipped)."
     p = np.asarray(points, np.float64).reshape(-1, 2)
@@ -330,6 +348,7 @@ def crop_keeps_boxes(boxes, window, source_size: tuple[int, int], size, flip: bo
     b, (l, t, r, bt) = np.asarray(boxes, np.float64).reshape(-1, 4), window
     return bool(((b[:, 0] >= l) & (b[:, 1] >= t) & (b[:, 2] <= r) & (b[:, 3] <= bt)).all())
 
+# %% ../nbs/02_preprocess.ipynb #456e8055
 @CROP_RULES.register("box_words")
 def crop_keeps_box_words(boxes, window, source_size: tuple[int, int], size, flip: bool = False) -> bool:
     "Whether `window` holds every box whole and leaves its size and position words (`mmlit.demo.box_words`) as they were."
@@ -392,49 +411,54 @@ class ImagePreprocessor:
         else: s = max(h / height, w / width) / (math.sqrt(self.crop_scale[0]) if self.train else 1.0)
         return math.ceil(width * min(s, 1.0)), math.ceil(height * min(s, 1.0))
 
-    def fit_image(self, img: Image.Image, rng: np.random.Generator | None = None, boxes=None) -> Image.Image:
-        "The geometric part: `img` (RGB) → exactly `size`, with random crops and flips when training."
-        return self.fit_with_boxes(img, rng, boxes)[0]
+# %% ../nbs/02_preprocess.ipynb #5be0bb96
+@patch
+def fit_image(self: ImagePreprocessor, img: Image.Image, rng: np.random.Generator | None = None, boxes=None) -> Image.Image:
+    "The geometric part: `img` (RGB) → exactly `size`, with random crops and flips when training."
+    return self.fit_with_boxes(img, rng, boxes)[0]
 
-    def fit_with_boxes(self, img: Image.Image, rng: np.random.Generator | None = None, boxes=None,
-                       points=None) -> tuple[Image.Image, np.ndarray | None, np.ndarray | None]:
-        "`fit_image`, with `boxes` (x0, y0, x1, y1) and `points` (x, y) in `img`'s pixels moved into the output; with `keep`, crops and flips obey that rule."
-        (W, H), (h, w) = img.size, self.size
-        rule = CROP_RULES.get(self.keep) if self.keep and boxes is not None and len(boxes) else None
-        if self.fit == "crop":
-            if self.train:
-                accept = (lambda win: rule(boxes, win, (W, H), self.size)) if rule else None
-                window = random_crop_box(H, W, rng, self.crop_scale, self.crop_ratio, accept)
-                out = img.resize((w, h), self.resample, box=window)
-            else:
-                (rw, rh), (l, t, r, b) = center_crop_box(H, W, self.size)
-                window = (l * W / rw, t * H / rh, r * W / rw, b * H / rh)
-                if self.draft: out = resize_center_crop(img, self.size, self.resample)   # fastest: one resize of the region
-                else: out = resize_crop(img, (rw, rh), (l, t, r, b), self.resample)     # exact: as HF
-        elif self.fit == "pad":
-            s = max(W, H)
-            window = (-((s - W) // 2), -((s - H) // 2), s - (s - W) // 2, s - (s - H) // 2)
-            out = resize(pad_to_square(img, self.normalize.fill, self.max_image_pixels, self.resample), self.size, self.resample)
-        else: out, window = resize(img, self.size, self.resample), (0, 0, W, H)
-        flip = bool(self.train and self.flip and rng.random() < self.flip) and (rule is None or rule(boxes, window, (W, H), self.size, True))
-        if flip: out = hflip(out)
-        if self.train and (self.jitter or self.hue): out = color_jitter(out, rng, self.jitter, self.jitter, self.jitter, self.hue)
-        return (out, None if boxes is None else move_boxes(boxes, window, self.size, flip),
-                None if points is None else move_points(points, window, self.size, flip))
+@patch
+def fit_with_boxes(self: ImagePreprocessor, img: Image.Image, rng: np.random.Generator | None = None, boxes=None,
+                   points=None) -> tuple[Image.Image, np.ndarray | None, np.ndarray | None]:
+    "`fit_image`, with `boxes` (x0, y0, x1, y1) and `points` (x, y) in `img`'s pixels moved into the output; with `keep`, crops and flips obey that rule."
+    (W, H), (h, w) = img.size, self.size
+    rule = CROP_RULES.get(self.keep) if self.keep and boxes is not None and len(boxes) else None
+    if self.fit == "crop":
+        if self.train:
+            accept = (lambda win: rule(boxes, win, (W, H), self.size)) if rule else None
+            window = random_crop_box(H, W, rng, self.crop_scale, self.crop_ratio, accept)
+            out = img.resize((w, h), self.resample, box=window)
+        else:
+            (rw, rh), (l, t, r, b) = center_crop_box(H, W, self.size)
+            window = (l * W / rw, t * H / rh, r * W / rw, b * H / rh)
+            if self.draft: out = resize_center_crop(img, self.size, self.resample)   # fastest: one resize of the region
+            else: out = resize_crop(img, (rw, rh), (l, t, r, b), self.resample)     # exact: as HF
+    elif self.fit == "pad":
+        s = max(W, H)
+        window = (-((s - W) // 2), -((s - H) // 2), s - (s - W) // 2, s - (s - H) // 2)
+        out = resize(pad_to_square(img, self.normalize.fill, self.max_image_pixels, self.resample), self.size, self.resample)
+    else: out, window = resize(img, self.size, self.resample), (0, 0, W, H)
+    flip = bool(self.train and self.flip and rng.random() < self.flip) and (rule is None or rule(boxes, window, (W, H), self.size, True))
+    if flip: out = hflip(out)
+    if self.train and (self.jitter or self.hue): out = color_jitter(out, rng, self.jitter, self.jitter, self.jitter, self.hue)
+    return (out, None if boxes is None else move_boxes(boxes, window, self.size, flip),
+            None if points is None else move_points(points, window, self.size, flip))
 
-    def __call__(self, image, rng: np.random.Generator | None = None, boxes=None) -> torch.Tensor:
-        "`[3, H, W]` tensor for one image (PIL, bytes, path or array); `boxes` (displayed pixels) steer the crop when `keep` is set."
-        if self.train and rng is None: raise ConfigError("a training ImagePreprocessor needs an rng")
-        src = open_checked(image, self.max_image_pixels)
-        check_aspect_ratio(*src.size, self.max_aspect_ratio)   # from the header, before anything is decoded or allocated
-        w, h = displayed_size(src)
-        img = decode_rgb(src, min_size=self.draft_size(w, h), draft=self.draft, max_image_pixels=self.max_image_pixels)
-        if boxes is not None:                                  # displayed pixels -> the pixels of the (maybe reduced) decode
-            boxes = np.asarray(boxes, np.float64).reshape(-1, 4) * np.tile([img.width / w, img.height / h], 2)
-        x = pil_to_chw(self.fit_image(img, rng, boxes))
-        if self.uint8: return x
-        y = x.to(torch.float32)
-        return torch.addcmul(self._offset, y, self._scale, out=y)
+# %% ../nbs/02_preprocess.ipynb #46524bc3
+@patch
+def __call__(self: ImagePreprocessor, image, rng: np.random.Generator | None = None, boxes=None) -> torch.Tensor:
+    "`[3, H, W]` tensor for one image (PIL, bytes, path or array); `boxes` (displayed pixels) steer the crop when `keep` is set."
+    if self.train and rng is None: raise ConfigError("a training ImagePreprocessor needs an rng")
+    src = open_checked(image, self.max_image_pixels)
+    check_aspect_ratio(*src.size, self.max_aspect_ratio)   # from the header, before anything is decoded or allocated
+    w, h = displayed_size(src)
+    img = decode_rgb(src, min_size=self.draft_size(w, h), draft=self.draft, max_image_pixels=self.max_image_pixels)
+    if boxes is not None:                                  # displayed pixels -> the pixels of the (maybe reduced) decode
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4) * np.tile([img.width / w, img.height / h], 2)
+    x = pil_to_chw(self.fit_image(img, rng, boxes))
+    if self.uint8: return x
+    y = x.to(torch.float32)
+    return torch.addcmul(self._offset, y, self._scale, out=y)
 
 # %% ../nbs/02_preprocess.ipynb #6d1a36fc
 IMAGE_PRESETS = Registry("image preset")
@@ -468,6 +492,7 @@ def _hf_size(v, what: str, name: str) -> tuple[int, int] | int:
     if isinstance(v, dict) and "shortest_edge" in v: return int(v["shortest_edge"])
     raise ConfigError(f"{name}: the image processor's {what} {v!r} is neither a fixed size nor a shortest edge")
 
+# %% ../nbs/02_preprocess.ipynb #cd9ceb59
 def _three(v, what: str, name: str) -> list[float]:
     v = [float(v)] * 3 if isinstance(v, (int, float)) else [float(x) for x in v]
     if len(v) != 3: raise ConfigError(f"{name}: the image processor's {what} {v} does not have 3 channels")
@@ -483,6 +508,7 @@ def _pixel_options(c: dict, name: str) -> dict:
             if c.get("do_normalize", True) else dict(mean=[0.0] * 3, std=[1.0] * 3))
     return dict(normalize=norm, resample=int(c.get("resample", Image.BICUBIC)))
 
+# %% ../nbs/02_preprocess.ipynb #4bf86ee0
 def pretrained_image_options(name: str | os.PathLike) -> dict:
     "`size`, `fit`, `normalize` and `resample` for `ImagePreprocessor` from a pretrained checkpoint's image processor config."
     from mmlit.hub import resolve_pretrained
@@ -580,55 +606,62 @@ class Qwen2VLPatcher:
         "Language-model tokens for one image or video grid: `t·h·w / merge²`."
         return int(np.prod([int(v) for v in grid_thw])) // self.merge_size ** 2
 
-    def _resized(self, image) -> Image.Image:
-        "Decode and smart-resize one image."
-        src = open_checked(image, self.max_image_pixels)
-        check_aspect_ratio(*src.size, self.max_aspect_ratio)   # from the header, before anything is decoded
-        w, h = displayed_size(src)   # the grid follows the image as shown (EXIF orientation applied)
-        th, tw = self.target_size(h, w)
-        img = decode_rgb(src, min_size=(tw, th), draft=self.draft, max_image_pixels=self.max_image_pixels)
-        return img if img.size == (tw, th) else img.resize((tw, th), self.resample)
+# %% ../nbs/02_preprocess.ipynb #18383a34
+@patch
+def _resized(self: Qwen2VLPatcher, image) -> Image.Image:
+    "Decode and smart-resize one image."
+    src = open_checked(image, self.max_image_pixels)
+    check_aspect_ratio(*src.size, self.max_aspect_ratio)   # from the header, before anything is decoded
+    w, h = displayed_size(src)   # the grid follows the image as shown (EXIF orientation applied)
+    th, tw = self.target_size(h, w)
+    img = decode_rgb(src, min_size=(tw, th), draft=self.draft, max_image_pixels=self.max_image_pixels)
+    return img if img.size == (tw, th) else img.resize((tw, th), self.resample)
 
-    def _write_patches(self, img: Image.Image, out: torch.Tensor) -> None:
-        "Write the patches of one smart-resized RGB image into `out` `[h·w, 1176]` (float32 or uint8)."
-        p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
-        gh, gw = img.height // p, img.width // p
-        row = np.dtype((np.void, p))          # one patch row of one band: p bytes, moved as one item
-        u8 = np.empty((gh // m, gw // m, m, m, 3, tp, p), row)   # merge group, 2×2 patch, band, temporal slot, row
-        for c, band in enumerate("RGB"):
-            plane = np.frombuffer(img.tobytes("raw", band), row).reshape(gh // m, m, p, gw // m, m)
-            u8[:, :, :, :, c] = plane.transpose(0, 3, 1, 4, 2)[:, :, :, :, None]   # both temporal slots at once
-        out.copy_(torch.from_numpy(u8.view(np.uint8).reshape(gh * gw, self.patch_dim)))
-        if not self.uint8: torch.addcmul(self._offset, out, self._scale, out=out)
+@patch
+def _write_patches(self: Qwen2VLPatcher, img: Image.Image, out: torch.Tensor) -> None:
+    "Write the patches of one smart-resized RGB image into `out` `[h·w, 1176]` (float32 or uint8)."
+    p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
+    gh, gw = img.height // p, img.width // p
+    row = np.dtype((np.void, p))          # one patch row of one band: p bytes, moved as one item
+    u8 = np.empty((gh // m, gw // m, m, m, 3, tp, p), row)   # merge group, 2×2 patch, band, temporal slot, row
+    for c, band in enumerate("RGB"):
+        plane = np.frombuffer(img.tobytes("raw", band), row).reshape(gh // m, m, p, gw // m, m)
+        u8[:, :, :, :, c] = plane.transpose(0, 3, 1, 4, 2)[:, :, :, :, None]   # both temporal slots at once
+    out.copy_(torch.from_numpy(u8.view(np.uint8).reshape(gh * gw, self.patch_dim)))
+    if not self.uint8: torch.addcmul(self._offset, out, self._scale, out=out)
 
-    def __call__(self, images, rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
-        "`pixel_values [Σ patches, 1176]` and `image_grid_thw [n, 3]` for one image or a list."
-        images = images if isinstance(images, (list, tuple)) else [images]
-        resized = [self._resized(im) for im in images]
-        grids = [(1, im.height // self.patch_size, im.width // self.patch_size) for im in resized]
-        counts = [h * w for _, h, w in grids]
-        out = torch.empty(sum(counts), self.patch_dim, dtype=torch.uint8 if self.uint8 else torch.float32)
-        for im, part in zip(resized, out.split(counts)): self._write_patches(im, part)   # no concatenation
-        return {"pixel_values": out, "image_grid_thw": torch.tensor(grids, dtype=torch.int64).view(-1, 3)}
+# %% ../nbs/02_preprocess.ipynb #efab2920
+@patch
+def __call__(self: Qwen2VLPatcher, images, rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
+    "`pixel_values [Σ patches, 1176]` and `image_grid_thw [n, 3]` for one image or a list."
+    images = images if isinstance(images, (list, tuple)) else [images]
+    resized = [self._resized(im) for im in images]
+    grids = [(1, im.height // self.patch_size, im.width // self.patch_size) for im in resized]
+    counts = [h * w for _, h, w in grids]
+    out = torch.empty(sum(counts), self.patch_dim, dtype=torch.uint8 if self.uint8 else torch.float32)
+    for im, part in zip(resized, out.split(counts)): self._write_patches(im, part)   # no concatenation
+    return {"pixel_values": out, "image_grid_thw": torch.tensor(grids, dtype=torch.int64).view(-1, 3)}
 
-    def image(self, image) -> tuple[torch.Tensor, torch.Tensor]:
-        "Patches `[h·w, 1176]` and grid `[3]` for one image."
-        out = self([image])
-        return out["pixel_values"], out["image_grid_thw"][0]
+@patch
+def image(self: Qwen2VLPatcher, image) -> tuple[torch.Tensor, torch.Tensor]:
+    "Patches `[h·w, 1176]` and grid `[3]` for one image."
+    out = self([image])
+    return out["pixel_values"], out["image_grid_thw"][0]
 
-    def video(self, frames) -> dict[str, torch.Tensor]:
-        "`pixel_values_videos [t·h·w, 1176]` and `video_grid_thw [1, 3]` for frames `[T, H, W, 3]` uint8, resized as transformers' video processor does."
-        frames = np.asarray(frames)
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise BadRecordError(f"video frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
-        T, H, W, _ = frames.shape
-        th, tw = self.target_size(H, W)
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
-        if (th, tw) != (H, W):   # the video processor's resize: torch's bicubic with antialias on uint8 (not Pillow's)
-            x = torch.nn.functional.interpolate(x, size=(th, tw), mode="bicubic", antialias=True, align_corners=False)
-        patches, grid = patchify(x, self.patch_size, self.merge_size, self.temporal_patch_size)
-        if not self.uint8: patches = torch.addcmul(self._offset, patches.to(torch.float32), self._scale)
-        return {"pixel_values_videos": patches, "video_grid_thw": torch.tensor([grid], dtype=torch.int64)}
+@patch
+def video(self: Qwen2VLPatcher, frames) -> dict[str, torch.Tensor]:
+    "`pixel_values_videos [t·h·w, 1176]` and `video_grid_thw [1, 3]` for frames `[T, H, W, 3]` uint8, resized as transformers' video processor does."
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise BadRecordError(f"video frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    T, H, W, _ = frames.shape
+    th, tw = self.target_size(H, W)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
+    if (th, tw) != (H, W):   # the video processor's resize: torch's bicubic with antialias on uint8 (not Pillow's)
+        x = torch.nn.functional.interpolate(x, size=(th, tw), mode="bicubic", antialias=True, align_corners=False)
+    patches, grid = patchify(x, self.patch_size, self.merge_size, self.temporal_patch_size)
+    if not self.uint8: patches = torch.addcmul(self._offset, patches.to(torch.float32), self._scale)
+    return {"pixel_values_videos": patches, "video_grid_thw": torch.tensor([grid], dtype=torch.int64)}
 
 # %% ../nbs/02_preprocess.ipynb #3db5e2b9
 def pretrained_patch_options(name: str | os.PathLike) -> dict:
@@ -672,6 +705,7 @@ def _read_video_file(path: Path, max_frames: int, mode: str, rng) -> np.ndarray:
     idx = sample_frame_indices(len(frames), max_frames, mode, rng)
     return np.stack([frames[i].to_ndarray(format="rgb24") for i in idx])
 
+# %% ../nbs/02_preprocess.ipynb #4390350d
 def load_frames(video, max_frames: int = 16, mode: str = "uniform", rng: np.random.Generator | None = None,
                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     "Sampled frames `[T', H, W, 3]` uint8 from an array, a folder of images or a video file."

@@ -49,6 +49,7 @@ class ModelSpec:
     def __post_init__(self):
         if self.kind not in MODEL_KINDS: raise ConfigError(f"model.kind: unknown model kind {self.kind!r}; known: {', '.join(MODEL_KINDS)}")
 
+# %% ../nbs/80_recipe.ipynb #ddd09f93
 @dataclass
 class RunConfig(TrainConfig):
     "A whole run: the trainer's sections plus the data (stage 4's one-liner config) and the model."
@@ -74,6 +75,7 @@ def _check_path(key: str, path, store) -> None:
             raise ConfigError(f"data.{key}: {s} {'holds no files' if empty else 'does not exist'}") from None
         except StorageError as e: raise ConfigError(f"data.{key}: {e}") from None
 
+# %% ../nbs/80_recipe.ipynb #84e7ca4c
 def check_data_paths(data: dict) -> None:
     "`ConfigError` naming `data.data` / `data.val_data` / `data.tokenizer` when a path or URI matches no file or a hub id does not resolve."
     from mmlit.hub import resolve_pretrained
@@ -100,6 +102,7 @@ def model_config(spec: ModelSpec, tokenizer=None, seed: int = 0):
     "The config of the model `spec` names, for `tokenizer` (`None`: a stand-in vocabulary, to check the spec before any data work)."
     return MODEL_KINDS.get(spec.kind).config(spec, tokenizer, seed)
 
+# %% ../nbs/80_recipe.ipynb #e4ea5360
 def apply_trainable(model: nn.Module, spec: ModelSpec, seed: int = 0) -> nn.Module:
     "`model` with `spec.lora` adapters and `spec.freeze` locked (`mmlit.finetune`); unchanged when the spec names neither."
     if not spec.freeze and spec.lora is None: return model
@@ -127,6 +130,7 @@ def _dual_encoder(cfg, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
     from mmlit.model import DualEncoder
     return DualEncoder(cfg)
 
+# %% ../nbs/80_recipe.ipynb #54b6cb41
 def _dual_encoder_example(paths: dict, run_dir: str) -> dict:
     return dict(data=dict(data=paths["train"], val_data=paths["val"], preprocessor="clip",
                           preprocessor_options=dict(size=48, uint8=True, flip=0.0, jitter=0.0, crop_scale=[0.5, 1.0], keep="box_words"),
@@ -138,6 +142,7 @@ def _dual_encoder_example(paths: dict, run_dir: str) -> dict:
                 eval=dict(metric="val/zeroshot_acc", mode="max", every=76, at_epoch_end=False), checkpoint=dict(keep=2),
                 zero_shot="digits", label_column="label")
 
+# %% ../nbs/80_recipe.ipynb #f2935647
 MODEL_KINDS.add("dual_encoder", ModelKind(
     "a CLIP-style dual encoder: an image tower and a text tower (transformers models), Matryoshka heads, contrastive losses",
     _dual_encoder_config, _dual_encoder, True, _dual_encoder_example,
@@ -166,6 +171,7 @@ def _causal_lm_config(spec: ModelSpec, tokenizer, seed: int) -> dict:
     check_keys(spec.options, sorted(known), "model.options")
     return d
 
+# %% ../nbs/80_recipe.ipynb #ee340bca
 def _causal_lm(cfg: dict, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
     from mmlit.causal_lm import CausalLM
     if spec.pretrained: return CausalLM(cfg, pretrained=spec.pretrained, seed=seed)   # cfg: overrides of the checkpoint's config
@@ -230,6 +236,7 @@ def _embedder(cfg, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
     from mmlit.embedder import Qwen2VLEmbedder
     return Qwen2VLEmbedder(cfg)
 
+# %% ../nbs/80_recipe.ipynb #abc92d39
 def _embedder_example(paths: dict, run_dir: str) -> dict:
     return dict(data=dict(data=paths["train"], val_data=paths["val"], preprocessor="qwen2_vl",
                           preprocessor_options=dict(min_pixels=56 * 56, max_pixels=56 * 56), max_length=64,
@@ -262,6 +269,7 @@ def _vlm(cfg: dict, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
     from mmlit.causal_lm import CausalLM
     return CausalLM(cfg, pretrained=spec.pretrained, seed=seed)
 
+# %% ../nbs/80_recipe.ipynb #1d2bbedb
 def _vlm_example(paths: dict, run_dir: str) -> dict:
     from mmlit.demo import ensure_task_demo
     tasks = ensure_task_demo(Path(paths["root"]).parent)
@@ -297,6 +305,7 @@ def _encoder_run(spec: ModelSpec) -> tuple[Path, Path]:
     if ck is None: raise ConfigError(f"model.options.encoder_run: {run} has no checkpoint yet")
     return run, ck
 
+# %% ../nbs/80_recipe.ipynb #39e557ab
 def _aligner_config(spec: ModelSpec, tokenizer, seed: int):
     "An `AlignerConfig`: the language model's preset (or pretrained config) with `options.lm` over it, the other options."
     from mmlit.aligner import ALIGNER_PRESETS, AlignerConfig
@@ -313,6 +322,7 @@ def _aligner_config(spec: ModelSpec, tokenizer, seed: int):
     try: return AlignerConfig(lm=lm, seed=seed, **opts)
     except ConfigError as e: raise ConfigError(f"model.options: {e}") from None
 
+# %% ../nbs/80_recipe.ipynb #f24d2a0e
 def _aligner(cfg, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
     import tempfile
     from mmlit.aligner import Aligner
@@ -331,6 +341,7 @@ def _aligner_example(paths: dict, run_dir: str, encoder_run: str = "runs/demo") 
                 optim=dict(lr=3e-3, weight_decay=0.01), schedule=dict(epochs=6, warmup_ratio=0.05),
                 eval=dict(every=100, max_batches=4), checkpoint=dict(keep=2))
 
+# %% ../nbs/80_recipe.ipynb #6b3b94f9
 MODEL_KINDS.add("aligner", ModelKind(
     "captions from a trained dual encoder's image embedding: an MLP makes prefix embeddings of a causal LM (Qwen2) that writes the caption",
     _aligner_config, _aligner, False, _aligner_example,
@@ -377,6 +388,7 @@ def labels_in_gather_order(labels: np.ndarray | None, loader, max_batches: int |
     if labels is None or (getattr(loader, "world_size", 1) == 1 and max_batches is None): return labels
     return np.concatenate([labels[s.indices] for _, s in _gather_steps(loader, max_batches)])
 
+# %% ../nbs/80_recipe.ipynb #24fccfcd
 def padding_in_gather_order(loader, max_batches: int | None = None) -> np.ndarray | None:
     "`True` where a DDP evaluation's gathered pair repeats one to pad the last step (same order as `labels_in_gather_order`); `None` in one process."
     if getattr(loader, "world_size", 1) == 1: return None
@@ -459,6 +471,7 @@ def caption_tokens(batch: dict) -> list[list[int]]:
     if labels is None or labels.shape != ids.shape: return [r[m].tolist() for r, m in zip(ids, real)]
     return [r[m & (l != -100) if (l != -100).any() else m].tolist() for r, m, l in zip(ids, real, labels)]
 
+# %% ../nbs/80_recipe.ipynb #1ea521ff
 @torch.no_grad()
 def eval_embeddings(run: Run, max_pairs: int = 512) -> dict[str, np.ndarray]:
     "`image`, `text` [N, D] float32 unit-norm, `label` [N] (-1: none), `caption` [N] of the first validation pairs (and `record_file`, `record_row`, `record_unit`: where each pair lives)."
@@ -489,6 +502,7 @@ def eval_embeddings(run: Run, max_pairs: int = 512) -> dict[str, np.ndarray]:
                    record_unit=np.array([w[2] for w in where[:n]], dtype=str))
     return out
 
+# %% ../nbs/80_recipe.ipynb #212423d8
 def finish_run(run: Run, result, wall_s: float | None = None) -> dict:
     "Write `eval_embeddings.npz` and `summary.json` (rank 0); returns the summary."
     from mmlit.checkpoint import atomic_write_bytes, atomic_write_text
@@ -566,6 +580,7 @@ def demo_paths(root: str | Path | None = None, seed: int = 0) -> dict[str, str]:
     train, val = split_by_group(paths["parquet"][0], "digit_index", 0.2, paths["root"] / "split-digit_index-0.2", seed=seed)
     return {"train": str(train), "val": str(val), "corpus": str(paths["corpus"]), "root": str(paths["root"])}
 
+# %% ../nbs/80_recipe.ipynb #5fa70e8d
 def demo_config(run_dir: str | Path = "runs/demo", root: str | Path | None = None, epochs: int = 50, seed: int = 0) -> RunConfig:
     "The `mmlit demo` run: the bundled demo data split by handwriting, the tiny dual encoder, CPU-sized."
     paths = demo_paths(root, seed)
@@ -668,6 +683,7 @@ def run_caption_demo(run_dir: str | Path = "runs/caption", encoder_run: str | Pa
     atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=1))
     return summary
 
+# %% ../nbs/80_recipe.ipynb #0f91796f
 def format_caption_summary(s: dict) -> str:
     "The table `mmlit demo --task caption` prints: what the generated captions name correctly, BLEU-4, wall times."
     c = s.get("captions") or {}
@@ -698,6 +714,7 @@ def vlm_demo_config(run_dir: str | Path = "runs/vlm_demo", root: str | Path | No
     cfg.threads = 1
     return cfg
 
+# %% ../nbs/80_recipe.ipynb #cda5d4f6
 def run_vlm_demo(run_dir: str | Path = "runs/vlm_demo", epochs: int | None = None, progress: bool | None = None,
                  max_records: int | None = None) -> dict:
     "Train the tiny VLM on the demo's scenes (CPU), then score its generated answers on unseen handwriting; returns the summary."
@@ -717,6 +734,7 @@ def run_vlm_demo(run_dir: str | Path = "runs/vlm_demo", epochs: int | None = Non
     if run.trainer.main: atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=1))
     return summary
 
+# %% ../nbs/80_recipe.ipynb #2fe484ba
 def format_vlm_summary(s: dict) -> str:
     "The table `mmlit demo --task vlm` prints: each task's held-out score from generated answers, examples, wall time."
     names = {"qa_digit_acc": "QA digit accuracy", "pointing_acc": "pointing accuracy", "counting_acc": "counting accuracy",
@@ -751,6 +769,7 @@ def absolute_data(data: dict) -> dict:
     if isinstance(opts, dict) and opts.get("image_root"): opts["image_root"] = _absolute(opts["image_root"])
     return data
 
+# %% ../nbs/80_recipe.ipynb #67627a3b
 def data_files(dataset) -> list[list]:
     "`[path, bytes]` of each file a dataset reads, through the datasets it wraps."
     out, todo = [], [dataset]
@@ -767,6 +786,7 @@ def data_record(data: dict, loader) -> dict:
     "What `data.json` holds: the data section with absolute paths (credentials masked), the training data's fingerprint and files."
     return {"data": redact(absolute_data(data)), "fingerprint": loader.fingerprint, "files": data_files(loader.dataset)}
 
+# %% ../nbs/80_recipe.ipynb #b2164754
 def record_data(run_dir: str | Path, data: dict, loader) -> Path:
     "Write `run_dir/data.json`, unless it is there and the run has a checkpoint (a resume keeps the data it trained on)."
     from mmlit.checkpoint import CheckpointManager, atomic_write_text

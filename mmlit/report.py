@@ -23,15 +23,17 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageFile
 
 from .core import BadRecordError, MmlitError, redact
-from .storage import NotRegularFile, open_local, path_in_root
-from .viz import (SPIKE_FLOOR, SPIKE_K, SPIKE_WINDOW, RunDirError, _series, _wrap, finish, loss_spikes, metrics_frame,
-                       read_embeddings, read_run_file, replace_file, require_files, save_run_plots)
 
 # %% auto #0
 __all__ = ['TEXT_COLUMNS', 'REGIONS', 'REPORT_FILES', 'PLOT_BORDER', 'read_bad_records', 'record_caption', 'bad_record_image',
            'plot_bad_records', 'spike_samples', 'dataset_map', 'plot_dataset_map', 'retrieval_failures',
            'summary_metrics', 'headline_rows', 'recall_table', 'png_data_uri', 'Raw', 'html_pairs', 'html_table',
            'write_report']
+
+# %% ../nbs/07a_report.ipynb #8f8d0149
+from .storage import NotRegularFile, open_local, path_in_root
+from .viz import (SPIKE_FLOOR, SPIKE_K, SPIKE_WINDOW, RunDirError, _series, _wrap, finish, loss_spikes, metrics_frame,
+                       read_embeddings, read_run_file, replace_file, require_files, save_run_plots)
 
 # %% ../nbs/07a_report.ipynb #f5d422a1
 def read_bad_records(report) -> list[dict]:
@@ -48,6 +50,7 @@ def read_bad_records(report) -> list[dict]:
         if missing: raise MmlitError(f"a bad record lacks {missing}: {b}")
     return out
 
+# %% ../nbs/07a_report.ipynb #7bf9aff7
 @contextmanager
 def _truncated_images_allowed():
     old, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
@@ -58,6 +61,7 @@ def _image_in_folder(folder: Path, ref: str) -> bytes:
     "A record's image file read under the same rule as the data: inside `folder`, and only a regular file."
     with open_local(path_in_root(folder, ref)) as fh: return fh.read()
 
+# %% ../nbs/07a_report.ipynb #ea30690c
 def _record_fields(where: Mapping, columns: Sequence[str]) -> dict | None:
     "The named fields of a record (`file`, `index`, `unit`) from its Parquet row (its row group only) or JSONL line; None when it is not there."
     f = where.get("file")
@@ -82,6 +86,7 @@ def _record_fields(where: Mapping, columns: Sequence[str]) -> dict | None:
             if isinstance(rec, dict): return {c: rec[c] for c in columns if c in rec}
     return None
 
+# %% ../nbs/07a_report.ipynb #924a86a2
 def _record_image_source(bad: Mapping, image_column: str) -> bytes | None:
     "The bytes of a record's image, from its Parquet row or JSONL line; None when it has none."
     cell = (_record_fields(bad, [image_column]) or {}).get(image_column)
@@ -97,6 +102,7 @@ def record_caption(where: Mapping, columns: Sequence[str] = TEXT_COLUMNS) -> str
     fields = _record_fields(where, columns) or {}
     return next((str(fields[c]) for c in columns if isinstance(fields.get(c), str)), None)
 
+# %% ../nbs/07a_report.ipynb #b4fbcb85
 def bad_record_image(bad: Mapping, image_column: str = "image", max_side: int = 96) -> tuple[Image.Image | None, str]:
     "A thumbnail of a bad record's image and how it decoded: `'ok'`, `'partial'`, or why there is none."
     try: src = _record_image_source(bad, image_column)
@@ -210,6 +216,7 @@ def headline_rows(summary: Mapping) -> list[tuple[str, Any]]:
             ("validation loss", m.get("loss")), ("wall time (s)", sec.get("wall", sec.get("fit")))]
     return [(k, round(v, 4) if isinstance(v, float) else v) for k, v in rows if v is not None]
 
+# %% ../nbs/07a_report.ipynb #5e8776e7
 def recall_table(summary: Mapping) -> pd.DataFrame:
     "Recall@1/5/10 both ways per Matryoshka dimension (largest first), exact pair and label-aware, as `mmlit demo` prints it."
     m = summary_metrics(summary)
@@ -241,6 +248,7 @@ def _fmt(v) -> str:
     if isinstance(v, float): return f"{v:.4g}"
     return html.escape(str(v))
 
+# %% ../nbs/07a_report.ipynb #c13e17a1
 def html_pairs(pairs: Iterable[tuple[str, Any]]) -> str:
     "Name-value pairs as a compact grid (cells escaped)."
     items = "".join(f'<div><span class="k">{html.escape(str(k))}</span><span class="v">{_fmt(v)}</span></div>' for k, v in pairs)
@@ -266,6 +274,7 @@ def _caption(where: Mapping | None) -> str:
 def _where_text(w: Mapping) -> str:
     return f"{Path(w['file']).name} {w.get('unit', 'row')} {w['index']}" if w.get("file") else f"sample {w['index']}"
 
+# %% ../nbs/07a_report.ipynb #a69d3f3a
 def _ledger_rows(rows: pd.DataFrame, cols: Sequence[str]) -> str:
     "Ledger samples as a table: the `cols` figures, where the sample lives, its thumbnail and caption."
     out = []
@@ -274,6 +283,7 @@ def _ledger_rows(rows: pd.DataFrame, cols: Sequence[str]) -> str:
         out.append([int(r.sample), *[getattr(r, c) for c in cols], _where_text(w) if w else "-", _thumb(w), _caption(w)])
     return html_table(out, ["sample", *cols, "where", "image", "caption"])
 
+# %% ../nbs/07a_report.ipynb #827c62ba
 def _spikes_section(m: pd.DataFrame, ledger: pd.DataFrame | None, no_ledger: str, max_spikes: int = 5, n: int = 5) -> str:
     x, y = _series(m, "train/loss")
     rule = (f"<p>A step is a <b>loss spike</b> when its training loss is above the median of the {SPIKE_WINDOW} steps before it by "
@@ -293,6 +303,7 @@ def _spikes_section(m: pd.DataFrame, ledger: pd.DataFrame | None, no_ledger: str
         parts.append(_ledger_rows(rows, ["loss"]) if len(rows) else "<p>The ledger has no rows of this step.</p>")
     return "".join(parts)
 
+# %% ../nbs/07a_report.ipynb #b8431c1e
 def _dataset_map_section(ledger: pd.DataFrame | None, no_ledger: str, out_png: Path, n: int = 5) -> tuple[str, Path | None]:
     if ledger is None: return f"<p>{html.escape(no_ledger)}</p>", None
     try: dm = dataset_map(ledger)
@@ -312,6 +323,7 @@ def _dataset_map_section(ledger: pd.DataFrame | None, no_ledger: str, out_png: P
         tables += f"<h3>The {len(r)} {region} samples with the highest mean loss</h3>" + _ledger_rows(r, ["loss", "variability"])
     return text + f'<div class="row">{fig}</div>' + tables, out_png
 
+# %% ../nbs/07a_report.ipynb #4d515076
 def _failures_section(emb: dict | None, no_emb: str, n: int = 8) -> str:
     if emb is None: return f"<p>{html.escape(no_emb)}</p>"
     fails, n_wrong = retrieval_failures(emb, n)
@@ -354,6 +366,7 @@ details {{ margin: 22px 0 0; }} details > summary {{ cursor: pointer; font-size:
 td ol {{ margin: 0; padding-left: 20px; }} li.ok {{ color: #1a7f37; }} li.bad {{ color: #b42318; }} .sim {{ color: #7a8590; }}
 """
 
+# %% ../nbs/07a_report.ipynb #4a396a10
 def _bad_records_section(bads: list[dict], max_rows: int = 50) -> str:
     if not bads: return "<p>No bad records: every record of the run was read.</p>"
     reasons = Counter(b["reason"].split(":")[0].split(" (")[0] for b in bads)
@@ -382,6 +395,7 @@ def _run_ledger(run_dir: Path) -> tuple[pd.DataFrame | None, str]:
     try: return read_ledger(run_dir), ""
     except MmlitError as e: return None, f"No per-sample ledger: {e}."
 
+# %% ../nbs/07a_report.ipynb #a6bc7a9c
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: int = 0) -> Path:
     "Write the run's PNGs and its self-contained `report.html` (default: into the run directory); returns the page's path."
     import yaml

@@ -30,6 +30,7 @@ def format_caption(rec: dict, prompt: str = "Describe this image.") -> list[dict
     "Caption: the caption is the answer to a fixed prompt."
     return _turns(prompt, rec["text"])
 
+# %% ../nbs/01e_tasks.ipynb #587a9a35
 @task_formats.register("qa")
 def format_qa(rec: dict) -> list[dict]:
     "Question answering from `meta['question']` / `meta['answer']` (or `text` as the answer)."
@@ -49,6 +50,7 @@ def format_pointing(rec: dict) -> list[dict]:
     q = rec["meta"].get("question") or f"Point to the {rec['meta'].get('label', 'object')}."
     return _turns(q, f"Point: {pts}")
 
+# %% ../nbs/01e_tasks.ipynb #5d2d944c
 @task_formats.register("counting")
 def format_counting(rec: dict) -> list[dict]:
     "Counting: `Count: N` from `meta['count']` (or the number of `meta['points']`)."

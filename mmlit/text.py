@@ -39,6 +39,7 @@ CHAT_TEMPLATES.add("plain", (
 
 TOKENIZER_KINDS = Registry("tokenizer kind")
 
+# %% ../nbs/02a_text.ipynb #de3fdc46
 @TOKENIZER_KINDS.register("bpe")
 def byte_level_bpe(vocab_size: int, min_frequency: int, special_tokens: list[str]):
     "An untrained byte-level BPE `tokenizers.Tokenizer` and its trainer."
@@ -50,6 +51,7 @@ def byte_level_bpe(vocab_size: int, min_frequency: int, special_tokens: list[str
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     return tok, trainer
 
+# %% ../nbs/02a_text.ipynb #2ed9d866
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 4096, kind: str = "bpe", save_dir: str | Path | None = None,
                     min_frequency: int = 2, chat_template: str | None = "chatml"):
     "Train a tokenizer on `corpus`; a `PreTrainedTokenizerFast` (pad = eos = `<|endoftext|>`), saved to `save_dir` if given."
@@ -100,6 +102,7 @@ def _template_of(tokenizer, chat_template: str | None) -> str:
     if chat_template is None: return getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATES.get("plain")
     return CHAT_TEMPLATES.get(chat_template) if chat_template in CHAT_TEMPLATES else chat_template
 
+# %% ../nbs/02a_text.ipynb #81fdd944
 def _turn_spans(tokenizer, messages, template, train_roles) -> list[tuple[int, int, int]]:
     "Per turn `(start, trained_from, end)` character offsets in the rendered conversation."
     spans, prev = [], ""
@@ -134,6 +137,7 @@ def image_input_idx(runs: Sequence[tuple[int, int]]) -> torch.Tensor:
     for k, (s, n) in enumerate(runs): out[k, :n] = torch.arange(s, s + n)
     return out
 
+# %% ../nbs/02a_text.ipynb #58e6357b
 def _label_tokens(ids: Sequence[int], starts: Sequence[int], spans: Sequence[tuple[int, int, int]], image_id: int | None,
                   num_image_tokens: Sequence[int], video_id: int | None = None, num_video_tokens: Sequence[int] = ()
                   ) -> tuple[list[int], list[int], list[int], list[tuple[int, int]], list[tuple[int, int]]]:
@@ -226,6 +230,7 @@ def bos_ids(tokenizer) -> list[int]:
     while n < len(full) and full[n] in specials: n += 1
     return full[:n]
 
+# %% ../nbs/02a_text.ipynb #d4af5e4b
 def encode_text(tokenizer, text: str, max_length: int | None = None, add_eos: bool = True,
                 train_lm: bool = False) -> dict[str, torch.Tensor]:
     "`input_ids`, `attention_mask`, `labels` for one text (the tokenizer's bos first, eos appended, cut to `max_length` keeping both)."
@@ -247,6 +252,7 @@ def token_stream(docs: Iterable[str], tokenizer, eos_id: int | None = None) -> t
     for doc in docs: out += token_ids(tokenizer, doc) + [int(eos_id)]
     return torch.tensor(out, dtype=torch.int64)
 
+# %% ../nbs/02a_text.ipynb #6468b51f
 class LMWindows:
     "Windows of a token stream: item i is `{input_ids, attention_mask, labels, shift_labels}`, labels shifted by one."
     def __init__(self, stream: torch.Tensor | Sequence[int], max_length: int, stride: int | None = None, drop_last: bool = True):
@@ -266,6 +272,7 @@ class LMWindows:
         return {"input_ids": x[:-1], "attention_mask": torch.ones(len(x) - 1, dtype=torch.int64), "labels": x[1:],
                 "shift_labels": x[1:].clone()}   # the same targets, for HF models that shift `labels` again
 
+# %% ../nbs/02a_text.ipynb #50908a19
 def lm_windows(docs: Iterable[str], tokenizer, max_length: int, stride: int | None = None, drop_last: bool = True,
                eos_id: int | None = None) -> LMWindows:
     "Tokenize `docs` into one eos-separated stream and cut it into shifted windows."

@@ -41,6 +41,7 @@ class RunFileError(MmlitError, ValueError):
 
 STEP_KEYS = ("train/step", "step", "_step", "global_step")
 
+# %% ../nbs/07_viz.ipynb #830d0586
 def metrics_frame(metrics: pd.DataFrame | Sequence[Mapping] | str | Path) -> pd.DataFrame:
     "A metrics table (DataFrame, list of dicts, `metrics.csv` or `metrics.jsonl`) with a numeric `step` column."
     if isinstance(metrics, (str, Path)):
@@ -57,6 +58,7 @@ def metrics_frame(metrics: pd.DataFrame | Sequence[Mapping] | str | Path) -> pd.
     df["step"] = (df[key].ffill().bfill() if key else pd.Series(np.arange(len(df)), index=df.index)).astype(float)
     return df.reset_index(drop=True)
 
+# %% ../nbs/07_viz.ipynb #9730231b
 def _series(df: pd.DataFrame, key: str) -> tuple[np.ndarray, np.ndarray]:
     "Steps and values of the rows where `key` was logged."
     if key not in df.columns: return np.zeros(0), np.zeros(0)
@@ -90,6 +92,7 @@ def replace_file(path: str | Path, data: bytes | str) -> Path:
     except OSError as e: raise RunFileError(f"cannot write {p} ({type(e).__name__}: {e.strerror or e})") from None
     return p
 
+# %% ../nbs/07_viz.ipynb #61ad93b0
 def finish(fig: Figure, save: str | Path | None = None, dpi: int = 100) -> Figure:
     "Lay `fig` out; with `save`, write it as a PNG there (`replace_file`) and close it."
     fig.tight_layout()
@@ -192,6 +195,7 @@ def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
     out.setdefault("label", np.full(n, -1)); out.setdefault("caption", np.array([""] * n))
     return out
 
+# %% ../nbs/07_viz.ipynb #3f60ca45
 def project_2d(x: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
     "`[N, D]` → `[N, 2]` with PCA or t-SNE (scikit-learn)."
     from sklearn.decomposition import PCA
@@ -268,6 +272,7 @@ def mrl_table(metrics) -> pd.DataFrame:
         out.setdefault(name, {})[int(dim)] = last[c]
     return pd.DataFrame(out).sort_index()
 
+# %% ../nbs/07_viz.ipynb #15326266
 def plot_mrl_performance(metrics, save: str | Path | None = None) -> Figure:
     "Recall@K (image→text solid, text→image dashed) against Matryoshka dimension; a panel per recall kind logged."
     import re
@@ -302,6 +307,7 @@ def require_files(run_dir: str | Path, names: Sequence[str | tuple[str, ...]], w
     if missing: raise RunDirError(f"{what}: {run_dir} lacks {', '.join(missing)} (a run directory written by the mmlit trainer has them)")
     return found
 
+# %% ../nbs/07_viz.ipynb #cba3bcd5
 def save_run_plots(run_dir: str | Path, *, out_dir: str | Path | None = None, seed: int = 0, embeddings: bool = True) -> dict[str, Path]:
     "Write the standard PNGs of a run directory (into `out_dir`, default the run directory; `embeddings=False`: the metrics' only); name → path."
     f = require_files(run_dir, [("metrics.csv", "metrics.jsonl")] + (["eval_embeddings.npz"] if embeddings else []), "save_run_plots")
@@ -332,6 +338,7 @@ def unnormalize(x: torch.Tensor, norm: str | Normalisation | None = "clip") -> t
         x = x * torch.tensor(n.std).view(3, 1, 1) + torch.tensor(n.mean).view(3, 1, 1)
     return (x * 255).round().clamp(0, 255).to(torch.uint8)
 
+# %% ../nbs/07_viz.ipynb #dca1e0fb
 def unpatchify(patches: torch.Tensor, grid_thw: Sequence[int], patch_size: int = 14, merge_size: int = 2,
                temporal_patch_size: int = 2, channels: int = 3) -> torch.Tensor:
     "Qwen2-VL patches `[t·h·w, C·temporal·patch²]` of one image → its frames `[t·temporal, C, H, W]`."
@@ -342,6 +349,7 @@ def unpatchify(patches: torch.Tensor, grid_thw: Sequence[int], patch_size: int =
     x = patches.reshape(gt, gh // m, gw // m, m, m, channels, tp, p, p).permute(0, 6, 5, 1, 3, 7, 2, 4, 8)
     return x.reshape(gt * tp, channels, gh * p, gw * p)
 
+# %% ../nbs/07_viz.ipynb #69696358
 def batch_images(batch: Mapping, norm: str | Normalisation | None = "clip", *, patch_size: int = 14,
                  merge_size: int = 2, temporal_patch_size: int = 2) -> list[tuple[int, torch.Tensor]]:
     "Every image of a collated batch as `(sample, uint8 [3, H, W])`, in batch order."
@@ -361,6 +369,7 @@ def batch_images(batch: Mapping, norm: str | Normalisation | None = "clip", *, p
         return [(i, unnormalize(x, norm)) for i, x in enumerate(batch["pixel_values"])]
     raise MmlitError(f"no images in this batch: expected pixel_values, images or image_grid_thw, got keys {sorted(batch)}")
 
+# %% ../nbs/07_viz.ipynb #3dfb7d9e
 def _qwen_image_owners(batch: Mapping) -> list[int]:
     "The sample (row) each Qwen2-VL image belongs to, from the runs of image tokens per row."
     n_img = len(batch["image_grid_thw"])
@@ -390,6 +399,7 @@ def batch_captions(batch: Mapping, tokenizer) -> list[str]:
         out.append(decode_text(tokenizer, ids[i][keep].tolist()).strip())
     return out
 
+# %% ../nbs/07_viz.ipynb #56f3a811
 def show_images(batch: Mapping, tokenizer=None, *, norm: str | Normalisation | None = "clip", n: int = 16,
                 ncols: int = 4, captions: Sequence[str] | None = None, save: str | Path | None = None) -> Figure:
     "A grid of a collated batch's first `n` images, each titled with its sample index and caption."
@@ -405,6 +415,7 @@ def show_images(batch: Mapping, tokenizer=None, *, norm: str | Normalisation | N
         ax.set_title(f"[{i}] " + "\n".join(_wrap(cap, 34)[:3]), fontsize=8, loc="left")
     return finish(fig, save)
 
+# %% ../nbs/07_viz.ipynb #90a4538a
 def _wrap(text: str, width: int) -> list[str]:
     import textwrap
     return textwrap.wrap(text, width) or [""]
@@ -425,10 +436,12 @@ def _segments(batch: Mapping, row: int, L: int) -> np.ndarray:
     if am is not None and am.ndim == 2: return np.where(am[row].numpy() > 0, 0, -1)
     return np.zeros(L, dtype=int)
 
+# %% ../nbs/07_viz.ipynb #43c77833
 def _token_strings(tokenizer, ids: list[int]) -> list[str]:
     if tokenizer is None or not hasattr(tokenizer, "convert_ids_to_tokens"): return [str(i) for i in ids]
     return [str(t).replace("Ġ", "·").replace("Ċ", "⏎") for t in tokenizer.convert_ids_to_tokens(ids)]
 
+# %% ../nbs/07_viz.ipynb #a10e8ddf
 def token_table(batch: Mapping, row: int = 0, tokenizer=None) -> pd.DataFrame:
     "One row of a text or multimodal batch, token by token: id, token, kind, label, segment, position id."
     ids = batch["input_ids"]
@@ -490,6 +503,7 @@ def batch_digest(batch: Mapping) -> str:
         else: h.update(repr(v).encode())
     return h.hexdigest()
 
+# %% ../nbs/07_viz.ipynb #8009d7ab
 def write_batch_views(batch: Mapping, out_dir: str | Path, tokenizer=None, *, norm: str | Normalisation | None = "clip",
                       rows: Sequence[int] = (0,), info: Mapping | None = None) -> dict[str, Path]:
     "Write `batch_images.png`, `batch_tokens[_ROW].png` and `batch.json` for a collated batch; name → path."

@@ -59,6 +59,7 @@ def task_answers(model, tokenizer, path, batch_size: int = 32, max_new_tokens: i
     rows = pq.read_table(path, columns=["task", "text", "target", "count", "target_boxes", "image"]).slice(0, len(texts)).to_pylist()
     return texts, rows
 
+# %% ../nbs/05h_vlm.ipynb #1d94c6b2
 def task_metrics(texts: list, rows: list[dict]) -> dict:
     "Scores (`mmlit.generate.TextScore`) of generated answers by task: QA digit, pointing and counting accuracy, caption exact match."
     from PIL import Image

@@ -59,9 +59,12 @@ def test_pages_hold_outputs_api_entries_and_plots(site):
     parser = Links(); parser.feed(viz)
     plots = [s for s in parser.imgs if s.startswith("data:image/png;base64,")]
     assert len(plots) >= 5, f"viz.html embeds {len(plots)} plot images"
-    for name in ("plot_training_curves", "save_run_plots", "write_report", "plot_tokens"):
-        assert re.search(rf"<h[234][^>]*>\s*{name}\s*<", viz) or f"{name}</h" in viz, f"no show_doc entry for {name}"
-    assert "Traceback" not in viz
+    report = site.joinpath("report.html").read_text()
+    for page, text, names in (("viz.html", viz, ("plot_training_curves", "save_run_plots", "plot_tokens")),
+                              ("report.html", report, ("write_report", "dataset_map"))):
+        for name in names:
+            assert re.search(rf"<h[234][^>]*>\s*{name}\s*<", text) or f"{name}</h" in text, f"{page}: no show_doc entry for {name}"
+        assert "Traceback" not in text, page
     core = site.joinpath("core.html").read_text()
     assert "derive_seed" in core and 'source{target=' not in core
 
