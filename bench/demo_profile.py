@@ -29,10 +29,9 @@ from pathlib import Path
 
 
 def cpu_model() -> str:
-    "The CPU's model name (from /proc/cpuinfo), and the cores this process may use."
-    try: name = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration): name = "unknown CPU"
-    return f"{name}, {len(os.sched_getaffinity(0))} cores"
+    "The CPU's model name (`mmlit.recipe.cpu_model`), and the cores this process may use."
+    from mmlit.recipe import cpu_model as name
+    return f"{name()}, {len(os.sched_getaffinity(0))} cores"
 
 
 def where() -> str:

@@ -7,18 +7,10 @@ each, and prints the bytes each rank holds in parameters, `.grad` and optimiser 
 counted once, by storage; DDP's reducer buckets, by default a second copy of the gradients, are not counted, which favours
 DDP), the ratio FSDP / DDP, the peak resident memory of rank 0,
 and the CPU model. The model is built on the meta device and materialised after wrapping, as FSDP runs should."""
-import argparse, json, os, platform, resource, subprocess, sys, tempfile
+import argparse, json, os, resource, subprocess, sys, tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"): return line.split(":", 1)[1].strip()
-    except OSError: pass
-    return platform.processor() or platform.machine()
 
 
 def storage_bytes(tensors) -> int:
@@ -84,6 +76,7 @@ def main(argv=None):
                            env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             res[s] = json.loads(out.read_text())
     mb = lambda b: f"{b / 2**20:8.1f}"
+    from mmlit.recipe import cpu_model
     print(f"CPU: {cpu_model()}; torch {__import__('torch').__version__}; 2 gloo ranks; "
           f"model: TransformerEncoder {a.layers} x {a.width}, {res['ddp'][0]['params'] / 1e6:.1f}M parameters, AdamW")
     print(f"{'strategy':8} {'rank':>4} {'params MiB':>10} {'grads MiB':>10} {'optim MiB':>10} {'total MiB':>10} {'peak RSS MiB':>12}")

@@ -16,21 +16,12 @@
 compiled step through the `aot_eager` backend, which needs no C++ compiler) so that CI keeps the script working; its
 figures mean nothing. Without CUDA and without `--dry-run` the script refuses to run.
 """
-import argparse, copy, json, os, platform, statistics, subprocess, sys, tempfile, time
+import argparse, copy, json, os, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
-
-
-def cpu_model() -> str:
-    "The CPU's model name (from /proc/cpuinfo where there is one)."
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"): return line.split(":", 1)[1].strip()
-    except OSError: pass
-    return platform.processor() or "unknown CPU"
 
 
 def sync(device: torch.device) -> None:
@@ -165,6 +156,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="mmlit-gpu-check-") as tmp:
         demo = check_demo(a, device, Path(tmp))
     batch, vocab = demo.pop("batch"), demo.pop("vocab")
+    from mmlit.recipe import cpu_model
     r = {"dry_run": a.dry_run, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "cpu": cpu_model(),
          "torch": torch.__version__, "compile_backend": a.compile_backend, "demo": demo, "qwen2vl": check_qwen2vl(a),
          "compile": check_compile(a, device, vocab, batch)}

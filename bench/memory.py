@@ -18,7 +18,7 @@ process's peak resident set (`VmHWM`, reset through `/proc/self/clear_refs` once
 The step is forward, backward and AdamW's update (its state is allocated in this first step). Step time: the median of
 `--steps` further steps, wall clock and the process's CPU time (the steadier figure on a shared machine).
 """
-import argparse, ctypes, gc, json, os, platform, resource, statistics, subprocess, sys, time
+import argparse, ctypes, gc, json, os, resource, statistics, subprocess, sys, time
 from pathlib import Path
 
 VARIANTS = {"full": "full fine-tune (fp32)", "lora": "LoRA (fp32)", "lora_gc": "LoRA + gradient checkpointing",
@@ -41,15 +41,6 @@ SHAPES = {
 }
 EMBED = {"bench": (768, [768, 512, 256, 128]), "2b": (1536, [1536, 768, 256]), "tiny": (64, [64, 32])}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "proj", "fc1", "fc2"]
-
-
-def cpu_model() -> str:
-    "The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"): return line.split(":", 1)[1].strip()
-    except OSError: pass
-    return platform.processor() or "unknown CPU"
 
 
 def rss_bytes() -> int:
@@ -165,6 +156,7 @@ def main():
     full = next((r for r in rows if r["variant"] == "full"), rows[0])
     for r in rows: r.update(peak_ratio=r["peak_bytes"] / full["peak_bytes"], time_ratio=r["step_s"] / full["step_s"],
                             cpu_ratio=r["cpu_s"] / full["cpu_s"])
+    from mmlit.recipe import cpu_model
     where = cpu_model() + f", {a.threads} threads" if a.device == "cpu" else torch.cuda.get_device_name()
     if a.json: return print(json.dumps({"device": where, "batch": a.batch, "pixels": a.pixels, "shape": a.shape, "rows": rows}))
     print(f"{where}; torch {torch.__version__}; Qwen2-VL-shaped embedder, {full['parameters'] / 1e6:.1f}M parameters; "
