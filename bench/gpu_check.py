@@ -52,7 +52,7 @@ def demo_run(a, device: torch.device, run_dir: Path):
 
 def transfer_times(batch: dict, device: torch.device, repeats: int = 20) -> dict:
     "Seconds to move `batch` to `device` from pinned and from pageable host memory, and its size."
-    from mmlit.train import to_device
+    from mmlit.step import to_device
     tensors = {k: v for k, v in batch.items() if torch.is_tensor(v)}
     nbytes = sum(v.numel() * v.element_size() for v in tensors.values())
     if device.type != "cuda": return {"bytes": nbytes, "pinned_s": None, "pageable_s": None}
@@ -89,7 +89,7 @@ def check_qwen2vl(a) -> dict:
 def check_compile(a, device: torch.device, vocab: int, batch: dict) -> dict:
     "ms a training step of the demo's dual encoder, eager and compiled, from the same weights on the same batch."
     from mmlit.model import DualEncoder, DualEncoderConfig
-    from mmlit.train import autocast, to_device
+    from mmlit.step import autocast, to_device
     torch.manual_seed(0)
     base = DualEncoder(DualEncoderConfig.preset("tiny", vocab_size=vocab, hard_negative_weight=1.0)).to(device)
     batch = to_device(batch, device)

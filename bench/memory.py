@@ -9,7 +9,7 @@ layers of 768, a 32k vocabulary; vision: 12 blocks of 384; `--shape 2b`: Qwen2-V
 `--shape tiny`: a few thousand parameters, to check the code paths in seconds); the batch is `--batch` demo records through the `qwen2_vl` preprocessor and collator, the
 images resized to `--pixels` squared (224: 256 patches, 64 image tokens each). LoRA comes from `peft` (`LoraConfig`,
 `get_peft_model`) on the backbone's attention and MLP projections (rank 16); the embedder's projection head and
-temperature stay trainable. Gradient checkpointing is `mmlit.train.enable_gradient_checkpointing`; bf16 is the trainer's
+temperature stay trainable. Gradient checkpointing is `mmlit.step.enable_gradient_checkpointing`; bf16 is the trainer's
 `autocast(device, "bf16")`.
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` during the step, minus what was allocated before it; on CPU the
@@ -71,7 +71,7 @@ def parts(batch_size: int, pixels: int, device, shape: str = "bench"):
     from mmlit.collate import collators
     from mmlit.demo import ensure_demo
     from mmlit.multimodal import build_preprocessor
-    from mmlit.recipe import ModelSpec, build_model
+    from mmlit.kinds import ModelSpec, build_model
     from mmlit.sources import ParquetImageText
     from mmlit.text import train_tokenizer
     ds = ParquetImageText(ensure_demo()["parquet"])
@@ -95,7 +95,7 @@ def add_lora(model):
 def measure(variant: str, a) -> dict:
     "Build the model and batch, then one step's peak memory and the median time of `a.steps` more steps."
     import torch
-    from mmlit.train import autocast, enable_gradient_checkpointing
+    from mmlit.step import autocast, enable_gradient_checkpointing
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     batch, model = parts(a.batch, a.pixels, device, a.shape)

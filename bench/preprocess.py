@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 from mmlit.core import np_rng
-from mmlit.preprocess import Qwen2VLPatcher, decode_rgb, image_preset, normalize
+from mmlit.preprocess import decode_rgb, image_preset, normalize
+from mmlit.patches import Qwen2VLPatcher
 
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "cat")
 

@@ -13,7 +13,8 @@ import torch
 
 from mmlit.sources import ParquetImageText
 from mmlit.demo import ensure_demo
-from mmlit.loader import LoaderConfig, RowSubset, make_loader
+from mmlit.loader import LoaderConfig, make_loader
+from mmlit.datamodule import RowSubset
 from mmlit.model import DualEncoder, DualEncoderConfig
 from mmlit.multimodal import build_preprocessor
 from mmlit.text import train_tokenizer

@@ -16,10 +16,12 @@ import torch
 from mmlit.checkpoint import CheckpointManager
 from mmlit.core import Stream, derive_seed
 from mmlit.demo import ensure_demo
-from mmlit.loader import LoaderConfig, build_data_module
+from mmlit.loader import LoaderConfig
+from mmlit.datamodule import build_data_module
 from mmlit.model import DualEncoder, DualEncoderConfig
-from mmlit.train import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, ScheduleConfig, TrainConfig, Trainer,
-                         build_optimizer, build_scheduler)
+from mmlit.step import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, ScheduleConfig, TrainConfig,
+                        build_optimizer, build_scheduler)
+from mmlit.train import Trainer
 
 
 def parts(batch: int, tok_dir: Path):

@@ -155,7 +155,7 @@ def save_pretrained(self: Aligner, save_dir) -> Path:
     enc = self.encoder.config.to_dict()
     enc.update(vision=self.encoder.vision.config.to_dict(), text=self.encoder.text.config.to_dict(), vision_pretrained=None,
                text_pretrained=None, pretrained=None, pretrained_projection=False,
-               normalisation=dataclasses.asdict(self.encoder.normalisation))
+               normalize=dataclasses.asdict(self.encoder.normalization))
     cfg = {**self.config.to_dict(), "lm": self.lm.model.config.to_dict()}
     return save_pretrained_dir(self, save_dir, {"aligner": cfg, "encoder": enc})
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 from fastcore.basics import patch
 
 import hashlib, json, os, random, re, shutil, time, uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .core import CheckpointError, ConfigError
+from .core import CheckpointError
 from .hub import check_same_pretrained
 
 # %% auto #0

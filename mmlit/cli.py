@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
-from PIL import Image
 
 from .core import MmlitError
 from .dataset import MMDataset
@@ -165,8 +164,9 @@ def _lm_lines(history: list[dict]) -> list[str]:
 def cmd_train(args) -> int:
     "Run `mmlit train CONFIG.yaml`; returns the exit status."
     import time
-    from mmlit.recipe import MODEL_KINDS, RunConfig, build_run, finish_run, format_summary
-    from mmlit.train import load_config
+    from mmlit.recipe import RunConfig, build_run, finish_run, format_summary
+    from mmlit.kinds import MODEL_KINDS
+    from mmlit.step import load_config
     t0 = time.perf_counter()
     try:
         cfg = load_config(RunConfig, args.config)
@@ -224,7 +224,7 @@ CONFIG_NOTES = {
     "data.tokenizer.train": "train a byte-level BPE tokenizer of this vocabulary on the training texts",
     "data.tokenizer.save_dir": "where the trained tokenizer is kept (a resume loads it)",
     "data.loader": "batch_size, num_workers, shuffle, drop_last, ... (mmlit.loader.LoaderConfig)",
-    "model": "mmlit.recipe.ModelSpec",
+    "model": "mmlit.kinds.ModelSpec",
     "model.kind": "dual_encoder, causal_lm, qwen2vl_embedder, vlm (mmlit config lists them)",
     "model.preset": "the kind's preset (tiny: CPU-sized)",
     "model.options": "fields of the model's config written over the preset",
@@ -289,7 +289,8 @@ _FIRST = ("run_dir", "seed", "data", "model", "zero_shot", "label_column")   # w
 def example_yaml(kind: str, run_dir: str | None = None) -> str:
     "The commented YAML of `mmlit.recipe.example_config(kind)`: a run on the bundled demo data that trains as printed."
     from mmlit.core import config_to_dict
-    from mmlit.recipe import MODEL_KINDS, example_config
+    from mmlit.recipe import example_config
+    from mmlit.kinds import MODEL_KINDS
     k = MODEL_KINDS.get(kind)
     d = config_to_dict(example_config(kind, run_dir))
     d = {**{key: d[key] for key in _FIRST}, **{key: v for key, v in d.items() if key not in _FIRST}}
@@ -302,7 +303,7 @@ def example_yaml(kind: str, run_dir: str | None = None) -> str:
 # %% ../nbs/90_cli.ipynb #7db07a0b
 def cmd_config(args) -> int:
     "Run `mmlit config [KIND]`: the example config of a model kind, or the list of kinds."
-    from mmlit.recipe import MODEL_KINDS
+    from mmlit.kinds import MODEL_KINDS
     if args.kind is None:
         print("\n".join(f"{name:18} {MODEL_KINDS.get(name).summary}" for name in MODEL_KINDS))
         return 0
@@ -502,7 +503,8 @@ def _run_data(run_dir: Path, cfg: dict) -> tuple[dict, dict | None]:
 # %% ../nbs/90_cli.ipynb #82fdeeed
 def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]:
     "The batch of training step `step` (as logged: 1 is the first), rebuilt from the run's data section and checked against its data record."
-    from mmlit.loader import LoaderDataModule, loader_parts, resolve_collate
+    from mmlit.loader import resolve_collate
+    from mmlit.datamodule import LoaderDataModule, loader_parts
     from mmlit.recipe import RUN_DATA, data_files
     from mmlit.viz import read_run_file
     run_dir = Path(run_dir)
@@ -533,9 +535,9 @@ def rebuild_step_batch(run_dir: str | Path, step: int) -> tuple[dict, Any, dict]
     state = loader.state_dict()
     loader.load_state_dict({**state, "epoch": epoch, "position": k * loader.config.batch_size * state["world_size"]})
     batch = next(iter(loader))
-    norm = (data.get("preprocessor_options") or {}).get("normalize", "clip")
+    normalize = (data.get("preprocessor_options") or {}).get("normalize", "clip")
     return batch, p["tokenizer"], {"run_dir": str(run_dir), "step": step, "epoch": epoch, "batch_in_epoch": k,
-                                   "micro_batches_per_step": accumulate, "norm": norm, "data_checked": record is not None,
+                                   "micro_batches_per_step": accumulate, "normalize": normalize, "data_checked": record is not None,
                                    "samples": loader.last_indices}
 
 # %% ../nbs/90_cli.ipynb #b86bd83f
@@ -558,7 +560,7 @@ def cmd_show_batch(args) -> int:
             print(f"mmlit show-batch: note: {args.run_dir} has no data.json, so the data cannot be checked against what the run "
                   f"trained on; relative paths in its config.yaml are read from {Path.cwd()}", file=sys.stderr)
         out = Path(args.out) if args.out else Path(args.run_dir) / "batches" / f"step_{args.step}"
-        written = write_batch_views(batch, out, tokenizer, norm=info.pop("norm", "clip"), info=info)
+        written = write_batch_views(batch, out, tokenizer, normalize=info.pop("normalize", "clip"), info=info)
     except MmlitError as e: return _run_view_error("show-batch", e)
     for p in written.values(): print(p)
     return 0

@@ -42,7 +42,7 @@ class SequenceTooLongError(CollateError):
     "A sequence is longer than `max_length` and `overflow='raise'`."
 
 # %% ../nbs/03_collate.ipynb #2426fc75
-from .dataset import BadRecord, Skipped, split_skipped
+from .dataset import split_skipped
 
 # %% ../nbs/03_collate.ipynb #ed218564
 def describe_sample(sample: dict, i: int) -> str:
@@ -286,12 +286,12 @@ collators.add("masked_lm", MaskedLMCollator, modality="text", task="masked_lm")
 
 # %% ../nbs/03_collate.ipynb #933ec38c
 # one set of presets for the whole pipeline: stage 2's registry (imagenet, clip, half) and its `normalize`
-from .preprocess import Normalisation, get_normalisation, normalize as normalize_uint8
+from .preprocess import Normalization, get_normalization, normalize as normalize_uint8
 
-def _norm_stats(normalize) -> Normalisation | None:
-    "The `normalize=` option as a stage 2 `Normalisation` (`True`: imagenet; falsy: leave uint8 for the GPU)."
+def _norm_stats(normalize) -> Normalization | None:
+    "The `normalize=` option as a stage 2 `Normalization` (`True`: imagenet; falsy: leave uint8 for the GPU)."
     if normalize in (None, False): return None
-    return get_normalisation("imagenet" if normalize is True else normalize)
+    return get_normalization("imagenet" if normalize is True else normalize)
 
 # %% ../nbs/03_collate.ipynb #19799677
 class VisionCollator(Collator):

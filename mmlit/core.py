@@ -18,8 +18,8 @@ import torch
 # %% auto #0
 __all__ = ['SECRET_MASK', 'derive_seed', 'Stream', 'Rngs', 'np_rng', 'torch_rng', 'derive_rngs', 'torch_rng_from', 'MmlitError',
            'ConfigError', 'CheckpointError', 'UnknownNameError', 'BadRecordError', 'TooManyBadRecords',
-           'MissingExtraError', 'Registry', 'check_keys', 'config_from_dict', 'config_to_dict', 'is_secret_key',
-           'redact']
+           'MissingExtraError', 'Registry', 'check_keys', 'renamed_keys', 'config_from_dict', 'config_to_dict',
+           'is_secret_key', 'redact']
 
 # %% ../nbs/00_core.ipynb #dfab4841
 def _check_key(**parts: int) -> list[int]:
@@ -214,12 +214,22 @@ def _coerce(hint, v, path: str):
     raise ConfigError(f"{path}: expected {_type_name(origin or hint)}, got {type(v).__name__} {v!r}")
 
 # %% ../nbs/00_core.ipynb #cb6fe5c9
+def renamed_keys(cls, d: Mapping, path: str = "") -> Mapping:
+    "`d` with the keys `cls.RENAMED` maps from an old name to a field's name renamed, so configs saved before still load."
+    old = {k: v for k, v in getattr(cls, "RENAMED", {}).items() if k in d}
+    if not old: return d
+    where = f"{path}." if path else ""
+    for k, new in old.items():
+        if new in d: raise ConfigError(f"{where}{k} and {where}{new} are both given; {k} is the old name of {new}, give only {new}")
+    return {old.get(k, k): v for k, v in d.items()}
+
 def config_from_dict(cls, d: Mapping | None, path: str = ""):
     "An instance of dataclass `cls` from a dict: unknown keys and wrong types are `ConfigError`s naming the field."
     if isinstance(d, cls): return d
     where = f"{path}: " if path else ""
     if d is None: d = {}
     if not isinstance(d, Mapping): raise ConfigError(f"{where}expected a mapping for {cls.__name__}, got {type(d).__name__} {d!r}")
+    d = renamed_keys(cls, d, path)
     fields, hints = [f.name for f in dataclasses.fields(cls)], typing.get_type_hints(cls)
     check_keys(d, fields, path)
     kw = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in d.items()}

@@ -18,10 +18,12 @@ from torch import nn
 
 from .checkpoint import CheckpointManager
 from .core import ConfigError
-from .loader import LoaderDataModule, load_tokenizer, loader_parts, resolve_collate
+from .loader import resolve_collate
+from .datamodule import LoaderDataModule, load_tokenizer, loader_parts
 from .losses import mrl_prefix
 from .metrics import digit_prompts, evaluate, zero_shot_accuracy, zero_shot_classifier
-from .recipe import RUN_DATA, RunConfig, build_model
+from .recipe import RUN_DATA, RunConfig
+from .kinds import build_model
 from .storage import Location
 
 # %% auto #0
@@ -31,7 +33,7 @@ __all__ = ['EvalModel', 'load_run_model', 'load_saved_model', 'load_eval_model',
            'load_clip_benchmark', 'register_clip_benchmark', 'write_clip_benchmark_wds', 'clip_benchmark_main']
 
 # %% ../nbs/85_eval.ipynb #a71a385b
-from .train import load_config
+from .step import load_config
 
 # %% ../nbs/85_eval.ipynb #37f56eb8
 @dataclass
@@ -77,7 +79,7 @@ def load_saved_model(model_dir: str | Path, image_size: int | None = None, devic
         raise ConfigError(f"{d}: no tokenizer.json; save the model's tokenizer beside it (tokenizer.save_pretrained(dir))")
     size = image_size or getattr(model.vision.config, "image_size", None)
     if size is None: raise ConfigError(f"{d}: the vision tower takes any image size; give the one it was trained at (image_size=)")
-    data = {"preprocessor": "clip", "preprocessor_options": {"size": int(size), "normalize": model.config.normalisation}}
+    data = {"preprocessor": "clip", "preprocessor_options": {"size": int(size), "normalize": model.config.normalize}}
     return EvalModel(model.to(device).eval(), load_tokenizer(str(d)), data, "mmlit-dual-encoder", str(d))
 
 # %% ../nbs/85_eval.ipynb #f7808f56

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-import torch
 from torch import nn
 
 from .core import ConfigError, config_from_dict

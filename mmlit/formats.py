@@ -41,9 +41,10 @@ from .core import BadRecordError, ConfigError, Registry, np_rng
 from .storage import Location, Store, as_location, check_regular_file, open_file, open_local, path_in_root
 from .dataset import MMDataset, make_record
 from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, open_image
-from .sources import (_WS, AUTO, CAPTION_NAMES, IMAGE_NAMES, MAX_LINE_BYTES, UTF8_BOM, JsonlImageText, ParquetImageText,
-                           TextCorpus, _check_path, _line_offsets, _parse_json_line, _pick, _read_line, _skip_bom, _too_long,
-                           check_max_line_bytes, expand_paths, group_videos, json_records, pick_column, read_record, video_refs)
+from .sources import (AUTO, CAPTION_NAMES, IMAGE_NAMES, JsonlImageText, ParquetImageText, TextCorpus, _pick, expand_paths,
+                           group_videos, pick_column, video_refs)
+from .jsonl import (_WS, MAX_LINE_BYTES, UTF8_BOM, _check_path, _line_offsets, _parse_json_line, _skip_bom,
+                         _too_long, check_max_line_bytes, json_records, read_record)
 
 # %% ../nbs/01f_formats.ipynb #5e1f0a07
 logger = logging.getLogger("mmlit.formats")

@@ -7,7 +7,7 @@ Docs: https://mmlit.github.io/mmlit/fsdp.html.md"""
 # %% ../nbs/06c_fsdp.ipynb #0c4cbe5f
 from __future__ import annotations
 
-import logging, os, pathlib, pickle, time, uuid
+import logging, os, pickle, time, uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path

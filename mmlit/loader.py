@@ -12,12 +12,11 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -28,15 +27,12 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 __all__ = ['RANK_SPLITS', 'LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'kept_positions', 'rank_steps',
            'ShardedBatchSampler', 'TimedTransform', 'Samples', 'StepFetcher', 'Delivery', 'SkipAwareCollate',
            'WorkerSeeder', 'resolve_collate', 'rank_and_world_size', 'data_fingerprint', 'LoaderTimings',
-           'ResumableLoader', 'make_loader', 'LoaderProfile', 'profile_loader', 'DataModule', 'RowSubset', 'split_rows',
-           'LoaderDataModule', 'WithTask', 'load_tokenizer', 'preprocessor_options', 'loader_parts',
-           'build_data_module', 'build_loader']
+           'ResumableLoader', 'make_loader', 'LoaderProfile', 'profile_loader']
 
 # %% ../nbs/04_loader.ipynb #0f9446e5
-from .core import ConfigError, Stream, TooManyBadRecords, check_keys, config_from_dict, derive_seed
-from .dataset import BadRecord, MMDataset, SkipReport, Skipped, split_skipped
+from .core import ConfigError, Stream, TooManyBadRecords, config_from_dict, derive_seed
+from .dataset import MMDataset, SkipReport, Skipped, split_skipped
 from .mixture import DeterministicDataset, Mixture
-from .sources import as_mm_dataset
 from .storage import IOStats, Location, io_stats
 import mmlit.packing   # registers the "packing" collator a config may name
 
@@ -582,14 +578,14 @@ class LoaderProfile:
     collate_s: float
     wait_s: float
     step_s: float
-    worker_utilisation: float
+    worker_utilization: float
     overhead: float
 
     def __str__(self) -> str:
         work = self.fetch_s + self.preprocess_s + self.collate_s or 1.0
         return (f"{self.samples} samples in {self.batches} batches, {self.seconds:.2f}s: {self.samples_per_s:,.0f} samples/s\n"
                 f"worker time: fetch {self.fetch_s / work:.0%}, preprocess {self.preprocess_s / work:.0%}, "
-                f"collate {self.collate_s / work:.0%}; utilisation {self.worker_utilisation:.0%}\n"
+                f"collate {self.collate_s / work:.0%}; utilisation {self.worker_utilization:.0%}\n"
                 f"loader overhead: {self.overhead:.1%} of step time (waited {self.wait_s:.2f}s, stepped {self.step_s:.2f}s)")
 
 # %% ../nbs/04_loader.ipynb #aeabac1b
@@ -619,200 +615,3 @@ def profile_loader(loader: ResumableLoader, steps: int | None = None, step_fn: C
     workers = max(loader.config.num_workers, 1)
     return LoaderProfile(t.batches, t.samples, wall, t.samples / wall if wall else 0.0, t.fetch, t.preprocess, t.collate,
                          wait, work, min(sum(t.busy.values()) / (wall * workers), 1.0) if wall else 0.0, wait / wall if wall else 0.0)
-
-# %% ../nbs/04_loader.ipynb #9a5a8bd0
-@runtime_checkable
-class DataModule(Protocol):
-    "Anything with `train_dataloader()` and `val_dataloader()` (what Lightning's Trainer calls)."
-    def train_dataloader(self) -> Iterable:
-        "The training loader."
-    def val_dataloader(self) -> Iterable:
-        "The validation loader (empty without validation data)."
-
-# %% ../nbs/04_loader.ipynb #e57b4cc0
-class RowSubset(MMDataset):
-    "Rows `indices` of a dataset as a dataset; bad records go to the parent's policy and report."
-    def __init__(self, dataset, indices: Sequence[int]):
-        self.parent = as_mm_dataset(dataset)
-        super().__init__(on_error=self.parent.on_error)
-        self.indices, self.source = np.asarray(indices, dtype=np.int64), self.parent.source
-
-    def __len__(self) -> int: return len(self.indices)
-
-    @property
-    def report(self) -> SkipReport:
-        "The parent's report: bad records are counted where the rows come from."
-        return self.parent.report
-
-    @report.setter
-    def report(self, value):
-        "Ignored: the parent's report is the one that counts."
-
-    def get(self, idx: int, rng=None):
-        "Row `indices[idx]` of the parent."
-        return self.parent.get(int(self.indices[self._check_index(idx)]), rng)
-
-    def handle_bad(self, err, idx: int):
-        "The parent's policy for its row `indices[idx]`."
-        return self.parent.handle_bad(err, int(self.indices[idx]))
-
-# %% ../nbs/04_loader.ipynb #483a9eab
-def split_rows(n: int, val_split: float | int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    "`(train, val)` row numbers: a seeded split of `range(n)`, `val_split` a fraction in (0, 1) or a count."
-    k = int(round(n * val_split)) if isinstance(val_split, float) else val_split
-    if not (_is_int(k) and 0 < k < n) or (isinstance(val_split, float) and not 0 < val_split < 1):
-        raise ConfigError(f"val_split must be a fraction in (0, 1) or a count in [1, n); got {val_split!r} for {n} rows")
-    perm = np.random.default_rng(derive_seed(seed, 0, 0, Stream.VAL_SPLIT)).permutation(n)
-    return np.sort(perm[k:]), np.sort(perm[:k])
-
-# %% ../nbs/04_loader.ipynb #de2636be
-class LoaderDataModule:
-    "Train and validation `ResumableLoader`s from train data and external val data or a `val_split`."
-    def __init__(self, train_data, val_data=None, *, val_split: float | int | None = None,
-                 config: LoaderConfig | dict | None = None, transform: Callable | None = None,
-                 val_transform: Callable | None = None, collate: str | Callable | None = None,
-                 rank: int | None = None, world_size: int | None = None):
-        if val_data is not None and val_split is not None: raise ConfigError("give val_data or val_split, not both")
-        cfg = LoaderConfig.from_dict(config) if isinstance(config, dict) else (config or LoaderConfig())
-        self.config, self.transform, self.collate = cfg, transform, collate
-        self.val_transform = val_transform if val_transform is not None else transform
-        self.dist = dict(rank=rank, world_size=world_size)
-        if val_split is not None:
-            if isinstance(train_data, Mixture): raise ConfigError("cannot val_split a Mixture; split its datasets")
-            train_data = as_mm_dataset(train_data)
-            tr, va = split_rows(len(train_data), val_split, cfg.seed)
-            train_data, val_data = RowSubset(train_data, tr), RowSubset(train_data, va)
-        self.train_data, self.val_data = train_data, val_data
-        self._train = self._val = None
-
-# %% ../nbs/04_loader.ipynb #f88ba213
-@patch
-def train_dataloader(self: LoaderDataModule) -> ResumableLoader:
-    "The training loader (one object, so its state carries across calls)."
-    if self._train is None:
-        self._train = make_loader(self.train_data, dataclasses.replace(self.config, train=True),
-                                  transform=self.transform, collate=self.collate, **self.dist)
-    return self._train
-
-@patch
-def val_dataloader(self: LoaderDataModule) -> ResumableLoader | list:
-    "The evaluation loader (in order, nothing dropped), or `[]` without validation data."
-    if self.val_data is None: return []
-    if self._val is None:
-        c = dataclasses.replace(self.config, train=False, shuffle=None, drop_last=None)
-        self._val = make_loader(self.val_data, c, transform=self.val_transform, collate=self.collate, **self.dist)
-    return self._val
-
-# %% ../nbs/04_loader.ipynb #72fea58b
-@patch
-def state_dict(self: LoaderDataModule) -> dict:
-    "The training loader's state, under `train`."
-    return {"train": self.train_dataloader().state_dict()}
-
-@patch
-def load_state_dict(self: LoaderDataModule, state: dict):
-    "Continue the training loader from a `state_dict()`."
-    self.train_dataloader().load_state_dict(state["train"])
-
-# %% ../nbs/04_loader.ipynb #0f0f21c5
-class WithTask:
-    "A preprocessor that first fills a record's missing `task` (picklable, for workers)."
-    def __init__(self, preprocessor: Callable, task: str | None): self.preprocessor, self.task = preprocessor, task
-    def __call__(self, rec, rng):
-        if self.task is not None and not rec.get("task"): rec = {**rec, "task": self.task}
-        return self.preprocessor(rec, rng)
-
-# %% ../nbs/04_loader.ipynb #b6f15828
-def _read_config(config: dict | str | Path) -> dict:
-    "A one-liner config as a new dict, from a dict or a YAML file."
-    if isinstance(config, (str, Path)):
-        import yaml
-        with open(config) as f: config = yaml.safe_load(f)
-    if not isinstance(config, dict): raise ConfigError(f"a loader config is a dict or a YAML file of one, got {type(config).__name__}")
-    return dict(config)
-
-# %% ../nbs/04_loader.ipynb #72ae7460
-def load_tokenizer(spec, data_path=None, kind: str | None = None, data_options: dict | None = None):
-    "A tokenizer from a local folder or a hub id (`org/name[@revision]`, see `mmlit.hub`), or trained offline (`{train: {...}, save_dir: ...}`)."
-    if isinstance(spec, (str, Path)):
-        from transformers import AutoTokenizer
-        from mmlit.hub import resolve_pretrained
-        folder = resolve_pretrained(spec, weights=False)     # a hub id: the tokenizer files only, never the weights
-        try: return AutoTokenizer.from_pretrained(str(folder))
-        except (OSError, ValueError, ImportError) as e:        # ImportError: a package it needs (sentencepiece, ...)
-            raise ConfigError(f"tokenizer {str(spec)!r}: {folder} holds no tokenizer transformers can load ({type(e).__name__}: {e})") from None
-    if isinstance(spec, dict) and "train" in spec:
-        from mmlit.text import train_tokenizer
-        from mmlit.sources import open_source
-        opts = dict(data_options or {})
-        src = open_source(data_path, kind, **opts)
-        if hasattr(src, "decode"): src.decode = False           # texts only: leave images undecoded
-        texts = (r["text"] for r in src.records() if r.get("text"))
-        return train_tokenizer(texts, save_dir=spec.get("save_dir"), **(spec["train"] or {}))
-    if spec is None: raise ConfigError("the config needs a tokenizer: a local folder, a hub id or {train: {vocab_size: ...}}")
-    return spec                                                  # an already-built tokenizer object
-
-# %% ../nbs/04_loader.ipynb #9f5e57cf
-_KNOWN_KEYS = {"data", "kind", "data_options", "val_data", "val_split", "tokenizer", "preprocessor", "preprocessor_options",
-               "max_length", "task", "collate_options", "loader"}
-_DEFAULT_COLLATORS = {"clip": ("contrastive", dict(base="multimodal")), "qwen2_vl": ("qwen2_vl", {}), "vlm": ("qwen2_vl", {}),
-                      "molmo": ("multimodal", {}), "lm": ("causal_lm", {})}
-
-def preprocessor_options(preset: str, options: dict | None) -> dict:
-    "`preprocessor_options` with `pretrained: ID` replaced by that checkpoint's image settings (options given beside it win)."
-    opts = dict(options or {})
-    if (name := opts.pop("pretrained", None)) is None: return opts
-    from mmlit.preprocess import pretrained_image_options, pretrained_patch_options
-    read = pretrained_patch_options if preset == "qwen2_vl" else pretrained_image_options
-    return {**read(name), **opts}
-
-# %% ../nbs/04_loader.ipynb #eea2df9d
-def loader_parts(config: dict | str | Path) -> dict:
-    "Parse a one-liner config into data, transform, collator and `LoaderConfig` (what `build_loader` uses)."
-    from mmlit.sources import TextCorpus, open_source
-    cfg = _read_config(config)
-    loader_keys = [f.name for f in dataclasses.fields(LoaderConfig)]
-    check_keys(cfg.get("loader") or {}, loader_keys, "loader")
-    lcfg = {**{k: cfg.pop(k) for k in list(cfg) if k in loader_keys}, **(cfg.pop("loader", None) or {})}
-    check_keys(cfg, sorted(_KNOWN_KEYS | set(loader_keys)))
-    if "data" not in cfg: raise ConfigError("the config needs 'data': a Parquet, JSONL or text path")
-    task, kind, opts = cfg.get("task"), cfg.get("kind"), dict(cfg.get("data_options") or {})
-    tok = load_tokenizer(cfg.get("tokenizer"), cfg["data"], kind, opts)
-    parts = dict(loader_config=config_from_dict(LoaderConfig, lcfg), val_split=cfg.get("val_split"))
-    if task == "lm":
-        from mmlit.text import lm_windows
-        if not cfg.get("max_length"): raise ConfigError("task 'lm' needs max_length (the window length)")
-        def windows(path):
-            src = path if isinstance(path, MMDataset) else TextCorpus(path, **opts)
-            w = lm_windows((r["text"] for r in src.records()), tok, cfg["max_length"])
-            w.report = src.report                          # the paragraphs skipped while tokenizing reach loader.report
-            return w
-        parts.update(data=windows(cfg["data"]), val_data=windows(cfg["val_data"]) if cfg.get("val_data") else None,
-                     transform=None, preset="lm")
-    else:
-        from mmlit.multimodal import build_preprocessor
-        preset = cfg.get("preprocessor", "clip")
-        popts = preprocessor_options(preset, cfg.get("preprocessor_options"))
-        if cfg.get("max_length"): popts["max_length"] = cfg["max_length"]
-        mk = lambda train: WithTask(build_preprocessor(preset, tok, train=train, **popts), task)
-        parts.update(data=open_source(cfg["data"], kind, **opts), transform=mk(True), val_transform=mk(False),
-                     val_data=open_source(cfg["val_data"], kind, **opts) if cfg.get("val_data") else None, preset=preset)
-    name, copts = _DEFAULT_COLLATORS.get(parts.pop("preset"), ("default", {}))
-    if lcfg.get("collate") is not None: name, copts = lcfg["collate"], {}
-    copts = {**copts, **(cfg.get("collate_options") or {})}
-    if isinstance(name, str) and name != "default": copts.setdefault("tokenizer", tok)
-    parts.update(collate=name, collate_options=copts, tokenizer=tok)
-    return parts
-
-# %% ../nbs/04_loader.ipynb #97df9851
-def build_data_module(config: dict | str | Path, rank: int | None = None, world_size: int | None = None) -> LoaderDataModule:
-    "A `LoaderDataModule` from a one-liner config (dict or YAML path)."
-    p = loader_parts(config)
-    collate = resolve_collate(p["collate"], **p["collate_options"])
-    return LoaderDataModule(p["data"], p["val_data"], val_split=p["val_split"], config=p["loader_config"],
-                            transform=p["transform"], val_transform=p.get("val_transform"), collate=collate,
-                            rank=rank, world_size=world_size)
-
-def build_loader(config: dict | str | Path, rank: int | None = None, world_size: int | None = None) -> ResumableLoader:
-    "One call: a config naming data, tokenizer, preprocessor, lengths, task and batch size → a ready loader."
-    return build_data_module(config, rank, world_size).train_dataloader()

@@ -7,7 +7,6 @@ Docs: https://mmlit.github.io/mmlit/losses.html.md"""
 # %% ../nbs/05a_losses.ipynb #8b3f29b1
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch

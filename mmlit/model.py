@@ -11,7 +11,7 @@ import dataclasses, inspect, json, math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,7 @@ __all__ = ['POOLED_OUTPUT_ONLY', 'POOLINGS', 'CLASS_TOKENS', 'DUAL_ENCODER_PRESE
            'save_weights', 'load_weights', 'save_pretrained_dir', 'load_pretrained_dir', 'CheckpointError']
 
 # %% ../nbs/05_model.ipynb #ab759149
-from .preprocess import get_normalisation, normalize as normalize_uint8, pretrained_normalisation
+from .preprocess import get_normalization, normalize as normalize_uint8, pretrained_normalization
 
 # %% ../nbs/05_model.ipynb #72e44382
 class BatchError(MmlitError, ValueError):
@@ -226,6 +226,7 @@ def check_cls_pooling(tower: nn.Module, side: str) -> None:
 @dataclass
 class DualEncoderConfig:
     "Towers, pooling, embedding dimensions and loss weights of a `DualEncoder`."
+    RENAMED: ClassVar[dict] = {"normalisation": "normalize"}   # the key models saved before carry
     vision: dict = field(default_factory=dict)          # a transformers config dict with model_type
     text: dict = field(default_factory=dict)
     vision_pretrained: str | None = None                # a folder or hub id to load the vision tower from (default: `pretrained`)
@@ -245,7 +246,7 @@ class DualEncoderConfig:
     hard_negative_weight: float = 0.0                   # extra CE of each image over [caption, its negatives]
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100)
-    normalisation: str | dict | None = None             # for uint8 pixels; None: the vision checkpoint's statistics, else "clip"
+    normalize: str | dict | None = None             # for uint8 pixels; None: the vision checkpoint's statistics, else "clip"
     seed: int = 0
 
     def __post_init__(self):
@@ -253,7 +254,7 @@ class DualEncoderConfig:
         if self.mrl_mode not in ("sample", "sum"): raise ConfigError(f"mrl_mode must be 'sample' or 'sum', got {self.mrl_mode!r}")
         for k in ("vision_pooling", "text_pooling"):
             if getattr(self, k) not in POOLINGS: raise ConfigError(f"{k}: unknown pooling {getattr(self, k)!r}; known: {POOLINGS.names()}")
-        if self.normalisation is not None: get_normalisation(self.normalisation)
+        if self.normalize is not None: get_normalization(self.normalize)
         if self.pretrained_projection and self.pretrained is None:
             raise ConfigError("pretrained_projection: needs `pretrained`, the checkpoint whose heads the projections start from")
 
@@ -386,8 +387,8 @@ class DualEncoder(ContrastiveModel):
             self.vision_proj = nn.Linear(vw, c.embed_dim, bias=False)
             self.text_proj = nn.Linear(tw, c.embed_dim, bias=False)
         self.init_temperatures(c)
-        norm = c.normalisation if c.normalisation is not None else (pretrained_normalisation(folders["vision"]) if "vision" in folders else None)
-        self.normalisation = get_normalisation(norm if norm is not None else "clip")
+        norm = c.normalize if c.normalize is not None else (pretrained_normalization(folders["vision"]) if "vision" in folders else None)
+        self.normalization = get_normalization(norm if norm is not None else "clip")
         if c.pretrained_projection: self.load_pretrained_heads()
 
 # %% ../nbs/05_model.ipynb #c7836af8
@@ -401,7 +402,7 @@ def image_features(self: DualEncoder, pixel_values: torch.Tensor) -> torch.Tenso
         hw = (size, size) if isinstance(size, int) else tuple(size)
         if tuple(x.shape[-2:]) != hw: raise BatchError(f"{self.name}: 'pixel_values' are {tuple(x.shape[-2:])}, the vision tower takes {hw}")
     x = x.to(self.device, non_blocking=True)
-    x = normalize_uint8(x, self.normalisation) if x.dtype == torch.uint8 else x.float()
+    x = normalize_uint8(x, self.normalization) if x.dtype == torch.uint8 else x.float()
     out = self.vision(pixel_values=x)
     if isinstance(self.vision_pool, TowerPool): pooled = self.vision_pool(out)
     else:
@@ -562,7 +563,7 @@ def save_pretrained(self: DualEncoder, save_dir: str | Path) -> Path:
     "Write `config.json` (each tower's full config and the pixel statistics: loading needs no pretrained checkpoint) and `model.safetensors`."
     cfg = self.config.to_dict()
     cfg.update(vision=self.vision.config.to_dict(), text=self.text.config.to_dict(), vision_pretrained=None, text_pretrained=None,
-               pretrained=None, pretrained_projection=False, normalisation=dataclasses.asdict(self.normalisation))
+               pretrained=None, pretrained_projection=False, normalize=dataclasses.asdict(self.normalization))
     return save_pretrained_dir(self, save_dir, cfg)
 
 @patch(cls_method=True)

@@ -8,40 +8,35 @@ Docs: https://mmlit.github.io/mmlit/preprocess.html.md"""
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 import os
-import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import PIL
-import simplejpeg
 import torch
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['NORMALISATIONS', 'DEFAULT_MAX_ASPECT_RATIO', 'CROP_RULES', 'IMAGE_PRESETS', 'Normalisation', 'get_normalisation',
+__all__ = ['NORMALIZATIONS', 'DEFAULT_MAX_ASPECT_RATIO', 'CROP_RULES', 'IMAGE_PRESETS', 'Normalization', 'get_normalization',
            'normalize', 'to_rgb', 'open_checked', 'pil_to_tensor', 'pil_to_chw', 'decode_rgb', 'check_aspect_ratio',
            'shortest_side_size', 'cover_size', 'resize_shortest', 'resize', 'center_crop', 'center_crop_box',
            'resize_center_crop', 'random_crop', 'resize_crop', 'random_crop_box', 'random_resized_crop',
            'pad_to_square', 'hflip', 'move_boxes', 'move_points', 'crop_keeps_boxes', 'crop_keeps_box_words',
-           'color_jitter', 'ImagePreprocessor', 'image_preset', 'pretrained_image_options', 'pretrained_normalisation',
-           'smart_resize', 'patchify', 'Qwen2VLPatcher', 'pretrained_patch_options', 'sample_frame_indices',
-           'load_frames', 'VideoPreprocessor']
+           'color_jitter', 'ImagePreprocessor', 'image_preset', 'pretrained_image_options', 'pretrained_normalization']
 
 # %% ../nbs/02_preprocess.ipynb #09746351
 from PIL import Image, ImageEnhance
 
-from .core import BadRecordError, ConfigError, MissingExtraError, Registry
+from .core import BadRecordError, ConfigError, Registry
 
 # %% ../nbs/02_preprocess.ipynb #61150b4e
 @dataclass(frozen=True)
-class Normalisation:
+class Normalization:
     "Per-channel mean and std (in [0, 1] units) that `normalize` subtracts and divides by."
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -55,25 +50,25 @@ class Normalisation:
         "The mean as an RGB uint8 colour: padding with it gives ≈0 after normalisation."
         return tuple(int(round(m * 255)) for m in self.mean)
 
-NORMALISATIONS = Registry("normalisation")
-NORMALISATIONS.add("imagenet", Normalisation((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-NORMALISATIONS.add("clip", Normalisation((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)))
+NORMALIZATIONS = Registry("normalization preset")
+NORMALIZATIONS.add("imagenet", Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+NORMALIZATIONS.add("clip", Normalization((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)))
 
 # %% ../nbs/02_preprocess.ipynb #fe14e07f
-NORMALISATIONS.add("half", Normalisation((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+NORMALIZATIONS.add("half", Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
 
-def get_normalisation(norm: str | Normalisation | dict | Sequence) -> Normalisation:
-    "A `Normalisation` from a registered name, an instance, a `{mean, std}` dict or a `(mean, std)` pair."
-    if isinstance(norm, Normalisation): return norm
-    if isinstance(norm, str): return NORMALISATIONS.get(norm)
-    if isinstance(norm, dict): return Normalisation(tuple(norm["mean"]), tuple(norm["std"]))
-    if isinstance(norm, (tuple, list)) and len(norm) == 2: return Normalisation(tuple(norm[0]), tuple(norm[1]))
-    raise ConfigError(f"normalisation must be a name, Normalisation, dict or (mean, std), got {norm!r}")
+def get_normalization(preset: str | Normalization | dict | Sequence) -> Normalization:
+    "A `Normalization` from a registered name, an instance, a `{mean, std}` dict or a `(mean, std)` pair."
+    if isinstance(preset, Normalization): return preset
+    if isinstance(preset, str): return NORMALIZATIONS.get(preset)
+    if isinstance(preset, dict): return Normalization(tuple(preset["mean"]), tuple(preset["std"]))
+    if isinstance(preset, (tuple, list)) and len(preset) == 2: return Normalization(tuple(preset[0]), tuple(preset[1]))
+    raise ConfigError(f"normalisation must be a name, Normalization, dict or (mean, std), got {preset!r}")
 
 # %% ../nbs/02_preprocess.ipynb #64551033
-def normalize(x: torch.Tensor, norm: str | Normalisation = "clip") -> torch.Tensor:
+def normalize(x: torch.Tensor, preset: str | Normalization = "clip") -> torch.Tensor:
     "float32 `(x / 255 - mean) / std` for a uint8 tensor `[..., 3, H, W]`, on `x`'s device."
-    n = get_normalisation(norm)
+    n = get_normalization(preset)
     std = torch.tensor(n.std, dtype=torch.float32, device=x.device)
     mean = torch.tensor(n.mean, dtype=torch.float32, device=x.device)
     scale, offset = (1 / (255 * std)).view(3, 1, 1), (-mean / std).view(3, 1, 1)
@@ -83,7 +78,7 @@ def normalize(x: torch.Tensor, norm: str | Normalisation = "clip") -> torch.Tens
 # %% ../nbs/02_preprocess.ipynb #aaf5c331
 # Stage 1 owns opening, header checks and decoding (`open_image`, `check_image_size`, `load_image`: the bomb
 # limit, strict JPEG, EXIF orientation, 8-bit scaling); stage 2 reuses them.
-from .images import (DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, check_image_size, displayed_size,
+from .images import (DEFAULT_MAX_IMAGE_PIXELS, check_image_size, displayed_size,
                           load_image, open_image, to_8bit)
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -381,7 +376,7 @@ class ImagePreprocessor:
     size: int | tuple[int, int] = 224
     fit: str = "crop"
     train: bool = False
-    normalize: str | Normalisation = "clip"
+    normalize: str | Normalization = "clip"
     uint8: bool = False
     crop_scale: tuple[float, float] = (0.35, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -395,7 +390,7 @@ class ImagePreprocessor:
     keep: str | None = None     # a CROP_RULES name: training crops and flips keep a record's boxes (and their words) true
 
     def __post_init__(self):
-        self.normalize = get_normalisation(self.normalize)
+        self.normalize = get_normalization(self.normalize)
         self.size = _hw(self.size)
         if self.fit not in ("crop", "pad", "stretch"): raise ConfigError(f"fit must be 'crop', 'pad' or 'stretch', got {self.fit!r}")
         if not 0 <= self.flip <= 1: raise ConfigError(f"flip is a probability, got {self.flip}")
@@ -528,218 +523,8 @@ def pretrained_image_options(name: str | os.PathLike) -> dict:
     return dict(geometry, **_pixel_options(c, name))
 
 # %% ../nbs/02_preprocess.ipynb #532de464
-def pretrained_normalisation(name: str | os.PathLike) -> Normalisation | None:
+def pretrained_normalization(name: str | os.PathLike) -> Normalization | None:
     "The mean and std of a pretrained checkpoint's image processor; `None` when it has no image processor config."
     from mmlit.hub import resolve_pretrained
     c = _image_processor_config(resolve_pretrained(name, weights=False), str(name), required=False)
-    return None if c is None else get_normalisation(_pixel_options(c, str(name))["normalize"])
-
-# %% ../nbs/02_preprocess.ipynb #9d12ed69
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 1280, max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO) -> tuple[int, int]:
-    "Qwen2-VL's target `(h, w)`: multiples of `factor`, `min_pixels ≤ h·w ≤ max_pixels`, aspect ratio kept."
-    check_aspect_ratio(width, height, max_aspect_ratio)
-    h, w = round(height / factor) * factor, round(width / factor) * factor
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return h, w
-
-# %% ../nbs/02_preprocess.ipynb #93024350
-def patchify(frames: torch.Tensor, patch_size: int = 14, merge_size: int = 2,
-             temporal_patch_size: int = 2) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    "`[T, C, H, W]` → Qwen2-VL patches `[t·h·w, C·temporal·patch²]` and the grid `(t, h, w)`."
-    T, C, H, W = frames.shape
-    p, m, tp = patch_size, merge_size, temporal_patch_size
-    if H % (p * m) or W % (p * m): raise ConfigError(f"frame size {H}x{W} is not a multiple of {p * m}")
-    if pad := -T % tp: frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
-    gt, gh, gw = frames.shape[0] // tp, H // p, W // p
-    x = frames.reshape(gt, tp, C, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return x.reshape(gt * gh * gw, C * tp * p * p), (gt, gh, gw)
-
-# %% ../nbs/02_preprocess.ipynb #f70846aa
-@dataclass
-class Qwen2VLPatcher:
-    "Images or video frames → Qwen2-VL `pixel_values [Σ patches, 1176]` and `grid_thw`."
-    patch_size: int = 14
-    merge_size: int = 2
-    temporal_patch_size: int = 2
-    min_pixels: int = 56 * 56
-    max_pixels: int = 28 * 28 * 1280
-    image_max_patches: int | None = None
-    normalize: str | Normalisation = "clip"
-    uint8: bool = False
-    resample: int = Image.BICUBIC
-    draft: bool = False
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    max_aspect_ratio: float | None = DEFAULT_MAX_ASPECT_RATIO
-
-    def __post_init__(self):
-        self.normalize = get_normalisation(self.normalize)
-        if self.image_max_patches is not None:
-            self.max_pixels = min(self.max_pixels, self.image_max_patches * self.patch_size ** 2)
-        if self.max_pixels < self.min_pixels:
-            raise ConfigError(f"max_pixels {self.max_pixels} (image_max_patches={self.image_max_patches}) is below min_pixels {self.min_pixels}")
-        # one scale and offset per column of a patch row (laid out band, temporal slot, pixel)
-        std, mean = torch.tensor(self.normalize.std), torch.tensor(self.normalize.mean)
-        per_band = self.patch_dim // 3
-        self._scale = (1 / (255 * std)).repeat_interleave(per_band)
-        self._offset = (-mean / std).repeat_interleave(per_band)
-
-    @property
-    def factor(self) -> int:
-        "Pixels per side of one merged token: resized sides are multiples of it."
-        return self.patch_size * self.merge_size
-    @property
-    def patch_dim(self) -> int:
-        "Values in one patch row: 3 bands x temporal slots x patch pixels."
-        return 3 * self.temporal_patch_size * self.patch_size ** 2
-
-    def target_size(self, height: int, width: int) -> tuple[int, int]:
-        "The `(h, w)` an image of this size is resized to."
-        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels, self.max_aspect_ratio)
-
-    def num_tokens(self, grid_thw) -> int:
-        "Language-model tokens for one image or video grid: `t·h·w / merge²`."
-        return int(np.prod([int(v) for v in grid_thw])) // self.merge_size ** 2
-
-# %% ../nbs/02_preprocess.ipynb #18383a34
-@patch
-def _resized(self: Qwen2VLPatcher, image) -> Image.Image:
-    "Decode and smart-resize one image."
-    src = open_checked(image, self.max_image_pixels)
-    check_aspect_ratio(*src.size, self.max_aspect_ratio)   # from the header, before anything is decoded
-    w, h = displayed_size(src)   # the grid follows the image as shown (EXIF orientation applied)
-    th, tw = self.target_size(h, w)
-    img = decode_rgb(src, min_size=(tw, th), draft=self.draft, max_image_pixels=self.max_image_pixels)
-    return img if img.size == (tw, th) else img.resize((tw, th), self.resample)
-
-@patch
-def _write_patches(self: Qwen2VLPatcher, img: Image.Image, out: torch.Tensor) -> None:
-    "Write the patches of one smart-resized RGB image into `out` `[h·w, 1176]` (float32 or uint8)."
-    p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
-    gh, gw = img.height // p, img.width // p
-    row = np.dtype((np.void, p))          # one patch row of one band: p bytes, moved as one item
-    u8 = np.empty((gh // m, gw // m, m, m, 3, tp, p), row)   # merge group, 2×2 patch, band, temporal slot, row
-    for c, band in enumerate("RGB"):
-        plane = np.frombuffer(img.tobytes("raw", band), row).reshape(gh // m, m, p, gw // m, m)
-        u8[:, :, :, :, c] = plane.transpose(0, 3, 1, 4, 2)[:, :, :, :, None]   # both temporal slots at once
-    out.copy_(torch.from_numpy(u8.view(np.uint8).reshape(gh * gw, self.patch_dim)))
-    if not self.uint8: torch.addcmul(self._offset, out, self._scale, out=out)
-
-# %% ../nbs/02_preprocess.ipynb #efab2920
-@patch
-def __call__(self: Qwen2VLPatcher, images, rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
-    "`pixel_values [Σ patches, 1176]` and `image_grid_thw [n, 3]` for one image or a list."
-    images = images if isinstance(images, (list, tuple)) else [images]
-    resized = [self._resized(im) for im in images]
-    grids = [(1, im.height // self.patch_size, im.width // self.patch_size) for im in resized]
-    counts = [h * w for _, h, w in grids]
-    out = torch.empty(sum(counts), self.patch_dim, dtype=torch.uint8 if self.uint8 else torch.float32)
-    for im, part in zip(resized, out.split(counts)): self._write_patches(im, part)   # no concatenation
-    return {"pixel_values": out, "image_grid_thw": torch.tensor(grids, dtype=torch.int64).view(-1, 3)}
-
-@patch
-def image(self: Qwen2VLPatcher, image) -> tuple[torch.Tensor, torch.Tensor]:
-    "Patches `[h·w, 1176]` and grid `[3]` for one image."
-    out = self([image])
-    return out["pixel_values"], out["image_grid_thw"][0]
-
-@patch
-def video(self: Qwen2VLPatcher, frames) -> dict[str, torch.Tensor]:
-    "`pixel_values_videos [t·h·w, 1176]` and `video_grid_thw [1, 3]` for frames `[T, H, W, 3]` uint8, resized as transformers' video processor does."
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise BadRecordError(f"video frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
-    T, H, W, _ = frames.shape
-    th, tw = self.target_size(H, W)
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
-    if (th, tw) != (H, W):   # the video processor's resize: torch's bicubic with antialias on uint8 (not Pillow's)
-        x = torch.nn.functional.interpolate(x, size=(th, tw), mode="bicubic", antialias=True, align_corners=False)
-    patches, grid = patchify(x, self.patch_size, self.merge_size, self.temporal_patch_size)
-    if not self.uint8: patches = torch.addcmul(self._offset, patches.to(torch.float32), self._scale)
-    return {"pixel_values_videos": patches, "video_grid_thw": torch.tensor([grid], dtype=torch.int64)}
-
-# %% ../nbs/02_preprocess.ipynb #3db5e2b9
-def pretrained_patch_options(name: str | os.PathLike) -> dict:
-    "`Qwen2VLPatcher` options (pixel budget, patch sizes, normalisation, filter) from a Qwen2-VL checkpoint's image processor config."
-    from mmlit.hub import resolve_pretrained
-    name = str(name)
-    c = _image_processor_config(resolve_pretrained(name, weights=False), name)
-    size = c.get("size") if isinstance(c.get("size"), dict) else {}
-    out = {k: int(c[k]) for k in ("patch_size", "merge_size", "temporal_patch_size") if c.get(k) is not None}
-    for key, alt in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
-        if (v := c.get(key, size.get(alt))) is not None: out[key] = int(v)
-    return {**out, **_pixel_options(c, name)}
-
-# %% ../nbs/02_preprocess.ipynb #7084e756
-def sample_frame_indices(num_frames: int, max_frames: int = 16, mode: str = "uniform",
-                         rng: np.random.Generator | None = None) -> np.ndarray:
-    "Sorted indices of at most `max_frames` frames out of `num_frames`, one per equal segment."
-    if num_frames <= 0: raise BadRecordError("video has no frames")
-    if max_frames <= 0: raise ConfigError(f"max_frames must be positive, got {max_frames}")
-    n = min(num_frames, max_frames)
-    edges = np.linspace(0, num_frames, n + 1)
-    if mode == "uniform": return ((edges[:-1] + edges[1:]) / 2).astype(np.int64)
-    if mode == "random":
-        if rng is None: raise ConfigError("random frame sampling needs an rng")
-        lo, hi = np.ceil(edges[:-1]).astype(np.int64), np.ceil(edges[1:]).astype(np.int64)
-        return lo + (rng.random(n) * (hi - lo)).astype(np.int64)
-    raise ConfigError(f"frame sampling must be 'uniform' or 'random', got {mode!r}")
-
-# %% ../nbs/02_preprocess.ipynb #79156682
-def _natural_key(name: str) -> list:
-    "Sort key comparing digit runs as numbers (frame_2 < frame_10)."
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-def _read_video_file(path: Path, max_frames: int, mode: str, rng) -> np.ndarray:
-    "Sampled frames of a video file, decoded with PyAV (optional `video` extra); only those become RGB."
-    try: import av
-    except ImportError: raise MissingExtraError("av", "video", "Reading video files") from None
-    try:
-        with av.open(str(path)) as container: frames = list(container.decode(video=0))   # still in the codec's format
-    except Exception as e: raise BadRecordError(f"cannot decode video: {type(e).__name__}: {e}", file=str(path)) from e
-    idx = sample_frame_indices(len(frames), max_frames, mode, rng)
-    return np.stack([frames[i].to_ndarray(format="rgb24") for i in idx])
-
-# %% ../nbs/02_preprocess.ipynb #4390350d
-def load_frames(video, max_frames: int = 16, mode: str = "uniform", rng: np.random.Generator | None = None,
-                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    "Sampled frames `[T', H, W, 3]` uint8 from an array, a folder of images or a video file."
-    if isinstance(video, (list, tuple)): video = np.stack([np.asarray(decode_rgb(f, max_image_pixels=max_image_pixels)) for f in video])
-    if isinstance(video, np.ndarray):
-        if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
-            raise BadRecordError(f"video array must be uint8 [T, H, W, 3], got {video.dtype} {video.shape}")
-        return video[sample_frame_indices(len(video), max_frames, mode, rng)]
-    path = Path(video)
-    if path.is_dir():
-        files = sorted((f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), key=lambda f: _natural_key(f.name))
-        idx = sample_frame_indices(len(files), max_frames, mode, rng)
-        frames = [np.asarray(decode_rgb(files[i], max_image_pixels=max_image_pixels)) for i in idx]
-        if len({f.shape for f in frames}) > 1: raise BadRecordError("frames in the folder differ in size", file=str(path))
-        return np.stack(frames)
-    if path.is_file(): return _read_video_file(path, max_frames, mode, rng)
-    raise BadRecordError(f"no video at {path}", file=str(path))
-
-# %% ../nbs/02_preprocess.ipynb #02c57af3
-@dataclass
-class VideoPreprocessor:
-    "Sample frames, then `[T', 3, H, W]` via `images` or Qwen2-VL video patches via `patcher`."
-    max_frames: int = 16
-    sampling: str = "uniform"
-    images: ImagePreprocessor | None = None
-    patcher: Qwen2VLPatcher | None = None
-
-    def __post_init__(self):
-        if (self.images is None) == (self.patcher is None): raise ConfigError("give exactly one of images= or patcher=")
-
-    def __call__(self, video, rng: np.random.Generator | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
-        "Frames tensor `[T', 3, H, W]`, or `{pixel_values_videos, video_grid_thw}` with a patcher."
-        frames = load_frames(video, self.max_frames, self.sampling, rng)
-        if self.patcher is not None: return self.patcher.video(frames)
-        seed = int(rng.integers(0, 2**63 - 1)) if rng is not None else None
-        same = (lambda: np.random.default_rng(seed)) if seed is not None else (lambda: None)
-        return torch.stack([self.images(f, same()) for f in frames])
+    return None if c is None else get_normalization(_pixel_options(c, str(name))["normalize"])

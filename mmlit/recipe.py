@@ -10,44 +10,29 @@ from __future__ import annotations
 import dataclasses, json, math, os, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from .core import ConfigError, Registry, Stream, check_keys, config_from_dict, config_to_dict, derive_seed, redact
-from .finetune import LoraSpec
+from .core import ConfigError, Stream, config_from_dict, config_to_dict, derive_seed, redact
 from .fsdp import DistributedConfig   # TrainConfig's field types, for show_doc's signatures
-from .loader import LoaderDataModule, loader_parts, resolve_collate
+from .kinds import MODEL_KINDS, ModelSpec, _aligner_example, build_model, model_config
+from .loader import resolve_collate
+from .datamodule import LoaderDataModule, loader_parts
 from .storage import Location, StorageError, as_store, is_uri
-from .train import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, ScheduleConfig, TrainConfig, Trainer,
-                         claim_run_dir, evaluate_loss, load_config, setup_distributed)
+from .step import (CheckpointConfig, EvalConfig, LogConfig, OptimConfig, ScheduleConfig, TrainConfig,
+                        evaluate_loss, load_config, setup_distributed)
+from .train import Trainer, claim_run_dir
 
 # %% auto #0
-__all__ = ['MODEL_KINDS', 'EMBEDDER_PRESETS', 'RUN_DATA', 'ModelSpec', 'RunConfig', 'data_store', 'check_data_paths', 'ModelKind',
-           'model_config', 'apply_trainable', 'build_model', 'pretrained_defaults', 'merge_dicts', 'resolve_run_config',
+__all__ = ['RUN_DATA', 'RunConfig', 'data_store', 'check_data_paths', 'pretrained_defaults', 'resolve_run_config',
            'labels_in_gather_order', 'padding_in_gather_order', 'Run', 'build_run', 'caption_tokens', 'eval_embeddings',
            'finish_run', 'export_model', 'split_by_group', 'demo_paths', 'demo_config', 'cpu_model', 'machine',
            'format_summary', 'run_demo', 'caption_demo_config', 'caption_truths', 'run_caption_demo',
            'format_caption_summary', 'example_config', 'vlm_demo_config', 'run_vlm_demo', 'format_vlm_summary',
            'absolute_data', 'data_files', 'data_record', 'record_data']
-
-# %% ../nbs/80_recipe.ipynb #feeda6a9
-MODEL_KINDS = Registry("model kind")
-
-@dataclass
-class ModelSpec:
-    "Which model to train: a kind from `MODEL_KINDS`, a preset or pretrained weights, fields overriding them, and which parts train."
-    kind: str = "dual_encoder"           # dual_encoder, causal_lm, qwen2vl_embedder, vlm, aligner (the names in MODEL_KINDS)
-    preset: str | None = None            # a preset of that kind; None: `pretrained` for a dual encoder given `pretrained`, else `tiny`
-    options: dict = field(default_factory=dict)   # fields overriding the preset
-    pretrained: str | None = None        # a folder or hub id: the dual encoder's CLIP/SigLIP checkpoint, a causal LM's or embedder backbone's weights
-    freeze: list = field(default_factory=list)    # parts kept as they are: shorthands (vision, text, backbone), globs, `re:` patterns
-    lora: LoraSpec | None = None         # LoRA adapters through peft: {r, alpha, dropout, target_modules, parts}
-
-    def __post_init__(self):
-        if self.kind not in MODEL_KINDS: raise ConfigError(f"model.kind: unknown model kind {self.kind!r}; known: {', '.join(MODEL_KINDS)}")
 
 # %% ../nbs/80_recipe.ipynb #ddd09f93
 @dataclass
@@ -87,108 +72,6 @@ def check_data_paths(data: dict) -> None:
         try: resolve_pretrained(data["tokenizer"], weights=False)
         except ConfigError as e: raise ConfigError(f"data.tokenizer: {e}") from None
 
-# %% ../nbs/80_recipe.ipynb #3687e1b7
-@dataclass(frozen=True)
-class ModelKind:
-    "What the recipe knows about one kind of model: its config, its model, its evaluation, a run on the demo data."
-    summary: str              # what the model is, in a line
-    config: Callable          # (spec, tokenizer or None, seed) -> the model's config; errors name model.preset / model.options
-    build: Callable           # (config, tokenizer, spec, seed) -> the model
-    retrieval: bool           # True: `mmlit.metrics.evaluate` (recall, zero-shot) and eval_embeddings.npz; False: mean loss, perplexity
-    example: Callable         # (demo paths, run_dir) -> the RunConfig fields of a CPU-sized run on the bundled demo data
-    notes: dict = field(default_factory=dict)   # dotted config key -> a comment for the example YAML
-
-def model_config(spec: ModelSpec, tokenizer=None, seed: int = 0):
-    "The config of the model `spec` names, for `tokenizer` (`None`: a stand-in vocabulary, to check the spec before any data work)."
-    return MODEL_KINDS.get(spec.kind).config(spec, tokenizer, seed)
-
-# %% ../nbs/80_recipe.ipynb #e4ea5360
-def apply_trainable(model: nn.Module, spec: ModelSpec, seed: int = 0) -> nn.Module:
-    "`model` with `spec.lora` adapters and `spec.freeze` locked (`mmlit.finetune`); unchanged when the spec names neither."
-    if not spec.freeze and spec.lora is None: return model
-    from mmlit.finetune import apply_finetune
-    return apply_finetune(model, spec.freeze, spec.lora, seed)
-
-def build_model(spec: ModelSpec, tokenizer, seed: int = 0) -> nn.Module:
-    "The model a `ModelSpec` names, its vocabulary sized to `tokenizer`, initialised from `(seed, Stream.MODEL_INIT)`; then what trains."
-    kind = MODEL_KINDS.get(spec.kind)
-    return apply_trainable(kind.build(kind.config(spec, tokenizer, seed), tokenizer, spec, seed), spec, seed)
-
-# %% ../nbs/80_recipe.ipynb #2f678061
-def _vocab(tokenizer) -> int: return 256 if tokenizer is None else len(tokenizer)
-
-def _dual_encoder_config(spec: ModelSpec, tokenizer, seed: int):
-    "A `DualEncoderConfig`: the preset with `spec.options` over it."
-    from mmlit.model import DualEncoderConfig
-    check_keys(spec.options, [f.name for f in dataclasses.fields(DualEncoderConfig)], "model.options")
-    opts = {"seed": seed, **({"pretrained": spec.pretrained} if spec.pretrained else {}), **spec.options}
-    preset = spec.preset or ("pretrained" if opts.get("pretrained") else "tiny")
-    try: return DualEncoderConfig.preset(preset, vocab_size=_vocab(tokenizer), **opts)
-    except (ConfigError, TypeError, KeyError) as e: raise ConfigError(f"model.options / model.preset: {e}") from None
-
-def _dual_encoder(cfg, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
-    from mmlit.model import DualEncoder
-    return DualEncoder(cfg)
-
-# %% ../nbs/80_recipe.ipynb #54b6cb41
-def _dual_encoder_example(paths: dict, run_dir: str) -> dict:
-    return dict(data=dict(data=paths["train"], val_data=paths["val"], preprocessor="clip",
-                          preprocessor_options=dict(size=48, uint8=True, flip=0.0, jitter=0.0, crop_scale=[0.5, 1.0], keep="box_words"),
-                          data_options=dict(meta_columns=["box"]),
-                          tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"), max_length=32,
-                          loader=dict(batch_size=64, num_workers=1)),
-                model=dict(kind="dual_encoder", preset="tiny", options=dict(hard_negative_weight=1.0)),
-                optim=dict(lr=3e-3, weight_decay=0.1), schedule=dict(epochs=8, warmup_ratio=0.1),
-                eval=dict(metric="val/zeroshot_acc", mode="max", every=76, at_epoch_end=False), checkpoint=dict(keep=2),
-                zero_shot="digits", label_column="label")
-
-# %% ../nbs/80_recipe.ipynb #f2935647
-MODEL_KINDS.add("dual_encoder", ModelKind(
-    "a CLIP-style dual encoder: an image tower and a text tower (transformers models), Matryoshka heads, contrastive losses",
-    _dual_encoder_config, _dual_encoder, True, _dual_encoder_example,
-    {"model.options.hard_negative_weight": "the loss of each image against its caption and the caption's hard negatives",
-     "data.preprocessor_options.size": "images cropped and resized to size x size",
-     "data.preprocessor_options.uint8": "pixels stay uint8 until the model normalises them (a quarter of the bytes)",
-     "data.preprocessor_options.flip": "no horizontal flips: the captions say left and right",
-     "data.preprocessor_options.jitter": "no colour jitter: the captions name the colours",
-     "data.preprocessor_options.crop_scale": "random crops of 50-100% of the image's area",
-     "data.preprocessor_options.keep": "only crops that keep the digit whole and its caption's size and position words true",
-     "data.data_options.meta_columns": "each row's digit box, read for the crop rule"}))
-
-# %% ../nbs/80_recipe.ipynb #2cebecf3
-def _causal_lm_config(spec: ModelSpec, tokenizer, seed: int) -> dict:
-    "A causal LM's config dict: the preset with `spec.options` over it (any key of its `transformers` config)."
-    from transformers import AutoConfig
-    from mmlit.causal_lm import causal_lm_config
-    if spec.pretrained:                                       # the checkpoint's config; options override its fields
-        from mmlit.hub import resolve_pretrained
-        known = AutoConfig.from_pretrained(str(resolve_pretrained(spec.pretrained, weights=False))).to_dict()
-        check_keys(spec.options, sorted(known), "model.options")
-        return dict(spec.options)
-    try: d = causal_lm_config(spec.preset or "tiny", _vocab(tokenizer), **spec.options)
-    except (ConfigError, KeyError) as e: raise ConfigError(f"model.preset: {e}") from None
-    known = set(AutoConfig.for_model(d["model_type"]).to_dict()) | {"model_type"}
-    check_keys(spec.options, sorted(known), "model.options")
-    return d
-
-# %% ../nbs/80_recipe.ipynb #ee340bca
-def _causal_lm(cfg: dict, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
-    from mmlit.causal_lm import CausalLM
-    if spec.pretrained: return CausalLM(cfg, pretrained=spec.pretrained, seed=seed)   # cfg: overrides of the checkpoint's config
-    cfg = {**cfg, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
-    return CausalLM(cfg, seed=seed)
-
-def _causal_lm_example(paths: dict, run_dir: str) -> dict:
-    return dict(data=dict(data=paths["corpus"], task="lm", max_length=64, val_split=0.1,
-                          tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"), loader=dict(batch_size=16)),
-                model=dict(kind="causal_lm", preset="tiny"), optim=dict(lr=3e-3), schedule=dict(max_steps=300, warmup_ratio=0.1),
-                eval=dict(every=100, max_batches=20))
-
-MODEL_KINDS.add("causal_lm", ModelKind(
-    "a transformers causal language model (Llama-style presets) trained on windows of a text corpus",
-    _causal_lm_config, _causal_lm, False, _causal_lm_example,
-    {"data.max_length": "tokens per window: the corpus is cut into windows of this length"}))
-
 # %% ../nbs/80_recipe.ipynb #1563dad3
 def pretrained_defaults(cfg: RunConfig) -> RunConfig:
     "A copy with what a pretrained model implies written in: the preset, and (unless given) the tokenizer and image settings."
@@ -202,153 +85,6 @@ def pretrained_defaults(cfg: RunConfig) -> RunConfig:
         if images and "pretrained" not in (data.get("preprocessor_options") or {}):
             data["preprocessor_options"] = {"pretrained": vision, **(data.get("preprocessor_options") or {})}
     return dataclasses.replace(cfg, data=data, model=dataclasses.replace(m, preset=preset))
-
-# %% ../nbs/80_recipe.ipynb #1a5da60c
-EMBEDDER_PRESETS = Registry("qwen2vl_embedder preset")
-EMBEDDER_PRESETS.add("tiny", dict(hidden=64, layers=2, embed_dim=64, mrl_dims=[64, 32, 16]))
-
-def merge_dicts(base: dict, over: dict) -> dict:
-    "`base` with `over`'s keys written over it; a dict inside both is merged the same way."
-    return {**base, **{k: merge_dicts(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v for k, v in over.items()}}
-
-def _embedder_backbone(preset: dict, tokenizer) -> dict:
-    "The preset's Qwen2-VL backbone for `tokenizer` (its special tokens and vocabulary); `{}` without one."
-    if tokenizer is None: return {}
-    from mmlit.embedder import tiny_qwen2_vl_config
-    b = tiny_qwen2_vl_config(tokenizer, preset["hidden"], preset["layers"])
-    b["text_config"].update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return b
-
-# %% ../nbs/80_recipe.ipynb #87028ed2
-def _embedder_config(spec: ModelSpec, tokenizer, seed: int):
-    "An `EmbedderConfig`: the preset's backbone for `tokenizer` (or `spec.pretrained`'s), heads and losses, `spec.options` over them, instructions encoded."
-    from mmlit.embedder import EmbedderConfig
-    check_keys(spec.options, [f.name for f in dataclasses.fields(EmbedderConfig)], "model.options")
-    try: preset = EMBEDDER_PRESETS.get(spec.preset or "tiny")
-    except KeyError as e: raise ConfigError(f"model.preset: {e}") from None
-    backbone = {"backbone_pretrained": spec.pretrained} if spec.pretrained else {"backbone": _embedder_backbone(preset, tokenizer)}
-    d = {**backbone, "embed_dim": preset["embed_dim"], "mrl_dims": preset["mrl_dims"], "seed": seed}
-    try: cfg = EmbedderConfig.from_dict(merge_dicts(d, spec.options))
-    except ConfigError as e: raise ConfigError(f"model.options / model.preset: {e}") from None
-    return cfg if tokenizer is None or "instruction_ids" in spec.options else cfg.with_instructions(tokenizer)
-
-def _embedder(cfg, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
-    from mmlit.embedder import Qwen2VLEmbedder
-    return Qwen2VLEmbedder(cfg)
-
-# %% ../nbs/80_recipe.ipynb #abc92d39
-def _embedder_example(paths: dict, run_dir: str) -> dict:
-    return dict(data=dict(data=paths["train"], val_data=paths["val"], preprocessor="qwen2_vl",
-                          preprocessor_options=dict(min_pixels=56 * 56, max_pixels=56 * 56), max_length=64,
-                          tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"), loader=dict(batch_size=32)),
-                model=dict(kind="qwen2vl_embedder", preset="tiny"),
-                optim=dict(lr=5e-4, weight_decay=0.1), schedule=dict(epochs=4, warmup_ratio=0.1),
-                eval=dict(metric="val/zeroshot_acc", mode="max"), checkpoint=dict(keep=2), zero_shot="digits", label_column="label")
-
-MODEL_KINDS.add("qwen2vl_embedder", ModelKind(
-    "a single-stream embedder: one Qwen2-VL backbone embeds image prompts and text queries, Matryoshka heads, contrastive losses",
-    _embedder_config, _embedder, True, _embedder_example,
-    {"data.preprocessor_options.min_pixels": "images are resized to between min_pixels and max_pixels pixels",
-     "data.preprocessor_options.max_pixels": "56x56: 4x4 patches of 14 pixels, merged 2x2 into 4 image tokens"}))
-
-# %% ../nbs/80_recipe.ipynb #f65351cb
-def _vlm_config(spec: ModelSpec, tokenizer, seed: int) -> dict:
-    "A Qwen2-VL config dict for `tokenizer`: the preset (`mmlit.vlm.VLM_PRESETS`) with `spec.options` merged over it."
-    from transformers import AutoConfig
-    from mmlit.vlm import VLM_PRESETS, vlm_config
-    known = set(AutoConfig.for_model("qwen2_vl").to_dict())
-    if spec.pretrained:                                       # the checkpoint's config; options override its fields
-        check_keys(spec.options, sorted(known), "model.options")
-        return dict(spec.options)
-    try: VLM_PRESETS.get(spec.preset or "tiny")
-    except KeyError as e: raise ConfigError(f"model.preset: {e}") from None
-    check_keys(spec.options, sorted(known), "model.options")
-    return {} if tokenizer is None else vlm_config(tokenizer, spec.preset or "tiny", **spec.options)
-
-def _vlm(cfg: dict, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
-    from mmlit.causal_lm import CausalLM
-    return CausalLM(cfg, pretrained=spec.pretrained, seed=seed)
-
-# %% ../nbs/80_recipe.ipynb #1d2bbedb
-def _vlm_example(paths: dict, run_dir: str) -> dict:
-    from mmlit.demo import ensure_task_demo
-    tasks = ensure_task_demo(Path(paths["root"]).parent)
-    return dict(data=dict(data=str(tasks["train"]), val_data=str(tasks["val"]), preprocessor="vlm", max_length=192,
-                          preprocessor_options=dict(min_pixels=112 * 112, max_pixels=112 * 112),
-                          tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"),
-                          loader=dict(batch_size=32, collate="packing"), collate_options=dict(max_length=1024)),
-                model=dict(kind="vlm", preset="tiny"), optim=dict(lr=2e-3, weight_decay=0.01),
-                schedule=dict(epochs=2, warmup_ratio=0.05), eval=dict(every=250, max_batches=10), checkpoint=dict(keep=2))
-
-MODEL_KINDS.add("vlm", ModelKind(
-    "a Qwen2-VL fine-tuned on conversations (caption, question answering, pointing, counting), loss on the assistant's turns",
-    _vlm_config, _vlm, False, _vlm_example,
-    {"data.preprocessor_options.max_pixels": "112x112 images: 8x8 patches of 14 pixels, merged 2x2 into 16 image tokens",
-     "data.loader.collate": "samples packed into rows (mRoPE positions restart per sample); 'qwen2_vl' pads them instead",
-     "data.collate_options.max_length": "tokens per packed row"}))
-
-# %% ../nbs/80_recipe.ipynb #f9ab2433
-def _encoder_run(spec: ModelSpec) -> tuple[Path, Path]:
-    "The dual encoder run `model.options.encoder_run` names and its checkpoint (best, else newest); errors name the field."
-    from mmlit.checkpoint import CheckpointManager
-    run = spec.options.get("encoder_run")
-    if not run: raise ConfigError("model.options.encoder_run: the aligner needs a trained dual encoder's run directory (e.g. runs/demo, from `mmlit demo`)")
-    run = Path(run)
-    if not (run / "config.yaml").is_file():
-        why = "has no config.yaml (not a run directory)" if run.is_dir() else "does not exist"
-        raise ConfigError(f"model.options.encoder_run: {run} {why}; train a dual encoder there first (e.g. `mmlit demo`)")
-    kind = load_config(RunConfig, run / "config.yaml").model.kind
-    if kind != "dual_encoder": raise ConfigError(f"model.options.encoder_run: {run} is a {kind} run, not a dual encoder")
-    cm = CheckpointManager(run / "checkpoints")
-    best = cm.best()
-    ck = cm.dir / best["dir"] if best and (cm.dir / best["dir"]).is_dir() else cm.latest()
-    if ck is None: raise ConfigError(f"model.options.encoder_run: {run} has no checkpoint yet")
-    return run, ck
-
-# %% ../nbs/80_recipe.ipynb #39e557ab
-def _aligner_config(spec: ModelSpec, tokenizer, seed: int):
-    "An `AlignerConfig`: the language model's preset (or pretrained config) with `options.lm` over it, the other options."
-    from mmlit.aligner import ALIGNER_PRESETS, AlignerConfig
-    from mmlit.causal_lm import causal_lm_config
-    _encoder_run(spec)
-    opts = {k: v for k, v in spec.options.items() if k != "encoder_run"}
-    check_keys(opts, [f.name for f in dataclasses.fields(AlignerConfig) if f.name != "seed"], "model.options")
-    lm = dict(opts.pop("lm", None) or {})
-    if not spec.pretrained:
-        try: lm = causal_lm_config(ALIGNER_PRESETS.get(spec.preset or "tiny"), _vocab(tokenizer), **lm)
-        except KeyError as e: raise ConfigError(f"model.preset: {e}") from None
-        if tokenizer is not None: lm.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                            bos_token_id=tokenizer.bos_token_id)
-    try: return AlignerConfig(lm=lm, seed=seed, **opts)
-    except ConfigError as e: raise ConfigError(f"model.options: {e}") from None
-
-# %% ../nbs/80_recipe.ipynb #f24d2a0e
-def _aligner(cfg, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
-    import tempfile
-    from mmlit.aligner import Aligner
-    from mmlit.model import DualEncoder
-    run, ck = _encoder_run(spec)
-    with tempfile.TemporaryDirectory() as d: encoder = DualEncoder.from_pretrained(export_model(run, d, ck))
-    return Aligner(cfg, encoder, lm_pretrained=spec.pretrained, encoder_source=str(ck))
-
-_ALIGNER_IMAGES = dict(size=48, uint8=True, flip=0.0, jitter=0.0, crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0])
-
-def _aligner_example(paths: dict, run_dir: str, encoder_run: str = "runs/demo") -> dict:
-    return dict(data=dict(data=paths["train"], val_data=paths["val"], preprocessor="clip", preprocessor_options=dict(_ALIGNER_IMAGES),
-                          tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"), max_length=32,
-                          loader=dict(batch_size=64, num_workers=1)),
-                model=dict(kind="aligner", preset="tiny", options=dict(encoder_run=encoder_run, prefix_tokens=4)),
-                optim=dict(lr=3e-3, weight_decay=0.01), schedule=dict(epochs=6, warmup_ratio=0.05),
-                eval=dict(every=100, max_batches=4), checkpoint=dict(keep=2))
-
-# %% ../nbs/80_recipe.ipynb #6b3b94f9
-MODEL_KINDS.add("aligner", ModelKind(
-    "captions from a trained dual encoder's image embedding: an MLP makes prefix embeddings of a causal LM (Qwen2) that writes the caption",
-    _aligner_config, _aligner, False, _aligner_example,
-    {"model.options.encoder_run": "a trained dual encoder's run directory (mmlit demo writes runs/demo); frozen unless train_encoder: true",
-     "model.options.prefix_tokens": "the image embedding becomes this many prefix embeddings of the language model",
-     "data.preprocessor_options.size": "the encoder's image size (the demo's: 48)",
-     "data.preprocessor_options.crop_scale": "whole images: a crop would make the caption's size and position false"}))
 
 # %% ../nbs/80_recipe.ipynb #cf105029
 def resolve_run_config(cfg: RunConfig) -> RunConfig:
@@ -527,7 +263,7 @@ def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Pat
     "The model of run `run_dir` (its best checkpoint, else the newest, or `checkpoint`; sharded ones gathered), LoRA merged, saved with its tokenizer to `out_dir`."
     from mmlit.checkpoint import CheckpointManager, load_checkpoint, read_manifest
     from mmlit.finetune import export_merged, pretrained_records
-    from mmlit.loader import load_tokenizer
+    from mmlit.datamodule import load_tokenizer
     run_dir = Path(run_dir)
     cfg = load_config(RunConfig, run_dir / "config.yaml")
     tok = cfg.data.get("tokenizer")
@@ -553,7 +289,7 @@ def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Pat
 # %% ../nbs/80_recipe.ipynb #7294a33d
 def split_by_group(path: str | Path, column: str, fraction: float, out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     "Write `train.parquet` and `val.parquet` to `out_dir`: rows whose `column` value is in a seeded `fraction` of the values go to val."
-    import pyarrow.compute as pc, pyarrow.parquet as pq
+    import pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq
     from mmlit.checkpoint import atomic_write_bytes
     if not 0 < fraction < 1: raise ConfigError(f"fraction must be in (0, 1), got {fraction}")
     out_dir = Path(out_dir)
@@ -564,10 +300,9 @@ def split_by_group(path: str | Path, column: str, fraction: float, out_dir: str 
     groups = np.unique(table[column].to_numpy())
     rng = np.random.default_rng(derive_seed(seed, 0, 0, Stream.VAL_SPLIT))
     held = groups[rng.permutation(len(groups))[: max(1, round(fraction * len(groups)))]]
-    is_val = pc.is_in(table[column], value_set=__import__("pyarrow").array(held))
+    is_val = pc.is_in(table[column], value_set=pa.array(held))
     out_dir.mkdir(parents=True, exist_ok=True)
     for p, part in ((val_p, table.filter(is_val)), (train_p, table.filter(pc.invert(is_val)))):
-        import io, pyarrow as pa
         buf = pa.BufferOutputStream(); pq.write_table(part, buf, row_group_size=256)
         atomic_write_bytes(p, buf.getvalue().to_pybytes())
     return train_p, val_p

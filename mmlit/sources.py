@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import bisect
 import glob as _glob
-import json
-import re
-import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,18 +22,17 @@ from fastcore.basics import patch
 from PIL import Image, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['AUTO', 'CAPTION_NAMES', 'IMAGE_NAMES', 'FRAME_SUFFIXES', 'UTF8_BOM', 'MAX_LINE_BYTES', 'JSONL_SUFFIXES',
-           'MAX_JSON_DEPTH', 'PARQUET_ERRORS', 'pick_column', 'group_videos', 'check_frames', 'video_refs',
-           'check_max_line_bytes', 'json_array_spans', 'json_records', 'read_record', 'json_depth', 'jsonl_fields',
-           'JsonlImageText', 'expand_paths', 'TextCorpus', 'ParquetImageText', 'HFDataset', 'TorchDataset',
-           'TensorList', 'as_mm_dataset', 'open_source']
+__all__ = ['AUTO', 'CAPTION_NAMES', 'IMAGE_NAMES', 'FRAME_SUFFIXES', 'PARQUET_ERRORS', 'pick_column', 'group_videos',
+           'check_frames', 'video_refs', 'jsonl_fields', 'JsonlImageText', 'expand_paths', 'TextCorpus',
+           'ParquetImageText', 'HFDataset', 'TorchDataset', 'TensorList', 'as_mm_dataset', 'open_source']
 
 # %% ../nbs/01c_sources.ipynb #99d4cc79
 from .core import BadRecordError, ConfigError
-from .storage import (Location, NotRegularFile, Store, as_location, as_store, check_regular_file, is_uri, open_file,
-                           path_in_root, special_file)
+from .storage import Location, Store, as_location, as_store, check_regular_file, is_uri, path_in_root, special_file
 from .dataset import RECORD_KEYS, MMDataset, make_record
 from .images import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, displayed_size, load_image, open_image, open_image_cell
+from .jsonl import (MAX_LINE_BYTES, _check_path, _line_offsets, _lines, _open_bytes, _parse_json_line, _read_line, _skip_bom,
+                         _too_long, check_max_line_bytes, json_records, read_record)
 
 # %% ../nbs/01c_sources.ipynb #b71233a3
 def _str_list(v, name: str, where: dict) -> list[str]:
@@ -123,167 +119,6 @@ def video_refs(v, root: Path | Location, where: dict, allow_absolute_paths: bool
     for vid in videos:
         if isinstance(vid, list): check_frames(vid, where)
     return [[str(x) for x in vid] if isinstance(vid, list) else str(vid) for vid in videos]
-
-# %% ../nbs/01c_sources.ipynb #ea6be655
-UTF8_BOM = b"\xef\xbb\xbf"
-
-def _open_bytes(path: Path):
-    "Open a JSONL or text file to read bytes: the one place those sources open files."
-    return open_file(path)
-
-def _skip_bom(f) -> int:
-    "Move `f` past a UTF-8 byte-order mark at its start; the number of bytes skipped (3 or 0)."
-    if f.read(3) == UTF8_BOM: return 3
-    f.seek(0)
-    return 0
-
-MAX_LINE_BYTES = 64 << 20   # a longer line (newline included) is a bad record, never read whole
-
-def check_max_line_bytes(n) -> int:
-    "`n` as the line limit; a `ConfigError` unless it is a positive int."
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0: raise ConfigError(f"max_line_bytes must be a positive int, got {n!r}")
-    return n
-
-# %% ../nbs/01c_sources.ipynb #b7ef604f
-def _lines(f, max_line_bytes: int):
-    "`(offset, line number, blank, too long)` of each line of the open file `f` from where it stands, read in bounded pieces."
-    pos, i = f.tell(), 0
-    while raw := f.readline(max_line_bytes + 1):
-        start, long = pos, len(raw) > max_line_bytes
-        pos += len(raw)
-        while long and raw and not raw.endswith(b"\n"):    # the rest of a long line: skipped, never held
-            raw = f.readline(1 << 20)
-            pos += len(raw)
-        yield start, i, not long and not raw.strip(), long
-        i += 1
-
-# %% ../nbs/01c_sources.ipynb #5d8a596f
-def _line_offsets(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[np.ndarray, np.ndarray]:
-    "Byte offsets and 0-based line numbers of the non-blank lines of `path` (a leading BOM is not part of line 0)."
-    offs, lines = [], []
-    with _open_bytes(path) as f:
-        _skip_bom(f)
-        for pos, i, blank, _ in _lines(f, max_line_bytes):
-            if not blank: offs.append(pos); lines.append(i)
-    return np.asarray(offs, dtype=np.int64), np.asarray(lines, dtype=np.int64)
-
-def _too_long(what: str, max_line_bytes: int, where: dict | None) -> BadRecordError:
-    return BadRecordError(f"{what} longer than max_line_bytes={max_line_bytes} bytes (raise max_line_bytes= to read it)", **(where or {}))
-
-# %% ../nbs/01c_sources.ipynb #538aa029
-def _read_line(path: Path, offset: int, max_line_bytes: int = MAX_LINE_BYTES, where: dict | None = None) -> bytes:
-    "The line of `path` that starts at byte `offset`, its newline included; a longer one than `max_line_bytes` is a `BadRecordError`."
-    with _open_bytes(path) as f:
-        f.seek(offset)
-        raw = f.readline(max_line_bytes + 1)
-    if len(raw) > max_line_bytes: raise _too_long("line", max_line_bytes, where)
-    return raw
-
-def _check_path(path, store: Store | None = None) -> Path | Location:
-    "`path` as a `Path` or `Location`; `FileNotFoundError` when no file is there, `NotRegularFile` for a FIFO, device or folder."
-    p = as_location(path, store)
-    if not isinstance(p, Location): check_regular_file(p)
-    if not p.is_file(): raise FileNotFoundError(f"no such file: {p}")
-    return p
-
-# %% ../nbs/01c_sources.ipynb #c01a7d51
-_WS = re.compile(r"[ \t\n\r]*")
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-
-def json_array_spans(path: str | Path) -> np.ndarray:
-    "`[n, 2]` byte spans of the items of a JSON array file, found in one pass (each item is parsed once, then dropped)."
-    text = as_location(path).read_bytes().decode("latin-1")     # one character per byte: positions are byte offsets
-    dec, i = json.JSONDecoder(), _WS.match(text, len(UTF8_BOM) if text.startswith(UTF8_BOM.decode("latin-1")) else 0).end()
-    if text[i:i + 1] != "[": raise ConfigError(f"{path}: not a JSON array (it starts with {text[i:i + 20]!r})")
-    i, spans = _WS.match(text, i + 1).end(), []
-    if text[i:i + 1] == "]": return np.zeros((0, 2), np.int64)
-    while True:
-        try: _, end = dec.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: item {len(spans)} is not valid JSON at byte {e.pos} ({e.msg}); "
-                              "the items after it cannot be found") from None
-        except RecursionError:
-            raise ConfigError(f"{path}: item {len(spans)} is nested too deeply for Python's JSON parser; "
-                              "the items after it cannot be found") from None
-        spans.append((i, end))
-        i = _WS.match(text, end).end()
-        if text[i:i + 1] == ",": i = _WS.match(text, i + 1).end()
-        elif text[i:i + 1] == "]": return np.asarray(spans, np.int64)
-        else: raise ConfigError(f"{path}: expected ',' or ']' after item {len(spans) - 1} at byte {i}")
-
-# %% ../nbs/01c_sources.ipynb #fbf5a285
-def json_records(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[np.ndarray, np.ndarray, str]:
-    "Byte spans `[n, 2]` of the records of a JSONL file (end -1: to the line's end) or a JSON array, their numbers and unit."
-    array = False
-    if Path(path).suffix.lower() not in JSONL_SUFFIXES:   # a .jsonl file is lines, even when a line is an array
-        with _open_bytes(path) as f:
-            _skip_bom(f)
-            array = f.read(4096).lstrip()[:1] == b"["
-    if array:
-        spans = json_array_spans(path)
-        return spans, np.arange(len(spans)), "item"
-    offsets, lines = _line_offsets(path, max_line_bytes)
-    return np.stack([offsets, np.full_like(offsets, -1)], axis=1), lines, "line"
-
-# %% ../nbs/01c_sources.ipynb #6fb53f95
-def read_record(path: Path, span: Sequence[int], max_line_bytes: int = MAX_LINE_BYTES, where: dict | None = None) -> bytes:
-    "The bytes of one record of `json_records`; a record longer than `max_line_bytes` is a `BadRecordError`."
-    start, end = int(span[0]), int(span[1])
-    if end < 0: return _read_line(path, start, max_line_bytes, where)
-    if end - start > max_line_bytes: raise _too_long("item", max_line_bytes, where)
-    with _open_bytes(path) as f:
-        f.seek(start)
-        return f.read(end - start)
-
-# %% ../nbs/01c_sources.ipynb #1abc109d
-MAX_JSON_DEPTH = 950  # a fresh thread's stack parses ~990 levels under Python's default recursion limit
-_SHALLOW_JSON = 64    # lines with no more brackets than this are parsed directly
-_STEP = np.zeros(256, np.int8)                        # +1 for [ and {, -1 for ] and }, by byte value
-_STEP[[ord("["), ord("{")]], _STEP[[ord("]"), ord("}")]] = 1, -1
-_QUOTE = ord('"')
-_SPECIAL = (_STEP != 0) | (np.arange(256) == _QUOTE)   # the bytes that decide the depth
-
-# %% ../nbs/01c_sources.ipynb #acd3c8fa
-def json_depth(raw: bytes) -> int:
-    "How deep arrays and objects nest in the JSON text `raw` (brackets inside strings do not count)."
-    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")    # escaped backslashes, then escaped quotes: they end no string
-    b = np.frombuffer(text, dtype=np.uint8)
-    level = deepest = inside = 0
-    for lo in range(0, len(b), 1 << 20):                 # 1 MB at a time: a hostile line costs no more memory
-        c = b[lo:lo + (1 << 20)]
-        s = c[_SPECIAL[c]]                               # its quotes and brackets, in order
-        if not len(s): continue
-        parity = (np.cumsum(s == _QUOTE, dtype=np.int32) + inside) & 1   # 1 inside a string
-        levels = level + np.cumsum(np.where(parity == 0, _STEP[s], 0), dtype=np.int64)
-        deepest, level, inside = max(deepest, int(levels.max())), int(levels[-1]), int(parity[-1])
-    return deepest
-
-# %% ../nbs/01c_sources.ipynb #90835d0a
-def _loads_on_fresh_stack(raw: bytes):
-    "`json.loads(raw)` on a new thread, so the caller's stack depth does not matter."
-    out = {}
-    def parse():
-        try: out["value"] = json.loads(raw)
-        except BaseException as e: out["error"] = e
-    t = threading.Thread(target=parse, name="mmlit-json-line")
-    t.start(); t.join()
-    if "error" in out: raise out["error"]
-    return out["value"]
-
-# %% ../nbs/01c_sources.ipynb #3a02ef31
-def _parse_json_line(raw: bytes, where: dict) -> dict:
-    "Parse one JSONL line into a dict, or raise `BadRecordError` (not JSON, nested too deeply, not an object)."
-    n_open = raw.count(b"[") + raw.count(b"{")          # a bound on the depth, counted in C
-    depth = json_depth(raw) if n_open > _SHALLOW_JSON else n_open
-    if depth > MAX_JSON_DEPTH:
-        raise BadRecordError(f"JSON nested {depth} levels deep, more than MAX_JSON_DEPTH={MAX_JSON_DEPTH}", **where)
-    try: obj = _loads_on_fresh_stack(raw) if depth > _SHALLOW_JSON else json.loads(raw)
-    except RecursionError:  # only with a recursion limit lowered below the default
-        raise BadRecordError(f"JSON nested {depth} levels deep, too deep for Python's parser (RecursionError)", **where) from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
-        raise BadRecordError(f"invalid JSON ({e})", **where) from None
-    if not isinstance(obj, dict): raise BadRecordError(f"expected a JSON object, got {type(obj).__name__}", **where)
-    return obj
 
 # %% ../nbs/01c_sources.ipynb #2d4028ec
 def _first_object(path: Path, spans: np.ndarray, numbers: np.ndarray, limit: int = 20,

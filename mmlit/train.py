@@ -7,291 +7,30 @@ Docs: https://mmlit.github.io/mmlit/train.html.md"""
 # %% ../nbs/06_train.ipynb #8da9f841
 from __future__ import annotations
 
-import contextlib, dataclasses, json, hashlib, logging, math, os, signal, sys, time, types
+import contextlib, dataclasses, json, hashlib, logging, math, os, signal, sys, time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable
 
 import torch
 from fastcore.basics import patch
 from torch import nn
 
 from .core import ConfigError, MmlitError, Stream, config_from_dict, config_to_dict, derive_seed, redact
-from .checkpoint import CheckpointManager, atomic_write_text, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import CheckpointManager, atomic_write_text, rng_state, set_rng_state
 from .finetune import describe_trainable, pretrained_records
-from .fsdp import DistributedConfig, gathered, load_latest_sharded, save_sharded, shard_model
+from .fsdp import DistributedConfig, gathered, load_latest_sharded, save_sharded
+from .step import (TrainConfig, _all_reduce, autocast, batch_size_of, build_optimizer, build_scheduler,
+                        enable_gradient_checkpointing, evaluate_loss, output_losses, resolve_device, resolve_precision,
+                        setup_distributed, to_device, wrap_model)
 from .ledger import Ledger, exclude_samples, record_micro_batch, truncate_ledger
 
 logger = logging.getLogger("mmlit.train")
 
 # %% auto #0
-__all__ = ['logger', 'OptimConfig', 'ScheduleConfig', 'EvalConfig', 'CheckpointConfig', 'LogConfig', 'TrainConfig',
-           'config_to_yaml', 'load_config', 'no_decay', 'build_optimizer', 'warmup_cosine', 'build_scheduler',
-           'resolve_device', 'resolve_precision', 'autocast', 'kept_buffers', 'checkpoint_block',
-           'enable_gradient_checkpointing', 'setup_distributed', 'wrap_model', 'output_losses', 'to_device',
-           'batch_size_of', 'evaluate_loss', 'MetricsLog', 'fingerprint', 'claim_run_dir', 'NonFiniteLossError',
-           'TrainResult', 'Trainer', 'on_main_thread']
-
-# %% ../nbs/06_train.ipynb #a5d92445
-@dataclass
-class OptimConfig:
-    "AdamW and gradient clipping."
-    lr: float = 2e-4
-    weight_decay: float = 0.01          # not applied to biases, norm weights (every ndim < 2 parameter) or `logit_scale`
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    clip_grad: float | None = 1.0       # max global grad norm; None: no clipping
-
-    def __post_init__(self):
-        if self.lr <= 0: raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0: raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        if not all(0 <= b < 1 for b in self.betas): raise ConfigError(f"optim.betas must be in [0, 1), got {self.betas}")
-        if self.clip_grad is not None and self.clip_grad <= 0: raise ConfigError(f"optim.clip_grad must be > 0 or null, got {self.clip_grad}")
-
-# %% ../nbs/06_train.ipynb #9c670c60
-@dataclass
-class ScheduleConfig:
-    "How long to train, warmup + cosine decay, gradient accumulation."
-    epochs: int = 1
-    max_steps: int | None = None        # optimiser steps; None: `epochs` whole epochs
-    warmup_ratio: float = 0.1           # fraction of the steps with a linear warmup
-    min_lr_ratio: float = 0.0           # the cosine decays to lr * min_lr_ratio
-    accumulate: int = 1                 # micro-batches per optimiser step
-
-    def __post_init__(self):
-        if self.epochs < 1: raise ConfigError(f"schedule.epochs must be >= 1, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1: raise ConfigError(f"schedule.max_steps must be >= 1, got {self.max_steps}")
-        if not 0 <= self.warmup_ratio < 1: raise ConfigError(f"schedule.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not 0 <= self.min_lr_ratio <= 1: raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.accumulate < 1: raise ConfigError(f"schedule.accumulate must be >= 1, got {self.accumulate}")
-
-# %% ../nbs/06_train.ipynb #2c4dfb88
-@dataclass
-class EvalConfig:
-    "When to evaluate and which metric picks the best checkpoint."
-    every: int | None = None            # optimiser steps; None: only at epoch ends and the end of the run
-    at_epoch_end: bool = True
-    metric: str = "val/loss"
-    mode: Literal["min", "max"] = "min"
-    max_batches: int | None = None      # cap the validation batches per evaluation
-
-@dataclass
-class CheckpointConfig:
-    "When to save, how many to keep, whether to resume."
-    every: int | None = None            # optimiser steps; None: epoch ends (and best, interrupt, end of run) only
-    at_epoch_end: bool = True
-    keep: int = 3                       # step checkpoints kept besides the best
-    resume: bool = True                 # continue from the newest valid checkpoint in the run directory
-
-# %% ../nbs/06_train.ipynb #5ecc23e7
-@dataclass
-class LogConfig:
-    "Metrics files, progress bar and the optional wandb run."
-    every: int = 1                      # log a training row every N optimiser steps
-    progress: bool | None = None        # tqdm bar; None: when stderr is a terminal
-    wandb: bool = False
-    wandb_project: str = "mmlit"
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
-    ledger: bool = True                 # each sample's own loss every step in RUN_DIR/ledger/ (mmlit.ledger, `mmlit samples`)
-    ledger_every: int = 500             # steps between ledger writes (and at every checkpoint)
-
-# %% ../nbs/06_train.ipynb #937bc09e
-@dataclass
-class TrainConfig:
-    "Everything the trainer needs besides the model and the loaders."
-    run_dir: str = "runs/run"
-    seed: int = 0
-    device: str = "auto"                # auto: cuda, then mps, then cpu
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: bf16 on CUDA where supported, else fp16; fp32 elsewhere
-    compile: bool = False               # torch.compile the model
-    gradient_checkpointing: bool = False   # recompute each block's activations in the backward pass: less memory, slower steps
-    threads: int | None = None          # torch CPU threads (torch.set_num_threads); None: torch's default
-    max_nonfinite: int = 5              # this many non-finite losses in a row stop the run
-    exclude: list[int] | str | None = None   # sample ids (the ledger's `sample`) left out from the next step on, or a file of them
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)   # ddp or fsdp (mmlit.fsdp), under torchrun
-
-# %% ../nbs/06_train.ipynb #455e592c
-def config_to_yaml(cfg) -> str:
-    "The config as YAML (sections in field order)."
-    import yaml
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-
-def load_config(cls, source: str | Path | Mapping):
-    "A `cls` config from a YAML file path or a dict."
-    if isinstance(source, (str, Path)):
-        import yaml
-        p = Path(source)
-        if not p.is_file(): raise ConfigError(f"config file {p} does not exist")
-        try: source = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e: raise ConfigError(f"{p}: not valid YAML ({e})") from None
-    return config_from_dict(cls, source)
-
-# %% ../nbs/06_train.ipynb #1467f56f
-def no_decay(name: str, p: torch.Tensor) -> bool:
-    "Parameters that get no weight decay: biases, norm weights (every ndim < 2 tensor) and the temperature `logit_scale`."
-    return p.ndim < 2 or name.split(".")[-1] == "logit_scale"
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    "AdamW with weight decay on every trainable parameter except those `no_decay` names."
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-
-# %% ../nbs/06_train.ipynb #caa50fdc
-def warmup_cosine(total_steps: int, warmup_ratio: float = 0.1, min_lr_ratio: float = 0.0) -> Callable[[int], float]:
-    "The LR factor of step `s` (0-based): linear warmup over `ceil(warmup_ratio * total)` steps, then cosine to `min_lr_ratio`."
-    warmup = math.ceil(warmup_ratio * total_steps)
-    def factor(s: int) -> float:
-        if s < warmup: return (s + 1) / warmup
-        progress = min((s - warmup) / max(total_steps - warmup, 1), 1.0)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
-
-def build_scheduler(optimizer, total_steps: int, cfg: ScheduleConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    "A `LambdaLR` following `warmup_cosine` (its state_dict holds only the step count)."
-    f = warmup_cosine(total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: f(s))
-
-# %% ../nbs/06_train.ipynb #bfdc5d29
-def resolve_device(name: str = "auto") -> torch.device:
-    "`auto`: CUDA (this process's `LOCAL_RANK` device), else MPS, else CPU; otherwise the named device."
-    if name != "auto": return torch.device(name)
-    if torch.cuda.is_available(): return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available(): return torch.device("mps")
-    return torch.device("cpu")
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    "`auto`: bf16 on CUDA where supported, else fp16 on CUDA; fp32 on CPU and MPS (exact and fast enough there)."
-    if precision != "auto": return precision
-    if device.type == "cuda": return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-# %% ../nbs/06_train.ipynb #dab74082
-def autocast(device: torch.device, precision: str):
-    "The autocast context of a precision (a no-op for fp32)."
-    if precision == "fp32": return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-# %% ../nbs/06_train.ipynb #34e543d5
-@contextlib.contextmanager
-def kept_buffers(module: nn.Module):
-    "A context after which `module`'s buffers (BatchNorm's running statistics) hold what they held before it."
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    try: yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved: b.copy_(v)
-
-# %% ../nbs/06_train.ipynb #87618f29
-def _checkpointed_forward(self, *args, **kwargs):
-    "The block's own forward; while training with gradients, run under `torch.utils.checkpoint` (recomputed in backward)."
-    forward = type(self).forward.__get__(self)
-    if not (self.training and torch.is_grad_enabled()): return forward(*args, **kwargs)
-    calls = []
-    def run(*a, **k):
-        if not calls: calls.append(1); return forward(*a, **k)
-        with kept_buffers(self): return forward(*a, **k)     # the recompute: the running statistics were updated once already
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
-
-def checkpoint_block(block: nn.Module) -> nn.Module:
-    "Make `block` recompute its activations in the backward pass when training (its weights and state dict unchanged)."
-    if "forward" not in vars(block): block.forward = types.MethodType(_checkpointed_forward, block)
-    return block
-
-# %% ../nbs/06_train.ipynb #e48ccf8b
-def enable_gradient_checkpointing(model: nn.Module) -> list[str]:
-    "Checkpoint every Hugging Face model in `model` that supports it, and each `nn.ModuleList` block elsewhere; the names of what it covers."
-    done = []
-    inside = lambda name: any(d == "" or name == d or name.startswith(d + ".") for d in done)
-    for name, m in model.named_modules():
-        if inside(name): continue
-        if getattr(m, "supports_gradient_checkpointing", False):
-            kw = {"use_reentrant": False}
-            if hasattr(m, "activation_checkpointing_enable"): m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
-            else: m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-            done.append(name)
-        elif isinstance(m, nn.ModuleList):
-            for i, block in enumerate(m): checkpoint_block(block); done.append(f"{name}.{i}")
-    if not done: raise ConfigError(f"gradient_checkpointing: {type(model).__name__} has no block to checkpoint (no Hugging Face "
-                                   "model that supports it, no nn.ModuleList of blocks)")
-    return done
-
-# %% ../nbs/06_train.ipynb #34187662
-def setup_distributed(group_of_one: bool = False) -> tuple[int, int]:
-    "Join the process group `torchrun` describes (if any, once; also of one process with `group_of_one`); returns `(rank, world_size)`."
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    launched = world_size > 1 or (group_of_one and "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ)
-    if launched and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl": torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group(backend)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-# %% ../nbs/06_train.ipynb #493b0c63
-def wrap_model(model: nn.Module, device: torch.device, world_size: int, compile: bool = False,
-               distributed: DistributedConfig | None = None) -> nn.Module:
-    "The module a training step calls: `model`, in DDP with several processes or sharded in place (`fsdp`), compiled on request."
-    wrapped = model
-    if distributed is not None and distributed.strategy == "fsdp": wrapped = shard_model(model, distributed, device)
-    elif world_size > 1:
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(wrapped) if compile else wrapped
-
-# %% ../nbs/06_train.ipynb #f56e8194
-def output_losses(out) -> dict[str, torch.Tensor]:
-    "The scalar `loss` and `loss_*` entries of a model output (a dataclass, a mapping such as HF's `ModelOutput`, or a tensor)."
-    if torch.is_tensor(out): items = {"loss": out}
-    elif dataclasses.is_dataclass(out): items = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
-    elif isinstance(out, Mapping): items = dict(out)
-    else: raise MmlitError(f"the model returned a {type(out).__name__}; the trainer needs a tensor, a mapping or a dataclass with 'loss'")
-    losses = {k: v for k, v in items.items() if (k == "loss" or k.startswith("loss_")) and torch.is_tensor(v) and v.ndim == 0}
-    if "loss" not in losses: raise MmlitError(f"the model output has no scalar 'loss' (keys: {sorted(items)})")
-    return losses
-
-# %% ../nbs/06_train.ipynb #e3709200
-def to_device(batch, device: torch.device):
-    "`batch` with every tensor on `device` (non-blocking from pinned memory); other values as they are."
-    if torch.is_tensor(batch): return batch.to(device, non_blocking=batch.is_pinned())
-    if isinstance(batch, Mapping): return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)): return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-def batch_size_of(batch) -> int:
-    "The number of samples in a batch: the first dimension of its first tensor."
-    for v in (batch.values() if isinstance(batch, Mapping) else batch):
-        if torch.is_tensor(v) and v.ndim: return int(v.shape[0])
-    return 1
-
-# %% ../nbs/06_train.ipynb #4cd6b9c1
-def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    "`t` summed (or `op`) over the ranks, in place; `t` itself outside `torch.distributed`."
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
-    return t
-
-# %% ../nbs/06_train.ipynb #9d16da55
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, loader: Iterable, device: torch.device | None = None, max_batches: int | None = None) -> dict[str, float]:
-    "The sample-weighted mean of `loss` and every `loss_*` over `loader` (summed over DDP ranks)."
-    device = device or next(model.parameters()).device
-    sums, n = {}, 0
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches: break
-        b = batch_size_of(batch)
-        for k, v in output_losses(model(**to_device(batch, device))).items(): sums[k] = sums.get(k, 0.0) + float(v) * b
-        n += b
-    keys = sorted(sums)
-    tot = _all_reduce(torch.tensor([sums[k] for k in keys] + [n], dtype=torch.float64))
-    return {k: float(tot[i] / tot[-1]) for i, k in enumerate(keys)} if tot[-1] else {}
+__all__ = ['logger', 'MetricsLog', 'fingerprint', 'claim_run_dir', 'NonFiniteLossError', 'TrainResult', 'Trainer',
+           'on_main_thread']
 
 # %% ../nbs/06_train.ipynb #250dc1d4
 class MetricsLog:

@@ -22,7 +22,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .core import MmlitError, Stream, derive_seed
-from .preprocess import Normalisation, get_normalisation
+from .preprocess import Normalization, get_normalization
 
 # %% auto #0
 __all__ = ['STEP_KEYS', 'SPIKE_WINDOW', 'SPIKE_K', 'SPIKE_FLOOR', 'LOSS_PARTS', 'TOKEN_COLORS', 'RunDirError', 'RunFileError',
@@ -329,12 +329,12 @@ def save_run_plots(run_dir: str | Path, *, out_dir: str | Path | None = None, se
     return written
 
 # %% ../nbs/07_viz.ipynb #af9074c3
-def unnormalize(x: torch.Tensor, norm: str | Normalisation | None = "clip") -> torch.Tensor:
-    "uint8 pixels `[..., 3, H, W]`: float `x` un-normalised with stage 2's preset `norm`; uint8 `x` unchanged."
+def unnormalize(x: torch.Tensor, normalize: str | Normalization | None = "clip") -> torch.Tensor:
+    "uint8 pixels `[..., 3, H, W]`: float `x` un-normalised with stage 2's preset `normalize`; uint8 `x` unchanged."
     if x.dtype == torch.uint8: return x
     x = x.detach().float().cpu()
-    if norm is not None:
-        n = get_normalisation(norm)
+    if normalize is not None:
+        n = get_normalization(normalize)
         x = x * torch.tensor(n.std).view(3, 1, 1) + torch.tensor(n.mean).view(3, 1, 1)
     return (x * 255).round().clamp(0, 255).to(torch.uint8)
 
@@ -350,7 +350,7 @@ def unpatchify(patches: torch.Tensor, grid_thw: Sequence[int], patch_size: int =
     return x.reshape(gt * tp, channels, gh * p, gw * p)
 
 # %% ../nbs/07_viz.ipynb #69696358
-def batch_images(batch: Mapping, norm: str | Normalisation | None = "clip", *, patch_size: int = 14,
+def batch_images(batch: Mapping, normalize: str | Normalization | None = "clip", *, patch_size: int = 14,
                  merge_size: int = 2, temporal_patch_size: int = 2) -> list[tuple[int, torch.Tensor]]:
     "Every image of a collated batch as `(sample, uint8 [3, H, W])`, in batch order."
     if "image_grid_thw" in batch:
@@ -359,14 +359,14 @@ def batch_images(batch: Mapping, norm: str | Normalisation | None = "clip", *, p
         for j, thw in enumerate(batch["image_grid_thw"].tolist()):
             n = thw[0] * thw[1] * thw[2]
             frames = unpatchify(batch["pixel_values"][start:start + n], thw, patch_size, merge_size, temporal_patch_size)
-            out.append((owners[j], unnormalize(frames[0], norm))); start += n
+            out.append((owners[j], unnormalize(frames[0], normalize))); start += n
         return out
     if "images" in batch:
         ims, masks = batch["images"], batch.get("image_masks")
-        return [(i, unnormalize(ims[i, j], norm)) for i in range(ims.shape[0]) for j in range(ims.shape[1])
+        return [(i, unnormalize(ims[i, j], normalize)) for i in range(ims.shape[0]) for j in range(ims.shape[1])
                 if masks is None or bool(masks[i, j])]
     if "pixel_values" in batch and batch["pixel_values"].ndim == 4:
-        return [(i, unnormalize(x, norm)) for i, x in enumerate(batch["pixel_values"])]
+        return [(i, unnormalize(x, normalize)) for i, x in enumerate(batch["pixel_values"])]
     raise MmlitError(f"no images in this batch: expected pixel_values, images or image_grid_thw, got keys {sorted(batch)}")
 
 # %% ../nbs/07_viz.ipynb #3dfb7d9e
@@ -400,10 +400,10 @@ def batch_captions(batch: Mapping, tokenizer) -> list[str]:
     return out
 
 # %% ../nbs/07_viz.ipynb #56f3a811
-def show_images(batch: Mapping, tokenizer=None, *, norm: str | Normalisation | None = "clip", n: int = 16,
+def show_images(batch: Mapping, tokenizer=None, *, normalize: str | Normalization | None = "clip", n: int = 16,
                 ncols: int = 4, captions: Sequence[str] | None = None, save: str | Path | None = None) -> Figure:
     "A grid of a collated batch's first `n` images, each titled with its sample index and caption."
-    ims = batch_images(batch, norm)[:n]
+    ims = batch_images(batch, normalize)[:n]
     if captions is None and tokenizer is not None and "input_ids" in batch and "packed_samples" not in batch:
         captions = batch_captions(batch, tokenizer)
     ncols = min(ncols, len(ims)); nrows = math.ceil(len(ims) / ncols)
@@ -504,14 +504,14 @@ def batch_digest(batch: Mapping) -> str:
     return h.hexdigest()
 
 # %% ../nbs/07_viz.ipynb #8009d7ab
-def write_batch_views(batch: Mapping, out_dir: str | Path, tokenizer=None, *, norm: str | Normalisation | None = "clip",
+def write_batch_views(batch: Mapping, out_dir: str | Path, tokenizer=None, *, normalize: str | Normalization | None = "clip",
                       rows: Sequence[int] = (0,), info: Mapping | None = None) -> dict[str, Path]:
     "Write `batch_images.png`, `batch_tokens[_ROW].png` and `batch.json` for a collated batch; name → path."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     written = {}
     if any(k in batch for k in ("pixel_values", "images", "image_grid_thw")):
         written["batch_images"] = out / "batch_images.png"
-        show_images(batch, tokenizer, norm=norm, save=written["batch_images"])
+        show_images(batch, tokenizer, normalize=normalize, save=written["batch_images"])
     if "input_ids" in batch:
         for r in rows:
             name = "batch_tokens" if len(rows) == 1 else f"batch_tokens_{r}"

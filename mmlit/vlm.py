@@ -47,7 +47,8 @@ def task_answers(model, tokenizer, path, batch_size: int = 32, max_new_tokens: i
     import pyarrow.parquet as pq
     from mmlit.collate import collator_for
     from mmlit.generate import PromptOnly, generate
-    from mmlit.loader import RowSubset, make_loader
+    from mmlit.loader import make_loader
+    from mmlit.datamodule import RowSubset
     from mmlit.multimodal import build_preprocessor
     from mmlit.sources import open_source
     src = open_source(str(path))

@@ -22,7 +22,8 @@ import yaml
 
 from mmlit.sources import ParquetImageText
 from mmlit.demo import build_demo_parquet
-from mmlit.loader import build_data_module, load_tokenizer, profile_loader
+from mmlit.loader import profile_loader
+from mmlit.datamodule import build_data_module, load_tokenizer
 from mmlit.viz import batch_digest
 from mmlit.multimodal import build_preprocessor
 from mmlit.recipe import record_data

@@ -10,7 +10,8 @@ import yaml
 from mmlit.checkpoint import WEIGHTS, CheckpointManager, safetensors_header
 from mmlit.core import ConfigError
 from mmlit.demo import build_demo_parquet
-from mmlit.recipe import ModelSpec, build_run, model_config, split_by_group
+from mmlit.recipe import build_run, split_by_group
+from mmlit.kinds import ModelSpec, model_config
 
 ROOT = Path(__file__).parent.parent
 JOB = str(Path(__file__).parent / "recipe_job.py")

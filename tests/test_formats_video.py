@@ -14,7 +14,8 @@ from mmlit.sources import JsonlImageText
 from mmlit.mixture import DeterministicDataset
 from mmlit.formats import Conversations, open_dataset
 from mmlit.multimodal import ChatPreprocessor, build_preprocessor
-from mmlit.preprocess import Qwen2VLPatcher, image_preset, load_frames
+from mmlit.preprocess import image_preset
+from mmlit.patches import Qwen2VLPatcher, load_frames
 
 av = pytest.importorskip("av")
 

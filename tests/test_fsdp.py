@@ -17,7 +17,7 @@ from train_job import build, losses  # noqa: E402
 
 from mmlit.checkpoint import CheckpointManager, read_manifest
 from mmlit.core import ConfigError
-from mmlit.train import TrainConfig
+from mmlit.step import TrainConfig
 from mmlit.core import config_from_dict
 
 JOB = Path(__file__).parent / "train_job.py"

@@ -21,7 +21,8 @@ from mmlit.images import displayed_size, load_image, open_image, to_8bit
 from mmlit.sources import HFDataset, JsonlImageText, ParquetImageText
 from mmlit.loader import LoaderConfig, make_loader
 from mmlit.multimodal import build_preprocessor
-from mmlit.preprocess import Qwen2VLPatcher, decode_rgb, image_preset, pad_to_square
+from mmlit.preprocess import decode_rgb, image_preset, pad_to_square
+from mmlit.patches import Qwen2VLPatcher
 
 H, W = 24, 40   # stored size of the test images: landscape, so a quarter turn shows
 

@@ -13,7 +13,8 @@ from mmlit.sources import ParquetImageText
 from mmlit.mixture import DeterministicDataset, Mixture
 from mmlit.core import Stream, derive_seed
 from mmlit.sources import TensorList
-from mmlit.loader import LoaderConfig, RowSubset, epoch_order, make_loader, rank_steps
+from mmlit.loader import LoaderConfig, epoch_order, make_loader, rank_steps
+from mmlit.datamodule import RowSubset
 
 N = 30
 BAD_ROWS = {4: b"not an image", 17: "truncated"}   # row -> image bytes that fail to load
@@ -303,7 +304,7 @@ def test_deterministic_dataset_and_set_epoch(files):
 
 def test_build_loader_from_yaml_with_local_tokenizer(files, tmp_path):
     import yaml
-    from mmlit.loader import build_data_module, build_loader
+    from mmlit.datamodule import build_data_module, build_loader
     from mmlit.text import train_tokenizer
     tok_dir = tmp_path / "tok"
     train_tokenizer([f"photo {i} of a thing" for i in range(50)], vocab_size=300, min_frequency=1, save_dir=tok_dir)
@@ -322,7 +323,7 @@ def test_build_loader_from_yaml_with_local_tokenizer(files, tmp_path):
 
 
 def test_one_liner_config_takes_rank_split(files):
-    from mmlit.loader import build_loader, loader_parts
+    from mmlit.datamodule import build_loader, loader_parts
     cfg = dict(data=str(files["clean"]), tokenizer=dict(train=dict(vocab_size=300, min_frequency=1)),
                preprocessor_options=dict(size=16), max_length=8, batch_size=4)
     assert loader_parts(cfg)["loader_config"].rank_split == "stream"        # the default
@@ -334,7 +335,7 @@ def test_one_liner_config_takes_rank_split(files):
 
 
 def test_build_loader_lm_windows(tmp_path):
-    from mmlit.loader import build_loader
+    from mmlit.datamodule import build_loader
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"paragraph {i} says something about loaders and order" for i in range(40)))
     ld = build_loader(dict(data=str(corpus), task="lm", max_length=16, batch_size=4,
@@ -499,7 +500,7 @@ def test_masked_lm_resumes_exactly(tmp_path, workers):
 # --- every path fills loader.report; max_bad_fraction over all workers; the data's fingerprint ---
 
 def test_lm_one_liner_reports_bad_paragraphs(tmp_path):
-    from mmlit.loader import build_data_module, build_loader
+    from mmlit.datamodule import build_data_module, build_loader
     corpus = tmp_path / "corpus.txt"
     paras = [f"paragraph {i} says something about loaders and order".encode() for i in range(40)]
     paras[5] = b"paragraph five is \xff\xfe not utf-8"

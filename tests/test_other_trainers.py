@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from mmlit.core import torch_rng
-from mmlit.loader import LoaderConfig, LoaderDataModule
+from mmlit.loader import LoaderConfig
+from mmlit.datamodule import LoaderDataModule
 
 pl = pytest.importorskip("pytorch_lightning")
 
@@ -61,7 +62,7 @@ def test_hf_trainer_trains_a_dual_encoder_on_an_mmlit_loader(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from mmlit.demo import build_demo_parquet
-    from mmlit.loader import build_loader
+    from mmlit.datamodule import build_loader
     from mmlit.model import DualEncoder, DualEncoderConfig
 
     path = build_demo_parquet(tmp_path / "demo.parquet", n=64)[0]

@@ -13,7 +13,8 @@ from ds_files import bomb_png, image_bytes
 from mmlit.core import BadRecordError, np_rng
 from hypothesis import given, settings, strategies as st
 
-from mmlit.preprocess import Qwen2VLPatcher, VideoPreprocessor, image_preset, resize_crop
+from mmlit.preprocess import image_preset, resize_crop
+from mmlit.patches import Qwen2VLPatcher, VideoPreprocessor
 
 
 def _jpeg(arr, quality=92): return image_bytes(Image.fromarray(arr), "JPEG", quality=quality)

@@ -15,8 +15,9 @@ from mmlit.checkpoint import MANIFEST, WEIGHTS, BaseModelMismatch, CheckpointMan
 from mmlit.core import CheckpointError, ConfigError
 from mmlit.demo import build_demo_parquet, corpus_documents
 from mmlit.hub import hub_cache, save_to_hub_cache
-from mmlit.preprocess import NORMALISATIONS, Normalisation
-from mmlit.recipe import ModelSpec, build_run, export_model, model_config, split_by_group
+from mmlit.preprocess import NORMALIZATIONS, Normalization
+from mmlit.recipe import build_run, export_model, split_by_group
+from mmlit.kinds import ModelSpec, model_config
 
 ROOT = Path(__file__).parent.parent
 JOB = str(Path(__file__).parent / "recipe_job.py")
@@ -111,8 +112,8 @@ def test_clip_run_takes_the_checkpoints_towers_tokenizer_and_pixels(tmp_path, wo
     assert resolved["data"]["preprocessor_options"] == {"pretrained": "acme/tiny-clip"}
     assert run.tokenizer.get_vocab() == world["ctok"].get_vocab()
     norm = run.data.transform.preprocessor.images.normalize
-    assert norm == Normalisation(CLIP_MEAN, CLIP_STD) and norm != NORMALISATIONS.get("clip")   # the checkpoint's, not the preset's
-    assert run.model.normalisation == norm and run.data.transform.preprocessor.images.size == (32, 32)
+    assert norm == Normalization(CLIP_MEAN, CLIP_STD) and norm != NORMALIZATIONS.get("clip")   # the checkpoint's, not the preset's
+    assert run.model.normalization == norm and run.data.transform.preprocessor.images.size == (32, 32)
     batch = next(iter(run.data.val_dataloader()))
     assert (batch["input_ids"][:, 0] == world["ctok"].bos_token_id).all()                   # CLIP's captions start with bos
     assert r.steps == 2 and len(_losses(tmp_path / "run")) == 2 and all(x == x for x in _losses(tmp_path / "run"))
@@ -125,7 +126,7 @@ def test_siglip_run_with_a_locked_vision_tower(tmp_path, world):
         before = {k: v.clone() for k, v in run.model.vision.state_dict().items()}
         text_before = run.model.text.embeddings.token_embedding.weight.clone()
         run.fit()
-    assert run.model.normalisation == NORMALISATIONS.get("half")
+    assert run.model.normalization == NORMALIZATIONS.get("half")
     after = run.model.vision.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not torch.equal(run.model.text.embeddings.token_embedding.weight, text_before)   # the text tower trained
@@ -254,7 +255,7 @@ def test_qwen2_vl_embedder_from_a_hub_id_with_lora(tmp_path, world):
     "The embedder's backbone by hub id, its patches from the checkpoint's processor, LoRA adapters, a merged export."
     from mmlit.embedder import EmbedderConfig, Qwen2VLEmbedder
     from mmlit.finetune import apply_finetune, export_merged
-    from mmlit.loader import build_data_module
+    from mmlit.datamodule import build_data_module
     from mmlit.train import Trainer
     with hub_cache(world["cache"]):
         dm = build_data_module({"data": str(world["train"]), "tokenizer": "acme/tiny-qwen2-vl", "preprocessor": "qwen2_vl",

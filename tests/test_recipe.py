@@ -202,7 +202,7 @@ def test_ddp_run_evaluates_as_one_process(tmp_path, odd_pairs):
     zero-shot accuracy, hard-negative accuracy and recalls rank 0 logs are those one process computes from the final weights."""
     import torch
     from mmlit.recipe import labels_in_gather_order
-    from mmlit.loader import load_tokenizer
+    from mmlit.datamodule import load_tokenizer
     run_dir, out = tmp_path / "run", tmp_path / "out"
     out.mkdir()
     cfg = _config(run_dir, odd_pairs)

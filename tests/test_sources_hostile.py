@@ -16,8 +16,8 @@ from cli_helpers import inspect_json, run_cli
 from ds_files import make_image, pixels, png_bytes, write_jsonl, write_parquet
 from mmlit.core import BadRecordError, ConfigError
 from mmlit.dataset import check_unicode, make_record
-from mmlit.sources import (MAX_JSON_DEPTH, HFDataset, JsonlImageText, ParquetImageText, TextCorpus, TorchDataset,
-                           json_depth)
+from mmlit.sources import HFDataset, JsonlImageText, ParquetImageText, TextCorpus, TorchDataset
+from mmlit.jsonl import MAX_JSON_DEPTH, json_depth
 from mmlit.loader import LoaderConfig, make_loader
 
 LONE = "\ud800"                                    # half of a surrogate pair: what JSON's "\ud800" escape gives

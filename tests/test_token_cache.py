@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from ds_files import image_bytes, write_parquet
-from mmlit.loader import loader_parts, make_loader, resolve_collate
+from mmlit.loader import make_loader, resolve_collate
+from mmlit.datamodule import loader_parts
 
 CAPTIONS = ["a red seven at the centre", "a blue two, small", "a green one on grey", "a large black nine", "a tiny white zero"]
 N = 20

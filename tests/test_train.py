@@ -14,7 +14,7 @@ from train_job import build, losses  # noqa: E402
 
 from mmlit.checkpoint import MANIFEST, STATE, WEIGHTS, WRITE_DELAY_ENV, CheckpointManager, read_manifest, CheckpointError
 from mmlit.core import ConfigError, config_from_dict
-from mmlit.train import TrainConfig, config_to_yaml, load_config
+from mmlit.step import TrainConfig, config_to_yaml, load_config
 
 JOB = str(Path(__file__).parent / "train_job.py")
 ROOT = Path(__file__).parent.parent

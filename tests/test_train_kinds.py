@@ -1,4 +1,4 @@
-"""Every model kind the recipe trains (`mmlit.recipe.MODEL_KINDS`): `mmlit config KIND` prints a config that reads back
+"""Every model kind the recipe trains (`mmlit.kinds.MODEL_KINDS`): `mmlit config KIND` prints a config that reads back
 as the recipe's typed config and that `mmlit train` runs; gradient checkpointing gives the loss and gradients of the
 step without it and really recomputes; bf16 autocast on CPU trains each kind close to fp32 and resumes bit for bit."""
 import contextlib, copy, io, json, os, subprocess, sys
@@ -13,8 +13,9 @@ from torch import nn
 from mmlit.cli import main
 from mmlit.core import ConfigError, config_from_dict, config_to_dict
 from mmlit.demo import build_demo_parquet, corpus_documents
-from mmlit.recipe import MODEL_KINDS, ModelSpec, RunConfig, build_model, build_run, example_config, split_by_group
-from mmlit.train import enable_gradient_checkpointing, load_config
+from mmlit.recipe import RunConfig, build_run, example_config, split_by_group
+from mmlit.kinds import MODEL_KINDS, ModelSpec, build_model
+from mmlit.step import enable_gradient_checkpointing, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = [k for k in MODEL_KINDS if k != "aligner"]   # the aligner needs a trained dual encoder run: tests/test_aligner.py

@@ -8,7 +8,8 @@ import skimage.data
 import torch
 
 from mmlit.core import BadRecordError, MissingExtraError, np_rng
-from mmlit.preprocess import Qwen2VLPatcher, VideoPreprocessor, image_preset, load_frames, sample_frame_indices
+from mmlit.preprocess import image_preset
+from mmlit.patches import Qwen2VLPatcher, VideoPreprocessor, load_frames, sample_frame_indices
 
 N_FRAMES, H, W = 24, 96, 128
 

@@ -9,7 +9,8 @@ from torch import nn
 
 from mmlit.core import Stream, config_from_dict, derive_seed, torch_rng
 from mmlit.loader import LoaderConfig, make_loader
-from mmlit.train import Trainer, TrainConfig
+from mmlit.train import Trainer
+from mmlit.step import TrainConfig
 
 
 class Regress(nn.Module):
@@ -55,7 +56,7 @@ def merge(a: dict, b: dict) -> dict:
 
 
 def build(run_dir, overrides: dict | None = None, batch_size: int = 4, dropout: float = 0.1, num_workers: int = 0) -> Trainer:
-    from mmlit.train import setup_distributed
+    from mmlit.step import setup_distributed
     setup_distributed()                                    # under torchrun: before the loaders, so they shard
     cfg = config_from_dict(TrainConfig, merge(default_config(run_dir), overrides or {}))
     torch.manual_seed(derive_seed(0, 0, 0, Stream.MODEL_INIT))
