@@ -39,9 +39,9 @@ groups): every batch travels through a fresh shared-memory file (the worker's co
 4.8 MB into new pages: ~2.5 ms a batch against ~0.4 ms into reused memory, plus passing the file
 descriptor, ~1 ms a batch between worker and main process); the main process itself spends
 ~0.9 ms a batch, as a plain DataLoader's does; and, reading in order, consecutive batches went
-to different workers, so each worker read and decompressed every row group (~10 ms of CPU per
-128-row group per worker). The loader now hands the steps that share a row group to one worker
-(`task_steps`), so each row group is read once; the shared-memory transfer is what every
+to different workers, so each worker would read and decompress every row group (~10 ms of CPU
+per 128-row group per worker): the loader hands the steps that share a row group to one worker
+(`task_steps`), so each row group is read once. The shared-memory transfer is what every
 DataLoader-based loader pays (the HF hand-tuned baseline at 2 workers included).
 
 A last section reads the same photos from WebDataset tar shards (4 shards written by the
