@@ -285,7 +285,7 @@ class SkipAwareCollate:
 
 # %% ../nbs/04_loader.ipynb #3862820b
 def task_steps(blocks: Sequence[int] | None, batch_size: int, world_size: int = 1, num_workers: int = 0,
-               shuffle: bool = False, limit: int = 8) -> int:
+               shuffle: bool = False, limit: int = 4) -> int:
     "Consecutive steps per worker task: those that share a block when reading in order with 2+ workers (at most `limit`), else 1."
     if num_workers < 2 or shuffle or blocks is None or not len(blocks): return 1
     return int(min(max(int(np.median(blocks)) // (batch_size * world_size), 1), limit))
