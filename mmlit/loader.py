@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_in
 
 # %% auto #0
 __all__ = ['RANK_SPLITS', 'LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'kept_positions', 'rank_steps',
-           'ShardedBatchSampler', 'TimedTransform', 'Samples', 'StepFetcher', 'Delivery', 'SkipAwareCollate',
-           'WorkerSeeder', 'resolve_collate', 'rank_and_world_size', 'data_fingerprint', 'LoaderTimings',
-           'ResumableLoader', 'make_loader', 'LoaderProfile', 'profile_loader']
+           'ShardedBatchSampler', 'TimedTransform', 'Samples', 'StepGroup', 'StepFetcher', 'Delivery',
+           'SkipAwareCollate', 'task_steps', 'GroupedSteps', 'GroupCollate', 'WorkerSeeder', 'resolve_collate',
+           'rank_and_world_size', 'data_fingerprint', 'LoaderTimings', 'ResumableLoader', 'make_loader',
+           'LoaderProfile', 'profile_loader']
 
 # %% ../nbs/04_loader.ipynb #0f9446e5
 from .core import ConfigError, Stream, TooManyBadRecords, config_from_dict, derive_seed
@@ -216,6 +217,9 @@ class Samples(list):
     preprocess_s: float = 0.0
     began: float = 0.0
 
+class StepGroup(tuple):
+    "Consecutive `Step`s that one worker fetches and collates together: one task of the `DataLoader`."
+
 # %% ../nbs/04_loader.ipynb #3bce5bcb
 class StepFetcher(Dataset):
     "The `DataLoader`'s view of a dataset: fetches a whole `Step` at its epoch and times it."
@@ -231,8 +235,9 @@ class StepFetcher(Dataset):
 
 # %% ../nbs/04_loader.ipynb #8085dc81
 @patch
-def __getitems__(self: StepFetcher, step: Step) -> Samples:
-    "The samples of `step`, at its epoch, in step order (a `DeterministicDataset`'s fetched in index order), timed."
+def __getitems__(self: StepFetcher, step: Step | StepGroup) -> Samples | list[Samples]:
+    "The samples of `step`, at its epoch, in step order (a `DeterministicDataset`'s fetched in index order), timed; of each step of a `StepGroup`."
+    if isinstance(step, StepGroup): return [self.__getitems__(s) for s in step]
     if hasattr(self.dataset, "set_epoch") and getattr(self.dataset, "epoch", None) != step.epoch:
         self.dataset.set_epoch(step.epoch)
     pre0, t0 = self.timer.seconds if self.timer else 0.0, time.perf_counter()
@@ -274,6 +279,26 @@ class SkipAwareCollate:
                      io=io_stats.take(),                   # object-storage requests, bytes and retries since the last batch
                      indices=kept if step is not None else None)   # the dataset indices of the batch's samples, in order
         return Delivery(batch, bad, stats)
+
+# %% ../nbs/04_loader.ipynb #3862820b
+def task_steps(blocks: Sequence[int] | None, batch_size: int, world_size: int = 1, num_workers: int = 0,
+               shuffle: bool = False, limit: int = 4) -> int:
+    "Consecutive steps per worker task: those that share a block when reading in order with 2+ workers (at most `limit`), else 1."
+    if num_workers < 2 or shuffle or blocks is None or not len(blocks): return 1
+    return int(min(max(int(np.median(blocks)) // (batch_size * world_size), 1), limit))
+
+class GroupedSteps(torch.utils.data.Sampler):
+    "A `ShardedBatchSampler`'s steps in `StepGroup`s of `size` consecutive steps."
+    def __init__(self, sampler: ShardedBatchSampler, size: int): self.sampler, self.size = sampler, size
+    def __iter__(self) -> Iterator[StepGroup]:
+        steps = self.sampler.steps()
+        return (StepGroup(steps[a:a + self.size]) for a in range(0, len(steps), self.size))
+    def __len__(self) -> int: return -(-len(self.sampler) // self.size)
+
+class GroupCollate:
+    "Collate each step of a `StepGroup`'s samples with a `SkipAwareCollate`: one `Delivery` per step, in step order."
+    def __init__(self, collate_fn: SkipAwareCollate): self.collate_fn = collate_fn
+    def __call__(self, groups: list) -> list[Delivery]: return [self.collate_fn(s) for s in groups]
 
 # %% ../nbs/04_loader.ipynb #edbcd7a0
 class WorkerSeeder:
@@ -395,10 +420,13 @@ class ResumableLoader:
             raise ConfigError(f"{len(self.dataset)} samples make no whole step of {self.world_size} x {cfg.batch_size} "
                               "with drop_last; lower batch_size or set drop_last=False")
         self.collate_fn = SkipAwareCollate(resolve_collate(collate if collate is not None else cfg.collate, **(collate_options or {})))
-        w = cfg.num_workers > 0
+        w, g = cfg.num_workers > 0, task_steps(getattr(self.dataset, "blocks", None), cfg.batch_size, self.world_size,
+                                              cfg.num_workers, cfg.shuffle)
+        self.task_steps = g                               # consecutive steps per worker task (see `task_steps`)
         self.dataloader = DataLoader(
-            StepFetcher(self.dataset), batch_sampler=self.sampler, collate_fn=self.collate_fn,
-            num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, prefetch_factor=cfg.prefetch_factor if w else None,
+            StepFetcher(self.dataset), batch_sampler=GroupedSteps(self.sampler, g) if g > 1 else self.sampler,
+            collate_fn=GroupCollate(self.collate_fn) if g > 1 else self.collate_fn, num_workers=cfg.num_workers,
+            pin_memory=cfg.pin_memory, prefetch_factor=max(cfg.prefetch_factor // g, 1) if w else None,
             persistent_workers=cfg.persistent_workers, worker_init_fn=WorkerSeeder(cfg.seed) if w else None,
             generator=torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 0, Stream.WORKER)))
         self.epoch, self.position = 0, 0
@@ -452,6 +480,10 @@ def set_epoch(self: ResumableLoader, epoch: int):
     if int(epoch) != self.epoch: self.epoch, self.position = int(epoch), 0
 
 # %% ../nbs/04_loader.ipynb #9d8cabcb
+def _deliveries(tasks: Iterable) -> Iterator[Delivery]:
+    "The `Delivery` of each step: a task's own, or each of a grouped task's."
+    for t in tasks: yield from (t if isinstance(t, list) else (t,))
+
 @patch
 def __iter__(self: ResumableLoader) -> Iterator:
     "The batches of the current epoch from the current position; the position follows each batch handed out."
@@ -460,7 +492,7 @@ def __iter__(self: ResumableLoader) -> Iterator:
     self.sampler.seek(epoch, self.position)
     ends = [s.end for s in self.sampler.steps()]
     if hasattr(self.dataset, "set_epoch"): self.dataset.set_epoch(epoch)
-    for k, d in enumerate(self.dataloader):
+    for k, d in enumerate(_deliveries(self.dataloader)):
         if self.report.extend(d.bad): self._check_bad()
         self.timings.add(d.stats)
         self.io.add(d.stats.get("io"))

@@ -142,6 +142,27 @@ def test_a_step_reads_each_of_its_row_groups_once(files, reference, monkeypatch)
     groups = [len({i // 7 for i in s.indices}) for e in range(2) for s in rank_steps(N, 4, seed=3, epoch=e)]  # 7 rows a group
     assert len(reads) <= sum(groups) < 2 * N            # in step order (one group cached) it is 49 reads
 
+def test_in_order_workers_read_each_row_group_once(tmp_path, monkeypatch):
+    "Read in order, the steps that share a row group make one worker task: 2 workers read each row group once, same batches, exact resume."
+    rng = np.random.default_rng(5)
+    path = write_parquet(tmp_path / "aligned.parquet", [f"photo {i}" for i in range(32)], [_png(rng) for _ in range(32)],
+                         struct_images=False, row_group_size=8)   # 4 row groups of 8 rows: 4 steps of 2 each
+    ref = run(loader(path, batch_size=2, train=False), 2)
+    log, real = tmp_path / "reads.log", pq.ParquetFile.read_row_group
+    def logged(self, i, **k):                           # in the workers too (forked), so the log is a file
+        with open(log, "a") as f: f.write(f"{i}\n")
+        return real(self, i, **k)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", logged)
+    two = loader(path, batch_size=2, train=False, num_workers=2)
+    assert two.task_steps == 4
+    assert run(two, 2) == ref
+    assert sorted(map(int, log.read_text().split())) == [0, 0, 1, 1, 2, 2, 3, 3]   # once per epoch, not once per worker
+    a = loader(path, batch_size=2, train=False, num_workers=2)
+    got = run(a, 2, limit=5)                            # stopped inside a task of 4 steps
+    b = loader(path, batch_size=2, train=False, num_workers=2); b.load_state_dict(a.state_dict())
+    assert a.state_dict()["position"] == 10 and got + run(b, 2) == ref
+
+
 def _steps(loaders, steps: int) -> list[list]:
     "Lock-stepped ranks' samples, step by step: the global steps (each rank's share, rank after rank)."
     def epochs(l):
