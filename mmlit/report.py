@@ -353,7 +353,7 @@ def caption_answer(text: str | None, truth: Mapping, where: Mapping | None = Non
     scores = {k: s for k, s in caption_fields([text], [truth]).items() if k in named}
     marks = {k: s.value == 1.0 for k, s in scores.items()}
     return dict(task="caption", prompt=CAPTION_PROMPT, truth=truth["caption"], answer=text, marks=marks,
-                right=bool(marks) and all(marks.values()), malformed=any(s.malformed for s in scores.values()), where=where)
+                right=bool(marks) and all(marks.values()), malformed=all(s.malformed for s in scores.values()), where=where)
 
 # %% ../nbs/07a_report.ipynb #8903cf3c
 def _prompt(messages: Sequence[Mapping]) -> str:
@@ -403,16 +403,18 @@ def _answer_mark(a: Mapping) -> Raw:
                                        for k, v in marks.items()) + "</ul>")
 
 # %% ../nbs/07a_report.ipynb #7b868729
-def _answer_thumb(a: Mapping, max_side: int = 96) -> Raw | str:
-    "The answer's image; for a pointing answer with the true points (green rings) and the generated ones (red crosses) drawn on it."
+def _answer_thumb(a: Mapping, side: int = 96) -> Raw | str:
+    "The answer's image at `side` pixels; a pointing answer's with the true points (green rings) and the generated ones (red crosses)."
     from PIL import ImageDraw
     from mmlit.generate import parse_points
-    if a.get("task") != "pointing" or not a.get("where"): return _thumb(a.get("where"))
-    im, how = bad_record_image(a["where"], max_side=max_side)
+    if not a.get("where"): return "no record named"
+    im, how = bad_record_image(a["where"], max_side=side)
     if im is None: return how
-    d, (w, h), r = ImageDraw.Draw(im), im.size, max(3, max_side // 24)
-    for x, y in parse_points(a["truth"]) or []: d.ellipse((x * w - r, y * h - r, x * w + r, y * h + r), outline=(40, 220, 80), width=2)
-    for x, y in parse_points(a["answer"]) or []:
+    if max(im.size) < side: im = im.resize((im.width * side // max(im.size), im.height * side // max(im.size)), Image.NEAREST)
+    d, (w, h), r = ImageDraw.Draw(im), im.size, max(3, side // 24)
+    for x, y in (parse_points(a["truth"]) or []) if a.get("task") == "pointing" else []:
+        d.ellipse((x * w - r, y * h - r, x * w + r, y * h + r), outline=(40, 220, 80), width=2)
+    for x, y in (parse_points(a["answer"]) or []) if a.get("task") == "pointing" else []:
         d.line((x * w - r, y * h - r, x * w + r, y * h + r), fill=(255, 40, 40), width=2); d.line((x * w - r, y * h + r, x * w + r, y * h - r), fill=(255, 40, 40), width=2)
     return Raw(f'<img alt="sample image" src="{png_data_uri(im)}">')
 
