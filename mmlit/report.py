@@ -455,7 +455,7 @@ pre {{ background: #fff; padding: 10px; border: 1px solid #d5dbe1; overflow-x: a
 .kv div {{ display: flex; justify-content: space-between; gap: 10px; border-bottom: 1px dotted #e1e5ea; }}
 .kv .k {{ color: #4a5560; }} .kv .v {{ font-variant-numeric: tabular-nums; }}
 details {{ margin: 22px 0 0; }} details > summary {{ cursor: pointer; font-size: 1.15em; font-weight: 600; }}
-td ol {{ margin: 0; padding-left: 20px; }} .ok {{ color: #1a7f37; }} .bad {{ color: #b42318; }} td ul {{ margin: 2px 0 0; padding-left: 16px; }} .sim {{ color: #7a8590; }}
+td ol {{ margin: 0; padding-left: 20px; }} .ok {{ color: #1a7f37; }} .bad {{ color: #b42318; }} td ul {{ margin: 2px 0 0; padding-left: 16px; white-space: nowrap; }} .sim {{ color: #7a8590; }}
 """
 
 # %% ../nbs/07a_report.ipynb #4a396a10
