@@ -144,11 +144,9 @@ def cmd_demo(args) -> int:
         elif task == "vlm": summary = run_vlm_demo(run_dir, epochs=args.epochs, progress=args.progress)
         else: summary = run_demo(run_dir, epochs=args.epochs or 50, progress=args.progress)
     except MmlitError as e: return (print(f"mmlit demo: error: {e}", file=sys.stderr), 2)[1]
-    if task == "caption": print(format_caption_summary(summary))
-    elif task == "vlm": print(format_vlm_summary(summary))
-    else:
-        print(format_summary(summary))
-        if (report := _write_plots(run_dir)) is not None: print(f"  report: {report}")
+    print({"caption": format_caption_summary, "vlm": format_vlm_summary}.get(task, format_summary)(summary))
+    if summary.get("retrieval_seconds"): print(f"  retrieval demo report: {_write_plots(args.encoder_run)}")   # trained first
+    print(f"  report: {_write_plots(run_dir)}")
     print(f"  run directory: {run_dir}")
     return _interrupted(summary)
 

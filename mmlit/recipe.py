@@ -398,6 +398,7 @@ def run_caption_demo(run_dir: str | Path = "runs/caption", encoder_run: str | Pa
     "Train the retrieval demo if `encoder_run` has not finished, then the aligner; held-out scores of its generated captions."
     from mmlit.checkpoint import atomic_write_text
     from mmlit.generate import caption_scores, generate
+    from mmlit.report import caption_answer, write_answers
     retrieval = None
     if not (Path(encoder_run) / "summary.json").is_file(): retrieval = run_demo(encoder_run, progress=progress)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -411,8 +412,8 @@ def run_caption_demo(run_dir: str | Path = "runs/caption", encoder_run: str | Pa
     if texts:
         truths = caption_truths(cfg.data["val_data"])
         summary["captions"] = {k: v.as_dict() for k, v in caption_scores(texts, truths).items()}
-        lines = [json.dumps({"index": i, "generated": g, "caption": t["caption"]}) for i, (g, t) in enumerate(zip(texts, truths))]
-        atomic_write_text(Path(run_dir) / "captions.jsonl", "\n".join(lines) + "\n")
+        val = os.path.abspath(cfg.data["val_data"])
+        write_answers(run_dir, [caption_answer(g, t, {"file": val, "index": i, "unit": "row"}) for i, (g, t) in enumerate(zip(texts, truths))])
     summary["seconds"].update(wall=round(time.perf_counter() - t0, 2), cpu=round(time.process_time() - c0, 2))
     if retrieval is not None: summary["retrieval_seconds"] = retrieval["seconds"]
     atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=1))
@@ -453,7 +454,9 @@ def vlm_demo_config(run_dir: str | Path = "runs/vlm_demo", root: str | Path | No
 def run_vlm_demo(run_dir: str | Path = "runs/vlm_demo", epochs: int | None = None, progress: bool | None = None,
                  max_records: int | None = None) -> dict:
     "Train the tiny VLM on the demo's scenes (CPU), then score its generated answers on unseen handwriting; returns the summary."
+    import pyarrow.parquet as pq
     from mmlit.checkpoint import atomic_write_text
+    from mmlit.report import task_answer, write_answers
     from mmlit.vlm import task_answers, task_metrics
     t0 = time.perf_counter()
     cfg = vlm_demo_config(run_dir, epochs=epochs)
@@ -466,7 +469,12 @@ def run_vlm_demo(run_dir: str | Path = "runs/vlm_demo", epochs: int | None = Non
     summary["generation"] = {k: v.as_dict() for k, v in task_metrics(texts, rows).items()}
     summary["seconds"].update(generate=round(time.perf_counter() - t1, 2), wall=round(time.perf_counter() - t0, 2))
     summary["examples"] = [dict(task=r["task"], truth=r["text"], answer=t) for t, r in list(zip(texts, rows))[:8]]
-    if run.trainer.main: atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=1))
+    if run.trainer.main:
+        val = os.path.abspath(cfg.data["val_data"])
+        prompts = pq.read_table(val, columns=["messages"])["messages"].to_pylist()
+        write_answers(run_dir, [task_answer(t, {**r, "messages": m}, {"file": val, "index": i, "unit": "row"})
+                                for i, (t, r, m) in enumerate(zip(texts, rows, prompts))])
+        atomic_write_text(Path(run_dir) / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 # %% ../nbs/80_recipe.ipynb #2fe484ba

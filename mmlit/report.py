@@ -25,10 +25,11 @@ from PIL import Image, ImageFile
 from .core import BadRecordError, MmlitError, redact
 
 # %% auto #0
-__all__ = ['TEXT_COLUMNS', 'REGIONS', 'REPORT_FILES', 'PLOT_BORDER', 'read_bad_records', 'record_caption', 'bad_record_image',
-           'plot_bad_records', 'spike_samples', 'dataset_map', 'plot_dataset_map', 'retrieval_failures',
-           'summary_metrics', 'headline_rows', 'recall_table', 'png_data_uri', 'Raw', 'html_pairs', 'html_table',
-           'write_report']
+__all__ = ['TEXT_COLUMNS', 'REGIONS', 'REPORT_FILES', 'PLOT_BORDER', 'ANSWERS_FILE', 'CAPTION_PROMPT', 'read_bad_records',
+           'record_caption', 'bad_record_image', 'plot_bad_records', 'spike_samples', 'dataset_map', 'plot_dataset_map',
+           'retrieval_failures', 'summary_metrics', 'headline_rows', 'recall_table', 'png_data_uri', 'Raw',
+           'html_pairs', 'html_table', 'caption_answer', 'task_answer', 'write_answers', 'read_answers',
+           'generation_table', 'write_report']
 
 # %% ../nbs/07a_report.ipynb #8f8d0149
 from .storage import NotRegularFile, open_local, path_in_root
@@ -341,6 +342,97 @@ def _failures_section(emb: dict | None, no_emb: str, n: int = 8) -> str:
     note = "" if fails[0]["where"] else "<p>This run's eval_embeddings.npz does not name its records, so no images are shown.</p>"
     return head + note + html_table(rows, ["#", "image", "its caption", "top 3 retrieved"])
 
+# %% ../nbs/07a_report.ipynb #7debf8b3
+ANSWERS_FILE = "answers.jsonl"
+CAPTION_PROMPT = "(none: the caption is written from the image alone)"
+
+def caption_answer(text: str | None, truth: Mapping, where: Mapping | None = None) -> dict:
+    "A generated caption beside the true one, marked on each field that caption names (`mmlit.generate.caption_fields`); right when all are."
+    from mmlit.generate import caption_fields, parse_caption
+    named = {k for k, v in parse_caption(truth["caption"]).items() if v is not None}
+    scores = {k: s for k, s in caption_fields([text], [truth]).items() if k in named}
+    marks = {k: s.value == 1.0 for k, s in scores.items()}
+    return dict(task="caption", prompt=CAPTION_PROMPT, truth=truth["caption"], answer=text, marks=marks,
+                right=bool(marks) and all(marks.values()), malformed=all(s.malformed for s in scores.values()), where=where)
+
+# %% ../nbs/07a_report.ipynb #8903cf3c
+def _prompt(messages: Sequence[Mapping]) -> str:
+    "The last user turn of a conversation: what the model answered."
+    return next((m["content"] for m in reversed(list(messages)) if m["role"] == "user"), "")
+
+def task_answer(text: str | None, row: Mapping, where: Mapping | None = None) -> dict:
+    "A generated VLM answer beside its record's prompt and truth, marked by its task's metric (`mmlit.vlm.task_metrics`)."
+    from mmlit.vlm import TASK_METRICS, task_metrics
+    if row.get("task") not in TASK_METRICS: raise MmlitError(f"task {row.get('task')!r}: no metric scores it (known: {sorted(TASK_METRICS)})")
+    (name, s), = task_metrics([text], [row]).items()
+    return dict(task=row["task"], prompt=_prompt(row["messages"]), truth=row["text"], answer=text, marks={name: s.value == 1.0},
+                right=s.value == 1.0, malformed=bool(s.malformed), where=where)
+
+# %% ../nbs/07a_report.ipynb #6b19c869
+def write_answers(run_dir: str | Path, answers: Iterable[Mapping]) -> Path:
+    "Write generated answers (`caption_answer` / `task_answer` dicts) to the run's `answers.jsonl`, one a line."
+    return replace_file(Path(run_dir) / ANSWERS_FILE, "".join(json.dumps(dict(a)) + "\n" for a in answers))
+
+def read_answers(run_dir: str | Path) -> list[dict] | None:
+    "The run's generated answers (`answers.jsonl`), or None when it has none; a line that does not parse is an error naming it."
+    p = Path(run_dir) / ANSWERS_FILE
+    if not p.is_file(): return None
+    out = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        try: a = json.loads(line)
+        except json.JSONDecodeError as e: raise RunDirError(f"{p} line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(a, dict) or not {"task", "prompt", "truth", "answer", "right"} <= set(a):
+            raise RunDirError(f"{p} line {n}: an answer needs task, prompt, truth, answer and right")
+        out.append(a)
+    return out
+
+# %% ../nbs/07a_report.ipynb #61284ffb
+def generation_table(summary: Mapping) -> list[tuple]:
+    "The held-out scores from generated text in a summary (its `captions` or `generation`): metric, score, answers, unreadable."
+    return [(name, s["value"], s.get("n"), s.get("malformed")) for key in ("captions", "generation")
+            for name, s in (summary.get(key) or {}).items()]
+
+# %% ../nbs/07a_report.ipynb #9c7f9d6a
+def _answer_mark(a: Mapping) -> Raw:
+    "✓ right or ✗ wrong (and unreadable), with each field's mark when the metric has several."
+    ok = bool(a["right"])
+    head = f'<span class="{"ok" if ok else "bad"}">{"✓ right" if ok else "✗ wrong"}{" (unreadable)" if a.get("malformed") else ""}</span>'
+    marks = a.get("marks") or {}
+    if len(marks) < 2: return Raw(head)
+    return Raw(head + "<ul>" + "".join(f'<li class="{"ok" if v else "bad"}">{"✓" if v else "✗"} {html.escape(k)}</li>'
+                                       for k, v in marks.items()) + "</ul>")
+
+# %% ../nbs/07a_report.ipynb #7b868729
+def _answer_thumb(a: Mapping, side: int = 96) -> Raw | str:
+    "The answer's image at `side` pixels; a pointing answer's with the true points (green rings) and the generated ones (red crosses)."
+    from PIL import ImageDraw
+    from mmlit.generate import parse_points
+    if not a.get("where"): return "no record named"
+    im, how = bad_record_image(a["where"], max_side=side)
+    if im is None: return how
+    if max(im.size) < side: im = im.resize((im.width * side // max(im.size), im.height * side // max(im.size)), Image.NEAREST)
+    d, (w, h), r = ImageDraw.Draw(im), im.size, max(3, side // 24)
+    for x, y in (parse_points(a["truth"]) or []) if a.get("task") == "pointing" else []:
+        d.ellipse((x * w - r, y * h - r, x * w + r, y * h + r), outline=(40, 220, 80), width=2)
+    for x, y in (parse_points(a["answer"]) or []) if a.get("task") == "pointing" else []:
+        d.line((x * w - r, y * h - r, x * w + r, y * h + r), fill=(255, 40, 40), width=2); d.line((x * w - r, y * h + r, x * w + r, y * h - r), fill=(255, 40, 40), width=2)
+    return Raw(f'<img alt="sample image" src="{png_data_uri(im)}">')
+
+# %% ../nbs/07a_report.ipynb #89093602
+def _answers_section(answers: list[dict], summary: Mapping, per_task: int = 4) -> str:
+    "The scores from generated text; per task, up to `per_task` wrong and `per_task` right answers beside image, prompt and truth."
+    table = generation_table(summary)
+    parts = [html_table(table, ["metric", "score", "answers", "unreadable"]) if table else "<p>The summary holds no scores from generated text.</p>"]
+    for task in dict.fromkeys(a["task"] for a in answers):
+        got = [(i, a) for i, a in enumerate(answers) if a["task"] == task]
+        right = [x for x in got if x[1]["right"]]
+        shown = sorted([x for x in got if not x[1]["right"]][:per_task] + right[:per_task], key=lambda x: x[0])
+        parts.append(f"<h3>{html.escape(task)}: {len(right)} of {len(got)} right</h3>")
+        rows = [[(a.get("where") or {}).get("index", i), _answer_thumb(a), a["prompt"], a["truth"],
+                 "(the record was skipped)" if a["answer"] is None else a["answer"], _answer_mark(a)] for i, a in shown]
+        parts.append(html_table(rows, ["row", "image", "prompt", "truth", "generated answer", "mark"]))
+    return "".join(parts)
+
 # %% ../nbs/07a_report.ipynb #3a002178
 _CSS = f"""
 body {{ font-family: system-ui, sans-serif; margin: 0; background: #eef1f5; color: #1d232a; }}
@@ -363,7 +455,7 @@ pre {{ background: #fff; padding: 10px; border: 1px solid #d5dbe1; overflow-x: a
 .kv div {{ display: flex; justify-content: space-between; gap: 10px; border-bottom: 1px dotted #e1e5ea; }}
 .kv .k {{ color: #4a5560; }} .kv .v {{ font-variant-numeric: tabular-nums; }}
 details {{ margin: 22px 0 0; }} details > summary {{ cursor: pointer; font-size: 1.15em; font-weight: 600; }}
-td ol {{ margin: 0; padding-left: 20px; }} li.ok {{ color: #1a7f37; }} li.bad {{ color: #b42318; }} .sim {{ color: #7a8590; }}
+td ol {{ margin: 0; padding-left: 20px; }} .ok {{ color: #1a7f37; }} .bad {{ color: #b42318; }} td ul {{ margin: 2px 0 0; padding-left: 16px; white-space: nowrap; }} .sim {{ color: #7a8590; }}
 """
 
 # %% ../nbs/07a_report.ipynb #4a396a10
@@ -406,6 +498,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: in
     bads = read_bad_records(f["loader_report.json"])
     config = redact(read_run_file(f["config.yaml"]))
     emb, no_emb = _run_embeddings(run_dir)
+    answers = read_answers(run_dir)
     ledger, no_ledger = _run_ledger(run_dir)
     pngs = save_run_plots(run_dir, seed=seed, embeddings=emb is not None)     # the PNGs land in the run directory too
     wide = lambda p: Image.open(p).size[0] > 2 * Image.open(p).size[1]        # several panels: the full row
@@ -418,8 +511,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: in
     last_rows = [(c, last_val[c].iloc[0]) for c in ["step"] + val_cols if pd.notna(last_val[c].iloc[0])] if len(last_val) else []
     headline = headline_rows(summary)
     rt = recall_table(summary)
-    recall_html = (html_table(rt.itertuples(index=False), rt.columns) if len(rt) else
-                   "<p>No recall figures in this run's summary (no held-out evaluation).</p>")
+    recall_html = (f'<h3>Recall by Matryoshka dimension</h3><div class="scroll">{html_table(rt.itertuples(index=False), rt.columns)}</div>'
+                   if len(rt) else "" if answers is not None else "<p>No recall figures in this run's summary (no held-out evaluation).</p>")
     dmap_html, _ = _dataset_map_section(ledger, no_ledger, run_dir / "dataset_map.png")
     steps = m["step"]
     page = f"""<!DOCTYPE html>
@@ -430,8 +523,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: in
 <p class="sub">{html.escape(str(run_dir.resolve()))} · {len(m)} metric rows, steps {steps.min():.0f}–{steps.max():.0f}</p>
 <h2 id="result">Result</h2>
 {html_table(headline) if headline else "<p>The summary holds no headline figures.</p>"}
-<h3>Recall by Matryoshka dimension</h3>
-<div class="scroll">{recall_html}</div>
+{recall_html}
+{"" if answers is None else '<h2 id="answers">Generated answers</h2>' + _answers_section(answers, summary)}
 <h2 id="failures">Where the model fails</h2>
 {_failures_section(emb, no_emb)}
 <h2 id="plots">Plots</h2>

@@ -9,40 +9,23 @@ import yaml
 
 from mmlit.checkpoint import WEIGHTS, CheckpointManager, safetensors_header
 from mmlit.core import ConfigError
-from mmlit.demo import build_demo_parquet
-from mmlit.recipe import build_run, split_by_group
+from mmlit.recipe import build_run
 from mmlit.kinds import ModelSpec, model_config
+
+from conftest import tiny_aligner_config
 
 ROOT = Path(__file__).parent.parent
 JOB = str(Path(__file__).parent / "recipe_job.py")
-IMAGES = dict(size=32, uint8=True, flip=0.0, jitter=0.0)
 
 
-@pytest.fixture(scope="module")
-def encoder_run(tmp_path_factory):
-    "A dual encoder trained for 2 steps on 96 demo pairs: the run directory an aligner starts from."
-    d = tmp_path_factory.mktemp("aligner")
-    train, val = split_by_group(build_demo_parquet(d / "demo.parquet", n=96, image_size=32)[0], "digit_index", 0.25, d / "split")
-    run = build_run({"run_dir": str(d / "encoder"), "threads": 1, "log": {"progress": False},
-                     "data": {"data": str(train), "val_data": str(val), "preprocessor": "clip", "preprocessor_options": IMAGES,
-                              "tokenizer": {"train": {"vocab_size": 300}, "save_dir": str(d / "encoder" / "tokenizer")},
-                              "max_length": 32, "loader": {"batch_size": 16}},
-                     "model": {"kind": "dual_encoder", "preset": "tiny"}, "schedule": {"max_steps": 2},
-                     "eval": {"at_epoch_end": False}})
-    run.fit()
-    return dict(dir=d, run=d / "encoder", train=train, val=val)
+@pytest.fixture
+def encoder_run(dual_encoder_run):
+    "A dual encoder trained for 2 steps on 96 demo pairs (`conftest.dual_encoder_run`): the run directory an aligner starts from."
+    return dual_encoder_run
 
 
 def _aligner(run_dir, w, steps: int = 8) -> dict:
-    return {"run_dir": str(run_dir), "threads": 1, "seed": 0, "log": {"progress": False},
-            "data": {"data": str(w["train"]), "val_data": str(w["val"]), "preprocessor": "clip", "preprocessor_options": IMAGES,
-                     "tokenizer": {"train": {"vocab_size": 300}, "save_dir": str(Path(run_dir) / "tokenizer")},
-                     "max_length": 32, "loader": {"batch_size": 8, "num_workers": 0}},
-            "model": {"kind": "aligner", "options": {"encoder_run": str(w["run"]), "prefix_tokens": 2,
-                                                     "lm": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
-                                                            "num_key_value_heads": 1}}},
-            "optim": {"lr": 1e-3}, "schedule": {"max_steps": steps}, "checkpoint": {"every": 2, "keep": 10},
-            "eval": {"at_epoch_end": False}}
+    return tiny_aligner_config(run_dir, w["train"], w["val"], w["run"], steps)
 
 
 def _losses(run_dir) -> list[float]:

@@ -18,7 +18,7 @@ from mmlit.kinds import MODEL_KINDS, ModelSpec, build_model
 from mmlit.step import enable_gradient_checkpointing, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = [k for k in MODEL_KINDS if k != "aligner"]   # the aligner needs a trained dual encoder run: tests/test_aligner.py
+KINDS = list(MODEL_KINDS)   # the aligner starts from a trained dual encoder: conftest.dual_encoder_run
 
 
 def _env() -> dict:
@@ -41,7 +41,7 @@ def test_kinds_are_known():
 
 # ------------------------------------------------------------------ mmlit config KIND -> mmlit train
 @pytest.mark.parametrize("kind", KINDS)
-def test_printed_example_trains(tmp_path, kind):
+def test_printed_example_trains(tmp_path, kind, request):
     "Print, write, read back as `RunConfig` (as printed), then `mmlit train` it in a new process with 2 steps."
     run_dir = tmp_path / "run"
     rc, text, err = cli("config", kind, "--run-dir", run_dir)
@@ -54,6 +54,7 @@ def test_printed_example_trains(tmp_path, kind):
     small["schedule"] = {**small["schedule"], "max_steps": 2}                       # a few steps of the printed run
     small["eval"] = {**small["eval"], "every": None, "max_batches": 2}
     small["data"]["loader"] = {**small["data"]["loader"], "num_workers": 0}
+    if kind == "aligner": small["model"]["options"]["encoder_run"] = str(encoder_run(kind, request))
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(small, sort_keys=False))
     p = subprocess.run([sys.executable, "-m", "mmlit.cli", "train", "a.yaml", "--no-progress"], cwd=tmp_path, env=_env(),
                        capture_output=True, text=True, timeout=900)
@@ -83,9 +84,15 @@ def small_data(tmp_path_factory):
     return {"train": str(train), "val": str(val), "corpus": str(corpus)}
 
 
-def small_config(kind: str, run_dir, data: dict, **over) -> dict:
+def encoder_run(kind: str, request):
+    "The aligner's `model.options.encoder_run`: the session's tiny dual encoder run (built on first use); None for other kinds."
+    return request.getfixturevalue("dual_encoder_run")["run"] if kind == "aligner" else None
+
+
+def small_config(kind: str, run_dir, data: dict, encoder_run=None, **over) -> dict:
     "The kind's example run (its tokenizer, lengths, model) on a small copy of the demo data, batches of 8, 4 steps."
     c = config_to_dict(example_config(kind, run_dir))
+    if encoder_run is not None: c["model"]["options"]["encoder_run"] = str(encoder_run)
     d = c["data"]
     for k, v in (("data", data["corpus"] if kind == "causal_lm" else data["train"]), ("val_data", data["val"])):
         if k in d: d[k] = v
@@ -127,9 +134,9 @@ def _step(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradient_checkpointing_same_step_recomputed(tmp_path, small_data, kind):
+def test_gradient_checkpointing_same_step_recomputed(tmp_path, small_data, kind, request):
     "Every kind: the same loss, gradients and buffers with checkpointing, and each checkpointed block runs twice a step."
-    run = build_run(small_config(kind, tmp_path / "run", small_data))
+    run = build_run(small_config(kind, tmp_path / "run", small_data, encoder_run(kind, request)))
     batch = _batch(run)
     plain = run.model
     if kind == "dual_encoder": plain = build_model(ModelSpec(kind, options={"text": {**config_to_dict(plain.config)["text"], "num_hidden_layers": 1}}),
@@ -142,7 +149,9 @@ def test_gradient_checkpointing_same_step_recomputed(tmp_path, small_data, kind)
     calls, calls_c = _count_calls(plain, leaves), _count_calls(ckpt, leaves)
     loss, grads = _step(plain, batch)
     loss_c, grads_c = _step(ckpt, batch)
-    assert min(calls.values()) >= 1 and calls_c == {n: 2 * c for n, c in calls.items()}, (calls, calls_c)   # each forward recomputed
+    frozen = {n for n in leaves if not any(p.requires_grad for p in ckpt.get_submodule(n).parameters())}   # the aligner's encoder:
+    assert len(frozen) < len(leaves) and (kind == "aligner") == bool(frozen), frozen      # at the input end, no backward through it
+    assert min(calls.values()) >= 1 and calls_c == {n: c * (1 if n in frozen else 2) for n, c in calls.items()}, (calls, calls_c)   # each forward recomputed
     before, before_c = dict(calls), dict(calls_c)
     with torch.no_grad(): plain.eval()(**batch); ckpt.eval()(**batch)
     assert {n: calls_c[n] - before_c[n] for n in leaves} == {n: calls[n] - before[n] for n in leaves}   # evaluation: no recompute
@@ -172,10 +181,10 @@ def _losses(run_dir) -> list[float]:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_bf16_on_cpu_trains_close_to_fp32_and_resumes_exactly(tmp_path, small_data, kind):
-    fp32 = build_run(small_config(kind, tmp_path / "fp32", small_data, precision="fp32"))
+def test_bf16_on_cpu_trains_close_to_fp32_and_resumes_exactly(tmp_path, small_data, kind, request):
+    fp32 = build_run(small_config(kind, tmp_path / "fp32", small_data, encoder_run(kind, request), precision="fp32"))
     fp32.fit()
-    bf16 = build_run(small_config(kind, tmp_path / "bf16", small_data, precision="bf16"))
+    bf16 = build_run(small_config(kind, tmp_path / "bf16", small_data, encoder_run(kind, request), precision="bf16"))
     assert bf16.trainer.device.type == "cpu" and bf16.trainer.precision == "bf16"
     bf16.fit()
     ref, got = _losses(tmp_path / "fp32"), _losses(tmp_path / "bf16")
@@ -184,7 +193,7 @@ def test_bf16_on_cpu_trains_close_to_fp32_and_resumes_exactly(tmp_path, small_da
     assert got != ref                                                       # bf16 did run: not fp32's figures bit for bit
     assert all(np.isfinite(v) for k, v in bf16.trainer.last_eval.items()), bf16.trainer.last_eval
     # stopped after 2 steps, then resumed in a new build: the uninterrupted bf16 run, bit for bit
-    cfg = small_config(kind, tmp_path / "resumed", small_data, precision="bf16")
+    cfg = small_config(kind, tmp_path / "resumed", small_data, encoder_run(kind, request), precision="bf16")
     r = build_run(cfg).fit(steps=2)
     assert r.steps == 2 and r.interrupted
     again = build_run(cfg)
