@@ -184,9 +184,10 @@ def cmd_train(args) -> int:
 # %% ../nbs/90_cli.ipynb #385f8efe
 def add_run_commands(sub) -> None:
     "Add `demo` and `train` to the `mmlit` subcommands."
-    d = sub.add_parser("demo", help="train the tiny dual encoder on the bundled demo data (CPU) and print its held-out metrics",
-                       description="Build the bundled demo data, split it by handwriting, train the tiny dual encoder on CPU, "
-                                   "evaluate on digits written by unseen hands and print the metrics table.")
+    d = sub.add_parser("demo", help="train a tiny model on the bundled demo data (CPU), print its held-out metrics, write its report",
+                       description="Build the bundled demo data, split it by handwriting, train on CPU (the dual encoder; with --task, "
+                                   "the aligner or the VLM), evaluate on digits written by unseen hands, print the metrics table and "
+                                   "write report.html in the run directory.")
     d.add_argument("--task", choices=("retrieval", "caption", "vlm"), default="retrieval",
                    help="retrieval: the dual encoder (default); caption: an aligner that writes captions from its image embeddings; "
                         "vlm: a tiny Qwen2-VL that answers, points and counts, scored on its generated answers")
