@@ -274,16 +274,16 @@ def _vlm_example(paths: dict, run_dir: str) -> dict:
     from mmlit.demo import ensure_task_demo
     tasks = ensure_task_demo(Path(paths["root"]).parent)
     return dict(data=dict(data=str(tasks["train"]), val_data=str(tasks["val"]), preprocessor="vlm", max_length=192,
-                          preprocessor_options=dict(min_pixels=112 * 112, max_pixels=112 * 112),
+                          preprocessor_options=dict(min_pixels=56 * 56, max_pixels=56 * 56),
                           tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"),
                           loader=dict(batch_size=32, collate="packing"), collate_options=dict(max_length=1024)),
-                model=dict(kind="vlm", preset="tiny"), optim=dict(lr=2e-3, weight_decay=0.01),
+                model=dict(kind="vlm", preset="tiny"), optim=dict(lr=3e-3, weight_decay=0.01),
                 schedule=dict(epochs=2, warmup_ratio=0.05), eval=dict(every=250, max_batches=10), checkpoint=dict(keep=2))
 
 MODEL_KINDS.add("vlm", ModelKind(
     "a Qwen2-VL fine-tuned on conversations (caption, question answering, pointing, counting), loss on the assistant's turns",
     _vlm_config, _vlm, False, _vlm_example,
-    {"data.preprocessor_options.max_pixels": "112x112 images: 8x8 patches of 14 pixels, merged 2x2 into 16 image tokens",
+    {"data.preprocessor_options.max_pixels": "56x56 images: 4x4 patches of 14 pixels, merged 2x2 into 4 image tokens (one a quadrant)",
      "data.loader.collate": "samples packed into rows (mRoPE positions restart per sample); 'qwen2_vl' pads them instead",
      "data.collate_options.max_length": "tokens per packed row"}))
 
@@ -706,12 +706,18 @@ def example_config(kind: str, run_dir: str | Path | None = None, root: str | Pat
     return config_from_dict(RunConfig, {"run_dir": run_dir, **MODEL_KINDS.get(kind).example(demo_paths(root), run_dir)})
 
 # %% ../nbs/80_recipe.ipynb #ee7f4cf1
-def vlm_demo_config(run_dir: str | Path = "runs/vlm_demo", root: str | Path | None = None, epochs: int | None = None) -> RunConfig:
-    "The `mmlit demo --task vlm` run: the `vlm` example on the demo's scenes, CPU-sized (`epochs` overrides the example's)."
+def vlm_demo_config(run_dir: str | Path = "runs/vlm_demo", root: str | Path | None = None, epochs: int | None = None,
+                    warm_steps: int = 300) -> RunConfig:
+    "The `mmlit demo --task vlm` run: the `vlm` example on the demo's scenes, CPU-sized, from a warmed-up vision tower (`warm_steps`, 0: none) built into `run_dir`."
+    from mmlit.vlm import warm_vlm
     cfg = example_config("vlm", run_dir, root)
     cfg.data["loader"] = {**cfg.data["loader"], "num_workers": 1}
     if epochs is not None: cfg.schedule.epochs = epochs
     cfg.threads = 1
+    if warm_steps:
+        warm = warm_vlm(Path(run_dir) / "vision_warmup", cfg.data["data"], cfg.data["tokenizer"], cfg.model.preset or "tiny",
+                        steps=warm_steps, seed=cfg.seed, threads=cfg.threads, **cfg.data["preprocessor_options"])
+        cfg.model.pretrained, cfg.data["tokenizer"] = str(warm), str(warm)
     return cfg
 
 # %% ../nbs/80_recipe.ipynb #cda5d4f6
