@@ -113,7 +113,8 @@ def _token_dataset(path, patcher) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     Y = torch.stack(Y)
     return torch.stack(X), torch.where(Y < 0, Y.max() + 1, Y), torch.tensor(grids.pop())     # background: the last class
 
-def warm_vision(model, path, steps: int = 300, lr: float = 3e-3, batch_size: int = 64, seed: int = 0, **patch_options) -> dict:
+def warm_vision(model, path, steps: int = 300, lr: float = 3e-3, batch_size: int = 64, seed: int = 0, label_tokens: list[int] | None = None,
+                **patch_options) -> dict:
     "Train the vision tower of `model` (a Qwen2-VL `CausalLM`) to name the label (the `labels` column; one more class: none) under each merged token of the images of `path`."
     from mmlit.core import Stream, derive_seed
     from mmlit.model import seeded_init
@@ -121,6 +122,11 @@ def warm_vision(model, path, steps: int = 300, lr: float = 3e-3, batch_size: int
     X, Y, grid = _token_dataset(path, Qwen2VLPatcher(**patch_options))
     vis = model.model.model.visual
     with seeded_init(seed, 1): head = torch.nn.Linear(model.config.vision_config.hidden_size, int(Y.max()) + 1)
+    if label_tokens is not None:          # a label's class weights: its token's (fixed) word embedding; only "none" is learned
+        if len(label_tokens) != int(Y.max()): raise ConfigError(f"label_tokens: {len(label_tokens)} tokens for {int(Y.max())} labels")
+        words = model.model.get_input_embeddings().weight.detach()[torch.as_tensor(label_tokens)]
+        head.weight.data[:-1] = words / words.norm(dim=-1, keepdim=True)
+        head.weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:-1]), g[-1:]]))
     opt = torch.optim.AdamW([*vis.parameters(), *head.parameters()], lr=lr, weight_decay=0.01)
     per_epoch = max(1, len(X) // batch_size)
     vis.train()
@@ -132,17 +138,17 @@ def warm_vision(model, path, steps: int = 300, lr: float = 3e-3, batch_size: int
         loss = torch.nn.functional.cross_entropy(logits, Y[idx].flatten())
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     acc = float((logits.argmax(-1) == Y[idx].flatten()).float().mean())
-    return dict(steps=steps, images=len(X), loss=float(loss), token_acc=acc)
+    return dict(steps=steps, images=len(X), loss=float(loss.detach()), token_acc=acc)
 
 # %% ../nbs/05h_vlm.ipynb #da59fcef
 def warm_vlm(out_dir, path, tokenizer: dict | str, preset: str = "tiny", steps: int = 300, lr: float = 3e-3, batch_size: int = 64,
-             seed: int = 0, threads: int | None = None, **patch_options) -> Path:
-    "A `preset` VLM with a warmed-up vision tower (`warm_vision` on `path`) and its tokenizer, saved to `out_dir` for `model.pretrained` (`threads`: torch's threads meanwhile)."
+             seed: int = 0, threads: int | None = None, labels: int = 10, **patch_options) -> Path:
+    "A `preset` VLM with a warmed-up vision tower (`warm_vision` on `path`) and its tokenizer, saved to `out_dir` for `model.pretrained` (`threads`: torch's threads meanwhile; `labels`: classes 0..labels-1)."
     import json, shutil, time
     from mmlit.causal_lm import CausalLM
     from mmlit.loader import load_tokenizer
     out_dir = Path(out_dir)
-    params = dict(path=str(Path(path).resolve()), tokenizer=tokenizer, preset=preset, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+    params = dict(path=str(Path(path).resolve()), tokenizer=tokenizer, preset=preset, steps=steps, lr=lr, batch_size=batch_size, seed=seed, labels=labels,
                   patch_options=patch_options)
     done = out_dir / "warm_vision.json"
     if done.is_file() and json.loads(done.read_text())["params"] == params: return out_dir
@@ -153,7 +159,9 @@ def warm_vlm(out_dir, path, tokenizer: dict | str, preset: str = "tiny", steps: 
     model = CausalLM(vlm_config(tok, preset), seed=seed)
     before = torch.get_num_threads()
     if threads: torch.set_num_threads(threads)                   # as the run will train: on a shared CPU, fewer threads stall less
-    try: info = warm_vision(model, path, steps, lr, batch_size, seed, **patch_options)
+    ids = [tok(str(c), add_special_tokens=False)["input_ids"] for c in range(labels)]
+    label_tokens = [t[0] for t in ids] if all(len(t) == 1 for t in ids) else None     # labels 0..labels-1 written as one token each
+    try: info = warm_vision(model, path, steps, lr, batch_size, seed, label_tokens, **patch_options)
     finally: torch.set_num_threads(before)
     model.model.save_pretrained(tmp); tok.save_pretrained(tmp)
     (tmp / "warm_vision.json").write_text(json.dumps(dict(params=params, **info, seconds=round(time.perf_counter() - t0, 2)), indent=1))
