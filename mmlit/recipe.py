@@ -278,7 +278,7 @@ def _vlm_example(paths: dict, run_dir: str) -> dict:
                           tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"),
                           loader=dict(batch_size=32, collate="packing"), collate_options=dict(max_length=1024)),
                 model=dict(kind="vlm", preset="tiny"), optim=dict(lr=3e-3, weight_decay=0.01),
-                schedule=dict(epochs=2, warmup_ratio=0.05), eval=dict(every=250, max_batches=10), checkpoint=dict(keep=2))
+                schedule=dict(epochs=4, warmup_ratio=0.05), eval=dict(every=250, max_batches=10), checkpoint=dict(keep=2))
 
 MODEL_KINDS.add("vlm", ModelKind(
     "a Qwen2-VL fine-tuned on conversations (caption, question answering, pointing, counting), loss on the assistant's turns",
