@@ -1300,7 +1300,11 @@ d = { 'settings': { 'branch': 'main',
                            'mmlit.viz.unpatchify': ('viz.html#unpatchify', 'mmlit/viz.py'),
                            'mmlit.viz.write_batch_views': ('viz.html#write_batch_views', 'mmlit/viz.py')},
             'mmlit.vlm': { 'mmlit.vlm._merge': ('vlm.html#_merge', 'mmlit/vlm.py'),
+                           'mmlit.vlm._token_dataset': ('vlm.html#_token_dataset', 'mmlit/vlm.py'),
+                           'mmlit.vlm.box_token_labels': ('vlm.html#box_token_labels', 'mmlit/vlm.py'),
                            'mmlit.vlm.task_answers': ('vlm.html#task_answers', 'mmlit/vlm.py'),
                            'mmlit.vlm.task_metrics': ('vlm.html#task_metrics', 'mmlit/vlm.py'),
                            'mmlit.vlm.vlm_config': ('vlm.html#vlm_config', 'mmlit/vlm.py'),
-                           'mmlit.vlm.vlm_loss': ('vlm.html#vlm_loss', 'mmlit/vlm.py')}}}
+                           'mmlit.vlm.vlm_loss': ('vlm.html#vlm_loss', 'mmlit/vlm.py'),
+                           'mmlit.vlm.warm_vision': ('vlm.html#warm_vision', 'mmlit/vlm.py'),
+                           'mmlit.vlm.warm_vlm': ('vlm.html#warm_vlm', 'mmlit/vlm.py')}}}

@@ -271,13 +271,13 @@ def handwriting_split(seed: int = 0, fraction: float = 0.2) -> tuple[np.ndarray,
 
 # %% ../nbs/01g_demo.ipynb #778c9a10
 def _scene_box(rng: np.random.Generator, cell: int | None, S: int) -> tuple[int, int, int, int]:
-    "A square box: anywhere in the image (`cell` None), else inside quadrant `cell` (0 top left .. 3 bottom right)."
+    "A square box, its side 3/4 of its space or more: anywhere in the image (`cell` None), else inside quadrant `cell` (0 top left .. 3 bottom right)."
     if cell is None:
-        side = int(rng.integers(S // 4, S + 1))
+        side = int(rng.integers(3 * S // 4, S + 1))
         x0, y0 = (int(v) for v in rng.integers(0, S - side + 1, size=2))
     else:
         half = S // 2
-        side = int(rng.integers(S // 4, half + 1))
+        side = int(rng.integers(3 * half // 4, half + 1))
         x0, y0 = (cell % 2) * half + int(rng.integers(0, half - side + 1)), (cell // 2) * half + int(rng.integers(0, half - side + 1))
     return x0, y0, x0 + side, y0 + side
 
@@ -369,7 +369,7 @@ def build_task_parquet(path: str | Path, n: int = 1000, seed: int = 0, split: st
     return path
 
 # %% ../nbs/01g_demo.ipynb #1b4c88e1
-TASK_DEMO_VERSION = 1
+TASK_DEMO_VERSION = 2
 
 def ensure_task_demo(root: str | Path | None = None, *, n_train: int = 2000, n_val: int = 200, seed: int = 0,
                      image_size: int = 112) -> dict:

@@ -211,16 +211,16 @@ def _vlm_example(paths: dict, run_dir: str) -> dict:
     from mmlit.demo import ensure_task_demo
     tasks = ensure_task_demo(Path(paths["root"]).parent)
     return dict(data=dict(data=str(tasks["train"]), val_data=str(tasks["val"]), preprocessor="vlm", max_length=192,
-                          preprocessor_options=dict(min_pixels=112 * 112, max_pixels=112 * 112),
+                          preprocessor_options=dict(min_pixels=56 * 56, max_pixels=56 * 56),
                           tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"),
                           loader=dict(batch_size=32, collate="packing"), collate_options=dict(max_length=1024)),
-                model=dict(kind="vlm", preset="tiny"), optim=dict(lr=2e-3, weight_decay=0.01),
-                schedule=dict(epochs=2, warmup_ratio=0.05), eval=dict(every=250, max_batches=10), checkpoint=dict(keep=2))
+                model=dict(kind="vlm", preset="tiny"), optim=dict(lr=3e-3, weight_decay=0.01),
+                schedule=dict(epochs=4, warmup_ratio=0.05), eval=dict(every=250, max_batches=10), checkpoint=dict(keep=2))
 
 MODEL_KINDS.add("vlm", ModelKind(
     "a Qwen2-VL fine-tuned on conversations (caption, question answering, pointing, counting), loss on the assistant's turns",
     _vlm_config, _vlm, False, _vlm_example,
-    {"data.preprocessor_options.max_pixels": "112x112 images: 8x8 patches of 14 pixels, merged 2x2 into 16 image tokens",
+    {"data.preprocessor_options.max_pixels": "56x56 images: 4x4 patches of 14 pixels, merged 2x2 into 4 image tokens (one a quadrant)",
      "data.loader.collate": "samples packed into rows (mRoPE positions restart per sample); 'qwen2_vl' pads them instead",
      "data.collate_options.max_length": "tokens per packed row"}))
 

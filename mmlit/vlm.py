@@ -7,12 +7,15 @@ Docs: https://mmlit.github.io/mmlit/vlm.html.md"""
 # %% ../nbs/05h_vlm.ipynb #286ca005
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from .core import Registry
+from .core import BadRecordError, ConfigError, Registry
 
 # %% auto #0
-__all__ = ['VLM_PRESETS', 'TASK_METRICS', 'vlm_config', 'vlm_loss', 'task_answers', 'task_metrics']
+__all__ = ['VLM_PRESETS', 'TASK_METRICS', 'vlm_config', 'vlm_loss', 'task_answers', 'task_metrics', 'box_token_labels',
+           'warm_vision', 'warm_vlm']
 
 # %% ../nbs/05h_vlm.ipynb #86f5c70d
 VLM_PRESETS = Registry("vlm preset")
@@ -77,3 +80,91 @@ def task_metrics(texts: list, rows: list[dict]) -> dict:
         else: out[name] = pointing_accuracy(preds, [r["target_boxes"] for _, r in got],
                                             [Image.open(io.BytesIO(r["image"]["bytes"])).size for _, r in got])
     return out
+
+# %% ../nbs/05h_vlm.ipynb #96203347
+def box_token_labels(boxes, labels, size: tuple[int, int], grid: tuple[int, int], background: int) -> torch.Tensor:
+    "The class of each merged image token (row-major over `grid` = (rows, cols)): the label of the box holding its centre, else `background`."
+    (w, h), (rows, cols) = size, grid
+    out = torch.full((rows * cols,), background, dtype=torch.int64)
+    for k in range(rows * cols):
+        cx, cy = (k % cols + 0.5) * w / cols, (k // cols + 0.5) * h / rows
+        for (x0, y0, x1, y1), label in zip(boxes, labels):
+            if x0 <= cx < x1 and y0 <= cy < y1: out[k] = int(label)
+    return out
+
+# %% ../nbs/05h_vlm.ipynb #bcb172a4
+def _token_dataset(path, patcher) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Patches `[n, patches, dim]`, token classes `[n, tokens]` (background last) and the grid of the distinct images of Parquet file `path`."
+    import io
+    import pyarrow.parquet as pq
+    from PIL import Image
+    table = pq.read_table(path, columns=["image", "boxes", "labels"])
+    X, Y, grids, seen = [], [], set(), set()
+    for i, r in enumerate(table.to_pylist()):
+        if r["image"]["bytes"] in seen: continue                 # the task records of one scene share its image
+        seen.add(r["image"]["bytes"])
+        if r["boxes"] is None or r["labels"] is None or len(r["boxes"]) != len(r["labels"]):
+            raise BadRecordError(f"{path} row {i}: fields 'boxes' and 'labels' must be lists of the same length")
+        im = Image.open(io.BytesIO(r["image"]["bytes"]))
+        pv, grid = patcher.image(im)
+        m = patcher.merge_size
+        grids.add(tuple(grid.tolist())); X.append(pv)
+        Y.append(box_token_labels(r["boxes"], r["labels"], im.size, (int(grid[1]) // m, int(grid[2]) // m), -1))
+    if len(grids) != 1: raise ConfigError(f"{path}: warm_vision needs images of one size after resizing, got grids {sorted(grids)}")
+    Y = torch.stack(Y)
+    return torch.stack(X), torch.where(Y < 0, Y.max() + 1, Y), torch.tensor(grids.pop())     # background: the last class
+
+def warm_vision(model, path, steps: int = 300, lr: float = 3e-3, batch_size: int = 64, seed: int = 0, label_tokens: list[int] | None = None,
+                **patch_options) -> dict:
+    "Train the vision tower of `model` (a Qwen2-VL `CausalLM`) to name the label (the `labels` column; one more class: none) under each merged token of the images of `path`."
+    from mmlit.core import Stream, derive_seed
+    from mmlit.model import seeded_init
+    from mmlit.patches import Qwen2VLPatcher
+    X, Y, grid = _token_dataset(path, Qwen2VLPatcher(**patch_options))
+    vis = model.model.model.visual
+    with seeded_init(seed, 1): head = torch.nn.Linear(model.config.vision_config.hidden_size, int(Y.max()) + 1)
+    if label_tokens is not None:          # a label's class weights: its token's (fixed) word embedding; only "none" is learned
+        if len(label_tokens) != int(Y.max()): raise ConfigError(f"label_tokens: {len(label_tokens)} tokens for {int(Y.max())} labels")
+        words = model.model.get_input_embeddings().weight.detach()[torch.as_tensor(label_tokens)]
+        head.weight.data[:-1] = words / words.norm(dim=-1, keepdim=True)
+        head.weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:-1]), g[-1:]]))
+    opt = torch.optim.AdamW([*vis.parameters(), *head.parameters()], lr=lr, weight_decay=0.01)
+    per_epoch = max(1, len(X) // batch_size)
+    vis.train()
+    for step in range(steps):
+        epoch, k = divmod(step, per_epoch)
+        order = torch.randperm(len(X), generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 0, Stream.LOADER_ORDER)))
+        idx = order[k * batch_size:(k + 1) * batch_size]
+        logits = head(vis(X[idx].flatten(0, 1), grid_thw=grid.view(1, 3).expand(len(idx), 3)).pooler_output)
+        loss = torch.nn.functional.cross_entropy(logits, Y[idx].flatten())
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    acc = float((logits.argmax(-1) == Y[idx].flatten()).float().mean())
+    return dict(steps=steps, images=len(X), loss=float(loss.detach()), token_acc=acc)
+
+# %% ../nbs/05h_vlm.ipynb #da59fcef
+def warm_vlm(out_dir, path, tokenizer: dict | str, preset: str = "tiny", steps: int = 300, lr: float = 3e-3, batch_size: int = 64,
+             seed: int = 0, threads: int | None = None, labels: int = 10, **patch_options) -> Path:
+    "A `preset` VLM with a warmed-up vision tower (`warm_vision` on `path`) and its tokenizer, saved to `out_dir` for `model.pretrained` (`threads`: torch's threads meanwhile; `labels`: classes 0..labels-1)."
+    import json, shutil, time
+    from mmlit.causal_lm import CausalLM
+    from mmlit.datamodule import load_tokenizer
+    out_dir = Path(out_dir)
+    params = dict(path=str(Path(path).resolve()), tokenizer=tokenizer, preset=preset, steps=steps, lr=lr, batch_size=batch_size, seed=seed, labels=labels,
+                  patch_options=patch_options)
+    done = out_dir / "warm_vision.json"
+    if done.is_file() and json.loads(done.read_text())["params"] == params: return out_dir
+    t0 = time.perf_counter()
+    tmp = out_dir.with_name(out_dir.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = load_tokenizer(tokenizer, str(path))
+    model = CausalLM(vlm_config(tok, preset), seed=seed)
+    before = torch.get_num_threads()
+    if threads: torch.set_num_threads(threads)                   # as the run will train: on a shared CPU, fewer threads stall less
+    ids = [tok(str(c), add_special_tokens=False)["input_ids"] for c in range(labels)]
+    label_tokens = [t[0] for t in ids] if all(len(t) == 1 for t in ids) else None     # labels 0..labels-1 written as one token each
+    try: info = warm_vision(model, path, steps, lr, batch_size, seed, label_tokens, **patch_options)
+    finally: torch.set_num_threads(before)
+    model.model.save_pretrained(tmp); tok.save_pretrained(tmp)
+    (tmp / "warm_vision.json").write_text(json.dumps(dict(params=params, **info, seconds=round(time.perf_counter() - t0, 2)), indent=1))
+    shutil.rmtree(out_dir, ignore_errors=True); tmp.rename(out_dir)
+    return out_dir
