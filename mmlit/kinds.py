@@ -228,7 +228,7 @@ def _vlm_example(paths: dict, run_dir: str) -> dict:
                           loader=dict(batch_size=32, collate="packing"), collate_options=dict(max_length=1024)),
                 model=dict(kind="vlm", preset="tiny", freeze=["vision"],
                            options=dict(warm_vision=dict(data=str(tasks["train"]), dir=f"{run_dir}/vision_warmup", steps=300,
-                                                         min_pixels=56 * 56, max_pixels=56 * 56))),
+                                                         threads=1, min_pixels=56 * 56, max_pixels=56 * 56))),
                 optim=dict(lr=3e-3, weight_decay=0.01),
                 schedule=dict(epochs=4, warmup_ratio=0.05), eval=dict(every=250, max_batches=10), checkpoint=dict(keep=2))
 
@@ -240,7 +240,8 @@ MODEL_KINDS.add("vlm", ModelKind(
      "data.collate_options.max_length": "tokens per packed row",
      "model.freeze": "the warmed-up vision tower stays as it is; the language model learns to read it",
      "model.options.warm_vision": "before training, the vision tower learns to name the digit under each image token and where the token lies "
-                                  "(training images only; the tower is kept in dir and reused by a rerun)"}))
+                                  "(training images only; the tower is kept in dir and reused by a rerun; threads: torch's threads meanwhile, "
+                                  "as the run's, since another count sums in another order)"}))
 
 # %% ../nbs/80_kinds.ipynb #f9ab2433
 def _encoder_run(spec: ModelSpec) -> tuple[Path, Path]:

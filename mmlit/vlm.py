@@ -144,6 +144,7 @@ def warm_vision(model, path, steps: int = 300, lr: float = 3e-3, batch_size: int
         loss = torch.nn.functional.cross_entropy(logits, Y[idx].flatten())
         if position: loss = loss + torch.nn.functional.cross_entropy(where(feats), at)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    opt.zero_grad(set_to_none=True)       # no gradient left behind: the run's first step would count it (e.g. in its gradient norm)
     acc = float((logits.argmax(-1) == Y[idx].flatten()).float().mean())
     return dict(steps=steps, images=len(X), loss=float(loss.detach()), token_acc=acc,
                 position_acc=float((where(feats).argmax(-1) == at).float().mean()) if position else None)
