@@ -189,22 +189,34 @@ MODEL_KINDS.add("qwen2vl_embedder", ModelKind(
      "data.preprocessor_options.max_pixels": "56x56: 4x4 patches of 14 pixels, merged 2x2 into 4 image tokens"}))
 
 # %% ../nbs/80_kinds.ipynb #f65351cb
+_WARM_KEYS = ("data", "dir", "steps", "lr", "batch_size", "labels", "position", "threads", "min_pixels", "max_pixels")
+
 def _vlm_config(spec: ModelSpec, tokenizer, seed: int) -> dict:
-    "A Qwen2-VL config dict for `tokenizer`: the preset (`mmlit.vlm.VLM_PRESETS`) with `spec.options` merged over it."
+    "A Qwen2-VL config dict for `tokenizer`: the preset (`mmlit.vlm.VLM_PRESETS`) with `spec.options` (but `warm_vision`) merged over it."
     from transformers import AutoConfig
     from mmlit.vlm import VLM_PRESETS, vlm_config
     known = set(AutoConfig.for_model("qwen2_vl").to_dict())
+    options = {k: v for k, v in spec.options.items() if k != "warm_vision"}
+    if (warm := spec.options.get("warm_vision")) is not None:
+        if not isinstance(warm, dict) or not warm.get("data"):
+            raise ConfigError("model.options.warm_vision: a mapping with at least 'data' (the training Parquet whose boxes and labels warm the vision tower up)")
+        check_keys(warm, _WARM_KEYS, "model.options.warm_vision")
     if spec.pretrained:                                       # the checkpoint's config; options override its fields
-        check_keys(spec.options, sorted(known), "model.options")
-        return dict(spec.options)
+        check_keys(options, sorted(known), "model.options")
+        return options
     try: VLM_PRESETS.get(spec.preset or "tiny")
     except KeyError as e: raise ConfigError(f"model.preset: {e}") from None
-    check_keys(spec.options, sorted(known), "model.options")
-    return {} if tokenizer is None else vlm_config(tokenizer, spec.preset or "tiny", **spec.options)
+    check_keys(options, sorted(known), "model.options")
+    return {} if tokenizer is None else vlm_config(tokenizer, spec.preset or "tiny", **options)
 
 def _vlm(cfg: dict, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
+    "The Qwen2-VL; with `model.options.warm_vision`, its vision tower warmed up first (`mmlit.vlm.warm_tower`, kept in its `dir`)."
     from mmlit.causal_lm import CausalLM
-    return CausalLM(cfg, pretrained=spec.pretrained, seed=seed)
+    model = CausalLM(cfg, pretrained=spec.pretrained, seed=seed)
+    if warm := spec.options.get("warm_vision"):
+        from mmlit.vlm import warm_tower
+        warm_tower(model, tokenizer, warm["data"], warm.get("dir"), seed=seed, **{k: v for k, v in warm.items() if k not in ("data", "dir")})
+    return model
 
 # %% ../nbs/80_kinds.ipynb #1d2bbedb
 def _vlm_example(paths: dict, run_dir: str) -> dict:
@@ -214,7 +226,10 @@ def _vlm_example(paths: dict, run_dir: str) -> dict:
                           preprocessor_options=dict(min_pixels=56 * 56, max_pixels=56 * 56),
                           tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"),
                           loader=dict(batch_size=32, collate="packing"), collate_options=dict(max_length=1024)),
-                model=dict(kind="vlm", preset="tiny"), optim=dict(lr=3e-3, weight_decay=0.01),
+                model=dict(kind="vlm", preset="tiny", freeze=["vision"],
+                           options=dict(warm_vision=dict(data=str(tasks["train"]), dir=f"{run_dir}/vision_warmup", steps=300,
+                                                         threads=1, min_pixels=56 * 56, max_pixels=56 * 56))),
+                optim=dict(lr=3e-3, weight_decay=0.01),
                 schedule=dict(epochs=4, warmup_ratio=0.05), eval=dict(every=250, max_batches=10), checkpoint=dict(keep=2))
 
 MODEL_KINDS.add("vlm", ModelKind(
@@ -222,7 +237,11 @@ MODEL_KINDS.add("vlm", ModelKind(
     _vlm_config, _vlm, False, _vlm_example,
     {"data.preprocessor_options.max_pixels": "56x56 images: 4x4 patches of 14 pixels, merged 2x2 into 4 image tokens (one a quadrant)",
      "data.loader.collate": "samples packed into rows (mRoPE positions restart per sample); 'qwen2_vl' pads them instead",
-     "data.collate_options.max_length": "tokens per packed row"}))
+     "data.collate_options.max_length": "tokens per packed row",
+     "model.freeze": "the warmed-up vision tower stays as it is; the language model learns to read it",
+     "model.options.warm_vision": "before training, the vision tower learns to name the digit under each image token and where the token lies "
+                                  "(training images only; the tower is kept in dir and reused by a rerun; threads: torch's threads meanwhile, "
+                                  "as the run's, since another count sums in another order)"}))
 
 # %% ../nbs/80_kinds.ipynb #f9ab2433
 def _encoder_run(spec: ModelSpec) -> tuple[Path, Path]:

@@ -444,17 +444,13 @@ def example_config(kind: str, run_dir: str | Path | None = None, root: str | Pat
 # %% ../nbs/80_recipe.ipynb #ee7f4cf1
 def vlm_demo_config(run_dir: str | Path = "runs/vlm_demo", root: str | Path | None = None, epochs: int | None = None,
                     warm_steps: int = 300) -> RunConfig:
-    "The `mmlit demo --task vlm` run: the `vlm` example on the demo's scenes, CPU-sized, from a warmed-up, frozen vision tower (`warm_steps`, 0: none) built into `run_dir`."
-    from mmlit.vlm import warm_vlm
+    "The `mmlit demo --task vlm` run: the `vlm` example on the demo's scenes, CPU-sized, its vision tower warmed up for `warm_steps` (0: none, and trained with the rest)."
     cfg = example_config("vlm", run_dir, root)
     cfg.data["loader"] = {**cfg.data["loader"], "num_workers": 1}
     if epochs is not None: cfg.schedule.epochs = epochs
     cfg.threads = 1
-    if warm_steps:
-        warm = warm_vlm(Path(run_dir) / "vision_warmup", cfg.data["data"], cfg.data["tokenizer"], cfg.model.preset or "tiny",
-                        steps=warm_steps, seed=cfg.seed, threads=cfg.threads, **cfg.data["preprocessor_options"])
-        cfg.model.pretrained, cfg.data["tokenizer"] = str(warm), str(warm)
-        cfg.model.freeze = ["vision"]                 # the language model learns to read the tower's words; the tower keeps them
+    if warm_steps: cfg.model.options["warm_vision"]["steps"] = warm_steps
+    else: cfg.model.options.pop("warm_vision"); cfg.model.freeze = []
     return cfg
 
 # %% ../nbs/80_recipe.ipynb #cda5d4f6

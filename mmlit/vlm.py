@@ -15,7 +15,7 @@ from .core import BadRecordError, ConfigError, Registry
 
 # %% auto #0
 __all__ = ['VLM_PRESETS', 'TASK_METRICS', 'vlm_config', 'vlm_loss', 'task_answers', 'task_metrics', 'box_token_labels',
-           'warm_vision', 'warm_vlm']
+           'warm_vision', 'warm_tower']
 
 # %% ../nbs/05h_vlm.ipynb #86f5c70d
 VLM_PRESETS = Registry("vlm preset")
@@ -114,57 +114,74 @@ def _token_dataset(path, patcher) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     Y = torch.stack(Y)
     return torch.stack(X), torch.where(Y < 0, Y.max() + 1, Y), torch.tensor(grids.pop())     # background: the last class
 
-def warm_vision(model, path, steps: int = 300, lr: float = 3e-3, batch_size: int = 64, seed: int = 0, label_tokens: list[int] | None = None,
-                **patch_options) -> dict:
-    "Train the vision tower of `model` (a Qwen2-VL `CausalLM`) to name the label (the `labels` column; one more class: none) under each merged token of the images of `path`."
+def warm_vision(model, path, steps: int = 300, lr: float = 3e-3, batch_size: int = 64, seed: int = 0,
+                label_tokens: list[int | list[int]] | None = None, position: bool = True, **patch_options) -> dict:
+    "Train the vision tower of `model` (a Qwen2-VL `CausalLM`) to name the label (the `labels` column; one more class: none) under each merged token of the images of `path`, and (`position`) where the token lies."
     from mmlit.core import Stream, derive_seed
     from mmlit.model import seeded_init
     from mmlit.patches import Qwen2VLPatcher
     X, Y, grid = _token_dataset(path, Qwen2VLPatcher(**patch_options))
     vis = model.model.model.visual
     with seeded_init(seed, 1): head = torch.nn.Linear(model.config.vision_config.hidden_size, int(Y.max()) + 1)
-    if label_tokens is not None:          # a label's class weights: its token's (fixed) word embedding; only "none" is learned
+    if label_tokens is not None:          # a label's class weights: its tokens' (fixed) word embeddings, averaged; only "none" is learned
         if len(label_tokens) != int(Y.max()): raise ConfigError(f"label_tokens: {len(label_tokens)} tokens for {int(Y.max())} labels")
-        words = model.model.get_input_embeddings().weight.detach()[torch.as_tensor(label_tokens)]
-        head.weight.data[:-1] = words / words.norm(dim=-1, keepdim=True)
+        emb = model.model.get_input_embeddings().weight.detach()
+        unit = lambda w: w / w.norm(dim=-1, keepdim=True)
+        head.weight.data[:-1] = torch.stack([unit(unit(emb[torch.as_tensor(t).view(-1)]).mean(0)) for t in label_tokens])
         head.weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:-1]), g[-1:]]))
-    opt = torch.optim.AdamW([*vis.parameters(), *head.parameters()], lr=lr, weight_decay=0.01)
+    tokens = Y.shape[1]                   # where each token lies: its index in the image's (row-major) grid
+    with seeded_init(seed, 2): where = torch.nn.Linear(model.config.vision_config.hidden_size, tokens)
+    opt = torch.optim.AdamW([dict(params=list(vis.parameters()) + list(where.parameters()), weight_decay=0.01),
+                             dict(params=list(head.parameters()), weight_decay=0.0)], lr=lr)     # decay would shrink the fixed rows
     per_epoch = max(1, len(X) // batch_size)
     vis.train()
     for step in range(steps):
         epoch, k = divmod(step, per_epoch)
         order = torch.randperm(len(X), generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 0, Stream.LOADER_ORDER)))
         idx = order[k * batch_size:(k + 1) * batch_size]
-        logits = head(vis(X[idx].flatten(0, 1), grid_thw=grid.view(1, 3).expand(len(idx), 3)).pooler_output)
+        feats = vis(X[idx].flatten(0, 1), grid_thw=grid.view(1, 3).expand(len(idx), 3)).pooler_output
+        logits, at = head(feats), torch.arange(tokens).repeat(len(idx))
         loss = torch.nn.functional.cross_entropy(logits, Y[idx].flatten())
+        if position: loss = loss + torch.nn.functional.cross_entropy(where(feats), at)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    opt.zero_grad(set_to_none=True)       # no gradient left behind: the run's first step would count it (e.g. in its gradient norm)
     acc = float((logits.argmax(-1) == Y[idx].flatten()).float().mean())
-    return dict(steps=steps, images=len(X), loss=float(loss.detach()), token_acc=acc)
+    return dict(steps=steps, images=len(X), loss=float(loss.detach()), token_acc=acc,
+                position_acc=float((where(feats).argmax(-1) == at).float().mean()) if position else None)
 
 # %% ../nbs/05h_vlm.ipynb #da59fcef
-def warm_vlm(out_dir, path, tokenizer: dict | str, preset: str = "tiny", steps: int = 300, lr: float = 3e-3, batch_size: int = 64,
-             seed: int = 0, threads: int | None = None, labels: int = 10, **patch_options) -> Path:
-    "A `preset` VLM with a warmed-up vision tower (`warm_vision` on `path`) and its tokenizer, saved to `out_dir` for `model.pretrained` (`threads`: torch's threads meanwhile; `labels`: classes 0..labels-1)."
-    import json, shutil, time
-    from mmlit.causal_lm import CausalLM
-    from mmlit.datamodule import load_tokenizer
-    out_dir = Path(out_dir)
-    params = dict(path=str(Path(path).resolve()), tokenizer=tokenizer, preset=preset, steps=steps, lr=lr, batch_size=batch_size, seed=seed, labels=labels,
-                  patch_options=patch_options)
-    done = out_dir / "warm_vision.json"
-    if done.is_file() and json.loads(done.read_text())["params"] == params: return out_dir
-    t0 = time.perf_counter()
-    tmp = out_dir.with_name(out_dir.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok = load_tokenizer(tokenizer, str(path))
-    model = CausalLM(vlm_config(tok, preset), seed=seed)
-    before = torch.get_num_threads()
+def _fingerprint(*tensors) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for t in tensors: h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+def warm_tower(model, tokenizer, data, out_dir=None, steps: int = 300, lr: float = 3e-3, batch_size: int = 64, seed: int = 0,
+               threads: int | None = None, labels: int = 10, position: bool = True, **patch_options) -> dict:
+    "Warm up the vision tower of `model` in place (`warm_vision` on Parquet file `data`, labels 0..labels-1 as `tokenizer` writes them); `out_dir` keeps the tower for a rerun with the same model, data and settings."
+    import json, os, time
+    forms = [[tokenizer(f"{s}{c}", add_special_tokens=False)["input_ids"] for s in ("", " ")] for c in range(labels)]
+    # a label's words: the one-token forms it is written in (alone in an answer, after a space in a prompt)
+    label_tokens = [[t[0] for t in f if len(t) == 1] for f in forms]
+    label_tokens = label_tokens if all(label_tokens) else None
+    vis, emb = model.model.model.visual, model.model.get_input_embeddings().weight
+    params = dict(data=str(Path(data).resolve()), steps=steps, lr=lr, batch_size=batch_size, seed=seed, labels=labels, position=position,
+                  patch_options=patch_options, label_tokens=label_tokens,
+                  model=_fingerprint(*vis.state_dict().values(), emb[torch.as_tensor(sum(label_tokens or [], []), dtype=torch.long)]))
+    done = Path(out_dir) / "warm_vision.json" if out_dir else None
+    if done and done.is_file() and (d := json.loads(done.read_text()))["params"] == params:
+        vis.load_state_dict(torch.load(done.parent / "tower.pt", weights_only=True))
+        return {**d, "reused": True}
+    t0, before = time.perf_counter(), torch.get_num_threads()
     if threads: torch.set_num_threads(threads)                   # as the run will train: on a shared CPU, fewer threads stall less
-    ids = [tok(str(c), add_special_tokens=False)["input_ids"] for c in range(labels)]
-    label_tokens = [t[0] for t in ids] if all(len(t) == 1 for t in ids) else None     # labels 0..labels-1 written as one token each
-    try: info = warm_vision(model, path, steps, lr, batch_size, seed, label_tokens, **patch_options)
+    try: info = warm_vision(model, data, steps, lr, batch_size, seed, label_tokens, position, **patch_options)
     finally: torch.set_num_threads(before)
-    model.model.save_pretrained(tmp); tok.save_pretrained(tmp)
-    (tmp / "warm_vision.json").write_text(json.dumps(dict(params=params, **info, seconds=round(time.perf_counter() - t0, 2)), indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True); tmp.rename(out_dir)
-    return out_dir
+    info = dict(params=params, **info, seconds=round(time.perf_counter() - t0, 2))
+    if done:
+        from mmlit.checkpoint import atomic_write_text
+        done.parent.mkdir(parents=True, exist_ok=True)
+        tmp = done.parent / f"tower.pt.{os.getpid()}.tmp"                # ranks warming up at once: each its own file
+        torch.save(vis.state_dict(), tmp); tmp.replace(done.parent / "tower.pt")
+        atomic_write_text(done, json.dumps(info, indent=1))
+    return {**info, "reused": False}
+
