@@ -153,7 +153,7 @@ def test_gradient_checkpointing_same_step_recomputed(tmp_path, small_data, kind,
     locked = kind == "aligner" or bool(run.config.model.freeze)       # example's warmed vision tower: at the input end, no backward through it
     assert len(frozen) < len(leaves) and locked == bool(frozen), frozen
     # The aligner's frozen encoder runs once. The vlm's frozen tower is recomputed all the same: with checkpointing on,
-    # transformers makes the tower's patch embeddings require grad, so backward runs through it.
+    # its first block's input requires grad (not traced further), so backward runs through it.
     once = frozen if kind == "aligner" else set()
     assert min(calls.values()) >= 1 and calls_c == {n: c * (1 if n in once else 2) for n, c in calls.items()}, (calls, calls_c)   # each forward recomputed
     before, before_c = dict(calls), dict(calls_c)
