@@ -30,7 +30,7 @@ from .train import Trainer, claim_run_dir
 __all__ = ['RUN_DATA', 'RunConfig', 'data_store', 'check_data_paths', 'pretrained_defaults', 'resolve_run_config',
            'labels_in_gather_order', 'padding_in_gather_order', 'Run', 'build_run', 'caption_tokens', 'eval_embeddings',
            'finish_run', 'export_model', 'split_by_group', 'demo_paths', 'demo_config', 'cpu_model', 'machine',
-           'format_summary', 'run_demo', 'caption_demo_config', 'caption_truths', 'run_caption_demo',
+           'format_summary', 'build_and_fit', 'run_demo', 'caption_demo_config', 'caption_truths', 'run_caption_demo',
            'format_caption_summary', 'example_config', 'vlm_demo_config', 'run_vlm_demo', 'format_vlm_summary',
            'absolute_data', 'data_files', 'data_record', 'record_data']
 
@@ -369,14 +369,17 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/80_recipe.ipynb #36b8c628
-def run_demo(run_dir: str | Path = "runs/demo", epochs: int = 50, progress: bool | None = None) -> dict:
-    "Build the demo data, train the tiny dual encoder on CPU, evaluate on unseen handwriting; returns the summary."
-    t0 = time.perf_counter()
-    cfg = demo_config(run_dir, epochs=epochs)
+def build_and_fit(cfg: RunConfig, progress: bool | None, t0: float) -> tuple[Run, Any]:
+    "`cfg`'s run built (its `build_s` counted from `t0`) and trained: the run and the trainer's result. Every demo starts so."
     cfg.log.progress = progress
     run = build_run(cfg)
     run.build_s = time.perf_counter() - t0
-    result = run.fit()
+    return run, run.fit()
+
+def run_demo(run_dir: str | Path = "runs/demo", epochs: int = 50, progress: bool | None = None) -> dict:
+    "Build the demo data, train the tiny dual encoder on CPU, evaluate on unseen handwriting; returns the summary."
+    t0 = time.perf_counter()
+    run, result = build_and_fit(demo_config(run_dir, epochs=epochs), progress, t0)
     return {**finish_run(run, result, time.perf_counter() - t0), "machine": machine(run.trainer.train_loader.config.num_workers)}
 
 # %% ../nbs/80_recipe.ipynb #c6ea71e2
@@ -403,10 +406,7 @@ def run_caption_demo(run_dir: str | Path = "runs/caption", encoder_run: str | Pa
     if not (Path(encoder_run) / "summary.json").is_file(): retrieval = run_demo(encoder_run, progress=progress)
     t0, c0 = time.perf_counter(), time.process_time()
     cfg = caption_demo_config(run_dir, encoder_run, epochs=epochs)
-    cfg.log.progress = progress
-    run = build_run(cfg)
-    run.build_s = time.perf_counter() - t0
-    result = run.fit()
+    run, result = build_and_fit(cfg, progress, t0)
     texts = [] if result.interrupted else generate(run.model, run.trainer.val_loader, run.tokenizer, max_new_tokens=max_new_tokens)
     summary = finish_run(run, result, time.perf_counter() - t0)
     if texts:
@@ -463,10 +463,8 @@ def run_vlm_demo(run_dir: str | Path = "runs/vlm_demo", epochs: int | None = Non
     from mmlit.vlm import task_answers, task_metrics
     t0 = time.perf_counter()
     cfg = vlm_demo_config(run_dir, epochs=epochs)
-    cfg.log.progress = progress
-    run = build_run(cfg)
-    run.build_s = time.perf_counter() - t0
-    summary = finish_run(run, run.fit(), time.perf_counter() - t0)
+    run, result = build_and_fit(cfg, progress, t0)
+    summary = finish_run(run, result, time.perf_counter() - t0)
     t1 = time.perf_counter()
     texts, rows = task_answers(run.model, run.tokenizer, cfg.data["val_data"], max_records=max_records, **cfg.data["preprocessor_options"])
     summary["generation"] = {k: v.as_dict() for k, v in task_metrics(texts, rows).items()}
