@@ -41,10 +41,10 @@ from .core import BadRecordError, ConfigError, Registry, np_rng
 from .storage import Location, Store, as_location, check_regular_file, open_file, open_local, path_in_root
 from .dataset import MMDataset, make_record
 from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, open_image
-from .sources import (AUTO, CAPTION_NAMES, IMAGE_NAMES, JsonlImageText, ParquetImageText, TextCorpus, _pick, expand_paths,
+from .sources import (AUTO, CAPTION_NAMES, IMAGE_NAMES, JsonlImageText, ParquetImageText, TextCorpus, pick_field, expand_paths,
                            group_videos, pick_column, video_refs)
-from .jsonl import (_WS, MAX_LINE_BYTES, UTF8_BOM, _check_path, _line_offsets, _parse_json_line, _skip_bom,
-                         _too_long, check_max_line_bytes, json_records, read_record)
+from .jsonl import (JSON_WHITESPACE, MAX_LINE_BYTES, UTF8_BOM, check_path, line_offsets, parse_json_line, skip_bom,
+                         line_too_long, check_max_line_bytes, json_records, read_record)
 
 # %% ../nbs/01f_formats.ipynb #5e1f0a07
 logger = logging.getLogger("mmlit.formats")
@@ -303,7 +303,7 @@ class WebDatasetShards(MMDataset):
 
     def _json(self, k: int, j: int, where: dict) -> dict:
         "Sample `j`'s `json` member of shard `k`, parsed."
-        return _parse_json_line(self._member(k, j, "json", where), {**where, "source": self.source})
+        return parse_json_line(self._member(k, j, "json", where), {**where, "source": self.source})
 
 # %% ../nbs/01f_formats.ipynb #bc9838cd
 @patch
@@ -360,7 +360,7 @@ def load(self: WebDatasetShards, idx: int) -> dict:
     if self.text_key not in members:
         raise BadRecordError(f"sample {key!r} has no caption member {self.text_key!r}; its members are {sorted(members)}", **where)
     if self.text_field is not None:
-        text = _pick(self._json(k, j, where), (self.text_field,), str, where, required=True)
+        text = pick_field(self._json(k, j, where), (self.text_field,), str, where, required=True)
     else:
         try: text = self._member(k, j, self.text_key, where).decode("utf-8")
         except UnicodeDecodeError as e: raise BadRecordError(f"caption member {self.text_key!r} is not UTF-8 ({e})", **where) from None
@@ -452,7 +452,7 @@ class Conversations(MMDataset):
                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, allow_absolute_paths: bool = False,
                  max_line_bytes: int = MAX_LINE_BYTES, **kwargs):
         super().__init__(**kwargs)
-        self.path = _check_path(path)
+        self.path = check_path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.decode, self.max_image_pixels, self.allow_absolute_paths = decode, max_image_pixels, allow_absolute_paths
         self.max_line_bytes = check_max_line_bytes(max_line_bytes)
@@ -468,7 +468,7 @@ class Conversations(MMDataset):
     def load(self, idx: int) -> dict:
         "Conversation `idx` as `messages` with its images; one that cannot be read raises `BadRecordError`."
         where = dict(source=self.source, file=str(self.path), index=int(self._numbers[idx]), unit=self.unit)
-        obj = _parse_json_line(read_record(self.path, self._spans[idx], self.max_line_bytes, where), where)
+        obj = parse_json_line(read_record(self.path, self._spans[idx], self.max_line_bytes, where), where)
         messages, image_refs, video_list = conversation_messages(obj, where)
         images = [open_ref(r, self.image_root, decode=self.decode, max_image_pixels=self.max_image_pixels,
                            allow_absolute_paths=self.allow_absolute_paths, where=where) for r in image_refs]
@@ -486,12 +486,12 @@ class CocoCaptions(MMDataset):
                  decode: bool = True, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                  allow_absolute_paths: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.path = _check_path(path)
+        self.path = check_path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.per_image, self.decode, self.max_image_pixels = per_image, decode, max_image_pixels
         self.allow_absolute_paths = allow_absolute_paths
         with open_file(self.path) as f: raw = f.read()
-        try: obj = _parse_json_line(raw.removeprefix(UTF8_BOM), {})   # depth-checked, like every JSON record
+        try: obj = parse_json_line(raw.removeprefix(UTF8_BOM), {})   # depth-checked, like every JSON record
         except BadRecordError as e: raise ConfigError(f"{self.path}: not a readable COCO annotation file: {e.reason}") from None
         if not isinstance(obj.get("images"), list) or not isinstance(obj.get("annotations"), list):
             raise ConfigError(f"{self.path}: not a COCO annotation file (needs 'images' and 'annotations' lists)")
@@ -514,7 +514,7 @@ class CocoCaptions(MMDataset):
         numbers = self.groups[idx] if self.per_image else [idx]
         where = dict(source=self.source, file=str(self.path), index=numbers[0], unit="annotation")
         anns = [self.annotations[n] for n in numbers]
-        captions = [_pick(a, ("caption",), str, where, required=True) for a in anns]
+        captions = [pick_field(a, ("caption",), str, where, required=True) for a in anns]
         image_id = anns[0].get("image_id")
         if image_id not in self.files: raise BadRecordError(f"image_id {image_id!r} is not in 'images'", **where)
         if not isinstance(self.files[image_id], str): raise BadRecordError(f"image {image_id!r} has no file_name", **where)
@@ -551,14 +551,14 @@ def _metadata_rows(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> list[tup
             try: return [(n + 1, row) for n, row in enumerate(csv.DictReader(_csv_lines(f, path, max_line_bytes, at)))]
             except csv.Error as e: raise ConfigError(f"{path} line {at[0]}: not readable CSV ({e})") from None
     out = []
-    offsets, lines = _line_offsets(path, max_line_bytes)
+    offsets, lines = line_offsets(path, max_line_bytes)
     with open_local(path) as f:                              # one open for all its lines
         for off, line in zip(offsets.tolist(), lines.tolist()):
             f.seek(off)
             raw = f.readline(max_line_bytes + 1)
             try:
-                if len(raw) > max_line_bytes: raise _too_long("line", max_line_bytes, {})
-                out.append((line, _parse_json_line(raw, {})))   # depth-checked
+                if len(raw) > max_line_bytes: raise line_too_long("line", max_line_bytes, {})
+                out.append((line, parse_json_line(raw, {})))   # depth-checked
             except BadRecordError as e: out.append((line, e.reason))
     return out
 
@@ -619,8 +619,8 @@ def load(self: ImageFolder, idx: int) -> dict:
     meta_path, line, row = self.rows[idx]
     where = dict(source=self.source, file=str(meta_path), index=line, unit="line" if meta_path.suffix == ".jsonl" else "row")
     if isinstance(row, str): raise BadRecordError(row, **where)
-    name = _pick(row, ("file_name",), str, where, required=True)
-    text = _pick(row, (self.text_column,), str, where, required=True) if self.text_column else None
+    name = pick_field(row, ("file_name",), str, where, required=True)
+    text = pick_field(row, (self.text_column,), str, where, required=True) if self.text_column else None
     path = path_in_root(meta_path.parent, name, allow_absolute_paths=self.allow_absolute_paths, where=where)
     image = open_image(path, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
     extra = {k: v for k, v in row.items() if k not in ("file_name", self.text_column)}
@@ -637,16 +637,16 @@ for _name, _cls in (("parquet", ParquetImageText), ("jsonl", JsonlImageText), ("
 def _first_record(path: Path) -> dict | None:
     "The first record of a JSON/JSONL file (the first item of an array, the first line, or the whole object)."
     with open_local(path) as f:
-        _skip_bom(f)
+        skip_bom(f)
         first_line = f.readline(MAX_LINE_BYTES + 1)            # bounded: a file without newlines is not read whole
         f.seek(0)
         head = f.read(1 << 20).removeprefix(UTF8_BOM)
-    try: obj = _parse_json_line(first_line, {})     # nested too deeply, not JSON or not an object: no record
+    try: obj = parse_json_line(first_line, {})     # nested too deeply, not JSON or not an object: no record
     except BadRecordError: obj = None
     if isinstance(obj, dict): return obj
     text = head.decode("latin-1").lstrip()
     if text.startswith("["):
-        try: obj = json.JSONDecoder().raw_decode(text, _WS.match(text, 1).end())[0]
+        try: obj = json.JSONDecoder().raw_decode(text, JSON_WHITESPACE.match(text, 1).end())[0]
         except (ValueError, RecursionError): return None
         return obj if isinstance(obj, dict) else None
     if text.startswith("{") and (b'"annotations"' in head or b'"annotations"' in open_file(path).read()):

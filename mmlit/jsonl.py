@@ -18,8 +18,9 @@ from typing import Sequence
 import numpy as np
 
 # %% auto #0
-__all__ = ['UTF8_BOM', 'MAX_LINE_BYTES', 'JSONL_SUFFIXES', 'MAX_JSON_DEPTH', 'check_max_line_bytes', 'json_array_spans',
-           'json_records', 'read_record', 'json_depth']
+__all__ = ['UTF8_BOM', 'MAX_LINE_BYTES', 'JSON_WHITESPACE', 'JSONL_SUFFIXES', 'MAX_JSON_DEPTH', 'open_bytes', 'skip_bom',
+           'check_max_line_bytes', 'line_positions', 'line_offsets', 'line_too_long', 'read_line', 'check_path',
+           'json_array_spans', 'json_records', 'read_record', 'json_depth', 'parse_json_line']
 
 # %% ../nbs/01c_jsonl.ipynb #f793ca27
 from .core import BadRecordError, ConfigError
@@ -28,11 +29,11 @@ from .storage import Location, Store, as_location, check_regular_file, open_file
 # %% ../nbs/01c_jsonl.ipynb #ea6be655
 UTF8_BOM = b"\xef\xbb\xbf"
 
-def _open_bytes(path: Path):
+def open_bytes(path: Path):
     "Open a JSONL or text file to read bytes: the one place those sources open files."
     return open_file(path)
 
-def _skip_bom(f) -> int:
+def skip_bom(f) -> int:
     "Move `f` past a UTF-8 byte-order mark at its start; the number of bytes skipped (3 or 0)."
     if f.read(3) == UTF8_BOM: return 3
     f.seek(0)
@@ -46,7 +47,7 @@ def check_max_line_bytes(n) -> int:
     return n
 
 # %% ../nbs/01c_jsonl.ipynb #b7ef604f
-def _lines(f, max_line_bytes: int):
+def line_positions(f, max_line_bytes: int):
     "`(offset, line number, blank, too long)` of each line of the open file `f` from where it stands, read in bounded pieces."
     pos, i = f.tell(), 0
     while raw := f.readline(max_line_bytes + 1):
@@ -59,28 +60,28 @@ def _lines(f, max_line_bytes: int):
         i += 1
 
 # %% ../nbs/01c_jsonl.ipynb #5d8a596f
-def _line_offsets(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[np.ndarray, np.ndarray]:
+def line_offsets(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[np.ndarray, np.ndarray]:
     "Byte offsets and 0-based line numbers of the non-blank lines of `path` (a leading BOM is not part of line 0)."
     offs, lines = [], []
-    with _open_bytes(path) as f:
-        _skip_bom(f)
-        for pos, i, blank, _ in _lines(f, max_line_bytes):
+    with open_bytes(path) as f:
+        skip_bom(f)
+        for pos, i, blank, _ in line_positions(f, max_line_bytes):
             if not blank: offs.append(pos); lines.append(i)
     return np.asarray(offs, dtype=np.int64), np.asarray(lines, dtype=np.int64)
 
-def _too_long(what: str, max_line_bytes: int, where: dict | None) -> BadRecordError:
+def line_too_long(what: str, max_line_bytes: int, where: dict | None) -> BadRecordError:
     return BadRecordError(f"{what} longer than max_line_bytes={max_line_bytes} bytes (raise max_line_bytes= to read it)", **(where or {}))
 
 # %% ../nbs/01c_jsonl.ipynb #538aa029
-def _read_line(path: Path, offset: int, max_line_bytes: int = MAX_LINE_BYTES, where: dict | None = None) -> bytes:
+def read_line(path: Path, offset: int, max_line_bytes: int = MAX_LINE_BYTES, where: dict | None = None) -> bytes:
     "The line of `path` that starts at byte `offset`, its newline included; a longer one than `max_line_bytes` is a `BadRecordError`."
-    with _open_bytes(path) as f:
+    with open_bytes(path) as f:
         f.seek(offset)
         raw = f.readline(max_line_bytes + 1)
-    if len(raw) > max_line_bytes: raise _too_long("line", max_line_bytes, where)
+    if len(raw) > max_line_bytes: raise line_too_long("line", max_line_bytes, where)
     return raw
 
-def _check_path(path, store: Store | None = None) -> Path | Location:
+def check_path(path, store: Store | None = None) -> Path | Location:
     "`path` as a `Path` or `Location`; `FileNotFoundError` when no file is there, `NotRegularFile` for a FIFO, device or folder."
     p = as_location(path, store)
     if not isinstance(p, Location): check_regular_file(p)
@@ -88,15 +89,15 @@ def _check_path(path, store: Store | None = None) -> Path | Location:
     return p
 
 # %% ../nbs/01c_jsonl.ipynb #c01a7d51
-_WS = re.compile(r"[ \t\n\r]*")
+JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 def json_array_spans(path: str | Path) -> np.ndarray:
     "`[n, 2]` byte spans of the items of a JSON array file, found in one pass (each item is parsed once, then dropped)."
     text = as_location(path).read_bytes().decode("latin-1")     # one character per byte: positions are byte offsets
-    dec, i = json.JSONDecoder(), _WS.match(text, len(UTF8_BOM) if text.startswith(UTF8_BOM.decode("latin-1")) else 0).end()
+    dec, i = json.JSONDecoder(), JSON_WHITESPACE.match(text, len(UTF8_BOM) if text.startswith(UTF8_BOM.decode("latin-1")) else 0).end()
     if text[i:i + 1] != "[": raise ConfigError(f"{path}: not a JSON array (it starts with {text[i:i + 20]!r})")
-    i, spans = _WS.match(text, i + 1).end(), []
+    i, spans = JSON_WHITESPACE.match(text, i + 1).end(), []
     if text[i:i + 1] == "]": return np.zeros((0, 2), np.int64)
     while True:
         try: _, end = dec.raw_decode(text, i)
@@ -107,8 +108,8 @@ def json_array_spans(path: str | Path) -> np.ndarray:
             raise ConfigError(f"{path}: item {len(spans)} is nested too deeply for Python's JSON parser; "
                               "the items after it cannot be found") from None
         spans.append((i, end))
-        i = _WS.match(text, end).end()
-        if text[i:i + 1] == ",": i = _WS.match(text, i + 1).end()
+        i = JSON_WHITESPACE.match(text, end).end()
+        if text[i:i + 1] == ",": i = JSON_WHITESPACE.match(text, i + 1).end()
         elif text[i:i + 1] == "]": return np.asarray(spans, np.int64)
         else: raise ConfigError(f"{path}: expected ',' or ']' after item {len(spans) - 1} at byte {i}")
 
@@ -117,22 +118,22 @@ def json_records(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> tuple[np.n
     "Byte spans `[n, 2]` of the records of a JSONL file (end -1: to the line's end) or a JSON array, their numbers and unit."
     array = False
     if Path(path).suffix.lower() not in JSONL_SUFFIXES:   # a .jsonl file is lines, even when a line is an array
-        with _open_bytes(path) as f:
-            _skip_bom(f)
+        with open_bytes(path) as f:
+            skip_bom(f)
             array = f.read(4096).lstrip()[:1] == b"["
     if array:
         spans = json_array_spans(path)
         return spans, np.arange(len(spans)), "item"
-    offsets, lines = _line_offsets(path, max_line_bytes)
+    offsets, lines = line_offsets(path, max_line_bytes)
     return np.stack([offsets, np.full_like(offsets, -1)], axis=1), lines, "line"
 
 # %% ../nbs/01c_jsonl.ipynb #6fb53f95
 def read_record(path: Path, span: Sequence[int], max_line_bytes: int = MAX_LINE_BYTES, where: dict | None = None) -> bytes:
     "The bytes of one record of `json_records`; a record longer than `max_line_bytes` is a `BadRecordError`."
     start, end = int(span[0]), int(span[1])
-    if end < 0: return _read_line(path, start, max_line_bytes, where)
-    if end - start > max_line_bytes: raise _too_long("item", max_line_bytes, where)
-    with _open_bytes(path) as f:
+    if end < 0: return read_line(path, start, max_line_bytes, where)
+    if end - start > max_line_bytes: raise line_too_long("item", max_line_bytes, where)
+    with open_bytes(path) as f:
         f.seek(start)
         return f.read(end - start)
 
@@ -172,7 +173,7 @@ def _loads_on_fresh_stack(raw: bytes):
     return out["value"]
 
 # %% ../nbs/01c_jsonl.ipynb #3a02ef31
-def _parse_json_line(raw: bytes, where: dict) -> dict:
+def parse_json_line(raw: bytes, where: dict) -> dict:
     "Parse one JSONL line into a dict, or raise `BadRecordError` (not JSON, nested too deeply, not an object)."
     n_open = raw.count(b"[") + raw.count(b"{")          # a bound on the depth, counted in C
     depth = json_depth(raw) if n_open > _SHALLOW_JSON else n_open

@@ -26,7 +26,7 @@ __all__ = ['smart_resize', 'patchify', 'Qwen2VLPatcher', 'pretrained_patch_optio
 # %% ../nbs/02a_patches.ipynb #0e804549
 from .core import BadRecordError, ConfigError, MissingExtraError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_SUFFIXES, displayed_size
-from .preprocess import (DEFAULT_MAX_ASPECT_RATIO, ImagePreprocessor, Normalization, _image_processor_config, _pixel_options,
+from .preprocess import (DEFAULT_MAX_ASPECT_RATIO, ImagePreprocessor, Normalization, image_processor_config, pixel_options,
                               check_aspect_ratio, decode_rgb, get_normalization, open_checked)
 
 # %% ../nbs/02a_patches.ipynb #9d12ed69
@@ -163,12 +163,12 @@ def pretrained_patch_options(name: str | os.PathLike) -> dict:
     "`Qwen2VLPatcher` options (pixel budget, patch sizes, normalisation, filter) from a Qwen2-VL checkpoint's image processor config."
     from mmlit.hub import resolve_pretrained
     name = str(name)
-    c = _image_processor_config(resolve_pretrained(name, weights=False), name)
+    c = image_processor_config(resolve_pretrained(name, weights=False), name)
     size = c.get("size") if isinstance(c.get("size"), dict) else {}
     out = {k: int(c[k]) for k in ("patch_size", "merge_size", "temporal_patch_size") if c.get(k) is not None}
     for key, alt in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
         if (v := c.get(key, size.get(alt))) is not None: out[key] = int(v)
-    return {**out, **_pixel_options(c, name)}
+    return {**out, **pixel_options(c, name)}
 
 # %% ../nbs/02a_patches.ipynb #7084e756
 def sample_frame_indices(num_frames: int, max_frames: int = 16, mode: str = "uniform",

@@ -27,7 +27,8 @@ __all__ = ['NORMALIZATIONS', 'DEFAULT_MAX_ASPECT_RATIO', 'CROP_RULES', 'IMAGE_PR
            'shortest_side_size', 'cover_size', 'resize_shortest', 'resize', 'center_crop', 'center_crop_box',
            'resize_center_crop', 'random_crop', 'resize_crop', 'random_crop_box', 'random_resized_crop',
            'pad_to_square', 'hflip', 'move_boxes', 'move_points', 'crop_keeps_boxes', 'crop_keeps_box_words',
-           'color_jitter', 'ImagePreprocessor', 'image_preset', 'pretrained_image_options', 'pretrained_normalization']
+           'color_jitter', 'ImagePreprocessor', 'image_preset', 'image_processor_config', 'pixel_options',
+           'pretrained_image_options', 'pretrained_normalization']
 
 # %% ../nbs/02_preprocess.ipynb #09746351
 from PIL import Image, ImageEnhance
@@ -471,7 +472,7 @@ def image_preset(name: str = "clip", train: bool = False, **overrides) -> ImageP
     return ImagePreprocessor(**{**kw, **overrides})
 
 # %% ../nbs/02_preprocess.ipynb #9100580b
-def _image_processor_config(d: Path, name: str, required: bool = True) -> dict | None:
+def image_processor_config(d: Path, name: str, required: bool = True) -> dict | None:
     "The image processor settings saved in folder `d`: `preprocessor_config.json`, or `processor_config.json`'s `image_processor`."
     if (d / "preprocessor_config.json").is_file(): return json.loads((d / "preprocessor_config.json").read_text())
     if (d / "processor_config.json").is_file():
@@ -494,7 +495,7 @@ def _three(v, what: str, name: str) -> list[float]:
     return v
 
 # %% ../nbs/02_preprocess.ipynb #4a57d05e
-def _pixel_options(c: dict, name: str) -> dict:
+def pixel_options(c: dict, name: str) -> dict:
     "`normalize` and `resample` from an image processor config; a rescale other than 1/255 is a `ConfigError`."
     if not c.get("do_rescale", True) or not math.isclose(c.get("rescale_factor", 1 / 255), 1 / 255):
         raise ConfigError(f"{name}: the image processor scales pixels by {c.get('rescale_factor') if c.get('do_rescale', True) else 1}; "
@@ -508,7 +509,7 @@ def pretrained_image_options(name: str | os.PathLike) -> dict:
     "`size`, `fit`, `normalize` and `resample` for `ImagePreprocessor` from a pretrained checkpoint's image processor config."
     from mmlit.hub import resolve_pretrained
     name = str(name)
-    c = _image_processor_config(resolve_pretrained(name, weights=False), name)
+    c = image_processor_config(resolve_pretrained(name, weights=False), name)
     size = _hf_size(c.get("size"), "size", name)
     if c.get("do_center_crop"):
         crop = _hf_size(c.get("crop_size", c.get("size")), "crop_size", name)
@@ -520,11 +521,11 @@ def pretrained_image_options(name: str | os.PathLike) -> dict:
     elif isinstance(size, tuple): geometry = dict(size=size, fit="stretch")
     else: raise ConfigError(f"{name}: the image processor resizes the shortest side to {size} without a crop, so images keep "
                             "their aspect ratio and vary in size; a fixed-size ImagePreprocessor cannot give that")
-    return dict(geometry, **_pixel_options(c, name))
+    return dict(geometry, **pixel_options(c, name))
 
 # %% ../nbs/02_preprocess.ipynb #532de464
 def pretrained_normalization(name: str | os.PathLike) -> Normalization | None:
     "The mean and std of a pretrained checkpoint's image processor; `None` when it has no image processor config."
     from mmlit.hub import resolve_pretrained
-    c = _image_processor_config(resolve_pretrained(name, weights=False), str(name), required=False)
-    return None if c is None else get_normalization(_pixel_options(c, str(name))["normalize"])
+    c = image_processor_config(resolve_pretrained(name, weights=False), str(name), required=False)
+    return None if c is None else get_normalization(pixel_options(c, str(name))["normalize"])

@@ -33,7 +33,7 @@ __all__ = ['TEXT_COLUMNS', 'REGIONS', 'REPORT_FILES', 'PLOT_BORDER', 'ANSWERS_FI
 
 # %% ../nbs/07a_report.ipynb #8f8d0149
 from .storage import NotRegularFile, open_local, path_in_root
-from .viz import (SPIKE_FLOOR, SPIKE_K, SPIKE_WINDOW, RunDirError, _series, _wrap, finish, loss_spikes, metrics_frame,
+from .viz import (SPIKE_FLOOR, SPIKE_K, SPIKE_WINDOW, RunDirError, logged_series, wrap_lines, finish, loss_spikes, metrics_frame,
                        read_embeddings, read_run_file, replace_file, require_files, save_run_plots)
 
 # %% ../nbs/07a_report.ipynb #f5d422a1
@@ -137,7 +137,7 @@ def plot_bad_records(report, *, max_rows: int = 12, image_column: str = "image",
         where = f"{Path(b.get('file') or b.get('source', '?')).name} {b.get('unit', 'row')} {b['index']}"
         loader = f"[{b['loader']}] " if b.get("loader") else ""
         a_txt.text(0, 0.62, loader + where, fontsize=9, weight="bold", va="center", family="monospace")
-        a_txt.text(0, 0.25, "\n".join(_wrap(b["reason"], 110)[:2]), fontsize=8.5, va="center")
+        a_txt.text(0, 0.25, "\n".join(wrap_lines(b["reason"], 110)[:2]), fontsize=8.5, va="center")
     more = f" ({len(bads) - len(shown)} more not shown)" if len(bads) > len(shown) else ""
     fig.suptitle(f"{len(bads)} bad record{'s' if len(bads) != 1 else ''} skipped{more}", fontsize=11)
     return finish(fig, save)
@@ -286,7 +286,7 @@ def _ledger_rows(rows: pd.DataFrame, cols: Sequence[str]) -> str:
 
 # %% ../nbs/07a_report.ipynb #827c62ba
 def _spikes_section(m: pd.DataFrame, ledger: pd.DataFrame | None, no_ledger: str, max_spikes: int = 5, n: int = 5) -> str:
-    x, y = _series(m, "train/loss")
+    x, y = logged_series(m, "train/loss")
     rule = (f"<p>A step is a <b>loss spike</b> when its training loss is above the median of the {SPIKE_WINDOW} steps before it by "
             f"more than {SPIKE_K:g} × their robust spread (1.4826 × the median absolute deviation, and at least {SPIKE_FLOOR:.0%} of "
             "the median). The median follows the falling loss and the spread measures the batch-to-batch noise, so a step is "

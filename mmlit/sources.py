@@ -22,8 +22,8 @@ from fastcore.basics import patch
 from PIL import Image, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['AUTO', 'CAPTION_NAMES', 'IMAGE_NAMES', 'FRAME_SUFFIXES', 'PARQUET_ERRORS', 'pick_column', 'group_videos',
-           'check_frames', 'video_refs', 'jsonl_fields', 'JsonlImageText', 'expand_paths', 'TextCorpus',
+__all__ = ['AUTO', 'CAPTION_NAMES', 'IMAGE_NAMES', 'FRAME_SUFFIXES', 'PARQUET_ERRORS', 'pick_field', 'pick_column',
+           'group_videos', 'check_frames', 'video_refs', 'jsonl_fields', 'JsonlImageText', 'expand_paths', 'TextCorpus',
            'ParquetImageText', 'HFDataset', 'TorchDataset', 'TensorList', 'as_mm_dataset', 'open_source']
 
 # %% ../nbs/01c_sources.ipynb #99d4cc79
@@ -31,8 +31,8 @@ from .core import BadRecordError, ConfigError
 from .storage import Location, Store, as_location, as_store, check_regular_file, is_uri, path_in_root, special_file
 from .dataset import RECORD_KEYS, MMDataset, make_record
 from .images import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, displayed_size, load_image, open_image, open_image_cell
-from .jsonl import (MAX_LINE_BYTES, _check_path, _line_offsets, _lines, _open_bytes, _parse_json_line, _read_line, _skip_bom,
-                         _too_long, check_max_line_bytes, json_records, read_record)
+from .jsonl import (MAX_LINE_BYTES, check_path, line_offsets, line_positions, open_bytes, parse_json_line, read_line, skip_bom,
+                         line_too_long, check_max_line_bytes, json_records, read_record)
 
 # %% ../nbs/01c_sources.ipynb #b71233a3
 def _str_list(v, name: str, where: dict) -> list[str]:
@@ -43,7 +43,7 @@ def _str_list(v, name: str, where: dict) -> list[str]:
     raise BadRecordError(f"field '{name}' must be a string or a list of strings, got {type(v).__name__}", **where)
 
 # %% ../nbs/01c_sources.ipynb #9a53b407
-def _pick(obj: dict, names: Sequence[str], types, where: dict, required: bool = False):
+def pick_field(obj: dict, names: Sequence[str], types, where: dict, required: bool = False):
     "The first of `names` present in `obj`, type-checked; `None` if absent and not required."
     for n in names:
         if n in obj and obj[n] is not None:
@@ -125,7 +125,7 @@ def _first_object(path: Path, spans: np.ndarray, numbers: np.ndarray, limit: int
                   max_line_bytes: int = MAX_LINE_BYTES) -> tuple[dict | None, int]:
     "The first of the first `limit` records that parses as a JSON object, and its number (`None, -1` if none)."
     for span, n in zip(spans[:limit].tolist(), numbers[:limit].tolist()):
-        try: return _parse_json_line(read_record(path, span, max_line_bytes), {}), n
+        try: return parse_json_line(read_record(path, span, max_line_bytes), {}), n
         except BadRecordError: continue
     return None, -1
 
@@ -156,7 +156,7 @@ class JsonlImageText(MMDataset):
                  image_field: str | None = AUTO, allow_absolute_paths: bool = False,
                  max_line_bytes: int = MAX_LINE_BYTES, **kwargs):
         super().__init__(**kwargs)
-        self.path = _check_path(path, self.store)
+        self.path = check_path(path, self.store)
         self.image_root = as_location(image_root, self.store) if image_root is not None else self.path.parent
         self.decode, self.max_image_pixels, self.allow_absolute_paths = decode, max_image_pixels, allow_absolute_paths
         self.max_line_bytes = check_max_line_bytes(max_line_bytes)
@@ -174,15 +174,15 @@ class JsonlImageText(MMDataset):
     def load(self, idx: int) -> dict:
         "Record `idx`, read and checked; a record that cannot be read raises `BadRecordError`."
         where = dict(source=self.source, file=str(self.path), index=int(self._lines[idx]), unit=self.unit)
-        obj = _parse_json_line(read_record(self.path, self._spans[idx], self.max_line_bytes, where), where)
-        text = _pick(obj, self.text_fields, str, where, required=True)
+        obj = parse_json_line(read_record(self.path, self._spans[idx], self.max_line_bytes, where), where)
+        text = pick_field(obj, self.text_fields, str, where, required=True)
         cell = next((obj[k] for k in self.image_fields if obj.get(k) is not None), None)
         images = _str_list(cell, "image", where)
         paths = [path_in_root(self.image_root, p, allow_absolute_paths=self.allow_absolute_paths, where=where) for p in images]
         opened = [open_image(p, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where) for p in paths]
         image = opened if isinstance(cell, list) else (opened[0] if opened else None)
         negatives = _str_list(obj.get("negatives", obj.get("negative")), "negatives", where)
-        task = _pick(obj, ("task",), str, where)
+        task = pick_field(obj, ("task",), str, where)
         video = video_refs(obj.get("video", obj.get("videos")), self.image_root, where, self.allow_absolute_paths)
         return make_record(text, image, negatives, task, _messages(obj.get("messages"), where), where,
                            **({"video": video} if video else {}))
@@ -206,9 +206,9 @@ def expand_paths(paths, suffixes: Sequence[str] = (), store: Store | None = None
 def _text_spans(path: Path, split: str, max_line_bytes: int = MAX_LINE_BYTES) -> list[tuple[int, int, int, int]]:
     "(start, end, first line, too long) byte spans of the documents of a text file; too long: a line of it is over `max_line_bytes`."
     spans, start, first, long, end = [], None, 0, False, 0
-    with _open_bytes(path) as f:
-        _skip_bom(f)                                     # a BOM is not part of the first document
-        for pos, i, blank, too_long in _lines(f, max_line_bytes):
+    with open_bytes(path) as f:
+        skip_bom(f)                                     # a BOM is not part of the first document
+        for pos, i, blank, too_long in line_positions(f, max_line_bytes):
             if split == "line" or blank:                 # the document before this line (if any) ends here
                 if start is not None: spans.append((start, pos, first, long)); start = None
             if not blank and start is None: start, first, long = pos, i, False
@@ -230,7 +230,7 @@ class TextCorpus(MMDataset):
         rows = []  # (file number, start, end, line, too long)
         for k, f in enumerate(self.files):
             if f.suffix == ".jsonl":
-                offs, lines = _line_offsets(f, self.max_line_bytes)
+                offs, lines = line_offsets(f, self.max_line_bytes)
                 rows += [(k, o, -1, l, 0) for o, l in zip(offs.tolist(), lines.tolist())]
             else:
                 rows += [(k, s, e, l, long) for s, e, l, long in _text_spans(f, split, self.max_line_bytes)]
@@ -248,10 +248,10 @@ class TextCorpus(MMDataset):
         f = self.files[k]
         where = dict(source=self.source, file=str(f), index=line, unit="line")
         if end < 0:
-            text = _pick(_parse_json_line(_read_line(f, start, self.max_line_bytes, where), where), (self.field,), str, where, required=True)
-        elif long: raise _too_long("document with a line", self.max_line_bytes, where)
+            text = pick_field(parse_json_line(read_line(f, start, self.max_line_bytes, where), where), (self.field,), str, where, required=True)
+        elif long: raise line_too_long("document with a line", self.max_line_bytes, where)
         else:
-            with _open_bytes(f) as fh:
+            with open_bytes(f) as fh:
                 fh.seek(start)
                 raw = fh.read(end - start)
             try: text = raw.decode("utf-8")
@@ -411,14 +411,14 @@ def load(self: ParquetImageText, idx: int) -> dict:
         raise BadRecordError(f"row group {self._rg_index[g]} is unreadable ({type(e).__name__}: {e})", **where) from None
     i = idx - self._starts[g]
     row = {c: v[i] for c, v in cols.items()}
-    text = _pick(row, (self.text_column,), str, where, required=True)
+    text = pick_field(row, (self.text_column,), str, where, required=True)
     image = None
     if self.image_column is not None:              # plain paths and {path} structs: inside the shard's folder
         image = open_image_cell(row.get(self.image_column), self.image_column, root=self.files[k].parent,
                                 decode=self.decode, max_image_pixels=self.max_image_pixels,
                                 allow_absolute_paths=self.allow_absolute_paths, where=where)
     negatives = _str_list(row.get(self.negatives_column), "negatives", where) if self.negatives_column in row else []
-    task = _pick(row, (self.task_column,), str, where) if self.task_column in row else None
+    task = pick_field(row, (self.task_column,), str, where) if self.task_column in row else None
     messages = _messages(row.get(self.messages_column), where) if self.messages_column in row else None
     return make_record(text, image, negatives, task, messages, {**where, **{c: row[c] for c in self.meta_columns}})
 
@@ -458,12 +458,12 @@ class HFDataset(MMDataset):
             raise BadRecordError("cannot read row (UnidentifiedImageError: unknown or corrupt image format)", **where) from None
         except DECODE_ERRORS as e:
             raise BadRecordError(f"cannot read row ({type(e).__name__}: {e})", **where) from None
-        text = _pick(row, (self.text_column,), str, where, required=True)
+        text = pick_field(row, (self.text_column,), str, where, required=True)
         image = None
         if self.image_column is not None and row.get(self.image_column) is not None:
             image = self._image(row[self.image_column], where)
         negatives = _str_list(row.get(self.negatives_column), "negatives", where) if self.negatives_column else []
-        task = _pick(row, (self.task_column,), str, where) if self.task_column else None
+        task = pick_field(row, (self.task_column,), str, where) if self.task_column else None
         return make_record(text, image, negatives, task, None, where)
 
     def _image(self, v, where):

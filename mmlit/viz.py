@@ -26,11 +26,11 @@ from .preprocess import Normalization, get_normalization
 
 # %% auto #0
 __all__ = ['STEP_KEYS', 'SPIKE_WINDOW', 'SPIKE_K', 'SPIKE_FLOOR', 'LOSS_PARTS', 'TOKEN_COLORS', 'RunDirError', 'RunFileError',
-           'metrics_frame', 'read_run_file', 'replace_file', 'finish', 'loss_spikes', 'plot_training_curves',
-           'plot_loss_components', 'plot_lr_schedule', 'read_embeddings', 'project_2d', 'plot_embedding_space',
-           'plot_similarity_matrix', 'mrl_table', 'plot_mrl_performance', 'require_files', 'save_run_plots',
-           'unnormalize', 'unpatchify', 'batch_images', 'decode_text', 'batch_captions', 'show_images', 'token_table',
-           'plot_tokens', 'batch_digest', 'write_batch_views']
+           'metrics_frame', 'logged_series', 'read_run_file', 'replace_file', 'finish', 'loss_spikes',
+           'plot_training_curves', 'plot_loss_components', 'plot_lr_schedule', 'read_embeddings', 'project_2d',
+           'plot_embedding_space', 'plot_similarity_matrix', 'mrl_table', 'plot_mrl_performance', 'require_files',
+           'save_run_plots', 'unnormalize', 'unpatchify', 'batch_images', 'decode_text', 'batch_captions',
+           'show_images', 'wrap_lines', 'token_table', 'plot_tokens', 'batch_digest', 'write_batch_views']
 
 # %% ../nbs/07_viz.ipynb #eba3bc0a
 class RunDirError(MmlitError, FileNotFoundError):
@@ -59,7 +59,7 @@ def metrics_frame(metrics: pd.DataFrame | Sequence[Mapping] | str | Path) -> pd.
     return df.reset_index(drop=True)
 
 # %% ../nbs/07_viz.ipynb #9730231b
-def _series(df: pd.DataFrame, key: str) -> tuple[np.ndarray, np.ndarray]:
+def logged_series(df: pd.DataFrame, key: str) -> tuple[np.ndarray, np.ndarray]:
     "Steps and values of the rows where `key` was logged."
     if key not in df.columns: return np.zeros(0), np.zeros(0)
     rows = df[key].notna()
@@ -132,14 +132,14 @@ def plot_training_curves(metrics, save: str | Path | None = None, spikes: bool =
     df = metrics_frame(metrics)
     _require(df, ["train/loss", "val/loss"], "plot_training_curves")
     fig, ax = plt.subplots(figsize=(7, 4))
-    x, y = _series(df, "train/loss")
+    x, y = logged_series(df, "train/loss")
     if len(x):
         ax.plot(x, y, color="C0", alpha=0.4, lw=1, label="train loss")
         w = max(1, len(y) // 10)
         if w > 1: ax.plot(x, pd.Series(y).rolling(w, min_periods=1).mean(), color="C0", lw=2, label=f"train loss (running mean of {w})")
         sp = loss_spikes(x, y) if spikes else []
         if len(sp): ax.scatter(sp["step"], sp["loss"], marker="v", s=46, color="#d62728", zorder=3, label=f"loss spike ({len(sp)})")
-    x, y = _series(df, "val/loss")
+    x, y = logged_series(df, "val/loss")
     if len(x): ax.plot(x, y, "o-", color="C3", lw=2, label="validation loss")
     ax.set(xlabel="step", ylabel="loss", title="Training curves")
     ax.grid(alpha=0.3); ax.legend()
@@ -155,9 +155,9 @@ def plot_loss_components(metrics, save: str | Path | None = None) -> Figure:
     if not parts: _require(df, [f"train/{k}" for k, _ in LOSS_PARTS], "plot_loss_components")
     fig, axes = plt.subplots(1, len(parts), figsize=(4.2 * len(parts), 3.6), squeeze=False)
     for ax, (k, name) in zip(axes[0], parts):
-        x, y = _series(df, f"train/{k}")
+        x, y = logged_series(df, f"train/{k}")
         if len(x): ax.plot(x, y, color="C0", lw=1.2, label="train")
-        x, y = _series(df, f"val/{k}")
+        x, y = logged_series(df, f"val/{k}")
         if len(x): ax.plot(x, y, "o-", color="C3", lw=2, label="validation")
         ax.set(xlabel="step", ylabel="loss", title=f"{name} loss")
         ax.grid(alpha=0.3); ax.legend()
@@ -169,7 +169,7 @@ def plot_lr_schedule(metrics, save: str | Path | None = None) -> Figure:
     df = metrics_frame(metrics)
     _require(df, ["train/lr"], "plot_lr_schedule")
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    x, y = _series(df, "train/lr")
+    x, y = logged_series(df, "train/lr")
     ax.plot(x, y, color="C2", lw=2)
     ax.set(xlabel="step", ylabel="learning rate", title="Learning-rate schedule", ylim=(0, y.max() * 1.08))
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
@@ -412,11 +412,12 @@ def show_images(batch: Mapping, tokenizer=None, *, normalize: str | Normalizatio
     for ax, (i, x) in zip(axes.flat, ims):
         ax.imshow(x.permute(1, 2, 0).numpy())
         cap = "" if captions is None else captions[i]
-        ax.set_title(f"[{i}] " + "\n".join(_wrap(cap, 34)[:3]), fontsize=8, loc="left")
+        ax.set_title(f"[{i}] " + "\n".join(wrap_lines(cap, 34)[:3]), fontsize=8, loc="left")
     return finish(fig, save)
 
 # %% ../nbs/07_viz.ipynb #90a4538a
-def _wrap(text: str, width: int) -> list[str]:
+def wrap_lines(text: str, width: int) -> list[str]:
+    "`text` wrapped to lines of at most `width` characters; at least one line."
     import textwrap
     return textwrap.wrap(text, width) or [""]
 
