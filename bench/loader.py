@@ -105,10 +105,14 @@ WDS = {"wds-mmlit-0": "mmlit tar shards, 0 workers", "wds-mmlit-2": "mmlit tar s
        "wds-plain-0": "webdataset plain, 0 workers", "wds-plain-2": "webdataset plain, 2 workers",
        "wds-tuned-0": "webdataset hand-tuned, 0 w", "wds-tuned-2": "webdataset hand-tuned, 2 w"}   # timing only
 WDS_SHARDS = 4
-PEERS = {"loop": "plain loop, bytes in memory", "peer-mmlit-0": "mmlit over Parquet, 0 w", "peer-mmlit-2": "mmlit over Parquet, 2 w",
+PEERS = {"loop": "plain loop, bytes in memory", "loop-parquet": "plain loop, Parquet + batches",
+         "peer-mmlit-0": "mmlit over Parquet, 0 w", "peer-mmlit-2": "mmlit over Parquet, 2 w",
+         "peer-wds-mmlit-0": "mmlit over tar shards, 0 w", "peer-wds-mmlit-2": "mmlit over tar shards, 2 w",
          "litdata-0": "litdata, 0 w", "litdata-2": "litdata, 2 w", "mds-0": "MosaicML streaming, 0 w",
          "mds-2": "MosaicML streaming, 2 w", "wdspkg-0": "webdataset package, 0 w", "wdspkg-2": "webdataset package, 2 w"}
+MMLIT_PEERS = {"peer-mmlit": "mmlit over Parquet", "peer-wds-mmlit": "mmlit over tar shards"}
 RESUME = {"peer-mmlit": "exact mid-epoch resume: yes (loader state_dict; tested in tests/test_loader.py)",
+          "peer-wds-mmlit": "exact mid-epoch resume: yes (loader state_dict; WebDatasetShards reads by index)",
           "litdata": "mid-epoch resume: StreamingDataLoader.state_dict (documented)",
           "mds": "mid-epoch resume: StreamingDataLoader / StreamingDataset.state_dict (documented)",
           "wdspkg": "mid-epoch resume: none (an IterableDataset restarts its shards)"}
@@ -457,7 +461,7 @@ def stack(xs: list) -> dict:
 
 
 def peer_loader(name: str, tmp: Path, bs: int, transform):
-    "Loader `name` (`peer-mmlit`, `litdata`, `mds`, `wdspkg`) over the photos, `transform(bytes) -> pixels` applied per sample."
+    "Loader `name` (`peer-mmlit`, `peer-wds-mmlit`, `litdata`, `mds`, `wdspkg`) over the photos, `transform(bytes) -> pixels` per sample."
     import torch
     from torch.utils.data import DataLoader
     kind, _, w = name.rpartition("-"); workers = int(w)
@@ -468,6 +472,12 @@ def peer_loader(name: str, tmp: Path, bs: int, transform):
         return make_loader(ParquetImageText(tmp / "photos.parquet", decode=False),
                            LoaderConfig(batch_size=bs, num_workers=workers, seed=0, train=False),
                            transform=lambda rec, rng: sample(rec["meta"]["index"], rec["image"]))
+    if kind == "peer-wds-mmlit":                          # the same tar shards the webdataset package reads
+        from mmlit.formats import WebDatasetShards
+        from mmlit.loader import LoaderConfig, make_loader
+        return make_loader(WebDatasetShards(shard_pattern(tmp), decode=False),
+                           LoaderConfig(batch_size=bs, num_workers=workers, seed=0, train=False),
+                           transform=lambda rec, rng: sample(rec["meta"]["key"], rec["image"]))
     if kind == "litdata":
         import litdata
         class Photos(litdata.StreamingDataset):
@@ -501,6 +511,11 @@ def measure_peer(name: str, tmp: Path, bs: int) -> dict:
         blobs = pq.read_table(tmp / "photos.parquet", columns=["image"]).column("image").to_pylist()
         n, secs, cpu = timed_cpu(lambda: sum(len(transform(b)) > 0 for b in blobs))
         return {"config": name, "images": n, "images_per_s": n / secs, "cpu_s": cpu, "batches": None}
+    if name == "loop-parquet":                            # what a loader does, with no machinery: read row groups, stack batches
+        import pyarrow.parquet as pq
+        pf = pq.ParquetFile(tmp / "photos.parquet")       # its footer read before the clock starts, as mmlit's
+        n, secs, cpu = timed_cpu(lambda: parquet_loop(pf, bs, transform))
+        return {"config": name, "images": n, "images_per_s": n / secs, "cpu_s": cpu, "batches": None}
     try: ld = peer_loader(name, tmp, bs, transform)
     except Exception as e: return {"config": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     order = []
@@ -509,6 +524,17 @@ def measure_peer(name: str, tmp: Path, bs: int) -> dict:
         return sum(map(len, order))
     n, secs, cpu = timed_cpu(drain_ordered)
     return {"config": name, "images": n, "images_per_s": n / secs, "cpu_s": cpu, "batches": order}
+
+
+def parquet_loop(pf, bs: int, transform) -> int:
+    "The plain loop over an open `pq.ParquetFile`: each row group read, its bytes transformed, batches of `bs` stacked; images."
+    import torch
+    n, pending = 0, []
+    for g in range(pf.num_row_groups):
+        for b in pf.read_row_group(g, columns=["image"], use_threads=False).column("image").to_pylist():
+            pending.append(transform(b))
+            if len(pending) == bs: n += len(torch.stack(pending)); pending = []
+    return n + (len(torch.stack(pending)) if pending else 0)
 
 
 def run_peer(name: str, tmp: Path, bs: int, python: str) -> dict:
@@ -543,28 +569,37 @@ def cpu_model() -> str:
 
 
 def print_peers(best: dict, status: dict, n: int, bs: int, repeat: int, python: str) -> None:
-    "The peers table: images/s and CPU per image at 0 and 2 workers, what each guarantees, mmlit's ratios."
+    "The peers table: images/s and CPU per image at 0 and 2 workers, what each guarantees, mmlit's ratios (wall and CPU)."
     f = {k: r.get("images_per_s") for k, r in best.items()}
+    cpu = {k: 1e6 * r["cpu_s"] / n for k, r in best.items() if "cpu_s" in r}   # us per image, the process and its workers
     print(f"[{cpu_model()}, {os.cpu_count()} cores; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; torch threads 1]")
     print(f"{n} JPEG photos ~500x375 -> 224x224 uint8 batches of {bs}, the same mmlit transform in every loader "
           f"(best of {repeat} round-robin runs; images/s is wall, CPU is the process and its workers; {python})")
-    print(f"  {PEERS['loop']:30} {f['loop']:8.0f} images/s   CPU {1e6 * best['loop']['cpu_s'] / n:5.0f} us/image")
-    for kind in ("peer-mmlit", "litdata", "mds", "wdspkg"):
+    for k in ("loop", "loop-parquet"):
+        if "error" in best[k]: print(f"  {PEERS[k]:30} failed: {best[k]['error']}"); continue
+        print(f"  {PEERS[k]:30} {f[k]:8.0f} images/s   CPU {cpu[k]:5.0f} us/image")
+    for kind in (*MMLIT_PEERS, "litdata", "mds", "wdspkg"):
         version = status.get(kind, "")
         if version.startswith("error"): print(f"  {PEERS[kind + '-0'].rsplit(',', 1)[0]}: cannot import ({version[7:]})"); continue
         for w in (0, 2):
             r = best[f"{kind}-{w}"]
             if "error" in r: print(f"  {PEERS[r['config']]:30} failed: {r['error']}"); continue
-            print(f"  {PEERS[r['config']]:30} {r['images_per_s']:8.0f} images/s   CPU {1e6 * r['cpu_s'] / n:5.0f} us/image")
+            print(f"  {PEERS[r['config']]:30} {r['images_per_s']:8.0f} images/s   CPU {cpu[r['config']]:5.0f} us/image")
         a, b = best[f"{kind}-0"].get("batches"), best[f"{kind}-2"].get("batches")
         same = "yes" if a is not None and a == b else "NO" if a is not None and b is not None else "?"
-        print(f"    {version or 'mmlit'}: the same batches with 0 and 2 workers here: {same}; {RESUME[kind]}")
-    for w in (0, 2):
-        m = f.get(f"peer-mmlit-{w}")
-        ratios = [f"{PEERS[f'{k}-{w}'].rsplit(',', 1)[0]} {m / f[f'{k}-{w}']:.2f}x" for k in ("litdata", "mds", "wdspkg")
-                  if m and f.get(f"{k}-{w}")]
-        print(f"  {w} workers: mmlit over Parquet / " + ", ".join(ratios) + "   (goal >= 1.1)")
-    if f.get("peer-mmlit-0"): print(f"  mmlit over Parquet, 0 workers / plain loop  {f['peer-mmlit-0'] / f['loop']:.2f}x   (goal >= 0.95)")
+        print(f"    {version or MMLIT_PEERS[kind]}: the same batches with 0 and 2 workers here: {same}; {RESUME[kind]}")
+    label = lambda k, w: PEERS[f"{k}-{w}"].rsplit(",", 1)[0]
+    for kind, name in MMLIT_PEERS.items():
+        for w in (0, 2):
+            m, peers = f"{kind}-{w}", [f"{k}-{w}" for k in ("litdata", "mds", "wdspkg")]
+            if not f.get(m): print(f"  {w} workers: {name}: no figure"); continue
+            print(f"  {w} workers: {name} / " + ", ".join(f"{label(p[:-2], w)} {f[m] / f[p]:.2f}x" for p in peers if f.get(p))
+                  + "   (goal >= 1.1); by CPU per image: " + ", ".join(f"{cpu[p] / cpu[m]:.2f}x" for p in peers if p in cpu))
+        m = f"{kind}-0"
+        for loop in ("loop", "loop-parquet"):
+            if f.get(m) and f.get(loop):
+                print(f"  {name}, 0 workers / {PEERS[loop]}  {f[m] / f[loop]:.2f}x, by CPU per image {cpu[loop] / cpu[m]:.2f}x"
+                      + ("   (goal >= 0.95)" if loop == "loop" else ""))
 
 
 def main():
