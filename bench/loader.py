@@ -53,12 +53,22 @@ uint8, batched inside the pipeline) — with 0 and 2 workers (timing only).
 
 A peers section (`--section peers`; also at the end of a full run) reads the same photos through
 litdata (`optimize` + `StreamingDataLoader`), MosaicML streaming (`MDSWriter` + `StreamingDataset`), the
-`webdataset` package and mmlit (over Parquet), every one with the same mmlit image transform (so only
-the loading machinery differs), at 0 and 2 workers, beside a plain loop that calls the transform
-with no loader at all; round robin, best of `--repeat`. It prints what each one guarantees: whether
-0 and 2 workers gave the same batches in this run (measured), and exact mid-epoch resume (documented
-by each project; mmlit's is tested in tests/test_loader.py). A peer that cannot be imported is
-printed as such, with the error.
+`webdataset` package and mmlit (over Parquet, and over the tar shards the `webdataset` package reads),
+every one with the same mmlit image transform (so only the loading machinery differs), at 0 and 2
+workers, beside two plain loops with no loader at all: one calls the transform on bytes already in
+memory (no reading, no batches), the other reads the Parquet row groups with pyarrow and stacks batches
+(what any loader must do, without its machinery); round robin, best of `--repeat`. Each mmlit ratio is
+printed by wall time and by CPU per image (the process and its workers: steadier than wall time when
+other jobs share the cores). It prints what each one guarantees: whether 0 and 2 workers gave the same
+batches in this run (measured), and exact mid-epoch resume (documented by each project; mmlit's is
+tested in tests/test_loader.py). A peer that cannot be imported is printed as such, with the error.
+
+An overhead section (`--section overhead`, one process, mmlit only) builds mmlit's 0-worker path up
+stage by stage from the plain loop — + the Parquet read (`ParquetImageText.get`: row groups, records),
++ a seeded generator per sample (`DeterministicDataset`), + batches (`default_collate`), + the loader
+itself (`make_loader`: sampler, step fetch, skip-aware collate, timings, skip report) — the stages
+taking turns batch by batch (so a change of load hits all alike), and prints the thread CPU per image
+of each and what each stage adds.
 
 The peers live in their own environment, apart from mmlit's (mosaicml-streaming pins
 transformers<5, and the registry's torchvision, which it imports, is a CUDA build that does not
@@ -74,11 +84,40 @@ MosaicML streaming's package imports its `streaming.vision` datasets (torchvisio
 torchvision does not import, that subpackage (unused here) is replaced by an empty module and the
 output says so.
 
+Measured on a 2-core Intel Xeon shared with other jobs (2026-12-07, load average 5-10 throughout, so
+wall-time figures swing up to 2x between runs; CPU per image is the steadier measure; --n 1000 --repeat 3):
+
+- peers, CPU us per image (0 w / 2 w): plain loop in memory 1330; plain loop over Parquet + batches 1520;
+  mmlit over Parquet 1590 / 1830; mmlit over tar shards 1550 / 1850; litdata 1520 / 1960; MosaicML
+  streaming 2090 / 2130; webdataset package 1580 / 2120. By CPU, mmlit over Parquet is 0.96x litdata,
+  1.31x MosaicML, 0.99x webdataset at 0 workers and 1.07x, 1.16x, 1.16x at 2; over tar shards 0.98x,
+  1.35x, 1.02x and 1.06x, 1.15x, 1.15x (goal >= 1.1 at both worker counts: met against MosaicML at
+  both, against webdataset at 2 workers only, against litdata never). mmlit over Parquet at 0 workers
+  is 0.84x the plain loop in memory by CPU (goal >= 0.95) and 0.96x the plain loop over Parquet.
+  Wall-time ratios of that run ranged from 0.49x to 1.88x (load). The same batches with 0 and 2 workers:
+  mmlit (both sources) and MosaicML yes, litdata and webdataset no. An earlier run at load ~10: mmlit over
+  Parquet 1740 / 2090 us, litdata 1570 / 2030, MosaicML 2300 / 2520, webdataset 1920 / 2430, loop 1420.
+- where mmlit's 0-worker time goes (`--section overhead`, thread CPU us per image, median of 5 epochs,
+  two runs): plain loop 1374 / 1318; + Parquet read +174 / +157; + a generator per sample +23 / -9;
+  + batches +18 / +53; + the loader itself +4 / +14; in all 0.86x / 0.86x the plain loop. The loader's
+  own machinery (sampler, step fetch, skip report, timings) is under 1%; most of the gap is the Parquet
+  read: row-group decompression and dictionary decoding, each group's images copied into Python bytes
+  at once, and Arrow's scratch memory handed back to the OS after each group and faulted in again at the
+  next. Two read variants measured in the same way, not adopted because each keeps memory the current
+  reader hands back: the image column kept as an Arrow array with one `as_py()` per image (+108 us
+  instead of +219 in that run), and Arrow's scratch memory kept (+118 us). The generator is two
+  SeedSequence hashes per sample (~20 us alone); batching is default_collate's copy into a new batch.
+- main table, before and after these bench changes (the library unchanged; two runs): mmlit / HF
+  hand-tuned 1.50x / 1.26x at 0 workers, 1.34x / 1.65x at 2; 2 workers / 0 workers 0.86x / 1.06x with
+  the 2-process ceiling at 1.00x / 0.93x; CPU per image mmlit 1740 / 1600 us (0 w), 2080 / 1870 (2 w),
+  HF hand-tuned 2240 / 1850 and 2690 / 2330; 2-worker peak PSS / HF hand-tuned 1.04x / 1.10x.
+
     python bench/loader.py            # quick: 384 images
     python bench/loader.py --n 2000   # steadier figures
     python bench/loader.py --section main --n 1000   # the Parquet table only (no tar shards, no peers)
     python bench/loader.py --section webdataset   # the tar-shard section only
     python bench/loader.py --section peers        # the peers section only
+    python bench/loader.py --section overhead     # mmlit's 0-worker path stage by stage against the plain loop
 """
 import argparse
 import contextlib
@@ -105,10 +144,14 @@ WDS = {"wds-mmlit-0": "mmlit tar shards, 0 workers", "wds-mmlit-2": "mmlit tar s
        "wds-plain-0": "webdataset plain, 0 workers", "wds-plain-2": "webdataset plain, 2 workers",
        "wds-tuned-0": "webdataset hand-tuned, 0 w", "wds-tuned-2": "webdataset hand-tuned, 2 w"}   # timing only
 WDS_SHARDS = 4
-PEERS = {"loop": "plain loop, bytes in memory", "peer-mmlit-0": "mmlit over Parquet, 0 w", "peer-mmlit-2": "mmlit over Parquet, 2 w",
+PEERS = {"loop": "plain loop, bytes in memory", "loop-parquet": "plain loop, Parquet + batches",
+         "peer-mmlit-0": "mmlit over Parquet, 0 w", "peer-mmlit-2": "mmlit over Parquet, 2 w",
+         "peer-wds-mmlit-0": "mmlit over tar shards, 0 w", "peer-wds-mmlit-2": "mmlit over tar shards, 2 w",
          "litdata-0": "litdata, 0 w", "litdata-2": "litdata, 2 w", "mds-0": "MosaicML streaming, 0 w",
          "mds-2": "MosaicML streaming, 2 w", "wdspkg-0": "webdataset package, 0 w", "wdspkg-2": "webdataset package, 2 w"}
+MMLIT_PEERS = {"peer-mmlit": "mmlit over Parquet", "peer-wds-mmlit": "mmlit over tar shards"}
 RESUME = {"peer-mmlit": "exact mid-epoch resume: yes (loader state_dict; tested in tests/test_loader.py)",
+          "peer-wds-mmlit": "exact mid-epoch resume: yes (loader state_dict; WebDatasetShards reads by index)",
           "litdata": "mid-epoch resume: StreamingDataLoader.state_dict (documented)",
           "mds": "mid-epoch resume: StreamingDataLoader / StreamingDataset.state_dict (documented)",
           "wdspkg": "mid-epoch resume: none (an IterableDataset restarts its shards)"}
@@ -457,7 +500,7 @@ def stack(xs: list) -> dict:
 
 
 def peer_loader(name: str, tmp: Path, bs: int, transform):
-    "Loader `name` (`peer-mmlit`, `litdata`, `mds`, `wdspkg`) over the photos, `transform(bytes) -> pixels` applied per sample."
+    "Loader `name` (`peer-mmlit`, `peer-wds-mmlit`, `litdata`, `mds`, `wdspkg`) over the photos, `transform(bytes) -> pixels` per sample."
     import torch
     from torch.utils.data import DataLoader
     kind, _, w = name.rpartition("-"); workers = int(w)
@@ -468,6 +511,12 @@ def peer_loader(name: str, tmp: Path, bs: int, transform):
         return make_loader(ParquetImageText(tmp / "photos.parquet", decode=False),
                            LoaderConfig(batch_size=bs, num_workers=workers, seed=0, train=False),
                            transform=lambda rec, rng: sample(rec["meta"]["index"], rec["image"]))
+    if kind == "peer-wds-mmlit":                          # the same tar shards the webdataset package reads
+        from mmlit.formats import WebDatasetShards
+        from mmlit.loader import LoaderConfig, make_loader
+        return make_loader(WebDatasetShards(shard_pattern(tmp), decode=False),
+                           LoaderConfig(batch_size=bs, num_workers=workers, seed=0, train=False),
+                           transform=lambda rec, rng: sample(rec["meta"]["key"], rec["image"]))
     if kind == "litdata":
         import litdata
         class Photos(litdata.StreamingDataset):
@@ -501,6 +550,11 @@ def measure_peer(name: str, tmp: Path, bs: int) -> dict:
         blobs = pq.read_table(tmp / "photos.parquet", columns=["image"]).column("image").to_pylist()
         n, secs, cpu = timed_cpu(lambda: sum(len(transform(b)) > 0 for b in blobs))
         return {"config": name, "images": n, "images_per_s": n / secs, "cpu_s": cpu, "batches": None}
+    if name == "loop-parquet":                            # what a loader does, with no machinery: read row groups, stack batches
+        import pyarrow.parquet as pq
+        pf = pq.ParquetFile(tmp / "photos.parquet")       # its footer read before the clock starts, as mmlit's
+        n, secs, cpu = timed_cpu(lambda: parquet_loop(pf, bs, transform))
+        return {"config": name, "images": n, "images_per_s": n / secs, "cpu_s": cpu, "batches": None}
     try: ld = peer_loader(name, tmp, bs, transform)
     except Exception as e: return {"config": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     order = []
@@ -509,6 +563,17 @@ def measure_peer(name: str, tmp: Path, bs: int) -> dict:
         return sum(map(len, order))
     n, secs, cpu = timed_cpu(drain_ordered)
     return {"config": name, "images": n, "images_per_s": n / secs, "cpu_s": cpu, "batches": order}
+
+
+def parquet_loop(pf, bs: int, transform) -> int:
+    "The plain loop over an open `pq.ParquetFile`: each row group read, its bytes transformed, batches of `bs` stacked; images."
+    import torch
+    n, pending = 0, []
+    for g in range(pf.num_row_groups):
+        for b in pf.read_row_group(g, columns=["image"], use_threads=False).column("image").to_pylist():
+            pending.append(transform(b))
+            if len(pending) == bs: n += len(torch.stack(pending)); pending = []
+    return n + (len(torch.stack(pending)) if pending else 0)
 
 
 def run_peer(name: str, tmp: Path, bs: int, python: str) -> dict:
@@ -536,6 +601,49 @@ def peers_section(tmp: Path, n: int, bs: int, repeat: int, python: str) -> None:
     return best, status
 
 
+def overhead_stages(path: Path, bs: int, repeat: int) -> None:
+    "Print the thread CPU per image of mmlit's 0-worker path built up stage by stage, against the plain loop (min of `repeat` rounds)."
+    import statistics, torch, pyarrow.parquet as pq
+    from PIL import Image
+    from torch.utils.data import default_collate
+    from mmlit.loader import LoaderConfig, make_loader
+    from mmlit.mixture import DeterministicDataset
+    from mmlit.preprocess import ImagePreprocessor
+    from mmlit.sources import ParquetImageText
+    torch.set_num_threads(1)
+    ip = ImagePreprocessor(size=224, fit="crop", uint8=True, resample=Image.BOX)
+    sample = lambda rec, rng: {"pixel_values": ip(rec["image"], None), "index": int(rec["meta"]["index"])}
+    blobs = pq.read_table(path, columns=["image"]).column("image").to_pylist()
+    n, steps = len(blobs), [list(range(a, min(a + bs, len(blobs)))) for a in range(0, len(blobs), bs)]
+    def epoch():                                          # one stage's steps, from fresh datasets; each step yields its count
+        ds = ParquetImageText(path, decode=False)
+        d2, d3 = (DeterministicDataset(ParquetImageText(path, decode=False), sample) for _ in range(2))
+        it = iter(make_loader(ParquetImageText(path, decode=False), LoaderConfig(batch_size=bs, num_workers=0, seed=0, train=False),
+                              transform=sample))
+        return {"plain loop, bytes in memory": lambda s: sum(len(ip(blobs[i], None)) > 0 for i in s),
+                "+ Parquet read, records": lambda s: sum(len(sample(ds.get(i), None)["pixel_values"]) > 0 for i in s),
+                "+ a generator per sample": lambda s: len(d2.__getitems__(s)),   # what DeterministicDataset adds
+                "+ batches (default_collate)": lambda s: len(default_collate(d3.__getitems__(s))["pixel_values"]),
+                "+ the loader (make_loader, 0 w)": lambda s: len(next(it)["pixel_values"])}   # sampler, StepFetcher, SkipAwareCollate, timings
+    cpu = {}
+    for _ in range(repeat):                               # the stages take turns step by step: a load change hits all alike
+        stages, spent = epoch(), {}
+        for s in steps:
+            for k, fn in stages.items():
+                t = time.thread_time(); assert fn(s) == len(s); spent[k] = spent.get(k, 0.0) + time.thread_time() - t
+        for k, v in spent.items(): cpu.setdefault(k, []).append(1e6 * v / n)
+    print(f"[{cpu_model()}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}] mmlit's 0-worker path stage by stage, "
+          f"{n} photos, batches of {bs}, the stages interleaved step by step: thread CPU us per image, median (min) of {repeat} epochs")
+    prev = None
+    for k, v in cpu.items():
+        m = statistics.median(v)
+        print(f"  {k:36} {m:6.0f} ({min(v):5.0f})" + (f"   {m - prev:+5.0f}" if prev is not None else ""))
+        prev = m
+    base, last = (statistics.median(v) for v in (cpu["plain loop, bytes in memory"], cpu["+ the loader (make_loader, 0 w)"]))
+    print(f"  plain loop / mmlit loader by CPU: {base / last:.2f}x")
+
+
+
 def cpu_model() -> str:
     "This machine's CPU model, from /proc/cpuinfo."
     try: return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
@@ -543,28 +651,37 @@ def cpu_model() -> str:
 
 
 def print_peers(best: dict, status: dict, n: int, bs: int, repeat: int, python: str) -> None:
-    "The peers table: images/s and CPU per image at 0 and 2 workers, what each guarantees, mmlit's ratios."
+    "The peers table: images/s and CPU per image at 0 and 2 workers, what each guarantees, mmlit's ratios (wall and CPU)."
     f = {k: r.get("images_per_s") for k, r in best.items()}
+    cpu = {k: 1e6 * r["cpu_s"] / n for k, r in best.items() if "cpu_s" in r}   # us per image, the process and its workers
     print(f"[{cpu_model()}, {os.cpu_count()} cores; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; torch threads 1]")
     print(f"{n} JPEG photos ~500x375 -> 224x224 uint8 batches of {bs}, the same mmlit transform in every loader "
           f"(best of {repeat} round-robin runs; images/s is wall, CPU is the process and its workers; {python})")
-    print(f"  {PEERS['loop']:30} {f['loop']:8.0f} images/s   CPU {1e6 * best['loop']['cpu_s'] / n:5.0f} us/image")
-    for kind in ("peer-mmlit", "litdata", "mds", "wdspkg"):
+    for k in ("loop", "loop-parquet"):
+        if "error" in best[k]: print(f"  {PEERS[k]:30} failed: {best[k]['error']}"); continue
+        print(f"  {PEERS[k]:30} {f[k]:8.0f} images/s   CPU {cpu[k]:5.0f} us/image")
+    for kind in (*MMLIT_PEERS, "litdata", "mds", "wdspkg"):
         version = status.get(kind, "")
         if version.startswith("error"): print(f"  {PEERS[kind + '-0'].rsplit(',', 1)[0]}: cannot import ({version[7:]})"); continue
         for w in (0, 2):
             r = best[f"{kind}-{w}"]
             if "error" in r: print(f"  {PEERS[r['config']]:30} failed: {r['error']}"); continue
-            print(f"  {PEERS[r['config']]:30} {r['images_per_s']:8.0f} images/s   CPU {1e6 * r['cpu_s'] / n:5.0f} us/image")
+            print(f"  {PEERS[r['config']]:30} {r['images_per_s']:8.0f} images/s   CPU {cpu[r['config']]:5.0f} us/image")
         a, b = best[f"{kind}-0"].get("batches"), best[f"{kind}-2"].get("batches")
         same = "yes" if a is not None and a == b else "NO" if a is not None and b is not None else "?"
-        print(f"    {version or 'mmlit'}: the same batches with 0 and 2 workers here: {same}; {RESUME[kind]}")
-    for w in (0, 2):
-        m = f.get(f"peer-mmlit-{w}")
-        ratios = [f"{PEERS[f'{k}-{w}'].rsplit(',', 1)[0]} {m / f[f'{k}-{w}']:.2f}x" for k in ("litdata", "mds", "wdspkg")
-                  if m and f.get(f"{k}-{w}")]
-        print(f"  {w} workers: mmlit over Parquet / " + ", ".join(ratios) + "   (goal >= 1.1)")
-    if f.get("peer-mmlit-0"): print(f"  mmlit over Parquet, 0 workers / plain loop  {f['peer-mmlit-0'] / f['loop']:.2f}x   (goal >= 0.95)")
+        print(f"    {version or MMLIT_PEERS[kind]}: the same batches with 0 and 2 workers here: {same}; {RESUME[kind]}")
+    label = lambda k, w: PEERS[f"{k}-{w}"].rsplit(",", 1)[0]
+    for kind, name in MMLIT_PEERS.items():
+        for w in (0, 2):
+            m, peers = f"{kind}-{w}", [f"{k}-{w}" for k in ("litdata", "mds", "wdspkg")]
+            if not f.get(m): print(f"  {w} workers: {name}: no figure"); continue
+            print(f"  {w} workers: {name} / " + ", ".join(f"{label(p[:-2], w)} {f[m] / f[p]:.2f}x" for p in peers if f.get(p))
+                  + "   (goal >= 1.1); by CPU per image: " + ", ".join(f"{cpu[p] / cpu[m]:.2f}x" for p in peers if p in cpu))
+        m = f"{kind}-0"
+        for loop in ("loop", "loop-parquet"):
+            if f.get(m) and f.get(loop):
+                print(f"  {name}, 0 workers / {PEERS[loop]}  {f[m] / f[loop]:.2f}x, by CPU per image {cpu[loop] / cpu[m]:.2f}x"
+                      + ("   (goal >= 0.95)" if loop == "loop" else ""))
 
 
 def main():
@@ -573,8 +690,10 @@ def main():
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--interval", type=float, default=0.02, help="seconds between PSS samples (with --only: 0, none)")
     ap.add_argument("--only", choices=[*CONFIGS, *SHUFFLED, *WDS, "decode-2"], help="measure one configuration here; print a JSON line")
-    ap.add_argument("--section", choices=["all", "main", "webdataset", "peers"], default="all",
-                    help="main: the Parquet table only; webdataset: only the tar-shard section; peers: only the peers section")
+    ap.add_argument("--section", choices=["all", "main", "webdataset", "peers", "overhead"], default="all",
+                    help="main: the Parquet table only; webdataset: only the tar-shard section; peers: only the peers section; "
+                    "overhead: mmlit's 0-worker path stage by stage against the plain loop")
+    ap.add_argument("--overhead", type=Path, metavar="PARQUET", help=argparse.SUPPRESS)
     default_peers = Path(__file__).resolve().parent.parent / ".venv-peers" / "bin" / "python"
     ap.add_argument("--peers-python", default=str(default_peers) if default_peers.exists() else sys.executable,
                     help="the interpreter of the peers' environment (default: .venv-peers/bin/python if present)")
@@ -589,6 +708,7 @@ def main():
     bs = args.batch_size
     if args.prepare: prepare(args.prepare, args.n); return
     if args.prepare_peers: prepare_peers(args.prepare_peers); return
+    if args.overhead: overhead_stages(args.overhead, bs, args.repeat); return
     if args.only_peer:
         if args.parquet is None: ap.error("--only-peer needs --parquet")
         print(json.dumps(measure_peer(args.only_peer, args.parquet.parent, bs))); return
@@ -602,6 +722,10 @@ def main():
         tmp = Path(tmp)
         subprocess.run([sys.executable, __file__, "--prepare", str(tmp), "--n", str(args.n)], check=True,
                        env={**os.environ, "MMLIT_CACHE": str(tmp / "mmlit-cache")})
+        if args.section == "overhead":
+            subprocess.run([sys.executable, __file__, "--overhead", str(tmp / "photos.parquet"), "--batch-size", str(bs),
+                            "--repeat", str(args.repeat)], check=True, env={**os.environ, "MMLIT_CACHE": str(tmp / "mmlit-cache")})
+            return
         if args.section == "peers":
             return print_peers(*peers_section(tmp, args.n, bs, args.repeat, args.peers_python), args.n, bs, args.repeat, args.peers_python)
         wds_runs = [] if args.section == "main" else [run_fresh(name, tmp, bs, 0) for _ in range(args.repeat) for name in WDS]   # round robin: load shifts hit all alike
