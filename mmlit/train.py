@@ -261,8 +261,11 @@ def _start(self: Trainer) -> str | None:
 @patch
 def _seed_micro(self: Trainer):
     "Seed torch's global generator and the model's step from where the run is: `(seed, epoch, micro-batch)`."
-    torch.manual_seed(derive_seed(self.config.seed, self.epoch, self.micro * self.world_size + self.rank, Stream.TRAIN))
+    seed = derive_seed(self.config.seed, self.epoch, self.micro * self.world_size + self.rank, Stream.TRAIN)
+    if self.device.type == "cpu": torch.default_generator.manual_seed(seed)   # what torch.manual_seed does on the CPU, without its per-call stack capture for CUDA
+    else: torch.manual_seed(seed)
     if (set_step := getattr(self.model, "set_step", None)) is not None: set_step(self.epoch, self.micro)
+
 
 # %% ../nbs/06_train.ipynb #f0635c44
 @patch
