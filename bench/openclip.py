@@ -50,28 +50,31 @@ build, ~5.5 GB, runs on the CPU here) and the matching torchvision, mmlit instal
 
 A run that cannot import open_clip prints that as its result, with the error.
 
-Measured on this project's 2-core machine (Intel Xeon, 2 vCPUs, shared with other jobs: load average 9.2-10.4
-while it ran, 2026-12-07), one run of `--steps 200 --profile`, torch threads 1, torch 2.14.1 (CUDA build, on the
-CPU), open_clip 3.3.0; steps per CPU-second of the training process:
+Measured on this project's 2-core machine (Intel Xeon, 2 vCPUs, shared with other jobs: load average 3.5-4.8
+while it ran, 2026-12-07), one run of `--steps 200`, torch threads 1, torch 2.14.1 (CUDA build, on the CPU),
+open_clip 3.3.0; steps per CPU-second of the training process:
 
     run                                   as run  training  +workers  wall steps/s  zero-shot  hard-neg
-    a. mmlit, hard negatives on (demo)      6.93      7.27      4.32          2.09      0.185     0.206
-    b. mmlit, hard negatives off            8.47      8.95      5.76          2.51      0.145         -
-    c. open_clip train_one_epoch           11.01     11.01     10.96          4.57      0.141         -
-    b / c: as run 0.77x, training 0.81x (goal >= 0.9x); c trained on b's batches: yes; a / b: 0.81x
+    a. mmlit, hard negatives on (demo)      9.92     10.39      6.12          3.78      0.185     0.206
+    b. mmlit, hard negatives off           13.73     14.55      9.38          6.07      0.145         -
+    c. open_clip train_one_epoch           16.62     16.62     16.53         14.85      0.141         -
+    b / c: as run 0.83x, training 0.88x (goal >= 0.9x); c trained on b's batches: yes; a / b: 0.71x
 
-Accuracies after 200 steps (~5 epochs) are little above chance (0.1) for all three (the demo trains 1,900 steps); they say the
-runs are comparable, not which trains better. Where b's extra ~21 CPU ms a step go (cProfile with a CPU clock,
-60 steps each; cProfile inflates Python-heavy code, so only the differences are read from it): the same
-forward and backward are no slower in mmlit's model and loss (measured apart from this script, best of 5 in one process with no loader beside
-it, one batch: mmlit's forward+loss+backward 78.1 ms, the open_clip-style wrapper with `ClipLoss` 76.3 ms,
-1.02x); the torch kernels themselves run slower in b (own CPU time per step of conv2d 18.8 vs 15.0 ms,
-batch_norm 8.1 vs 6.3, max_pool2d 7.9 vs 5.9, autograd 47.3 vs 42.0), most likely b's loader worker decoding and
-tokenising on the other core of the two while the step runs (c's batches were made before its clock
-started; not isolated further); the rest is the trainer's per-step work: receiving the batch from the worker ~4.4 ms, the
-per-sample ledger ~3.0, the global seed of each step and the log row ~1-3, the metrics file ~1.0
-(checkpoints ~2.3 a step and the final evaluation are outside "training"). Turning the negatives on costs
-b's rate another 0.81x (11 more captions a pair encoded, the hard-negative loss, and more worker work).
+Before the trainer kept freed memory (`mmlit.train.keep_freed_memory`), the same run at load average 9-10 gave
+b / c 0.77x as run and 0.81x training: glibc's malloc mapped the step's activations and gradients anew every step
+and handed them back when they were freed, ~5,300 minor page faults a step in the training process, the time
+showing up as system time and as slower kernels (own CPU time per step of conv2d 18.8 vs 15.0 ms, batch_norm 8.1
+vs 6.3, max_pool2d 7.9 vs 5.9 in b against c, most likely the ops that first touch fresh activation memory); now ~700 a step.
+The absolute rates above are higher than that run's mostly because the machine was less loaded; the ratios are
+the figures to compare. Accuracies after 200 steps (~5 epochs) are little above chance (0.1) for all three (the
+demo trains 1,900 steps); they say the runs are comparable, not which trains better. The same forward and backward
+are no slower in mmlit's model and loss (best of 5 in one process with no loader beside it, one batch: mmlit's
+forward+loss+backward 78.1 ms, the open_clip-style wrapper with `ClipLoss` 76.3 ms, 1.02x); what is left of the
+gap is the trainer's per-step work (cProfile, 60 demo steps: receiving the batch from the loader worker ~6 ms, the
+per-sample ledger ~4.6 ms of which recomputing each pair's losses ~3.6, the optimiser step with its clipping ~10 ms,
+the log row and metrics file ~1 ms) and the loader worker decoding and tokenising on the other core while the
+step runs (c's batches were made before its clock started; not isolated). Turning the negatives on costs b's
+rate another 0.71x (11 more captions a pair encoded, the hard-negative loss, and more worker work).
 """
 import argparse
 import json

@@ -29,8 +29,8 @@ from .ledger import Ledger, exclude_samples, record_micro_batch, truncate_ledger
 logger = logging.getLogger("mmlit.train")
 
 # %% auto #0
-__all__ = ['logger', 'MetricsLog', 'fingerprint', 'claim_run_dir', 'NonFiniteLossError', 'TrainResult', 'Trainer',
-           'on_main_thread']
+__all__ = ['logger', 'MetricsLog', 'fingerprint', 'claim_run_dir', 'keep_freed_memory', 'NonFiniteLossError', 'TrainResult',
+           'Trainer', 'on_main_thread']
 
 # %% ../nbs/06_train.ipynb #250dc1d4
 class MetricsLog:
@@ -115,6 +115,20 @@ def claim_run_dir(run_dir: str | Path, config: dict) -> str:
     if foreign: raise ConfigError(f"run_dir {run_dir} holds checkpoints of another run ({foreign[0]}: different config fingerprint)")
     return fp
 
+# %% ../nbs/06_train.ipynb #b7d2e4f1
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3          # glibc's mallopt parameters (malloc.h)
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> bool:
+    "Make glibc's malloc serve blocks up to `mmap_threshold` bytes from its heap and keep up to `trim_threshold` freed bytes; `False` where that is not glibc."
+    import ctypes
+    if not sys.platform.startswith("linux"): return False
+    try: libc = ctypes.CDLL(None)
+    except OSError: return False
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"): return False   # musl and others
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
 # %% ../nbs/06_train.ipynb #fc4e9672
 class NonFiniteLossError(MmlitError, FloatingPointError):
     "Too many optimiser steps in a row had a non-finite loss."
@@ -144,6 +158,7 @@ class Trainer:
         self.rank, self.world_size = setup_distributed(group_of_one=self.sharded)
         self.main = self.rank == 0
         if cfg.threads is not None: torch.set_num_threads(cfg.threads)
+        keep_freed_memory()                                                  # freed activations stay for the next step
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         if self.sharded and self.precision == "fp16":   # GradScaler's overflow check is per rank: ranks would skip different steps
@@ -246,8 +261,11 @@ def _start(self: Trainer) -> str | None:
 @patch
 def _seed_micro(self: Trainer):
     "Seed torch's global generator and the model's step from where the run is: `(seed, epoch, micro-batch)`."
-    torch.manual_seed(derive_seed(self.config.seed, self.epoch, self.micro * self.world_size + self.rank, Stream.TRAIN))
+    seed = derive_seed(self.config.seed, self.epoch, self.micro * self.world_size + self.rank, Stream.TRAIN)
+    if self.device.type == "cpu": torch.default_generator.manual_seed(seed)   # what torch.manual_seed does on the CPU, without its per-call stack capture for CUDA
+    else: torch.manual_seed(seed)
     if (set_step := getattr(self.model, "set_step", None)) is not None: set_step(self.epoch, self.micro)
+
 
 # %% ../nbs/06_train.ipynb #f0635c44
 @patch
