@@ -77,7 +77,7 @@ def vlm_conversations(scenes: int, varied: bool) -> list[dict]:
     return [{**rs[0], "messages": [m for r in rs[:k] for m in r["messages"]]} for rs, k in zip(recs, turns)]
 
 
-def vlm_throughput(quick: bool, batch: int = 32, row_tokens: tuple[int, ...] = (256, 1024), px: int = 56, rounds: int = 3) -> None:
+def vlm_throughput(quick: bool, batch: int = 32, row_tokens: tuple[int, ...] = (256, 1024), px: int = 56, rounds: int = 5) -> None:
     "Tokens/s of the tiny VLM's training step on the demo conversations (`px`-pixel images, as the demo), padded vs packed."
     from mmlit.causal_lm import CausalLM
     from mmlit.collate import Qwen2VLCollator
@@ -110,13 +110,17 @@ def vlm_throughput(quick: bool, batch: int = 32, row_tokens: tuple[int, ...] = (
             runs[name] = dict(model=model, opt=opt, collated=collated, cpu=float("inf"), wall=float("inf"),
                               real=sum(len(s["input_ids"]) for b in batches for s in b),
                               total=sum(c["input_ids"].numel() for c in collated))
-        for _ in range(rounds):            # interleaved: a machine shared with other jobs slows both alike
-            for r in runs.values():
-                c0, w0 = time.process_time(), time.perf_counter()
-                for c in r["collated"]:
-                    loss = vlm_loss(r["model"], c); loss.backward(); r["opt"].step(); r["opt"].zero_grad()
-                r["cpu"], r["wall"] = min(r["cpu"], time.process_time() - c0), min(r["wall"], time.perf_counter() - w0)
-                r.setdefault("loss", loss.item())      # the first round's last loss: the same weights, steps and samples
+        for _ in range(rounds):            # interleaved batch by batch: a machine shared with other jobs slows all alike
+            spent = {name: [0.0, 0.0] for name in runs}
+            for i in range(len(batches)):
+                for name, r in runs.items():
+                    c0, w0 = time.process_time(), time.perf_counter()
+                    loss = vlm_loss(r["model"], r["collated"][i]); loss.backward(); r["opt"].step(); r["opt"].zero_grad()
+                    spent[name][0] += time.process_time() - c0; spent[name][1] += time.perf_counter() - w0
+                    r.setdefault("losses", []).append(loss.item())
+            for name, r in runs.items():
+                r["cpu"], r["wall"] = min(r["cpu"], spent[name][0]), min(r["wall"], spent[name][1])
+                r["loss"] = r["losses"][len(batches) - 1]    # the first round's last loss: the same weights, steps and samples
         for name, r in runs.items():
             print(f"{name:40s} {r['real'] / r['total']:11.3f} {r['real'] / r['cpu']:15.0f} {r['real'] / r['wall']:16.0f} {r['loss']:8.4f}")
         pad, *packed = runs.values()

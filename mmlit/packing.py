@@ -174,10 +174,11 @@ collators.add("packing", PackingCollator, modality="text", task="packing")
 
 # %% ../nbs/03a_packing.ipynb #f821b7bc
 def segment_index(position_ids: torch.Tensor) -> torch.Tensor:
-    "The flat indices `[sequences, longest]` (-1 past a sequence's end) of the sequences in rows `[R, L]` of restarting `position_ids`."
+    "The flat indices `[sequences, longest]` (-1 past a sequence's end) of the sequences in rows `[R, L]` of `position_ids` (a sequence counts on by 1)."
     R, L = position_ids.shape
     flat, at = position_ids.reshape(-1), torch.arange(R * L, device=position_ids.device)
-    starts = ((flat == 0) | (at % L == 0)).nonzero().squeeze(1)                  # a sequence starts at position 0 or a new row
+    step = torch.diff(flat, prepend=flat[:1] - 1) != 1
+    starts = (step | (at % L == 0)).nonzero().squeeze(1)                         # a sequence starts where positions jump, or a row
     lens = torch.diff(starts, append=starts.new_tensor([R * L]))
     idx = starts[:, None] + torch.arange(int(lens.max()), device=flat.device)
     return torch.where(idx < (starts + lens)[:, None], idx, -1)
@@ -189,10 +190,12 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     R, H, L, D = query.shape
     packed = (position_ids is not None and position_ids.ndim == 2 and position_ids.shape[1] == L == key.shape[2]
-              and sliding_window is None and bool((position_ids[:, 1:] == 0).any()))
+              and sliding_window is None and bool((position_ids.diff(dim=-1) != 1).any()))
     if not packed: return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                                  sliding_window=sliding_window, **kwargs)
     idx = segment_index(position_ids)
+    if attention_mask is not None and idx.shape[0] * idx.shape[1] ** 2 >= R * L * L:    # padded per sequence: more work than the rows
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     take = idx.clamp(min=0).reshape(-1)
     def gather(x):                                                               # [R, h, L, d] -> [sequences, h, longest, d]
         x = x.transpose(1, 2).reshape(R * L, x.shape[1], D)[take]
