@@ -15,12 +15,15 @@ of samples per batch, which the sweep shows — or rows are planned once over th
 
 A last section trains the tiny VLM (`mmlit.vlm`, model kind `vlm`) on the demo's task conversations
 (`mmlit.demo.scene_records`: caption, question answering, pointing, counting; 56-pixel scenes as the
-demo trains on, 4 image tokens each): the same batches as padded rows (`Qwen2VLCollator`) and as packed rows
-(`PackingCollator`, rows of `--vlm-row-tokens`, mRoPE positions restarting per conversation), one thread, timing forward +
-backward + optimiser step. Tokens/s counts real (non-pad) tokens per second of process CPU time,
-which a machine shared with other jobs disturbs far less than wall time (both are printed).
+demo trains on, 4 image tokens each): the same batches (the same samples per step) as padded rows (`Qwen2VLCollator`,
+each batch padded to its longest sample: what a run without packing trains on) and as packed rows (`PackingCollator`,
+rows of `--vlm-row-tokens`, 1024 as the vlm example; mRoPE positions restarting per conversation), one thread, timing
+forward + backward + optimiser step in a few interleaved rounds (the fastest kept). Tokens/s counts real (non-pad) tokens
+per second of process CPU time, which a machine shared with other jobs disturbs far less than wall time (both are
+printed). Three cases: every weight trained; the vision tower frozen, as the vlm example trains; and, not the demo's
+data, a more uneven mix (per scene one chat of 1 task, 60%, or of 2-4 tasks as turns), where padding wastes more.
 
-    python bench/packing.py [--quick] [--batch 64] [--max-length 512] [--row-tokens 2048] [--vlm-only] [--vlm-row-tokens 256]
+    python bench/packing.py [--quick] [--batch 64] [--max-length 512] [--row-tokens 2048] [--vlm-only] [--vlm-row-tokens 256 1024]
 """
 import argparse
 import tempfile
@@ -65,45 +68,67 @@ def run(collate, batches) -> tuple[float, float]:
     return real / total, (time.perf_counter() - t0) / len(batches) * 1e3
 
 
-def vlm_throughput(quick: bool, batch: int = 32, row_tokens: int = 256, px: int = 56) -> None:
+def vlm_conversations(scenes: int, varied: bool) -> list[dict]:
+    "The demo's task records of `scenes` scenes; `varied`: per scene one chat of its first k tasks as turns (k = 1, 2, 3, 4 with odds .6, .1, .1, .2, seeded)."
+    from mmlit.demo import scene_records, scene_row
+    recs = [scene_records(scene_row(i)) for i in range(scenes)]
+    if not varied: return [r for rs in recs for r in rs]
+    turns = np_rng(0).choice([1, 2, 3, 4], size=scenes, p=[0.6, 0.1, 0.1, 0.2])     # mostly one question, a tail of long chats
+    return [{**rs[0], "messages": [m for r in rs[:k] for m in r["messages"]]} for rs, k in zip(recs, turns)]
+
+
+def vlm_throughput(quick: bool, batch: int = 32, row_tokens: tuple[int, ...] = (256, 1024), px: int = 56, rounds: int = 5) -> None:
     "Tokens/s of the tiny VLM's training step on the demo conversations (`px`-pixel images, as the demo), padded vs packed."
     from mmlit.causal_lm import CausalLM
     from mmlit.collate import Qwen2VLCollator
-    from mmlit.demo import scene_records, scene_row
     from mmlit.multimodal import build_preprocessor
     from mmlit.vlm import vlm_config, vlm_loss
     torch.set_num_threads(1)
-    recs = [r for i in range(16 if quick else 64) for r in scene_records(scene_row(i))]
-    tok = train_tokenizer([m["content"] for r in recs for m in r["messages"]], vocab_size=512)
+    scenes = 16 if quick else 64
+    tok = train_tokenizer([m["content"] for r in vlm_conversations(scenes, False) for m in r["messages"]], vocab_size=512)
     pre = build_preprocessor("vlm", tok, min_pixels=px * px, max_pixels=px * px)
-    samples = [pre(r) for r in recs]
-    batches = batches_of(samples, batch)
-    lens = torch.tensor([len(s["input_ids"]) for s in samples]).float()
-    print(f"\n# VLM on the demo conversations: {len(samples)} samples, length mean {lens.mean():.0f} min {int(lens.min())} "
-          f"max {int(lens.max())}; {len(batches)} batches of {batch}; tiny Qwen2-VL, 1 thread, forward + backward + AdamW step")
-    print(f"{'collator':40s} {'real tokens':>11s} {'tokens/s (CPU)':>15s} {'tokens/s (wall)':>16s} {'loss':>8s}")
-    results = {}
-    for name, coll in (("padded (Qwen2VLCollator, batch_max)", Qwen2VLCollator(tok)),
-                       (f"packed (PackingCollator, rows <= {row_tokens})", PackingCollator(tok, max_length=row_tokens))):
-        model = CausalLM(vlm_config(tok), seed=0)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        collated = [coll(b) for b in batches]
-        real = sum(len(s["input_ids"]) for b in batches for s in b)
-        total = sum(c["input_ids"].numel() for c in collated)
-        loss = vlm_loss(model, collated[0]); loss.backward(); opt.zero_grad()        # warm-up, not timed
-        c0, w0 = time.process_time(), time.perf_counter()
-        for c in collated:
-            loss = vlm_loss(model, c); loss.backward(); opt.step(); opt.zero_grad()
-        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-        results[name] = real / cpu
-        if name.startswith("padded"): padded_real = real / total
-        print(f"{name:40s} {real / total:11.3f} {real / cpu:15.0f} {real / wall:16.0f} {loss.item():8.4f}")
-    (pad, packed) = results.values()
-    print(f"{'packed / padded':40s} {'':11s} {packed / pad:15.2f}")
-    print(f"# why not more: the conversations are {int(lens.min())}-{int(lens.max())} tokens, so padded rows are already "
-          f"{padded_real:.0%} real tokens and packing can save at most {1 / padded_real:.2f}x of the work; a packed row attends "
-          f"over its whole length (a cost growing with the square of the row length), so long rows give back what packing "
-          f"saves; short rows (--vlm-row-tokens) lose less of it")
+    print(f"\n# VLM: tiny Qwen2-VL, 1 thread, forward + backward + AdamW step; padded (Qwen2VLCollator: each batch padded to its "
+          f"longest sample) vs packed (PackingCollator: the same samples per step in rows of at most the given tokens, 1024 as the vlm "
+          f"example, mRoPE positions restarting per conversation); {rounds} interleaved rounds over the batches, the fastest kept")
+    for title, varied, frozen in (("the demo's task conversations (one task each), all weights trained", False, False),
+                                  ("the same, vision tower frozen (as the vlm example trains)", False, True),
+                                  ("a more uneven mix, not the demo's: per scene one chat of 1 task (60%) or 2-4 tasks as turns", True, False)):
+        samples = [pre(r) for r in vlm_conversations(scenes * (2 if varied else 1), varied)]
+        batches = batches_of(samples, batch if not (varied and quick) else batch // 2)
+        lens = torch.tensor([len(s["input_ids"]) for s in samples]).float()
+        print(f"\n## {title}: {len(samples)} samples, length mean {lens.mean():.0f} min {int(lens.min())} max {int(lens.max())}; "
+              f"{len(batches)} batches of {len(batches[0])}")
+        print(f"{'collator':40s} {'real tokens':>11s} {'tokens/s (CPU)':>15s} {'tokens/s (wall)':>16s} {'loss':>8s}")
+        runs = {}
+        for name, coll in (("padded (Qwen2VLCollator, batch_max)", Qwen2VLCollator(tok)),
+                           *((f"packed (PackingCollator, rows <= {n})", PackingCollator(tok, max_length=n)) for n in row_tokens)):
+            model = CausalLM(vlm_config(tok), seed=0)
+            if frozen: model.model.model.visual.requires_grad_(False)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+            collated = [coll(b) for b in batches]
+            loss = vlm_loss(model, collated[0]); loss.backward(); opt.zero_grad()        # warm-up, not timed
+            runs[name] = dict(model=model, opt=opt, collated=collated, cpu=float("inf"), wall=float("inf"),
+                              real=sum(len(s["input_ids"]) for b in batches for s in b),
+                              total=sum(c["input_ids"].numel() for c in collated))
+        for _ in range(rounds):            # interleaved batch by batch: a machine shared with other jobs slows all alike
+            spent = {name: [0.0, 0.0] for name in runs}
+            for i in range(len(batches)):
+                for name, r in runs.items():
+                    c0, w0 = time.process_time(), time.perf_counter()
+                    loss = vlm_loss(r["model"], r["collated"][i]); loss.backward(); r["opt"].step(); r["opt"].zero_grad()
+                    spent[name][0] += time.process_time() - c0; spent[name][1] += time.perf_counter() - w0
+                    r.setdefault("losses", []).append(loss.item())
+            for name, r in runs.items():
+                r["cpu"], r["wall"] = min(r["cpu"], spent[name][0]), min(r["wall"], spent[name][1])
+                r["loss"] = r["losses"][len(batches) - 1]    # the first round's last loss: the same weights, steps and samples
+        for name, r in runs.items():
+            print(f"{name:40s} {r['real'] / r['total']:11.3f} {r['real'] / r['cpu']:15.0f} {r['real'] / r['wall']:16.0f} {r['loss']:8.4f}")
+        pad, *packed = runs.values()
+        for n, p in zip(row_tokens, packed):
+            print(f"{f'packed (rows <= {n}) / padded':40s} {'':11s} {pad['cpu'] / p['cpu']:15.2f} {pad['wall'] / p['wall']:16.2f}")
+        print(f"# at most {pad['total'] / min(p['total'] for p in packed):.2f}x if a step cost the same per token, padded or packed "
+              f"({1 / (pad['real'] / pad['total']):.2f}x with no padding left at all); the vision tower costs the same in both (the same images), "
+              f"which lowers it")
 
 
 def main():
@@ -113,9 +138,9 @@ def main():
     ap.add_argument("--max-length", type=int, default=512, help="longest sample (documents are cut into windows)")
     ap.add_argument("--row-tokens", type=int, default=2048, help="token budget of a packed row")
     ap.add_argument("--vlm-only", action="store_true", help="only the VLM section")
-    ap.add_argument("--vlm-row-tokens", type=int, default=256, help="token budget of a packed row in the VLM section")
+    ap.add_argument("--vlm-row-tokens", type=int, nargs="+", default=[256, 1024], help="token budgets of a packed row in the VLM section")
     a = ap.parse_args()
-    if a.vlm_only: return vlm_throughput(a.quick, row_tokens=a.vlm_row_tokens)
+    if a.vlm_only: return vlm_throughput(a.quick, row_tokens=tuple(a.vlm_row_tokens))
     path = build_demo_corpus(Path(tempfile.mkdtemp()) / "corpus.txt")
     docs = [r["text"] for r in TextCorpus(path).records()][: 20 if a.quick else None]
     tok = train_tokenizer(docs, vocab_size=4000)
@@ -149,7 +174,7 @@ def main():
             for n in (32, 64, 128, 256):
                 frac, ms = run(packer, batches_of(samples, n))
                 print(f"{unit:17s} {f'packing, {n} samples per batch':44s} {frac:11.3f} {ms:9.2f}")
-    vlm_throughput(a.quick, row_tokens=a.vlm_row_tokens)
+    vlm_throughput(a.quick, row_tokens=tuple(a.vlm_row_tokens))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from torch import nn
 from .core import ConfigError, Registry
 from .hub import load_pretrained, resolve_pretrained
 from .model import BatchError, load_pretrained_dir, need, same_shape, save_pretrained_dir, seeded_init
+from .packing import packed_attention            # registers attention "sdpa_packed": per sequence on packed rows
 
 # %% auto #0
 __all__ = ['LM_PRESETS', 'causal_lm_config', 'CausalLMOutput', 'CausalLM', 'build_causal_lm']
@@ -53,7 +54,7 @@ class CausalLM(nn.Module):
     freeze_groups = {"backbone": ("model.model",), "vision": ("model.model.visual",)}   # mmlit.finetune's shorthands
     lora_parts = ("model",)
 
-    def __init__(self, config: dict, pretrained: str | Path | None = None, seed: int = 0, attn_implementation: str = "sdpa"):
+    def __init__(self, config: dict, pretrained: str | Path | None = None, seed: int = 0, attn_implementation: str = "sdpa_packed"):
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
         self.seed = seed

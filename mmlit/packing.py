@@ -17,7 +17,7 @@ from .collate import (CollateError, Collator, ConfigError, Padding, RaggedBatchE
 from .dataset import split_skipped
 
 # %% auto #0
-__all__ = ['pack_rows', 'mrope_positions', 'PackingCollator', 'PackedRows']
+__all__ = ['pack_rows', 'mrope_positions', 'PackingCollator', 'segment_index', 'packed_attention', 'PackedRows']
 
 # %% ../nbs/03a_packing.ipynb #5ed9935d
 def pack_rows(lengths: Sequence[int], max_length: int, balance: bool = True) -> list[list[int]]:
@@ -171,6 +171,49 @@ def collate(self: PackingCollator, samples: list[dict]) -> dict:
 
 # %% ../nbs/03a_packing.ipynb #a83af2b1
 collators.add("packing", PackingCollator, modality="text", task="packing")
+
+# %% ../nbs/03a_packing.ipynb #f821b7bc
+def segment_index(position_ids: torch.Tensor) -> torch.Tensor:
+    "The flat indices `[sequences, longest]` (-1 past a sequence's end) of the sequences in rows `[R, L]` of `position_ids` (a sequence counts on by 1)."
+    R, L = position_ids.shape
+    flat, at = position_ids.reshape(-1), torch.arange(R * L, device=position_ids.device)
+    step = torch.diff(flat, prepend=flat[:1] - 1) != 1
+    starts = (step | (at % L == 0)).nonzero().squeeze(1)                         # a sequence starts where positions jump, or a row
+    lens = torch.diff(starts, append=starts.new_tensor([R * L]))
+    idx = starts[:, None] + torch.arange(int(lens.max()), device=flat.device)
+    return torch.where(idx < (starts + lens)[:, None], idx, -1)
+
+# %% ../nbs/03a_packing.ipynb #8432b961
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                     position_ids: torch.Tensor | None = None, sliding_window=None, **kwargs) -> tuple[torch.Tensor, None]:
+    "Causal attention of `query` `[R, heads, L, d]` within each sequence of packed rows (restarting `position_ids`); PyTorch's sdpa otherwise."
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    R, H, L, D = query.shape
+    packed = (position_ids is not None and position_ids.ndim == 2 and position_ids.shape[1] == L == key.shape[2]
+              and sliding_window is None and bool((position_ids.diff(dim=-1) != 1).any()))
+    if not packed: return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                                 sliding_window=sliding_window, **kwargs)
+    idx = segment_index(position_ids)
+    if attention_mask is not None and idx.shape[0] * idx.shape[1] ** 2 >= R * L * L:    # padded per sequence: more work than the rows
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    take = idx.clamp(min=0).reshape(-1)
+    def gather(x):                                                               # [R, h, L, d] -> [sequences, h, longest, d]
+        x = x.transpose(1, 2).reshape(R * L, x.shape[1], D)[take]
+        return x.view(*idx.shape, -1, D).transpose(1, 2)
+    q, k, v = gather(query), gather(key), gather(value)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                                         enable_gqa=k.shape[1] != H)   # a sequence's padding comes after it
+    o, keep = o.transpose(1, 2).reshape(-1, H, D), (idx.reshape(-1) >= 0).nonzero().squeeze(1)
+    out = o.new_zeros(R * L, H, D).index_copy(0, take[keep], o[keep])
+    return out.view(R, L, H, D), None
+
+def _register_packed_attention():
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    AttentionInterface.register("sdpa_packed", packed_attention)
+    AttentionMaskInterface.register("sdpa_packed", sdpa_mask)               # masks as for sdpa (a padded batch needs its own)
+
+_register_packed_attention()
 
 # %% ../nbs/03a_packing.ipynb #dcaadffa
 class PackedRows(torch.utils.data.Dataset):

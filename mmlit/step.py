@@ -24,8 +24,9 @@ from .fsdp import DistributedConfig, shard_model
 # %% auto #0
 __all__ = ['OptimConfig', 'ScheduleConfig', 'EvalConfig', 'CheckpointConfig', 'LogConfig', 'TrainConfig', 'config_to_yaml',
            'load_config', 'no_decay', 'build_optimizer', 'warmup_cosine', 'build_scheduler', 'resolve_device',
-           'resolve_precision', 'autocast', 'kept_buffers', 'checkpoint_block', 'enable_gradient_checkpointing',
-           'setup_distributed', 'wrap_model', 'output_losses', 'to_device', 'batch_size_of', 'evaluate_loss']
+           'resolve_precision', 'autocast', 'kept_buffers', 'checkpoint_block', 'input_grads_where_trainable',
+           'enable_gradient_checkpointing', 'setup_distributed', 'wrap_model', 'output_losses', 'to_device',
+           'batch_size_of', 'evaluate_loss']
 
 # %% ../nbs/06_step.ipynb #a5d92445
 @dataclass
@@ -199,6 +200,24 @@ def checkpoint_block(block: nn.Module) -> nn.Module:
     if "forward" not in vars(block): block.forward = types.MethodType(_checkpointed_forward, block)
     return block
 
+# %% ../nbs/06_step.ipynb #0bd833cc
+def input_grads_where_trainable(model: nn.Module) -> int:
+    "Hook the input embeddings of Hugging Face `model` so their output requires grad only where the model they feed has a trainable parameter; the number of hooks."
+    from transformers import PreTrainedModel
+    if hasattr(model, "disable_input_require_grads"): model.disable_input_require_grads()
+    owners = {}
+    for m in reversed(list(model.modules())):                # the innermost model holding an embedding is the one it feeds
+        if not (isinstance(m, PreTrainedModel) and hasattr(m, "get_input_embeddings")): continue
+        try: emb = m.get_input_embeddings()
+        except NotImplementedError: continue
+        if isinstance(emb, nn.Module): owners.setdefault(id(emb), (emb, m))
+    def hook(owner: nn.Module):
+        def require_grad(module, args, out):
+            if torch.is_grad_enabled() and any(p.requires_grad for p in owner.parameters()): out.requires_grad_(True)
+        return require_grad
+    model._require_grads_hooks = [emb.register_forward_hook(hook(owner)) for emb, owner in owners.values()]
+    return len(model._require_grads_hooks)
+
 # %% ../nbs/06_step.ipynb #e48ccf8b
 def enable_gradient_checkpointing(model: nn.Module) -> list[str]:
     "Checkpoint every Hugging Face model in `model` that supports it, and each `nn.ModuleList` block elsewhere; the names of what it covers."
@@ -210,6 +229,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> list[str]:
             kw = {"use_reentrant": False}
             if hasattr(m, "activation_checkpointing_enable"): m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
             else: m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+            if getattr(m, "_require_grads_hooks", None): input_grads_where_trainable(m)
             done.append(name)
         elif isinstance(m, nn.ModuleList):
             for i, block in enumerate(m): checkpoint_block(block); done.append(f"{name}.{i}")
