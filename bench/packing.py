@@ -23,6 +23,12 @@ per second of process CPU time, which a machine shared with other jobs disturbs 
 printed). Three cases: every weight trained; the vision tower frozen, as the vlm example trains; and, not the demo's
 data, a more uneven mix (per scene one chat of 1 task, 60%, or of 2-4 tasks as turns), where padding wastes more.
 
+Measured (Intel Xeon, 2 cores shared with other jobs, load average 5-8, 2026-12-07; real tokens per CPU-second,
+packed / padded): the demo conversations 1.23x (rows <= 256) and 1.29x (rows <= 1024; 1.00x before packed rows were
+attended per sequence by `mmlit.packing.packed_attention`), vision tower frozen 1.24x / 1.31x; the padded rows are
+68.5% real tokens, so a cost linear in tokens caps packing at 1.46x (lower still with the vision tower's fixed share);
+the more uneven mix 1.39x / 1.50x against a cap of 1.87x.
+
     python bench/packing.py [--quick] [--batch 64] [--max-length 512] [--row-tokens 2048] [--vlm-only] [--vlm-row-tokens 256 1024]
 """
 import argparse
