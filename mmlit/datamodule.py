@@ -23,7 +23,7 @@ __all__ = ['DataModule', 'RowSubset', 'split_rows', 'LoaderDataModule', 'WithTas
 # %% ../nbs/04a_datamodule.ipynb #dm000004
 from .core import ConfigError, Stream, check_keys, config_from_dict, derive_seed
 from .dataset import MMDataset, SkipReport
-from .loader import LoaderConfig, ResumableLoader, _is_int, make_loader, resolve_collate
+from .loader import LoaderConfig, ResumableLoader, is_int, make_loader, resolve_collate
 from .mixture import Mixture
 from .sources import as_mm_dataset
 
@@ -67,7 +67,7 @@ class RowSubset(MMDataset):
 def split_rows(n: int, val_split: float | int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     "`(train, val)` row numbers: a seeded split of `range(n)`, `val_split` a fraction in (0, 1) or a count."
     k = int(round(n * val_split)) if isinstance(val_split, float) else val_split
-    if not (_is_int(k) and 0 < k < n) or (isinstance(val_split, float) and not 0 < val_split < 1):
+    if not (is_int(k) and 0 < k < n) or (isinstance(val_split, float) and not 0 < val_split < 1):
         raise ConfigError(f"val_split must be a fraction in (0, 1) or a count in [1, n); got {val_split!r} for {n} rows")
     perm = np.random.default_rng(derive_seed(seed, 0, 0, Stream.VAL_SPLIT)).permutation(n)
     return np.sort(perm[k:]), np.sort(perm[:k])

@@ -20,7 +20,7 @@ from .finetune import LoraSpec
 
 # %% auto #0
 __all__ = ['MODEL_KINDS', 'EMBEDDER_PRESETS', 'ModelSpec', 'ModelKind', 'model_config', 'apply_trainable', 'build_model',
-           'merge_dicts']
+           'merge_dicts', 'aligner_example']
 
 # %% ../nbs/80_kinds.ipynb #feeda6a9
 MODEL_KINDS = Registry("model kind")
@@ -291,7 +291,8 @@ def _aligner(cfg, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
 
 _ALIGNER_IMAGES = dict(size=48, uint8=True, flip=0.0, jitter=0.0, crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0])
 
-def _aligner_example(paths: dict, run_dir: str, encoder_run: str = "runs/demo") -> dict:
+def aligner_example(paths: dict, run_dir: str, encoder_run: str = "runs/demo") -> dict:
+    "The `aligner` kind's example run on the demo data `paths`, starting from the dual encoder in `encoder_run`."
     return dict(data=dict(data=paths["train"], val_data=paths["val"], preprocessor="clip", preprocessor_options=dict(_ALIGNER_IMAGES),
                           tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"), max_length=32,
                           loader=dict(batch_size=64, num_workers=1)),
@@ -302,7 +303,7 @@ def _aligner_example(paths: dict, run_dir: str, encoder_run: str = "runs/demo") 
 # %% ../nbs/80_kinds.ipynb #6b3b94f9
 MODEL_KINDS.add("aligner", ModelKind(
     "captions from a trained dual encoder's image embedding: an MLP makes prefix embeddings of a causal LM (Qwen2) that writes the caption",
-    _aligner_config, _aligner, False, _aligner_example,
+    _aligner_config, _aligner, False, aligner_example,
     {"model.options.encoder_run": "a trained dual encoder's run directory (mmlit demo writes runs/demo); frozen unless train_encoder: true",
      "model.options.prefix_tokens": "the image embedding becomes this many prefix embeddings of the language model",
      "data.preprocessor_options.size": "the encoder's image size (the demo's: 48)",

@@ -24,7 +24,7 @@ from fastcore.basics import patch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 # %% auto #0
-__all__ = ['RANK_SPLITS', 'LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'kept_positions', 'rank_steps',
+__all__ = ['RANK_SPLITS', 'is_int', 'LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'kept_positions', 'rank_steps',
            'ShardedBatchSampler', 'TimedTransform', 'Samples', 'StepGroup', 'StepFetcher', 'Delivery',
            'SkipAwareCollate', 'task_steps', 'GroupedSteps', 'GroupCollate', 'WorkerSeeder', 'resolve_collate',
            'rank_and_world_size', 'data_fingerprint', 'LoaderTimings', 'ResumableLoader', 'make_loader',
@@ -38,7 +38,9 @@ from .storage import IOStats, Location, io_stats
 import mmlit.packing   # registers the "packing" collator a config may name
 
 # %% ../nbs/04_loader.ipynb #cb749e57
-def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+def is_int(v) -> bool:
+    "Whether `v` is a Python or NumPy integer (a bool is not)."
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 RANK_SPLITS = ("stream", "locality")      # how a global step is shared among ranks (see `rank_steps`)
 
 @dataclass
@@ -58,17 +60,17 @@ class LoaderConfig:
     rank_split: Literal["stream", "locality"] = "stream"   # which samples of a step each rank takes (see `rank_steps`)
 
     def __post_init__(self):
-        if not _is_int(self.batch_size) or self.batch_size < 1: raise ConfigError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if not _is_int(self.seed) or self.seed < 0: raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
-        if not _is_int(self.num_workers) or self.num_workers < 0: raise ConfigError(f"num_workers must be an int >= 0, got {self.num_workers!r}")
+        if not is_int(self.batch_size) or self.batch_size < 1: raise ConfigError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if not is_int(self.seed) or self.seed < 0: raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
+        if not is_int(self.num_workers) or self.num_workers < 0: raise ConfigError(f"num_workers must be an int >= 0, got {self.num_workers!r}")
         for k in ("shuffle", "pin_memory", "persistent_workers", "drop_last"):
             if getattr(self, k) not in (None, True, False): raise ConfigError(f"{k} must be True, False or None, got {getattr(self, k)!r}")
         if not isinstance(self.train, bool): raise ConfigError(f"train must be a bool, got {self.train!r}")
-        if self.shuffle_span is not None and not (_is_int(self.shuffle_span) and self.shuffle_span >= 0):
+        if self.shuffle_span is not None and not (is_int(self.shuffle_span) and self.shuffle_span >= 0):
             raise ConfigError(f"shuffle_span must be an int >= 0 or None, got {self.shuffle_span!r}")
         if self.rank_split not in RANK_SPLITS: raise ConfigError(f"rank_split must be one of {RANK_SPLITS}, got {self.rank_split!r}")
         if self.prefetch_factor is not None:
-            if not _is_int(self.prefetch_factor) or self.prefetch_factor < 1: raise ConfigError(f"prefetch_factor must be a positive int, got {self.prefetch_factor!r}")
+            if not is_int(self.prefetch_factor) or self.prefetch_factor < 1: raise ConfigError(f"prefetch_factor must be a positive int, got {self.prefetch_factor!r}")
             if self.num_workers == 0: raise ConfigError("prefetch_factor needs num_workers > 0 (without workers nothing is prefetched)")
         if self.persistent_workers and self.num_workers == 0: raise ConfigError("persistent_workers needs num_workers > 0")
         if self.collate is not None and not (isinstance(self.collate, str) or callable(self.collate)):
@@ -100,7 +102,7 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, blocks: Seq
     sizes = np.asarray(blocks, dtype=np.int64)
     if sizes.ndim != 1 or (sizes < 0).any() or sizes.sum() != n:
         raise ConfigError(f"blocks must be non-negative sizes summing to n={n}, got {len(sizes)} summing to {sizes.sum()}")
-    if not (_is_int(shuffle_span) and shuffle_span > 0): raise ConfigError(f"shuffle_span must be a positive int, got {shuffle_span!r}")
+    if not (is_int(shuffle_span) and shuffle_span > 0): raise ConfigError(f"shuffle_span must be a positive int, got {shuffle_span!r}")
     perm = rng.permutation(len(sizes))                     # the blocks in a random order...
     first, sizes = (np.cumsum(sizes) - sizes)[perm], sizes[perm]
     rows = np.repeat(first - (np.cumsum(sizes) - sizes), sizes) + np.arange(n)   # ...laid end to end
@@ -325,7 +327,7 @@ def rank_and_world_size(rank: int | None = None, world_size: int | None = None) 
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
-    if not (_is_int(rank) and _is_int(world_size) and 0 <= rank < world_size):
+    if not (is_int(rank) and is_int(world_size) and 0 <= rank < world_size):
         raise ConfigError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     return int(rank), int(world_size)
 
@@ -554,7 +556,7 @@ def load_state_dict(self: ResumableLoader, state: dict):
     if state["fingerprint"] != self.fingerprint:
         raise ConfigError(f"loader state was saved for other data (fingerprint {state['fingerprint']!r}, this loader's data "
                           f"has {self.fingerprint!r}: other files, sizes or row counts); it would resume at the wrong samples")
-    if not (_is_int(state["position"]) and 0 <= state["position"] <= self.n and _is_int(state["epoch"]) and state["epoch"] >= 0):
+    if not (is_int(state["position"]) and 0 <= state["position"] <= self.n and is_int(state["epoch"]) and state["epoch"] >= 0):
         raise ConfigError(f"loader state has an invalid epoch/position: {state['epoch']!r}/{state['position']!r}")
     self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
@@ -591,7 +593,7 @@ def _mixture_inside(dataset) -> bool:
 def exclude(self: ResumableLoader, ids: Sequence[int]) -> None:
     "Leave the samples `ids` (dataset indices) out of every step after the current position; `ConfigError` naming an id that does not exist."
     for i in ids:
-        if not _is_int(i) or not 0 <= i < self.n:
+        if not is_int(i) or not 0 <= i < self.n:
             raise ConfigError(f"exclude: there is no sample {i!r} (the training data has samples 0 to {self.n - 1})")
     if len(ids) and _mixture_inside(self.dataset):
         raise ConfigError("exclude: a Mixture's dataset indices name other records every epoch; exclude from its datasets instead")

@@ -18,7 +18,7 @@ from torch import nn
 
 from .core import ConfigError, Stream, config_from_dict, config_to_dict, derive_seed, redact
 from .fsdp import DistributedConfig   # TrainConfig's field types, for show_doc's signatures
-from .kinds import MODEL_KINDS, ModelSpec, _aligner_example, build_model, model_config
+from .kinds import MODEL_KINDS, ModelSpec, aligner_example, build_model, model_config
 from .loader import resolve_collate
 from .datamodule import LoaderDataModule, loader_parts
 from .storage import Location, StorageError, as_store, is_uri
@@ -386,7 +386,7 @@ def run_demo(run_dir: str | Path = "runs/demo", epochs: int = 50, progress: bool
 def caption_demo_config(run_dir: str | Path = "runs/caption", encoder_run: str | Path = "runs/demo", root: str | Path | None = None,
                         epochs: int = 6, seed: int = 0) -> RunConfig:
     "The `mmlit demo --task caption` run: the aligner on the demo's captions, its encoder from `encoder_run`."
-    d = _aligner_example(demo_paths(root, seed), str(run_dir), str(encoder_run))
+    d = aligner_example(demo_paths(root, seed), str(run_dir), str(encoder_run))
     d["schedule"]["epochs"] = epochs
     return config_from_dict(RunConfig, {"run_dir": str(run_dir), "seed": seed, "threads": 1, **d})
 

@@ -26,7 +26,7 @@ __all__ = ['OptimConfig', 'ScheduleConfig', 'EvalConfig', 'CheckpointConfig', 'L
            'load_config', 'no_decay', 'build_optimizer', 'warmup_cosine', 'build_scheduler', 'resolve_device',
            'resolve_precision', 'autocast', 'kept_buffers', 'checkpoint_block', 'input_grads_where_trainable',
            'enable_gradient_checkpointing', 'setup_distributed', 'wrap_model', 'output_losses', 'to_device',
-           'batch_size_of', 'evaluate_loss']
+           'batch_size_of', 'reduce_over_ranks', 'evaluate_loss']
 
 # %% ../nbs/06_step.ipynb #a5d92445
 @dataclass
@@ -286,7 +286,7 @@ def batch_size_of(batch) -> int:
     return 1
 
 # %% ../nbs/06_step.ipynb #4cd6b9c1
-def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+def reduce_over_ranks(t: torch.Tensor, op=None) -> torch.Tensor:
     "`t` summed (or `op`) over the ranks, in place; `t` itself outside `torch.distributed`."
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
@@ -304,5 +304,5 @@ def evaluate_loss(model: nn.Module, loader: Iterable, device: torch.device | Non
         for k, v in output_losses(model(**to_device(batch, device))).items(): sums[k] = sums.get(k, 0.0) + float(v) * b
         n += b
     keys = sorted(sums)
-    tot = _all_reduce(torch.tensor([sums[k] for k in keys] + [n], dtype=torch.float64))
+    tot = reduce_over_ranks(torch.tensor([sums[k] for k in keys] + [n], dtype=torch.float64))
     return {k: float(tot[i] / tot[-1]) for i, k in enumerate(keys)} if tot[-1] else {}

@@ -21,7 +21,7 @@ from .core import ConfigError, MmlitError, Stream, config_from_dict, config_to_d
 from .checkpoint import CheckpointManager, atomic_write_text, rng_state, set_rng_state
 from .finetune import describe_trainable, pretrained_records
 from .fsdp import DistributedConfig, gathered, load_latest_sharded, save_sharded
-from .step import (TrainConfig, _all_reduce, autocast, batch_size_of, build_optimizer, build_scheduler,
+from .step import (TrainConfig, reduce_over_ranks, autocast, batch_size_of, build_optimizer, build_scheduler,
                         enable_gradient_checkpointing, evaluate_loss, output_losses, resolve_device, resolve_precision,
                         setup_distributed, to_device, wrap_model)
 from .ledger import Ledger, exclude_samples, record_micro_batch, truncate_ledger
@@ -312,9 +312,9 @@ def _apply_gradients(self: Trainer) -> float | None:
 def _update(self: Trainer, sums: dict, done: int) -> dict:
     "One optimiser step from the accumulated gradients (skipped when any rank saw a non-finite loss); the log row."
     keys = sorted(sums)
-    vals = _all_reduce(torch.stack([sums[k] for k in keys]).double() / done) / self.world_size
+    vals = reduce_over_ranks(torch.stack([sums[k] for k in keys]).double() / done) / self.world_size
     losses = dict(zip(keys, vals.tolist()))
-    finite = bool(_all_reduce(torch.tensor(float(not math.isfinite(losses["loss"])))) == 0)
+    finite = bool(reduce_over_ranks(torch.tensor(float(not math.isfinite(losses["loss"])))) == 0)
     lr, grad_norm = self.scheduler.get_last_lr()[0], None
     if finite: grad_norm = self._apply_gradients()
     else:
@@ -423,7 +423,7 @@ def _boundary(self: Trainer, row: dict | None, end_of_epoch: bool) -> None:
     if end_of_epoch: self.epoch, self.micro = self.epoch + 1, 0
     best = self._maybe_evaluate(end_of_epoch, final)
     if self.world_size > 1:
-        self._stop = bool(_all_reduce(torch.tensor(float(self._stop))) > 0)
+        self._stop = bool(reduce_over_ranks(torch.tensor(float(self._stop))) > 0)
     due_ckpt = ((c.checkpoint.every and self.step % c.checkpoint.every == 0) or (end_of_epoch and c.checkpoint.at_epoch_end)
                 or final or best or self._stop)
     if due_ckpt: self.save(best=best)
