@@ -7,7 +7,8 @@ Docs: https://mmlit.github.io/mmlit/packing.html.md"""
 # %% ../nbs/03a_packing.ipynb #e965abc9
 from __future__ import annotations
 
-from typing import Sequence
+import weakref
+from typing import NamedTuple, Sequence
 
 import torch
 from fastcore.basics import patch
@@ -17,7 +18,8 @@ from .collate import (CollateError, Collator, ConfigError, Padding, RaggedBatchE
 from .dataset import split_skipped
 
 # %% auto #0
-__all__ = ['pack_rows', 'mrope_positions', 'PackingCollator', 'segment_index', 'packed_attention', 'PackedRows']
+__all__ = ['pack_rows', 'mrope_positions', 'PackingCollator', 'segment_index', 'PackedLayout', 'packed_layout',
+           'packed_attention', 'PackedRows']
 
 # %% ../nbs/03a_packing.ipynb #5ed9935d
 def pack_rows(lengths: Sequence[int], max_length: int, balance: bool = True) -> list[list[int]]:
@@ -184,26 +186,44 @@ def segment_index(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.where(idx < (starts + lens)[:, None], idx, -1)
 
 # %% ../nbs/03a_packing.ipynb #8432b961
+class PackedLayout(NamedTuple):
+    "Where the sequences of packed rows lie: `index` `[sequences, longest]` (-1 past an end) as `segment_index` gives it."
+    index: torch.Tensor
+    take: torch.Tensor          # `index` with -1 read as 0: the flat token each padded slot gathers
+    keep: torch.Tensor          # the padded slots that hold a token
+
+_layout_memo: list = [None]     # (weak reference to position_ids, its version, its layout): one forward's layers share it
+
+def packed_layout(position_ids: torch.Tensor | None, length: int) -> PackedLayout | None:
+    "The layout of rows `[R, length]` whose `position_ids` restart (packed sequences), else None; worked out once per `position_ids` tensor."
+    if position_ids is None or position_ids.ndim != 2 or position_ids.shape[1] != length: return None
+    memo = _layout_memo[0]
+    if memo is not None and memo[0]() is position_ids and memo[1] == position_ids._version: return memo[2]
+    layout = None
+    if bool((position_ids.diff(dim=-1) != 1).any()):                         # one host sync a forward, not one a layer
+        idx = segment_index(position_ids)
+        layout = PackedLayout(idx, idx.clamp(min=0).reshape(-1), (idx.reshape(-1) >= 0).nonzero().squeeze(1))
+    _layout_memo[0] = (weakref.ref(position_ids), position_ids._version, layout)
+    return layout
+
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                      position_ids: torch.Tensor | None = None, sliding_window=None, **kwargs) -> tuple[torch.Tensor, None]:
     "Causal attention of `query` `[R, heads, L, d]` within each sequence of packed rows (restarting `position_ids`); PyTorch's sdpa otherwise."
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     R, H, L, D = query.shape
-    packed = (position_ids is not None and position_ids.ndim == 2 and position_ids.shape[1] == L == key.shape[2]
-              and sliding_window is None and bool((position_ids.diff(dim=-1) != 1).any()))
-    if not packed: return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                                 sliding_window=sliding_window, **kwargs)
-    idx = segment_index(position_ids)
+    layout = packed_layout(position_ids, L) if L == key.shape[2] and sliding_window is None else None
+    if layout is None: return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                                     sliding_window=sliding_window, **kwargs)
+    idx, take, keep = layout
     if attention_mask is not None and idx.shape[0] * idx.shape[1] ** 2 >= R * L * L:    # padded per sequence: more work than the rows
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    take = idx.clamp(min=0).reshape(-1)
     def gather(x):                                                               # [R, h, L, d] -> [sequences, h, longest, d]
         x = x.transpose(1, 2).reshape(R * L, x.shape[1], D)[take]
         return x.view(*idx.shape, -1, D).transpose(1, 2)
     q, k, v = gather(query), gather(key), gather(value)
     o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
                                                          enable_gqa=k.shape[1] != H)   # a sequence's padding comes after it
-    o, keep = o.transpose(1, 2).reshape(-1, H, D), (idx.reshape(-1) >= 0).nonzero().squeeze(1)
+    o = o.transpose(1, 2).reshape(-1, H, D)
     out = o.new_zeros(R * L, H, D).index_copy(0, take[keep], o[keep])
     return out.view(R, L, H, D), None
 
