@@ -50,31 +50,39 @@ build, ~5.5 GB, runs on the CPU here) and the matching torchvision, mmlit instal
 
 A run that cannot import open_clip prints that as its result, with the error.
 
-Measured on this project's 2-core machine (Intel Xeon, 2 vCPUs, shared with other jobs: load average 3.5-4.8
-while it ran, 2026-12-07), one run of `--steps 200`, torch threads 1, torch 2.14.1 (CUDA build, on the CPU),
-open_clip 3.3.0; steps per CPU-second of the training process:
+Measured on this project's 2-core machine (Intel Xeon, 2 vCPUs, shared with other jobs), one run of `--steps 200`,
+torch threads 1, torch 2.14.1 (CUDA build, on the CPU), open_clip 3.3.0; steps per CPU-second of the training process.
+AdamW on its fused kernels (`optim.impl: auto`, the default), with before it, back to back, the same script on the trainer
+that used torch's default for-loop AdamW on the CPU (load average 13-18 all through, 2026-12-07):
 
     run                                   as run  training  +workers  wall steps/s  zero-shot  hard-neg
-    a. mmlit, hard negatives on (demo)      9.92     10.39      6.12          3.78      0.185     0.206
-    b. mmlit, hard negatives off           13.73     14.55      9.38          6.07      0.145         -
-    c. open_clip train_one_epoch           16.62     16.62     16.53         14.85      0.141         -
-    b / c: as run 0.83x, training 0.88x (goal >= 0.9x); c trained on b's batches: yes; a / b: 0.71x
+    a. mmlit, hard negatives on (demo)      8.29      8.72      5.09          1.33      0.182     0.196
+    b. mmlit, hard negatives off           13.02     13.86      8.83          2.60      0.150         -
+    c. open_clip train_one_epoch           14.83     14.83     14.75          3.31      0.141         -
+    b / c: as run 0.88x, training 0.93x (goal >= 0.9x); c trained on b's batches: yes; a / b: 0.63x
+    before (for-loop AdamW): b 12.28 / 13.07, c 14.49: as run 0.85x, training 0.90x
 
-Before the trainer kept freed memory (`mmlit.train.keep_freed_memory`), the same run at load average 9-10 gave
-b / c 0.77x as run and 0.81x training: glibc's malloc mapped the step's activations and gradients anew every step
-and handed them back when they were freed, ~5,300 minor page faults a step in the training process, the time
-showing up as system time and as slower kernels (own CPU time per step of conv2d 18.8 vs 15.0 ms, batch_norm 8.1
-vs 6.3, max_pool2d 7.9 vs 5.9 in b against c, most likely the ops that first touch fresh activation memory); now ~700 a step.
-The absolute rates above are higher than that run's mostly because the machine was less loaded; the ratios are
-the figures to compare. Accuracies after 200 steps (~5 epochs) are little above chance (0.1) for all three (the
-demo trains 1,900 steps); they say the runs are comparable, not which trains better. The same forward and backward
+The fused kernel is one call over all the parameters; in 100-step runs of b (same code, `optim.impl` switched, CPU time
+inside each part) the optimiser step with its clipping took 2.4-2.5 ms a step fused against 4.4-4.7 ms with the for-loop
+(and 4.6 with foreach), of a 62-70 ms step. open_clip's `main.py` builds `torch.optim.AdamW` with torch's defaults,
+which is the for-loop on the CPU. An earlier run at load average 3.5-4.8 with the for-loop gave b / c 0.83x as run and
+0.88x training (13.73 / 14.55 against 16.62); absolute rates fall with the load, the ratios are the figures to compare.
+
+Before the trainer kept freed memory (`mmlit.train.keep_freed_memory`, the `keep_freed_memory` key, on for `mmlit train`
+and the demo), the same run at load average 9-10 gave b / c 0.77x as run and 0.81x training: glibc's malloc mapped the
+step's activations and gradients anew every step and handed them back when they were freed, ~5,300 minor page faults a
+step in the training process, the time showing up as system time and as slower kernels (own CPU time per step of conv2d
+18.8 vs 15.0 ms, batch_norm 8.1 vs 6.3, max_pool2d 7.9 vs 5.9 in b against c, most likely the ops that first touch fresh
+activation memory); now ~700 a step. Accuracies after 200 steps (~5 epochs) are little above chance (0.1) for all three
+(the demo trains 1,900 steps); they say the runs are comparable, not which trains better. The same forward and backward
 are no slower in mmlit's model and loss (best of 5 in one process with no loader beside it, one batch: mmlit's
-forward+loss+backward 78.1 ms, the open_clip-style wrapper with `ClipLoss` 76.3 ms, 1.02x); what is left of the
-gap is the trainer's per-step work (cProfile, 60 demo steps: receiving the batch from the loader worker ~6 ms, the
-per-sample ledger ~4.6 ms of which recomputing each pair's losses ~3.6, the optimiser step with its clipping ~10 ms,
-the log row and metrics file ~1 ms) and the loader worker decoding and tokenising on the other core while the
-step runs (c's batches were made before its clock started; not isolated). Turning the negatives on costs b's
-rate another 0.71x (11 more captions a pair encoded, the hard-negative loss, and more worker work).
+forward+loss+backward 78.1 ms, the open_clip-style wrapper with `ClipLoss` 76.3 ms, 1.02x); what is left of the gap is
+the trainer's per-step work, CPU time a step without a profiler (100-step runs of b): receiving the batch from the loader
+worker 1.3-1.8 ms (most of it four socket connections a batch, one a tensor, to fetch each shared-memory file descriptor
+from the worker), the per-sample ledger 1.2-1.4 ms (recomputing each pair's losses ~1.1 of it), the optimiser step with
+its clipping ~2.4 ms, the log row and metrics files ~0.3 ms; and the loader worker decoding and tokenising on the other
+core while the step runs (c's batches were made before its clock started; not isolated). Turning the negatives on costs
+b's rate another 0.63-0.71x (11 more captions a pair encoded, the hard-negative loss, and more worker work).
 """
 import argparse
 import json

@@ -42,6 +42,7 @@ class RunConfig(TrainConfig):
     model: ModelSpec = field(default_factory=ModelSpec)
     zero_shot: Literal["digits"] | None = None     # class prompts for zero-shot accuracy ("digits": the bundled demo)
     label_column: str | None = None                # a Parquet column of the validation data with integer class labels
+    keep_freed_memory: bool = True                 # a run of its own process: freed activations stay for the next step
 
 # %% ../nbs/80_recipe.ipynb #f4656a15
 def data_store(data: dict):

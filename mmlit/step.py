@@ -23,10 +23,10 @@ from .fsdp import DistributedConfig, shard_model
 
 # %% auto #0
 __all__ = ['OptimConfig', 'ScheduleConfig', 'EvalConfig', 'CheckpointConfig', 'LogConfig', 'TrainConfig', 'config_to_yaml',
-           'load_config', 'no_decay', 'build_optimizer', 'warmup_cosine', 'build_scheduler', 'resolve_device',
-           'resolve_precision', 'autocast', 'kept_buffers', 'checkpoint_block', 'input_grads_where_trainable',
-           'enable_gradient_checkpointing', 'setup_distributed', 'wrap_model', 'output_losses', 'to_device',
-           'batch_size_of', 'reduce_over_ranks', 'evaluate_loss']
+           'load_config', 'no_decay', 'optimizer_kernels', 'build_optimizer', 'warmup_cosine', 'build_scheduler',
+           'resolve_device', 'resolve_precision', 'autocast', 'kept_buffers', 'checkpoint_block',
+           'input_grads_where_trainable', 'enable_gradient_checkpointing', 'setup_distributed', 'wrap_model',
+           'output_losses', 'to_device', 'batch_size_of', 'reduce_over_ranks', 'evaluate_loss']
 
 # %% ../nbs/06_step.ipynb #a5d92445
 @dataclass
@@ -37,12 +37,14 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     clip_grad: float | None = 1.0       # max global grad norm; None: no clipping
+    impl: Literal["auto", "fused", "foreach", "loop"] = "auto"   # AdamW's kernels; auto: fused on CPU and CUDA, else torch's choice
 
     def __post_init__(self):
         if self.lr <= 0: raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0: raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if not all(0 <= b < 1 for b in self.betas): raise ConfigError(f"optim.betas must be in [0, 1), got {self.betas}")
         if self.clip_grad is not None and self.clip_grad <= 0: raise ConfigError(f"optim.clip_grad must be > 0 or null, got {self.clip_grad}")
+        if self.impl not in ("auto", "fused", "foreach", "loop"): raise ConfigError(f"optim.impl must be auto, fused, foreach or loop, got {self.impl!r}")
 
 # %% ../nbs/06_step.ipynb #9c670c60
 @dataclass
@@ -103,6 +105,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False   # recompute each block's activations in the backward pass: less memory, slower steps
     threads: int | None = None          # torch CPU threads (torch.set_num_threads); None: torch's default
     max_nonfinite: int = 5              # this many non-finite losses in a row stop the run
+    keep_freed_memory: bool = False     # glibc's malloc keeps freed memory for the next step, process-wide (`mmlit.train.keep_freed_memory`)
     exclude: list[int] | str | None = None   # sample ids (the ledger's `sample`) left out from the next step on, or a file of them
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -132,12 +135,20 @@ def no_decay(name: str, p: torch.Tensor) -> bool:
     "Parameters that get no weight decay: biases, norm weights (every ndim < 2 tensor) and the temperature `logit_scale`."
     return p.ndim < 2 or name.split(".")[-1] == "logit_scale"
 
+def optimizer_kernels(impl: str, params: Iterable[torch.Tensor]) -> dict:
+    "AdamW's `fused` / `foreach` keywords for `optim.impl`; `auto`: fused where every parameter is on the CPU or a CUDA device."
+    if impl == "fused": return {"fused": True}
+    if impl == "foreach": return {"foreach": True}
+    if impl == "loop": return {"foreach": False}
+    return {"fused": True} if all(p.device.type in ("cpu", "cuda") for p in params) else {}
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    "AdamW with weight decay on every trainable parameter except those `no_decay` names."
+    "AdamW with weight decay on every trainable parameter except those `no_decay` names, on `optim.impl`'s kernels."
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": cfg.weight_decay},
               {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             **optimizer_kernels(cfg.impl, (p for _, p in named)))
 
 # %% ../nbs/06_step.ipynb #caa50fdc
 def warmup_cosine(total_steps: int, warmup_ratio: float = 0.1, min_lr_ratio: float = 0.0) -> Callable[[int], float]:
@@ -202,7 +213,7 @@ def checkpoint_block(block: nn.Module) -> nn.Module:
 
 # %% ../nbs/06_step.ipynb #0bd833cc
 def input_grads_where_trainable(model: nn.Module) -> int:
-    "Hook the input embeddings of Hugging Face `model` so their output requires grad only where the model they feed has a trainable parameter; the number of hooks."
+    "Hook the input embeddings of Hugging Face `model` so their output requires grad only where the model they feed has a trainable parameter (among those it has now); the number of hooks."
     from transformers import PreTrainedModel
     if hasattr(model, "disable_input_require_grads"): model.disable_input_require_grads()
     owners = {}
@@ -212,8 +223,9 @@ def input_grads_where_trainable(model: nn.Module) -> int:
         except NotImplementedError: continue
         if isinstance(emb, nn.Module): owners.setdefault(id(emb), (emb, m))
     def hook(owner: nn.Module):
+        params = tuple(owner.parameters())                   # listed once: each forward only reads their flags
         def require_grad(module, args, out):
-            if torch.is_grad_enabled() and any(p.requires_grad for p in owner.parameters()): out.requires_grad_(True)
+            if torch.is_grad_enabled() and any(p.requires_grad for p in params): out.requires_grad_(True)
         return require_grad
     model._require_grads_hooks = [emb.register_forward_hook(hook(owner)) for emb, owner in owners.values()]
     return len(model._require_grads_hooks)

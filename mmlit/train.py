@@ -69,10 +69,11 @@ def add(self: MetricsLog, row: dict):
         with open(self.dir / "metrics.csv", "a") as f: f.write(self._csv_line(row))
 
 # %% ../nbs/06_train.ipynb #238f82f6
-_VOLATILE = ("run_dir", "device", "threads", "log.progress", "log.wandb_mode", "checkpoint.resume", "exclude", "log.ledger_every")
+_VOLATILE = ("run_dir", "device", "threads", "log.progress", "log.wandb_mode", "checkpoint.resume", "exclude", "log.ledger_every",
+             "keep_freed_memory")
 # Settings added after runs existed, left out while at their default: a run started by an earlier mmlit still resumes.
 _ADDED_LATER = {"gradient_checkpointing": False, "model.pretrained": None, "model.freeze": [], "model.lora": None,
-                "distributed": config_to_dict(DistributedConfig()), "log.ledger": True}
+                "distributed": config_to_dict(DistributedConfig()), "log.ledger": True, "optim.impl": "auto"}
 
 def _pop(d: dict, key: str, only_if=...) -> None:
     "Remove the dotted `key` from the nested dict `d` (only when its value is `only_if`, if given)."
@@ -158,7 +159,7 @@ class Trainer:
         self.rank, self.world_size = setup_distributed(group_of_one=self.sharded)
         self.main = self.rank == 0
         if cfg.threads is not None: torch.set_num_threads(cfg.threads)
-        keep_freed_memory()                                                  # freed activations stay for the next step
+        if cfg.keep_freed_memory: keep_freed_memory()                       # freed activations stay for the next step (process-wide)
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         if self.sharded and self.precision == "fp16":   # GradScaler's overflow check is per rank: ranks would skip different steps
