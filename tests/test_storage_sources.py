@@ -1,7 +1,7 @@
 """Sources over a real S3 API (moto's server on 127.0.0.1, free port): Parquet, JSONL and text
 sources read by URI equal the same sources over local copies, batch for batch through the loader;
 Parquet reads by range (never a whole shard); faults on the wire leave the batches unchanged and
-are counted in `loader.io`; the cache serves the second epoch; permanent faults name the URI;
+are counted in `loader.io` (a connection dropped once is sent again by aiohttp, below mmlit); the cache serves the second epoch; permanent faults name the URI;
 `mmlit inspect s3://...` works; WebDataset tar shards are indexed and read by byte range."""
 import io
 import tarfile
@@ -140,14 +140,32 @@ def test_faults_on_the_wire_leave_the_epoch_unchanged_and_are_counted(data, work
         ld, got = epochs(ds, epochs=(0,), num_workers=workers)
     assert got == want
     assert len(proxy.faults) == 6
+    assert [e["fault"] for e in proxy.log].count("drop*") == proxy.faults.count("drop"), proxy.report()  # each drop's resend dropped too
     reached = ld.io.retries + io_stats.take()["retries"]   # faults during construction happen before the loader exists
-    assert reached == len(proxy.faults), (ld.io, proxy.faults)
+    assert reached == len(proxy.faults), f"{ld.io}; {proxy.faults}; the requests:\n{proxy.report()}"
     assert ld.io.retries > 0 and set(ld.io.retry_reasons) <= {"ServerDisconnectedError", "OSError", "ReadTimeoutError",
                                                              "ConnectionClosedError", "ClientOSError"}
 
 
+def test_a_connection_dropped_once_is_resent_below_mmlit(data):
+    "aiohttp sends a read again by itself when its connection closes before the reply: the read succeeds, no retry is counted."
+    d, endpoint, files = data
+    uri = f"s3://{BUCKET}/shards/part-1.parquet"
+    with FaultProxy(endpoint, every=2, kinds=("drop",), max_faults=2, drop_resends=False, lifetime=60) as proxy:
+        st = Store(s3_options(proxy.endpoint), retry=FAST)
+        io_stats.reset()
+        got = [st.read_range(uri, i * 1000, (i + 1) * 1000) for i in range(3)]
+    assert b"".join(got) == files["shards/part-1.parquet"][:3000]
+    log = [(e["fault"], e["requests"]) for e in proxy.log]
+    assert [f for f, _ in log] == ["drop", "resent", None, "drop", "resent", None], proxy.report()
+    assert log[0][1] == log[1][1] and log[3][1] == log[4][1]          # the same request, sent twice
+    counted = io_stats.take()
+    assert (counted["requests"], counted["retries"]) == (3, 0)
+
+
 def test_cache_serves_the_second_epoch(data, tmp_path):
     d, endpoint, files = data
+    io_stats.reset()                                       # this test's reads only
     ds = ParquetImageText(f"s3://{BUCKET}/shards/*.parquet",
                           storage_options=Store(s3_options(endpoint), cache_dir=tmp_path / "c", cache_bytes=10 << 20))
     ld = make_loader(ds, LoaderConfig(batch_size=5, seed=3), collate=summary)
