@@ -83,6 +83,7 @@ when it exists, else this interpreter), with this checkout on PYTHONPATH:
     .venv-peers/bin/pip install "torch==2.13.0"          # the CPU wheel; never an unpinned torch
     .venv-peers/bin/pip install "torch==2.13.0" litdata mosaicml-streaming webdataset pyarrow pillow \
         simplejpeg numpy fastcore pyyaml tqdm jinja2 fsspec
+    .venv-peers/bin/pip uninstall -y torchvision     # the CUDA build: with it installed, transformers (mmlit's loader) fails to import
 
 MosaicML streaming's package imports its `streaming.vision` datasets (torchvision) on import; when
 torchvision does not import, that subpackage (unused here) is replaced by an empty module and the
@@ -129,6 +130,14 @@ wall-time figures swing up to 2x between runs; CPU per image is the steadier mea
   1380 us (0 workers), 1720 -> 1560 (2 workers), HF hand-tuned 1920 / 2120 and 1760 / 2120 us in the same
   runs; mmlit / HF hand-tuned 1.09x / 1.09x -> 1.17x / 1.22x (0 / 2 workers); mmlit's peak PSS with 2
   workers 564 -> 562 MiB (0 workers 491 -> 466).
+- peers after that change (`--section peers --n 1000 --repeat 3`, one run, load average 10-13), CPU us per
+  image (0 w / 2 w): plain loop in memory 1130; plain loop over Parquet + batches 1270; mmlit over Parquet
+  1280 / 1550; mmlit over tar shards 1290 / 1620; litdata 1260 / 1570; MosaicML streaming 1550 / 1740;
+  webdataset package 1540 / 1840. By CPU, mmlit over Parquet is 0.98x litdata, 1.21x MosaicML, 1.20x
+  webdataset at 0 workers and 1.01x, 1.12x, 1.19x at 2 (goal >= 1.1: met against MosaicML and webdataset,
+  not against litdata); 0.88x the plain loop in memory at 0 workers (0.84x before; goal >= 0.95) and 0.99x
+  the plain loop over Parquet. The same batches with 0 and 2 workers: mmlit (both sources) and MosaicML yes,
+  litdata and webdataset no.
 - main table, before and after these bench changes (the library unchanged; two runs): mmlit / HF
   hand-tuned 1.50x / 1.26x at 0 workers, 1.34x / 1.65x at 2; 2 workers / 0 workers 0.86x / 1.06x with
   the 2-process ceiling at 1.00x / 0.93x; CPU per image mmlit 1740 / 1600 us (0 w), 2080 / 1870 (2 w),

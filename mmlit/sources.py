@@ -394,9 +394,9 @@ def _resident_bytes() -> int | None:
         with open("/proc/self/statm", "rb") as f: return int(f.read().split()[1]) * _PAGE_BYTES
     except FileNotFoundError: return None
 
-def release_arrow_scratch(kept: int = ARROW_SCRATCH_KEPT) -> bool:
-    "Hand Arrow's freed memory back to the OS if this process grew by more than `kept` bytes since it last did; True if it did."
-    pid, now = os.getpid(), _resident_bytes()
+def release_arrow_scratch(kept: int | None = None) -> bool:
+    "Hand Arrow's freed memory back to the OS if this process grew by more than `kept` (`ARROW_SCRATCH_KEPT`) bytes since it last did; True if it did."
+    pid, now, kept = os.getpid(), _resident_bytes(), ARROW_SCRATCH_KEPT if kept is None else kept
     if now is not None and pid in _released_at and now - _released_at[pid] <= kept: return False
     pa.default_memory_pool().release_unused()
     _released_at[pid] = _resident_bytes() or 0
