@@ -1,5 +1,8 @@
 """Loader throughput and peak memory on one Parquet of real JPEG photos (~500x375, from skimage.data), as ratios.
 
+The Parquet is written as mmlit's own writers write image columns (`mmlit.sources.image_parquet_options`:
+the image column plain and uncompressed, the caption snappy with a dictionary; 128-row row groups).
+
 Prints, measured in this run: decode-only images/s (the per-core ceiling), mmlit's loader to
 224x224 uint8 batches with 0 and 2 workers, and two HF `datasets` baselines
 (`load_dataset("parquet")` + `with_transform` + DataLoader): plain (PIL decode, bicubic resize,
@@ -68,7 +71,8 @@ stage by stage from the plain loop — + the Parquet read (`ParquetImageText.get
 + a seeded generator per sample (`DeterministicDataset`), + batches (`default_collate`), + the loader
 itself (`make_loader`: sampler, step fetch, skip-aware collate, timings, skip report) — the stages
 taking turns batch by batch (so a change of load hits all alike), and prints the thread CPU per image
-of each and what each stage adds.
+of each and what each stage adds; beside them, the read step from the same photos written with
+pyarrow's default options (snappy, dictionary-encoded images), as files written by other tools often are.
 
 The peers live in their own environment, apart from mmlit's (mosaicml-streaming pins
 transformers<5, and the registry's torchvision, which it imports, is a CUDA build that does not
@@ -79,6 +83,7 @@ when it exists, else this interpreter), with this checkout on PYTHONPATH:
     .venv-peers/bin/pip install "torch==2.13.0"          # the CPU wheel; never an unpinned torch
     .venv-peers/bin/pip install "torch==2.13.0" litdata mosaicml-streaming webdataset pyarrow pillow \
         simplejpeg numpy fastcore pyyaml tqdm jinja2 fsspec
+    .venv-peers/bin/pip uninstall -y torchvision     # the CUDA build: with it installed, transformers (mmlit's loader) fails to import
 
 MosaicML streaming's package imports its `streaming.vision` datasets (torchvision) on import; when
 torchvision does not import, that subpackage (unused here) is replaced by an empty module and the
@@ -105,8 +110,34 @@ wall-time figures swing up to 2x between runs; CPU per image is the steadier mea
   at once, and Arrow's scratch memory handed back to the OS after each group and faulted in again at the
   next. Two read variants measured in the same way, not adopted because each keeps memory the current
   reader hands back: the image column kept as an Arrow array with one `as_py()` per image (+108 us
-  instead of +219 in that run), and Arrow's scratch memory kept (+118 us). The generator is two
+  instead of +219 in that run), and Arrow's scratch memory kept (+118 us; now kept up to a bound, below). The generator is two
   SeedSequence hashes per sample (~20 us alone); batching is default_collate's copy into a new batch.
+- the Parquet read, measured alone (thread CPU us per image, 1000 photos, 128-row groups): pyarrow reading a
+  row group and `to_pylist` 41 us with pyarrow's default writer options, 21 us with the image column plain
+  (no dictionary) and uncompressed (snappy alone: 4 us; dictionary encoding: 16-20 us, as its dictionary
+  page holds the first ~1 MB of images and the rest falls back to plain pages; snappy saves 0.01% of the
+  bytes); handing Arrow's freed memory back to the OS after every read ~8 us more on plain files, ~25 us on
+  dictionary-encoded ones (page faults to get it back). Not adopted: slicing the offsets buffer into bytes
+  (48 us against to_pylist's 41); `pre_buffer=True` (keeps the row group's bytes, 4.7 MB, in Arrow memory
+  between reads); `memory_map=True` (the file's pages stay mapped into the process as it is read);
+  `iter_batches` to bound the decoder's scratch (no smaller peak); a larger `buffer_size` (within noise).
+- after the reader kept up to 32 MiB of Arrow's freed memory (`ARROW_SCRATCH_KEPT`) and the bench's Parquet
+  was written with `image_parquet_options` (one run each, load average 15-17, 1000 photos; `--section
+  overhead --n 1000 --repeat 5`): before: plain loop 1170; + Parquet read +95; + generator +48; + batches
+  +50; + the loader +5; 0.86x the plain loop. After: plain loop 1157; + Parquet read +64 (the same photos
+  written with pyarrow's defaults: +98); + generator +37; + batches +38; + the loader +15; 0.88x. `--section
+  main --n 1000 --repeat 3` (load average 15-23, so wall-time ratios are loose): CPU per image mmlit 1560 ->
+  1380 us (0 workers), 1720 -> 1560 (2 workers), HF hand-tuned 1920 / 2120 and 1760 / 2120 us in the same
+  runs; mmlit / HF hand-tuned 1.09x / 1.09x -> 1.17x / 1.22x (0 / 2 workers); mmlit's peak PSS with 2
+  workers 564 -> 562 MiB (0 workers 491 -> 466).
+- peers after that change (`--section peers --n 1000 --repeat 3`, one run, load average 10-13), CPU us per
+  image (0 w / 2 w): plain loop in memory 1130; plain loop over Parquet + batches 1270; mmlit over Parquet
+  1280 / 1550; mmlit over tar shards 1290 / 1620; litdata 1260 / 1570; MosaicML streaming 1550 / 1740;
+  webdataset package 1540 / 1840. By CPU, mmlit over Parquet is 0.98x litdata, 1.21x MosaicML, 1.20x
+  webdataset at 0 workers and 1.01x, 1.12x, 1.19x at 2 (goal >= 1.1: met against MosaicML and webdataset,
+  not against litdata); 0.88x the plain loop in memory at 0 workers (0.84x before; goal >= 0.95) and 0.99x
+  the plain loop over Parquet. The same batches with 0 and 2 workers: mmlit (both sources) and MosaicML yes,
+  litdata and webdataset no.
 - main table, before and after these bench changes (the library unchanged; two runs): mmlit / HF
   hand-tuned 1.50x / 1.26x at 0 workers, 1.34x / 1.65x at 2; 2 workers / 0 workers 0.86x / 1.06x with
   the 2-process ceiling at 1.00x / 0.93x; CPU per image mmlit 1740 / 1600 us (0 w), 2080 / 1870 (2 w),
@@ -228,8 +259,9 @@ class PeakPSS:
 # --- the data and the loaders under test ---
 
 def make_parquet(path: Path, n: int, seed: int = 0) -> Path:
-    "n JPEGs of about 500x375: random crops of skimage photos, resized, quality 90."
+    "n JPEGs of about 500x375 (random crops of skimage photos, resized, quality 90), written as mmlit's writers write image columns."
     import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+    from mmlit.sources import image_parquet_options
     from PIL import Image
     from skimage import data
     rng = np.random.default_rng(seed)
@@ -245,7 +277,8 @@ def make_parquet(path: Path, n: int, seed: int = 0) -> Path:
         buf = io.BytesIO()
         src.crop((x, y, x + cw, y + ch)).resize(size, Image.BICUBIC).save(buf, "JPEG", quality=90)
         blobs.append(buf.getvalue())
-    pq.write_table(pa.table(dict(image=blobs, caption=[f"photo {i}" for i in range(n)])), path, row_group_size=128)
+    table = pa.table(dict(image=blobs, caption=[f"photo {i}" for i in range(n)]))
+    pq.write_table(table, path, row_group_size=128, **image_parquet_options(table.schema))   # images plain, uncompressed
     return path
 
 
@@ -601,6 +634,9 @@ def peers_section(tmp: Path, n: int, bs: int, repeat: int, python: str) -> None:
     return best, status
 
 
+DEFAULT_READ = "read, pyarrow's default writer options"
+
+
 def overhead_stages(path: Path, bs: int, repeat: int) -> None:
     "Print the thread CPU per image of mmlit's 0-worker path built up stage by stage, against the plain loop (min of `repeat` rounds)."
     import statistics, torch, pyarrow.parquet as pq
@@ -614,9 +650,11 @@ def overhead_stages(path: Path, bs: int, repeat: int) -> None:
     ip = ImagePreprocessor(size=224, fit="crop", uint8=True, resample=Image.BOX)
     sample = lambda rec, rng: {"pixel_values": ip(rec["image"], None), "index": int(rec["meta"]["index"])}
     blobs = pq.read_table(path, columns=["image"]).column("image").to_pylist()
+    default_path = path.with_name("photos-pyarrow-defaults.parquet")   # snappy, dictionary-encoded images
+    pq.write_table(pq.read_table(path), default_path, row_group_size=128)
     n, steps = len(blobs), [list(range(a, min(a + bs, len(blobs)))) for a in range(0, len(blobs), bs)]
     def epoch():                                          # one stage's steps, from fresh datasets; each step yields its count
-        ds = ParquetImageText(path, decode=False)
+        ds, ds_default = ParquetImageText(path, decode=False), ParquetImageText(default_path, decode=False)
         d2, d3 = (DeterministicDataset(ParquetImageText(path, decode=False), sample) for _ in range(2))
         it = iter(make_loader(ParquetImageText(path, decode=False), LoaderConfig(batch_size=bs, num_workers=0, seed=0, train=False),
                               transform=sample))
@@ -624,7 +662,8 @@ def overhead_stages(path: Path, bs: int, repeat: int) -> None:
                 "+ Parquet read, records": lambda s: sum(len(sample(ds.get(i), None)["pixel_values"]) > 0 for i in s),
                 "+ a generator per sample": lambda s: len(d2.__getitems__(s)),   # what DeterministicDataset adds
                 "+ batches (default_collate)": lambda s: len(default_collate(d3.__getitems__(s))["pixel_values"]),
-                "+ the loader (make_loader, 0 w)": lambda s: len(next(it)["pixel_values"])}   # sampler, StepFetcher, SkipAwareCollate, timings
+                "+ the loader (make_loader, 0 w)": lambda s: len(next(it)["pixel_values"]),   # sampler, StepFetcher, SkipAwareCollate, timings
+                DEFAULT_READ: lambda s: sum(len(sample(ds_default.get(i), None)["pixel_values"]) > 0 for i in s)}
     cpu = {}
     for _ in range(repeat):                               # the stages take turns step by step: a load change hits all alike
         stages, spent = epoch(), {}
@@ -636,9 +675,13 @@ def overhead_stages(path: Path, bs: int, repeat: int) -> None:
           f"{n} photos, batches of {bs}, the stages interleaved step by step: thread CPU us per image, median (min) of {repeat} epochs")
     prev = None
     for k, v in cpu.items():
+        if k == DEFAULT_READ: continue
         m = statistics.median(v)
         print(f"  {k:36} {m:6.0f} ({min(v):5.0f})" + (f"   {m - prev:+5.0f}" if prev is not None else ""))
         prev = m
+    m, base = statistics.median(cpu[DEFAULT_READ]), statistics.median(cpu["plain loop, bytes in memory"])
+    print(f"  the read step from the same photos written with pyarrow's defaults (snappy, dictionary): "
+          f"{m:.0f} ({min(cpu[DEFAULT_READ]):.0f}), {m - base:+.0f} over the plain loop")
     base, last = (statistics.median(v) for v in (cpu["plain loop, bytes in memory"], cpu["+ the loader (make_loader, 0 w)"]))
     print(f"  plain loop / mmlit loader by CPU: {base / last:.2f}x")
 

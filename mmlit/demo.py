@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from .core import ConfigError, Stream, derive_seed, np_rng
+from .sources import image_parquet_options
 from .tasks import format_messages
 
 # %% auto #0
@@ -165,7 +166,7 @@ def build_demo_parquet(path: str | Path, n: int = 3000, seed: int = 0, image_siz
     for k, p in enumerate(paths):
         p.parent.mkdir(parents=True, exist_ok=True)
         start, stop = k * n // shards, (k + 1) * n // shards
-        with pq.ParquetWriter(p, DEMO_SCHEMA, compression="snappy") as w:
+        with pq.ParquetWriter(p, DEMO_SCHEMA, **image_parquet_options(DEMO_SCHEMA)) as w:
             for lo in range(start, stop, row_group_size):
                 w.write_table(_demo_table(range(lo, min(lo + row_group_size, stop)), seed, image_size, image_format))
     return paths
@@ -363,7 +364,7 @@ def build_task_parquet(path: str | Path, n: int = 1000, seed: int = 0, split: st
     "Write the four task records of `n` scenes of `split` to one Parquet file (`row_group_size` scenes a row group); returns it."
     if n < 1 or row_group_size < 1: raise ConfigError(f"n and row_group_size must be >= 1, got {n}, {row_group_size}")
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(path, TASK_SCHEMA, compression="snappy") as w:
+    with pq.ParquetWriter(path, TASK_SCHEMA, **image_parquet_options(TASK_SCHEMA)) as w:
         for lo in range(0, n, row_group_size):
             w.write_table(_task_table(range(lo, min(lo + row_group_size, n)), seed, split, image_size))
     return path

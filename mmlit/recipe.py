@@ -292,6 +292,7 @@ def split_by_group(path: str | Path, column: str, fraction: float, out_dir: str 
     "Write `train.parquet` and `val.parquet` to `out_dir`: rows whose `column` value is in a seeded `fraction` of the values go to val."
     import pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq
     from mmlit.checkpoint import atomic_write_bytes
+    from mmlit.sources import image_parquet_options
     if not 0 < fraction < 1: raise ConfigError(f"fraction must be in (0, 1), got {fraction}")
     out_dir = Path(out_dir)
     train_p, val_p = out_dir / "train.parquet", out_dir / "val.parquet"
@@ -304,7 +305,7 @@ def split_by_group(path: str | Path, column: str, fraction: float, out_dir: str 
     is_val = pc.is_in(table[column], value_set=pa.array(held))
     out_dir.mkdir(parents=True, exist_ok=True)
     for p, part in ((val_p, table.filter(is_val)), (train_p, table.filter(pc.invert(is_val)))):
-        buf = pa.BufferOutputStream(); pq.write_table(part, buf, row_group_size=256)
+        buf = pa.BufferOutputStream(); pq.write_table(part, buf, row_group_size=256, **image_parquet_options(part.schema))
         atomic_write_bytes(p, buf.getvalue().to_pybytes())
     return train_p, val_p
 

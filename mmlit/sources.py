@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import glob as _glob
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,9 +23,10 @@ from fastcore.basics import patch
 from PIL import Image, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['AUTO', 'CAPTION_NAMES', 'IMAGE_NAMES', 'FRAME_SUFFIXES', 'PARQUET_ERRORS', 'pick_field', 'pick_column',
-           'group_videos', 'check_frames', 'video_refs', 'jsonl_fields', 'JsonlImageText', 'expand_paths', 'TextCorpus',
-           'ParquetImageText', 'HFDataset', 'TorchDataset', 'TensorList', 'as_mm_dataset', 'open_source']
+__all__ = ['AUTO', 'CAPTION_NAMES', 'IMAGE_NAMES', 'FRAME_SUFFIXES', 'PARQUET_ERRORS', 'ARROW_SCRATCH_KEPT', 'pick_field',
+           'pick_column', 'group_videos', 'check_frames', 'video_refs', 'jsonl_fields', 'JsonlImageText',
+           'expand_paths', 'TextCorpus', 'ParquetImageText', 'release_arrow_scratch', 'image_parquet_options',
+           'HFDataset', 'TorchDataset', 'TensorList', 'as_mm_dataset', 'open_source']
 
 # %% ../nbs/01c_sources.ipynb #99d4cc79
 from .core import BadRecordError, ConfigError
@@ -381,6 +383,25 @@ def cache_blocks(self: ParquetImageText, k: int):
     "Cache at least `k` row groups (a block-shuffled order revisits up to `k` of them); the default, 1, suits reading in order."
     self.cache_row_groups = max(self.cache_row_groups, int(k))
 
+# %% ../nbs/01c_sources.ipynb #cac7eee0
+ARROW_SCRATCH_KEPT = 32 << 20   # bytes a process may grow by before Arrow's freed memory goes back to the OS
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_released_at: dict[int, int] = {}   # process id -> its resident bytes right after it last handed memory back
+
+def _resident_bytes() -> int | None:
+    "This process's resident memory in bytes, from `/proc/self/statm`; `None` where that file is absent."
+    try:
+        with open("/proc/self/statm", "rb") as f: return int(f.read().split()[1]) * _PAGE_BYTES
+    except FileNotFoundError: return None
+
+def release_arrow_scratch(kept: int | None = None) -> bool:
+    "Hand Arrow's freed memory back to the OS if this process grew by more than `kept` (`ARROW_SCRATCH_KEPT`) bytes since it last did; True if it did."
+    pid, now, kept = os.getpid(), _resident_bytes(), ARROW_SCRATCH_KEPT if kept is None else kept
+    if now is not None and pid in _released_at and now - _released_at[pid] <= kept: return False
+    pa.default_memory_pool().release_unused()
+    _released_at[pid] = _resident_bytes() or 0
+    return True
+
 # %% ../nbs/01c_sources.ipynb #925890f4
 @patch
 def _row_group(self: ParquetImageText, g: int) -> dict[str, list]:
@@ -396,7 +417,7 @@ def _row_group(self: ParquetImageText, g: int) -> dict[str, list]:
     table = self._handles[k].read_row_group(self._rg_index[g], columns=self.file_columns[k], use_threads=False)
     self._cache[g] = cols = {c: _column_values(table.column(c)) for c in self.file_columns[k]}
     del table
-    pa.default_memory_pool().release_unused()         # the decoder's scratch space, back to the OS
+    release_arrow_scratch()                           # the decoder's scratch space: kept up to a bound
     return cols
 
 # %% ../nbs/01c_sources.ipynb #3bf0da6f
@@ -421,6 +442,23 @@ def load(self: ParquetImageText, idx: int) -> dict:
     task = pick_field(row, (self.task_column,), str, where) if self.task_column in row else None
     messages = _messages(row.get(self.messages_column), where) if self.messages_column in row else None
     return make_record(text, image, negatives, task, messages, {**where, **{c: row[c] for c in self.meta_columns}})
+
+# %% ../nbs/01c_sources.ipynb #2eab71e2
+def _leaf_paths(schema: pa.Schema) -> list[str]:
+    "The Parquet column paths (`image.bytes`, `negatives.list.element`, ...) a table of `schema` is written as."
+    buf = pa.BufferOutputStream(); pq.write_table(schema.empty_table(), buf)
+    md = pq.ParquetFile(pa.BufferReader(buf.getvalue())).metadata
+    return [md.schema.column(i).path for i in range(md.num_columns)]
+
+def image_parquet_options(schema: pa.Schema, image_columns: Sequence[str] | None = None) -> dict:
+    "`pq.write_table` / `pq.ParquetWriter` options: image columns plain and uncompressed, the others snappy with dictionaries."
+    image_columns = [c for c in schema.names if c in IMAGE_NAMES] if image_columns is None else list(image_columns)
+    if missing := [c for c in image_columns if c not in schema.names]:
+        raise ConfigError(f"no column {missing[0]!r} to write as images; columns are {schema.names}")
+    image, other = [], []
+    for f in schema:
+        (image if f.name in image_columns else other).extend(_leaf_paths(pa.schema([f])))
+    return dict(compression={**{c: "none" for c in image}, **{c: "snappy" for c in other}}, use_dictionary=other)
 
 # %% ../nbs/01c_sources.ipynb #b3f1a2c4
 def _undecoded(ds, column: str | None):

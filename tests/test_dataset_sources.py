@@ -230,6 +230,44 @@ def test_parquet_keeps_rows_as_python_values_not_arrow_buffers(tmp_path):
     assert pa.total_allocated_bytes() == held and len(ds._cache) == 1
     assert [r["text"] for r in recs] == [f"t{i}" for i in range(6)] and [r["image"].size for r in recs] == [SPECS[i][0] for i in range(6)]
 
+def test_parquet_hands_arrow_memory_back_past_a_bound(tmp_path, monkeypatch):
+    "Arrow's freed memory is kept between reads while the process grows by at most ARROW_SCRATCH_KEPT, handed back after a read past it."
+    import mmlit.sources as S
+    f = write_parquet(tmp_path / "p.parquet", [f"t{i}" for i in range(5)], [png_bytes(*SPECS[i]) for i in range(5)], row_group_size=1)
+    mem, released = {"now": 100 << 20}, []
+    real_pool = pa.default_memory_pool()
+    class Spy:
+        def release_unused(self): released.append(mem["now"] >> 20); real_pool.release_unused()
+    monkeypatch.setattr(S, "_resident_bytes", lambda: mem["now"])
+    monkeypatch.setattr(S, "_released_at", {})
+    monkeypatch.setattr(S.pa, "default_memory_pool", lambda: Spy())
+    ds = ParquetImageText(f, decode=False)
+    for i, grow_mb in enumerate([0, 10, 30, 0, 20]):              # the process's growth before reading row group i
+        mem["now"] += grow_mb << 20
+        assert ds[i]["text"] == f"t{i}"
+        assert ds[i]["text"] == f"t{i}"                             # cached: no second read
+    assert released == [100, 140]                                   # the first read; the read 40 MB past it; not 20 MB past that
+    monkeypatch.setattr(S, "_resident_bytes", lambda: None)        # no /proc: handed back after every read
+    ds = ParquetImageText(f, decode=False)
+    released.clear(); [ds[i] for i in range(5)]
+    assert len(released) == 5
+
+
+def test_mmlit_writers_store_image_columns_plain(tmp_path):
+    "The demo data and split_by_group write image bytes uncompressed without a dictionary, the other columns with one."
+    import pyarrow.parquet as pq
+    from mmlit.demo import build_demo_parquet, build_task_parquet
+    from mmlit.recipe import split_by_group
+    demo = build_demo_parquet(tmp_path / "demo.parquet", n=8, row_group_size=4)[0]
+    task = build_task_parquet(tmp_path / "task.parquet", n=2, row_group_size=1, image_size=32)
+    for f in (demo, task, *split_by_group(demo, "digit_index", 0.5, tmp_path / "split")):
+        rg = pq.ParquetFile(f).metadata.row_group(0)
+        cols = {rg.column(i).path_in_schema: rg.column(i) for i in range(rg.num_columns)}
+        assert (cols["image.bytes"].compression, cols["image.bytes"].has_dictionary_page) == ("UNCOMPRESSED", False), f
+        assert all(c.compression == "SNAPPY" and c.has_dictionary_page for p, c in cols.items() if not p.startswith("image.")), f
+    assert [r["text"] for r in ParquetImageText(demo).records()] == pq.read_table(demo)["caption"].to_pylist()
+
+
 # ---------------------------------------------------------------- adapters
 
 @pytest.fixture
