@@ -189,18 +189,22 @@ MODEL_KINDS.add("qwen2vl_embedder", ModelKind(
      "data.preprocessor_options.max_pixels": "56x56: 4x4 patches of 14 pixels, merged 2x2 into 4 image tokens"}))
 
 # %% ../nbs/80_kinds.ipynb #f65351cb
-_WARM_KEYS = ("data", "dir", "steps", "lr", "batch_size", "labels", "position", "threads", "min_pixels", "max_pixels")
+_WARM_KEYS = ("data", "dir", "steps", "lr", "batch_size", "labels", "position", "columns", "threads", "min_pixels", "max_pixels")
+_TEACH_KEYS = ("data", "dir", "steps", "lr", "batch_size", "weight", "tasks", "threads", "min_pixels", "max_pixels")
+_WARM_UPS = {"warm_vision": (_WARM_KEYS, "the training Parquet whose boxes and labels warm the vision tower up"),
+             "teach_attention": (_TEACH_KEYS, "the training Parquet whose boxes and labels say where the answers look")}
 
 def _vlm_config(spec: ModelSpec, tokenizer, seed: int) -> dict:
-    "A Qwen2-VL config dict for `tokenizer`: the preset (`mmlit.vlm.VLM_PRESETS`) with `spec.options` (but `warm_vision`) merged over it."
+    "A Qwen2-VL config dict for `tokenizer`: the preset (`mmlit.vlm.VLM_PRESETS`) with `spec.options` (but the warm-ups `warm_vision`, `teach_attention`) merged over it."
     from transformers import AutoConfig
     from mmlit.vlm import VLM_PRESETS, vlm_config
     known = set(AutoConfig.for_model("qwen2_vl").to_dict())
-    options = {k: v for k, v in spec.options.items() if k != "warm_vision"}
-    if (warm := spec.options.get("warm_vision")) is not None:
+    options = {k: v for k, v in spec.options.items() if k not in _WARM_UPS}
+    for name, (keys, data) in _WARM_UPS.items():
+        if (warm := spec.options.get(name)) is None: continue
         if not isinstance(warm, dict) or not warm.get("data"):
-            raise ConfigError("model.options.warm_vision: a mapping with at least 'data' (the training Parquet whose boxes and labels warm the vision tower up)")
-        check_keys(warm, _WARM_KEYS, "model.options.warm_vision")
+            raise ConfigError(f"model.options.{name}: a mapping with at least 'data' ({data})")
+        check_keys(warm, keys, f"model.options.{name}")
     if spec.pretrained:                                       # the checkpoint's config; options override its fields
         check_keys(options, sorted(known), "model.options")
         return options
@@ -210,12 +214,15 @@ def _vlm_config(spec: ModelSpec, tokenizer, seed: int) -> dict:
     return {} if tokenizer is None else vlm_config(tokenizer, spec.preset or "tiny", **options)
 
 def _vlm(cfg: dict, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
-    "The Qwen2-VL; with `model.options.warm_vision`, its vision tower warmed up first (`mmlit.vlm.warm_tower`, kept in its `dir`)."
+    "The Qwen2-VL; with `model.options.warm_vision`, its vision tower warmed up first (`mmlit.vlm.warm_tower`), then with `teach_attention` its attention (`mmlit.vlm.warm_attention`); each kept in its `dir`."
     from mmlit.causal_lm import CausalLM
     model = CausalLM(cfg, pretrained=spec.pretrained, seed=seed)
     if warm := spec.options.get("warm_vision"):
         from mmlit.vlm import warm_tower
         warm_tower(model, tokenizer, warm["data"], warm.get("dir"), seed=seed, **{k: v for k, v in warm.items() if k not in ("data", "dir")})
+    if teach := spec.options.get("teach_attention"):
+        from mmlit.vlm import warm_attention
+        warm_attention(model, tokenizer, teach["data"], teach.get("dir"), seed=seed, **{k: v for k, v in teach.items() if k not in ("data", "dir")})
     return model
 
 # %% ../nbs/80_kinds.ipynb #1d2bbedb
@@ -226,9 +233,11 @@ def _vlm_example(paths: dict, run_dir: str) -> dict:
                           preprocessor_options=dict(min_pixels=56 * 56, max_pixels=56 * 56),
                           tokenizer=dict(train=dict(vocab_size=512), save_dir=f"{run_dir}/tokenizer"),
                           loader=dict(batch_size=32, collate="packing"), collate_options=dict(max_length=1024)),
-                model=dict(kind="vlm", preset="tiny", freeze=["vision"],
-                           options=dict(warm_vision=dict(data=str(tasks["train"]), dir=f"{run_dir}/vision_warmup", steps=300,
-                                                         threads=1, min_pixels=56 * 56, max_pixels=56 * 56))),
+                model=dict(kind="vlm", preset="tiny", freeze=["vision", "*q_proj*", "*k_proj*"],
+                           options=dict(warm_vision=dict(data=str(tasks["train"]), dir=f"{run_dir}/vision_warmup", steps=300, columns=True,
+                                                         threads=1, min_pixels=56 * 56, max_pixels=56 * 56),
+                                        teach_attention=dict(data=str(tasks["train"]), dir=f"{run_dir}/attention_warmup", steps=200,
+                                                             threads=1, min_pixels=56 * 56, max_pixels=56 * 56))),
                 optim=dict(lr=3e-3, weight_decay=0.01),
                 schedule=dict(epochs=4, warmup_ratio=0.05), eval=dict(every=250, max_batches=10), checkpoint=dict(keep=2))
 
@@ -238,10 +247,15 @@ MODEL_KINDS.add("vlm", ModelKind(
     {"data.preprocessor_options.max_pixels": "56x56 images: 4x4 patches of 14 pixels, merged 2x2 into 4 image tokens (one a quadrant)",
      "data.loader.collate": "samples packed into rows (mRoPE positions restart per sample); 'qwen2_vl' pads them instead",
      "data.collate_options.max_length": "tokens per packed row",
-     "model.freeze": "the warmed-up vision tower stays as it is; the language model learns to read it",
+     "model.freeze": "the warmed-up vision tower stays as it is, and so do the language model's taught queries and keys (where "
+                     "it looks); the rest of the language model learns to read what it finds",
      "model.options.warm_vision": "before training, the vision tower learns to name the digit under each image token and where the token lies "
                                   "(training images only; the tower is kept in dir and reused by a rerun; threads: torch's threads meanwhile, "
-                                  "as the run's, since another count sums in another order)"}))
+                                  "as the run's, since another count sums in another order); columns: and each token's column, in the words "
+                                  "a pointing answer writes it with",
+     "model.options.teach_attention": "then the language model learns where to look, on the pointing and QA records: its loss plus an attention "
+                                      "loss (the prompt's digit attends to the image tokens showing it, each answer token to the prompt's "
+                                      "digit and to the box it points at); kept in dir"}))
 
 # %% ../nbs/80_kinds.ipynb #f9ab2433
 def _encoder_run(spec: ModelSpec) -> tuple[Path, Path]:

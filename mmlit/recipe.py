@@ -445,14 +445,16 @@ def example_config(kind: str, run_dir: str | Path | None = None, root: str | Pat
 
 # %% ../nbs/80_recipe.ipynb #ee7f4cf1
 def vlm_demo_config(run_dir: str | Path = "runs/vlm_demo", root: str | Path | None = None, epochs: int | None = None,
-                    warm_steps: int = 300) -> RunConfig:
-    "The `mmlit demo --task vlm` run: the `vlm` example on the demo's scenes, CPU-sized, its vision tower warmed up for `warm_steps` (0: none, and trained with the rest)."
+                    warm_steps: int = 300, teach_steps: int = 200) -> RunConfig:
+    "The `mmlit demo --task vlm` run: the `vlm` example on the demo's scenes, CPU-sized, its vision tower warmed up for `warm_steps` (0: none, and trained with the rest), its attention taught for `teach_steps` (0: none)."
     cfg = example_config("vlm", run_dir, root)
     cfg.data["loader"] = {**cfg.data["loader"], "num_workers": 1}
     if epochs is not None: cfg.schedule.epochs = epochs
     cfg.threads = 1
     if warm_steps: cfg.model.options["warm_vision"]["steps"] = warm_steps
     else: cfg.model.options.pop("warm_vision"); cfg.model.freeze = []
+    if teach_steps: cfg.model.options["teach_attention"]["steps"] = teach_steps
+    else: cfg.model.options.pop("teach_attention"); cfg.model.freeze = [f for f in cfg.model.freeze if f == "vision"]   # nothing taught to keep
     return cfg
 
 # %% ../nbs/80_recipe.ipynb #cda5d4f6

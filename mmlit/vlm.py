@@ -15,7 +15,7 @@ from .core import BadRecordError, ConfigError, Registry
 
 # %% auto #0
 __all__ = ['VLM_PRESETS', 'TASK_METRICS', 'vlm_config', 'vlm_loss', 'task_answers', 'task_metrics', 'box_token_labels',
-           'warm_vision', 'warm_tower']
+           'warm_vision', 'warm_tower', 'attention_targets', 'teach_attention', 'warm_attention']
 
 # %% ../nbs/05h_vlm.ipynb #86f5c70d
 VLM_PRESETS = Registry("vlm preset")
@@ -115,12 +115,14 @@ def _token_dataset(path, patcher) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return torch.stack(X), torch.where(Y < 0, Y.max() + 1, Y), torch.tensor(grids.pop())     # background: the last class
 
 def warm_vision(model, path, steps: int = 300, lr: float = 3e-3, batch_size: int = 64, seed: int = 0,
-                label_tokens: list[int | list[int]] | None = None, position: bool = True, **patch_options) -> dict:
-    "Train the vision tower of `model` (a Qwen2-VL `CausalLM`) to name the label (the `labels` column; one more class: none) under each merged token of the images of `path`, and (`position`) where the token lies."
+                label_tokens: list[int | list[int]] | None = None, position: bool = True, column_tokens: list[int | list[int]] | None = None,
+                **patch_options) -> dict:
+    "Train the vision tower of `model` (a Qwen2-VL `CausalLM`) to name the label (the `labels` column; one more class: none) under each merged token of the images of `path`, (`position`) where the token lies and (`column_tokens`) its column in those words."
     from mmlit.core import Stream, derive_seed
     from mmlit.model import seeded_init
     from mmlit.patches import Qwen2VLPatcher
-    X, Y, grid = _token_dataset(path, Qwen2VLPatcher(**patch_options))
+    patcher = Qwen2VLPatcher(**patch_options)
+    X, Y, grid = _token_dataset(path, patcher)
     vis = model.model.model.visual
     with seeded_init(seed, 1): head = torch.nn.Linear(model.config.vision_config.hidden_size, int(Y.max()) + 1)
     if label_tokens is not None:          # a label's class weights: its tokens' (fixed) word embeddings, averaged; only "none" is learned
@@ -131,6 +133,12 @@ def warm_vision(model, path, steps: int = 300, lr: float = 3e-3, batch_size: int
         head.weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:-1]), g[-1:]]))
     tokens = Y.shape[1]                   # where each token lies: its index in the image's (row-major) grid
     with seeded_init(seed, 2): where = torch.nn.Linear(model.config.vision_config.hidden_size, tokens)
+    cols = int(grid[2]) // patcher.merge_size
+    if column_tokens is not None:         # a column's class weights: the (fixed) word embeddings of the words naming it, averaged
+        if len(column_tokens) != cols: raise ConfigError(f"column_tokens: {len(column_tokens)} tokens for {cols} columns")
+        emb = model.model.get_input_embeddings().weight.detach()
+        unit = lambda w: w / w.norm(dim=-1, keepdim=True)
+        column_rows = torch.stack([unit(unit(emb[torch.as_tensor(t).view(-1)]).mean(0)) for t in column_tokens])
     opt = torch.optim.AdamW([dict(params=list(vis.parameters()) + list(where.parameters()), weight_decay=0.01),
                              dict(params=list(head.parameters()), weight_decay=0.0)], lr=lr)     # decay would shrink the fixed rows
     per_epoch = max(1, len(X) // batch_size)
@@ -143,13 +151,33 @@ def warm_vision(model, path, steps: int = 300, lr: float = 3e-3, batch_size: int
         logits, at = head(feats), torch.arange(tokens).repeat(len(idx))
         loss = torch.nn.functional.cross_entropy(logits, Y[idx].flatten())
         if position: loss = loss + torch.nn.functional.cross_entropy(where(feats), at)
+        if column_tokens is not None: loss = loss + torch.nn.functional.cross_entropy(feats @ column_rows.T, at % cols)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
     opt.zero_grad(set_to_none=True)       # no gradient left behind: the run's first step would count it (e.g. in its gradient norm)
     acc = float((logits.argmax(-1) == Y[idx].flatten()).float().mean())
     return dict(steps=steps, images=len(X), loss=float(loss.detach()), token_acc=acc,
-                position_acc=float((where(feats).argmax(-1) == at).float().mean()) if position else None)
+                position_acc=float((where(feats).argmax(-1) == at).float().mean()) if position else None,
+                column_acc=float(((feats @ column_rows.T).argmax(-1) == at % cols).float().mean()) if column_tokens is not None else None)
 
 # %% ../nbs/05h_vlm.ipynb #da59fcef
+def _column_tokens(tokenizer, data, **patch_options) -> list[int]:
+    "The tokens a pointing answer writes for the centre of each column of image tokens (`250` in `<0.250, …>`), for the images of Parquet file `data`."
+    import io
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from mmlit.patches import Qwen2VLPatcher
+    patcher = Qwen2VLPatcher(**patch_options)
+    first = pq.ParquetFile(data).read_row_group(0, columns=["image"]).column("image")[0].as_py()
+    cols = int(patcher.image(Image.open(io.BytesIO(first["bytes"])))[1][2]) // patcher.merge_size
+    out = []
+    for j in range(cols):
+        text = f"{(j + 0.5) / cols:.3f}"
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        words = [ids[-k:] for k in range(1, len(ids)) if tokenizer.decode(ids[-k:]).strip() == text[2:]]
+        if not words: raise ConfigError(f"warm_vision columns: the tokenizer writes {text!r} as {tokenizer.convert_ids_to_tokens(ids)}, its decimals not apart")
+        out.append(words[0])
+    return out
+
 def _fingerprint(*tensors) -> str:
     import hashlib
     h = hashlib.sha256()
@@ -157,24 +185,25 @@ def _fingerprint(*tensors) -> str:
     return h.hexdigest()[:16]
 
 def warm_tower(model, tokenizer, data, out_dir=None, steps: int = 300, lr: float = 3e-3, batch_size: int = 64, seed: int = 0,
-               threads: int | None = None, labels: int = 10, position: bool = True, **patch_options) -> dict:
-    "Warm up the vision tower of `model` in place (`warm_vision` on Parquet file `data`, labels 0..labels-1 as `tokenizer` writes them); `out_dir` keeps the tower for a rerun with the same model, data and settings."
+               threads: int | None = None, labels: int = 10, position: bool = True, columns: bool = False, **patch_options) -> dict:
+    "Warm up the vision tower of `model` in place (`warm_vision` on Parquet file `data`, labels 0..labels-1 and, with `columns`, the columns' centres as `tokenizer` writes them); `out_dir` keeps the tower for a rerun with the same model, data and settings."
     import json, os, time
     forms = [[tokenizer(f"{s}{c}", add_special_tokens=False)["input_ids"] for s in ("", " ")] for c in range(labels)]
     # a label's words: the one-token forms it is written in (alone in an answer, after a space in a prompt)
     label_tokens = [[t[0] for t in f if len(t) == 1] for f in forms]
     label_tokens = label_tokens if all(label_tokens) else None
+    column_tokens = _column_tokens(tokenizer, data, **patch_options) if columns else None
     vis, emb = model.model.model.visual, model.model.get_input_embeddings().weight
-    params = dict(data=str(Path(data).resolve()), steps=steps, lr=lr, batch_size=batch_size, seed=seed, labels=labels, position=position,
+    params = dict(data=str(Path(data).resolve()), steps=steps, lr=lr, batch_size=batch_size, seed=seed, labels=labels, position=position, column_tokens=column_tokens,
                   patch_options=patch_options, label_tokens=label_tokens,
-                  model=_fingerprint(*vis.state_dict().values(), emb[torch.as_tensor(sum(label_tokens or [], []), dtype=torch.long)]))
+                  model=_fingerprint(*vis.state_dict().values(), emb[torch.as_tensor(sum(label_tokens or [], []) + sum(column_tokens or [], []), dtype=torch.long)]))
     done = Path(out_dir) / "warm_vision.json" if out_dir else None
     if done and done.is_file() and (d := json.loads(done.read_text()))["params"] == params:
         vis.load_state_dict(torch.load(done.parent / "tower.pt", weights_only=True))
         return {**d, "reused": True}
     t0, before = time.perf_counter(), torch.get_num_threads()
     if threads: torch.set_num_threads(threads)                   # as the run will train: on a shared CPU, fewer threads stall less
-    try: info = warm_vision(model, data, steps, lr, batch_size, seed, label_tokens, position, **patch_options)
+    try: info = warm_vision(model, data, steps, lr, batch_size, seed, label_tokens, position, column_tokens, **patch_options)
     finally: torch.set_num_threads(before)
     info = dict(params=params, **info, seconds=round(time.perf_counter() - t0, 2))
     if done:
@@ -185,3 +214,113 @@ def warm_tower(model, tokenizer, data, out_dir=None, steps: int = 300, lr: float
         atomic_write_text(done, json.dumps(info, indent=1))
     return {**info, "reused": False}
 
+
+# %% ../nbs/05h_vlm.ipynb #b6e5ecb1
+def attention_targets(sample: dict, record: dict, tokenizer, merge_size: int = 2) -> dict | None:
+    "Where the answer of a pointing or QA `sample` should look: the prompt's digit, the image tokens showing it, and each answer token's target box's image tokens (None: nothing to teach)."
+    import io
+    from PIL import Image
+    ids, labels = sample["input_ids"], sample["labels"]
+    img = (sample["mm_token_type_ids"] == 1).nonzero().flatten()
+    if record["task"] not in ("pointing", "qa") or not len(img) or not record.get("target_boxes"): return None
+    thw = sample["image_grid_thw"][0]
+    grid = (int(thw[1]) // merge_size, int(thw[2]) // merge_size)
+    im = record["image"]
+    size = (im if isinstance(im, Image.Image) else Image.open(io.BytesIO(im["bytes"]))).size
+    on = lambda boxes, labels: img[box_token_labels(boxes, labels, size, grid, -1) >= 0]
+    after = ids[int(img[-1]) + 1:]
+    digit = tokenizer(f" {record['target']}", add_special_tokens=False)["input_ids"]
+    at = (after == digit[0]).nonzero().flatten() if len(digit) == 1 else after[:0]
+    out = dict(digit=int(img[-1]) + 1 + int(at[0]) if len(at) else -1,
+               digit_tokens=on([b for b, l in zip(record["boxes"], record["labels"]) if l == record["target"]],
+                               [0] * sum(l == record["target"] for l in record["labels"])))
+    queries, targets, k = [], [], 0
+    words = tokenizer.convert_ids_to_tokens(ids.tolist())
+    boxes = record["target_boxes"]
+    for t in (labels != -100).nonzero().flatten().tolist():          # token t, predicted at position t - 1
+        if "<" in words[t] and not words[t].startswith("<|"): k += 1   # a pointing answer's next point starts
+        queries.append(t - 1); targets.append(on([boxes[min(max(k - 1, 0), len(boxes) - 1)]], [0]))
+    return dict(out, queries=torch.tensor(queries), targets=targets)
+
+# %% ../nbs/05h_vlm.ipynb #edda1f71
+def _attention_loss(attn0, attn1, batch_targets: list) -> torch.Tensor:
+    "Mean of -log attention mass on the targets: first layer head 0 the prompt's digit onto its image tokens; second layer head 0 each answer query onto the prompt's digit, head 1 onto its target box."
+    terms = []
+    for b, t in enumerate(batch_targets):
+        if t["digit"] >= 0:
+            if len(t["digit_tokens"]): terms.append(-torch.log(attn0[b, 0, t["digit"], t["digit_tokens"]].sum() + 1e-6))
+            terms.append(-torch.log(attn1[b, 0, t["queries"], t["digit"]] + 1e-6).mean())
+        mass = torch.stack([attn1[b, 1, q, tg].sum() for q, tg in zip(t["queries"].tolist(), t["targets"])])
+        terms.append(-torch.log(mass + 1e-6).mean())
+    return torch.stack(terms).mean()
+
+def teach_attention(model, tokenizer, path, steps: int = 200, lr: float = 3e-3, batch_size: int = 32, weight: float = 1.0,
+                    seed: int = 0, tasks: tuple[str, ...] = ("pointing", "qa"), **preprocessor_options) -> dict:
+    "Train the language model of `model` on the `tasks` records of Parquet file `path` with its loss plus an attention loss that teaches the lookup from the question to the image tokens of its answer."
+    import pyarrow.parquet as pq
+    from mmlit.core import Stream, derive_seed
+    from mmlit.multimodal import build_preprocessor
+    from mmlit.sources import open_source
+    inner = model.model
+    if inner.config.text_config.num_hidden_layers < 2 or inner.config.text_config.num_attention_heads < 2:
+        raise ConfigError("teach_attention needs a language model of 2 layers or more with 2 heads or more")
+    cols = pq.read_table(path, columns=["task", "boxes", "labels", "target", "target_boxes", "image"]).to_pylist()
+    pre = build_preprocessor("vlm", tokenizer, train=False, **preprocessor_options)
+    src = open_source(str(path))
+    samples, targets = [], []
+    for i, c in enumerate(cols):
+        if c["task"] not in tasks: continue
+        s = pre(src[i])
+        if (t := attention_targets(s, c, tokenizer)) is not None: samples.append(s); targets.append(t)
+    if not samples: raise ConfigError(f"{path}: no {'/'.join(tasks)} records with target boxes to teach attention on")
+    from mmlit.collate import Qwen2VLCollator
+    collate = Qwen2VLCollator(tokenizer, padding_side="right")
+    vis = inner.model.visual
+    grads = {n: p.requires_grad for n, p in inner.named_parameters()}
+    for p in vis.parameters(): p.requires_grad_(False)          # the tower stays as it is
+    params = [p for p in inner.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    implementation = inner.config._attn_implementation
+    inner.set_attn_implementation("eager")                      # attention weights, to be taught
+    per_epoch = max(1, len(samples) // batch_size)
+    model.train()
+    try:
+        for step in range(steps):
+            epoch, k = divmod(step, per_epoch)
+            order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 0, Stream.LOADER_ORDER)))
+            idx = order[k * batch_size:(k + 1) * batch_size].tolist()
+            batch = collate([samples[i] for i in idx])
+            out = inner(**{k: v for k, v in batch.items() if k not in ("task", "packed_samples")}, output_attentions=True)
+            aux = _attention_loss(out.attentions[0], out.attentions[1], [targets[i] for i in idx])
+            loss = out.loss + weight * aux
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    finally:
+        inner.set_attn_implementation(implementation)
+        for n, p in inner.named_parameters(): p.requires_grad_(grads[n])
+        opt.zero_grad(set_to_none=True)
+    return dict(steps=steps, records=len(samples), loss=float(out.loss.detach()), attention_loss=float(aux.detach()))
+
+# %% ../nbs/05h_vlm.ipynb #9ec6bf86
+def warm_attention(model, tokenizer, data, out_dir=None, threads: int | None = None, steps: int = 200, lr: float = 3e-3,
+                   batch_size: int = 32, weight: float = 1.0, seed: int = 0, tasks: tuple[str, ...] | list[str] = ("pointing", "qa"),
+                   **preprocessor_options) -> dict:
+    "Teach `model`'s attention in place (`teach_attention` on Parquet file `data`); `out_dir` keeps the model for a rerun with the same model, data and settings."
+    import json, os, time
+    params = dict(data=str(Path(data).resolve()), steps=steps, lr=lr, batch_size=batch_size, weight=weight, seed=seed, tasks=list(tasks),
+                  preprocessor_options=preprocessor_options, model=_fingerprint(*model.state_dict().values()))
+    done = Path(out_dir) / "warm_attention.json" if out_dir else None
+    if done and done.is_file() and (d := json.loads(done.read_text()))["params"] == params:
+        model.load_state_dict(torch.load(done.parent / "model.pt", weights_only=True))
+        return {**d, "reused": True}
+    t0, before = time.perf_counter(), torch.get_num_threads()
+    if threads: torch.set_num_threads(threads)
+    try: info = teach_attention(model, tokenizer, data, steps, lr, batch_size, weight, seed, tuple(tasks), **preprocessor_options)
+    finally: torch.set_num_threads(before)
+    info = dict(params=params, **info, seconds=round(time.perf_counter() - t0, 2))
+    if done:
+        from mmlit.checkpoint import atomic_write_text
+        done.parent.mkdir(parents=True, exist_ok=True)
+        tmp = done.parent / f"model.pt.{os.getpid()}.tmp"
+        torch.save(model.state_dict(), tmp); tmp.replace(done.parent / "model.pt")
+        atomic_write_text(done, json.dumps(info, indent=1))
+    return {**info, "reused": False}

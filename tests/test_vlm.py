@@ -1,6 +1,6 @@
 """The `vlm` model kind: packed and padded rows give the same loss on the same samples, and a run killed with SIGKILL
 mid-training resumes bit for bit (weights and the logged losses of the uninterrupted run), its vision tower warmed up
-as the example config says."""
+and its attention taught as the example config says."""
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
@@ -57,8 +57,9 @@ def _config(tmp_path: Path, run_dir: Path) -> dict:
     c["data"].update(data=str(data / "train.parquet"), val_data=str(data / "val.parquet"),
                      tokenizer={"train": {"vocab_size": 300}, "save_dir": str(run_dir / "tokenizer")})
     c["data"]["loader"] = {**c["data"]["loader"], "batch_size": 8, "num_workers": 0}
-    warm = {**c["model"]["options"]["warm_vision"], "data": str(data / "train.parquet"), "steps": 3, "batch_size": 4}
-    c["model"]["options"] = {"text_config": {"num_hidden_layers": 1}, "warm_vision": warm}    # the example's warm-up, 3 steps
+    o = c["model"]["options"]                                           # the example's warm-ups, 3 steps each
+    o["warm_vision"].update(data=str(data / "train.parquet"), steps=3, batch_size=4)
+    o["teach_attention"].update(data=str(data / "train.parquet"), steps=3, batch_size=4)
     c.update(threads=1, log={"progress": False}, eval={**c["eval"], "every": None, "max_batches": 1},
              schedule={"max_steps": 12, "warmup_ratio": 0.0}, checkpoint={"every": 2, "keep": 2})
     return c
@@ -94,3 +95,5 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     assert _losses(d)[-after:] == _losses(tmp_path / "ref")[-after:]      # logged bit for bit
     warm = json.loads((d / "vision_warmup" / "warm_vision.json").read_text())  # `mmlit train` warmed the tower up, as the example says
     assert warm["steps"] == 3 and warm["images"] == 12
+    taught = json.loads((d / "attention_warmup" / "warm_attention.json").read_text())   # and taught its attention
+    assert taught["steps"] == 3 and taught["records"] == 24                    # 12 pointing and 12 QA records
