@@ -215,7 +215,7 @@ def warm_tower(model, tokenizer, data, out_dir=None, steps: int = 300, lr: float
     return {**info, "reused": False}
 
 
-# %% ../nbs/05h_vlm.ipynb #b6e5ecb1
+# %% ../nbs/05h_vlm.ipynb #7b230602
 def attention_targets(sample: dict, record: dict, tokenizer, merge_size: int = 2) -> dict | None:
     "Where the answer of a pointing or QA `sample` should look: the prompt's digit, the image tokens showing it, and each answer token's target box's image tokens (None: nothing to teach)."
     import io
@@ -242,7 +242,7 @@ def attention_targets(sample: dict, record: dict, tokenizer, merge_size: int = 2
         queries.append(t - 1); targets.append(on([boxes[min(max(k - 1, 0), len(boxes) - 1)]], [0]))
     return dict(out, queries=torch.tensor(queries), targets=targets)
 
-# %% ../nbs/05h_vlm.ipynb #edda1f71
+# %% ../nbs/05h_vlm.ipynb #169b8084
 def _attention_loss(attn0, attn1, batch_targets: list) -> torch.Tensor:
     "Mean of -log attention mass on the targets: first layer head 0 the prompt's digit onto its image tokens; second layer head 0 each answer query onto the prompt's digit, head 1 onto its target box."
     terms = []
@@ -300,7 +300,7 @@ def teach_attention(model, tokenizer, path, steps: int = 200, lr: float = 3e-3, 
         opt.zero_grad(set_to_none=True)
     return dict(steps=steps, records=len(samples), loss=float(out.loss.detach()), attention_loss=float(aux.detach()))
 
-# %% ../nbs/05h_vlm.ipynb #9ec6bf86
+# %% ../nbs/05h_vlm.ipynb #9e00e7d6
 def warm_attention(model, tokenizer, data, out_dir=None, threads: int | None = None, steps: int = 200, lr: float = 3e-3,
                    batch_size: int = 32, weight: float = 1.0, seed: int = 0, tasks: tuple[str, ...] | list[str] = ("pointing", "qa"),
                    **preprocessor_options) -> dict:
