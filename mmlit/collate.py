@@ -7,20 +7,21 @@ Docs: https://mmlit.github.io/mmlit/collate.html.md"""
 # %% ../nbs/03_collate.ipynb #487ab290
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import default_collate
+from torch.utils.data import default_collate, get_worker_info
 
 from .core import ConfigError, MmlitError, Registry, Stream, derive_seed
 
 # %% auto #0
-__all__ = ['collators', 'SEQ_PAD_VALUES', 'CollateError', 'EmptyBatchError', 'KeyMismatchError', 'MissingKeyError',
-           'RaggedBatchError', 'SequenceTooLongError', 'describe_sample', 'check_same_keys', 'Collator', 'stack_rest',
-           'Padding', 'pad_stack', 'shift_positions', 'TextCollator', 'CausalLMCollator', 'MaskedLMCollator',
-           'VisionCollator', 'MultimodalCollator', 'Qwen2VLCollator', 'ContrastiveCollator', 'DefaultCollator',
-           'collator_name_for', 'collator_for']
+__all__ = ['collators', 'SHARED_MIN_BYTES', 'SEQ_PAD_VALUES', 'CollateError', 'EmptyBatchError', 'KeyMismatchError',
+           'MissingKeyError', 'RaggedBatchError', 'SequenceTooLongError', 'describe_sample', 'check_same_keys',
+           'Collator', 'batch_empty', 'stack', 'one_block', 'stack_rest', 'Padding', 'pad_stack', 'shift_positions',
+           'TextCollator', 'CausalLMCollator', 'MaskedLMCollator', 'VisionCollator', 'MultimodalCollator',
+           'Qwen2VLCollator', 'ContrastiveCollator', 'DefaultCollator', 'collator_name_for', 'collator_for']
 
 # %% ../nbs/03_collate.ipynb #62d52803
 class CollateError(MmlitError, ValueError):
@@ -100,6 +101,51 @@ class Collator:
 collators = Registry("collator")
 "Collator factories by name, with `modality` / `task` / `model` metadata to select by."
 
+# %% ../nbs/03_collate.ipynb #4b1ef333
+SHARED_MIN_BYTES = 1 << 20
+"Batch tensors this big or bigger are built in shared memory inside a loader worker; smaller ones go to `one_block`."
+
+def batch_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    "An uninitialised CPU tensor; in shared memory when big and built in a `DataLoader` worker (so it is sent without a copy)."
+    nbytes = math.prod(shape) * dtype.itemsize
+    if get_worker_info() is None or nbytes < SHARED_MIN_BYTES: return torch.empty(tuple(shape), dtype=dtype)
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, tuple(shape))
+
+def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    "`torch.stack` of CPU tensors into a `batch_empty` tensor (shared memory inside a worker, when big)."
+    x = tensors[0]
+    if x.device.type != "cpu": return torch.stack(tensors)
+    return torch.stack(tensors, out=batch_empty((len(tensors), *x.shape), x.dtype))
+
+# %% ../nbs/03_collate.ipynb #5f9e38c0
+def _small_tensors(x: Any, found: dict) -> None:
+    "Collect (by id) the CPU tensors smaller than `SHARED_MIN_BYTES` not in shared memory, in dicts, lists and tuples."
+    if isinstance(x, torch.Tensor):
+        if x.device.type == "cpu" and 0 < x.nbytes < SHARED_MIN_BYTES and not x.is_shared() and not x.requires_grad: found[id(x)] = x
+    elif type(x) is dict:
+        for v in x.values(): _small_tensors(v, found)
+    elif type(x) in (list, tuple):
+        for v in x: _small_tensors(v, found)
+
+def _swap(x: Any, moved: dict) -> Any:
+    if isinstance(x, torch.Tensor): return moved.get(id(x), x)
+    if type(x) is dict: return {k: _swap(v, moved) for k, v in x.items()}
+    if type(x) in (list, tuple): return type(x)(_swap(v, moved) for v in x)
+    return x
+
+def one_block(batch: Any) -> Any:
+    "`batch` with its small tensors copied into one shared-memory block (as views), so they travel with one file descriptor."
+    found = {}
+    _small_tensors(batch, found)
+    small = list(found.values())
+    if len(small) < 2: return batch
+    sizes = [-(-t.nbytes // 64) * 64 for t in small]      # 64-byte aligned views
+    block, moved, offset = torch.UntypedStorage._new_shared(sum(sizes)), {}, 0
+    for t, n in zip(small, sizes):
+        moved[id(t)] = torch.empty(0, dtype=t.dtype).set_(block, offset // t.element_size(), t.shape).copy_(t)
+        offset += n
+    return _swap(batch, moved)
+
 # %% ../nbs/03_collate.ipynb #52b8f777
 def stack_rest(samples: Sequence[dict], keys: Sequence[str], who: str = "collator") -> dict:
     "Stack same-shape tensors, tensorise numbers, list anything else; `task` → `task_labels`."
@@ -112,7 +158,7 @@ def stack_rest(samples: Sequence[dict], keys: Sequence[str], who: str = "collato
                 i = next(j for j, s in enumerate(shapes) if s != shapes[0])
                 raise RaggedBatchError(f"{who}: '{k}' has shape {shapes[0]} in sample 0 but {shapes[i]} in "
                     f"{describe_sample(samples[i], i)}; this collator does not pad '{k}' (add it to pad_values to pad dim 0)")
-            out[k] = torch.stack(vals)
+            out[k] = stack(vals)
         elif all(isinstance(v, (bool, int, float)) for v in vals): out[k] = torch.tensor(vals)
         else: out["task_labels" if k == "task" else k] = list(vals)
     return out
@@ -157,7 +203,7 @@ class Padding:
 # %% ../nbs/03_collate.ipynb #84a95627
 def pad_stack(seqs: Sequence[torch.Tensor], length: int, value: float, side: str = "right") -> torch.Tensor:
     "Stack tensors ragged on dim 0 into `[B, length, ...]`, filling with `value` on `side`."
-    out = seqs[0].new_full((len(seqs), length, *seqs[0].shape[1:]), value)
+    out = batch_empty((len(seqs), length, *seqs[0].shape[1:]), seqs[0].dtype).fill_(value)
     for i, s in enumerate(seqs):
         if side == "right": out[i, :len(s)] = s
         else: out[i, length - len(s):] = s
@@ -444,11 +490,14 @@ class ContrastiveCollator(Collator):
         else: padded = {k: torch.zeros(0, p.length([0]), dtype=torch.long) for k in ("input_ids", "attention_mask")}
         Ln, starts = padded["input_ids"].shape[1], [0]
         for ng in negs: starts.append(starts[-1] + len(ng))
-        ids = torch.full((len(samples), K, Ln), self.base.pad_token_id, dtype=torch.long)
-        am = torch.zeros(len(samples), K, Ln, dtype=torch.long)
-        for i in range(len(samples)):
-            ids[i, :len(negs[i])] = padded["input_ids"][starts[i]:starts[i + 1]]
-            am[i, :len(negs[i])] = padded["attention_mask"][starts[i]:starts[i + 1]]
+        if flat and all(len(n) == K for n in negs):     # as many negatives in every sample: the padded rows are the batch
+            ids, am = (padded[k].view(len(samples), K, Ln) for k in ("input_ids", "attention_mask"))
+        else:
+            ids = batch_empty((len(samples), K, Ln), torch.long).fill_(self.base.pad_token_id)
+            am = batch_empty((len(samples), K, Ln), torch.long).zero_()
+            for i in range(len(samples)):
+                ids[i, :len(negs[i])] = padded["input_ids"][starts[i]:starts[i + 1]]
+                am[i, :len(negs[i])] = padded["attention_mask"][starts[i]:starts[i + 1]]
         nmask = pad_stack([torch.ones(len(n), dtype=torch.bool) for n in negs], K, False)
         return {**batch, "negative_input_ids": ids, "negative_attention_mask": am, "negative_mask": nmask}
 

@@ -35,6 +35,7 @@ from .core import ConfigError, Stream, TooManyBadRecords, config_from_dict, deri
 from .dataset import MMDataset, SkipReport, Skipped, split_skipped
 from .mixture import DeterministicDataset, Mixture
 from .storage import IOStats, Location, io_stats
+from .collate import one_block
 import mmlit.packing   # registers the "packing" collator a config may name
 
 # %% ../nbs/04_loader.ipynb #cb749e57
@@ -274,7 +275,9 @@ class SkipAwareCollate:
             bad = bad + list(more)
             if more: kept = None                          # the collator dropped samples of its own: which ones is its business
         elif good: batch = self.collate_fn(good)
-        done, info = time.perf_counter(), get_worker_info()
+        info = get_worker_info()
+        if info is not None: batch = one_block(batch)      # its small tensors: one file descriptor to the main process
+        done = time.perf_counter()
         stats = dict(worker=info.id if info else -1, samples=len(good), fetch=getattr(samples, "fetch_s", 0.0),
                      preprocess=getattr(samples, "preprocess_s", 0.0), collate=done - t,
                      busy=done - getattr(samples, "began", t),

@@ -275,6 +275,36 @@ def test_masked_lm_in_plain_dataloader_workers_uses_global_batch_index():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+class SharedFlags:
+    "Collate with `collator` and say, per batch tensor, whether it was built in shared memory (seen in the worker)."
+    def __init__(self, collator): self.collator = collator
+    def __call__(self, samples):
+        batch = self.collator(samples)
+        return batch, {k: v.is_shared() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def test_worker_builds_batches_in_shared_memory_with_the_same_values():
+    "In a DataLoader worker big batch tensors (1 MiB or more) are built in shared memory (no copy when sent); batches equal 0 workers'."
+    tok, g = TOK["right"], torch.Generator().manual_seed(0)
+    def sample(i):
+        negs = [text_sample(tok, t)["input_ids"] for t in TEXTS[i % 5:i % 5 + 1 + i % 3]]   # 1-3 negatives: both ways of padding them
+        return dict(text_sample(tok, TEXTS[i % 12]), pixel_values=torch.randint(0, 256, (3, 300, 300), dtype=torch.uint8, generator=g),
+                    label=i, negative_input_ids=negs)
+    ds = [sample(i) for i in range(24)]
+    sampler = [list(range(a, a + 4)) for a in range(0, 24, 4)] + [[0, 3, 6, 9]]   # the last batch: one negative each
+    def run(workers):
+        col = SharedFlags(ContrastiveCollator(tok, base="multimodal"))
+        return list(torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers, collate_fn=col))
+    zero, two = run(0), run(2)
+    assert all(not any(flags.values()) for _, flags in zero)            # no worker: plain tensors
+    assert all(flags["pixel_values"] and not any(v for k, v in flags.items() if k != "pixel_values") for _, flags in two)   # 4 x 270 kB: big
+    for (a, _), (b, _) in zip(zero, two, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], torch.Tensor): assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+            else: assert a[k] == b[k], k
+
+
 def test_masked_lm_told_the_step_ignores_its_call_count():
     tok = TOK["right"]
     samples = [text_sample(tok, t) for t in TEXTS]

@@ -569,3 +569,12 @@ def test_state_for_other_data_is_refused(files, tmp_path):
     t = make_loader(TensorList([torch.tensor([i]) for i in range(N)]), LoaderConfig(batch_size=4))
     with pytest.raises(ConfigError, match="saved for other data"):   # no files: its type and length tell it apart
         t.load_state_dict(dict(t.state_dict(), fingerprint=state["fingerprint"]))
+
+
+def test_worker_batches_reach_the_main_process_in_one_shared_block(files):
+    "With workers, a batch's small tensors arrive as views of one shared block (one file descriptor); same batches as 0 workers."
+    zero = list(loader(files["clean"], collate="vision"))
+    two = list(loader(files["clean"], collate="vision", num_workers=2))
+    assert [as_bytes(b) for b in zero] == [as_bytes(b) for b in two]
+    assert all(len({b[k].untyped_storage().data_ptr() for k in ("pixel_values", "noise", "index")}) == 1 for b in two)
+    assert all(len({b[k].untyped_storage().data_ptr() for k in b}) == 3 for b in zero)   # without workers: as collated
