@@ -14,7 +14,7 @@ import torch
 from fastcore.basics import patch
 
 from .collate import (CollateError, Collator, ConfigError, Padding, RaggedBatchError, SEQ_PAD_VALUES,
-                           collators, stack_rest, describe_sample)
+                           collators, stack, stack_rest, describe_sample)
 from .dataset import split_skipped
 
 # %% auto #0
@@ -155,7 +155,7 @@ def collate(self: PackingCollator, samples: list[dict]) -> dict:
         lens = [len(x) for x in parts["input_ids"]] + ([L - used] if L > used else [])
         if self.mask == "block": cols["segment"].append(torch.cat([torch.full((n,), j) for j, n in enumerate(lens)]))
         seg_lens += lens
-    batch = {k: torch.stack(v) for k, v in cols.items() if k not in ("position_ids", "segment")}
+    batch = {k: stack(v) for k, v in cols.items() if k not in ("position_ids", "segment")}
     pos = torch.stack(cols["position_ids"], -2)          # [R, L] or [4, R, L]
     batch["position_ids"] = pos
     batch["cu_seq_lens"] = torch.tensor([0] + seg_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
