@@ -107,12 +107,17 @@ def _batch(run) -> dict:
 
 
 # ------------------------------------------------------------------ gradient checkpointing
-def _block_leaves(model: nn.Module) -> list[str]:
-    "The name of the first Linear / Conv2d inside each checkpointed block (a Hugging Face layer or a ModuleList item)."
+def _blocks(model: nn.Module) -> list[str]:
+    "The names of the checkpointed blocks (a Hugging Face layer or a ModuleList item)."
     from transformers.modeling_layers import GradientCheckpointingLayer
-    blocks = [n for n, m in model.named_modules() if getattr(m, "gradient_checkpointing", False) is True and isinstance(m, GradientCheckpointingLayer)
-              or "forward" in vars(m)]
-    return [next(f"{b}.{n}" for n, m in model.get_submodule(b).named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))) for b in blocks]
+    return [n for n, m in model.named_modules() if getattr(m, "gradient_checkpointing", False) is True and isinstance(m, GradientCheckpointingLayer)
+            or "forward" in vars(m)]
+
+
+def _block_leaves(model: nn.Module) -> list[str]:
+    "The name of the first Linear / Conv2d inside each checkpointed block."
+    return [next(f"{b}.{n}" for n, m in model.get_submodule(b).named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+            for b in _blocks(model)]
 
 
 def _count_calls(model: nn.Module, names: list[str]) -> dict:
@@ -149,7 +154,8 @@ def test_gradient_checkpointing_same_step_recomputed(tmp_path, small_data, kind,
     calls, calls_c = _count_calls(plain, leaves), _count_calls(ckpt, leaves)
     loss, grads = _step(plain, batch)
     loss_c, grads_c = _step(ckpt, batch)
-    frozen = {n for n in leaves if not any(p.requires_grad for p in ckpt.get_submodule(n).parameters())}   # the aligner's encoder, the vlm's
+    frozen = {leaf for b, leaf in zip(_blocks(ckpt), leaves)                # blocks with nothing to train: the aligner's encoder, the vlm's
+              if not any(p.requires_grad for p in ckpt.get_submodule(b).parameters())}
     locked = kind == "aligner" or bool(run.config.model.freeze)       # example's warmed vision tower: at the input end, no backward through it
     assert len(frozen) < len(leaves) and locked == bool(frozen), frozen
     # A frozen part (the aligner's encoder, the vlm's warmed tower) runs once: nothing in it needs a gradient, so the
