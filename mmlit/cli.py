@@ -11,7 +11,7 @@ import argparse, json, logging, sys, time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 from .core import MmlitError
@@ -20,10 +20,11 @@ from .formats import expand_braces, guess_kind, open_dataset, sources
 from .storage import is_uri
 
 # %% auto #0
-__all__ = ['CONFIG_NOTES', 'RunningStats', 'RecordStats', 'inspect_dataset', 'inspect_source', 'format_report', 'cmd_demo',
-           'cmd_train', 'add_run_commands', 'commented_yaml', 'example_yaml', 'cmd_config', 'add_config_command',
-           'build_parser', 'cmd_inspect', 'main', 'run_steps', 'rebuild_step_batch', 'cmd_report', 'cmd_show_batch',
-           'cmd_samples', 'add_run_view_commands', 'cmd_eval', 'add_eval_command', 'cmd_export', 'add_export_command']
+__all__ = ['CONFIG_NOTES', 'RunningStats', 'RecordStats', 'inspect_dataset', 'inspect_source', 'format_report', 'count_arg',
+           'cmd_demo', 'cmd_train', 'add_run_commands', 'commented_yaml', 'example_yaml', 'cmd_config',
+           'add_config_command', 'build_parser', 'cmd_inspect', 'main', 'run_steps', 'rebuild_step_batch', 'cmd_report',
+           'cmd_show_batch', 'cmd_samples', 'add_run_view_commands', 'cmd_eval', 'add_eval_command', 'cmd_export',
+           'add_export_command']
 
 # %% ../nbs/90_cli.ipynb #c34280d3
 class RunningStats:
@@ -124,6 +125,16 @@ def format_report(r: dict, max_bad: int = 20) -> str:
     lines.append(f"  scanned in {r['seconds']:.2f} s ({rate:,.0f} records/s)")
     return "\n".join(lines)
 
+# %% ../nbs/90_cli.ipynb #3da4d73e
+def count_arg(minimum: int = 1) -> Callable[[str], int]:
+    "An argparse `type`: a whole number of at least `minimum`, else a usage error that names the option."
+    def count(s: str) -> int:
+        try: v = int(s)
+        except ValueError: raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
+        if v < minimum: raise argparse.ArgumentTypeError(f"must be {minimum} or more, got {v}")
+        return v
+    return count
+
 # %% ../nbs/90_cli.ipynb #a1b2c3d5
 def _interrupted(summary: dict) -> int: return 130 if summary.get("interrupted") else 0
 
@@ -140,9 +151,9 @@ def cmd_demo(args) -> int:
     run_dir = args.run_dir or {"caption": "runs/caption", "vlm": "runs/vlm_demo"}.get(task, "runs/demo")
     try:
         if task == "caption":
-            summary = run_caption_demo(run_dir, args.encoder_run, **({"epochs": args.epochs} if args.epochs else {}), progress=args.progress)
+            summary = run_caption_demo(run_dir, args.encoder_run, **({} if args.epochs is None else {"epochs": args.epochs}), progress=args.progress)
         elif task == "vlm": summary = run_vlm_demo(run_dir, epochs=args.epochs, progress=args.progress)
-        else: summary = run_demo(run_dir, epochs=args.epochs or 50, progress=args.progress)
+        else: summary = run_demo(run_dir, epochs=50 if args.epochs is None else args.epochs, progress=args.progress)
     except MmlitError as e: return (print(f"mmlit demo: error: {e}", file=sys.stderr), 2)[1]
     print({"caption": format_caption_summary, "vlm": format_vlm_summary}.get(task, format_summary)(summary))
     if summary.get("retrieval_seconds"): print(f"  retrieval demo report: {_write_plots(args.encoder_run)}")   # trained first
@@ -195,7 +206,7 @@ def add_run_commands(sub) -> None:
                                                    "runs/vlm_demo for --task vlm); an existing one is resumed")
     d.add_argument("--encoder-run", default="runs/demo", help="--task caption: the retrieval demo's run directory, trained first "
                                                                "when it has not finished (default: runs/demo)")
-    d.add_argument("--epochs", type=int, default=None, help="training epochs (default: 50; --task caption: 6; --task vlm: its example's)")
+    d.add_argument("--epochs", type=count_arg(1), default=None, help="training epochs (default: 50; --task caption: 6; --task vlm: its example's)")
     d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar (default: on a terminal)")
     d.set_defaults(run=cmd_demo)
     t = sub.add_parser("train", help="train from a run config (YAML): data, model, optimiser, schedule, eval, checkpoints, logging",
@@ -203,7 +214,7 @@ def add_run_commands(sub) -> None:
                                    "run directory with the same config is resumed from its newest valid checkpoint.")
     t.add_argument("config", help="the run config, a YAML file")
     t.add_argument("--run-dir", help="override the config's run_dir")
-    t.add_argument("--steps", type=int, help="train at most this many more optimiser steps, then save and stop")
+    t.add_argument("--steps", type=count_arg(1), help="train at most this many more optimiser steps, then save and stop")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm bar (default: on a terminal)")
     t.set_defaults(run=cmd_train)
 
@@ -348,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--per-image", action="store_true", help="COCO: one record per image (all its captions) instead of per caption")
     ins.add_argument("--max-bad-fraction", type=float, metavar="F",
                      help="exit with status 1 when more than this fraction of records is bad")
-    ins.add_argument("--show-bad", type=int, default=20, metavar="N", help="bad records listed in the text report")
+    ins.add_argument("--show-bad", type=count_arg(0), default=20, metavar="N", help="bad records listed in the text report")
     ins.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="tqdm bar on stderr (default: on for 1000+ records on a terminal)")
     add_run_commands(sub)
@@ -602,7 +613,7 @@ def add_run_view_commands(sub) -> None:
                         description="Average each sample's loss over the last epoch of the run's ledger (RUN_DIR/ledger/) "
                                     "and list the highest, with the source, file and row each comes from.")
     sa.add_argument("run_dir", help="a run directory written by the mmlit trainer (with log.ledger on)")
-    sa.add_argument("--top", type=int, default=20, metavar="N", help="how many samples to list (default: 20)")
+    sa.add_argument("--top", type=count_arg(1), default=20, metavar="N", help="how many samples to list (default: 20)")
     sa.add_argument("--epoch", type=int, help="the epoch to average over (default: the last in the ledger)")
     sa.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     sa.set_defaults(run=cmd_samples)
@@ -659,8 +670,8 @@ def add_eval_command(sub) -> None:
                    help="which CLIP_benchmark results to write (default: retrieval, and classification with --label-column)")
     e.add_argument("--json", metavar="OUT", help="write CLIP_benchmark's result JSON to OUT ({task}, {dataset} are filled in); - prints it")
     e.add_argument("--dataset-name", help="the result's dataset name (default: the data's file name)")
-    e.add_argument("--batch-size", type=int, help="evaluation batch size (default: the run's)")
-    e.add_argument("--image-size", type=int, help="a saved model whose vision tower takes any size: the size it was trained at")
+    e.add_argument("--batch-size", type=count_arg(1), help="evaluation batch size (default: the run's)")
+    e.add_argument("--image-size", type=count_arg(1), help="a saved model whose vision tower takes any size: the size it was trained at")
     e.set_defaults(run=cmd_eval)
 
 # %% ../nbs/90_cli.ipynb #c8bf87b7

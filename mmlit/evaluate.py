@@ -86,7 +86,11 @@ def load_saved_model(model_dir: str | Path, image_size: int | None = None, devic
 def load_eval_model(path: str | Path, image_size: int | None = None, device: str = "cpu") -> EvalModel:
     "A run directory (`config.yaml`, `checkpoints/`) or a saved model (`config.json`, `model.safetensors`) as an `EvalModel`."
     p = Path(path)
-    if (p / "config.yaml").is_file(): return load_run_model(p, device)
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ConfigError(f"image_size must be a positive int, got {image_size!r}")
+    if (p / "config.yaml").is_file():
+        if image_size is not None: raise ConfigError(f"{p}: a run directory evaluates at the size it trained at; image_size is for a saved model")
+        return load_run_model(p, device)
     if (p / "config.json").is_file(): return load_saved_model(p, image_size, device)
     raise ConfigError(f"{p}: neither a run directory (config.yaml, checkpoints/) nor a saved model (config.json, model.safetensors)")
 

@@ -265,7 +265,10 @@ def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Pat
     from mmlit.checkpoint import CheckpointManager, load_checkpoint, read_manifest
     from mmlit.finetune import export_merged, pretrained_records
     from mmlit.datamodule import load_tokenizer
-    run_dir = Path(run_dir)
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    run, out = run_dir.resolve(), out_dir.resolve()
+    if out == run or out in run.parents or out.is_relative_to(run / "checkpoints"):
+        raise ConfigError(f"{out_dir}: the export would mix with run {run_dir}'s own files; give a folder outside the run directory or a new one inside it")
     cfg = load_config(RunConfig, run_dir / "config.yaml")
     tok = cfg.data.get("tokenizer")
     if isinstance(tok, dict):

@@ -482,6 +482,8 @@ def _train_epoch(self: Trainer, bar) -> None:
 @patch
 def fit(self: Trainer, steps: int | None = None) -> TrainResult:
     "Train to `schedule.max_steps` / `schedule.epochs` (or `steps` more optimiser steps, then save), resuming from the newest valid checkpoint."
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"steps must be a positive int (or None: to the end of the schedule), got {steps!r}")
     t_start = time.perf_counter()
     resumed = self._start()
     first_step = self.step
