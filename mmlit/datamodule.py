@@ -184,12 +184,14 @@ def loader_parts(config: dict | str | Path) -> dict:
     lcfg = {**{k: cfg.pop(k) for k in list(cfg) if k in loader_keys}, **(cfg.pop("loader", None) or {})}
     check_keys(cfg, sorted(_KNOWN_KEYS | set(loader_keys)))
     if "data" not in cfg: raise ConfigError("the config needs 'data': a Parquet, JSONL or text path")
+    if (m := cfg.get("max_length")) is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ConfigError(f"max_length must be a whole number >= 1 (tokens), got {m!r}")
     task, kind, opts = cfg.get("task"), cfg.get("kind"), dict(cfg.get("data_options") or {})
     tok = load_tokenizer(cfg.get("tokenizer"), cfg["data"], kind, opts)
     parts = dict(loader_config=config_from_dict(LoaderConfig, lcfg), val_split=cfg.get("val_split"))
     if task == "lm":
         from mmlit.text import lm_windows
-        if not cfg.get("max_length"): raise ConfigError("task 'lm' needs max_length (the window length)")
+        if cfg.get("max_length") is None: raise ConfigError("task 'lm' needs max_length (the window length)")
         def windows(path):
             src = path if isinstance(path, MMDataset) else TextCorpus(path, **opts)
             w = lm_windows((r["text"] for r in src.records()), tok, cfg["max_length"])
@@ -201,7 +203,7 @@ def loader_parts(config: dict | str | Path) -> dict:
         from mmlit.multimodal import build_preprocessor
         preset = cfg.get("preprocessor", "clip")
         popts = preprocessor_options(preset, cfg.get("preprocessor_options"))
-        if cfg.get("max_length"): popts["max_length"] = cfg["max_length"]
+        if cfg.get("max_length") is not None: popts["max_length"] = cfg["max_length"]
         mk = lambda train: WithTask(build_preprocessor(preset, tok, train=train, **popts), task)
         parts.update(data=open_source(cfg["data"], kind, **opts), transform=mk(True), val_transform=mk(False),
                      val_data=open_source(cfg["val_data"], kind, **opts) if cfg.get("val_data") else None, preset=preset)

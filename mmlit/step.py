@@ -28,6 +28,13 @@ __all__ = ['OptimConfig', 'ScheduleConfig', 'EvalConfig', 'CheckpointConfig', 'L
            'input_grads_where_trainable', 'enable_gradient_checkpointing', 'setup_distributed', 'wrap_model',
            'output_losses', 'to_device', 'batch_size_of', 'reduce_over_ranks', 'evaluate_loss']
 
+# %% ../nbs/06_step.ipynb #6b6902a3
+def _at_least(minimum: int, section: str, **values) -> None:
+    "`ConfigError` naming `section.key` for a value given (not None) that is not a whole number >= `minimum`."
+    for k, v in values.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < minimum):
+            raise ConfigError(f"{section + '.' if section else ''}{k} must be a whole number >= {minimum}, got {v!r}")
+
 # %% ../nbs/06_step.ipynb #a5d92445
 @dataclass
 class OptimConfig:
@@ -40,10 +47,11 @@ class OptimConfig:
     impl: Literal["auto", "fused", "foreach", "loop"] = "auto"   # AdamW's kernels; auto: fused on CPU and CUDA, else torch's choice
 
     def __post_init__(self):
-        if self.lr <= 0: raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0: raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 < self.lr < math.inf: raise ConfigError(f"optim.lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf: raise ConfigError(f"optim.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 < self.eps < math.inf: raise ConfigError(f"optim.eps must be a finite number > 0, got {self.eps}")
         if not all(0 <= b < 1 for b in self.betas): raise ConfigError(f"optim.betas must be in [0, 1), got {self.betas}")
-        if self.clip_grad is not None and self.clip_grad <= 0: raise ConfigError(f"optim.clip_grad must be > 0 or null, got {self.clip_grad}")
+        if self.clip_grad is not None and not self.clip_grad > 0: raise ConfigError(f"optim.clip_grad must be > 0 or null, got {self.clip_grad}")
         if self.impl not in ("auto", "fused", "foreach", "loop"): raise ConfigError(f"optim.impl must be auto, fused, foreach or loop, got {self.impl!r}")
 
 # %% ../nbs/06_step.ipynb #9c670c60
@@ -73,6 +81,9 @@ class EvalConfig:
     mode: Literal["min", "max"] = "min"
     max_batches: int | None = None      # cap the validation batches per evaluation
 
+    def __post_init__(self):
+        _at_least(1, "eval", every=self.every, max_batches=self.max_batches)
+
 @dataclass
 class CheckpointConfig:
     "When to save, how many to keep, whether to resume."
@@ -80,6 +91,10 @@ class CheckpointConfig:
     at_epoch_end: bool = True
     keep: int = 3                       # step checkpoints kept besides the best
     resume: bool = True                 # continue from the newest valid checkpoint in the run directory
+
+    def __post_init__(self):
+        _at_least(1, "checkpoint", every=self.every)
+        _at_least(0, "checkpoint", keep=self.keep)
 
 # %% ../nbs/06_step.ipynb #5ecc23e7
 @dataclass
@@ -92,6 +107,8 @@ class LogConfig:
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     ledger: bool = True                 # each sample's own loss every step in RUN_DIR/ledger/ (mmlit.ledger, `mmlit samples`)
     ledger_every: int = 500             # steps between ledger writes (and at every checkpoint)
+
+    def __post_init__(self): _at_least(1, "log", every=self.every, ledger_every=self.ledger_every)
 
 # %% ../nbs/06_step.ipynb #937bc09e
 @dataclass
@@ -113,6 +130,10 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)   # ddp or fsdp (mmlit.fsdp), under torchrun
+
+    def __post_init__(self):
+        if not str(self.run_dir).strip(): raise ConfigError("run_dir must name a folder, got an empty string")
+        _at_least(1, "", threads=self.threads, max_nonfinite=self.max_nonfinite)
 
 # %% ../nbs/06_step.ipynb #455e592c
 def config_to_yaml(cfg) -> str:
@@ -168,7 +189,13 @@ def build_scheduler(optimizer, total_steps: int, cfg: ScheduleConfig) -> torch.o
 # %% ../nbs/06_step.ipynb #bfdc5d29
 def resolve_device(name: str = "auto") -> torch.device:
     "`auto`: CUDA (this process's `LOCAL_RANK` device), else MPS, else CPU; otherwise the named device."
-    if name != "auto": return torch.device(name)
+    if name != "auto":
+        try: d = torch.device(name)
+        except RuntimeError: raise ConfigError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, mps, ...)") from None
+        if d.type == "cuda" and not torch.cuda.is_available(): raise ConfigError(f"device {name!r}: torch sees no CUDA device here")
+        if d.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"device {name!r}: torch sees no MPS device here")
+        return d
     if torch.cuda.is_available(): return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available(): return torch.device("mps")
     return torch.device("cpu")
