@@ -156,6 +156,12 @@ def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[l
     "Per class, every template with `{c}` replaced by its name (CLIP_benchmark's `template.format(c=name)`)."
     if not templates: raise ConfigError("zero-shot classification needs at least one prompt template, with {c} for the class name")
     if bad := [t for t in templates if "{c}" not in t]: raise ConfigError(f"templates without {{c}}: {bad}")
+    for t in templates:
+        try: t.format(c="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(f"template {t!r}: {type(e).__name__}: {e}; {{c}} is its only field, a literal brace is written {{{{ or }}}}") from None
+    if dup := sorted({c for c in classnames if list(classnames).count(c) > 1}):
+        raise ConfigError(f"class names {dup[:5]} stand for more than one class: their prompts could not tell those classes apart")
     return [[t.format(c=c) for t in templates] for c in classnames]
 
 # %% ../nbs/85_eval.ipynb #061be92b
