@@ -18,8 +18,8 @@ import torch
 # %% auto #0
 __all__ = ['SECRET_MASK', 'derive_seed', 'Stream', 'Rngs', 'np_rng', 'torch_rng', 'derive_rngs', 'torch_rng_from', 'MmlitError',
            'ConfigError', 'CheckpointError', 'UnknownNameError', 'BadRecordError', 'TooManyBadRecords',
-           'MissingExtraError', 'Registry', 'check_keys', 'renamed_keys', 'config_from_dict', 'config_to_dict',
-           'is_secret_key', 'redact']
+           'MissingExtraError', 'unknown_options', 'Registry', 'check_keys', 'renamed_keys', 'config_from_dict',
+           'config_to_dict', 'is_secret_key', 'redact']
 
 # %% ../nbs/00_core.ipynb #dfab4841
 def _check_key(**parts: int) -> list[int]:
@@ -120,6 +120,25 @@ def _redefinition(old: Any, new: Any) -> bool:
     q = getattr(new, "__qualname__", None)
     return isinstance(q, str) and "<" not in q and q == getattr(old, "__qualname__", None)
 
+# %% ../nbs/00_core.ipynb #200b112d
+def _named_params(fn: Callable) -> list[str] | None:
+    "The keyword names `fn` takes; a class's `**kwargs` followed up its bases' `__init__`; None: anything goes (or unknown)."
+    import inspect
+    chain = [c.__dict__["__init__"] for c in fn.__mro__ if "__init__" in c.__dict__ and c is not object] if isinstance(fn, type) else [fn]
+    names = []
+    for f in chain:
+        try: params = inspect.signature(f).parameters.values()
+        except (TypeError, ValueError): return None              # a builtin without a signature: it checks its own
+        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self" and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in params): return names
+    return None
+
+def unknown_options(fn: Callable, options: Mapping, where: str) -> None:
+    "`ConfigError` naming the keys of `options` that `fn` takes no parameter for (nothing to check when it takes any `**kwargs`)."
+    if (known := _named_params(fn)) is None: return
+    if bad := sorted(set(options) - set(known)):
+        raise ConfigError(f"{where}: unknown option(s) {bad}; known: {', '.join(known)}")
+
 # %% ../nbs/00_core.ipynb #362af8b4
 class Registry:
     "A name → object table with a `register` decorator and metadata to select by."
@@ -149,8 +168,10 @@ class Registry:
         return self._items[name]
 
     def build(self, name: str, *args, **kwargs) -> Any:
-        "Call the factory registered as `name`."
-        return self.get(name)(*args, **kwargs)
+        "Call the factory registered as `name`; an option it does not take is a `ConfigError` naming it and the known ones."
+        fn = self.get(name)
+        unknown_options(fn, kwargs, f"{self.kind} {name!r}")
+        return fn(*args, **kwargs)
 
     def meta(self, name: str) -> dict:
         "The metadata `name` was registered with."

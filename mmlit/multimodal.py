@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 
-from .core import BadRecordError, ConfigError, Registry
+from .core import BadRecordError, ConfigError, Registry, unknown_options
 from .dataset import locate_error
 from .images import displayed_size
 from .sources import group_videos
@@ -235,6 +235,7 @@ def qwen2_vl_preprocessor(tokenizer, train: bool = False, max_length: int = 2048
                           chat_template: str | None = None, max_frames: int = 16, min_frames: int = 1,
                           **patch_options) -> ChatPreprocessor:
     "Qwen2-VL: native-resolution patches and a chat whose image and video runs are `prod(grid_thw) // 4` tokens."
+    unknown_options(Qwen2VLPatcher, patch_options, "preprocessor 'qwen2_vl'")
     patcher = Qwen2VLPatcher(min_pixels=min_pixels, max_pixels=max_pixels, image_max_patches=image_max_patches, **patch_options)
     return ChatPreprocessor(tokenizer, patcher, max_length=max_length, truncation=truncation, chat_template=chat_template,
                             max_frames=max_frames, frame_sampling="random" if train else "uniform", min_frames=min_frames)
@@ -273,5 +274,6 @@ class VLMPreprocessor(ChatPreprocessor):
 def vlm_preprocessor(tokenizer, train: bool = False, max_length: int = 512, min_pixels: int = 56 * 56,
                      max_pixels: int = 28 * 28 * 1280, chat_template: str | None = None, **patch_options) -> VLMPreprocessor:
     "A VLM's training preprocessor: Qwen2-VL patches (no augmentation, so every answer stays true) and role-based labels."
+    unknown_options(Qwen2VLPatcher, patch_options, "preprocessor 'vlm'")
     patcher = Qwen2VLPatcher(min_pixels=min_pixels, max_pixels=max_pixels, **patch_options)
     return VLMPreprocessor(tokenizer, patcher, max_length=max_length, chat_template=chat_template)

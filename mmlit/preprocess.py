@@ -33,7 +33,7 @@ __all__ = ['NORMALIZATIONS', 'DEFAULT_MAX_ASPECT_RATIO', 'CROP_RULES', 'IMAGE_PR
 # %% ../nbs/02_preprocess.ipynb #09746351
 from PIL import Image, ImageEnhance
 
-from .core import BadRecordError, ConfigError, Registry
+from .core import BadRecordError, ConfigError, Registry, unknown_options
 
 # %% ../nbs/02_preprocess.ipynb #61150b4e
 @dataclass(frozen=True)
@@ -469,6 +469,7 @@ def image_preset(name: str = "clip", train: bool = False, **overrides) -> ImageP
     "An `ImagePreprocessor` from a named preset; `train` adds the preset's augmentations."
     kw = dict(IMAGE_PRESETS.get(name), train=train)
     if train: kw.update(IMAGE_PRESETS.meta(name)["train"])
+    unknown_options(ImagePreprocessor, overrides, f"image preset {name!r}")
     return ImagePreprocessor(**{**kw, **overrides})
 
 # %% ../nbs/02_preprocess.ipynb #9100580b

@@ -29,7 +29,7 @@ __all__ = ['AUTO', 'CAPTION_NAMES', 'IMAGE_NAMES', 'FRAME_SUFFIXES', 'PARQUET_ER
            'HFDataset', 'TorchDataset', 'TensorList', 'as_mm_dataset', 'open_source']
 
 # %% ../nbs/01c_sources.ipynb #99d4cc79
-from .core import BadRecordError, ConfigError
+from .core import BadRecordError, ConfigError, unknown_options
 from .storage import Location, Store, as_location, as_store, check_regular_file, is_uri, path_in_root, special_file
 from .dataset import RECORD_KEYS, MMDataset, make_record
 from .images import DECODE_ERRORS, DEFAULT_MAX_IMAGE_PIXELS, displayed_size, load_image, open_image, open_image_cell
@@ -575,7 +575,7 @@ def open_source(path, kind: str | None = None, **kwargs) -> MMDataset:
         elif s.endswith((".jsonl", ".json")): kind = "jsonl"
         elif s.endswith(".txt"): kind = "text"
         else: raise ConfigError(f"cannot tell the format of {s!r}: expected .parquet, .jsonl or .txt (or pass kind=)")
-    if kind == "parquet": return ParquetImageText(path, **kwargs)
-    if kind == "jsonl": return JsonlImageText(path, **kwargs)
-    if kind == "text": return TextCorpus(path, **kwargs)
-    raise ConfigError(f"unknown source kind {kind!r}; known: parquet, jsonl, text")
+    cls = {"parquet": ParquetImageText, "jsonl": JsonlImageText, "text": TextCorpus}.get(kind)
+    if cls is None: raise ConfigError(f"unknown source kind {kind!r}; known: parquet, jsonl, text")
+    unknown_options(cls, kwargs, f"data_options of a {kind} source")
+    return cls(path, **kwargs)

@@ -56,8 +56,13 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 4096, kind: str = "
                     min_frequency: int = 2, chat_template: str | None = "chatml"):
     "Train a tokenizer on `corpus`; a `PreTrainedTokenizerFast` (pad = eos = `<|endoftext|>`), saved to `save_dir` if given."
     from transformers import PreTrainedTokenizerFast
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ConfigError(f"vocab_size must be a positive int, got {vocab_size!r}")
     tok, trainer = TOKENIZER_KINDS.build(kind, vocab_size, min_frequency, SPECIAL_TOKENS)
     tok.train_from_iterator(corpus, trainer)
+    if (n := tok.get_vocab_size()) > vocab_size:                 # the trainer would silently give more
+        raise ConfigError(f"vocab_size {vocab_size} is below what a {kind} tokenizer starts from: {n} tokens "
+                          f"(its alphabet and {len(SPECIAL_TOKENS)} special tokens); give vocab_size >= {n}")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
                                    additional_special_tokens=SPECIAL_TOKENS[1:])
     if chat_template is not None: fast.chat_template = CHAT_TEMPLATES.get(chat_template)
