@@ -17,7 +17,7 @@ import torch
 from fastcore.basics import patch
 from torch import nn
 
-from .core import ConfigError, MmlitError, Stream, config_from_dict, config_to_dict, derive_seed, redact
+from .core import ConfigError, MmlitError, Stream, TooManyBadRecords, config_from_dict, config_to_dict, derive_seed, redact
 from .checkpoint import CheckpointManager, atomic_write_text, rng_state, set_rng_state
 from .finetune import describe_trainable, pretrained_records
 from .fsdp import DistributedConfig, gathered, load_latest_sharded, save_sharded
@@ -455,18 +455,28 @@ def _progress_bar(self: Trainer):
     return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not (progress and self.main),
                 dynamic_ncols=True, leave=False)
 
+# %% ../nbs/06_train.ipynb #96e17133
+@patch
+def _no_batch(self: Trainer) -> TooManyBadRecords:
+    "The error of an epoch that gave no training batch: every record it read was skipped as bad (or there was none)."
+    report = getattr(self.train_loader, "report", None)
+    why = f"all {len(report)} records read were skipped as bad\n{report.table()}" if report else "the training data gave no record"
+    return TooManyBadRecords(f"epoch {self.epoch} gave no training batch: {why}")
+
 # %% ../nbs/06_train.ipynb #2adcdec5
 @patch
 def _train_epoch(self: Trainer, bar) -> None:
     "Optimiser steps over the rest of this epoch's batches, until the epoch or the run ends or it is stopped."
     self.train_loader.set_epoch(self.epoch)                       # a no-op when resuming inside this epoch
-    it, exhausted = iter(self.train_loader), False
+    it, exhausted, fresh, took = iter(self.train_loader), False, getattr(self.train_loader, "position", 0) == 0, 0
     try:
         while not exhausted and self.step < self.total_steps and not self._stop:
             left = self.train_loader.remaining
             if left == 0: break
             t0, s0 = time.perf_counter(), self.samples
             sums, done, exhausted = self._accumulate(it, min(self.config.schedule.accumulate, left))
+            took += done
+            if exhausted and fresh and not took: raise self._no_batch()   # else the next epoch would be as empty, and the next
             row = self._update(sums, done) if done else None
             end = exhausted or self.train_loader.remaining == 0
             if row is not None:
