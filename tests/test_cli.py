@@ -229,7 +229,7 @@ def test_train_checks_uri_data_through_the_storage_layer(tmp_path):
     fsspec.filesystem("memory").pipe(f"{root[len('memory://'):]}/train.parquet",
                                      build_demo_parquet(tmp_path / "d.parquet", n=8)[0].read_bytes())
     cfg = {"run_dir": str(tmp_path / "run"), "data": {"data": f"{root}/train.parquet", "val_data": f"{root}/val-*.parquet",
-                                                       "tokenizer": {"train": {"vocab_size": 64}}}}
+                                                       "tokenizer": {"train": {"vocab_size": 263}}}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     rc, _, err = run_cli("train", tmp_path / "run.yaml")
     assert rc == 2 and f"data.val_data: no files match {root}/val-*.parquet" in err and "Traceback" not in err, err
