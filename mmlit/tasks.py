@@ -8,6 +8,10 @@ Docs: https://mmlit.github.io/mmlit/tasks.html.md"""
 # %% ../nbs/01e_tasks.ipynb #2317c7ad
 from __future__ import annotations
 
+import math, numbers
+
+import numpy as np
+
 from .core import BadRecordError, ConfigError, Registry
 from .images import displayed_size
 
@@ -28,15 +32,18 @@ def _turns(question: str, answer: str) -> list[dict]:
 @task_formats.register("caption")
 def format_caption(rec: dict, prompt: str = "Describe this image.") -> list[dict]:
     "Caption: the caption is the answer to a fixed prompt."
+    if not isinstance(rec.get("text"), str) or not rec["text"].strip(): raise BadRecordError("a caption record needs its text (the caption); it has none")
     return _turns(prompt, rec["text"])
 
 # %% ../nbs/01e_tasks.ipynb #587a9a35
 @task_formats.register("qa")
 def format_qa(rec: dict) -> list[dict]:
     "Question answering from `meta['question']` / `meta['answer']` (or `text` as the answer)."
-    m = rec["meta"]
-    if "question" not in m: raise ConfigError("qa records need meta['question']")
-    return _turns(m["question"], m.get("answer", rec["text"]))
+    m = rec.get("meta") or {}
+    if not m.get("question"): raise BadRecordError("qa records need meta['question']")
+    answer = m.get("answer", rec.get("text"))
+    if answer is None or not str(answer).strip(): raise BadRecordError("a qa record needs meta['answer'] or its text as the answer; it has neither")
+    return _turns(m["question"], str(answer))
 
 # %% ../nbs/01e_tasks.ipynb #40c7d6a7
 @task_formats.register("pointing")
@@ -46,6 +53,10 @@ def format_pointing(rec: dict) -> list[dict]:
     points = m.get("points") or [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in m.get("boxes") or []]
     if not points: raise BadRecordError("a pointing record needs meta['points'] or meta['boxes'] (x0, y0, x1, y1); it has neither")
     w, h = _image_size(rec)
+    for p in points:
+        ok = len(p) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in p)
+        if not ok or not (0 <= p[0] <= w and 0 <= p[1] <= h):
+            raise BadRecordError(f"pointing: point {tuple(p)} is not (x, y) pixels inside the {w}x{h} image")
     pts = "; ".join(f"<{x / w:.3f}, {y / h:.3f}>" for x, y in points)
     q = rec["meta"].get("question") or f"Point to the {rec['meta'].get('label', 'object')}."
     return _turns(q, f"Point: {pts}")
@@ -54,8 +65,11 @@ def format_pointing(rec: dict) -> list[dict]:
 @task_formats.register("counting")
 def format_counting(rec: dict) -> list[dict]:
     "Counting: `Count: N` from `meta['count']` (or the number of `meta['points']`)."
-    m = rec["meta"]
+    m = rec.get("meta") or {}
+    if "count" not in m and "points" not in m: raise BadRecordError("a counting record needs meta['count'] or meta['points']; it has neither")
     n = m["count"] if "count" in m else len(m["points"])
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise BadRecordError(f"counting: meta['count'] must be a whole number >= 0, got {n!r}")
     return _turns(m.get("question") or f"How many {m.get('label', 'objects')} are there?", f"Count: {int(n)}")
 
 # %% ../nbs/01e_tasks.ipynb #e80b21c2

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ds_files import (SPECS, image_bytes, make_image, pixels, png_bytes, write_jsonl, write_parquet)
-from mmlit.core import ConfigError, UnknownNameError
+from mmlit.core import BadRecordError, ConfigError, UnknownNameError
 from mmlit.dataset import RECORD_KEYS, Skipped, make_record
 from mmlit.sources import (HFDataset, JsonlImageText, ParquetImageText, TensorList, TextCorpus, TorchDataset,
                            as_mm_dataset, open_source)
@@ -403,7 +403,7 @@ def test_format_caption_and_qa():
     qa = format_messages(make_record("fallback", img, task="qa", meta={"question": "What colour?", "answer": "red"}))
     assert qa["messages"] == [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "red"}]
     assert format_messages(make_record("red", img, task="qa", meta={"question": "Q"}))["messages"][1]["content"] == "red"
-    with pytest.raises(ConfigError, match="question"):
+    with pytest.raises(BadRecordError, match="question"):
         format_messages(make_record("red", img, task="qa"))
     own = [{"role": "user", "content": "hi"}]
     assert format_messages(make_record("t", img, messages=own))["messages"] == own  # kept
