@@ -25,10 +25,10 @@ from PIL import Image, ImageFile
 from .core import BadRecordError, MmlitError, redact
 
 # %% auto #0
-__all__ = ['TEXT_COLUMNS', 'REGIONS', 'REPORT_FILES', 'PLOT_BORDER', 'ANSWERS_FILE', 'CAPTION_PROMPT', 'read_bad_records',
-           'record_caption', 'bad_record_image', 'plot_bad_records', 'spike_samples', 'dataset_map', 'plot_dataset_map',
-           'retrieval_failures', 'summary_metrics', 'headline_rows', 'recall_table', 'png_data_uri', 'Raw',
-           'html_pairs', 'html_table', 'caption_answer', 'task_answer', 'write_answers', 'read_answers',
+__all__ = ['TEXT_COLUMNS', 'REGIONS', 'REPORT_FILES', 'RUN_END_FILES', 'PLOT_BORDER', 'ANSWERS_FILE', 'CAPTION_PROMPT',
+           'read_bad_records', 'record_caption', 'bad_record_image', 'plot_bad_records', 'spike_samples', 'dataset_map',
+           'plot_dataset_map', 'retrieval_failures', 'summary_metrics', 'headline_rows', 'recall_table', 'png_data_uri',
+           'Raw', 'html_pairs', 'html_table', 'caption_answer', 'task_answer', 'write_answers', 'read_answers',
            'generation_table', 'write_report']
 
 # %% ../nbs/07a_report.ipynb #8f8d0149
@@ -230,7 +230,8 @@ def recall_table(summary: Mapping) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["recall", "dim"] + [f"{x}@{k}" for x in ("i2t", "t2i") for k in (1, 5, 10)])
 
 # %% ../nbs/07a_report.ipynb #87759320
-REPORT_FILES = (("metrics.csv", "metrics.jsonl"), "config.yaml", "loader_report.json", "loader_profile.json", "summary.json")
+REPORT_FILES = (("metrics.csv", "metrics.jsonl"), "config.yaml")           # what a report needs; a run in progress has them
+RUN_END_FILES = ("summary.json", "loader_profile.json", "loader_report.json")   # written when training stops
 PLOT_BORDER = "#5b2a86"   # the frame of every plot in the report (the screenshot test finds plots by it)
 
 def png_data_uri(fig_or_path) -> str:
@@ -439,6 +440,7 @@ body {{ font-family: system-ui, sans-serif; margin: 0; background: #eef1f5; colo
 main {{ max-width: 1500px; margin: 0 auto; padding: 16px 28px 40px; }}
 h1 {{ margin: 8px 0 2px; }} h2 {{ margin: 28px 0 10px; border-bottom: 1px solid #c9d0d8; }}
 .sub {{ color: #5a6570; margin: 0 0 8px; }}
+.unfinished {{ background: #fff4d6; border-left: 4px solid #d9a400; padding: 6px 10px; }}
 .plots {{ display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 18px; }}
 figure.plot {{ margin: 0; background: #fff; border: 3px solid {PLOT_BORDER}; padding: 6px; }}
 figure.plot img {{ width: 100%; display: block; }}
@@ -494,8 +496,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: in
     run_dir = Path(run_dir)
     f = require_files(run_dir, REPORT_FILES, "mmlit report")
     m = metrics_frame(f["metrics.csv"])
-    summary, profile = read_run_file(f["summary.json"]), read_run_file(f["loader_profile.json"])
-    bads = read_bad_records(f["loader_report.json"])
+    ended = {n: (run_dir / n).exists() for n in RUN_END_FILES}          # a run in progress, or killed, has none of them yet
+    summary = read_run_file(run_dir / "summary.json") if ended["summary.json"] else {}
+    profile = read_run_file(run_dir / "loader_profile.json") if ended["loader_profile.json"] else {}
+    bads = read_bad_records(run_dir / "loader_report.json") if ended["loader_report.json"] else None
     config = redact(read_run_file(f["config.yaml"]))
     emb, no_emb = _run_embeddings(run_dir)
     answers = read_answers(run_dir)
@@ -512,7 +516,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: in
     headline = headline_rows(summary)
     rt = recall_table(summary)
     recall_html = (f'<h3>Recall by Matryoshka dimension</h3><div class="scroll">{html_table(rt.itertuples(index=False), rt.columns)}</div>'
-                   if len(rt) else "" if answers is not None else "<p>No recall figures in this run's summary (no held-out evaluation).</p>")
+                   if len(rt) else "" if answers is not None or not ended["summary.json"] else "<p>No recall figures in this run's summary (no held-out evaluation).</p>")
     dmap_html, _ = _dataset_map_section(ledger, no_ledger, run_dir / "dataset_map.png")
     steps = m["step"]
     page = f"""<!DOCTYPE html>
@@ -521,8 +525,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: in
 <body><main>
 <h1>mmlit run report</h1>
 <p class="sub">{html.escape(str(run_dir.resolve()))} · {len(m)} metric rows, steps {steps.min():.0f}–{steps.max():.0f}</p>
+{"" if ended["summary.json"] else f'<p class="unfinished">This run has not finished: it has no summary.json yet (written when training ends), so what follows is its metrics so far, up to step {steps.max():.0f}.</p>'}
 <h2 id="result">Result</h2>
-{html_table(headline) if headline else "<p>The summary holds no headline figures.</p>"}
+{html_table(headline) if headline else "<p>The summary holds no headline figures.</p>" if ended["summary.json"] else "<p>No result yet.</p>"}
 {recall_html}
 {"" if answers is None else '<h2 id="answers">Generated answers</h2>' + _answers_section(answers, summary)}
 <h2 id="failures">Where the model fails</h2>
@@ -534,7 +539,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: in
 <h2 id="dataset-map">Dataset map</h2>
 {dmap_html}
 <h2 id="bad-records">Bad records</h2>
-{_bad_records_section(bads)}
+{_bad_records_section(bads) if bads is not None else "<p>No loader_report.json yet: the bad records are written when training stops.</p>"}
 <details id="all-metrics"><summary>All metrics: the summary ({len(flat(summary))} values) and the last evaluation ({len(last_rows)})</summary>
 <h3>Summary</h3>
 {html_pairs(flat(summary))}
@@ -542,7 +547,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, seed: in
 {html_pairs(last_rows)}
 </details>
 <details id="loader-profile"><summary>Loader profile</summary>
-{html_pairs(flat(profile))}
+{html_pairs(flat(profile)) if profile else "<p>No loader_profile.json yet: it is written when training stops.</p>"}
 </details>
 <details id="config"><summary>Configuration</summary>
 <pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>
