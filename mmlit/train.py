@@ -7,7 +7,7 @@ Docs: https://mmlit.github.io/mmlit/train.html.md"""
 # %% ../nbs/06_train.ipynb #8da9f841
 from __future__ import annotations
 
-import contextlib, dataclasses, json, hashlib, logging, math, os, signal, sys, time
+import contextlib, dataclasses, json, hashlib, logging, math, os, signal, socket, sys, time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ logger = logging.getLogger("mmlit.train")
 
 # %% auto #0
 __all__ = ['logger', 'MetricsLog', 'fingerprint', 'claim_run_dir', 'keep_freed_memory', 'NonFiniteLossError', 'TrainResult',
-           'Trainer', 'on_main_thread']
+           'Trainer', 'on_main_thread', 'RunInUse', 'RunLock']
 
 # %% ../nbs/06_train.ipynb #250dc1d4
 class MetricsLog:
@@ -488,6 +488,43 @@ def _train_epoch(self: Trainer, bar) -> None:
     finally:
         if hasattr(it, "close"): it.close()
 
+# %% ../nbs/06_train.ipynb #766e675a
+class RunInUse(MmlitError):
+    "The run directory is being trained by another process."
+
+_HELD_RUNS: set[str] = set()                                   # run directories this process holds
+
+class RunLock:
+    "An exclusive lock on a run directory (a POSIX lock on `run_dir/.lock`), freed by the OS when the process that holds it ends."
+    def __init__(self, run_dir: str | Path): self.path, self._fd = Path(run_dir) / ".lock", None
+
+    def acquire(self) -> RunLock:
+        "Take the lock, or raise `RunInUse` naming its holder."
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        if key in _HELD_RUNS: raise RunInUse(f"{self.path.parent} is being trained by this process already (another fit is running there)")
+        try: import fcntl
+        except ImportError: return self                           # no POSIX locks on this platform: nothing to hold
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try: fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)      # a process's lock: DataLoader workers forked later do not hold it
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "a process"
+            os.close(fd)
+            raise RunInUse(f"{self.path.parent} is being trained by another process ({holder}); wait for it, "
+                           "stop it, or give another run_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self._fd = fd; _HELD_RUNS.add(key)
+        return self
+
+    def release(self) -> None:
+        "Free the lock (the file stays: removing it could let two processes hold two locks)."
+        if self._fd is not None:
+            _HELD_RUNS.discard(str(self.path.resolve())); os.close(self._fd); self._fd = None
+
+    def __enter__(self) -> RunLock: return self
+    def __exit__(self, *exc) -> None: self.release()
+
 # %% ../nbs/06_train.ipynb #603a9589
 @patch
 def fit(self: Trainer, steps: int | None = None) -> TrainResult:
@@ -495,7 +532,11 @@ def fit(self: Trainer, steps: int | None = None) -> TrainResult:
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ConfigError(f"steps must be a positive int (or None: to the end of the schedule), got {steps!r}")
     t_start = time.perf_counter()
-    resumed = self._start()
+    lock = RunLock(self.run_dir).acquire() if self.main else None   # before anything in the run directory is touched
+    try: resumed = self._start()
+    except BaseException:
+        if lock is not None: lock.release()
+        raise
     first_step = self.step
     self._stop_at = None if steps is None else self.step + steps
     old_handler = self._catch_sigint()                                # before the loader's workers start: they inherit it
@@ -510,5 +551,6 @@ def fit(self: Trainer, steps: int | None = None) -> TrainResult:
         if old_handler is not None: signal.signal(signal.SIGINT, old_handler)
         if self.main and self.step > first_step: self._write_loader_files()   # a finished run started again keeps its files
         if self._wandb is not None: self._wandb.finish(); self._wandb = None
+        if lock is not None: lock.release()
     return TrainResult(self.step, self.epoch, self._stop, self.nonfinite, self.checkpoints.best() if self.main else None,
                        self.last_eval, resumed, time.perf_counter() - t_start)
