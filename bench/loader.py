@@ -190,13 +190,21 @@ RESUME = {"peer-mmlit": "exact mid-epoch resume: yes (loader state_dict; tested 
 
 # --- memory: peak PSS of a process tree, from /proc ---
 
-def pss_kb(pid: int) -> int:
-    "Proportional set size of one process in kB (smaps_rollup, else the sum over smaps); 0 once it is gone."
+PSS_KINDS = ("Pss_Anon", "Pss_File", "Pss_Shmem")   # private heap, mapped files (libraries, memory-mapped data), shared memory
+
+
+def pss_split_kb(pid: int) -> dict:
+    "PSS of one process in kB, total (`Pss`) and by kind (`PSS_KINDS`; absent on kernels before 5.9): smaps_rollup, else the sum over smaps; {} once it is gone."
     for name in ("smaps_rollup", "smaps"):
+        out = {}
         try:
-            with open(f"/proc/{pid}/{name}") as f: return sum(int(l.split()[1]) for l in f if l.startswith("Pss:"))
+            with open(f"/proc/{pid}/{name}") as f:
+                for l in f:
+                    key = l.split(":", 1)[0]
+                    if key == "Pss" or key in PSS_KINDS: out[key] = out.get(key, 0) + int(l.split()[1])
+            return out
         except OSError: continue
-    return 0
+    return {}
 
 
 def child_pids(pid: int) -> list:
@@ -227,24 +235,31 @@ def tree_cpu_s(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def tree_pss_kb(pid: int) -> int:
-    "PSS in kB of `pid` and all its descendants."
-    todo, total = [pid], 0
+def tree_pss_kb(pid: int) -> dict:
+    "PSS split (`pss_split_kb`) of `pid` and of each of its descendants, by process id, `pid` first."
+    todo, out = [pid], {}
     while todo:
-        p = todo.pop(); total += pss_kb(p); todo += child_pids(p)
-    return total
+        p = todo.pop(0); out[p] = pss_split_kb(p); todo += child_pids(p)
+    return out
 
 
 class PeakPSS:
     "Context manager: a background thread samples this process tree's PSS every `interval` s; `.peak_kb` is the max."
     def __init__(self, interval: float = 0.02):
-        self.interval, self.peak_kb, self._stop = interval, 0, threading.Event()
+        self.interval, self.peak_kb, self.split, self._stop = interval, 0, {}, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @property
     def peak_mib(self) -> float: return self.peak_kb / 1024
 
-    def sample(self): self.peak_kb = max(self.peak_kb, tree_pss_kb(os.getpid()))
+    def sample(self):
+        procs = tree_pss_kb(os.getpid())
+        total = sum(p.get("Pss", 0) for p in procs.values())
+        if total > self.peak_kb: self.peak_kb, self.split = total, procs
+
+    def split_mib(self) -> dict:
+        "At the peak: {'main' / 'worker 1' / ...: {'Pss', 'Pss_Anon', 'Pss_File', 'Pss_Shmem': MiB}} (workers in the order found)."
+        return {("main" if k == 0 else f"worker {k}"): {key: v / 1024 for key, v in p.items()} for k, p in enumerate(self.split.values())}
 
     def _run(self):
         while not self._stop.wait(self.interval): self.sample()
@@ -466,6 +481,7 @@ def measure_one(name: str, path: Path, bs: int, cache_dir: Path, interval: float
     if name.startswith("mmlit-"):
         check = next(iter(mmlit_loader(0)))["pixel_values"]
         assert check.shape == (bs, 3, 224, 224) and check.dtype == torch.uint8
+    if pss: extra["peak_split_mib"] = pss.split_mib()
     return {"config": name, "images": n, "images_per_s": n / secs, "peak_pss_mib": pss and pss.peak_mib, **extra}
 
 
@@ -799,7 +815,14 @@ def main():
     print(f"  mmlit / HF hand-tuned           {m0 / tuned:5.2f}x with 0 workers, {m2 / tuned2:5.2f}x with 2   (goal >= 1.15)")
     print(f"  mmlit 2 workers / 0 workers     {m2 / m0:5.2f}x   (goal >= 1.9; HF hand-tuned {tuned2 / tuned:.2f}x; 2 cores shared here)")
     pss_ratio = peaks["mmlit, 2 workers"] / peaks["HF hand-tuned, 0 workers"]
-    print(f"  mmlit 2 workers peak PSS / HF hand-tuned peak PSS  {pss_ratio:.2f}x (goal <= 1.0)")
+    pss_ratio2 = peaks["mmlit, 2 workers"] / peaks["HF hand-tuned, 2 workers"]
+    print(f"  mmlit 2 workers peak PSS / HF hand-tuned peak PSS  {pss_ratio:.2f}x (goal <= 1.0; / HF hand-tuned with 2 workers "
+          f"{pss_ratio2:.2f}x)")
+    for label in ("mmlit, 0 workers", "HF hand-tuned, 0 workers", "mmlit, 2 workers", "HF hand-tuned, 2 workers"):
+        split = memory[label].get("peak_split_mib") or {}
+        print(f"  {label}: PSS at the peak, MiB (heap + files + shared memory): " + "; ".join(
+            f"{who} {p.get('Pss', 0):.0f} = {p.get('Pss_Anon', 0):.0f} + {p.get('Pss_File', 0):.0f} + {p.get('Pss_Shmem', 0):.0f}"
+            for who, p in split.items()))
     short = {"decode": "decode", "hf-plain": "HF plain", "hf-tuned": "HF hand-tuned", "hf-tuned-2": "HF hand-tuned 2 w",
              "mmlit-0": "mmlit 0 w", "mmlit-2": "mmlit 2 w"}
     cpu = {short[r["config"]]: 1e6 * r["cpu_s"] / r["images"] for r in timing.values()}
