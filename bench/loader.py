@@ -23,6 +23,11 @@ HF cache are made in a `--prepare` subprocess) and the machine should be quiet: 
 mapping the same libraries (another torch process) lowers the figures. Reading smaps costs about
 1 ms per process per sample, which would slow the 2-worker run on a 2-core machine by ~15%, so each
 configuration runs twice: images/s from a run without the sampler, peak PSS from a run with it.
+At the peak it also prints each process's PSS split three ways (smaps_rollup's Pss_Anon, Pss_File,
+Pss_Shmem): its heap (private memory and its share of the pages it shares with its parent after fork),
+mapped files (libraries; HF's memory-mapped Arrow cache) and shared memory (batches in flight from
+the workers). The file part moves with whatever else maps the same libraries on the machine (another
+torch process lowers it), so compare configurations of one run, and the heap part across runs.
 Linux only (reads /proc).
 
 A line after the goals compares shuffled training reads (0 workers, `train=True`: the
@@ -142,6 +147,33 @@ wall-time figures swing up to 2x between runs; CPU per image is the steadier mea
   hand-tuned 1.50x / 1.26x at 0 workers, 1.34x / 1.65x at 2; 2 workers / 0 workers 0.86x / 1.06x with
   the 2-process ceiling at 1.00x / 0.93x; CPU per image mmlit 1740 / 1600 us (0 w), 2080 / 1870 (2 w),
   HF hand-tuned 2240 / 1850 and 2690 / 2330; 2-worker peak PSS / HF hand-tuned 1.04x / 1.10x.
+- where the 2-worker peak PSS goes, and the reader's Arrow memory handed back after every read inside workers
+  (`ARROW_SCRATCH_KEPT_IN_WORKERS`; 1000 photos, 3 runs of each configuration of the code before and after,
+  interleaved, on 2 cores shared with other jobs, load average 4-6, 2026-12-07; PSS at the peak as heap + files
+  + shared memory, MiB). Before: mmlit 2 workers 670 (666-701): main 119 heap, each worker 157 heap, ~231 files in
+  all, 0-37 shared memory; HF hand-tuned 2 workers 652 (main 118 heap, workers 123-127, ~275 files, 4-5 shared); HF
+  hand-tuned 0 workers 623 (344-348 heap, 275 files); mmlit 0 workers 590. A worker kept one read's Arrow scratch
+  (~12 MiB): its heap was 144-145 when it handed the memory back after every read or kept up to 8 MiB, 156-157
+  when it kept up to 16 or 32 MiB. After: mmlit 2 workers 660 (658-667), heap 409-410 against 427-434 (each worker
+  145); peak PSS / HF hand-tuned 1.08x -> 1.06x (HF with 0 workers) and 1.03x -> 1.01x (HF with 2 workers). CPU
+  per image, median of 3 (runs 1330-1570 us either way at 0 workers): mmlit 1530 -> 1380 us (0 workers), 1690 ->
+  1680 (2 workers); HF hand-tuned 1950 / 2220 us. What stays above HF: an mmlit worker's heap is ~20 MiB above an
+  HF worker's because mmlit's reader holds its row group as Python bytes (5.6 MB for 128 photos) while HF
+  memory-maps its Arrow cache (under files, where HF is ~45 MiB above mmlit in every configuration: per worker the
+  two are level); ~18 MiB of shared memory in flight against HF's ~5, as a worker's task is the 4 steps that share
+  a row group (`task_steps`: each row group read once), so up to 4 batches of 4.8 MB per worker wait to be taken
+  against HF's 2 (`prefetch_factor`). Against HF hand-tuned at 0 workers the two workers' own heaps are the rest
+  (mmlit at 0 workers is 0.95x HF's 0-worker peak).
+- `--section overhead --n 1000 --repeat 5`, before then after a sample's generator is built only when the
+  transform draws from it (`LazyGenerator`; this transform does not), two pairs of runs, load average 6-7: plain
+  loop 1393 / 1341 -> 1412 / 1391; + Parquet read +79 / +79 -> +86 / +66; + a generator per sample +31 / +40 -> -2 /
+  +9; + batches +64 / +50 -> +63 / +49; + the loader +9 / -15 -> +62 / +26 (noise: measured alone, the loader's
+  machinery above fetching and collating is ~90 us a batch of 32, ~3 us a sample, before and after); 0.88x / 0.90x
+  -> 0.87x / 0.90x the plain loop (by the min of 5 epochs 0.89x / 0.90x -> 0.90x / 0.90x). A batch's 32 generators
+  took ~750 us of thread CPU before, ~15 us after; a generator that is drawn from costs what `np_rng`'s does
+  (17.2 against 17.8 us). The rest of the gap: the read (~25 us an image for pyarrow's read and the copy into
+  Python bytes, ~12 us for the record and its checks), and the batch copy (default_collate), which the plain loop
+  over bytes in memory does not make.
 
     python bench/loader.py            # quick: 384 images
     python bench/loader.py --n 2000   # steadier figures
