@@ -23,6 +23,11 @@ HF cache are made in a `--prepare` subprocess) and the machine should be quiet: 
 mapping the same libraries (another torch process) lowers the figures. Reading smaps costs about
 1 ms per process per sample, which would slow the 2-worker run on a 2-core machine by ~15%, so each
 configuration runs twice: images/s from a run without the sampler, peak PSS from a run with it.
+At the peak it also prints each process's PSS split three ways (smaps_rollup's Pss_Anon, Pss_File,
+Pss_Shmem): its heap (private memory and its share of the pages it shares with its parent after fork),
+mapped files (libraries; HF's memory-mapped Arrow cache) and shared memory (batches in flight from
+the workers). The file part moves with whatever else maps the same libraries on the machine (another
+torch process lowers it), so compare configurations of one run, and the heap part across runs.
 Linux only (reads /proc).
 
 A line after the goals compares shuffled training reads (0 workers, `train=True`: the
@@ -142,6 +147,33 @@ wall-time figures swing up to 2x between runs; CPU per image is the steadier mea
   hand-tuned 1.50x / 1.26x at 0 workers, 1.34x / 1.65x at 2; 2 workers / 0 workers 0.86x / 1.06x with
   the 2-process ceiling at 1.00x / 0.93x; CPU per image mmlit 1740 / 1600 us (0 w), 2080 / 1870 (2 w),
   HF hand-tuned 2240 / 1850 and 2690 / 2330; 2-worker peak PSS / HF hand-tuned 1.04x / 1.10x.
+- where the 2-worker peak PSS goes, and the reader's Arrow memory handed back after every read inside workers
+  (`ARROW_SCRATCH_KEPT_IN_WORKERS`; 1000 photos, 3 runs of each configuration of the code before and after,
+  interleaved, on 2 cores shared with other jobs, load average 4-6, 2026-12-07; PSS at the peak as heap + files
+  + shared memory, MiB). Before: mmlit 2 workers 670 (666-701): main 119 heap, each worker 157 heap, ~231 files in
+  all, 0-37 shared memory; HF hand-tuned 2 workers 652 (main 118 heap, workers 123-127, ~275 files, 4-5 shared); HF
+  hand-tuned 0 workers 623 (344-348 heap, 275 files); mmlit 0 workers 590. A worker kept one read's Arrow scratch
+  (~12 MiB): its heap was 144-145 when it handed the memory back after every read or kept up to 8 MiB, 156-157
+  when it kept up to 16 or 32 MiB. After: mmlit 2 workers 660 (658-667), heap 409-410 against 427-434 (each worker
+  145); peak PSS / HF hand-tuned 1.08x -> 1.06x (HF with 0 workers) and 1.03x -> 1.01x (HF with 2 workers). CPU
+  per image, median of 3 (runs 1330-1570 us either way at 0 workers): mmlit 1530 -> 1380 us (0 workers), 1690 ->
+  1680 (2 workers); HF hand-tuned 1950 / 2220 us. What stays above HF: an mmlit worker's heap is ~20 MiB above an
+  HF worker's because mmlit's reader holds its row group as Python bytes (5.6 MB for 128 photos) while HF
+  memory-maps its Arrow cache (under files, where HF is ~45 MiB above mmlit in every configuration: per worker the
+  two are level); ~18 MiB of shared memory in flight against HF's ~5, as a worker's task is the 4 steps that share
+  a row group (`task_steps`: each row group read once), so up to 4 batches of 4.8 MB per worker wait to be taken
+  against HF's 2 (`prefetch_factor`). Against HF hand-tuned at 0 workers the two workers' own heaps are the rest
+  (mmlit at 0 workers is 0.95x HF's 0-worker peak).
+- `--section overhead --n 1000 --repeat 5`, before then after a sample's generator is built only when the
+  transform draws from it (`LazyGenerator`; this transform does not), two pairs of runs, load average 6-7: plain
+  loop 1393 / 1341 -> 1412 / 1391; + Parquet read +79 / +79 -> +86 / +66; + a generator per sample +31 / +40 -> -2 /
+  +9; + batches +64 / +50 -> +63 / +49; + the loader +9 / -15 -> +62 / +26 (noise: measured alone, the loader's
+  machinery above fetching and collating is ~90 us a batch of 32, ~3 us a sample, before and after); 0.88x / 0.90x
+  -> 0.87x / 0.90x the plain loop (by the min of 5 epochs 0.89x / 0.90x -> 0.90x / 0.90x). A batch's 32 generators
+  took ~750 us of thread CPU before, ~15 us after; a generator that is drawn from costs what `np_rng`'s does
+  (17.2 against 17.8 us). The rest of the gap: the read (~25 us an image for pyarrow's read and the copy into
+  Python bytes, ~12 us for the record and its checks), and the batch copy (default_collate), which the plain loop
+  over bytes in memory does not make.
 
     python bench/loader.py            # quick: 384 images
     python bench/loader.py --n 2000   # steadier figures
@@ -190,13 +222,21 @@ RESUME = {"peer-mmlit": "exact mid-epoch resume: yes (loader state_dict; tested 
 
 # --- memory: peak PSS of a process tree, from /proc ---
 
-def pss_kb(pid: int) -> int:
-    "Proportional set size of one process in kB (smaps_rollup, else the sum over smaps); 0 once it is gone."
+PSS_KINDS = ("Pss_Anon", "Pss_File", "Pss_Shmem")   # private heap, mapped files (libraries, memory-mapped data), shared memory
+
+
+def pss_split_kb(pid: int) -> dict:
+    "PSS of one process in kB, total (`Pss`) and by kind (`PSS_KINDS`; absent on kernels before 5.9): smaps_rollup, else the sum over smaps; {} once it is gone."
     for name in ("smaps_rollup", "smaps"):
+        out = {}
         try:
-            with open(f"/proc/{pid}/{name}") as f: return sum(int(l.split()[1]) for l in f if l.startswith("Pss:"))
+            with open(f"/proc/{pid}/{name}") as f:
+                for l in f:
+                    key = l.split(":", 1)[0]
+                    if key == "Pss" or key in PSS_KINDS: out[key] = out.get(key, 0) + int(l.split()[1])
+            return out
         except OSError: continue
-    return 0
+    return {}
 
 
 def child_pids(pid: int) -> list:
@@ -227,24 +267,31 @@ def tree_cpu_s(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def tree_pss_kb(pid: int) -> int:
-    "PSS in kB of `pid` and all its descendants."
-    todo, total = [pid], 0
+def tree_pss_kb(pid: int) -> dict:
+    "PSS split (`pss_split_kb`) of `pid` and of each of its descendants, by process id, `pid` first."
+    todo, out = [pid], {}
     while todo:
-        p = todo.pop(); total += pss_kb(p); todo += child_pids(p)
-    return total
+        p = todo.pop(0); out[p] = pss_split_kb(p); todo += child_pids(p)
+    return out
 
 
 class PeakPSS:
     "Context manager: a background thread samples this process tree's PSS every `interval` s; `.peak_kb` is the max."
     def __init__(self, interval: float = 0.02):
-        self.interval, self.peak_kb, self._stop = interval, 0, threading.Event()
+        self.interval, self.peak_kb, self.split, self._stop = interval, 0, {}, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @property
     def peak_mib(self) -> float: return self.peak_kb / 1024
 
-    def sample(self): self.peak_kb = max(self.peak_kb, tree_pss_kb(os.getpid()))
+    def sample(self):
+        procs = tree_pss_kb(os.getpid())
+        total = sum(p.get("Pss", 0) for p in procs.values())
+        if total > self.peak_kb: self.peak_kb, self.split = total, procs
+
+    def split_mib(self) -> dict:
+        "At the peak: {'main' / 'worker 1' / ...: {'Pss', 'Pss_Anon', 'Pss_File', 'Pss_Shmem': MiB}} (workers in the order found)."
+        return {("main" if k == 0 else f"worker {k}"): {key: v / 1024 for key, v in p.items()} for k, p in enumerate(self.split.values())}
 
     def _run(self):
         while not self._stop.wait(self.interval): self.sample()
@@ -466,6 +513,7 @@ def measure_one(name: str, path: Path, bs: int, cache_dir: Path, interval: float
     if name.startswith("mmlit-"):
         check = next(iter(mmlit_loader(0)))["pixel_values"]
         assert check.shape == (bs, 3, 224, 224) and check.dtype == torch.uint8
+    if pss: extra["peak_split_mib"] = pss.split_mib()
     return {"config": name, "images": n, "images_per_s": n / secs, "peak_pss_mib": pss and pss.peak_mib, **extra}
 
 
@@ -799,7 +847,14 @@ def main():
     print(f"  mmlit / HF hand-tuned           {m0 / tuned:5.2f}x with 0 workers, {m2 / tuned2:5.2f}x with 2   (goal >= 1.15)")
     print(f"  mmlit 2 workers / 0 workers     {m2 / m0:5.2f}x   (goal >= 1.9; HF hand-tuned {tuned2 / tuned:.2f}x; 2 cores shared here)")
     pss_ratio = peaks["mmlit, 2 workers"] / peaks["HF hand-tuned, 0 workers"]
-    print(f"  mmlit 2 workers peak PSS / HF hand-tuned peak PSS  {pss_ratio:.2f}x (goal <= 1.0)")
+    pss_ratio2 = peaks["mmlit, 2 workers"] / peaks["HF hand-tuned, 2 workers"]
+    print(f"  mmlit 2 workers peak PSS / HF hand-tuned peak PSS  {pss_ratio:.2f}x (goal <= 1.0; / HF hand-tuned with 2 workers "
+          f"{pss_ratio2:.2f}x)")
+    for label in ("mmlit, 0 workers", "HF hand-tuned, 0 workers", "mmlit, 2 workers", "HF hand-tuned, 2 workers"):
+        split = memory[label].get("peak_split_mib") or {}
+        print(f"  {label}: PSS at the peak, MiB (heap + files + shared memory): " + "; ".join(
+            f"{who} {p.get('Pss', 0):.0f} = {p.get('Pss_Anon', 0):.0f} + {p.get('Pss_File', 0):.0f} + {p.get('Pss_Shmem', 0):.0f}"
+            for who, p in split.items()))
     short = {"decode": "decode", "hf-plain": "HF plain", "hf-tuned": "HF hand-tuned", "hf-tuned-2": "HF hand-tuned 2 w",
              "mmlit-0": "mmlit 0 w", "mmlit-2": "mmlit 2 w"}
     cpu = {short[r["config"]]: 1e6 * r["cpu_s"] / r["images"] for r in timing.values()}

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['SECRET_MASK', 'derive_seed', 'Stream', 'Rngs', 'np_rng', 'torch_rng', 'derive_rngs', 'torch_rng_from', 'MmlitError',
-           'ConfigError', 'CheckpointError', 'UnknownNameError', 'BadRecordError', 'TooManyBadRecords',
-           'MissingExtraError', 'unknown_options', 'Registry', 'check_keys', 'renamed_keys', 'config_from_dict',
-           'config_to_dict', 'is_secret_key', 'redact']
+__all__ = ['SECRET_MASK', 'derive_seed', 'Stream', 'Rngs', 'np_rng', 'torch_rng', 'derive_rngs', 'torch_rng_from',
+           'LazyGenerator', 'MmlitError', 'ConfigError', 'CheckpointError', 'UnknownNameError', 'BadRecordError',
+           'TooManyBadRecords', 'MissingExtraError', 'unknown_options', 'Registry', 'check_keys', 'renamed_keys',
+           'config_from_dict', 'config_to_dict', 'is_secret_key', 'redact']
 
 # %% ../nbs/00_core.ipynb #dfab4841
 def _check_key(**parts: int) -> list[int]:
@@ -33,9 +33,11 @@ def _check_key(**parts: int) -> list[int]:
 
 def derive_seed(seed: int, epoch: int = 0, index: int = 0, stream: int = 0) -> int:
     "A 63-bit seed that is a pure function of `(seed, epoch, index, stream)`; name `stream` from `Stream`."
-    key = _check_key(seed=seed, epoch=epoch, index=index, stream=stream)
-    state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]
-    return int(state) & ((1 << 63) - 1)
+    return _seed_of(_check_key(seed=seed, epoch=epoch, index=index, stream=stream))
+
+def _seed_of(key: list[int]) -> int:
+    "`derive_seed` of a checked key `[seed, epoch, index, stream]`."
+    return int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]) & ((1 << 63) - 1)
 
 # %% ../nbs/00_core.ipynb #a7c1e0d2
 @unique
@@ -78,6 +80,43 @@ def derive_rngs(seed: int, epoch: int = 0, index: int = 0) -> Rngs:
 def torch_rng_from(rng: np.random.Generator) -> torch.Generator:
     "A torch generator seeded by one draw from `rng` (advances `rng`)."
     return torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
+
+# %% ../nbs/00_core.ipynb #b1e5a7c1
+class LazyGenerator(np.random.Generator):
+    "`np_rng(seed, epoch, index)`, built when it is first used: the same draws; nothing spent on one never drawn from."
+    def __init__(self, seed: int, epoch: int = 0, index: int = 0):
+        if isinstance(seed, np.random.BitGenerator):      # as `Generator(bit_generator)` (what `spawn` makes): built now
+            np.random.Generator.__init__(self, seed); self._key = None; return
+        if type(seed) is not int or type(epoch) is not int or type(index) is not int or min(seed, epoch, index) < 0:
+            seed, epoch, index = _check_key(seed=seed, epoch=epoch, index=index)
+        self._key = (seed, epoch, index)
+
+    @property
+    def built(self) -> bool:
+        "Has the generator been built (any of its methods called)?"
+        return self._key is None
+
+    def _build(self):
+        "Build the generator as `np_rng` does (its `default_rng`: a `PCG64` from the derived seed)."
+        np.random.Generator.__init__(self, np.random.PCG64(_seed_of([*self._key, int(Stream.SAMPLE)])))
+        self._key = None
+
+def _built_first(name: str, attr):
+    "`np.random.Generator`'s method or property `name`, building a `LazyGenerator` first."
+    if type(attr).__name__ == "getset_descriptor":
+        def get(self):
+            if self._key is not None: self._build()
+            return attr.__get__(self)
+        return property(get, doc=attr.__doc__)
+    def method(self, *args, **kwargs):
+        if self._key is not None: self._build()
+        return attr(self, *args, **kwargs)
+    method.__name__, method.__qualname__, method.__doc__ = name, f"LazyGenerator.{name}", attr.__doc__
+    return method
+
+for _name, _attr in vars(np.random.Generator).items():   # every draw, the state, spawn, pickling and repr
+    if _name not in ("__new__", "__init__", "__doc__") and (callable(_attr) or type(_attr).__name__ == "getset_descriptor"):
+        setattr(LazyGenerator, _name, _built_first(_name, _attr))
 
 # %% ../nbs/00_core.ipynb #c53156fd
 class MmlitError(Exception):

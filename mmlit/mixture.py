@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 
-from .core import BadRecordError, ConfigError, Stream, derive_seed, np_rng
+from .core import BadRecordError, ConfigError, LazyGenerator, Stream, derive_seed, np_rng
 from .dataset import MMDataset, SkipReport, Skipped, locate_error
 from .sources import as_mm_dataset
 
@@ -35,8 +35,8 @@ class DeterministicDataset(torch.utils.data.Dataset):
         if hasattr(self.dataset, "set_epoch"): self.dataset.set_epoch(epoch)
 
     def rng(self, idx: int) -> np.random.Generator:
-        "The generator of sample `idx` in the current epoch."
-        return np_rng(self.seed, self.epoch, idx)
+        "The generator of sample `idx` in the current epoch: `np_rng(seed, epoch, idx)`, built when first drawn from."
+        return LazyGenerator(self.seed, self.epoch, idx)
 
     def __len__(self) -> int: return len(self.dataset)
     @property

@@ -23,10 +23,10 @@ from fastcore.basics import patch
 from PIL import Image, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['AUTO', 'CAPTION_NAMES', 'IMAGE_NAMES', 'FRAME_SUFFIXES', 'PARQUET_ERRORS', 'ARROW_SCRATCH_KEPT', 'pick_field',
-           'pick_column', 'group_videos', 'check_frames', 'video_refs', 'jsonl_fields', 'JsonlImageText',
-           'expand_paths', 'TextCorpus', 'ParquetImageText', 'release_arrow_scratch', 'image_parquet_options',
-           'HFDataset', 'TorchDataset', 'TensorList', 'as_mm_dataset', 'open_source']
+__all__ = ['AUTO', 'CAPTION_NAMES', 'IMAGE_NAMES', 'FRAME_SUFFIXES', 'PARQUET_ERRORS', 'ARROW_SCRATCH_KEPT',
+           'ARROW_SCRATCH_KEPT_IN_WORKERS', 'pick_field', 'pick_column', 'group_videos', 'check_frames', 'video_refs',
+           'jsonl_fields', 'JsonlImageText', 'expand_paths', 'TextCorpus', 'ParquetImageText', 'release_arrow_scratch',
+           'image_parquet_options', 'HFDataset', 'TorchDataset', 'TensorList', 'as_mm_dataset', 'open_source']
 
 # %% ../nbs/01c_sources.ipynb #99d4cc79
 from .core import BadRecordError, ConfigError, unknown_options
@@ -384,22 +384,17 @@ def cache_blocks(self: ParquetImageText, k: int):
     self.cache_row_groups = max(self.cache_row_groups, int(k))
 
 # %% ../nbs/01c_sources.ipynb #cac7eee0
-ARROW_SCRATCH_KEPT = 32 << 20   # bytes a process may grow by before Arrow's freed memory goes back to the OS
-_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_released_at: dict[int, int] = {}   # process id -> its resident bytes right after it last handed memory back
-
-def _resident_bytes() -> int | None:
-    "This process's resident memory in bytes, from `/proc/self/statm`; `None` where that file is absent."
-    try:
-        with open("/proc/self/statm", "rb") as f: return int(f.read().split()[1]) * _PAGE_BYTES
-    except FileNotFoundError: return None
+ARROW_SCRATCH_KEPT = 32 << 20          # bytes Arrow may allocate between hand-backs of its freed memory to the OS
+ARROW_SCRATCH_KEPT_IN_WORKERS = 0      # the same inside a DataLoader worker: every read hands it back
+_released_at: dict[int, int] = {}      # process id -> Arrow's total allocated bytes when it last handed memory back
 
 def release_arrow_scratch(kept: int | None = None) -> bool:
-    "Hand Arrow's freed memory back to the OS if this process grew by more than `kept` (`ARROW_SCRATCH_KEPT`) bytes since it last did; True if it did."
-    pid, now, kept = os.getpid(), _resident_bytes(), ARROW_SCRATCH_KEPT if kept is None else kept
-    if now is not None and pid in _released_at and now - _released_at[pid] <= kept: return False
-    pa.default_memory_pool().release_unused()
-    _released_at[pid] = _resident_bytes() or 0
+    "Hand Arrow's freed memory back to the OS if Arrow allocated more than `kept` bytes since this process last did; True if it did."
+    if kept is None: kept = ARROW_SCRATCH_KEPT if torch.utils.data.get_worker_info() is None else ARROW_SCRATCH_KEPT_IN_WORKERS
+    pool, pid = pa.default_memory_pool(), os.getpid()
+    if pid in _released_at and pool.total_bytes_allocated() - _released_at[pid] <= kept: return False
+    pool.release_unused()
+    _released_at[pid] = pool.total_bytes_allocated()
     return True
 
 # %% ../nbs/01c_sources.ipynb #925890f4

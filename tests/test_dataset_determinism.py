@@ -118,6 +118,42 @@ def test_wrapper_rng_is_the_documented_one(sources):
         DeterministicDataset(sources["jsonl"](), seed=-1)
 
 
+
+DRAWS = [("random", (3,)), ("integers", (0, 1 << 40, 4)), ("normal", (0.0, 1.0, 2)), ("uniform", (0.2, 0.9, 2)),
+         ("choice", (50, 5, False)), ("permutation", (9,)), ("beta", (2.0, 3.0)), ("poisson", (4.0, 3)), ("bytes", (5,))]
+
+
+def test_lazy_generator_draws_as_np_rng():
+    "A LazyGenerator is np_rng(seed, epoch, index) built at first use: the same draws, method after method, and state."
+    import pickle
+    from mmlit.core import LazyGenerator
+    keys = [(0, 0, 0), (7, 3, 12345), (2**40, 2**33 + 1, 999_999_999), (5, 0, np.int64(6))]
+    for first in range(len(DRAWS)):                       # every method as the one that builds it
+        for key in keys:
+            lazy, eager = LazyGenerator(*key), np_rng(*key)
+            for name, args in DRAWS[first:] + DRAWS[:first]:
+                np.testing.assert_array_equal(getattr(lazy, name)(*args), getattr(eager, name)(*args), err_msg=f"{key} {name}")
+            assert lazy.bit_generator.state == eager.bit_generator.state
+    xs, ys = np.arange(8), np.arange(8)
+    LazyGenerator(1, 2, 3).shuffle(xs); np_rng(1, 2, 3).shuffle(ys)
+    assert list(xs) == list(ys)
+    unpickled = pickle.loads(pickle.dumps(LazyGenerator(1, 2, 3)))   # a plain Generator in the same state
+    assert type(unpickled) is np.random.Generator and unpickled.random() == np_rng(1, 2, 3).random()
+    with pytest.raises(ValueError): LazyGenerator(1, 2, -3)
+
+
+def test_wrapper_builds_no_generator_it_does_not_draw_from(sources):
+    "A transform that never draws leaves its sample's generator unbuilt; one that draws gets np_rng's numbers."
+    seen = []
+    ds = DeterministicDataset(sources["parquet"](), lambda rec, rng: seen.append(rng) or rec["text"], seed=9)
+    ds.__getitems__(list(range(6)))
+    assert len(seen) > 0 and not any(r.built for r in seen)
+    ds = DeterministicDataset(sources["parquet"](), lambda rec, rng: rng.integers(1 << 30, size=2), seed=9)
+    ds.set_epoch(2)
+    got = [x for x in ds.__getitems__(list(range(12))) if not isinstance(x, Skipped)]
+    want = [np_rng(9, 2, i).integers(1 << 30, size=2) for i in range(12) if not isinstance(ds[i], Skipped)]
+    np.testing.assert_array_equal(np.stack(got), np.stack(want))
+
 # ---------------------------------------------------------------- text dropout
 
 @pytest.fixture(scope="module")

@@ -231,26 +231,25 @@ def test_parquet_keeps_rows_as_python_values_not_arrow_buffers(tmp_path):
     assert [r["text"] for r in recs] == [f"t{i}" for i in range(6)] and [r["image"].size for r in recs] == [SPECS[i][0] for i in range(6)]
 
 def test_parquet_hands_arrow_memory_back_past_a_bound(tmp_path, monkeypatch):
-    "Arrow's freed memory is kept between reads while the process grows by at most ARROW_SCRATCH_KEPT, handed back after a read past it."
+    "Arrow's freed memory is kept between reads until Arrow has allocated more than ARROW_SCRATCH_KEPT since the last hand-back; in a loader worker after every read."
     import mmlit.sources as S
     f = write_parquet(tmp_path / "p.parquet", [f"t{i}" for i in range(5)], [png_bytes(*SPECS[i]) for i in range(5)], row_group_size=1)
-    mem, released = {"now": 100 << 20}, []
+    extra, released = {"mb": 0}, []
     real_pool = pa.default_memory_pool()
-    class Spy:
-        def release_unused(self): released.append(mem["now"] >> 20); real_pool.release_unused()
-    monkeypatch.setattr(S, "_resident_bytes", lambda: mem["now"])
+    class Spy:                                                      # the real pool, with `extra` MB more allocated in all
+        def total_bytes_allocated(self): return real_pool.total_bytes_allocated() + (extra["mb"] << 20)
+        def release_unused(self): released.append(extra["mb"]); real_pool.release_unused()
     monkeypatch.setattr(S, "_released_at", {})
     monkeypatch.setattr(S.pa, "default_memory_pool", lambda: Spy())
     ds = ParquetImageText(f, decode=False)
-    for i, grow_mb in enumerate([0, 10, 30, 0, 20]):              # the process's growth before reading row group i
-        mem["now"] += grow_mb << 20
+    for i, more_mb in enumerate([0, 10, 30, 0, 20]):              # what Arrow allocated elsewhere before reading row group i
+        extra["mb"] += more_mb
         assert ds[i]["text"] == f"t{i}"
         assert ds[i]["text"] == f"t{i}"                             # cached: no second read
-    assert released == [100, 140]                                   # the first read; the read 40 MB past it; not 20 MB past that
-    monkeypatch.setattr(S, "_resident_bytes", lambda: None)        # no /proc: handed back after every read
-    ds = ParquetImageText(f, decode=False)
-    released.clear(); [ds[i] for i in range(5)]
-    assert len(released) == 5
+    assert released == [0, 40]                                      # the first read; the read 40 MB past it; not 20 MB past that
+    monkeypatch.setattr(S.torch.utils.data, "get_worker_info", lambda: object())   # as inside a DataLoader worker
+    released.clear(); ds = ParquetImageText(f, decode=False); [ds[i] for i in range(5)]
+    assert len(released) == 5                                       # every read hands it back
 
 
 def test_mmlit_writers_store_image_columns_plain(tmp_path):
