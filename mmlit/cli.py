@@ -650,6 +650,10 @@ def cmd_eval(args) -> int:
     both = args.task == "all" and args.label_column
     if args.json and args.json != "-" and both and "{task}" not in args.json:
         return err("--json: two results (zeroshot_retrieval and zeroshot_classification); put {task} in the path, or pass --task")
+    if args.json and args.json != "-":
+        try: args.json.format(task="t", dataset="d")               # checked before the evaluation, not after it
+        except (KeyError, IndexError, ValueError) as e:
+            return err(f"--json {args.json!r}: {type(e).__name__}: {e}; {{task}} and {{dataset}} are its only fields, a literal brace is written {{{{ or }}}}")
     try:
         em = load_eval_model(args.model, image_size=args.image_size)
         res = evaluate_data(em, args.data, label_column=args.label_column, classnames=_lines_or_file(args.classnames),
