@@ -92,6 +92,12 @@ def box_token_labels(boxes, labels, size: tuple[int, int], grid: tuple[int, int]
             if x0 <= cx < x1 and y0 <= cy < y1: out[k] = int(label)
     return out
 
+# %% ../nbs/05h_vlm.ipynb #411a825c
+def _token_grid(patcher, image) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    "The patches of `image` as `patcher` cuts them, their grid `(t, h, w)` and the grid `(rows, cols)` of its merged image tokens."
+    pv, grid = patcher.image(image)
+    return pv, grid, (int(grid[1]) // patcher.merge_size, int(grid[2]) // patcher.merge_size)
+
 # %% ../nbs/05h_vlm.ipynb #bcb172a4
 def _token_dataset(path, patcher) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Patches `[n, patches, dim]`, token classes `[n, tokens]` (background last) and the grid of the distinct images of Parquet file `path`."
@@ -106,10 +112,9 @@ def _token_dataset(path, patcher) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         if r["boxes"] is None or r["labels"] is None or len(r["boxes"]) != len(r["labels"]):
             raise BadRecordError(f"{path} row {i}: fields 'boxes' and 'labels' must be lists of the same length")
         im = Image.open(io.BytesIO(r["image"]["bytes"]))
-        pv, grid = patcher.image(im)
-        m = patcher.merge_size
+        pv, grid, tokens = _token_grid(patcher, im)
         grids.add(tuple(grid.tolist())); X.append(pv)
-        Y.append(box_token_labels(r["boxes"], r["labels"], im.size, (int(grid[1]) // m, int(grid[2]) // m), -1))
+        Y.append(box_token_labels(r["boxes"], r["labels"], im.size, tokens, -1))
     if len(grids) != 1: raise ConfigError(f"{path}: warm_vision needs images of one size after resizing, got grids {sorted(grids)}")
     Y = torch.stack(Y)
     return torch.stack(X), torch.where(Y < 0, Y.max() + 1, Y), torch.tensor(grids.pop())     # background: the last class
@@ -168,7 +173,7 @@ def _column_tokens(tokenizer, data, **patch_options) -> list[int]:
     from mmlit.patches import Qwen2VLPatcher
     patcher = Qwen2VLPatcher(**patch_options)
     first = pq.ParquetFile(data).read_row_group(0, columns=["image"]).column("image")[0].as_py()
-    cols = int(patcher.image(Image.open(io.BytesIO(first["bytes"])))[1][2]) // patcher.merge_size
+    cols = _token_grid(patcher, Image.open(io.BytesIO(first["bytes"])))[2][1]
     out = []
     for j in range(cols):
         text = f"{(j + 0.5) / cols:.3f}"
@@ -213,7 +218,6 @@ def warm_tower(model, tokenizer, data, out_dir=None, steps: int = 300, lr: float
         torch.save(vis.state_dict(), tmp); tmp.replace(done.parent / "tower.pt")
         atomic_write_text(done, json.dumps(info, indent=1))
     return {**info, "reused": False}
-
 
 # %% ../nbs/05h_vlm.ipynb #7b230602
 def attention_targets(sample: dict, record: dict, tokenizer, merge_size: int = 2) -> dict | None:
