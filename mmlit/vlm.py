@@ -184,15 +184,35 @@ def _column_tokens(tokenizer, data, **patch_options) -> list[int]:
     return out
 
 def _fingerprint(*tensors) -> str:
+    "A short hash of `tensors`' values: which model a warm-up started from."
     import hashlib
     h = hashlib.sha256()
     for t in tensors: h.update(t.detach().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
+def _kept_warm_up(module, out_dir, name: str, weights: str, params: dict, warm_up, threads: int | None = None) -> dict:
+    "Run `warm_up()` (it changes `module` in place; `threads` torch threads meanwhile) and keep its result and `module`'s weights in `out_dir` (`name`.json, `weights`); a rerun with the same `params` loads them instead."
+    import json, os, time
+    done = Path(out_dir) / f"{name}.json" if out_dir else None
+    if done and done.is_file() and (d := json.loads(done.read_text()))["params"] == params:
+        module.load_state_dict(torch.load(done.parent / weights, weights_only=True))
+        return {**d, "reused": True}
+    t0, before = time.perf_counter(), torch.get_num_threads()
+    if threads: torch.set_num_threads(threads)                   # as the run will train: on a shared CPU, fewer threads stall less
+    try: info = warm_up()
+    finally: torch.set_num_threads(before)
+    info = dict(params=params, **info, seconds=round(time.perf_counter() - t0, 2))
+    if done:
+        from mmlit.checkpoint import atomic_write_text
+        done.parent.mkdir(parents=True, exist_ok=True)
+        tmp = done.parent / f"{weights}.{os.getpid()}.tmp"              # ranks warming up at once: each its own file
+        torch.save(module.state_dict(), tmp); tmp.replace(done.parent / weights)
+        atomic_write_text(done, json.dumps(info, indent=1))
+    return {**info, "reused": False}
+
 def warm_tower(model, tokenizer, data, out_dir=None, steps: int = 300, lr: float = 3e-3, batch_size: int = 64, seed: int = 0,
                threads: int | None = None, labels: int = 10, position: bool = True, columns: bool = False, **patch_options) -> dict:
     "Warm up the vision tower of `model` in place (`warm_vision` on Parquet file `data`, labels 0..labels-1 and, with `columns`, the columns' centres as `tokenizer` writes them); `out_dir` keeps the tower for a rerun with the same model, data and settings."
-    import json, os, time
     forms = [[tokenizer(f"{s}{c}", add_special_tokens=False)["input_ids"] for s in ("", " ")] for c in range(labels)]
     # a label's words: the one-token forms it is written in (alone in an answer, after a space in a prompt)
     label_tokens = [[t[0] for t in f if len(t) == 1] for f in forms]
@@ -202,22 +222,8 @@ def warm_tower(model, tokenizer, data, out_dir=None, steps: int = 300, lr: float
     params = dict(data=str(Path(data).resolve()), steps=steps, lr=lr, batch_size=batch_size, seed=seed, labels=labels, position=position, column_tokens=column_tokens,
                   patch_options=patch_options, label_tokens=label_tokens,
                   model=_fingerprint(*vis.state_dict().values(), emb[torch.as_tensor(sum(label_tokens or [], []) + sum(column_tokens or [], []), dtype=torch.long)]))
-    done = Path(out_dir) / "warm_vision.json" if out_dir else None
-    if done and done.is_file() and (d := json.loads(done.read_text()))["params"] == params:
-        vis.load_state_dict(torch.load(done.parent / "tower.pt", weights_only=True))
-        return {**d, "reused": True}
-    t0, before = time.perf_counter(), torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)                   # as the run will train: on a shared CPU, fewer threads stall less
-    try: info = warm_vision(model, data, steps, lr, batch_size, seed, label_tokens, position, column_tokens, **patch_options)
-    finally: torch.set_num_threads(before)
-    info = dict(params=params, **info, seconds=round(time.perf_counter() - t0, 2))
-    if done:
-        from mmlit.checkpoint import atomic_write_text
-        done.parent.mkdir(parents=True, exist_ok=True)
-        tmp = done.parent / f"tower.pt.{os.getpid()}.tmp"                # ranks warming up at once: each its own file
-        torch.save(vis.state_dict(), tmp); tmp.replace(done.parent / "tower.pt")
-        atomic_write_text(done, json.dumps(info, indent=1))
-    return {**info, "reused": False}
+    return _kept_warm_up(vis, out_dir, "warm_vision", "tower.pt", params, threads=threads,
+                         warm_up=lambda: warm_vision(model, data, steps, lr, batch_size, seed, label_tokens, position, column_tokens, **patch_options))
 
 # %% ../nbs/05h_vlm.ipynb #7b230602
 def attention_targets(sample: dict, record: dict, tokenizer, merge_size: int = 2) -> dict | None:
@@ -309,22 +315,7 @@ def warm_attention(model, tokenizer, data, out_dir=None, threads: int | None = N
                    batch_size: int = 32, weight: float = 1.0, seed: int = 0, tasks: tuple[str, ...] | list[str] = ("pointing", "qa"),
                    **preprocessor_options) -> dict:
     "Teach `model`'s attention in place (`teach_attention` on Parquet file `data`); `out_dir` keeps the model for a rerun with the same model, data and settings."
-    import json, os, time
     params = dict(data=str(Path(data).resolve()), steps=steps, lr=lr, batch_size=batch_size, weight=weight, seed=seed, tasks=list(tasks),
                   preprocessor_options=preprocessor_options, model=_fingerprint(*model.state_dict().values()))
-    done = Path(out_dir) / "warm_attention.json" if out_dir else None
-    if done and done.is_file() and (d := json.loads(done.read_text()))["params"] == params:
-        model.load_state_dict(torch.load(done.parent / "model.pt", weights_only=True))
-        return {**d, "reused": True}
-    t0, before = time.perf_counter(), torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
-    try: info = teach_attention(model, tokenizer, data, steps, lr, batch_size, weight, seed, tuple(tasks), **preprocessor_options)
-    finally: torch.set_num_threads(before)
-    info = dict(params=params, **info, seconds=round(time.perf_counter() - t0, 2))
-    if done:
-        from mmlit.checkpoint import atomic_write_text
-        done.parent.mkdir(parents=True, exist_ok=True)
-        tmp = done.parent / f"model.pt.{os.getpid()}.tmp"
-        torch.save(model.state_dict(), tmp); tmp.replace(done.parent / "model.pt")
-        atomic_write_text(done, json.dumps(info, indent=1))
-    return {**info, "reused": False}
+    return _kept_warm_up(model, out_dir, "warm_attention", "model.pt", params, threads=threads,
+                         warm_up=lambda: teach_attention(model, tokenizer, data, steps, lr, batch_size, weight, seed, tuple(tasks), **preprocessor_options))
