@@ -267,20 +267,21 @@ def _attention_loss(attn0, attn1, batch_targets: list) -> torch.Tensor:
 def teach_attention(model, tokenizer, path, steps: int = 200, lr: float = 3e-3, batch_size: int = 32, weight: float = 1.0,
                     seed: int = 0, tasks: tuple[str, ...] = ("pointing", "qa"), **preprocessor_options) -> dict:
     "Train the language model of `model` on the `tasks` records of Parquet file `path` with its loss plus an attention loss that teaches the lookup from the question to the image tokens of its answer."
-    import pyarrow.parquet as pq
     from mmlit.core import Stream, derive_seed
     from mmlit.multimodal import build_preprocessor
     from mmlit.sources import open_source
     inner = model.model
     if inner.config.text_config.num_hidden_layers < 2 or inner.config.text_config.num_attention_heads < 2:
         raise ConfigError("teach_attention needs a language model of 2 layers or more with 2 heads or more")
-    cols = pq.read_table(path, columns=["task", "boxes", "labels", "target", "target_boxes", "image"]).to_pylist()
+    fields = ("boxes", "labels", "target", "target_boxes")
+    src = open_source(str(path), meta_columns=fields)
     pre = build_preprocessor("vlm", tokenizer, train=False, **preprocessor_options)
-    src = open_source(str(path))
     samples, targets = [], []
-    for i, c in enumerate(cols):
-        if c["task"] not in tasks: continue
-        s = pre(src[i])
+    for i in range(len(src)):
+        r = src[i]
+        if r["task"] not in tasks: continue
+        s = pre(r)
+        c = dict(task=r["task"], image=r["image"], **{k: r["meta"][k] for k in fields})
         if (t := attention_targets(s, c, tokenizer)) is not None: samples.append(s); targets.append(t)
     if not samples: raise ConfigError(f"{path}: no {'/'.join(tasks)} records with target boxes to teach attention on")
     from mmlit.collate import Qwen2VLCollator
