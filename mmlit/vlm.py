@@ -92,6 +92,12 @@ def box_token_labels(boxes, labels, size: tuple[int, int], grid: tuple[int, int]
             if x0 <= cx < x1 and y0 <= cy < y1: out[k] = int(label)
     return out
 
+# %% ../nbs/05h_vlm.ipynb #411a825c
+def _token_grid(patcher, image) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    "The patches of `image` as `patcher` cuts them, their grid `(t, h, w)` and the grid `(rows, cols)` of its merged image tokens."
+    pv, grid = patcher.image(image)
+    return pv, grid, (int(grid[1]) // patcher.merge_size, int(grid[2]) // patcher.merge_size)
+
 # %% ../nbs/05h_vlm.ipynb #bcb172a4
 def _token_dataset(path, patcher) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     "Patches `[n, patches, dim]`, token classes `[n, tokens]` (background last) and the grid of the distinct images of Parquet file `path`."
@@ -106,10 +112,9 @@ def _token_dataset(path, patcher) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         if r["boxes"] is None or r["labels"] is None or len(r["boxes"]) != len(r["labels"]):
             raise BadRecordError(f"{path} row {i}: fields 'boxes' and 'labels' must be lists of the same length")
         im = Image.open(io.BytesIO(r["image"]["bytes"]))
-        pv, grid = patcher.image(im)
-        m = patcher.merge_size
+        pv, grid, tokens = _token_grid(patcher, im)
         grids.add(tuple(grid.tolist())); X.append(pv)
-        Y.append(box_token_labels(r["boxes"], r["labels"], im.size, (int(grid[1]) // m, int(grid[2]) // m), -1))
+        Y.append(box_token_labels(r["boxes"], r["labels"], im.size, tokens, -1))
     if len(grids) != 1: raise ConfigError(f"{path}: warm_vision needs images of one size after resizing, got grids {sorted(grids)}")
     Y = torch.stack(Y)
     return torch.stack(X), torch.where(Y < 0, Y.max() + 1, Y), torch.tensor(grids.pop())     # background: the last class
@@ -168,7 +173,7 @@ def _column_tokens(tokenizer, data, **patch_options) -> list[int]:
     from mmlit.patches import Qwen2VLPatcher
     patcher = Qwen2VLPatcher(**patch_options)
     first = pq.ParquetFile(data).read_row_group(0, columns=["image"]).column("image")[0].as_py()
-    cols = int(patcher.image(Image.open(io.BytesIO(first["bytes"])))[1][2]) // patcher.merge_size
+    cols = _token_grid(patcher, Image.open(io.BytesIO(first["bytes"])))[2][1]
     out = []
     for j in range(cols):
         text = f"{(j + 0.5) / cols:.3f}"
@@ -179,15 +184,35 @@ def _column_tokens(tokenizer, data, **patch_options) -> list[int]:
     return out
 
 def _fingerprint(*tensors) -> str:
+    "A short hash of `tensors`' values: which model a warm-up started from."
     import hashlib
     h = hashlib.sha256()
     for t in tensors: h.update(t.detach().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
+def _kept_warm_up(module, out_dir, name: str, weights: str, params: dict, warm_up, threads: int | None = None) -> dict:
+    "Run `warm_up()` (it changes `module` in place; `threads` torch threads meanwhile) and keep its result and `module`'s weights in `out_dir` (`name`.json, `weights`); a rerun with the same `params` loads them instead."
+    import json, os, time
+    done = Path(out_dir) / f"{name}.json" if out_dir else None
+    if done and done.is_file() and (d := json.loads(done.read_text()))["params"] == params:
+        module.load_state_dict(torch.load(done.parent / weights, weights_only=True))
+        return {**d, "reused": True}
+    t0, before = time.perf_counter(), torch.get_num_threads()
+    if threads: torch.set_num_threads(threads)                   # as the run will train: on a shared CPU, fewer threads stall less
+    try: info = warm_up()
+    finally: torch.set_num_threads(before)
+    info = dict(params=params, **info, seconds=round(time.perf_counter() - t0, 2))
+    if done:
+        from mmlit.checkpoint import atomic_write_text
+        done.parent.mkdir(parents=True, exist_ok=True)
+        tmp = done.parent / f"{weights}.{os.getpid()}.tmp"              # ranks warming up at once: each its own file
+        torch.save(module.state_dict(), tmp); tmp.replace(done.parent / weights)
+        atomic_write_text(done, json.dumps(info, indent=1))
+    return {**info, "reused": False}
+
 def warm_tower(model, tokenizer, data, out_dir=None, steps: int = 300, lr: float = 3e-3, batch_size: int = 64, seed: int = 0,
                threads: int | None = None, labels: int = 10, position: bool = True, columns: bool = False, **patch_options) -> dict:
     "Warm up the vision tower of `model` in place (`warm_vision` on Parquet file `data`, labels 0..labels-1 and, with `columns`, the columns' centres as `tokenizer` writes them); `out_dir` keeps the tower for a rerun with the same model, data and settings."
-    import json, os, time
     forms = [[tokenizer(f"{s}{c}", add_special_tokens=False)["input_ids"] for s in ("", " ")] for c in range(labels)]
     # a label's words: the one-token forms it is written in (alone in an answer, after a space in a prompt)
     label_tokens = [[t[0] for t in f if len(t) == 1] for f in forms]
@@ -197,23 +222,8 @@ def warm_tower(model, tokenizer, data, out_dir=None, steps: int = 300, lr: float
     params = dict(data=str(Path(data).resolve()), steps=steps, lr=lr, batch_size=batch_size, seed=seed, labels=labels, position=position, column_tokens=column_tokens,
                   patch_options=patch_options, label_tokens=label_tokens,
                   model=_fingerprint(*vis.state_dict().values(), emb[torch.as_tensor(sum(label_tokens or [], []) + sum(column_tokens or [], []), dtype=torch.long)]))
-    done = Path(out_dir) / "warm_vision.json" if out_dir else None
-    if done and done.is_file() and (d := json.loads(done.read_text()))["params"] == params:
-        vis.load_state_dict(torch.load(done.parent / "tower.pt", weights_only=True))
-        return {**d, "reused": True}
-    t0, before = time.perf_counter(), torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)                   # as the run will train: on a shared CPU, fewer threads stall less
-    try: info = warm_vision(model, data, steps, lr, batch_size, seed, label_tokens, position, column_tokens, **patch_options)
-    finally: torch.set_num_threads(before)
-    info = dict(params=params, **info, seconds=round(time.perf_counter() - t0, 2))
-    if done:
-        from mmlit.checkpoint import atomic_write_text
-        done.parent.mkdir(parents=True, exist_ok=True)
-        tmp = done.parent / f"tower.pt.{os.getpid()}.tmp"                # ranks warming up at once: each its own file
-        torch.save(vis.state_dict(), tmp); tmp.replace(done.parent / "tower.pt")
-        atomic_write_text(done, json.dumps(info, indent=1))
-    return {**info, "reused": False}
-
+    return _kept_warm_up(vis, out_dir, "warm_vision", "tower.pt", params, threads=threads,
+                         warm_up=lambda: warm_vision(model, data, steps, lr, batch_size, seed, label_tokens, position, column_tokens, **patch_options))
 
 # %% ../nbs/05h_vlm.ipynb #7b230602
 def attention_targets(sample: dict, record: dict, tokenizer, merge_size: int = 2) -> dict | None:
@@ -257,20 +267,21 @@ def _attention_loss(attn0, attn1, batch_targets: list) -> torch.Tensor:
 def teach_attention(model, tokenizer, path, steps: int = 200, lr: float = 3e-3, batch_size: int = 32, weight: float = 1.0,
                     seed: int = 0, tasks: tuple[str, ...] = ("pointing", "qa"), **preprocessor_options) -> dict:
     "Train the language model of `model` on the `tasks` records of Parquet file `path` with its loss plus an attention loss that teaches the lookup from the question to the image tokens of its answer."
-    import pyarrow.parquet as pq
     from mmlit.core import Stream, derive_seed
     from mmlit.multimodal import build_preprocessor
     from mmlit.sources import open_source
     inner = model.model
     if inner.config.text_config.num_hidden_layers < 2 or inner.config.text_config.num_attention_heads < 2:
         raise ConfigError("teach_attention needs a language model of 2 layers or more with 2 heads or more")
-    cols = pq.read_table(path, columns=["task", "boxes", "labels", "target", "target_boxes", "image"]).to_pylist()
+    fields = ("boxes", "labels", "target", "target_boxes")
+    src = open_source(str(path), meta_columns=fields)
     pre = build_preprocessor("vlm", tokenizer, train=False, **preprocessor_options)
-    src = open_source(str(path))
     samples, targets = [], []
-    for i, c in enumerate(cols):
-        if c["task"] not in tasks: continue
-        s = pre(src[i])
+    for i in range(len(src)):
+        r = src[i]
+        if r["task"] not in tasks: continue
+        s = pre(r)
+        c = dict(task=r["task"], image=r["image"], **{k: r["meta"][k] for k in fields})
         if (t := attention_targets(s, c, tokenizer)) is not None: samples.append(s); targets.append(t)
     if not samples: raise ConfigError(f"{path}: no {'/'.join(tasks)} records with target boxes to teach attention on")
     from mmlit.collate import Qwen2VLCollator
@@ -305,22 +316,7 @@ def warm_attention(model, tokenizer, data, out_dir=None, threads: int | None = N
                    batch_size: int = 32, weight: float = 1.0, seed: int = 0, tasks: tuple[str, ...] | list[str] = ("pointing", "qa"),
                    **preprocessor_options) -> dict:
     "Teach `model`'s attention in place (`teach_attention` on Parquet file `data`); `out_dir` keeps the model for a rerun with the same model, data and settings."
-    import json, os, time
     params = dict(data=str(Path(data).resolve()), steps=steps, lr=lr, batch_size=batch_size, weight=weight, seed=seed, tasks=list(tasks),
                   preprocessor_options=preprocessor_options, model=_fingerprint(*model.state_dict().values()))
-    done = Path(out_dir) / "warm_attention.json" if out_dir else None
-    if done and done.is_file() and (d := json.loads(done.read_text()))["params"] == params:
-        model.load_state_dict(torch.load(done.parent / "model.pt", weights_only=True))
-        return {**d, "reused": True}
-    t0, before = time.perf_counter(), torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
-    try: info = teach_attention(model, tokenizer, data, steps, lr, batch_size, weight, seed, tuple(tasks), **preprocessor_options)
-    finally: torch.set_num_threads(before)
-    info = dict(params=params, **info, seconds=round(time.perf_counter() - t0, 2))
-    if done:
-        from mmlit.checkpoint import atomic_write_text
-        done.parent.mkdir(parents=True, exist_ok=True)
-        tmp = done.parent / f"model.pt.{os.getpid()}.tmp"
-        torch.save(model.state_dict(), tmp); tmp.replace(done.parent / "model.pt")
-        atomic_write_text(done, json.dumps(info, indent=1))
-    return {**info, "reused": False}
+    return _kept_warm_up(model, out_dir, "warm_attention", "model.pt", params, threads=threads,
+                         warm_up=lambda: teach_attention(model, tokenizer, data, steps, lr, batch_size, weight, seed, tuple(tasks), **preprocessor_options))
