@@ -7,7 +7,7 @@ Docs: https://mmlit.github.io/mmlit/finetune.html.md"""
 # %% ../nbs/05e_finetune.ipynb #6be14f51
 from __future__ import annotations
 
-import copy, fnmatch, logging, re
+import copy, fnmatch, logging, math, re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -43,6 +43,8 @@ def name_sample(names: Iterable[str], depth: int = 2, k: int = 12) -> str:
 # %% ../nbs/05e_finetune.ipynb #5849a00a
 def freeze(model: nn.Module, entries: Iterable[str]) -> list[str]:
     "Stop the gradients of every parameter an entry names (a shorthand of `model.freeze_groups`, a glob or `re:`); returns their names."
+    if isinstance(entries, str) or not all(isinstance(e, str) for e in entries):
+        raise ConfigError(f"freeze: a list of part names, globs or re: patterns, got {entries!r}")
     groups = getattr(model, "freeze_groups", {})
     params = dict(model.named_parameters())
     frozen = []
@@ -68,9 +70,14 @@ class LoraSpec:
 
     def __post_init__(self):
         if self.r < 1: raise ConfigError(f"lora.r must be >= 1, got {self.r}")
-        if self.alpha <= 0: raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0): raise ConfigError(f"lora.alpha must be a finite number > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1: raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules: raise ConfigError("lora.target_modules: name at least one module (e.g. [q_proj, v_proj])")
+        if not isinstance(self.target_modules, str) and not (isinstance(self.target_modules, (list, tuple)) and all(isinstance(t, str) and t for t in self.target_modules)):
+            raise ConfigError(f"lora.target_modules: a list of layer names, a regex or 'all-linear', got {self.target_modules!r}")
+        if self.parts is not None and (isinstance(self.parts, str) or not isinstance(self.parts, (list, tuple)) or not self.parts
+                                       or not all(isinstance(p, str) for p in self.parts)):
+            raise ConfigError(f"lora.parts: a list of one or more of the model's parts (leave it out for all of them), got {self.parts!r}")
 
 # %% ../nbs/05e_finetune.ipynb #f8d01294
 def linear_names(module: nn.Module) -> list[str]:
@@ -105,7 +112,8 @@ def apply_lora(model: nn.Module, spec: LoraSpec | dict, seed: int | None = None)
     if len(bare) == len(parts):
         names = sorted({n for p in parts for n in linear_names(model.get_submodule(p))})
         raise ConfigError(f"lora.target_modules {spec.target_modules!r} matches no Linear layer in {', '.join(parts)}; "
-                          f"their Linear layers are named {', '.join(names[:24])}" + (f" and {len(names) - 24} more" if len(names) > 24 else ""))
+                          + (f"their Linear layers are named {', '.join(names[:24])}" + (f" and {len(names) - 24} more" if len(names) > 24 else "")
+                             if names else "they have no Linear layer"))
     for part in bare:                                      # LoRA trains adapters only: a part without any stays as it is
         logger.warning("lora: no layer of %s matches target_modules %r; it is frozen", part, spec.target_modules)
         for p in model.get_submodule(part).parameters(): p.requires_grad_(False)
@@ -127,6 +135,9 @@ def apply_finetune(model: nn.Module, freeze_entries: Iterable[str] = (), lora: L
     "LoRA adapters (`lora`), then `freeze_entries` locked; logs the trainable count; returns `model`."
     if lora is not None: apply_lora(model, lora, seed)
     if freeze_entries: freeze(model, freeze_entries)
+    if trainable_counts(model)[0] == 0:
+        raise ConfigError(f"freeze: {list(freeze_entries)} leaves no parameter of {type(model).__name__} to train"
+                          + (" (LoRA adapters included)" if lora is not None else ""))
     logger.info("%s: %s", type(model).__name__, describe_trainable(model))
     return model
 

@@ -254,7 +254,9 @@ class WebDatasetShards(MMDataset):
                  index_dir: str | Path | None = None, max_open_files: int = 16, **kwargs):
         super().__init__(**kwargs)
         self.files = expand_tar_shards(paths, self.store)
-        self.decode, self.max_image_pixels, self.max_open_files = decode, max_image_pixels, max(1, int(max_open_files))
+        if not isinstance(max_open_files, int) or isinstance(max_open_files, bool):
+            raise ConfigError(f"max_open_files must be an int, got {max_open_files!r}")
+        self.decode, self.max_image_pixels, self.max_open_files = decode, max_image_pixels, max(1, max_open_files)
         self.indexes = [load_tar_index(f, index_dir) for f in self.files]
         self._starts = np.cumsum([0] + [len(ix) for ix in self.indexes]).tolist()
         self._handles: OrderedDict = OrderedDict()
@@ -309,6 +311,12 @@ class WebDatasetShards(MMDataset):
 @patch
 def _detect(self: WebDatasetShards, image_key, text_key, text_field) -> tuple[tuple[str, ...], str, str | None]:
     "The image extension(s), caption extension and JSON caption field, from the first samples when `'auto'`."
+    for name, v in (("image_key", image_key), ("text_key", text_key), ("text_field", text_field)):
+        if not (isinstance(v, str) or (v is None and name == "image_key")):
+            raise ConfigError(f"{name} must be a string{' or None (no image)' if name == 'image_key' else ''}, got {v!r}")
+    if text_field != AUTO:               # a field of the json member
+        if text_key == AUTO: text_key = "json"
+        elif text_key != "json": raise ConfigError(f"text_field={text_field!r} names a field of the json member, but text_key={text_key!r}")
     k = next((k for k, ix in enumerate(self.indexes) if len(ix) > (ix.damaged >= 0)), None)
     if k is None: raise ConfigError(f"no readable sample in {len(self.files)} shard(s): {', '.join(map(str, self.files[:3]))}")
     ix, where = self.indexes[k], str(self.files[k])
@@ -320,17 +328,23 @@ def _detect(self: WebDatasetShards, image_key, text_key, text_field) -> tuple[tu
         if any(len(s.intersection(image_keys)) > 1 for s in samples):
             raise ConfigError(f"{where}: samples hold several images ({', '.join(image_keys)}); members are {exts}; "
                               "pick one with image_key=")
-    else: image_keys = () if image_key is None else (image_key.lower(),)
+    else:
+        image_keys = () if image_key is None else (image_key.lower(),)
+        if image_keys and image_keys[0] not in exts: pick_column(exts, image_keys[0], IMAGE_EXTS, what="image", option="image_key", where=where)
     if text_key == AUTO:
         text_key = pick_column(exts, AUTO, TEXT_EXTS + CAPTION_NAMES, what="caption", option="text_key", where=where,
                                required="json" not in exts) or "json"
     elif text_key not in exts: pick_column(exts, text_key, TEXT_EXTS, what="caption", option="text_key", where=where)
     if text_key != "json": return image_keys, text_key, None
     if text_field != AUTO: return image_keys, text_key, text_field
-    j = next(j for j in range(len(ix)) if j != ix.damaged and j not in ix.bad and "json" in ix.members(j))
-    obj = self._json(k, j, dict(file=where, index=j, unit="sample"))
-    return image_keys, text_key, pick_column(list(obj), AUTO, CAPTION_NAMES, what="caption", option="text_field",
-                                             where=f"{where} sample {ix.keys[j]!r} json")
+    unreadable = []                      # json members that do not parse: bad records later, not the one to learn from
+    for j in (j for j in range(min(len(ix), 100)) if j != ix.damaged and j not in ix.bad and "json" in ix.members(j)):
+        try: obj = self._json(k, j, dict(file=where, index=j, unit="sample"))
+        except BadRecordError as e: unreadable.append(f"sample {ix.keys[j]!r}: {e.reason}"); continue
+        return image_keys, text_key, pick_column(list(obj), AUTO, CAPTION_NAMES, what="caption", option="text_field",
+                                                 where=f"{where} sample {ix.keys[j]!r} json")
+    raise ConfigError(f"{where}: no readable json member among the first samples to find the caption field in"
+                      + (f" ({'; '.join(unreadable[:3])})" if unreadable else "") + "; name it with text_field=")
 
 # %% ../nbs/01f_formats.ipynb #31223d3d
 @patch
@@ -478,6 +492,8 @@ class Conversations(MMDataset):
                            **({"video": videos} if videos else {}))
 
 # %% ../nbs/01f_formats.ipynb #5e1f0a1c
+def _is_id(v) -> bool: return isinstance(v, (int, float, str)) and not isinstance(v, bool)
+
 class CocoCaptions(MMDataset):
     "COCO caption annotations: one record per caption, or per image with all its captions (`per_image=True`)."
     source = "coco"
@@ -495,11 +511,16 @@ class CocoCaptions(MMDataset):
         except BadRecordError as e: raise ConfigError(f"{self.path}: not a readable COCO annotation file: {e.reason}") from None
         if not isinstance(obj.get("images"), list) or not isinstance(obj.get("annotations"), list):
             raise ConfigError(f"{self.path}: not a COCO annotation file (needs 'images' and 'annotations' lists)")
-        self.files = {im.get("id"): im.get("file_name") for im in obj["images"] if isinstance(im, dict)}
+        self.files, self.twice = {}, {}     # image id -> file_name; ids given two different files -> both
+        for im in obj["images"]:
+            if not isinstance(im, dict) or not _is_id(i := im.get("id")): continue   # never found: its captions are bad records
+            if i in self.files and self.files[i] != im.get("file_name"): self.twice[i] = (self.files[i], im.get("file_name"))
+            self.files.setdefault(i, im.get("file_name"))
         self.annotations = [a if isinstance(a, dict) else {"caption": a} for a in obj["annotations"]]
         if per_image:
             by_image: dict = {}
-            for n, a in enumerate(self.annotations): by_image.setdefault(a.get("image_id"), []).append(n)
+            for n, a in enumerate(self.annotations):   # an annotation whose image_id is no id is a record of its own
+                by_image.setdefault(a.get("image_id") if _is_id(a.get("image_id")) else ("bad", n), []).append(n)
             self.groups = list(by_image.values())     # annotation numbers of each image, in first-caption order
 
     def __len__(self) -> int: return len(self.groups) if self.per_image else len(self.annotations)
@@ -516,7 +537,11 @@ class CocoCaptions(MMDataset):
         anns = [self.annotations[n] for n in numbers]
         captions = [pick_field(a, ("caption",), str, where, required=True) for a in anns]
         image_id = anns[0].get("image_id")
+        if not _is_id(image_id): raise BadRecordError(f"image_id {image_id!r:.80} is not a number or a string", **where)
         if image_id not in self.files: raise BadRecordError(f"image_id {image_id!r} is not in 'images'", **where)
+        if image_id in self.twice:
+            raise BadRecordError(f"image id {image_id!r} is in 'images' twice, with file_name {self.twice[image_id][0]!r} and "
+                                 f"{self.twice[image_id][1]!r}; which image is meant is unknown", **where)
         if not isinstance(self.files[image_id], str): raise BadRecordError(f"image {image_id!r} has no file_name", **where)
         path = path_in_root(self.image_root, self.files[image_id], allow_absolute_paths=self.allow_absolute_paths, where=where)
         image = open_image(path, decode=self.decode, max_image_pixels=self.max_image_pixels, where=where)
@@ -573,6 +598,7 @@ class ImageFolder(MMDataset):
         super().__init__(**kwargs)
         self.root, self.split = Path(root), split
         if not self.root.is_dir(): raise FileNotFoundError(f"no such directory: {self.root}")
+        if split is not None and not isinstance(split, str): raise ConfigError(f"split must be a folder name, got {split!r}")
         if split is not None and not (self.root / split).is_dir(): raise FileNotFoundError(f"no split folder {self.root / split}")
         self.decode, self.max_image_pixels, self.allow_absolute_paths = decode, max_image_pixels, allow_absolute_paths
         self.max_line_bytes = check_max_line_bytes(max_line_bytes)
@@ -590,9 +616,12 @@ class ImageFolder(MMDataset):
             tops = subdirs(self.root)                     # split folders (train/, test/, ...) hold the class folders
             splits = tops if tops and all(d.name.lower() in SPLIT_NAMES for d in tops) else [self.root]
             class_dirs = [(s, c) for s in splits for c in subdirs(s)]
-            self.classes = sorted({c.name for _, c in class_dirs})
-            self.images = [(self.classes.index(c.name), p, None if s == self.root else s.name) for s, c in class_dirs
-                           if split is None or s.name == split for p in sorted(c.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+            found = [(s, c, [p for p in sorted(c.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]) for s, c in class_dirs]
+            self.classes = sorted({c.name for _, c, ps in found if ps})   # as HF imagefolder: a class is a folder holding images
+            if empty := [str(c) for _, c, ps in found if not ps and c.name not in self.classes]:
+                logger.warning("imagefolder %s: %d class folder(s) hold no image and are no class: %s", self.root, len(empty), ", ".join(empty[:5]))
+            self.images = [(self.classes.index(c.name), p, None if s == self.root else s.name) for s, c, ps in found
+                           if split is None or s.name == split for p in ps]
             if not class_dirs:                            # a flat folder of images: no captions, no labels
                 self.images = [(None, p, None) for p in sorted(self.root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
             if not self.images: raise ConfigError(f"{self.root}: no metadata.jsonl/metadata.csv, class subfolders or images")

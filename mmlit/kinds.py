@@ -37,6 +37,8 @@ class ModelSpec:
 
     def __post_init__(self):
         if self.kind not in MODEL_KINDS: raise ConfigError(f"model.kind: unknown model kind {self.kind!r}; known: {', '.join(MODEL_KINDS)}")
+        if not isinstance(self.freeze, list) or not all(isinstance(f, str) for f in self.freeze):
+            raise ConfigError(f"model.freeze: a list of parts, globs or re: patterns, got {self.freeze!r}")
 
 # %% ../nbs/80_kinds.ipynb #3687e1b7
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ def build_model(spec: ModelSpec, tokenizer, seed: int = 0) -> nn.Module:
 # %% ../nbs/80_kinds.ipynb #2f678061
 def _vocab(tokenizer) -> int: return 256 if tokenizer is None else len(tokenizer)
 
+def _not_a_checkpoint(spec: ModelSpec, e: Exception) -> ConfigError:
+    "The error for a `model.pretrained` folder that transformers cannot read as a checkpoint of `spec.kind`."
+    return ConfigError(f"model.pretrained: {spec.pretrained} is not a {spec.kind} checkpoint transformers can read ({type(e).__name__}: {e})")
+
 def _dual_encoder_config(spec: ModelSpec, tokenizer, seed: int):
     "A `DualEncoderConfig`: the preset with `spec.options` over it."
     from mmlit.model import DualEncoderConfig
@@ -76,6 +82,9 @@ def _dual_encoder_config(spec: ModelSpec, tokenizer, seed: int):
     preset = spec.preset or ("pretrained" if opts.get("pretrained") else "tiny")
     try: return DualEncoderConfig.preset(preset, vocab_size=_vocab(tokenizer), **opts)
     except (ConfigError, TypeError, KeyError) as e: raise ConfigError(f"model.options / model.preset: {e}") from None
+    except (ValueError, OSError) as e:
+        if opts.get("pretrained"): raise _not_a_checkpoint(spec, e) from None
+        raise
 
 def _dual_encoder(cfg, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
     from mmlit.model import DualEncoder
@@ -113,7 +122,9 @@ def _causal_lm_config(spec: ModelSpec, tokenizer, seed: int) -> dict:
     from mmlit.causal_lm import causal_lm_config
     if spec.pretrained:                                       # the checkpoint's config; options override its fields
         from mmlit.hub import resolve_pretrained
-        known = AutoConfig.from_pretrained(str(resolve_pretrained(spec.pretrained, weights=False))).to_dict()
+        folder = resolve_pretrained(spec.pretrained, weights=False)
+        try: known = AutoConfig.from_pretrained(str(folder)).to_dict()
+        except (ValueError, OSError) as e: raise _not_a_checkpoint(spec, e) from None
         check_keys(spec.options, sorted(known), "model.options")
         return dict(spec.options)
     try: d = causal_lm_config(spec.preset or "tiny", _vocab(tokenizer), **spec.options)
@@ -125,7 +136,9 @@ def _causal_lm_config(spec: ModelSpec, tokenizer, seed: int) -> dict:
 # %% ../nbs/80_kinds.ipynb #ee340bca
 def _causal_lm(cfg: dict, tokenizer, spec: ModelSpec, seed: int) -> nn.Module:
     from mmlit.causal_lm import CausalLM
-    if spec.pretrained: return CausalLM(cfg, pretrained=spec.pretrained, seed=seed)   # cfg: overrides of the checkpoint's config
+    if spec.pretrained:                                      # cfg: overrides of the checkpoint's config
+        try: return CausalLM(cfg, pretrained=spec.pretrained, seed=seed)
+        except OSError as e: raise _not_a_checkpoint(spec, e) from None       # e.g. a config.json without weights
     cfg = {**cfg, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
     return CausalLM(cfg, seed=seed)
 

@@ -8,6 +8,7 @@ Docs: https://mmlit.github.io/mmlit/mixture.html.md"""
 # %% ../nbs/01d_mixture.ipynb #4bccff29
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -77,6 +78,20 @@ def _unbiased_counts(n: int, weights: np.ndarray, rng: np.random.Generator) -> n
         np.add.at(counts, np.minimum(hits, np.flatnonzero(frac > 0)[-1]), 1)
     return counts
 
+# %% ../nbs/01d_mixture.ipynb #h2mx0001
+def _mixture_weights(weights, datasets: list, what: str = "weights") -> np.ndarray:
+    "`weights` as probabilities, one per dataset: numbers >= 0 with a positive sum, none on an empty dataset; else a `ConfigError` naming `what`."
+    try: w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError): w = np.empty((0, 0))
+    if w.ndim != 1 or len(w) != len(datasets) or not len(w):
+        raise ConfigError(f"{what}: give one weight per dataset ({len(datasets)}, at least one), got {weights!r:.200}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or not w.max() > 0:
+        raise ConfigError(f"{what} must be >= 0 with a positive sum, got {list(weights)}")
+    if empty := [i for i, d in enumerate(datasets) if len(d) == 0 and w[i] > 0]:
+        raise ConfigError(f"{what}: dataset {empty[0]} is empty but has weight {w[empty[0]]}")
+    w = w / w.max()                      # the sum of huge weights stays finite
+    return w / w.sum()
+
 # %% ../nbs/01d_mixture.ipynb #e47fd3bb
 class Mixture(MMDataset):
     "Weighted interleaving of datasets, deterministic given `(seed, epoch)`."
@@ -85,16 +100,21 @@ class Mixture(MMDataset):
     def __init__(self, datasets: Sequence, weights: Sequence[float], *, seed: int = 0,
                  epoch_length: int | None = None, names: Sequence[str] | None = None):
         super().__init__(seed=seed)
+        if isinstance(datasets, (str, bytes, dict)): raise ConfigError(f"datasets: a list of datasets (names= names them), got a {type(datasets).__name__}")
+        if paths := [i for i, d in enumerate(datasets) if isinstance(d, (str, bytes, os.PathLike))]:
+            raise ConfigError(f"dataset {paths[0]} is a path, not a dataset ({datasets[paths[0]]!r:.80}); open it first (open_dataset)")
         self.datasets = [as_mm_dataset(d) for d in datasets]
-        w = np.asarray(weights, dtype=np.float64)
-        if len(w) != len(self.datasets) or not len(w): raise ConfigError("give one weight per dataset (at least one)")
-        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0: raise ConfigError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
-        empty = [i for i, d in enumerate(self.datasets) if len(d) == 0 and w[i] > 0]
-        if empty: raise ConfigError(f"dataset {empty[0]} is empty but has weight {w[empty[0]]}")
-        self.weights, self.names = w / w.sum(), list(names) if names else [f"d{i}" for i in range(len(w))]
+        self.weights = _mixture_weights(weights, self.datasets)
+        n = len(self.datasets)
+        self.names = [f"d{i}" for i in range(n)] if names is None else names
+        if isinstance(names, (str, bytes)) or len(self.names) != n or len(set(self.names)) != n or not all(isinstance(x, str) for x in self.names):
+            raise ConfigError(f"names: one distinct string per dataset ({n}), got {names!r}")
+        self.names = list(self.names)
+        if epoch_length is not None and (isinstance(epoch_length, bool) or not isinstance(epoch_length, (int, np.integer))):
+            raise ConfigError(f"epoch_length must be a whole number, got {epoch_length!r}")
         self.epoch_length = int(epoch_length) if epoch_length is not None else sum(len(d) for d in self.datasets)
         if self.epoch_length <= 0: raise ConfigError("epoch_length must be positive")
-        self.epoch, self._plan_cache, self._drawn = 0, None, {0: np.zeros(len(w), dtype=np.int64)}
+        self.epoch, self._plan_cache, self._drawn = 0, None, {0: np.zeros(n, dtype=np.int64)}
         self.schedule: list[tuple[int, np.ndarray]] = [(0, self.weights)]   # (first epoch, weights) in force, oldest first
 
     def __len__(self) -> int: return self.epoch_length
@@ -153,14 +173,11 @@ def plan(self: Mixture, epoch: int | None = None) -> tuple[np.ndarray, np.ndarra
 @patch
 def reweight(self: Mixture, weights: Sequence[float], from_epoch: int) -> None:
     "Draw with `weights` from epoch `from_epoch` on; the epochs before it keep the weights they had."
-    w = np.asarray(weights, dtype=np.float64)
-    if len(w) != len(self.datasets) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise ConfigError(f"reweight: give one weight >= 0 per dataset ({len(self.datasets)}) with a positive sum, got {list(weights)}")
-    empty = [i for i, d in enumerate(self.datasets) if len(d) == 0 and w[i] > 0]
-    if empty: raise ConfigError(f"reweight: dataset {empty[0]} is empty but has weight {w[empty[0]]}")
-    if from_epoch < 0: raise ConfigError(f"reweight: from_epoch must be >= 0, got {from_epoch}")
+    w = _mixture_weights(weights, self.datasets, "reweight: weights")
+    if isinstance(from_epoch, bool) or not isinstance(from_epoch, (int, np.integer)) or from_epoch < 0:
+        raise ConfigError(f"reweight: from_epoch must be a whole number >= 0, got {from_epoch!r}")
     kept = [(e, v) for e, v in self.schedule if e < from_epoch]
-    self.schedule = kept + [(int(from_epoch), w / w.sum())]
+    self.schedule = kept + [(int(from_epoch), w)]
     self._plan_cache, self._drawn = None, {e: d for e, d in self._drawn.items() if e <= from_epoch}   # later plans change
 
 # %% ../nbs/01d_mixture.ipynb #775ca538

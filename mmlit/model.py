@@ -532,10 +532,12 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     "Load safetensors weights into `model` after `check_state`."
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     path = Path(path)
     if not path.is_file(): raise CheckpointError(f"{path}: no such weights file")
-    state = load_file(str(path), device=str(next(model.parameters()).device))
+    try: state = load_file(str(path), device=str(next(model.parameters()).device))
+    except SafetensorError as e: raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     check_state(model, state, str(path))
     model.load_state_dict(state)
     return model
@@ -552,7 +554,9 @@ def load_pretrained_dir(save_dir: str | Path, cls: type, build: Callable[[dict],
     "The `cls` model saved in `save_dir` by `save_pretrained_dir`: `build(config)` (default `cls(config)`), its weights loaded."
     d = Path(save_dir)
     if not (d / "config.json").is_file(): raise CheckpointError(f"{d}: no config.json (not a save_pretrained directory)")
-    cfg = json.loads((d / "config.json").read_text())
+    try: cfg = json.loads((d / "config.json").read_text())
+    except (ValueError, OSError) as e: raise CheckpointError(f"{d / 'config.json'}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, dict): raise CheckpointError(f"{d / 'config.json'}: not a JSON object")
     if (saved := cfg.pop("model", None)) != cls.__name__:
         raise CheckpointError(f"{d}: config.json is not a {cls.__name__} (it names {saved!r})")
     return load_weights((build or cls)(cfg), d / "model.safetensors")

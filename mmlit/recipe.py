@@ -269,6 +269,7 @@ def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Pat
     run, out = run_dir.resolve(), out_dir.resolve()
     if out == run or out in run.parents or out.is_relative_to(run / "checkpoints"):
         raise ConfigError(f"{out_dir}: the export would mix with run {run_dir}'s own files; give a folder outside the run directory or a new one inside it")
+    if out_dir.exists() and not out_dir.is_dir(): raise ConfigError(f"{out_dir}: exists and is not a folder; give a folder to export to")
     cfg = load_config(RunConfig, run_dir / "config.yaml")
     tok = cfg.data.get("tokenizer")
     if isinstance(tok, dict):
@@ -278,7 +279,10 @@ def export_model(run_dir: str | Path, out_dir: str | Path, checkpoint: str | Pat
     model = build_model(cfg.model, tokenizer, cfg.seed)
     if checkpoint is None:
         cm = CheckpointManager(run_dir / "checkpoints")
-        best = cm.best()
+        try: best = cm.best()
+        except (ValueError, OSError) as e: best = e
+        if best is not None and not (isinstance(best, dict) and isinstance(best.get("dir"), str)):
+            raise ConfigError(f"{cm.dir / 'best.json'}: not a record of the best checkpoint ({best!s:.120}); name the checkpoint to export")
         checkpoint = cm.dir / best["dir"] if best and (cm.dir / best["dir"]).is_dir() else cm.latest()
         if checkpoint is None: raise ConfigError(f"{run_dir}: no checkpoint to export")
     if read_manifest(checkpoint).get("format") == 2:          # sharded (FSDP): its shards gathered into one state dict
