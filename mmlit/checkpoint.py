@@ -320,10 +320,16 @@ class CheckpointManager:
             except CheckpointError as e: logger.warning("skipping checkpoint %s", e)
         return None
 
-    def best(self) -> dict | None:
-        "`{step, metric, value, dir}` of the best checkpoint, or `None`."
-        try: return json.loads((self.dir / "best.json").read_text())
+    def best(self, strict: bool = True) -> dict | None:
+        "`{step, metric, value, dir}` of the best checkpoint, or `None`; a damaged `best.json` is a `CheckpointError` (`strict`) or warned about and read as none."
+        p = self.dir / "best.json"
+        try: b = json.loads(p.read_text())
         except FileNotFoundError: return None
+        except (OSError, ValueError) as e: b = e
+        if isinstance(b, dict) and isinstance(b.get("dir"), str): return b
+        if strict: raise CheckpointError(f"{p}: not a record of the best checkpoint ({b!s:.120})")
+        logger.warning("%s: not a record of the best checkpoint (%.120s); read as none", p, b)
+        return None
 
     def foreign(self) -> list[Path]:
         "Checkpoints whose manifest is well formed and names a different config fingerprint (another run's)."
@@ -359,7 +365,9 @@ def record(self: CheckpointManager, step: int, best: tuple[str, float] | None = 
 def prune(self: CheckpointManager):
     "Remove the oldest step checkpoints beyond `keep`, never the best."
     if not self.keep: return
-    b = self.best()
+    try: b = self.best()
+    except CheckpointError as e:                                  # which one to keep is unknown: keep them all until a new best
+        logger.warning("%s; no checkpoint removed until a new best is recorded", e); return
     keep_best = b["dir"] if b else None
     steps = [p for p in self.steps() if p.name != keep_best]
     for p in steps[:-self.keep]: _discard(p)

@@ -552,5 +552,5 @@ def fit(self: Trainer, steps: int | None = None) -> TrainResult:
         if self.main and self.step > first_step: self._write_loader_files()   # a finished run started again keeps its files
         if self._wandb is not None: self._wandb.finish(); self._wandb = None
         if lock is not None: lock.release()
-    return TrainResult(self.step, self.epoch, self._stop, self.nonfinite, self.checkpoints.best() if self.main else None,
+    return TrainResult(self.step, self.epoch, self._stop, self.nonfinite, self.checkpoints.best(strict=False) if self.main else None,
                        self.last_eval, resumed, time.perf_counter() - t_start)
