@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from torch import nn
 
 from .causal_lm import CausalLM, CausalLMOutput, causal_lm_config
-from .core import ConfigError, Registry, check_keys
+from .core import ConfigError, Registry, check_keys, whole_at_least
 from .generate import generation_options
 from .model import BatchError, DualEncoder, DualEncoderConfig, load_pretrained_dir, need, save_pretrained_dir, seeded_init
 
@@ -42,10 +42,8 @@ class AlignerConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.prefix_tokens, int) or self.prefix_tokens < 1:
-            raise ConfigError(f"prefix_tokens must be a positive int, got {self.prefix_tokens!r}")
-        if self.projector_hidden is not None and (not isinstance(self.projector_hidden, int) or self.projector_hidden < 1):
-            raise ConfigError(f"projector_hidden must be a positive int or None, got {self.projector_hidden!r}")
+        whole_at_least(1, "", prefix_tokens=self.prefix_tokens)
+        whole_at_least(1, "", none_ok=True, projector_hidden=self.projector_hidden)
 
     @classmethod
     def from_dict(cls, d: dict) -> "AlignerConfig":

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import default_collate, get_worker_info
 
-from .core import ConfigError, MmlitError, Registry, Stream, derive_seed
+from .core import ConfigError, MmlitError, Registry, Stream, derive_seed, whole_at_least
 
 # %% auto #0
 __all__ = ['collators', 'SHARED_MIN_BYTES', 'SEQ_PAD_VALUES', 'CollateError', 'EmptyBatchError', 'KeyMismatchError',
@@ -181,8 +181,7 @@ class Padding:
         if self.mode not in ("batch_max", "max_length"):
             raise ConfigError(f"pad mode must be 'batch_max', 'max_length' or 'to_N', got {self.mode!r}")
         if self.mode == "max_length" and not self.max_length: raise ConfigError("pad mode 'max_length' needs max_length")
-        for name, v in (("max_length", self.max_length), ("pad_to_multiple_of", self.pad_to_multiple_of)):
-            if v is not None and (not isinstance(v, int) or v < 1): raise ConfigError(f"{name} must be a positive int, got {v!r}")
+        whole_at_least(1, "", none_ok=True, max_length=self.max_length, pad_to_multiple_of=self.pad_to_multiple_of)
         for name, v, ok in (("side", self.side, ("left", "right")), ("truncation_side", self.truncation_side, ("left", "right")),
                             ("overflow", self.overflow, ("raise", "truncate"))):
             if v not in ok: raise ConfigError(f"{name} must be one of {ok}, got {v!r}")

@@ -19,7 +19,7 @@ import torch
 __all__ = ['SECRET_MASK', 'derive_seed', 'Stream', 'Rngs', 'np_rng', 'torch_rng', 'derive_rngs', 'torch_rng_from',
            'LazyGenerator', 'MmlitError', 'ConfigError', 'CheckpointError', 'UnknownNameError', 'BadRecordError',
            'TooManyBadRecords', 'MissingExtraError', 'unknown_options', 'Registry', 'check_keys', 'renamed_keys',
-           'config_from_dict', 'config_to_dict', 'is_secret_key', 'redact']
+           'config_from_dict', 'is_int', 'whole_at_least', 'config_to_dict', 'is_secret_key', 'redact']
 
 # %% ../nbs/00_core.ipynb #dfab4841
 def _check_key(**parts: int) -> list[int]:
@@ -296,6 +296,17 @@ def config_from_dict(cls, d: Mapping | None, path: str = ""):
     try: return cls(**kw)
     except ConfigError as e:
         raise ConfigError(f"{where}{e}") if path and not str(e).startswith(path) else e
+
+# %% ../nbs/00_core.ipynb #f72eeb37
+def is_int(v) -> bool:
+    "Whether `v` is a Python or NumPy integer (a bool is not)."
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+def whole_at_least(minimum: int, section: str = "", /, *, none_ok: bool = False, **values) -> None:
+    "A `ConfigError` naming `section.key` for the first of `values` that is not a whole number >= `minimum` (`None` allowed with `none_ok`)."
+    for k, v in values.items():
+        if (v is None and none_ok) or (is_int(v) and v >= minimum): continue
+        raise ConfigError(f"{section + '.' if section else ''}{k} must be a whole number >= {minimum}, got {v!r}")
 
 # %% ../nbs/00_core.ipynb #48d602d4
 def config_to_dict(cfg) -> dict:

@@ -21,9 +21,9 @@ __all__ = ['DataModule', 'RowSubset', 'split_rows', 'LoaderDataModule', 'WithTas
            'loader_parts', 'build_data_module', 'build_loader']
 
 # %% ../nbs/04a_datamodule.ipynb #dm000004
-from .core import ConfigError, Stream, check_keys, config_from_dict, derive_seed
+from .core import ConfigError, Stream, check_keys, config_from_dict, derive_seed, is_int, whole_at_least
 from .dataset import MMDataset, SkipReport
-from .loader import LoaderConfig, ResumableLoader, is_int, make_loader, resolve_collate
+from .loader import LoaderConfig, ResumableLoader, make_loader, resolve_collate
 from .mixture import Mixture
 from .sources import as_mm_dataset
 
@@ -184,8 +184,7 @@ def loader_parts(config: dict | str | Path) -> dict:
     lcfg = {**{k: cfg.pop(k) for k in list(cfg) if k in loader_keys}, **(cfg.pop("loader", None) or {})}
     check_keys(cfg, sorted(_KNOWN_KEYS | set(loader_keys)))
     if "data" not in cfg: raise ConfigError("the config needs 'data': a Parquet, JSONL or text path")
-    if (m := cfg.get("max_length")) is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-        raise ConfigError(f"max_length must be a whole number >= 1 (tokens), got {m!r}")
+    whole_at_least(1, "", none_ok=True, max_length=cfg.get("max_length"))
     task, kind, opts = cfg.get("task"), cfg.get("kind"), dict(cfg.get("data_options") or {})
     tok = load_tokenizer(cfg.get("tokenizer"), cfg["data"], kind, opts)
     parts = dict(loader_config=config_from_dict(LoaderConfig, lcfg), val_split=cfg.get("val_split"))

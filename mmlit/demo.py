@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .core import ConfigError, Stream, derive_seed, np_rng
+from .core import ConfigError, Stream, derive_seed, np_rng, whole_at_least
 from .sources import image_parquet_options
 from .tasks import format_messages
 
@@ -151,7 +151,7 @@ def _demo_table(rows: range, seed: int, image_size: int, fmt: str) -> pa.Table:
 def output_shard_paths(path: str | Path, shards: int) -> list[Path]:
     "Where `shards` files go: `path` itself (a `.parquet` file, one shard) or `NAME-0000k-of-0000N.parquet`."
     path = Path(path)
-    if shards < 1: raise ConfigError(f"shards must be >= 1, got {shards}")
+    whole_at_least(1, "", shards=shards)
     if path.suffix == ".parquet":
         if shards == 1: return [path]
         return [path.with_name(f"{path.stem}-{k:05d}-of-{shards:05d}.parquet") for k in range(shards)]
@@ -161,7 +161,7 @@ def output_shard_paths(path: str | Path, shards: int) -> list[Path]:
 def build_demo_parquet(path: str | Path, n: int = 3000, seed: int = 0, image_size: int = 64, shards: int = 1,
                        row_group_size: int = 256, image_format: str = "png") -> list[Path]:
     "Write `n` demo image-text pairs to Parquet (a `.parquet` file, or shards in a directory); returns the files."
-    if n < 1 or row_group_size < 1: raise ConfigError(f"n and row_group_size must be >= 1, got {n}, {row_group_size}")
+    whole_at_least(1, "", n=n, row_group_size=row_group_size)
     paths = output_shard_paths(path, shards)
     for k, p in enumerate(paths):
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -362,7 +362,7 @@ def _task_table(scenes: range, seed: int, split: str, image_size: int) -> pa.Tab
 def build_task_parquet(path: str | Path, n: int = 1000, seed: int = 0, split: str = "train", image_size: int = 112,
                        row_group_size: int = 64) -> Path:
     "Write the four task records of `n` scenes of `split` to one Parquet file (`row_group_size` scenes a row group); returns it."
-    if n < 1 or row_group_size < 1: raise ConfigError(f"n and row_group_size must be >= 1, got {n}, {row_group_size}")
+    whole_at_least(1, "", n=n, row_group_size=row_group_size)
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     with pq.ParquetWriter(path, TASK_SCHEMA, **image_parquet_options(TASK_SCHEMA)) as w:
         for lo in range(0, n, row_group_size):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointManager
-from .core import ConfigError
+from .core import ConfigError, whole_at_least
 from .loader import resolve_collate
 from .datamodule import LoaderDataModule, load_tokenizer, loader_parts
 from .losses import mrl_prefix
@@ -86,8 +86,7 @@ def load_saved_model(model_dir: str | Path, image_size: int | None = None, devic
 def load_eval_model(path: str | Path, image_size: int | None = None, device: str = "cpu") -> EvalModel:
     "A run directory (`config.yaml`, `checkpoints/`) or a saved model (`config.json`, `model.safetensors`) as an `EvalModel`."
     p = Path(path)
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
-        raise ConfigError(f"image_size must be a positive int, got {image_size!r}")
+    whole_at_least(1, "", none_ok=True, image_size=image_size)
     if (p / "config.yaml").is_file():
         if image_size is not None: raise ConfigError(f"{p}: a run directory evaluates at the size it trained at; image_size is for a saved model")
         return load_run_model(p, device)

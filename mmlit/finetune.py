@@ -14,7 +14,7 @@ from typing import Iterable
 
 from torch import nn
 
-from .core import ConfigError, config_from_dict
+from .core import ConfigError, config_from_dict, whole_at_least
 from .hub import pretrained_record
 from .model import seeded_init
 
@@ -69,7 +69,7 @@ class LoraSpec:
     parts: list | None = None                          # which of the model's `lora_parts` (default: all of them)
 
     def __post_init__(self):
-        if self.r < 1: raise ConfigError(f"lora.r must be >= 1, got {self.r}")
+        whole_at_least(1, "lora", r=self.r)
         if not (math.isfinite(self.alpha) and self.alpha > 0): raise ConfigError(f"lora.alpha must be a finite number > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1: raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules: raise ConfigError("lora.target_modules: name at least one module (e.g. [q_proj, v_proj])")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .core import BadRecordError, ConfigError, Stream, derive_seed
+from .core import BadRecordError, ConfigError, Stream, derive_seed, whole_at_least
 from .demo import COLORS, DIGIT_WORDS
 from .multimodal import Preprocessor
 
@@ -79,7 +79,7 @@ _GEN_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "m
 def generation_options(batch_indices: Sequence[int], max_new_tokens: int = 32, do_sample: bool = False,
                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> dict:
     "Keyword arguments for `transformers`' `generate`: greedy, or seeded sampling drawn per sample from `(seed, index)`."
-    if max_new_tokens < 1: raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    whole_at_least(1, "", max_new_tokens=max_new_tokens)
     out = dict(max_new_tokens=int(max_new_tokens), do_sample=False)
     if do_sample:
         if temperature <= 0: raise ConfigError(f"temperature must be > 0 for sampling, got {temperature}")

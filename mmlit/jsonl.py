@@ -23,7 +23,7 @@ __all__ = ['UTF8_BOM', 'MAX_LINE_BYTES', 'JSON_WHITESPACE', 'JSONL_SUFFIXES', 'M
            'json_array_spans', 'json_records', 'read_record', 'json_depth', 'parse_json_line']
 
 # %% ../nbs/01c_jsonl.ipynb #f793ca27
-from .core import BadRecordError, ConfigError
+from .core import BadRecordError, ConfigError, whole_at_least
 from .storage import Location, Store, as_location, check_regular_file, open_file
 
 # %% ../nbs/01c_jsonl.ipynb #ea6be655
@@ -43,7 +43,7 @@ MAX_LINE_BYTES = 64 << 20   # a longer line (newline included) is a bad record, 
 
 def check_max_line_bytes(n) -> int:
     "`n` as the line limit; a `ConfigError` unless it is a positive int."
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0: raise ConfigError(f"max_line_bytes must be a positive int, got {n!r}")
+    whole_at_least(1, "", max_line_bytes=n)
     return n
 
 # %% ../nbs/01c_jsonl.ipynb #b7ef604f

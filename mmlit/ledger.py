@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .core import ConfigError, MmlitError
+from .core import ConfigError, MmlitError, whole_at_least
 from .checkpoint import atomic_write_bytes
 from .losses import batch_sizes, contrastive_losses, dist_ready, gather_no_grad
 
@@ -228,7 +228,7 @@ def record_micro_batch(ledger: Ledger, model, out, batch, loader, *, step: int, 
 # %% ../nbs/06b_ledger.ipynb #930ace64
 def top_samples(run_dir: str | Path, n: int = 20, epoch: int | None = None):
     "The `n` samples with the highest mean loss over `epoch` (default: the last in the ledger): sample, loss, seen, source, file, row, unit."
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ConfigError(f"n must be a positive int, got {n!r}")
+    whole_at_least(1, "", n=n)
     df = read_ledger(run_dir)
     epoch = int(df["epoch"].max()) if epoch is None else epoch
     e = df[df["epoch"] == epoch]

@@ -24,14 +24,14 @@ from fastcore.basics import patch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 # %% auto #0
-__all__ = ['RANK_SPLITS', 'is_int', 'LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'kept_positions', 'rank_steps',
+__all__ = ['RANK_SPLITS', 'LoaderConfig', 'epoch_order', 'Step', 'count_steps', 'kept_positions', 'rank_steps',
            'ShardedBatchSampler', 'TimedTransform', 'Samples', 'StepGroup', 'StepFetcher', 'Delivery',
            'SkipAwareCollate', 'task_steps', 'GroupedSteps', 'GroupCollate', 'WorkerSeeder', 'resolve_collate',
            'rank_and_world_size', 'data_fingerprint', 'LoaderTimings', 'ResumableLoader', 'make_loader',
            'LoaderProfile', 'profile_loader']
 
 # %% ../nbs/04_loader.ipynb #0f9446e5
-from .core import ConfigError, Stream, TooManyBadRecords, config_from_dict, derive_seed
+from .core import ConfigError, Stream, TooManyBadRecords, config_from_dict, derive_seed, is_int, whole_at_least
 from .dataset import MMDataset, SkipReport, Skipped, split_skipped
 from .mixture import DeterministicDataset, Mixture
 from .storage import IOStats, Location, io_stats
@@ -39,9 +39,6 @@ from .collate import one_block
 import mmlit.packing   # registers the "packing" collator a config may name
 
 # %% ../nbs/04_loader.ipynb #cb749e57
-def is_int(v) -> bool:
-    "Whether `v` is a Python or NumPy integer (a bool is not)."
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 RANK_SPLITS = ("stream", "locality")      # how a global step is shared among ranks (see `rank_steps`)
 
 @dataclass
@@ -61,17 +58,15 @@ class LoaderConfig:
     rank_split: Literal["stream", "locality"] = "stream"   # which samples of a step each rank takes (see `rank_steps`)
 
     def __post_init__(self):
-        if not is_int(self.batch_size) or self.batch_size < 1: raise ConfigError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if not is_int(self.seed) or self.seed < 0: raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
-        if not is_int(self.num_workers) or self.num_workers < 0: raise ConfigError(f"num_workers must be an int >= 0, got {self.num_workers!r}")
+        whole_at_least(1, "", batch_size=self.batch_size)
+        whole_at_least(0, "", seed=self.seed, num_workers=self.num_workers)
         for k in ("shuffle", "pin_memory", "persistent_workers", "drop_last"):
             if getattr(self, k) not in (None, True, False): raise ConfigError(f"{k} must be True, False or None, got {getattr(self, k)!r}")
         if not isinstance(self.train, bool): raise ConfigError(f"train must be a bool, got {self.train!r}")
-        if self.shuffle_span is not None and not (is_int(self.shuffle_span) and self.shuffle_span >= 0):
-            raise ConfigError(f"shuffle_span must be an int >= 0 or None, got {self.shuffle_span!r}")
+        whole_at_least(0, "", none_ok=True, shuffle_span=self.shuffle_span)
         if self.rank_split not in RANK_SPLITS: raise ConfigError(f"rank_split must be one of {RANK_SPLITS}, got {self.rank_split!r}")
         if self.prefetch_factor is not None:
-            if not is_int(self.prefetch_factor) or self.prefetch_factor < 1: raise ConfigError(f"prefetch_factor must be a positive int, got {self.prefetch_factor!r}")
+            whole_at_least(1, "", prefetch_factor=self.prefetch_factor)
             if self.num_workers == 0: raise ConfigError("prefetch_factor needs num_workers > 0 (without workers nothing is prefetched)")
         if self.persistent_workers and self.num_workers == 0: raise ConfigError("persistent_workers needs num_workers > 0")
         if self.collate is not None and not (isinstance(self.collate, str) or callable(self.collate)):
@@ -103,7 +98,7 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True, blocks: Seq
     sizes = np.asarray(blocks, dtype=np.int64)
     if sizes.ndim != 1 or (sizes < 0).any() or sizes.sum() != n:
         raise ConfigError(f"blocks must be non-negative sizes summing to n={n}, got {len(sizes)} summing to {sizes.sum()}")
-    if not (is_int(shuffle_span) and shuffle_span > 0): raise ConfigError(f"shuffle_span must be a positive int, got {shuffle_span!r}")
+    whole_at_least(1, "", shuffle_span=shuffle_span)
     perm = rng.permutation(len(sizes))                     # the blocks in a random order...
     first, sizes = (np.cumsum(sizes) - sizes)[perm], sizes[perm]
     rows = np.repeat(first - (np.cumsum(sizes) - sizes), sizes) + np.arange(n)   # ...laid end to end

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Literal
 import torch
 from torch import nn
 
-from .core import ConfigError, MmlitError, config_from_dict, config_to_dict
+from .core import ConfigError, MmlitError, config_from_dict, config_to_dict, whole_at_least
 from .fsdp import DistributedConfig, shard_model
 
 # %% auto #0
@@ -27,13 +27,6 @@ __all__ = ['OptimConfig', 'ScheduleConfig', 'EvalConfig', 'CheckpointConfig', 'L
            'resolve_device', 'resolve_precision', 'autocast', 'kept_buffers', 'checkpoint_block',
            'input_grads_where_trainable', 'enable_gradient_checkpointing', 'setup_distributed', 'wrap_model',
            'output_losses', 'to_device', 'batch_size_of', 'reduce_over_ranks', 'evaluate_loss']
-
-# %% ../nbs/06_step.ipynb #6b6902a3
-def _at_least(minimum: int, section: str, **values) -> None:
-    "`ConfigError` naming `section.key` for a value given (not None) that is not a whole number >= `minimum`."
-    for k, v in values.items():
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < minimum):
-            raise ConfigError(f"{section + '.' if section else ''}{k} must be a whole number >= {minimum}, got {v!r}")
 
 # %% ../nbs/06_step.ipynb #a5d92445
 @dataclass
@@ -65,11 +58,11 @@ class ScheduleConfig:
     accumulate: int = 1                 # micro-batches per optimiser step
 
     def __post_init__(self):
-        if self.epochs < 1: raise ConfigError(f"schedule.epochs must be >= 1, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1: raise ConfigError(f"schedule.max_steps must be >= 1, got {self.max_steps}")
+        whole_at_least(1, "schedule", epochs=self.epochs, accumulate=self.accumulate)
+        whole_at_least(1, "schedule", none_ok=True, max_steps=self.max_steps)
         if not 0 <= self.warmup_ratio < 1: raise ConfigError(f"schedule.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.min_lr_ratio <= 1: raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.accumulate < 1: raise ConfigError(f"schedule.accumulate must be >= 1, got {self.accumulate}")
+
 
 # %% ../nbs/06_step.ipynb #2c4dfb88
 @dataclass
@@ -82,7 +75,7 @@ class EvalConfig:
     max_batches: int | None = None      # cap the validation batches per evaluation
 
     def __post_init__(self):
-        _at_least(1, "eval", every=self.every, max_batches=self.max_batches)
+        whole_at_least(1, "eval", none_ok=True, every=self.every, max_batches=self.max_batches)
 
 @dataclass
 class CheckpointConfig:
@@ -93,8 +86,8 @@ class CheckpointConfig:
     resume: bool = True                 # continue from the newest valid checkpoint in the run directory
 
     def __post_init__(self):
-        _at_least(1, "checkpoint", every=self.every)
-        _at_least(0, "checkpoint", keep=self.keep)
+        whole_at_least(1, "checkpoint", none_ok=True, every=self.every)
+        whole_at_least(0, "checkpoint", none_ok=True, keep=self.keep)
 
 # %% ../nbs/06_step.ipynb #5ecc23e7
 @dataclass
@@ -108,7 +101,7 @@ class LogConfig:
     ledger: bool = True                 # each sample's own loss every step in RUN_DIR/ledger/ (mmlit.ledger, `mmlit samples`)
     ledger_every: int = 500             # steps between ledger writes (and at every checkpoint)
 
-    def __post_init__(self): _at_least(1, "log", every=self.every, ledger_every=self.ledger_every)
+    def __post_init__(self): whole_at_least(1, "log", none_ok=True, every=self.every, ledger_every=self.ledger_every)
 
 # %% ../nbs/06_step.ipynb #937bc09e
 @dataclass
@@ -133,7 +126,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if not str(self.run_dir).strip(): raise ConfigError("run_dir must name a folder, got an empty string")
-        _at_least(1, "", threads=self.threads, max_nonfinite=self.max_nonfinite)
+        whole_at_least(1, "", none_ok=True, threads=self.threads, max_nonfinite=self.max_nonfinite)
 
 # %% ../nbs/06_step.ipynb #455e592c
 def config_to_yaml(cfg) -> str:

@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 from fastcore.basics import patch
 
-from .core import BadRecordError, ConfigError, MmlitError, redact
+from .core import BadRecordError, ConfigError, MmlitError, redact, whole_at_least
 
 # %% ../nbs/01_storage.ipynb #dbe10e31
 logger = logging.getLogger("mmlit.storage")
@@ -212,7 +212,7 @@ class Retry:
     timeout: float = 30.0
 
     def __post_init__(self):
-        if not (isinstance(self.attempts, int) and self.attempts >= 1): raise ConfigError(f"attempts must be an int >= 1, got {self.attempts!r}")
+        whole_at_least(1, "", attempts=self.attempts)
         if self.backoff < 0 or self.max_backoff < 0 or self.timeout <= 0: raise ConfigError("backoff and max_backoff must be >= 0, timeout > 0")
 
     def wait(self, k: int) -> float:
@@ -244,7 +244,7 @@ def call_with_retry(fn: Callable, uri: str, what: str, retry: Retry = Retry(), s
 class RangeCache:
     "Byte ranges of remote objects in a local folder, at most `max_bytes`, least recently used evicted first."
     def __init__(self, folder: str | Path, max_bytes: int):
-        if not (isinstance(max_bytes, int) and max_bytes > 0): raise ConfigError(f"cache max_bytes must be a positive int, got {max_bytes!r}")
+        whole_at_least(1, "cache", max_bytes=max_bytes)
         self.folder, self.max_bytes = Path(folder), max_bytes
         self.folder.mkdir(parents=True, exist_ok=True)
         self._used: int | None = None

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from .core import BadRecordError, ConfigError, Registry
+from .core import BadRecordError, ConfigError, Registry, whole_at_least
 from .formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 # %% auto #0
@@ -56,8 +56,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 4096, kind: str = "
                     min_frequency: int = 2, chat_template: str | None = "chatml"):
     "Train a tokenizer on `corpus`; a `PreTrainedTokenizerFast` (pad = eos = `<|endoftext|>`), saved to `save_dir` if given."
     from transformers import PreTrainedTokenizerFast
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ConfigError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    whole_at_least(1, "", vocab_size=vocab_size)
     tok, trainer = TOKENIZER_KINDS.build(kind, vocab_size, min_frequency, SPECIAL_TOKENS)
     tok.train_from_iterator(corpus, trainer)
     if (n := tok.get_vocab_size()) > vocab_size:                 # the trainer would silently give more

@@ -17,7 +17,7 @@ import torch
 from fastcore.basics import patch
 from torch import nn
 
-from .core import ConfigError, MmlitError, Stream, TooManyBadRecords, config_from_dict, config_to_dict, derive_seed, redact
+from .core import ConfigError, MmlitError, Stream, TooManyBadRecords, config_from_dict, config_to_dict, derive_seed, redact, whole_at_least
 from .checkpoint import CheckpointManager, atomic_write_text, rng_state, set_rng_state
 from .finetune import describe_trainable, pretrained_records
 from .fsdp import DistributedConfig, gathered, load_latest_sharded, save_sharded
@@ -529,8 +529,7 @@ class RunLock:
 @patch
 def fit(self: Trainer, steps: int | None = None) -> TrainResult:
     "Train to `schedule.max_steps` / `schedule.epochs` (or `steps` more optimiser steps, then save), resuming from the newest valid checkpoint."
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ConfigError(f"steps must be a positive int (or None: to the end of the schedule), got {steps!r}")
+    whole_at_least(1, "", none_ok=True, steps=steps)       # None: to the end of the schedule
     t_start = time.perf_counter()
     lock = RunLock(self.run_dir).acquire() if self.main else None   # before anything in the run directory is touched
     try: resumed = self._start()

@@ -76,5 +76,5 @@ def test_bad_encoder_run_names_the_field(tmp_path, encoder_run):
         model_config(spec(tmp_path / "lm"))
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) model.options.prefix"):
         model_config(ModelSpec("aligner", options={"encoder_run": str(encoder_run["run"]), "prefix": 3}))
-    with pytest.raises(ConfigError, match="model.options: prefix_tokens must be a positive int"):
+    with pytest.raises(ConfigError, match="model.options: prefix_tokens must be a whole number >= 1"):
         model_config(ModelSpec("aligner", options={"encoder_run": str(encoder_run["run"]), "prefix_tokens": 0}))

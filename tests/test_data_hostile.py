@@ -425,7 +425,7 @@ def test_a_file_without_newlines_is_one_bad_line(tmp_path):
     (tmp_path / "blob.jsonl").write_bytes(os.urandom(5 << 20).replace(b"\n", b"x"))
     ds = JsonlImageText(tmp_path / "blob.jsonl", max_line_bytes=1 << 20, text_field="text", image_field=None)
     assert len(ds) == 1 and not ds[0] and "line longer than max_line_bytes" in ds.report.to_dicts()[0]["reason"]
-    with pytest.raises(ConfigError, match="max_line_bytes must be a positive int"): JsonlImageText(tmp_path / "blob.jsonl", max_line_bytes=0)
+    with pytest.raises(ConfigError, match="max_line_bytes must be a whole number >= 1"): JsonlImageText(tmp_path / "blob.jsonl", max_line_bytes=0)
 
 
 def test_deep_json_in_coco_is_a_clear_error(tmp_path):
