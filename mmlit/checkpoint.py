@@ -11,7 +11,7 @@ from fastcore.basics import patch
 
 import hashlib, json, os, random, re, shutil, time, uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -331,15 +331,20 @@ class CheckpointManager:
         logger.warning("%s: not a record of the best checkpoint (%.120s); read as none", p, b)
         return None
 
-    def foreign(self) -> list[Path]:
-        "Checkpoints whose manifest is well formed and names a different config fingerprint (another run's)."
-        if self.fingerprint is None: return []
+    def stamped(self) -> list[tuple[Path, str | None]]:
+        "`(dir, fingerprint)` of every checkpoint whose manifest is well formed (files not verified), oldest first."
         out = []
         for p in self.steps():
             try: m = check_manifest(_read_json(p / MANIFEST, MAX_MANIFEST_BYTES), p / MANIFEST)
             except CheckpointError: continue                   # not a manifest at all: skipped when resuming
-            if m.get("fingerprint") != self.fingerprint: out.append(p)
+            out.append((p, m.get("fingerprint")))
         return out
+
+    def foreign(self, also: Iterable[str] = ()) -> list[Path]:
+        "Checkpoints whose manifest is well formed and names a config fingerprint other than this run's (or one of `also`)."
+        if self.fingerprint is None: return []
+        ours = {self.fingerprint, *also}
+        return [p for p, fp in self.stamped() if fp not in ours]
 
 # %% ../nbs/06a_checkpoint.ipynb #5170e8ff
 @patch
@@ -379,6 +384,19 @@ def clean_temporaries(self: CheckpointManager):
     if not self.dir.is_dir(): return
     for p in self.dir.iterdir():
         if p.name.startswith((".tmp-", ".trash-")): shutil.rmtree(p, ignore_errors=True)
+
+# %% ../nbs/06a_checkpoint.ipynb #d4e074aa
+@patch
+def restamp(self: CheckpointManager, old: Iterable[str]) -> list[Path]:
+    "Give the checkpoints stamped with one of the fingerprints `old` this manager's fingerprint; returns them."
+    old = set(old) - {self.fingerprint}
+    done = []
+    for p, fp in self.stamped():
+        if fp not in old: continue
+        m = _read_json(p / MANIFEST, MAX_MANIFEST_BYTES)
+        atomic_write_text(p / MANIFEST, json.dumps({**m, "fingerprint": self.fingerprint}, indent=1))
+        done.append(p)
+    return done
 
 # %% ../nbs/06a_checkpoint.ipynb #c3662809
 @patch

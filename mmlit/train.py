@@ -29,8 +29,8 @@ from .ledger import Ledger, exclude_samples, record_micro_batch, truncate_ledger
 logger = logging.getLogger("mmlit.train")
 
 # %% auto #0
-__all__ = ['logger', 'MetricsLog', 'fingerprint', 'claim_run_dir', 'keep_freed_memory', 'NonFiniteLossError', 'TrainResult',
-           'Trainer', 'on_main_thread', 'RunInUse', 'RunLock']
+__all__ = ['logger', 'MetricsLog', 'fingerprint', 'earlier_fingerprints', 'claim_run_dir', 'keep_freed_memory',
+           'NonFiniteLossError', 'TrainResult', 'Trainer', 'on_main_thread', 'RunInUse', 'RunLock']
 
 # %% ../nbs/06_train.ipynb #250dc1d4
 class MetricsLog:
@@ -69,8 +69,10 @@ def add(self: MetricsLog, row: dict):
         with open(self.dir / "metrics.csv", "a") as f: f.write(self._csv_line(row))
 
 # %% ../nbs/06_train.ipynb #238f82f6
+# How often to log, evaluate and save changes what a run records, never what it trains: it may change on resume.
+_CADENCE = ("log.every", "eval.every", "eval.at_epoch_end", "checkpoint.every", "checkpoint.at_epoch_end", "checkpoint.keep")
 _VOLATILE = ("run_dir", "device", "threads", "log.progress", "log.wandb_mode", "checkpoint.resume", "exclude", "log.ledger_every",
-             "keep_freed_memory")
+             "keep_freed_memory", *_CADENCE)
 # Settings added after runs existed, left out while at their default: a run started by an earlier mmlit still resumes.
 _ADDED_LATER = {"gradient_checkpointing": False, "model.pretrained": None, "model.freeze": [], "model.lora": None,
                 "distributed": config_to_dict(DistributedConfig()), "log.ledger": True, "optim.impl": "auto"}
@@ -81,10 +83,11 @@ def _pop(d: dict, key: str, only_if=...) -> None:
     for p in parents: d = d.get(p, {}) if isinstance(d, dict) else {}
     if isinstance(d, dict) and last in d and (only_if is ... or d[last] == only_if): d.pop(last)
 
-def fingerprint(config: dict) -> str:
-    "A hash of a resolved config dict, without the keys that may change between a run and its resume (credentials included)."
+def fingerprint(config: dict, legacy: bool = False) -> str:
+    "A hash of a resolved config dict, without the keys that may change between a run and its resume (credentials included); `legacy`: with the cadence counted, as earlier mmlit hashed it."
     d = redact(json.loads(json.dumps(config, default=str)), mask=None)
-    for key in _VOLATILE: _pop(d, key)
+    for key in _VOLATILE:
+        if not (legacy and key in _CADENCE): _pop(d, key)
     for key, default in _ADDED_LATER.items(): _pop(d, key, default)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -96,6 +99,15 @@ def _diff(a, b, path="") -> list[str]:
     return [] if a == b else [path]
 
 # %% ../nbs/06_train.ipynb #0afc9d68
+def earlier_fingerprints(run_dir: str | Path, config: dict) -> set[str]:
+    "The fingerprints an earlier mmlit stamped this run's checkpoints with: `config`'s and the run directory's `config.yaml`'s, the cadence counted."
+    import yaml
+    out = {fingerprint(config, legacy=True)}
+    try: theirs = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError): theirs = None
+    if isinstance(theirs, dict) and fingerprint(theirs) == fingerprint(config): out.add(fingerprint(theirs, legacy=True))
+    return out
+
 def claim_run_dir(run_dir: str | Path, config: dict) -> str:
     "Check that `run_dir` is new or holds this same run; returns the config's fingerprint. Writes nothing."
     import yaml
@@ -112,7 +124,7 @@ def claim_run_dir(run_dir: str | Path, config: dict) -> str:
                               "use a new run_dir, or delete that directory to start over")
     elif (run_dir / "checkpoints").is_dir() and CheckpointManager(run_dir / "checkpoints").steps():
         raise ConfigError(f"run_dir {run_dir} holds checkpoints but no config.yaml; refusing to mix runs")
-    foreign = CheckpointManager(run_dir / "checkpoints", fingerprint=fp).foreign()
+    foreign = CheckpointManager(run_dir / "checkpoints", fingerprint=fp).foreign(also=earlier_fingerprints(run_dir, config))
     if foreign: raise ConfigError(f"run_dir {run_dir} holds checkpoints of another run ({foreign[0]}: different config fingerprint)")
     return fp
 
@@ -155,6 +167,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.run_config = redact(run_config if run_config is not None else config_to_dict(cfg))   # what config.yaml and wandb get
         self.fingerprint = claim_run_dir(self.run_dir, self.run_config)       # refuses a foreign run dir; writes nothing
+        self.earlier_fingerprints = earlier_fingerprints(self.run_dir, self.run_config)   # before config.yaml is rewritten
         self.sharded = cfg.distributed.strategy == "fsdp"
         self.rank, self.world_size = setup_distributed(group_of_one=self.sharded)
         self.main = self.rank == 0
@@ -241,6 +254,8 @@ def _start(self: Trainer) -> str | None:
         import yaml
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.run_config, sort_keys=False))
         self.checkpoints.clean_temporaries()
+        if restamped := self.checkpoints.restamp(self.earlier_fingerprints):   # stamped by an earlier mmlit: now plainly ours
+            logger.info("%d checkpoints restamped with this run's fingerprint %s", len(restamped), self.fingerprint)
     if self.world_size > 1: torch.distributed.barrier()
     if self.main: logger.info("%s: %s", type(self.model).__name__, describe_trainable(self.model))
     loaded = self._load_latest() if self.config.checkpoint.resume else None

@@ -192,3 +192,19 @@ def test_foreign_run_dir_is_refused_untouched(tmp_path):
     with pytest.raises(ConfigError, match="checkpoints of another run"):
         build(d, {"schedule": {"epochs": 1}, "seed": 5})
     assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
+
+
+def test_new_cadence_on_resume_is_bit_exact(tmp_path, reference):
+    "Stopped and resumed twice under other log / eval / checkpoint cadences (and keep): the reference run's weights and losses."
+    ref_w, ref_losses = reference
+    d = tmp_path / "run"
+    r = build(d, {"eval": {"every": 3}, "checkpoint": {"every": 4, "keep": 1}, "log": {"every": 2}}).fit(steps=7)
+    assert r.steps == 7
+    r = build(d, {"eval": {"every": None, "at_epoch_end": False}, "checkpoint": {"every": None, "at_epoch_end": False, "keep": 5}}).fit(steps=6)
+    assert r.resumed_from.endswith("step-00000007") and r.steps == 13
+    t = build(d)                                                # the reference's own cadence for the rest
+    r = t.fit()
+    assert r.resumed_from.endswith("step-00000013") and r.steps == 24
+    assert _same(_weights(t), ref_w)
+    logged = losses(d)                                          # every other step up to 7, then every step
+    assert logged[-17:] == ref_losses[-17:] and logged[:3] == ref_losses[1:7:2]
