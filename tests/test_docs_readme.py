@@ -60,3 +60,10 @@ def test_check_names_the_drift(rendered, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "edit nbs/index.ipynb, run `python tools/readme.py`" in err
     assert "-pip install y" in err and "+pip install x" in err
+
+
+def test_readme_has_no_link_inside_a_link():
+    "nbdev links a backticked API name itself; written by hand as a link after '(' it came out linked twice: [[`x`](url)](url)."
+    import re
+    nested = re.findall(r"\[\[`[^`]+`\]\([^)]*\)\]\(", (ROOT / "README.md").read_text())
+    assert not nested, f"write these API names as plain `name` in nbs/index.ipynb: {nested}"
