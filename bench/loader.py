@@ -769,6 +769,10 @@ def print_peers(best: dict, status: dict, n: int, bs: int, repeat: int, python: 
             print(f"  {w} workers: {name} / " + ", ".join(f"{label(p[:-2], w)} {f[m] / f[p]:.2f}x" for p in peers if f.get(p))
                   + "   (goal >= 1.1); by CPU per image: " + ", ".join(f"{cpu[p] / cpu[m]:.2f}x" for p in peers if p in cpu))
         m = f"{kind}-0"
+        if kind == next(iter(MMLIT_PEERS)) and f.get("loop"):   # what no loader can beat: the plain loop over each peer
+            print("  0 workers, the most any loader could reach over each peer (the plain loop in memory / the peer, by CPU): "
+                  + ", ".join(f"{label(k, 0)} {cpu[f'{k}-0'] / cpu['loop']:.2f}x" for k in ("litdata", "mds", "wdspkg")
+                              if f"{k}-0" in cpu and "loop" in cpu))
         for loop in ("loop", "loop-parquet"):
             if f.get(m) and f.get(loop):
                 print(f"  {name}, 0 workers / {PEERS[loop]}  {f[m] / f[loop]:.2f}x, by CPU per image {cpu[loop] / cpu[m]:.2f}x"
