@@ -8,7 +8,7 @@ Docs: https://mmlit.github.io/mmlit/tasks.html.md"""
 # %% ../nbs/01e_tasks.ipynb #2317c7ad
 from __future__ import annotations
 
-import math, numbers
+import inspect, math, numbers
 
 import numpy as np
 
@@ -80,4 +80,8 @@ def format_messages(rec: dict, task: str | None = None, **options) -> dict:
     "A copy of `rec` with `messages` filled from its task (kept if it already has them); `options` go to the task's formatter (`count=True` for pointing)."
     if rec.get("messages"): return rec
     task = task or rec.get("task") or "caption"
-    return {**rec, "messages": task_formats.get(task)(rec, **options)}
+    fmt = task_formats.get(task)
+    known = [p for p in inspect.signature(fmt).parameters if p != "rec"]
+    if bad := sorted(set(options) - set(known)):
+        raise ConfigError(f"format_messages: the {task} format has no option {', '.join(map(repr, bad))} (its options: {', '.join(known) or 'none'})")
+    return {**rec, "messages": fmt(rec, **options)}
