@@ -319,8 +319,8 @@ def _scene_caption(s: dict) -> str:
     return " and ".join(f"{'an' if o['colour'][0] in 'aeiou' else 'a'} {o['colour']} {o['digit']} at the {o['position']}" for o in objs)
 
 # %% ../nbs/01g_demo.ipynb #06a4213e
-def scene_records(s: dict) -> list[dict]:
-    "The caption, qa, pointing and counting records of scene `s`, each with `messages` from `mmlit.tasks`."
+def scene_records(s: dict, count_points: bool = True) -> list[dict]:
+    "The caption, qa, pointing and counting records of scene `s`, each with `messages` from `mmlit.tasks` (pointing answers with `count_points`: the number of points first)."
     objs, ask = s["objects"], s["objects"][s["ask"]]
     question = "Which digit is this?" if len(objs) == 1 else f"Which digit is {ask['position']}?"
     hits = [o for o in objs if o["digit"] == ask["digit"]]
@@ -334,7 +334,7 @@ def scene_records(s: dict) -> list[dict]:
                  meta=dict(label="digits", count=len(objs)))]
     out = []
     for r in recs:
-        r = format_messages(r)
+        r = format_messages(r, **(dict(count=count_points) if r["task"] == "pointing" else {}))
         out.append({**r, "text": r["messages"][-1]["content"], "points": [list(p) for p in r["meta"].get("points", [])]})
     return out
 
@@ -370,7 +370,7 @@ def build_task_parquet(path: str | Path, n: int = 1000, seed: int = 0, split: st
     return path
 
 # %% ../nbs/01g_demo.ipynb #1b4c88e1
-TASK_DEMO_VERSION = 2
+TASK_DEMO_VERSION = 3
 
 def ensure_task_demo(root: str | Path | None = None, *, n_train: int = 2000, n_val: int = 200, seed: int = 0,
                      image_size: int = 112) -> dict:

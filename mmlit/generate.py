@@ -23,7 +23,8 @@ from .multimodal import Preprocessor
 __all__ = ['SIZE_WORDS', 'POSITION_WORDS', 'CAPTION_FIELDS', 'answer_start', 'prompt_only', 'PromptOnly', 'SeededSampling',
            'sample_generators', 'generation_options', 'generating_model', 'generate_ids', 'decode_new', 'generate',
            'TextScore', 'normalize', 'exact_match', 'parse_caption', 'caption_fields', 'parse_points',
-           'pointing_accuracy', 'parse_count', 'counting_accuracy', 'caption_bleu', 'caption_scores']
+           'parse_point_count', 'pointing_accuracy', 'parse_count', 'counting_accuracy', 'caption_bleu',
+           'caption_scores']
 
 # %% ../nbs/05f_generate.ipynb #9fe23164
 _CUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "position_ids", "token_type_ids")
@@ -219,6 +220,14 @@ def parse_points(text: str | None) -> list[tuple[float, float]] | None:
     pts = [(float(x), float(y)) for x, y in re.findall(rf"[<(]\s*{_NUM}\s*,\s*{_NUM}\s*[>)]", text or "")]
     return pts or None
 
+def parse_point_count(text: str | None) -> int | None:
+    "The number of points a count-first pointing answer says it gives (`Two points: …` is 2, `12 points:` 12); `None` when it says none."
+    m = re.search(r"(?i)\b([a-z]+|\d+)\s+points?\s*:", text or "")
+    if not m: return None
+    w = m.group(1).lower()
+    if w.isdigit(): return int(w)
+    return DIGIT_WORDS.index(w) if w in DIGIT_WORDS else (10 if w == "ten" else None)
+
 def _boxes(b) -> list[tuple[float, ...]]:
     "A sample's boxes: one `(x0, y0, x1, y1)` or a list of them."
     b = b.tolist() if hasattr(b, "tolist") else b
@@ -231,7 +240,7 @@ def _inside(p, box) -> bool: return box[0] <= p[0] <= box[2] and box[1] <= p[1] 
 
 # %% ../nbs/05f_generate.ipynb #d4647d5f
 def pointing_accuracy(preds: Sequence[str | None], boxes: Sequence, sizes: Sequence[tuple[int, int]] | None = None) -> TextScore:
-    "The share of answers with one point inside each object's box (boxes in pixels with `sizes` = `(w, h)`, else normalised)."
+    "The share of answers with one point inside each object's box (boxes in pixels with `sizes` = `(w, h)`, else normalised; a stated number of points, `Two points: …`, must match the points written)."
     _check_lengths(preds, boxes, "pointing_accuracy")
     if sizes is not None: _check_lengths(sizes, boxes, "pointing_accuracy sizes")
     correct, bad = [], 0
@@ -240,7 +249,8 @@ def pointing_accuracy(preds: Sequence[str | None], boxes: Sequence, sizes: Seque
         if sizes is not None:
             w, h = sizes[i]; bx = [(x0 / w, y0 / h, x1 / w, y1 / h) for x0, y0, x1, y1 in bx]
         bad += pts is None
-        correct.append(pts is not None and len(pts) == len(bx) and
+        said = parse_point_count(p)                  # a count-first answer: its stated number must be the points it writes
+        correct.append(pts is not None and len(pts) == len(bx) and said in (None, len(pts)) and
                        any(all(_inside(q, x) for q, x in zip(perm, bx)) for perm in itertools.permutations(pts)))
     return _score(correct, bad)
 

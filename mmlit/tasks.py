@@ -8,7 +8,7 @@ Docs: https://mmlit.github.io/mmlit/tasks.html.md"""
 # %% ../nbs/01e_tasks.ipynb #2317c7ad
 from __future__ import annotations
 
-import math, numbers
+import inspect, math, numbers
 
 import numpy as np
 
@@ -16,10 +16,11 @@ from .core import BadRecordError, ConfigError, Registry
 from .images import displayed_size
 
 # %% auto #0
-__all__ = ['task_formats', 'format_caption', 'format_qa', 'format_pointing', 'format_counting', 'format_messages']
+__all__ = ['task_formats', 'COUNT_WORDS', 'format_caption', 'format_qa', 'format_pointing', 'format_counting', 'format_messages']
 
 # %% ../nbs/01e_tasks.ipynb #b963e928
 task_formats = Registry("task format")
+COUNT_WORDS = ["One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten"]   # a count-first pointing answer's first word
 
 def _image_size(rec) -> tuple[int, int]:
     im = rec["image"][0] if isinstance(rec["image"], list) else rec["image"]
@@ -47,8 +48,8 @@ def format_qa(rec: dict) -> list[dict]:
 
 # %% ../nbs/01e_tasks.ipynb #40c7d6a7
 @task_formats.register("pointing")
-def format_pointing(rec: dict) -> list[dict]:
-    "Pointing: `Point: <x, y>` per point in `meta['points']` (pixels; else each box's centre in `meta['boxes']`), normalised to the image size."
+def format_pointing(rec: dict, count: bool = False) -> list[dict]:
+    "Pointing: `Point: <x, y>` per point in `meta['points']` (pixels; else each box's centre in `meta['boxes']`), normalised to the image size; with `count`, the number of points first (`Two points: <x, y>; <x, y>`)."
     m = rec.get("meta") or {}
     points = m.get("points") or [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in m.get("boxes") or []]
     if not points: raise BadRecordError("a pointing record needs meta['points'] or meta['boxes'] (x0, y0, x1, y1); it has neither")
@@ -59,7 +60,9 @@ def format_pointing(rec: dict) -> list[dict]:
             raise BadRecordError(f"pointing: point {tuple(p)} is not (x, y) pixels inside the {w}x{h} image")
     pts = "; ".join(f"<{x / w:.3f}, {y / h:.3f}>" for x, y in points)
     q = rec["meta"].get("question") or f"Point to the {rec['meta'].get('label', 'object')}."
-    return _turns(q, f"Point: {pts}")
+    if not count: return _turns(q, f"Point: {pts}")
+    n = len(points)
+    return _turns(q, f"{COUNT_WORDS[n - 1] if n <= len(COUNT_WORDS) else n} point{'s' if n > 1 else ''}: {pts}")
 
 # %% ../nbs/01e_tasks.ipynb #5d2d944c
 @task_formats.register("counting")
@@ -73,8 +76,12 @@ def format_counting(rec: dict) -> list[dict]:
     return _turns(m.get("question") or f"How many {m.get('label', 'objects')} are there?", f"Count: {int(n)}")
 
 # %% ../nbs/01e_tasks.ipynb #e80b21c2
-def format_messages(rec: dict, task: str | None = None) -> dict:
-    "A copy of `rec` with `messages` filled from its task (kept if it already has them)."
+def format_messages(rec: dict, task: str | None = None, **options) -> dict:
+    "A copy of `rec` with `messages` filled from its task (kept if it already has them); `options` go to the task's formatter (`count=True` for pointing)."
     if rec.get("messages"): return rec
     task = task or rec.get("task") or "caption"
-    return {**rec, "messages": task_formats.get(task)(rec)}
+    fmt = task_formats.get(task)
+    known = [p for p in inspect.signature(fmt).parameters if p != "rec"]
+    if bad := sorted(set(options) - set(known)):
+        raise ConfigError(f"format_messages: the {task} format has no option {', '.join(map(repr, bad))} (its options: {', '.join(known) or 'none'})")
+    return {**rec, "messages": fmt(rec, **options)}

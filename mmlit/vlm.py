@@ -249,7 +249,8 @@ def attention_targets(sample: dict, record: dict, tokenizer, merge_size: int = 2
     boxes = record["target_boxes"]
     for t in (labels != -100).nonzero().flatten().tolist():          # token t, predicted at position t - 1
         if "<" in words[t] and not words[t].startswith("<|"): k += 1   # a pointing answer's next point starts
-        queries.append(t - 1); targets.append(on([boxes[min(max(k - 1, 0), len(boxes) - 1)]], [0]))
+        # before its first point (`Point:`, or a count-first answer's number of points) the answer looks at all its boxes
+        queries.append(t - 1); targets.append(on(boxes, [0] * len(boxes)) if k == 0 else on([boxes[min(k - 1, len(boxes) - 1)]], [0]))
     return dict(out, queries=torch.tensor(queries), targets=targets)
 
 # %% ../nbs/05h_vlm.ipynb #169b8084
