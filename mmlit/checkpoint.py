@@ -331,14 +331,17 @@ class CheckpointManager:
         logger.warning("%s: not a record of the best checkpoint (%.120s); read as none", p, b)
         return None
 
-    def stamped(self) -> list[tuple[Path, str | None]]:
-        "`(dir, fingerprint)` of every checkpoint whose manifest is well formed (files not verified), oldest first."
+    def _manifests(self) -> list[tuple[Path, dict]]:
+        "`(dir, manifest)` of every checkpoint whose manifest is well formed (files not verified), oldest first."
         out = []
         for p in self.steps():
-            try: m = check_manifest(_read_json(p / MANIFEST, MAX_MANIFEST_BYTES), p / MANIFEST)
+            try: out.append((p, check_manifest(_read_json(p / MANIFEST, MAX_MANIFEST_BYTES), p / MANIFEST)))
             except CheckpointError: continue                   # not a manifest at all: skipped when resuming
-            out.append((p, m.get("fingerprint")))
         return out
+
+    def stamped(self) -> list[tuple[Path, str | None]]:
+        "`(dir, fingerprint)` of every checkpoint whose manifest is well formed (files not verified), oldest first."
+        return [(p, m.get("fingerprint")) for p, m in self._manifests()]
 
     def foreign(self, also: Iterable[str] = ()) -> list[Path]:
         "Checkpoints whose manifest is well formed and names a config fingerprint other than this run's (or one of `also`)."
@@ -391,9 +394,8 @@ def restamp(self: CheckpointManager, old: Iterable[str]) -> list[Path]:
     "Give the checkpoints stamped with one of the fingerprints `old` this manager's fingerprint; returns them."
     old = set(old) - {self.fingerprint}
     done = []
-    for p, fp in self.stamped():
-        if fp not in old: continue
-        m = _read_json(p / MANIFEST, MAX_MANIFEST_BYTES)
+    for p, m in self._manifests():
+        if m.get("fingerprint") not in old: continue
         atomic_write_text(p / MANIFEST, json.dumps({**m, "fingerprint": self.fingerprint}, indent=1))
         done.append(p)
     return done

@@ -176,7 +176,7 @@ def unknown_options(fn: Callable, options: Mapping, where: str) -> None:
     "`ConfigError` naming the keys of `options` that `fn` takes no parameter for (nothing to check when it takes any `**kwargs`)."
     if (known := _named_params(fn)) is None: return
     if bad := sorted(set(options) - set(known)):
-        raise ConfigError(f"{where}: unknown option(s) {bad}; known: {', '.join(known)}")
+        raise ConfigError(f"{where}: unknown option(s) {bad}; known: {', '.join(known) or 'none'}")
 
 # %% ../nbs/00_core.ipynb #362af8b4
 class Registry:

@@ -24,10 +24,10 @@ from .tasks import format_messages
 
 # %% auto #0
 __all__ = ['COLORS', 'BACKGROUNDS', 'DIGIT_WORDS', 'TEMPLATES', 'DEMO_SCHEMA', 'DEMO_VERSION', 'SCENE_POSITIONS', 'TASK_NAMES',
-           'TASK_SCHEMA', 'TASK_DEMO_VERSION', 'load_digit_images', 'digit_alpha', 'render_digit', 'box_words',
-           'caption_for', 'demo_row', 'encode_image', 'output_shard_paths', 'build_demo_parquet', 'build_demo_jsonl',
-           'corpus_documents', 'build_demo_corpus', 'demo_dir', 'ensure_demo', 'handwriting_split', 'scene_row',
-           'scene_records', 'build_task_parquet', 'ensure_task_demo']
+           'POINTING_FORMS', 'TASK_SCHEMA', 'TASK_DEMO_VERSION', 'load_digit_images', 'digit_alpha', 'render_digit',
+           'box_words', 'caption_for', 'demo_row', 'encode_image', 'output_shard_paths', 'build_demo_parquet',
+           'build_demo_jsonl', 'corpus_documents', 'build_demo_corpus', 'demo_dir', 'ensure_demo', 'handwriting_split',
+           'scene_row', 'scene_records', 'build_task_parquet', 'ensure_task_demo']
 
 # %% ../nbs/01g_demo.ipynb #b19162ab
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -319,8 +319,11 @@ def _scene_caption(s: dict) -> str:
     return " and ".join(f"{'an' if o['colour'][0] in 'aeiou' else 'a'} {o['colour']} {o['digit']} at the {o['position']}" for o in objs)
 
 # %% ../nbs/01g_demo.ipynb #06a4213e
-def scene_records(s: dict, count_points: bool = True) -> list[dict]:
-    "The caption, qa, pointing and counting records of scene `s`, each with `messages` from `mmlit.tasks` (pointing answers with `count_points`: the number of points first)."
+POINTING_FORMS = {"scan": dict(scan=True), "count": dict(count=True), "seen": dict(seen=True, count=True), "plain": {}}   # `format_pointing`'s options
+
+def scene_records(s: dict, pointing: str = "scan") -> list[dict]:
+    "The caption, qa, pointing and counting records of scene `s`, each with `messages` from `mmlit.tasks`; pointing answers in the form `pointing` names (`POINTING_FORMS`)."
+    if pointing not in POINTING_FORMS: raise ConfigError(f"pointing: one of {', '.join(POINTING_FORMS)}, got {pointing!r}")
     objs, ask = s["objects"], s["objects"][s["ask"]]
     question = "Which digit is this?" if len(objs) == 1 else f"Which digit is {ask['position']}?"
     hits = [o for o in objs if o["digit"] == ask["digit"]]
@@ -329,12 +332,13 @@ def scene_records(s: dict, count_points: bool = True) -> list[dict]:
             dict(base, task="qa", text=str(ask["digit"]), target=ask["digit"], target_boxes=[ask["box"]],
                  meta=dict(question=question)),
             dict(base, task="pointing", text="", target=ask["digit"], target_boxes=[o["box"] for o in hits],
-                 meta=dict(label=str(ask["digit"]), points=[((o["box"][0] + o["box"][2]) / 2, (o["box"][1] + o["box"][3]) / 2) for o in hits])),
+                 meta=dict(label=str(ask["digit"]), points=[((o["box"][0] + o["box"][2]) / 2, (o["box"][1] + o["box"][3]) / 2) for o in hits],
+                           seen=[o["digit"] for o in objs])),
             dict(base, task="counting", text=f"Count: {len(objs)}", target=-1, target_boxes=[],
                  meta=dict(label="digits", count=len(objs)))]
     out = []
     for r in recs:
-        r = format_messages(r, **(dict(count=count_points) if r["task"] == "pointing" else {}))
+        r = format_messages(r, **(POINTING_FORMS[pointing] if r["task"] == "pointing" else {}))
         out.append({**r, "text": r["messages"][-1]["content"], "points": [list(p) for p in r["meta"].get("points", [])]})
     return out
 
@@ -370,7 +374,7 @@ def build_task_parquet(path: str | Path, n: int = 1000, seed: int = 0, split: st
     return path
 
 # %% ../nbs/01g_demo.ipynb #1b4c88e1
-TASK_DEMO_VERSION = 3
+TASK_DEMO_VERSION = 4
 
 def ensure_task_demo(root: str | Path | None = None, *, n_train: int = 2000, n_val: int = 200, seed: int = 0,
                      image_size: int = 112) -> dict:

@@ -252,7 +252,7 @@ def _vlm_example(paths: dict, run_dir: str) -> dict:
                                         teach_attention=dict(data=str(tasks["train"]), dir=f"{run_dir}/attention_warmup", steps=200,
                                                              threads=1, min_pixels=56 * 56, max_pixels=56 * 56))),
                 optim=dict(lr=3e-3, weight_decay=0.01),
-                schedule=dict(epochs=4, warmup_ratio=0.05), eval=dict(every=250, max_batches=10), checkpoint=dict(keep=2))
+                schedule=dict(epochs=5, warmup_ratio=0.05), eval=dict(every=250, max_batches=10), checkpoint=dict(keep=2))
 
 MODEL_KINDS.add("vlm", ModelKind(
     "a Qwen2-VL fine-tuned on conversations (caption, question answering, pointing, counting), loss on the assistant's turns",

@@ -8,11 +8,11 @@ Docs: https://mmlit.github.io/mmlit/tasks.html.md"""
 # %% ../nbs/01e_tasks.ipynb #2317c7ad
 from __future__ import annotations
 
-import inspect, math, numbers
+import functools, math, numbers
 
 import numpy as np
 
-from .core import BadRecordError, ConfigError, Registry
+from .core import BadRecordError, ConfigError, Registry, unknown_options
 from .images import displayed_size
 
 # %% auto #0
@@ -48,8 +48,8 @@ def format_qa(rec: dict) -> list[dict]:
 
 # %% ../nbs/01e_tasks.ipynb #40c7d6a7
 @task_formats.register("pointing")
-def format_pointing(rec: dict, count: bool = False) -> list[dict]:
-    "Pointing: `Point: <x, y>` per point in `meta['points']` (pixels; else each box's centre in `meta['boxes']`), normalised to the image size; with `count`, the number of points first (`Two points: <x, y>; <x, y>`)."
+def format_pointing(rec: dict, count: bool = False, seen: bool = False, scan: bool = False) -> list[dict]:
+    "Pointing: `Point: <x, y>` per point in `meta['points']` (pixels; else each box's centre in `meta['boxes']`), normalised to the image size; with `count`, the number of points first (`Two points: <x, y>; <x, y>`); with `seen`, before all that the labels of everything the image shows (`meta['seen']`, in reading order: `Seen: 7 3 7.`); with `scan` instead, those labels each followed by its point when it is the one asked for (`Seen: 7 <x, y>, 3, 7 <x, y>.`)."
     m = rec.get("meta") or {}
     points = m.get("points") or [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in m.get("boxes") or []]
     if not points: raise BadRecordError("a pointing record needs meta['points'] or meta['boxes'] (x0, y0, x1, y1); it has neither")
@@ -60,9 +60,19 @@ def format_pointing(rec: dict, count: bool = False) -> list[dict]:
             raise BadRecordError(f"pointing: point {tuple(p)} is not (x, y) pixels inside the {w}x{h} image")
     pts = "; ".join(f"<{x / w:.3f}, {y / h:.3f}>" for x, y in points)
     q = rec["meta"].get("question") or f"Point to the {rec['meta'].get('label', 'object')}."
-    if not count: return _turns(q, f"Point: {pts}")
     n = len(points)
-    return _turns(q, f"{COUNT_WORDS[n - 1] if n <= len(COUNT_WORDS) else n} point{'s' if n > 1 else ''}: {pts}")
+    answer = f"{COUNT_WORDS[n - 1] if n <= len(COUNT_WORDS) else n} point{'s' if n > 1 else ''}: {pts}" if count else f"Point: {pts}"
+    if not (seen or scan): return _turns(q, answer)
+    if scan and (seen or count): raise ConfigError("format_pointing: scan=True writes its own answer; it takes neither seen nor count")
+    labels = m.get("seen")
+    if not isinstance(labels, (list, tuple)) or not labels or not all(isinstance(l, (str, int)) and str(l).strip() for l in labels):
+        raise BadRecordError(f"pointing with {'scan' if scan else 'seen'}=True needs meta['seen']: the labels of what the image shows, in reading order; got {labels!r}")
+    if not scan: return _turns(q, f"Seen: {' '.join(str(l) for l in labels)}. {answer}")
+    asked = [str(l) == str(m.get("label")) for l in labels]
+    if sum(asked) != n:
+        raise BadRecordError(f"pointing with scan=True: meta['seen'] names {m.get('label')!r} {sum(asked)} time(s), but there are {n} points")
+    at = iter(pts.split("; "))                               # the k-th point goes to the k-th listed label asked for
+    return _turns(q, "Seen: " + ", ".join(f"{l} {next(at)}" if a else str(l) for l, a in zip(labels, asked)) + ".")
 
 # %% ../nbs/01e_tasks.ipynb #5d2d944c
 @task_formats.register("counting")
@@ -77,11 +87,9 @@ def format_counting(rec: dict) -> list[dict]:
 
 # %% ../nbs/01e_tasks.ipynb #e80b21c2
 def format_messages(rec: dict, task: str | None = None, **options) -> dict:
-    "A copy of `rec` with `messages` filled from its task (kept if it already has them); `options` go to the task's formatter (`count=True` for pointing)."
+    "A copy of `rec` with `messages` filled from its task (kept if it already has them); `options` go to the task's formatter (`count=True`, `seen=True` for pointing)."
     if rec.get("messages"): return rec
     task = task or rec.get("task") or "caption"
     fmt = task_formats.get(task)
-    known = [p for p in inspect.signature(fmt).parameters if p != "rec"]
-    if bad := sorted(set(options) - set(known)):
-        raise ConfigError(f"format_messages: the {task} format has no option {', '.join(map(repr, bad))} (its options: {', '.join(known) or 'none'})")
+    unknown_options(functools.partial(fmt, rec), options, f"format_messages: the {task} format")
     return {**rec, "messages": fmt(rec, **options)}

@@ -99,19 +99,26 @@ def _diff(a, b, path="") -> list[str]:
     return [] if a == b else [path]
 
 # %% ../nbs/06_train.ipynb #0afc9d68
-def earlier_fingerprints(run_dir: str | Path, config: dict) -> set[str]:
-    "The fingerprints an earlier mmlit stamped this run's checkpoints with: `config`'s and the run directory's `config.yaml`'s, the cadence counted."
-    import yaml
+def _earlier(config: dict, theirs) -> set[str]:
     out = {fingerprint(config, legacy=True)}
-    try: theirs = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError): theirs = None
     if isinstance(theirs, dict) and fingerprint(theirs) == fingerprint(config): out.add(fingerprint(theirs, legacy=True))
     return out
 
+def earlier_fingerprints(run_dir: str | Path, config: dict) -> set[str]:
+    "The fingerprints an earlier mmlit stamped this run's checkpoints with: `config`'s and the run directory's `config.yaml`'s, the cadence counted."
+    import yaml
+    try: theirs = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError): theirs = None
+    return _earlier(config, theirs)
+
 def claim_run_dir(run_dir: str | Path, config: dict) -> str:
     "Check that `run_dir` is new or holds this same run; returns the config's fingerprint. Writes nothing."
+    return _claim(run_dir, config)[0]
+
+def _claim(run_dir: str | Path, config: dict) -> tuple[str, set[str]]:
+    "`claim_run_dir`, and the fingerprints an earlier mmlit stamped the run's checkpoints with (`earlier_fingerprints`): one read of `config.yaml`."
     import yaml
-    run_dir, fp = Path(run_dir), fingerprint(config)
+    run_dir, fp, theirs = Path(run_dir), fingerprint(config), None
     if run_dir.exists() and not run_dir.is_dir(): raise ConfigError(f"run_dir {run_dir} exists and is not a directory")
     cfg_file = run_dir / "config.yaml"
     if cfg_file.is_file():
@@ -124,9 +131,10 @@ def claim_run_dir(run_dir: str | Path, config: dict) -> str:
                               "use a new run_dir, or delete that directory to start over")
     elif (run_dir / "checkpoints").is_dir() and CheckpointManager(run_dir / "checkpoints").steps():
         raise ConfigError(f"run_dir {run_dir} holds checkpoints but no config.yaml; refusing to mix runs")
-    foreign = CheckpointManager(run_dir / "checkpoints", fingerprint=fp).foreign(also=earlier_fingerprints(run_dir, config))
+    earlier = _earlier(config, theirs)
+    foreign = CheckpointManager(run_dir / "checkpoints", fingerprint=fp).foreign(also=earlier)
     if foreign: raise ConfigError(f"run_dir {run_dir} holds checkpoints of another run ({foreign[0]}: different config fingerprint)")
-    return fp
+    return fp, earlier
 
 # %% ../nbs/06_train.ipynb #b7d2e4f1
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3          # glibc's mallopt parameters (malloc.h)
@@ -166,8 +174,8 @@ class Trainer:
         self.config = cfg = config_from_dict(TrainConfig, config) if isinstance(config, Mapping) else config
         self.run_dir = Path(cfg.run_dir)
         self.run_config = redact(run_config if run_config is not None else config_to_dict(cfg))   # what config.yaml and wandb get
-        self.fingerprint = claim_run_dir(self.run_dir, self.run_config)       # refuses a foreign run dir; writes nothing
-        self.earlier_fingerprints = earlier_fingerprints(self.run_dir, self.run_config)   # before config.yaml is rewritten
+        # refuses a foreign run dir, writes nothing; and the forms an earlier mmlit stamped, read before config.yaml is rewritten
+        self.fingerprint, self.earlier_fingerprints = _claim(self.run_dir, self.run_config)
         self.sharded = cfg.distributed.strategy == "fsdp"
         self.rank, self.world_size = setup_distributed(group_of_one=self.sharded)
         self.main = self.rank == 0

@@ -227,7 +227,7 @@ def warm_tower(model, tokenizer, data, out_dir=None, steps: int = 300, lr: float
 
 # %% ../nbs/05h_vlm.ipynb #7b230602
 def attention_targets(sample: dict, record: dict, tokenizer, merge_size: int = 2) -> dict | None:
-    "Where the answer of a pointing or QA `sample` should look: the prompt's digit, the image tokens showing it, and each answer token's target box's image tokens (None: nothing to teach)."
+    "Where the answer of a pointing or QA `sample` should look: the prompt's digit, the image tokens showing it, each answer token's target box's image tokens, and in an answer that lists the scene's digits first (`Seen: 7 3 7.`) each listed digit's earlier twins and the listed digits its count reads (None: nothing to teach)."
     import io
     from PIL import Image
     ids, labels = sample["input_ids"], sample["labels"]
@@ -244,26 +244,56 @@ def attention_targets(sample: dict, record: dict, tokenizer, merge_size: int = 2
     out = dict(digit=int(img[-1]) + 1 + int(at[0]) if len(at) else -1,
                digit_tokens=on([b for b, l in zip(record["boxes"], record["labels"]) if l == record["target"]],
                                [0] * sum(l == record["target"] for l in record["labels"])))
-    queries, targets, k = [], [], 0
     words = tokenizer.convert_ids_to_tokens(ids.tolist())
+    answer = (labels != -100).nonzero().flatten().tolist()
+    starts = lambda w: "<" in w and not w.startswith("<|")            # a pointing answer's next point starts
+    listed = _listed(ids, words, answer, record, tokenizer, starts) if record["task"] == "pointing" else []
+    queries, targets, k = [], [], 0
     boxes = record["target_boxes"]
-    for t in (labels != -100).nonzero().flatten().tolist():          # token t, predicted at position t - 1
-        if "<" in words[t] and not words[t].startswith("<|"): k += 1   # a pointing answer's next point starts
-        # before its first point (`Point:`, or a count-first answer's number of points) the answer looks at all its boxes
-        queries.append(t - 1); targets.append(on(boxes, [0] * len(boxes)) if k == 0 else on([boxes[min(k - 1, len(boxes) - 1)]], [0]))
-    return dict(out, queries=torch.tensor(queries), targets=targets)
+    scan = bool(listed) and any(starts(words[t]) for t in answer if t < listed[-1])   # points among the listed digits (`scan`)
+    for t in answer:                                                 # token t, predicted at position t - 1
+        k += starts(words[t])
+        # a listed digit looks at its own box, and in a scan so does the choice after it (its point, or the next digit);
+        # before the first point (`Point:`, a count) the answer looks at all its boxes
+        own = t if t in listed else t - 1 if scan and t - 1 in listed else None
+        queries.append(t - 1)
+        targets.append(on([record["boxes"][listed.index(own)]], [0]) if own is not None else
+                       on(boxes, [0] * len(boxes)) if k == 0 else on([boxes[min(k - 1, len(boxes) - 1)]], [0]))
+    out = dict(out, queries=torch.tensor(queries), targets=targets, repeats=[], count=None)
+    word = next((t for t in answer if listed and t > listed[-1] and words[t].lstrip("Ġ").isascii() and words[t].lstrip("Ġ").isalpha()), None)
+    if word is None: return out                                      # no list, or no count after it (`scan`): nothing to count
+    # each listed digit looks back at its earlier twins, else at the first token: a twin carries "seen before"
+    labels_at = dict(zip(listed, record["labels"]))
+    out["repeats"] = [(p, torch.tensor([q for q in listed[:j] if labels_at[q] == labels_at[p]] or [0])) for j, p in enumerate(listed)]
+    # the answer's first word after the list (`One`, `Two`) looks at the asked digit's listed twins that were seen before, else
+    # at the first token: what it finds says whether the digit is shown more than once
+    again = [p for p, tg in out["repeats"] if labels_at[p] == record["target"] and int(tg[0]) != 0]
+    out["count"] = (word - 1, torch.tensor(again or [0]))
+    return out
+
+def _listed(ids, words, answer, record, tokenizer, starts) -> list[int]:
+    "The positions of the answer's tokens outside its points that spell the scene's labels in reading order; [] unless all are there."
+    want = [tokenizer(f" {l}", add_special_tokens=False)["input_ids"] for l in record.get("labels") or []]
+    out, inside = [], False
+    for t in answer:
+        inside = (inside or starts(words[t])) and not (">" in words[t] and not words[t].startswith("<|"))
+        if not inside and len(out) < len(want) and [int(ids[t])] == want[len(out)]: out.append(t)
+    return out if want and len(out) == len(want) else []
 
 # %% ../nbs/05h_vlm.ipynb #169b8084
 def _attention_loss(attn0, attn1, batch_targets: list) -> torch.Tensor:
-    "Mean of -log attention mass on the targets: first layer head 0 the prompt's digit onto its image tokens; second layer head 0 each answer query onto the prompt's digit, head 1 onto its target box."
-    terms = []
+    "Mean of -log attention mass on the targets: first layer head 0 the prompt's digit onto its image tokens; second layer head 0 each answer query onto the prompt's digit, head 1 onto its target box. Plus, for answers that list the scene's digits, the mean of: first layer head 2 each listed digit onto its earlier twins; second layer head 2 the count onto the listed digits it asks about."
+    terms, listing = [], []
     for b, t in enumerate(batch_targets):
         if t["digit"] >= 0:
             if len(t["digit_tokens"]): terms.append(-torch.log(attn0[b, 0, t["digit"], t["digit_tokens"]].sum() + 1e-6))
             terms.append(-torch.log(attn1[b, 0, t["queries"], t["digit"]] + 1e-6).mean())
         mass = torch.stack([attn1[b, 1, q, tg].sum() for q, tg in zip(t["queries"].tolist(), t["targets"])])
         terms.append(-torch.log(mass + 1e-6).mean())
-    return torch.stack(terms).mean()
+        listing += [-torch.log(attn0[b, 2, p, tg].sum() + 1e-6) for p, tg in t.get("repeats", ())]
+        if t.get("count") is not None: listing.append(-torch.log(attn1[b, 2, t["count"][0], t["count"][1]].sum() + 1e-6))
+    loss = torch.stack(terms).mean()
+    return loss + torch.stack(listing).mean() if listing else loss
 
 def teach_attention(model, tokenizer, path, steps: int = 200, lr: float = 3e-3, batch_size: int = 32, weight: float = 1.0,
                     seed: int = 0, tasks: tuple[str, ...] = ("pointing", "qa"), **preprocessor_options) -> dict:
@@ -285,6 +315,8 @@ def teach_attention(model, tokenizer, path, steps: int = 200, lr: float = 3e-3, 
         c = dict(task=r["task"], image=r["image"], **{k: r["meta"][k] for k in fields})
         if (t := attention_targets(s, c, tokenizer)) is not None: samples.append(s); targets.append(t)
     if not samples: raise ConfigError(f"{path}: no {'/'.join(tasks)} records with target boxes to teach attention on")
+    if any(t["repeats"] for t in targets) and inner.config.text_config.num_attention_heads < 3:
+        raise ConfigError("teach_attention: answers that list the scene's digits need a language model with 3 heads or more (head 2 counts)")
     from mmlit.collate import Qwen2VLCollator
     collate = Qwen2VLCollator(tokenizer, padding_side="right")
     vis = inner.model.visual
